@@ -1,0 +1,338 @@
+"""The actor base every peer process builds on (scheduler, loader, runner, frontends).
+
+An actor owns one DEALER connected to the broker's ROUTER. Its receive loop
+resolves replies to ``ask`` directly and puts every other message in the
+mailbox; one task takes the mailbox in order and calls the handler registered
+for the message's type. Because replies bypass the mailbox, a handler may
+``ask`` another actor without deadlocking its own actor.
+
+Liveness (the ZeroMQ guide's Paranoid Pirate): the actor sends a heartbeat
+after ``heartbeat_s`` of silence, busy or not, and treats a broker it has not
+heard from for three intervals as lost and says Hello again, with backoff,
+until one answers. ZeroMQ reconnects the DEALER's connection by itself, so the
+socket is kept. A broker that restarted answers ``not_registered`` to a peer it
+does not know, which also makes the peer say Hello again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any, Awaitable, Callable, ClassVar
+
+import zmq
+import zmq.asyncio
+
+from actors import codec
+from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
+from actors.messages import (
+    Capabilities,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Role,
+    Welcome,
+    Wire,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Any, Envelope], Awaitable[Wire | None]]
+HWM = 100_000  # messages, per socket direction; a burst of jobs must not block senders
+MISSED_HEARTBEATS = 3
+
+
+def handles(*types: type[Wire]):
+    """Marks an actor method as the handler of the given message types."""
+
+    def mark(fn):
+        fn.__handles__ = types
+        return fn
+
+    return mark
+
+
+class RemoteError(Exception):
+    """The peer answered an ``ask`` with an Error."""
+
+    def __init__(self, error: Error):
+        super().__init__(f"{error.code.value}: {error.message}")
+        self.error = error
+
+
+class Actor:
+    role: ClassVar[Role]
+    _handlers: ClassVar[dict[type, Handler]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        table: dict[type, Handler] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                for msg_type in getattr(attr, "__handles__", ()):
+                    table[msg_type] = attr
+        cls._handlers = table
+
+    def __init__(self, name: str, router: str, *, heartbeat_s: float = 1.0,
+                 context: zmq.asyncio.Context | None = None):
+        self.name = name
+        self.router = router
+        self.heartbeat_s = heartbeat_s
+        self.incarnation = uuid.uuid4().hex
+        self.ctx = context or zmq.asyncio.Context()
+        self._own_context = context is None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._mailbox: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._last_sent = 0.0
+        self._last_heard = 0.0
+        self._stop: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._registering: asyncio.Future | None = None
+        self.registered: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- to override ------------------------------------------------------- #
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(pid=os.getpid(), host=socket.gethostname())
+
+    async def on_start(self) -> None:
+        """After the first registration, before the mailbox runs."""
+
+    async def on_registered(self) -> None:
+        """After every registration (first and after each reconnect)."""
+
+    async def drain(self) -> None:
+        """On shutdown, before the mailbox stops: finish or hand back work in hand."""
+
+    async def on_stop(self) -> None:
+        """Last words, while the socket is still open."""
+
+    # -- lifecycle --------------------------------------------------------- #
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Connects, registers with the broker (ready handshake) and starts the loops."""
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.registered = asyncio.Event()
+        self._open_socket()
+        self._tasks = [asyncio.create_task(self._receive_loop(), name=f"{self.name}-recv"),
+                       asyncio.create_task(self._liveness_loop(), name=f"{self.name}-live")]
+        await self._register(timeout)
+        await self.on_start()
+        self._tasks.append(asyncio.create_task(self._mailbox_loop(), name=f"{self.name}-mailbox"))
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        """Runs until SIGINT/SIGTERM or ``stop()``, then shuts down cleanly."""
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                # The handler only sets a flag; the shutdown itself runs in the main task.
+                loop.add_signal_handler(sig, self.stop)
+        await self.start()
+        assert self._stop is not None
+        await self._stop.wait()
+        await self.close()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        """Drain, stop, say goodbye, close the socket, then the context."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.drain(), drain_timeout)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._mailbox.join(), drain_timeout)
+        with contextlib.suppress(Exception):
+            await self.on_stop()
+        with contextlib.suppress(Exception):
+            await self.send(BROKER, Goodbye())
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=500)  # long enough to flush the Goodbye
+            self._sock = None
+        if self._own_context:
+            self.ctx.term()
+
+    # -- sending ----------------------------------------------------------- #
+
+    async def send(self, dst: str, msg: Wire, *, corr: int | None = None) -> int:
+        msg_id = next(self._ids)
+        frames = codec.encode(Envelope(msg, self.name, dst, msg_id, corr))
+        assert self._sock is not None, "actor is not started"
+        self._last_sent = time.monotonic()
+        await self._sock.send_multipart(frames, copy=False)
+        return msg_id
+
+    async def ask(self, dst: str, msg: Wire, timeout: float = 10.0) -> Wire:
+        """Sends ``msg`` and waits for the reply; an Error reply raises RemoteError."""
+        msg_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = future
+        try:
+            frames = codec.encode(Envelope(msg, self.name, dst, msg_id, None))
+            assert self._sock is not None, "actor is not started"
+            self._last_sent = time.monotonic()
+            await self._sock.send_multipart(frames, copy=False)
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(msg_id, None)
+        if isinstance(reply, Error):
+            raise RemoteError(reply)
+        return reply
+
+    async def reply(self, env: Envelope, msg: Wire) -> None:
+        await self.send(env.src, msg, corr=env.id)
+
+    async def publish(self, event: Wire) -> None:
+        await self.send(PUBLISH + codec.topic_of(event), event)
+
+    def send_threadsafe(self, dst: str, msg: Wire) -> None:
+        """For worker threads: schedules a send on the actor's loop."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._spawn_send, dst, msg)
+
+    def publish_threadsafe(self, event: Wire) -> None:
+        self.send_threadsafe(PUBLISH + codec.topic_of(event), event)
+
+    def _spawn_send(self, dst: str, msg: Wire) -> None:
+        task = asyncio.ensure_future(self.send(dst, msg))
+        task.add_done_callback(_log_task_error)
+
+    # -- loops ------------------------------------------------------------- #
+
+    def _open_socket(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.router)
+        self._sock = sock
+        self._last_heard = time.monotonic()
+
+    async def _register(self, timeout: float | None) -> None:
+        """Says Hello until the broker answers Welcome, with backoff between tries."""
+        assert self.registered is not None
+        self.registered.clear()
+        delay = 0.1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            hello = Hello(role=self.role, incarnation=self.incarnation, capabilities=self.capabilities())
+            try:
+                reply = await self.ask(BROKER, hello, timeout=max(self.heartbeat_s * 2, 1.0))
+            except (asyncio.TimeoutError, RemoteError) as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: no answer from the broker at {self.router}") from exc
+                log.info("%s: broker not answering (%s); retrying in %.1fs", self.name, exc or "timeout", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if isinstance(reply, Welcome):
+                self.heartbeat_s = reply.heartbeat_s
+                self.registered.set()
+                await self.on_registered()
+                return
+
+    def _reregister(self) -> None:
+        if self._registering is None or self._registering.done():
+            self._registering = asyncio.ensure_future(self._register(None))
+            self._registering.add_done_callback(_log_task_error)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            assert self._sock is not None
+            frames = await self._sock.recv_multipart(copy=False)
+            self._last_heard = time.monotonic()
+            try:
+                env = codec.decode(frames)
+            except DecodeError as exc:
+                log.warning("%s: dropped an undecodable message: %s", self.name, exc)
+                continue
+            if env.corr is not None and env.corr in self._pending:
+                future = self._pending[env.corr]
+                if not future.done():
+                    future.set_result(env.msg)
+                continue
+            if isinstance(env.msg, Heartbeat):
+                continue
+            if isinstance(env.msg, Error) and env.msg.code is ErrorCode.not_registered:
+                # The broker restarted and forgot us: register again, out of the mailbox's way.
+                self._reregister()
+                continue
+            if isinstance(env.msg, Error) and env.corr is not None:
+                log.debug("%s: late error reply %s", self.name, env.msg.message)
+                continue
+            self._mailbox.put_nowait(env)
+
+    async def _mailbox_loop(self) -> None:
+        while True:
+            env = await self._mailbox.get()
+            try:
+                await self._deliver(env)
+            except Exception:  # e.g. the reply could not be sent; the mailbox must go on
+                log.exception("%s: failed to deliver %s", self.name, env.msg.kind)
+            finally:
+                self._mailbox.task_done()
+
+    async def _deliver(self, env: Envelope) -> None:
+        handler = self._handlers.get(type(env.msg))
+        if handler is None:
+            if env.corr is None and not isinstance(env.msg, Error):
+                await self.reply(env, Error(code=ErrorCode.unsupported,
+                                            message=f"{self.role.value} does not handle {env.msg.kind!r}"))
+            else:
+                log.warning("%s: no handler for %s from %s", self.name, env.msg.kind, env.src)
+            return
+        try:
+            answer = await handler(self, env.msg, env)
+        except Exception as exc:  # one bad message must never take the actor down
+            log.exception("%s: handler for %s failed", self.name, env.msg.kind)
+            answer = Error(code=ErrorCode.internal, message=f"{type(exc).__name__}: {exc}")
+        if answer is not None:
+            await self.reply(env, answer)
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s / 4)
+            now = time.monotonic()
+            if self.registered is not None and self.registered.is_set() \
+                    and now - self._last_heard > MISSED_HEARTBEATS * self.heartbeat_s:
+                log.warning("%s: lost the broker; registering again", self.name)
+                self._reregister()
+                continue
+            if now - self._last_sent >= self.heartbeat_s:
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.send(BROKER, Heartbeat())
+
+
+def _log_task_error(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
+
+
+def run_actor(actor: Actor) -> None:
+    """Process entry point: runs the actor on uvloop until a signal stops it."""
+    from atelier.runtime import run
+
+    run(actor.run())

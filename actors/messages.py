@@ -1,0 +1,434 @@
+"""Every type that crosses a process boundary in atelier, and nothing else.
+
+Each message is a pydantic model with a literal ``kind``; ``Message`` is the
+discriminated union of all of them. ``extra="forbid"`` everywhere: a field we do
+not know is a bug or an attack, never something to carry along silently.
+
+Bytes never travel inside the msgpack head: a ``Blob`` field is handed to the
+codec (``actors/codec.py``) through the serialisation context and travels as an
+out-of-band frame, referenced from the head by index.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SerializationInfo,
+    TypeAdapter,
+    WithJsonSchema,
+    field_validator,
+)
+
+# --------------------------------------------------------------------------- #
+# Building blocks
+
+
+def _validate_blob(value: Any) -> bytes | memoryview:
+    # memoryview is accepted as is: received frames above 64 KiB are not copied.
+    if isinstance(value, (bytes, memoryview)):
+        return value
+    if isinstance(value, bytearray):
+        return bytes(value)
+    raise ValueError(f"expected bytes, got {type(value).__name__}")
+
+
+def _serialize_blob(value: bytes | memoryview, info: SerializationInfo) -> Any:
+    context = info.context
+    if context is not None and "blob" in context:
+        return context["blob"](value)  # the codec turns it into a frame reference
+    if info.mode_is_json():
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+Blob = Annotated[
+    Any,
+    PlainValidator(_validate_blob),
+    PlainSerializer(_serialize_blob),
+    WithJsonSchema({"type": "string", "format": "binary"}),
+]
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=False)
+
+
+class Role(str, enum.Enum):
+    scheduler = "scheduler"
+    loader = "loader"
+    runner = "runner"
+    frontend = "frontend"
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    assigned = "assigned"
+    loading = "loading"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.done, JobState.failed, JobState.cancelled)
+
+
+class JobKind(str, enum.Enum):
+    txt2img = "txt2img"
+    img2img = "img2img"
+    img2vid = "img2vid"
+    txt2vid = "txt2vid"
+    txt2audio = "txt2audio"
+    upscale = "upscale"
+    train = "train"
+
+
+class Priority(str, enum.Enum):
+    live = "live"
+    interactive = "interactive"
+    batch = "batch"
+
+
+class ErrorCode(str, enum.Enum):
+    bad_request = "bad_request"  # the message decoded but a field is wrong
+    malformed = "malformed"  # the frames did not decode at all
+    too_large = "too_large"
+    unknown_model = "unknown_model"
+    unknown_job = "unknown_job"
+    unroutable = "unroutable"  # no registered peer by that name
+    not_registered = "not_registered"  # say Hello first
+    unsupported = "unsupported"  # the receiver has no handler for this kind
+    busy = "busy"
+    queue_full = "queue_full"
+    internal = "internal"
+
+
+# --------------------------------------------------------------------------- #
+# Jobs
+
+
+class JobSpec(Wire):
+    """What a person asks for. Size, steps and guidance left empty take the model's defaults."""
+
+    id: JobId = Field(default_factory=lambda: uuid.uuid4().hex)
+    kind: JobKind = JobKind.txt2img
+    model: Name
+    prompt: str = Field(max_length=4000)
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    steps: int | None = Field(default=None, ge=1, le=500)
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    count: int = Field(default=1, ge=1, le=16)
+    user: str = Field(default="anonymous", min_length=1, max_length=128)
+    priority: Priority = Priority.interactive
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class Artifact(Wire):
+    """One encoded output (an image, a video, a sound) of a finished job."""
+
+    media_type: str
+    data: Blob
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    uri: str | None = None  # where the artifact store kept it, once stored
+
+
+class JobRecord(Wire):
+    """The scheduler's view of one job: what was asked and where it stands."""
+
+    spec: JobSpec
+    state: JobState
+    reason: str | None = None
+    attempts: int = 0
+    runner: str | None = None
+    position: int | None = None  # 0-based place in the queue while queued
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    artifacts: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- #
+# Registration and liveness (peer <-> broker)
+
+
+class Capabilities(Wire):
+    pid: int
+    host: str = ""
+    node: str | None = None
+    device: str | None = None  # "cpu", "cuda:0"
+    device_name: str | None = None
+    families: list[str] = Field(default_factory=list)
+    resident: list[str] = Field(default_factory=list)  # models loaded and ready
+    # The job a runner is working on when it (re)registers, so a scheduler that thought
+    # it dead takes the job back instead of running it twice.
+    active_job: JobId | None = None
+
+
+class Hello(Wire):
+    kind: Literal["hello"] = "hello"
+    role: Role
+    # A new random value per process start: the broker tells a restart (new
+    # incarnation, so the old one is dead) from a reconnect (same incarnation).
+    incarnation: str
+    capabilities: Capabilities
+
+
+class Welcome(Wire):
+    kind: Literal["welcome"] = "welcome"
+    heartbeat_s: float
+
+
+class Heartbeat(Wire):
+    kind: Literal["heartbeat"] = "heartbeat"
+
+
+class Goodbye(Wire):
+    kind: Literal["goodbye"] = "goodbye"
+    reason: str = "shutdown"
+
+
+class PeerUp(Wire):
+    kind: Literal["peer_up"] = "peer_up"
+    name: Name
+    role: Role
+    capabilities: Capabilities
+
+
+class PeerDown(Wire):
+    kind: Literal["peer_down"] = "peer_down"
+    name: Name
+    role: Role
+    reason: str
+
+
+class Error(Wire):
+    kind: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    field: str | None = None
+    retry_after_s: float | None = None
+
+
+class Ok(Wire):
+    kind: Literal["ok"] = "ok"
+
+
+# --------------------------------------------------------------------------- #
+# Frontend <-> scheduler
+
+
+class Submit(Wire):
+    kind: Literal["submit"] = "submit"
+    job: JobSpec
+
+
+class Accepted(Wire):
+    kind: Literal["accepted"] = "accepted"
+    job: JobRecord
+
+
+class CancelJob(Wire):
+    kind: Literal["cancel_job"] = "cancel_job"
+    job_id: JobId
+
+
+class GetJob(Wire):
+    kind: Literal["get_job"] = "get_job"
+    job_id: JobId
+
+
+class JobInfo(Wire):
+    kind: Literal["job_info"] = "job_info"
+    job: JobRecord
+
+
+class GetStatus(Wire):
+    kind: Literal["get_status"] = "get_status"
+
+
+class RunnerStatus(Wire):
+    name: Name
+    capabilities: Capabilities
+    job: JobId | None = None
+
+
+class ClusterStatus(Wire):
+    kind: Literal["cluster_status"] = "cluster_status"
+    runners: list[RunnerStatus]
+    queued: list[JobId]
+    counts: dict[str, int]  # jobs by state, over the jobs the scheduler remembers
+
+
+class GetModels(Wire):
+    kind: Literal["get_models"] = "get_models"
+
+
+class ModelInfo(Wire):
+    name: Name
+    family: str
+    kinds: list[JobKind]
+    default_width: int
+    default_height: int
+    default_steps: int
+    max_width: int
+    max_height: int
+
+
+class Models(Wire):
+    kind: Literal["models"] = "models"
+    models: list[ModelInfo]
+
+
+class JobResult(Wire):
+    """The final word on a job, sent to the submitting frontend over the routed path."""
+
+    kind: Literal["job_result"] = "job_result"
+    job: JobRecord
+    outputs: list[Artifact] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- #
+# Scheduler <-> runner, runner <-> loader
+
+
+class RunJob(Wire):
+    kind: Literal["run_job"] = "run_job"
+    job: JobSpec  # fully resolved: size, steps, guidance and seed are set
+    attempt: int
+
+
+class StopJob(Wire):
+    kind: Literal["stop_job"] = "stop_job"
+    job_id: JobId
+    reason: str
+
+
+class JobUpdate(Wire):
+    kind: Literal["job_update"] = "job_update"
+    job_id: JobId
+    state: Literal[JobState.loading, JobState.running]
+
+
+class JobDone(Wire):
+    kind: Literal["job_done"] = "job_done"
+    job_id: JobId
+    outputs: list[Artifact]
+    elapsed_s: float
+    resident: list[str]
+
+
+class JobFailed(Wire):
+    kind: Literal["job_failed"] = "job_failed"
+    job_id: JobId
+    reason: str
+    cancelled: bool = False
+    retryable: bool = False  # True when the job itself is fine and another try may succeed
+    resident: list[str] = Field(default_factory=list)
+
+
+class Stage(Wire):
+    kind: Literal["stage"] = "stage"
+    model: Name
+
+
+class Staged(Wire):
+    kind: Literal["staged"] = "staged"
+    model: Name
+    path: str
+    bytes: int
+
+
+# --------------------------------------------------------------------------- #
+# Events, published on the broker's XPUB (lossy; the routed path carries results)
+
+
+class JobEvent(Wire):
+    kind: Literal["job_event"] = "job_event"
+    job_id: JobId
+    state: JobState
+    reason: str | None = None
+    position: int | None = None
+    runner: str | None = None
+    attempt: int = 0
+
+
+class Progress(Wire):
+    kind: Literal["progress"] = "progress"
+    job_id: JobId
+    step: int
+    total: int
+    elapsed_s: float
+    eta_s: float | None
+
+
+class Preview(Wire):
+    kind: Literal["preview"] = "preview"
+    job_id: JobId
+    step: int
+    media_type: str = "image/jpeg"
+    width: int
+    height: int
+    image: Blob
+
+
+Message = Annotated[
+    Union[
+        Hello,
+        Welcome,
+        Heartbeat,
+        Goodbye,
+        PeerUp,
+        PeerDown,
+        Error,
+        Ok,
+        Submit,
+        Accepted,
+        CancelJob,
+        GetJob,
+        JobInfo,
+        GetStatus,
+        ClusterStatus,
+        GetModels,
+        Models,
+        JobResult,
+        RunJob,
+        StopJob,
+        JobUpdate,
+        JobDone,
+        JobFailed,
+        Stage,
+        Staged,
+        JobEvent,
+        Progress,
+        Preview,
+    ],
+    Field(discriminator="kind"),
+]
+
+MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+EVENT_TYPES = (JobEvent, Progress, Preview)

@@ -1,0 +1,279 @@
+"""A runner (one per GPU, or one on the CPU): keeps models resident and runs jobs.
+
+Pipelines run in one worker thread so the event loop stays free to heartbeat,
+publish progress and hear a cancel. Every step publishes ``Progress`` and a
+``Preview`` (a linear latent-to-RGB projection, JPEG, at most 256 px). Any
+exception inside a job fails that job with its reason; the runner goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.actor import Actor, RemoteError, handles, run_actor
+from actors.codec import SCHEDULER, Envelope
+from actors.loader import loader_name
+from actors.messages import (
+    Artifact,
+    Capabilities,
+    ErrorCode,
+    JobDone,
+    JobFailed,
+    JobSpec,
+    JobState,
+    JobUpdate,
+    Ok,
+    Preview,
+    Progress,
+    Role,
+    RunJob,
+    Stage,
+    Staged,
+    StopJob,
+)
+from atelier import sources
+from atelier.config import Config, load_config
+from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
+from atelier.preview import encode_jpeg
+
+log = logging.getLogger("atelier.runner")
+
+STAGE_TIMEOUT_S = 600.0  # generating or reading a big checkpoint takes a while
+
+
+@dataclass
+class ActiveJob:
+    spec: JobSpec
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
+    started: float = field(default_factory=time.monotonic)
+
+
+class Runner(Actor):
+    role = Role.runner
+
+    def __init__(self, config: Config, router: str, *, node: str, device: str = "cpu", **kwargs):
+        super().__init__(runner_name(node, device), router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
+        self.config = config
+        self.node = node
+        self.device = device
+        self.pipelines: OrderedDict[str, Any] = OrderedDict()  # least recently used first
+        self.active: ActiveJob | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+
+    def capabilities(self) -> Capabilities:
+        caps = super().capabilities()
+        caps.node = self.node
+        caps.device = self.device
+        caps.device_name = _device_name(self.device)
+        caps.families = sorted(FAMILY_LIMITS)
+        caps.resident = list(self.pipelines)
+        caps.active_job = self.active.spec.id if self.active is not None else None
+        return caps
+
+    async def on_start(self) -> None:
+        # Import torch and diffusers now, in the worker, so the first job does not pay for it
+        # and the event loop never blocks on an import.
+        default = self.config.models.get(self.config.default_model)
+        if default is not None:
+            self._worker.submit(get_family, default.family)
+
+    # -- handlers -------------------------------------------------------------- #
+
+    @handles(RunJob)
+    async def on_run(self, msg: RunJob, env: Envelope) -> None:
+        if self.active is not None:
+            # The scheduler thought we were free (it restarted, say): hand the job straight back.
+            await self.send(env.src, JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
+                                               reason=f"{self.name} is busy with {self.active.spec.id}"))
+            return
+        self.active = ActiveJob(msg.job)
+        asyncio.create_task(self._execute(self.active, env.src))
+
+    @handles(StopJob)
+    async def on_stop_job(self, msg: StopJob, env: Envelope) -> Ok:
+        if self.active is not None and self.active.spec.id == msg.job_id:
+            self.active.cancel_reason = msg.reason
+            self.active.cancel.set()
+        return Ok()
+
+    async def drain(self) -> None:
+        # Shutting down mid-job: stop at the next step and let the scheduler requeue it.
+        if self.active is not None:
+            self.active.cancel_reason = f"{self.name} is shutting down"
+            self.active.cancel.set()
+            while self.active is not None:
+                await asyncio.sleep(0.05)
+        self._worker.shutdown(wait=False)
+
+    # -- a job ------------------------------------------------------------------ #
+
+    async def _execute(self, active: ActiveJob, scheduler: str) -> None:
+        spec = active.spec
+        loop = asyncio.get_running_loop()
+        try:
+            pipe = self.pipelines.get(spec.model)
+            if pipe is None:
+                await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.loading))
+                pipe = await self._load(spec.model)
+            else:
+                self.pipelines.move_to_end(spec.model)
+            await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.running))
+            family = await loop.run_in_executor(self._worker, get_family, self.config.models[spec.model].family)
+            request = GenerateRequest(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
+                                      width=spec.width, height=spec.height, steps=spec.steps,
+                                      guidance=spec.guidance, seed=spec.seed, count=spec.count)
+            on_step = self._step_reporter(active, family)
+            images = await loop.run_in_executor(self._worker, family.generate, pipe, request, on_step)
+            outputs = await loop.run_in_executor(self._worker, encode_png, images, spec)
+            await self.send(scheduler, JobDone(job_id=spec.id, outputs=outputs, resident=list(self.pipelines),
+                                               elapsed_s=time.monotonic() - active.started))
+        except JobCancelled:
+            shutting_down = active.cancel_reason != "cancelled"
+            await self.send(scheduler, JobFailed(job_id=spec.id, reason=active.cancel_reason,
+                                                 cancelled=not shutting_down, retryable=shutting_down,
+                                                 resident=list(self.pipelines)))
+        except Exception as exc:
+            reason, retryable = self._explain(exc)
+            log.warning("job %s failed: %s", spec.id, reason, exc_info=not retryable)
+            await self.send(scheduler, JobFailed(job_id=spec.id, reason=reason, retryable=retryable,
+                                                 resident=list(self.pipelines)))
+        finally:
+            self.active = None
+
+    def _step_reporter(self, active: ActiveJob, family):
+        """The per-step callback; it runs in the worker thread, between denoising steps."""
+        job_id = active.spec.id
+        started = time.monotonic()
+
+        def on_step(step: int, total: int, latents) -> None:
+            if active.cancel.is_set():
+                raise JobCancelled(active.cancel_reason)
+            now = time.monotonic()
+            per_step = (now - started) / step
+            self.publish_threadsafe(Progress(job_id=job_id, step=step, total=total,
+                                             elapsed_s=now - active.started, eta_s=per_step * (total - step)))
+            if latents is not None:
+                rgb = family.preview(latents)
+                self.publish_threadsafe(Preview(job_id=job_id, step=step, width=rgb.shape[1],
+                                                height=rgb.shape[0], image=encode_jpeg(rgb)))
+
+        return on_step
+
+    async def _load(self, model: str) -> Any:
+        entry = self.config.models[model]
+        path = await self._stage(model)
+        dtype = entry.dtype
+        if dtype == "auto":
+            dtype = "float32" if self.device == "cpu" else "float16"
+
+        def load() -> Any:
+            family = get_family(entry.family)  # the first call imports torch: keep it off the loop
+            return family.load(path, device=self.device, dtype_name=dtype, options=entry.options)
+
+        pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
+        self.pipelines[model] = pipe
+        while len(self.pipelines) > self.config.node.resident_models:
+            evicted, _ = self.pipelines.popitem(last=False)
+            log.info("%s: evicted %s", self.name, evicted)
+            self._free_memory()
+        return pipe
+
+    async def _stage(self, model: str) -> Path | None:
+        """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits)."""
+        try:
+            staged = await self.ask(loader_name(self.node), Stage(model=model), timeout=STAGE_TIMEOUT_S)
+            assert isinstance(staged, Staged)
+            return Path(staged.path) if staged.path else None
+        except (RemoteError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, RemoteError) and exc.error.code is not ErrorCode.unroutable:
+                raise sources.ModelSourceError(exc.error.message) from None
+            log.warning("%s: loader unavailable (%s); loading %s directly", self.name, exc, model)
+            entry = self.config.models[model]
+            return await asyncio.to_thread(sources.resolve, model, entry, self.config.model_cache)
+
+    def _explain(self, exc: Exception) -> tuple[str, bool]:
+        """A reason a person can act on, and whether another attempt may succeed."""
+        if _is_cuda_oom(exc):
+            freed = len(self.pipelines) > 1
+            while len(self.pipelines) > 1:
+                self.pipelines.popitem(last=False)
+            self._free_memory()
+            return f"out of GPU memory on {self.device}: {exc}; try a smaller size or count", freed
+        if isinstance(exc, sources.ModelSourceError):
+            return str(exc), False
+        return f"{type(exc).__name__}: {exc}", False
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def encode_png(images: list, spec: JobSpec) -> list[Artifact]:
+    """PNG with the generation parameters in its text chunk, as other tools expect to find them."""
+    from PIL.PngImagePlugin import PngInfo
+
+    outputs = []
+    for index, image in enumerate(images):
+        info = PngInfo()
+        info.add_text("parameters", (
+            f"{spec.prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
+            f"Steps: {spec.steps}, CFG scale: {spec.guidance}, Seed: {spec.seed + index}, "
+            f"Size: {spec.width}x{spec.height}, Model: {spec.model}"))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info)
+        outputs.append(Artifact(media_type="image/png", data=buf.getvalue(), width=image.width,
+                                height=image.height, seed=spec.seed + index))
+    return outputs
+
+
+def runner_name(node: str, device: str) -> str:
+    return f"runner-{node}-{device.replace(':', '')}"
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def _is_cuda_oom(exc: Exception) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from atelier.runtime import quiet_model_libraries, setup_logging
+
+    parser = argparse.ArgumentParser(prog="atelier runner", description="Run one runner (one device).")
+    parser.add_argument("--config")
+    parser.add_argument("--router")
+    parser.add_argument("--node", default=socket.gethostname())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, runner_name(args.node, args.device))
+    quiet_model_libraries()
+    config = load_config(args.config)
+    run_actor(Runner(config, args.router or config.broker.router, node=args.node, device=args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""Where finished outputs are kept: a local folder for now (S3-compatible stores come later)."""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+from actors.messages import Artifact
+
+_EXTENSIONS = {"image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg", "video/mp4": ".mp4",
+               "image/gif": ".gif", "audio/wav": ".wav", "audio/flac": ".flac"}
+
+
+def extension_for(media_type: str) -> str:
+    return _EXTENSIONS.get(media_type) or mimetypes.guess_extension(media_type) or ".bin"
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def put_all(self, job_id: str, artifacts: Sequence[Artifact]) -> list[str]:
+        """Writes each output under ``<root>/<job id>-<n><ext>``; returns their URIs."""
+        if not artifacts:
+            return []
+        self.root.mkdir(parents=True, exist_ok=True)
+        uris = []
+        for index, artifact in enumerate(artifacts):
+            path = self.root / f"{job_id}-{index}{extension_for(artifact.media_type)}"
+            tmp = path.with_suffix(path.suffix + ".part")
+            with open(tmp, "wb") as f:
+                f.write(artifact.data)
+            os.replace(tmp, path)  # readers never see half a file
+            uris.append(path.resolve().as_uri())
+        return uris

@@ -1,0 +1,132 @@
+"""atelier's configuration and model catalog (``atelier.toml``), validated by pydantic.
+
+With no file at all, atelier runs its built-in tiny models on this machine: that is
+the embedded default a new user starts with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from atelier.families import FAMILY_LIMITS, FamilyLimits
+
+CONFIG_ENV = "ATELIER_CONFIG"
+HOME_ENV = "ATELIER_HOME"
+
+
+def default_home() -> Path:
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "atelier"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Strict):
+    family: str
+    # "builtin:<name>" (generated on first use), a diffusers folder, or a hub id on an online host.
+    source: str
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    options: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+    # Overrides of the family's limits and defaults, e.g. a model trained at another size.
+    max_width: int | None = Field(default=None, ge=8, multiple_of=8)
+    max_height: int | None = Field(default=None, ge=8, multiple_of=8)
+    default_width: int | None = Field(default=None, ge=8, multiple_of=8)
+    default_height: int | None = Field(default=None, ge=8, multiple_of=8)
+    default_steps: int | None = Field(default=None, ge=1, le=500)
+    default_guidance: float | None = Field(default=None, ge=0, le=50)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in FAMILY_LIMITS:
+            raise ValueError(f"unknown family {value!r}; known: {', '.join(sorted(FAMILY_LIMITS))}")
+        return value
+
+    @property
+    def limits(self) -> FamilyLimits:
+        base = FAMILY_LIMITS[self.family]
+        overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
+                                                   "default_height", "default_steps",
+                                                   "default_guidance") if getattr(self, k) is not None}
+        return dataclasses.replace(base, **overrides)
+
+
+def builtin_models() -> dict[str, ModelEntry]:
+    tiny = dict(default_width=64, default_height=64, default_steps=4, max_width=512, max_height=512)
+    return {
+        "tiny-sd": ModelEntry(family="sd1", source="builtin:tiny-sd", dtype="float32",
+                              description="tiny random-weight SD 1.5-shaped model", **tiny),
+        "tiny-sdxl": ModelEntry(family="sdxl", source="builtin:tiny-sdxl", dtype="float32",
+                                description="tiny random-weight SDXL-shaped model", **tiny),
+        "noop": ModelEntry(family="noop", source="builtin:noop",
+                           description="does no diffusion: measures atelier's own cost",
+                           default_steps=1),
+    }
+
+
+class BrokerConfig(Strict):
+    router: str = "tcp://127.0.0.1:5555"
+    pub: str = "tcp://127.0.0.1:5556"
+    heartbeat_s: float = Field(default=1.0, gt=0, le=60)
+
+
+class SchedulerConfig(Strict):
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_queue: int = Field(default=10_000, ge=1)
+    remember_finished: int = Field(default=10_000, ge=0)
+
+
+class NodeConfig(Strict):
+    name: str | None = None  # defaults to the host name
+    devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
+    resident_models: int = Field(default=2, ge=1)
+
+
+class Config(Strict):
+    home: Path = Field(default_factory=default_home)
+    artifacts: Path | None = None  # defaults to <home>/artifacts
+    builtin_models: bool = True
+    default_model: str = "tiny-sd"
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _merge_builtins(self) -> "Config":
+        if self.builtin_models:
+            self.models = {**builtin_models(), **self.models}
+        if self.models and self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not in the catalog")
+        return self
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.artifacts or self.home / "artifacts"
+
+    @property
+    def model_cache(self) -> Path:
+        return self.home / "models"
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Reads ``path``, else ``$ATELIER_CONFIG``, else ``./atelier.toml``; built-in defaults if none."""
+    candidate = path or os.environ.get(CONFIG_ENV)
+    if candidate is None and Path("atelier.toml").is_file():
+        candidate = "atelier.toml"
+    if candidate is None:
+        return Config()
+    with open(candidate, "rb") as f:
+        data = tomllib.load(f)
+    return Config.model_validate(data)

@@ -1,0 +1,65 @@
+"""The "noop" family: no model, no diffusion, no torch.
+
+It goes through the same load / step / preview / result path as a real
+family, so running it measures the serving system's own overhead. The only
+cost it adds is an optional fixed sleep per step, to mimic a model's pace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from atelier.families.base import Family, GenerateRequest, StepCallback
+
+_PREVIEW_SIDE = 8
+
+
+@dataclass(frozen=True)
+class NoopPipeline:
+    step_s: float = 0.0
+
+
+class NoopFamily(Family):
+    name = "noop"
+
+    def load(
+        self,
+        path: Path | None,
+        *,
+        device: str,
+        dtype_name: str = "float32",
+        options: dict[str, Any] | None = None,
+    ) -> NoopPipeline:
+        options = options or {}
+        unknown = set(options) - {"step_s"}
+        if unknown:
+            raise ValueError(f"unknown options for family 'noop': {sorted(unknown)}")
+        step_s = float(options.get("step_s", 0.0))
+        if step_s < 0:
+            raise ValueError(f"step_s must be >= 0, got {step_s}")
+        return NoopPipeline(step_s=step_s)
+
+    def generate(self, pipe: NoopPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
+        for step in range(1, req.steps + 1):
+            if pipe.step_s:
+                time.sleep(pipe.step_s)
+            on_step(step, req.steps, None)
+        # Per-image seeds as in the real families, so outputs differ per seed
+        # and per image, and repeat exactly for the same seed.
+        return [Image.new("RGB", (req.width, req.height), _seed_colour(req.seed + i)) for i in range(req.count)]
+
+    def preview(self, latents: Any) -> np.ndarray:
+        return np.full((_PREVIEW_SIDE, _PREVIEW_SIDE, 3), 128, dtype=np.uint8)
+
+
+def _seed_colour(seed: int) -> tuple[int, int, int]:
+    # A hash rather than e.g. seed % 256: neighbouring seeds get unrelated colours.
+    r, g, b = hashlib.blake2b(str(seed).encode(), digest_size=3).digest()
+    return r, g, b

@@ -1,0 +1,103 @@
+"""Stable Diffusion 1.x ("sd1") and SDXL ("sdxl") adapters over diffusers' pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+
+from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
+
+# A server loads models all day; diffusers' per-load progress bars would bury its logs.
+diffusers_logging.disable_progress_bar()
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# Memory savers that trade some speed; anything else in options is rejected
+# so that a misspelt option fails loudly instead of being silently ignored.
+_OPTIONS = frozenset({"attention_slicing", "vae_tiling"})
+
+
+class _StableDiffusionFamily(Family):
+    pipeline_class: type[DiffusionPipeline]
+    latent_rgb: LatentRGB
+
+    def load(
+        self,
+        path: Path | None,
+        *,
+        device: str,
+        dtype_name: str = "float32",
+        options: dict[str, Any] | None = None,
+    ) -> DiffusionPipeline:
+        if path is None:
+            raise ValueError(f"family {self.name!r} needs a model path")
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype_name!r}; choose from {sorted(_DTYPES)}")
+        options = options or {}
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ValueError(f"unknown options for family {self.name!r}: {sorted(unknown)}")
+
+        # local_files_only: a path that is not a local folder must fail here,
+        # never be mistaken for a hub repo id and trigger a download.
+        pipe = self.pipeline_class.from_pretrained(path, dtype=_DTYPES[dtype_name], local_files_only=True)
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if options.get("attention_slicing"):
+            pipe.enable_attention_slicing()
+        if options.get("vae_tiling"):
+            pipe.vae.enable_tiling()
+        return pipe
+
+    def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+        generators = [torch.Generator(device=pipe.device).manual_seed(req.seed + i) for i in range(req.count)]
+
+        def on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            # num_timesteps is what the scheduler actually runs, which for some
+            # schedulers differs from the requested step count.
+            on_step(i + 1, p.num_timesteps, tensors["latents"])
+            # An empty dict leaves the pipeline's tensors untouched.
+            return {}
+
+        # Exceptions from on_step (JobCancelled) propagate: diffusers does not
+        # catch around the callback.
+        result = pipe(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            num_images_per_prompt=req.count,
+            generator=generators,
+            output_type="pil",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        return list(result.images)
+
+    def preview(self, latents: torch.Tensor) -> np.ndarray:
+        return latents_to_rgb(latents, self.latent_rgb)
+
+
+class SD15Family(_StableDiffusionFamily):
+    name = "sd1"
+    pipeline_class = StableDiffusionPipeline
+    latent_rgb = SD15_LATENT_RGB
+
+
+class SDXLFamily(_StableDiffusionFamily):
+    name = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+    latent_rgb = SDXL_LATENT_RGB

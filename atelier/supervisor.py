@@ -1,0 +1,140 @@
+"""Starts child processes, restarts the ones that die, and stops them all cleanly.
+
+Used by ``gpu_node.py`` (a node's loader and runners) and by ``atelier up``
+(broker, scheduler, node). Children get SIGTERM when the supervisor dies
+(PDEATHSIG), so a crashed supervisor leaves no orphans either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from atelier.runtime import READY_PREFIX, die_with_parent
+
+log = logging.getLogger("atelier.supervisor")
+
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    argv: list[str]
+    # Wait for a line starting with READY_PREFIX on the child's stdout before going on.
+    wait_ready: bool = False
+    restart: bool = True
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: asyncio.subprocess.Process
+    started: float = field(default_factory=time.monotonic)
+    ready_line: str | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, *, grace_s: float = 10.0, max_backoff_s: float = 30.0):
+        self.grace_s = grace_s
+        self.max_backoff_s = max_backoff_s
+        self.children: dict[str, Child] = {}
+        self._watchers: list[asyncio.Task] = []
+        self._stopping = False
+        self.on_restart: Callable[[Child], None] | None = None
+
+    async def start(self, spec: ChildSpec, ready_timeout: float = 60.0) -> Child:
+        child = await self._spawn(spec, ready_timeout)
+        self.children[spec.name] = child
+        self._watchers.append(asyncio.create_task(self._watch(spec.name)))
+        return child
+
+    async def _spawn(self, spec: ChildSpec, ready_timeout: float) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            *spec.argv, preexec_fn=die_with_parent,
+            stdout=asyncio.subprocess.PIPE if spec.wait_ready else None)
+        child = Child(spec, process)
+        if spec.wait_ready:
+            assert process.stdout is not None
+            try:
+                child.ready_line = await asyncio.wait_for(self._read_ready(process), ready_timeout)
+            except (asyncio.TimeoutError, EOFError) as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                raise RuntimeError(f"{spec.name} did not report ready: {exc or 'timeout'}") from None
+            asyncio.create_task(self._forward(process.stdout))
+        log.info("started %s (pid %d)", spec.name, process.pid)
+        return child
+
+    @staticmethod
+    async def _read_ready(process: asyncio.subprocess.Process) -> str:
+        assert process.stdout is not None
+        while True:
+            line = await process.stdout.readline()
+            if not line:
+                raise EOFError(f"exited with {await process.wait()}")
+            text = line.decode(errors="replace").rstrip("\n")
+            if text.startswith(READY_PREFIX):
+                return text[len(READY_PREFIX):]
+            print(text, flush=True)
+
+    @staticmethod
+    async def _forward(stream: asyncio.StreamReader) -> None:
+        # Keep reading, or a chatty child would block on a full pipe.
+        while line := await stream.readline():
+            sys.stdout.write(line.decode(errors="replace"))
+            sys.stdout.flush()
+
+    async def _watch(self, name: str) -> None:
+        backoff = 0.5
+        while True:
+            child = self.children[name]
+            code = await child.process.wait()
+            if self._stopping:
+                return
+            if not child.spec.restart:
+                log.error("%s exited with %s; not restarting it", name, code)
+                return
+            if time.monotonic() - child.started > 60:
+                backoff = 0.5  # it ran fine for a while: this is a fresh failure, not a crash loop
+            log.warning("%s exited with %s; restarting in %.1fs", name, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+            if self._stopping:
+                return
+            try:
+                fresh = await self._spawn(child.spec, ready_timeout=60.0)
+            except Exception as exc:
+                log.error("could not restart %s: %s", name, exc)
+                continue
+            fresh.restarts = child.restarts + 1
+            self.children[name] = fresh
+            if self.on_restart is not None:
+                self.on_restart(fresh)
+
+    async def stop(self, order: list[str] | None = None) -> None:
+        """SIGTERM every child (in ``order`` first), wait up to the grace period, then SIGKILL."""
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        names = order or list(self.children)
+        names += [n for n in self.children if n not in names]
+        for name in names:
+            child = self.children.get(name)
+            if child is None or child.process.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(child.process.wait(), self.grace_s)
+            except asyncio.TimeoutError:
+                log.warning("%s did not stop in %.0fs; killing it", name, self.grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                await child.process.wait()

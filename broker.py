@@ -1,0 +1,317 @@
+"""The broker: routes frames between registered peers and republishes events.
+
+It holds no queueing policy (that is the scheduler's): it knows who is
+connected, under which role, and whether they are alive. A peer registers with
+``Hello`` before anything is routed to or from it; a peer silent for three
+heartbeat intervals is dead and the schedulers are told with ``PeerDown``.
+
+It reads only the head of a routed message (``codec.read_head``) and forwards
+the frames untouched, large blobs without a copy. A message addressed to a
+topic (``#job/<id>/progress``) goes out on the XPUB with that topic in front.
+
+The loop is a plain ``zmq.Poller`` loop (the Majordomo broker's shape): the
+broker does nothing but move frames, and that is fastest without an event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+from pydantic import ValidationError
+
+from actors import codec
+from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
+from atelier.runtime import READY_PREFIX
+from actors.messages import (
+    MESSAGE_ADAPTER,
+    Capabilities,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    PeerDown,
+    PeerUp,
+    Role,
+    Welcome,
+    Wire,
+)
+
+log = logging.getLogger("atelier.broker")
+
+HWM = 100_000
+MAX_FRAME_BYTES = 512 << 20
+
+
+@dataclass
+class Peer:
+    name: str
+    role: Role
+    incarnation: str
+    capabilities: Capabilities
+    last_seen: float
+    last_sent: float = 0.0
+
+
+@dataclass
+class BrokerStats:
+    routed: int = 0
+    published: int = 0
+    rejected: int = 0
+    subscriptions: int = 0
+    dead: int = 0
+    # Rate-limited logging of bad frames: a flood must not become a flood of log lines.
+    _drops_since_log: int = field(default=0, repr=False)
+    _last_drop_log: float = field(default=0.0, repr=False)
+
+
+class Broker:
+    def __init__(self, router: str, pub: str, *, heartbeat_s: float = 1.0,
+                 context: zmq.Context | None = None):
+        self.heartbeat_s = heartbeat_s
+        self.ctx = context or zmq.Context()
+        self._own_context = context is None
+        self.router = self.ctx.socket(zmq.ROUTER)
+        # Fail loudly on an unknown identity instead of dropping, so the sender gets an error.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted peer reuses its name; its new connection takes the identity over.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.setsockopt(zmq.SNDHWM, HWM)
+        self.router.setsockopt(zmq.RCVHWM, HWM)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self.router.bind(router)
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        self.xpub.setsockopt(zmq.SNDHWM, HWM)
+        self.xpub.bind(pub)
+        self.router_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pub_endpoint = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.peers: dict[bytes, Peer] = {}
+        self.stats = BrokerStats()
+        self._ids = itertools.count(1)
+        self._running = True
+
+    # -- lifecycle --------------------------------------------------------- #
+
+    def stop(self, *_: object) -> None:
+        self._running = False  # signal handlers only set a flag
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        tick = self.heartbeat_s / 4
+        next_tick = time.monotonic() + tick
+        try:
+            while self._running:
+                timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                ready = dict(poller.poll(timeout_ms))
+                if self.router in ready:
+                    self._drain_router()
+                if self.xpub in ready:
+                    self._drain_subscriptions()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._check_liveness(now)
+                    next_tick = now + tick
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.xpub.close(linger=0)
+        if self._own_context:
+            self.ctx.term()
+
+    # -- routing ----------------------------------------------------------- #
+
+    def _drain_router(self) -> None:
+        # Take everything that is waiting before polling again: one poll per burst, not per message.
+        for _ in range(10_000):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._route(frames)
+            except Exception:  # nothing a peer sends may stop the broker
+                log.exception("broker: failed to handle a message")
+
+    def _route(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        payload = frames[1:]
+        try:
+            head, body = codec.read_head(payload)
+        except DecodeError as exc:
+            self._reject(ident, exc)
+            return
+        peer = self.peers.get(ident)
+        if head.dst == BROKER:
+            self._handle_own(ident, peer, head, body, payload)
+            return
+        if peer is None:
+            self._send_error(ident, ErrorCode.not_registered, "say Hello before sending anything else",
+                             corr=head.id)
+            return
+        peer.last_seen = time.monotonic()
+        if head.src != peer.name:
+            self._send_error(ident, ErrorCode.bad_request,
+                             f"src {head.src!r} is not your registered name {peer.name!r}", corr=head.id)
+            return
+        if head.dst.startswith(PUBLISH):
+            self.xpub.send_multipart([head.dst[1:].encode(), *payload], copy=False)
+            self.stats.published += 1
+            return
+        target = head.dst.encode()
+        if target not in self.peers:
+            self._send_error(ident, ErrorCode.unroutable, f"no peer named {head.dst!r} is registered",
+                             corr=head.id)
+            return
+        try:
+            self.router.send_multipart([target, *payload], copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: it went away between Hello and now
+            self._send_error(ident, ErrorCode.unroutable, f"{head.dst!r} is unreachable: {exc}", corr=head.id)
+            return
+        self.peers[target].last_sent = time.monotonic()
+        self.stats.routed += 1
+
+    def _handle_own(self, ident: bytes, peer: Peer | None, head: codec.Head, body: dict,
+                    payload: list) -> None:
+        body["kind"] = head.kind
+        try:
+            msg = MESSAGE_ADAPTER.validate_python(body)
+        except ValidationError as exc:
+            self._reject(ident, DecodeError(f"invalid {head.kind}: {exc.errors()[0]['msg']}", id=head.id))
+            return
+        if isinstance(msg, Hello):
+            self._on_hello(ident, head, msg)
+        elif peer is None:
+            self._send_error(ident, ErrorCode.not_registered, "say Hello before sending anything else",
+                             corr=head.id)
+        elif isinstance(msg, Heartbeat):
+            peer.last_seen = time.monotonic()
+        elif isinstance(msg, Goodbye):
+            self._forget(ident, f"said goodbye ({msg.reason})")
+        else:
+            peer.last_seen = time.monotonic()
+            self._send_error(ident, ErrorCode.unsupported, f"the broker does not handle {head.kind!r}",
+                             corr=head.id)
+
+    def _on_hello(self, ident: bytes, head: codec.Head, hello: Hello) -> None:
+        if ident != head.src.encode():
+            self._send_error(ident, ErrorCode.bad_request,
+                             "set the socket's ROUTING_ID to the name you send as src", corr=head.id)
+            return
+        now = time.monotonic()
+        known = self.peers.get(ident)
+        if known is not None and known.incarnation != hello.incarnation:
+            # Same name, new process: the old one died without a word (a crash, a SIGKILL).
+            self._forget(ident, "restarted")
+            known = None
+        peer = Peer(head.src, hello.role, hello.incarnation, hello.capabilities, last_seen=now)
+        self.peers[ident] = peer
+        self._send(ident, Welcome(heartbeat_s=self.heartbeat_s), corr=head.id)
+        if known is None:
+            log.info("broker: %s joined as %s", peer.name, peer.role.value)
+            up = PeerUp(name=peer.name, role=peer.role, capabilities=peer.capabilities)
+            self._tell_schedulers(up, skip=ident)
+            if peer.role is Role.scheduler:
+                for other_ident, other in self.peers.items():
+                    if other_ident != ident:
+                        self._send(ident, PeerUp(name=other.name, role=other.role,
+                                                 capabilities=other.capabilities))
+
+    def _forget(self, ident: bytes, reason: str) -> None:
+        peer = self.peers.pop(ident, None)
+        if peer is None:
+            return
+        log.info("broker: %s (%s) is gone: %s", peer.name, peer.role.value, reason)
+        self._tell_schedulers(PeerDown(name=peer.name, role=peer.role, reason=reason))
+
+    def _tell_schedulers(self, msg: Wire, skip: bytes | None = None) -> None:
+        for ident, peer in list(self.peers.items()):
+            if peer.role is Role.scheduler and ident != skip:
+                self._send(ident, msg)
+
+    # -- liveness ---------------------------------------------------------- #
+
+    def _check_liveness(self, now: float) -> None:
+        deadline = 3 * self.heartbeat_s
+        for ident, peer in list(self.peers.items()):
+            if now - peer.last_seen > deadline:
+                self.stats.dead += 1
+                self._forget(ident, f"silent for {now - peer.last_seen:.1f}s")
+            elif now - peer.last_sent >= self.heartbeat_s:
+                self._send(ident, Heartbeat())
+
+    def _drain_subscriptions(self) -> None:
+        # XPUB hands us (un)subscriptions; we only count them, nobody needs them to route.
+        while True:
+            try:
+                self.xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats.subscriptions += 1
+
+    # -- replies ----------------------------------------------------------- #
+
+    def _send(self, ident: bytes, msg: Wire, corr: int | None = None) -> None:
+        frames = codec.encode(Envelope(msg, BROKER, ident.decode(errors="replace"), next(self._ids), corr))
+        try:
+            self.router.send_multipart([ident, *frames], copy=False)
+        except zmq.ZMQError:
+            return  # the peer is gone; liveness will notice
+        peer = self.peers.get(ident)
+        if peer is not None:
+            peer.last_sent = time.monotonic()
+
+    def _send_error(self, ident: bytes, code: ErrorCode, message: str, corr: int | None) -> None:
+        self.stats.rejected += 1
+        self._send(ident, Error(code=code, message=message), corr=corr)
+
+    def _reject(self, ident: bytes, exc: DecodeError) -> None:
+        code = ErrorCode.too_large if exc.too_large else ErrorCode.malformed
+        self._send_error(ident, code, str(exc), corr=exc.id)
+        stats = self.stats
+        stats._drops_since_log += 1
+        now = time.monotonic()
+        if now - stats._last_drop_log >= 1.0:
+            log.warning("broker: rejected %d malformed message(s), latest from %r: %s",
+                        stats._drops_since_log, ident[:32], exc)
+            stats._drops_since_log = 0
+            stats._last_drop_log = now
+
+
+def main(argv: list[str] | None = None) -> int:
+    from atelier.config import load_config
+    from atelier.runtime import setup_logging
+
+    parser = argparse.ArgumentParser(prog="atelier broker", description="Run the atelier broker.")
+    parser.add_argument("--config", help="atelier.toml (default: built-in settings)")
+    parser.add_argument("--router", help="ROUTER endpoint to bind, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--pub", help="XPUB endpoint to bind, e.g. tcp://127.0.0.1:5556")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, "broker")
+    config = load_config(args.config)
+    broker = Broker(args.router or config.broker.router, args.pub or config.broker.pub,
+                    heartbeat_s=config.broker.heartbeat_s)
+    signal.signal(signal.SIGINT, broker.stop)
+    signal.signal(signal.SIGTERM, broker.stop)
+    # The ready line: a supervisor reads the real endpoints (port 0 binds) from it.
+    print(READY_PREFIX + json.dumps({"router": broker.router_endpoint, "pub": broker.pub_endpoint}),
+          flush=True)
+    log.info("broker: routing on %s, publishing on %s", broker.router_endpoint, broker.pub_endpoint)
+    broker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

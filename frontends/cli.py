@@ -1,0 +1,292 @@
+"""The ``atelier`` command: start the system or its parts, and use it from a terminal.
+
+    atelier up                      broker, scheduler and a node on this machine
+    atelier generate "a lighthouse" submit over ZeroMQ, show progress, write the images
+    atelier status | models | cancel JOB
+    atelier broker | scheduler | node --router tcp://HOST:5555   each part on its own
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from atelier.config import Config, load_config
+from atelier.runtime import READY_PREFIX
+from atelier.supervisor import ChildSpec, Supervisor
+
+
+
+def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
+    return args.router or config.broker.router, args.pub or config.broker.pub
+
+
+# --------------------------------------------------------------------------- #
+# atelier up
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from frontends.client import AtelierClient
+
+    console = Console(stderr=True)
+    config = load_config(args.config)
+    router, pub = _endpoints(args, config)
+    py = sys.executable
+    common = ["--log-level", args.log_level] + (["--config", args.config] if args.config else [])
+    supervisor = Supervisor()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    broker = await supervisor.start(ChildSpec("broker", [py, "-m", "broker", "--router", router, "--pub", pub,
+                                                         *common], wait_ready=True))
+    bound = json.loads(broker.ready_line or "{}")
+    router, pub = bound["router"], bound["pub"]
+    # A restarted broker must come back where the others look for it (matters with port 0).
+    broker.spec.argv = [py, "-m", "broker", "--router", router, "--pub", pub, *common]
+    await supervisor.start(ChildSpec("scheduler", [py, "-m", "actors.scheduler", "--router", router, *common]))
+    node_argv = [py, "-m", "gpu_node", "--router", router, *common]
+    if args.devices:
+        node_argv += ["--devices", args.devices]
+    await supervisor.start(ChildSpec("node", node_argv))
+
+    try:
+        status = await _wait_for_runners(router, pub, timeout=args.ready_timeout, stop=stop)
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        console.print(f"[red]atelier did not come up: {exc}[/red]")
+        await supervisor.stop(order=["node", "scheduler", "broker"])
+        return 1
+    if status is not None:
+        console.print(f"[bold green]atelier is up[/bold green]\n"
+                      f"  broker   {router}  (events on {pub})\n"
+                      f"  runners  {', '.join(f'{r.name} ({r.capabilities.device})' for r in status.runners)}\n"
+                      f"  models   {', '.join(config.models)}\n"
+                      f"  try:     atelier generate \"a lighthouse\" --router {router} --pub {pub}\n"
+                      f"  Ctrl-C stops everything.")
+        print(READY_PREFIX + json.dumps({"router": router, "pub": pub}), flush=True)
+        await stop.wait()
+    console.print("stopping atelier…")
+    await supervisor.stop(order=["node", "scheduler", "broker"])
+    return 0
+
+
+async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyncio.Event):
+    """Returns the cluster status once a runner has registered, None if stopped first."""
+    from actors.actor import RemoteError
+    from frontends.client import AtelierClient
+
+    async def poll():
+        async with AtelierClient(router, pub) as client:
+            while not stop.is_set():
+                try:
+                    status = await client.status()
+                    if status.runners:
+                        return status
+                except (RemoteError, asyncio.TimeoutError):
+                    pass  # the scheduler is still starting
+                await asyncio.sleep(0.2)
+        return None
+
+    return await asyncio.wait_for(poll(), timeout)
+
+
+# --------------------------------------------------------------------------- #
+# atelier generate / status / cancel / models
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from actors.actor import RemoteError
+    from actors.messages import JobEvent, JobResult, JobSpec, JobState
+    from actors.messages import Progress as StepProgress
+    from frontends.client import AtelierClient
+
+    console = Console(stderr=True)
+    config = load_config(args.config)
+    try:
+        spec = JobSpec(model=args.model or config.default_model, prompt=args.prompt,
+                       negative_prompt=args.negative, width=args.width, height=args.height,
+                       steps=args.steps, guidance=args.guidance, seed=args.seed, count=args.count)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}")
+        return 2
+    router, pub = _endpoints(args, config)
+    out_dir = Path(args.output)
+    async with AtelierClient(router, pub) as client:
+        try:
+            record = await client.submit(spec)
+        except RemoteError as exc:
+            field = f"{exc.error.field}: " if exc.error.field else ""
+            console.print(f"[red]error:[/red] {field}{exc.error.message}")
+            return 2
+        except asyncio.TimeoutError:
+            console.print(f"[red]error:[/red] no scheduler answered at {router}; is atelier up?")
+            return 3
+        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        result: JobResult | None = None
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"{record.state.value}", total=record.spec.steps)
+            try:
+                async for event in client.events(spec.id, timeout=args.timeout):
+                    if isinstance(event, JobEvent):
+                        where = f" #{event.position + 1} in queue" if event.position is not None else ""
+                        bar.update(task, description=f"{event.state.value}{where}")
+                    elif isinstance(event, StepProgress):
+                        bar.update(task, completed=event.step, total=event.total)
+                    elif isinstance(event, JobResult):
+                        result = event
+            except (asyncio.TimeoutError, asyncio.CancelledError, KeyboardInterrupt):
+                await client.cancel(spec.id)
+                console.print(f"[yellow]gave up waiting; cancelled {spec.id}[/yellow]")
+                return 1
+        assert result is not None
+        if result.job.state is not JobState.done:
+            console.print(f"[red]job {spec.id} {result.job.state.value}:[/red] {result.job.reason}")
+            return 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for index, artifact in enumerate(result.outputs):
+            path = out_dir / f"{spec.id}-{index}.png"
+            path.write_bytes(artifact.data)
+            print(path)
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from frontends.client import AtelierClient
+
+    config = load_config(args.config)
+    async with AtelierClient(*_endpoints(args, config)) as client:
+        status = await client.status()
+    table = Table(title="runners")
+    for column in ("node", "runner", "device", "job", "resident models"):
+        table.add_column(column)
+    for runner in sorted(status.runners, key=lambda r: (r.capabilities.node or "", r.name)):
+        caps = runner.capabilities
+        table.add_row(caps.node or "-", runner.name, caps.device_name or caps.device or "-", runner.job or "idle",
+                      ", ".join(caps.resident) or "-")
+    console = Console()
+    console.print(table)
+    console.print(f"queue: {len(status.queued)} job(s)"
+                  + (f" — next: {', '.join(status.queued[:5])}" if status.queued else ""))
+    console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(status.counts.items())) or "none yet"))
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    from actors.actor import RemoteError
+    from frontends.client import AtelierClient
+
+    config = load_config(args.config)
+    async with AtelierClient(*_endpoints(args, config)) as client:
+        try:
+            record = await client.cancel(args.job)
+        except RemoteError as exc:
+            print(f"error: {exc.error.message}", file=sys.stderr)
+            return 1
+    print(f"{args.job}: {record.state.value}" + (" (stopping at its next step)" if not record.state.terminal
+                                                  else ""))
+    return 0
+
+
+async def _models(args: argparse.Namespace) -> int:
+    from frontends.client import AtelierClient
+
+    config = load_config(args.config)
+    async with AtelierClient(*_endpoints(args, config)) as client:
+        models = await client.models()
+    for m in models:
+        print(f"{m.name:<16} {m.family:<8} default {m.default_width}x{m.default_height}, "
+              f"{m.default_steps} steps; max {m.max_width}x{m.max_height}")
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# parsing
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atelier", description="Serve diffusion models to many people at once.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, *, connects: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="atelier.toml (default: ./atelier.toml, else built-in settings)")
+        p.add_argument("--log-level", default="WARNING" if name != "up" else "INFO")
+        if connects:
+            p.add_argument("--router", help="the broker's ROUTER endpoint (default from the config)")
+            p.add_argument("--pub", help="the broker's XPUB endpoint (default from the config)")
+        return p
+
+    up = command("up", "start broker, scheduler and a node on this machine")
+    up.add_argument("--devices", help="comma-separated devices for the node (default: every GPU, else cpu)")
+    up.add_argument("--ready-timeout", type=float, default=300.0)
+
+    gen = command("generate", "generate images and write them to a folder")
+    gen.add_argument("prompt")
+    gen.add_argument("--model")
+    gen.add_argument("--negative")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--count", type=int, default=1)
+    gen.add_argument("-o", "--output", default="out", help="folder for the images (default: ./out)")
+    gen.add_argument("--timeout", type=float, default=None, help="give up (and cancel) after this many seconds")
+
+    command("status", "show nodes, runners, resident models and the queue")
+    command("models", "list the models in the catalog")
+    cancel = command("cancel", "cancel a job")
+    cancel.add_argument("job")
+
+    for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
+                            ("node", "run a node (its loader and runners)")):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The parts parse their own options; hand them everything after the command.
+    if argv and argv[0] in ("broker", "scheduler", "node"):
+        if argv[0] == "broker":
+            import broker
+
+            return broker.main(argv[1:])
+        if argv[0] == "scheduler":
+            from actors import scheduler
+
+            return scheduler.main(argv[1:])
+        import gpu_node
+
+        return gpu_node.main(argv[1:])
+    args = _parser().parse_args(argv)
+    from atelier.runtime import run, setup_logging
+
+    setup_logging(args.log_level, args.command if args.command == "up" else None)
+    handler = {"up": _up, "generate": _generate, "status": _status, "cancel": _cancel, "models": _models}
+    try:
+        return run(handler[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

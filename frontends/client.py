@@ -1,0 +1,179 @@
+"""The one async client every frontend uses: submit, stream events, wait, cancel, query.
+
+It is an actor (a DEALER registered with the broker as a frontend) plus a SUB
+socket on the broker's XPUB for a job's events. It subscribes to a job's topic
+before submitting it, and the job's final ``JobResult`` arrives on the routed
+path, so a lost event never loses a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from actors import codec
+from actors.actor import Actor, RemoteError, handles
+from actors.codec import SCHEDULER, DecodeError, Envelope
+from actors.messages import (
+    Accepted,
+    CancelJob,
+    ClusterStatus,
+    GetJob,
+    GetModels,
+    GetStatus,
+    JobEvent,
+    JobInfo,
+    JobRecord,
+    JobResult,
+    JobSpec,
+    ModelInfo,
+    Models,
+    Preview,
+    Progress,
+    Role,
+    Submit,
+)
+
+log = logging.getLogger("atelier.client")
+
+Event = JobEvent | Progress | Preview | JobResult
+
+__all__ = ["AtelierClient", "RemoteError", "Event"]
+
+
+@dataclass
+class _Watch:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    result: asyncio.Future | None = None
+
+
+class AtelierClient(Actor):
+    role = Role.frontend
+
+    def __init__(self, router: str, pub: str, *, name: str | None = None, heartbeat_s: float = 1.0, **kwargs):
+        super().__init__(name or f"client-{uuid.uuid4().hex[:12]}", router, heartbeat_s=heartbeat_s, **kwargs)
+        self.pub = pub
+        self._sub: zmq.asyncio.Socket | None = None
+        self._watches: dict[str, _Watch] = {}
+
+    async def __aenter__(self) -> "AtelierClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self._sub = self.ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.connect(self.pub)
+        await super().start(timeout)
+        self._tasks.append(asyncio.create_task(self._event_loop(), name=f"{self.name}-events"))
+
+    async def close(self, drain_timeout: float = 2.0) -> None:
+        if self._sub is not None:
+            self._sub.close(linger=0)
+            self._sub = None
+        await super().close(drain_timeout)
+
+    # -- API --------------------------------------------------------------- #
+
+    async def submit(self, spec: JobSpec, timeout: float = 10.0) -> JobRecord:
+        """Queues a job; raises RemoteError (with the offending field) if the scheduler refuses it."""
+        self._watch(spec.id)
+        try:
+            accepted = await self.ask(SCHEDULER, Submit(job=spec), timeout)
+        except BaseException:
+            self._unwatch(spec.id)
+            raise
+        assert isinstance(accepted, Accepted)
+        return accepted.job
+
+    async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
+        """Yields the job's events in arrival order, ending with its JobResult."""
+        watch = self._watches.get(job_id) or self._watch(job_id)
+        try:
+            while True:
+                item = await asyncio.wait_for(watch.queue.get(), timeout)
+                yield item
+                if isinstance(item, JobResult):
+                    return
+        finally:
+            self._unwatch(job_id)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
+        watch = self._watches.get(job_id) or self._watch(job_id)
+        assert watch.result is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(watch.result), timeout)
+        finally:
+            self._unwatch(job_id)
+
+    async def generate(self, spec: JobSpec, timeout: float | None = None) -> JobResult:
+        await self.submit(spec)
+        return await self.wait(spec.id, timeout)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        info = await self.ask(SCHEDULER, CancelJob(job_id=job_id))
+        assert isinstance(info, JobInfo)
+        return info.job
+
+    async def job(self, job_id: str) -> JobRecord:
+        info = await self.ask(SCHEDULER, GetJob(job_id=job_id))
+        assert isinstance(info, JobInfo)
+        return info.job
+
+    async def status(self) -> ClusterStatus:
+        status = await self.ask(SCHEDULER, GetStatus())
+        assert isinstance(status, ClusterStatus)
+        return status
+
+    async def models(self) -> list[ModelInfo]:
+        models = await self.ask(SCHEDULER, GetModels())
+        assert isinstance(models, Models)
+        return models.models
+
+    # -- plumbing ------------------------------------------------------------ #
+
+    def _watch(self, job_id: str) -> _Watch:
+        watch = _Watch(result=asyncio.get_running_loop().create_future())
+        self._watches[job_id] = watch
+        assert self._sub is not None
+        self._sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")
+        return watch
+
+    def _unwatch(self, job_id: str) -> None:
+        if self._watches.pop(job_id, None) is not None and self._sub is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.setsockopt_string(zmq.UNSUBSCRIBE, f"job/{job_id}/")
+
+    @handles(JobResult)
+    async def on_result(self, msg: JobResult, env: Envelope) -> None:
+        watch = self._watches.get(msg.job.spec.id)
+        if watch is None:
+            log.debug("result for a job nobody waits on: %s", msg.job.spec.id)
+            return
+        watch.queue.put_nowait(msg)
+        if watch.result is not None and not watch.result.done():
+            watch.result.set_result(msg)
+
+    async def _event_loop(self) -> None:
+        assert self._sub is not None
+        while True:
+            frames = await self._sub.recv_multipart(copy=False)
+            try:
+                event = codec.decode(frames[1:]).msg
+            except DecodeError as exc:
+                log.warning("dropped an undecodable event: %s", exc)
+                continue
+            watch = self._watches.get(getattr(event, "job_id", ""))
+            if watch is not None:
+                watch.queue.put_nowait(event)
+

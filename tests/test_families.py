@@ -1,0 +1,174 @@
+"""Family adapters end to end on the tiny builtin models (CPU, no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+# Before anything imports huggingface_hub: nothing here may touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from atelier import tiny_models  # noqa: E402
+from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.preview import encode_jpeg  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _request(seed: int = 1, steps: int = 2, count: int = 2) -> GenerateRequest:
+    return GenerateRequest(
+        prompt="a red cube",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        steps=steps,
+        guidance=5.0,
+        seed=seed,
+        count=count,
+    )
+
+
+def _ignore_steps(*_: Any) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module", params=sorted(tiny_models.BUILTIN))
+def loaded(request: pytest.FixtureRequest, model_cache: Path) -> tuple[Any, Any]:
+    name = request.param
+    family = get_family(tiny_models.BUILTIN[name])
+    pipe = family.load(tiny_models.ensure_builtin(name, model_cache), device="cpu")
+    return family, pipe
+
+
+def test_generate_images_steps_and_preview(loaded: tuple[Any, Any]) -> None:
+    family, pipe = loaded
+    seen: list[tuple[int, int, Any]] = []
+    images = family.generate(pipe, _request(), lambda i, n, lat: seen.append((i, n, lat.clone())))
+
+    assert len(images) == 2
+    assert all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+    assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
+    latents = seen[-1][2]
+    assert latents.shape == (2, 4, 8, 8)
+
+    rgb = family.preview(latents)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    assert max(rgb.shape[:2]) <= 256
+    assert encode_jpeg(rgb).startswith(b"\xff\xd8")
+
+
+def test_same_seed_same_pixels(loaded: tuple[Any, Any]) -> None:
+    family, pipe = loaded
+    first = [np.asarray(im) for im in family.generate(pipe, _request(seed=7), _ignore_steps)]
+    again = [np.asarray(im) for im in family.generate(pipe, _request(seed=7), _ignore_steps)]
+    other = [np.asarray(im) for im in family.generate(pipe, _request(seed=8), _ignore_steps)]
+
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other[0])
+    # Per-image seeds: the images of one batch differ from each other too.
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_cancel_from_step_callback_propagates(loaded: tuple[Any, Any]) -> None:
+    family, pipe = loaded
+    seen: list[int] = []
+
+    def on_step(i: int, n: int, latents: Any) -> None:
+        seen.append(i)
+        if i == 2:
+            raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        family.generate(pipe, _request(steps=5, count=1), on_step)
+    assert seen == [1, 2]
+
+
+def test_broken_model_fails_in_generate_not_load(tmp_path: Path) -> None:
+    path = tiny_models.build_tiny_sd(tmp_path / "broken", text_max_positions=8)
+    family = get_family("sd1")
+    pipe = family.load(path, device="cpu")
+    with pytest.raises(Exception, match="max_position_embeddings"):
+        family.generate(pipe, _request(count=1), _ignore_steps)
+
+
+def test_families_package_does_not_import_torch() -> None:
+    # The scheduler imports these, and the noop family must measure overhead
+    # without torch in the process.
+    code = (
+        "import sys, atelier.families, atelier.preview\n"
+        "atelier.families.get_family('noop')\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_ensure_builtin_is_idempotent(model_cache: Path) -> None:
+    path = tiny_models.ensure_builtin("tiny-sd", model_cache)
+    mtime = (path / "model_index.json").stat().st_mtime_ns
+    assert tiny_models.ensure_builtin("tiny-sd", model_cache) == path
+    assert (path / "model_index.json").stat().st_mtime_ns == mtime
+
+
+def test_ensure_builtin_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="tiny-nope"):
+        tiny_models.ensure_builtin("tiny-nope", tmp_path)
+
+
+def test_ensure_builtin_loses_race_gracefully(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "tiny-sd"
+
+    def build_while_another_process_finishes_first(path: Path) -> Path:
+        (path / "model_index.json").write_text("{}")
+        target.mkdir()
+        (target / "model_index.json").write_text('{"winner": true}')
+        return path
+
+    monkeypatch.setitem(tiny_models._BUILDERS, "sd1", build_while_another_process_finishes_first)
+    assert tiny_models.ensure_builtin("tiny-sd", tmp_path) == target
+    assert (target / "model_index.json").read_text() == '{"winner": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd"]  # the loser's temp copy is gone
+
+
+def test_builds_are_deterministic(tmp_path: Path) -> None:
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*.safetensors")):
+            h.update(f.read_bytes())
+        return h.hexdigest()
+
+    a = tiny_models.build_tiny_sd(tmp_path / "a")
+    b = tiny_models.build_tiny_sd(tmp_path / "b")
+    assert digest(a) == digest(b)
+
+
+def test_noop_family() -> None:
+    family = get_family("noop")
+    pipe = family.load(None, device="cpu", options={"step_s": 0.0})
+    steps: list[tuple[int, int, Any]] = []
+    images = family.generate(pipe, _request(steps=3, count=2), lambda *a: steps.append(a))
+
+    assert steps == [(1, 3, None), (2, 3, None), (3, 3, None)]
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    again = family.generate(pipe, _request(steps=1, count=1), _ignore_steps)
+    other = family.generate(pipe, _request(seed=2, steps=1, count=1), _ignore_steps)
+    assert again[0].getpixel((0, 0)) == images[0].getpixel((0, 0)) != other[0].getpixel((0, 0))
+    assert family.preview(None).dtype == np.uint8
+
+
+def test_limits_cover_every_family() -> None:
+    assert set(FAMILY_LIMITS) == {"sd1", "sdxl", "noop"}
+    for name, limits in FAMILY_LIMITS.items():
+        assert get_family(name).name == name
+        assert limits.default_width <= limits.max_width and limits.default_height <= limits.max_height
