@@ -267,7 +267,7 @@ class Actor:
             try:
                 env = codec.decode(frames)
             except DecodeError as exc:
-                log.warning("%s: dropped an undecodable message: %s", self.name, exc)
+                await self._refuse(exc)
                 continue
             if env.corr is not None and env.corr in self._pending:
                 future = self._pending[env.corr]
@@ -284,6 +284,15 @@ class Actor:
                 log.debug("%s: late error reply %s", self.name, env.msg.message)
                 continue
             self._mailbox.put_nowait(env)
+
+    async def _refuse(self, exc: DecodeError) -> None:
+        """Always send a reply, an error if need be: the sender learns which field was wrong."""
+        if exc.src is None or exc.id is None:
+            log.warning("%s: dropped an undecodable message: %s", self.name, exc)
+            return
+        code = ErrorCode.too_large if exc.too_large else ErrorCode.bad_request
+        with contextlib.suppress(zmq.ZMQError):
+            await self.send(exc.src, Error(code=code, message=str(exc), field=exc.field), corr=exc.id)
 
     async def _mailbox_loop(self) -> None:
         while True:

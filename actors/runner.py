@@ -131,13 +131,19 @@ class Runner(Actor):
             else:
                 self.pipelines.move_to_end(spec.model)
             await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.running))
-            family = await loop.run_in_executor(self._worker, get_family, self.config.models[spec.model].family)
             request = GenerateRequest(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
                                       width=spec.width, height=spec.height, steps=spec.steps,
                                       guidance=spec.guidance, seed=spec.seed, count=spec.count)
-            on_step = self._step_reporter(active, family)
-            images = await loop.run_in_executor(self._worker, family.generate, pipe, request, on_step)
-            outputs = await loop.run_in_executor(self._worker, encode_png, images, spec)
+            family_name = self.config.models[spec.model].family
+
+            def work() -> list[Artifact]:
+                # One trip to the worker per job, not one per stage: each trip costs two thread
+                # wake-ups, which is most of a short job's cost.
+                family = get_family(family_name)
+                images = family.generate(pipe, request, self._step_reporter(active, family))
+                return encode_png(images, spec)
+
+            outputs = await loop.run_in_executor(self._worker, work)
             await self.send(scheduler, JobDone(job_id=spec.id, outputs=outputs, resident=list(self.pipelines),
                                                elapsed_s=time.monotonic() - active.started))
         except JobCancelled:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -43,6 +44,8 @@ from actors.messages import (
 
 log = logging.getLogger("atelier.client")
 
+KEEP_RESULTS = 1000
+
 Event = JobEvent | Progress | Preview | JobResult
 
 __all__ = ["AtelierClient", "RemoteError", "Event"]
@@ -62,6 +65,7 @@ class AtelierClient(Actor):
         self.pub = pub
         self._sub: zmq.asyncio.Socket | None = None
         self._watches: dict[str, _Watch] = {}
+        self._results: OrderedDict[str, JobResult] = OrderedDict()
 
     async def __aenter__(self) -> "AtelierClient":
         await self.start()
@@ -97,24 +101,23 @@ class AtelierClient(Actor):
         return accepted.job
 
     async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
-        """Yields the job's events in arrival order, ending with its JobResult."""
+        """Yields the job's events in arrival order, ending with its JobResult (one consumer per job)."""
+        if job_id in self._results:
+            yield self._results[job_id]
+            return
         watch = self._watches.get(job_id) or self._watch(job_id)
-        try:
-            while True:
-                item = await asyncio.wait_for(watch.queue.get(), timeout)
-                yield item
-                if isinstance(item, JobResult):
-                    return
-        finally:
-            self._unwatch(job_id)
+        while True:
+            item = await asyncio.wait_for(watch.queue.get(), timeout)
+            yield item
+            if isinstance(item, JobResult):
+                return
 
     async def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
+        if job_id in self._results:
+            return self._results[job_id]
         watch = self._watches.get(job_id) or self._watch(job_id)
         assert watch.result is not None
-        try:
-            return await asyncio.wait_for(asyncio.shield(watch.result), timeout)
-        finally:
-            self._unwatch(job_id)
+        return await asyncio.wait_for(asyncio.shield(watch.result), timeout)
 
     async def generate(self, spec: JobSpec, timeout: float | None = None) -> JobResult:
         await self.submit(spec)
@@ -156,9 +159,15 @@ class AtelierClient(Actor):
 
     @handles(JobResult)
     async def on_result(self, msg: JobResult, env: Envelope) -> None:
-        watch = self._watches.get(msg.job.spec.id)
+        job_id = msg.job.spec.id
+        # Kept for a while, so a caller that starts waiting late still gets it.
+        self._results[job_id] = msg
+        while len(self._results) > KEEP_RESULTS:
+            self._results.popitem(last=False)
+        # The job's story ends here: its consumers hold the watch, nobody needs the topic.
+        watch = self._watches.get(job_id)
+        self._unwatch(job_id)
         if watch is None:
-            log.debug("result for a job nobody waits on: %s", msg.job.spec.id)
             return
         watch.queue.put_nowait(msg)
         if watch.result is not None and not watch.result.done():

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real atelier (``atelier up`` as a subprocess) on loopback ports chosen by the OS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = "ATELIER-READY "
+
+# Nothing in the tests may reach for a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def run(coro, timeout: float = 120.0):
+    """Runs a coroutine to completion with a hard timeout (every await in a test is bounded)."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Cluster:
+    """``atelier up`` in a subprocess; knows its endpoints once it has said it is ready."""
+
+    def __init__(self, home: Path, config: Path | None = None):
+        self.home = home
+        self.config = config
+        self.router = ""
+        self.pub = ""
+        self.process: subprocess.Popen | None = None
+        self.log = home / f"up-{time.monotonic_ns()}.log"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "ATELIER_HOME": str(self.home), "PYTHONPATH": str(ROOT)}
+
+    def start(self, timeout: float = 120.0) -> "Cluster":
+        argv = [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
+                "--pub", "tcp://127.0.0.1:0"]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        self._stderr = open(self.log, "wb")
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=subprocess.PIPE,
+                                        stderr=self._stderr, text=True)
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"atelier up exited early:\n{self.log.read_text()[-4000:]}")
+            if line.startswith(READY):
+                info = json.loads(line[len(READY):])
+                self.router, self.pub = info["router"], info["pub"]
+                return self
+        raise RuntimeError("atelier up did not get ready in time")
+
+    def client(self):
+        from frontends.client import AtelierClient
+
+        return AtelierClient(self.router, self.pub)
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "frontends.cli", args[0], "--router", self.router, "--pub", self.pub,
+                *args[1:]]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        return subprocess.run(argv, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self._stderr.close()
+
+
+@pytest.fixture(scope="session")
+def atelier_home(tmp_path_factory) -> Path:
+    """One home for the whole session, so the tiny models are generated once."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def cluster(atelier_home, tmp_path_factory):
+    """A running atelier with the built-in models plus a deliberately broken one."""
+    from atelier.tiny_models import build_tiny_sd
+
+    folder = tmp_path_factory.mktemp("catalog")
+    broken = build_tiny_sd(folder / "broken-sd", text_max_positions=8)
+    config = folder / "atelier.toml"
+    config.write_text(f'[models.broken-sd]\nfamily = "sd1"\nsource = "{broken}"\n'
+                      f"default_width = 64\ndefault_height = 64\ndefault_steps = 2\n")
+    c = Cluster(atelier_home, config).start()
+    yield c
+    c.stop()
