@@ -1,0 +1,29 @@
+# The two commands of the README, with everything they need set up on a fresh machine.
+#   make up     start atelier (broker, scheduler, a node, built-in tiny models)
+#   make test   run the whole test suite
+
+VENV ?= .venv
+PYTHON ?= python3
+# Pinned so a fresh install is predictable: the CPU wheel where no CUDA build is wanted, the CUDA one
+# from PyPI on a GPU host. Install another build into the venv first and this step keeps it.
+TORCH ?= torch==2.13.0
+
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: install up test bench
+install: $(STAMP)
+
+up: $(STAMP)
+	$(VENV)/bin/atelier up
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/overhead.py
