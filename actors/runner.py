@@ -13,6 +13,7 @@ import asyncio
 import gc
 import io
 import logging
+import os
 import socket
 import threading
 import time
@@ -278,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_model_libraries()
     config = load_config(args.config)
     run_actor(Runner(config, args.router or config.broker.router, node=args.node, device=args.device))
-    return 0
+    # The job in hand was handed back during the drain; what may still run in the worker is an
+    # import or an abandoned pipeline call, and waiting for it (as interpreter exit would) only
+    # delays the node's shutdown.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Starting and stopping: ``atelier up`` leaves no process behind, however it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")]
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def test_ctrl_c_stops_every_process(atelier_home):
+    cluster = Cluster(atelier_home).start()
+    tree = descendants(cluster.process.pid)
+    # broker, scheduler, node, loader, runner
+    assert len(tree) >= 5, tree
+    assert cluster.stop() == 0
+    assert wait_gone(tree, 20) == set()
+
+
+def test_killed_supervisor_takes_its_children_along(atelier_home):
+    cluster = Cluster(atelier_home).start()
+    tree = descendants(cluster.process.pid)
+    os.kill(cluster.process.pid, signal.SIGKILL)
+    cluster.process.wait(10)
+    # No one is left to stop them cleanly: the kernel's parent-death signal must.
+    assert wait_gone(tree, 30) == set()
