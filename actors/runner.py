@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.actor import Actor, RemoteError, handles, run_actor
-from actors.codec import SCHEDULER, Envelope
+from actors.codec import Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Artifact,

@@ -44,7 +44,6 @@ from actors.messages import (
     JobUpdate,
     ModelInfo,
     Models,
-    Ok,
     PeerDown,
     PeerUp,
     Role,
@@ -220,7 +219,7 @@ class Scheduler(Actor):
         if job is None:
             return
         uris = await asyncio.to_thread(self.store.put_all, msg.job_id, msg.outputs)
-        for artifact, uri in zip(msg.outputs, uris):
+        for artifact, uri in zip(msg.outputs, uris, strict=True):
             artifact.uri = uri
         job.record.artifacts = uris
         await self._finish(job, JobState.done, None, outputs=msg.outputs)

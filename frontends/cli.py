@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -34,7 +35,6 @@ def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
 async def _up(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from frontends.client import AtelierClient
 
     console = Console(stderr=True)
     config = load_config(args.config)
@@ -103,6 +103,26 @@ async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyn
 # atelier generate / status / cancel / models
 
 
+class NotRunning(Exception):
+    """No broker answered: atelier is not up at that address."""
+
+
+@contextlib.asynccontextmanager
+async def _connect(router: str, pub: str, timeout: float = 5.0):
+    from frontends.client import AtelierClient
+
+    client = AtelierClient(router, pub)
+    try:
+        await client.start(timeout=timeout)
+    except TimeoutError:
+        await client.close(drain_timeout=0)
+        raise NotRunning(f"no atelier broker answered at {router}; start one with `atelier up`") from None
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 async def _generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -110,7 +130,6 @@ async def _generate(args: argparse.Namespace) -> int:
     from actors.actor import RemoteError
     from actors.messages import JobEvent, JobResult, JobSpec, JobState
     from actors.messages import Progress as StepProgress
-    from frontends.client import AtelierClient
 
     console = Console(stderr=True)
     config = load_config(args.config)
@@ -124,7 +143,7 @@ async def _generate(args: argparse.Namespace) -> int:
         return 2
     router, pub = _endpoints(args, config)
     out_dir = Path(args.output)
-    async with AtelierClient(router, pub) as client:
+    async with _connect(router, pub) as client:
         try:
             record = await client.submit(spec)
         except RemoteError as exc:
@@ -168,10 +187,9 @@ async def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from frontends.client import AtelierClient
 
     config = load_config(args.config)
-    async with AtelierClient(*_endpoints(args, config)) as client:
+    async with _connect(*_endpoints(args, config)) as client:
         status = await client.status()
     table = Table(title="runners")
     for column in ("node", "runner", "device", "job", "resident models"):
@@ -190,10 +208,9 @@ async def _status(args: argparse.Namespace) -> int:
 
 async def _cancel(args: argparse.Namespace) -> int:
     from actors.actor import RemoteError
-    from frontends.client import AtelierClient
 
     config = load_config(args.config)
-    async with AtelierClient(*_endpoints(args, config)) as client:
+    async with _connect(*_endpoints(args, config)) as client:
         try:
             record = await client.cancel(args.job)
         except RemoteError as exc:
@@ -205,10 +222,9 @@ async def _cancel(args: argparse.Namespace) -> int:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    from frontends.client import AtelierClient
 
     config = load_config(args.config)
-    async with AtelierClient(*_endpoints(args, config)) as client:
+    async with _connect(*_endpoints(args, config)) as client:
         models = await client.models()
     for m in models:
         print(f"{m.name:<16} {m.family:<8} default {m.default_width}x{m.default_height}, "
@@ -284,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"up": _up, "generate": _generate, "status": _status, "cancel": _cancel, "models": _models}
     try:
         return run(handler[args.command](args))
+    except NotRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

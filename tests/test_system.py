@@ -5,7 +5,6 @@ Every part runs as its own process, started by ``atelier up`` (see conftest.py).
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import signal
