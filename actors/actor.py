@@ -184,7 +184,22 @@ class Actor:
         return msg_id
 
     async def ask(self, dst: str, msg: Wire, timeout: float = 10.0) -> Wire:
-        """Sends ``msg`` and waits for the reply; an Error reply raises RemoteError."""
+        """Sends ``msg`` and waits for the reply; an Error reply raises RemoteError.
+
+        A broker that restarted refuses us (``not_registered``) without routing the
+        message, so it is safe to send it once more after registering again.
+        """
+        reply = await self._ask_once(dst, msg, timeout)
+        if isinstance(reply, Error) and reply.code is ErrorCode.not_registered and not isinstance(msg, Hello):
+            self._reregister()
+            assert self.registered is not None
+            await asyncio.wait_for(self.registered.wait(), timeout)
+            reply = await self._ask_once(dst, msg, timeout)
+        if isinstance(reply, Error):
+            raise RemoteError(reply)
+        return reply
+
+    async def _ask_once(self, dst: str, msg: Wire, timeout: float) -> Wire:
         msg_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
@@ -193,12 +208,9 @@ class Actor:
             assert self._sock is not None, "actor is not started"
             self._last_sent = time.monotonic()
             await self._sock.send_multipart(frames, copy=False)
-            reply = await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(msg_id, None)
-        if isinstance(reply, Error):
-            raise RemoteError(reply)
-        return reply
 
     async def reply(self, env: Envelope, msg: Wire) -> None:
         await self.send(env.src, msg, corr=env.id)
@@ -255,6 +267,8 @@ class Actor:
                 return
 
     def _reregister(self) -> None:
+        if self.registered is not None:
+            self.registered.clear()  # now, so nobody mistakes the old registration for a new one
         if self._registering is None or self._registering.done():
             self._registering = asyncio.ensure_future(self._register(None))
             self._registering.add_done_callback(_log_task_error)
@@ -280,8 +294,9 @@ class Actor:
                 # The broker restarted and forgot us: register again, out of the mailbox's way.
                 self._reregister()
                 continue
-            if isinstance(env.msg, Error) and env.corr is not None:
-                log.debug("%s: late error reply %s", self.name, env.msg.message)
+            if env.corr is not None:
+                # A reply nobody waits for: to a tell, or to an ask that timed out.
+                log.debug("%s: dropped a late %s reply from %s", self.name, env.msg.kind, env.src)
                 continue
             self._mailbox.put_nowait(env)
 

@@ -52,6 +52,7 @@ from atelier.preview import encode_jpeg
 log = logging.getLogger("atelier.runner")
 
 STAGE_TIMEOUT_S = 600.0  # generating or reading a big checkpoint takes a while
+REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 
 
 @dataclass
@@ -97,8 +98,9 @@ class Runner(Actor):
     async def on_run(self, msg: RunJob, env: Envelope) -> None:
         if self.active is not None:
             # The scheduler thought we were free (it restarted, say): hand the job straight back.
-            await self.send(env.src, JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
-                                               reason=f"{self.name} is busy with {self.active.spec.id}"))
+            busy = JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
+                             reason=f"{self.name} is busy with {self.active.spec.id}")
+            asyncio.create_task(self._report(env.src, busy))
             return
         self.active = ActiveJob(msg.job)
         asyncio.create_task(self._execute(self.active, env.src))
@@ -132,33 +134,49 @@ class Runner(Actor):
             else:
                 self.pipelines.move_to_end(spec.model)
             await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.running))
+            family = await loop.run_in_executor(self._worker, get_family, self.config.models[spec.model].family)
             request = GenerateRequest(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
                                       width=spec.width, height=spec.height, steps=spec.steps,
                                       guidance=spec.guidance, seed=spec.seed, count=spec.count)
-            family_name = self.config.models[spec.model].family
-
-            def work() -> list[Artifact]:
-                # One trip to the worker per job, not one per stage: each trip costs two thread
-                # wake-ups, which is most of a short job's cost.
-                family = get_family(family_name)
-                images = family.generate(pipe, request, self._step_reporter(active, family))
-                return encode_png(images, spec)
-
-            outputs = await loop.run_in_executor(self._worker, work)
-            await self.send(scheduler, JobDone(job_id=spec.id, outputs=outputs, resident=list(self.pipelines),
-                                               elapsed_s=time.monotonic() - active.started))
+            on_step = self._step_reporter(active, family)
+            images = await loop.run_in_executor(self._worker, family.generate, pipe, request, on_step)
+            outputs = await loop.run_in_executor(self._worker, encode_png, images, spec)
+            final: JobDone | JobFailed = JobDone(job_id=spec.id, outputs=outputs, resident=list(self.pipelines),
+                                                 elapsed_s=time.monotonic() - active.started)
         except JobCancelled:
             shutting_down = active.cancel_reason != "cancelled"
-            await self.send(scheduler, JobFailed(job_id=spec.id, reason=active.cancel_reason,
-                                                 cancelled=not shutting_down, retryable=shutting_down,
-                                                 resident=list(self.pipelines)))
+            final = JobFailed(job_id=spec.id, reason=active.cancel_reason, cancelled=not shutting_down,
+                              retryable=shutting_down, resident=list(self.pipelines))
         except Exception as exc:
             reason, retryable = self._explain(exc)
             log.warning("job %s failed: %s", spec.id, reason, exc_info=not retryable)
-            await self.send(scheduler, JobFailed(job_id=spec.id, reason=reason, retryable=retryable,
-                                                 resident=list(self.pipelines)))
+            final = JobFailed(job_id=spec.id, reason=reason, retryable=retryable, resident=list(self.pipelines))
         finally:
-            self.active = None
+            self.active = None  # free for the next job while the report travels
+        await self._report(scheduler, final)
+
+    async def _report(self, scheduler: str, final: JobDone | JobFailed) -> None:
+        """Delivers a job's outcome until the scheduler acknowledges it: a result is never dropped
+        because the broker or the scheduler was restarting at that moment."""
+        delay = 0.2
+        deadline = time.monotonic() + REPORT_PATIENCE_S
+        while True:
+            try:
+                await self.ask(scheduler, final, timeout=10.0)
+                return
+            except RemoteError as exc:
+                if exc.error.code is not ErrorCode.unroutable:  # it heard us and refused: retrying won't help
+                    log.error("the scheduler refused the outcome of %s: %s", final.job_id, exc)
+                    return
+                problem = str(exc)
+            except asyncio.TimeoutError:
+                problem = "no answer"
+            if time.monotonic() > deadline:
+                log.error("gave up reporting %s to %s: %s", final.job_id, scheduler, problem)
+                return
+            log.warning("could not report %s yet (%s); retrying in %.1fs", final.job_id, problem, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _step_reporter(self, active: ActiveJob, family):
         """The per-step callback; it runs in the worker thread, between denoising steps."""

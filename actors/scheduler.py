@@ -44,6 +44,7 @@ from actors.messages import (
     JobUpdate,
     ModelInfo,
     Models,
+    Ok,
     PeerDown,
     PeerUp,
     Role,
@@ -137,7 +138,10 @@ class Scheduler(Actor):
     @handles(Submit)
     async def on_submit(self, msg: Submit, env: Envelope) -> Accepted | Error:
         spec = msg.job
-        if spec.id in self.jobs:
+        known = self.jobs.get(spec.id)
+        if known is not None:
+            if known.client == env.src:
+                return Accepted(job=known.record)  # a retry of a submit whose answer was lost
             return Error(code=ErrorCode.bad_request, field="id", message=f"job id {spec.id!r} already exists")
         problem = self._check(spec)
         if problem is not None:
@@ -212,20 +216,20 @@ class Scheduler(Actor):
         await self._announce(job)
 
     @handles(JobDone)
-    async def on_job_done(self, msg: JobDone, env: Envelope) -> None:
+    async def on_job_done(self, msg: JobDone, env: Envelope) -> Ok:
         job = self._job_on(msg.job_id, env.src)
         self._free(env.src, msg.resident)
         await self._dispatch()
-        if job is None:
-            return
-        uris = await asyncio.to_thread(self.store.put_all, msg.job_id, msg.outputs)
-        for artifact, uri in zip(msg.outputs, uris, strict=True):
-            artifact.uri = uri
-        job.record.artifacts = uris
-        await self._finish(job, JobState.done, None, outputs=msg.outputs)
+        if job is not None:
+            uris = await asyncio.to_thread(self.store.put_all, msg.job_id, msg.outputs)
+            for artifact, uri in zip(msg.outputs, uris, strict=True):
+                artifact.uri = uri
+            job.record.artifacts = uris
+            await self._finish(job, JobState.done, None, outputs=msg.outputs)
+        return Ok()  # the runner may forget the result now
 
     @handles(JobFailed)
-    async def on_job_failed(self, msg: JobFailed, env: Envelope) -> None:
+    async def on_job_failed(self, msg: JobFailed, env: Envelope) -> Ok:
         job = self._job_on(msg.job_id, env.src)
         self._free(env.src, msg.resident)
         if job is not None:
@@ -236,6 +240,7 @@ class Scheduler(Actor):
             else:
                 await self._finish(job, JobState.failed, msg.reason)
         await self._dispatch()
+        return Ok()
 
     # -- policy ---------------------------------------------------------------- #
 

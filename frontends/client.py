@@ -89,11 +89,23 @@ class AtelierClient(Actor):
 
     # -- API --------------------------------------------------------------- #
 
-    async def submit(self, spec: JobSpec, timeout: float = 10.0) -> JobRecord:
-        """Queues a job; raises RemoteError (with the offending field) if the scheduler refuses it."""
+    async def submit(self, spec: JobSpec, timeout: float = 10.0, attempts: int = 3) -> JobRecord:
+        """Queues a job; raises RemoteError (with the offending field) if the scheduler refuses it.
+
+        A submit lost in flight (the broker restarting, say) is sent again with the same job id;
+        the scheduler answers a repeat from the same client with the job it already has, so a
+        retry never makes a second job.
+        """
         self._watch(spec.id)
         try:
-            accepted = await self.ask(SCHEDULER, Submit(job=spec), timeout)
+            for attempt in range(attempts):
+                try:
+                    accepted = await self.ask(SCHEDULER, Submit(job=spec), timeout)
+                    break
+                except asyncio.TimeoutError:
+                    if attempt == attempts - 1:
+                        raise
+                    log.warning("no answer to submitting %s; sending it again", spec.id)
         except BaseException:
             self._unwatch(spec.id)
             raise

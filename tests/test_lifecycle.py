@@ -71,3 +71,30 @@ def test_killed_supervisor_takes_its_children_along(atelier_home):
     cluster.process.wait(10)
     # No one is left to stop them cleanly: the kernel's parent-death signal must.
     assert wait_gone(tree, 30) == set()
+
+
+def test_peers_register_again_after_the_broker_restarts(atelier_home):
+    from actors.messages import JobSpec, JobState
+    from tests.conftest import run
+
+    cluster = Cluster(atelier_home).start()
+    try:
+        broker_pid = next(pid for pid in descendants(cluster.process.pid)
+                          if b"broker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+
+        async def go():
+            async with cluster.client() as client:
+                spec = dict(model="tiny-sd", prompt="a lighthouse", width=64, height=64, steps=2)
+                before = await client.generate(JobSpec(**spec), timeout=120)
+                os.kill(broker_pid, signal.SIGKILL)
+                # `up` restarts it on the same endpoints; every peer (this client too) must find it
+                # and say Hello again without being told.
+                after = await client.generate(JobSpec(**spec), timeout=120)
+                return before, after, await client.status()
+
+        before, after, status = run(go(), timeout=150)
+        assert before.job.state is JobState.done
+        assert after.job.state is JobState.done, after.job.reason
+        assert status.runners
+    finally:
+        cluster.stop()
