@@ -110,9 +110,6 @@ class Actor:
     async def on_start(self) -> None:
         """After the first registration, before the mailbox runs."""
 
-    async def on_registered(self) -> None:
-        """After every registration (first and after each reconnect)."""
-
     async def drain(self) -> None:
         """On shutdown, before the mailbox stops: finish or hand back work in hand."""
 
@@ -263,7 +260,6 @@ class Actor:
             if isinstance(reply, Welcome):
                 self.heartbeat_s = reply.heartbeat_s
                 self.registered.set()
-                await self.on_registered()
                 return
 
     def _reregister(self) -> None:

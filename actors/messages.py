@@ -350,6 +350,12 @@ class JobFailed(Wire):
     resident: list[str] = Field(default_factory=list)
 
 
+class Draining(Wire):
+    """A runner that is shutting down: give it nothing more (runner -> scheduler)."""
+
+    kind: Literal["draining"] = "draining"
+
+
 class Stage(Wire):
     kind: Literal["stage"] = "stage"
     model: Name
@@ -420,6 +426,7 @@ Message = Annotated[
         JobUpdate,
         JobDone,
         JobFailed,
+        Draining,
         Stage,
         Staged,
         JobEvent,

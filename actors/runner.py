@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import io
 import logging
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from actors.actor import Actor, RemoteError, handles, run_actor
-from actors.codec import Envelope
+from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Artifact,
     Capabilities,
+    Draining,
     ErrorCode,
     JobDone,
     JobFailed,
@@ -73,6 +75,8 @@ class Runner(Actor):
         self.device = device
         self.pipelines: OrderedDict[str, Any] = OrderedDict()  # least recently used first
         self.active: ActiveJob | None = None
+        self._execution: asyncio.Task | None = None
+        self._draining = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
 
     def capabilities(self) -> Capabilities:
@@ -96,6 +100,11 @@ class Runner(Actor):
 
     @handles(RunJob)
     async def on_run(self, msg: RunJob, env: Envelope) -> None:
+        if self._draining:
+            refused = JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
+                                reason=f"{self.name} is shutting down")
+            asyncio.create_task(self._report(env.src, refused))
+            return
         if self.active is not None:
             # The scheduler thought we were free (it restarted, say): hand the job straight back.
             busy = JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
@@ -103,7 +112,7 @@ class Runner(Actor):
             asyncio.create_task(self._report(env.src, busy))
             return
         self.active = ActiveJob(msg.job)
-        asyncio.create_task(self._execute(self.active, env.src))
+        self._execution = asyncio.create_task(self._execute(self.active, env.src))
 
     @handles(StopJob)
     async def on_stop_job(self, msg: StopJob, env: Envelope) -> Ok:
@@ -113,12 +122,16 @@ class Runner(Actor):
         return Ok()
 
     async def drain(self) -> None:
-        # Shutting down mid-job: stop at the next step and let the scheduler requeue it.
+        # First tell the scheduler to send nothing more, then stop the job in hand at its next
+        # step; the scheduler requeues it. Both travel the same path, so they arrive in order.
+        self._draining = True
+        with contextlib.suppress(Exception):
+            await self.send(SCHEDULER, Draining())
         if self.active is not None:
             self.active.cancel_reason = f"{self.name} is shutting down"
             self.active.cancel.set()
-            while self.active is not None:
-                await asyncio.sleep(0.05)
+        if self._execution is not None:
+            await self._execution  # includes handing the outcome to the scheduler
         self._worker.shutdown(wait=False)
 
     # -- a job ------------------------------------------------------------------ #
@@ -134,13 +147,19 @@ class Runner(Actor):
             else:
                 self.pipelines.move_to_end(spec.model)
             await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.running))
-            family = await loop.run_in_executor(self._worker, get_family, self.config.models[spec.model].family)
             request = GenerateRequest(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
                                       width=spec.width, height=spec.height, steps=spec.steps,
                                       guidance=spec.guidance, seed=spec.seed, count=spec.count)
-            on_step = self._step_reporter(active, family)
-            images = await loop.run_in_executor(self._worker, family.generate, pipe, request, on_step)
-            outputs = await loop.run_in_executor(self._worker, encode_png, images, spec)
+            family_name = self.config.models[spec.model].family
+
+            def work() -> list[Artifact]:
+                # One trip to the worker per job, not one per stage: each trip costs two thread
+                # wake-ups, which is most of a short job's cost.
+                family = get_family(family_name)
+                images = family.generate(pipe, request, self._step_reporter(active, family))
+                return encode_png(images, spec)
+
+            outputs = await loop.run_in_executor(self._worker, work)
             final: JobDone | JobFailed = JobDone(job_id=spec.id, outputs=outputs, resident=list(self.pipelines),
                                                  elapsed_s=time.monotonic() - active.started)
         except JobCancelled:

@@ -27,6 +27,7 @@ from actors.messages import (
     Capabilities,
     CancelJob,
     ClusterStatus,
+    Draining,
     Error,
     ErrorCode,
     GetJob,
@@ -72,6 +73,7 @@ class RunnerSlot:
     capabilities: Capabilities
     job: str | None = None
     resident: list[str] = field(default_factory=list)
+    draining: bool = False  # shutting down: finishes or hands back its job, takes no new one
 
 
 class Scheduler(Actor):
@@ -205,6 +207,12 @@ class Scheduler(Actor):
 
     # -- runners ------------------------------------------------------------- #
 
+    @handles(Draining)
+    async def on_draining(self, msg: Draining, env: Envelope) -> None:
+        slot = self.runners.get(env.src)
+        if slot is not None:
+            slot.draining = True
+
     @handles(JobUpdate)
     async def on_job_update(self, msg: JobUpdate, env: Envelope) -> None:
         job = self._job_on(msg.job_id, env.src)
@@ -277,7 +285,7 @@ class Scheduler(Actor):
         })
 
     async def _dispatch(self) -> None:
-        idle = [slot for slot in self.runners.values() if slot.job is None]
+        idle = [slot for slot in self.runners.values() if slot.job is None and not slot.draining]
         if not idle or not self.queue:
             return
         taken: list[str] = []

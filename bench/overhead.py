@@ -159,6 +159,14 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS
+
+
 def _label(pid: int) -> str:
     """The atelier part a process is, from its command line (``-m actors.runner`` -> ``runner``)."""
     try:
@@ -206,7 +214,8 @@ class System:
                     self._log.write(line)
             ready.set()  # EOF: it exited before it was ready
 
-        threading.Thread(target=read_stdout, name="up-stdout", daemon=True).start()
+        self._reader = threading.Thread(target=read_stdout, name="up-stdout", daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not found:
             self.stop()
             raise RuntimeError(f"atelier up did not report ready in {timeout:.0f}s; see {self.log_path}:\n"
@@ -270,6 +279,7 @@ class System:
             leftovers.append("processes of atelier up outlived it by 10s; killed them")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
+        self._reader.join(5)  # the pipe is closed once the last of them is gone
         self._log.close()
         return leftovers
 
@@ -289,6 +299,7 @@ class Figures:
     jobs: int
     throughput_s: float
     cpu_by_part: dict[str, float]  # CPU seconds during the throughput run, per atelier part
+    machine_busy: float  # share of all CPUs busy during the throughput run
     stages_ms: dict[str, list[float]]  # the latency run, split at the scheduler's timestamps
 
 
@@ -335,18 +346,21 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
                 await _one(client, noop_job(i), timeout=60)
 
         cpu_before = system.cpu()
+        busy_before = _machine_busy()
         own_before = time.process_time()
         start = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(bounded(i) for i in range(args.jobs))), args.max_seconds)
         elapsed = time.perf_counter() - start
         own = time.process_time() - own_before
         cpu_after = system.cpu()
+        busy_after = _machine_busy()
 
     by_part: dict[str, float] = {"bench client": own}
     for pid, cpu in cpu_after.items():
         label = _label(pid)
         by_part[label] = by_part.get(label, 0.0) + cpu - cpu_before.get(pid, cpu)
-    return Figures(latencies, args.jobs, elapsed, by_part, stages)
+    busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1e-9)
+    return Figures(latencies, args.jobs, elapsed, by_part, busy, stages)
 
 
 # --------------------------------------------------------------------------- #
@@ -394,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         ("latency p99 (1 in flight)", f"{p99:.2f} ms", f"mean {statistics.fmean(figures.latencies_ms):.2f} ms, "
                                                        f"n={len(figures.latencies_ms)}"),
         ("throughput", f"{jobs_per_s:,.0f} jobs/s",
-         f"{figures.jobs} jobs, {args.concurrency} in flight, {figures.throughput_s:.2f}s; "
-         f"{raw_per_s / jobs_per_s:.0f} raw round trips per job"),
+         f"{figures.jobs} jobs, {args.concurrency} in flight, {figures.throughput_s:.2f}s "
+         f"(a job every {1e6 / jobs_per_s / raw_rtt_us:.0f} raw round trips)"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"  {'':<{width}}  {'figure':>14}  note")
@@ -404,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     print("latency p50 by segment (scheduler timestamps):")
     for name, note in STAGES:
         print(f"  {name:<{width}}  {statistics.median(figures.stages_ms[name]):>11.2f} ms  {note}")
-    print("CPU per job during the throughput run (who pays):")
+    total_cpu = sum(figures.cpu_by_part.values())
+    print(f"CPU per job in the throughput run (machine {figures.machine_busy:.0%} busy over "
+          f"{os.cpu_count()} CPUs):")
     for part, cpu in sorted(figures.cpu_by_part.items(), key=lambda kv: -kv[1]):
-        print(f"  {part:<{width}}  {cpu * 1e6 / figures.jobs:>11,.0f} us")
+        if cpu > 0:
+            print(f"  {part:<{width}}  {cpu * 1e6 / figures.jobs:>11,.0f} us  {cpu / total_cpu:.0%}")
+    print(f"  {'all':<{width}}  {total_cpu * 1e6 / figures.jobs:>11,.0f} us")
     for line in leftovers:
         print(f"warning: {line}")
     print(f"RESULT jobs_per_s={jobs_per_s:.1f} p50_ms={p50:.3f} p99_ms={p99:.3f} "

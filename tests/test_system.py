@@ -162,7 +162,8 @@ def test_cli_generate_writes_pngs_and_status_lists_the_runner(cluster, tmp_path)
     assert bad.returncode == 2 and "steps" in bad.stderr
 
 
-def test_runner_killed_mid_job_is_requeued_and_completes(cluster):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "graceful-stop"])
+def test_runner_killed_mid_job_is_requeued_and_completes(cluster, sig):
     async def go():
         async with cluster.client() as client:
             status = await client.status()
@@ -171,7 +172,7 @@ def test_runner_killed_mid_job_is_requeued_and_completes(cluster):
             await client.submit(spec)
             async for event in client.events(spec.id, timeout=180):
                 if isinstance(event, Progress) and event.step >= 2:
-                    os.kill(victim.capabilities.pid, signal.SIGKILL)
+                    os.kill(victim.capabilities.pid, sig)
                     break
             result = await client.wait(spec.id, timeout=180)
             after = await client.status()
