@@ -313,7 +313,8 @@ STAGES = [
 
 
 async def _one(client: AtelierClient, spec: JobSpec, timeout: float) -> JobRecord:
-    await client.submit(spec, timeout=timeout)
+    # Results only, as an API caller that does not stream progress would: no event subscription.
+    await client.submit(spec, timeout=timeout, events=False)
     result = await client.wait(spec.id, timeout=timeout)
     if result.job.state is not JobState.done:
         raise RuntimeError(f"job {spec.id} ended {result.job.state.value}: {result.job.reason}")

@@ -55,6 +55,7 @@ __all__ = ["AtelierClient", "RemoteError", "Event"]
 class _Watch:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     result: asyncio.Future | None = None
+    subscribed: bool = False
 
 
 class AtelierClient(Actor):
@@ -89,14 +90,18 @@ class AtelierClient(Actor):
 
     # -- API --------------------------------------------------------------- #
 
-    async def submit(self, spec: JobSpec, timeout: float = 10.0, attempts: int = 3) -> JobRecord:
+    async def submit(self, spec: JobSpec, timeout: float = 10.0, attempts: int = 3,
+                     events: bool = True) -> JobRecord:
         """Queues a job; raises RemoteError (with the offending field) if the scheduler refuses it.
+
+        With ``events`` the job's state, progress and previews are subscribed to before it is
+        sent, so none is missed; a caller that only wants the result saves that traffic.
 
         A submit lost in flight (the broker restarting, say) is sent again with the same job id;
         the scheduler answers a repeat from the same client with the job it already has, so a
         retry never makes a second job.
         """
-        self._watch(spec.id)
+        self._watch(spec.id, subscribe=events)
         try:
             for attempt in range(attempts):
                 try:
@@ -118,6 +123,8 @@ class AtelierClient(Actor):
             yield self._results[job_id]
             return
         watch = self._watches.get(job_id) or self._watch(job_id)
+        if not watch.subscribed:
+            self._subscribe(job_id, watch)  # late: events already sent are gone, the result is not
         while True:
             item = await asyncio.wait_for(watch.queue.get(), timeout)
             yield item
@@ -127,12 +134,13 @@ class AtelierClient(Actor):
     async def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
         if job_id in self._results:
             return self._results[job_id]
-        watch = self._watches.get(job_id) or self._watch(job_id)
+        watch = self._watches.get(job_id) or self._watch(job_id, subscribe=False)
         assert watch.result is not None
         return await asyncio.wait_for(asyncio.shield(watch.result), timeout)
 
     async def generate(self, spec: JobSpec, timeout: float | None = None) -> JobResult:
-        await self.submit(spec)
+        """Submits and waits for the result, without streaming events."""
+        await self.submit(spec, events=False)
         return await self.wait(spec.id, timeout)
 
     async def cancel(self, job_id: str) -> JobRecord:
@@ -157,15 +165,21 @@ class AtelierClient(Actor):
 
     # -- plumbing ------------------------------------------------------------ #
 
-    def _watch(self, job_id: str) -> _Watch:
+    def _watch(self, job_id: str, subscribe: bool = True) -> _Watch:
         watch = _Watch(result=asyncio.get_running_loop().create_future())
         self._watches[job_id] = watch
-        assert self._sub is not None
-        self._sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")
+        if subscribe:
+            self._subscribe(job_id, watch)
         return watch
 
+    def _subscribe(self, job_id: str, watch: _Watch) -> None:
+        assert self._sub is not None
+        self._sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")
+        watch.subscribed = True
+
     def _unwatch(self, job_id: str) -> None:
-        if self._watches.pop(job_id, None) is not None and self._sub is not None:
+        watch = self._watches.pop(job_id, None)
+        if watch is not None and watch.subscribed and self._sub is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self._sub.setsockopt_string(zmq.UNSUBSCRIBE, f"job/{job_id}/")
 
