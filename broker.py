@@ -29,7 +29,6 @@ from pydantic import ValidationError
 
 from actors import codec
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
-from atelier.runtime import READY_PREFIX
 from actors.messages import (
     MESSAGE_ADAPTER,
     Capabilities,
@@ -44,6 +43,7 @@ from actors.messages import (
     Welcome,
     Wire,
 )
+from atelier.runtime import READY_PREFIX
 
 log = logging.getLogger("atelier.broker")
 

@@ -24,8 +24,8 @@ from actors.actor import Actor, handles, run_actor
 from actors.codec import Envelope
 from actors.messages import (
     Accepted,
-    Capabilities,
     CancelJob,
+    Capabilities,
     ClusterStatus,
     Draining,
     Error,
@@ -164,7 +164,7 @@ class Scheduler(Actor):
     async def on_cancel(self, msg: CancelJob, env: Envelope) -> JobInfo | Error:
         job = self.jobs.get(msg.job_id)
         if job is None:
-            return Error(code=ErrorCode.unknown_job, field="job_id", message=f"no job {msg.job_id!r}")
+            return _unknown_job(msg.job_id)
         state = job.record.state
         if state is JobState.queued:
             self.queue.remove(msg.job_id)
@@ -179,7 +179,7 @@ class Scheduler(Actor):
     async def on_get_job(self, msg: GetJob, env: Envelope) -> JobInfo | Error:
         job = self.jobs.get(msg.job_id)
         if job is None:
-            return Error(code=ErrorCode.unknown_job, field="job_id", message=f"no job {msg.job_id!r}")
+            return _unknown_job(msg.job_id)
         if job.record.state is JobState.queued:
             job.record.position = self.queue.index(msg.job_id)
         return JobInfo(job=job.record)
@@ -348,6 +348,11 @@ class Scheduler(Actor):
         r = job.record
         await self.publish(JobEvent(job_id=r.spec.id, state=r.state, reason=r.reason, position=r.position,
                                     runner=r.runner, attempt=r.attempts))
+
+
+def _unknown_job(job_id: str) -> Error:
+    return Error(code=ErrorCode.unknown_job, field="job_id",
+                 message=f"no job {job_id!r} (never submitted, or finished long enough ago to be forgotten)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -337,7 +337,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
             latencies.append((time.perf_counter() - start) * 1000)
             # The scheduler stamps the record with the same wall clock (one machine): where did the time go?
             marks = [sent, record.submitted_at, record.started_at, record.finished_at, time.time()]
-            for (name, _), a, b in zip(STAGES, marks, marks[1:]):
+            for (name, _), a, b in zip(STAGES, marks[:-1], marks[1:], strict=True):
                 stages[name].append((b - a) * 1000)
 
         gate = asyncio.Semaphore(args.concurrency)

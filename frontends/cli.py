@@ -23,7 +23,6 @@ from atelier.runtime import READY_PREFIX
 from atelier.supervisor import ChildSpec, Supervisor
 
 
-
 def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
     return args.router or config.broker.router, args.pub or config.broker.pub
 
