@@ -1,0 +1,156 @@
+"""The scheduler's rules, with a real broker and scheduler and runners that are only stand-ins.
+
+The stand-in runners are real actors that register as runners and do what a test tells them,
+so each rule can be seen without loading a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from actors.actor import Actor, handles
+from actors.codec import Envelope
+from actors.messages import (
+    Artifact,
+    JobDone,
+    JobEvent,
+    JobSpec,
+    JobState,
+    Role,
+    RunJob,
+    StopJob,
+)
+from actors.scheduler import Scheduler
+from atelier.config import Config
+from broker import Broker
+from frontends.client import AtelierClient
+from tests.conftest import run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class StandInRunner(Actor):
+    role = Role.runner
+
+    def __init__(self, name: str, router: str):
+        super().__init__(name, router, heartbeat_s=0.2)
+        self.jobs: asyncio.Queue[RunJob] = asyncio.Queue()
+        self.stops: asyncio.Queue[str] = asyncio.Queue()
+
+    @handles(RunJob)
+    async def on_run(self, msg: RunJob, env: Envelope) -> None:
+        self.jobs.put_nowait(msg)
+
+    @handles(StopJob)
+    async def on_stop_job(self, msg: StopJob, env: Envelope) -> None:
+        self.stops.put_nowait(msg.job_id)
+
+    async def finish(self, job: RunJob) -> None:
+        png = Artifact(media_type="image/png", data=b"\x89PNG fake", width=8, height=8, seed=job.job.seed)
+        await self.ask("scheduler", JobDone(job_id=job.job.id, outputs=[png], elapsed_s=0.01,
+                                            resident=[job.job.model]))
+
+
+@pytest.fixture
+def system(tmp_path):
+    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=0.2)
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2}})
+    yield broker, config
+    broker.stop()
+    thread.join(5)
+
+
+def noop_job(**kw) -> JobSpec:
+    return JobSpec(model="noop", prompt="p", **kw)
+
+
+def test_fifo_order_defaults_and_a_fixed_seed(system):
+    broker, config = system
+
+    async def go():
+        scheduler = Scheduler(config, broker.router_endpoint)
+        await scheduler.start()
+        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+            specs = [noop_job() for _ in range(3)]
+            for spec in specs:
+                await client.submit(spec, events=False)
+            runner = StandInRunner("runner-a", broker.router_endpoint)
+            await runner.start()
+            seen = []
+            for _ in specs:
+                job = await asyncio.wait_for(runner.jobs.get(), 10)
+                seen.append(job)
+                await runner.finish(job)
+            results = [await client.wait(spec.id, 10) for spec in specs]
+            await runner.close()
+        await scheduler.close()
+        return specs, seen, results
+
+    specs, seen, results = run(go(), 30)
+    assert [j.job.id for j in seen] == [s.id for s in specs]  # first come, first served
+    job = seen[0].job
+    assert (job.width, job.height, job.steps) == (64, 64, 1)  # the model's defaults, filled in
+    assert job.seed is not None  # chosen once, so a retry makes the same image
+    assert all(r.job.state is JobState.done and r.outputs[0].data == b"\x89PNG fake" for r in results)
+    assert all(r.job.artifacts and r.job.artifacts[0].startswith("file://") for r in results)
+
+
+def test_a_job_whose_runner_keeps_dying_fails_after_three_attempts(system):
+    broker, config = system
+
+    async def go():
+        scheduler = Scheduler(config, broker.router_endpoint)
+        await scheduler.start()
+        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+            spec = noop_job(seed=5)
+            await client.submit(spec)
+            attempts = []
+            for _ in range(3):
+                runner = StandInRunner("runner-a", broker.router_endpoint)
+                await runner.start()
+                job = await asyncio.wait_for(runner.jobs.get(), 10)
+                attempts.append((job.attempt, job.job.seed))
+                await runner.close()  # gone with the job in hand
+            events = [e async for e in client.events(spec.id, timeout=10)]
+        await scheduler.close()
+        return attempts, events
+
+    attempts, events = run(go(), 40)
+    assert attempts == [(1, 5), (2, 5), (3, 5)]
+    result = events[-1]
+    assert result.job.state is JobState.failed
+    assert "runner-a died" in result.job.reason and "gave up after 3 attempts" in result.job.reason
+    requeued = [e for e in events if isinstance(e, JobEvent) and e.state is JobState.queued and e.reason]
+    assert len(requeued) == 2
+
+
+def test_cancel_of_a_queued_job_and_of_a_running_one(system):
+    broker, config = system
+
+    async def go():
+        scheduler = Scheduler(config, broker.router_endpoint)
+        await scheduler.start()
+        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+            runner = StandInRunner("runner-a", broker.router_endpoint)
+            await runner.start()
+            running, queued = noop_job(), noop_job()
+            await client.submit(running, events=False)
+            await client.submit(queued, events=False)
+            await asyncio.wait_for(runner.jobs.get(), 10)
+            queued_after = await client.cancel(queued.id)
+            running_after = await client.cancel(running.id)
+            stopped = await asyncio.wait_for(runner.stops.get(), 10)
+            await runner.close()
+            queued_result = await client.wait(queued.id, 10)
+        await scheduler.close()
+        return queued_after, running_after, stopped, queued_result
+
+    queued_after, running_after, stopped, queued_result = run(go(), 30)
+    assert queued_after.state is JobState.cancelled and queued_result.job.state is JobState.cancelled
+    assert running_after.state is JobState.assigned  # it stops at its next step, not at once
+    assert stopped == running_after.spec.id
