@@ -1,9 +1,12 @@
-"""The loader (one per node): gets a model's weights ready on this host before a runner needs them.
+"""The loader (one per node): gets a model's weights ready in this host's memory before a runner needs them.
 
-Today it resolves a catalog entry to a local folder (generating a built-in tiny
-model on first use) and reads the files through once, so that the runner's
-``from_pretrained`` is served from the page cache. Staging into shared, pinned
-memory replaces the read-through in the residency work.
+It resolves a catalog entry to a local folder (generating a built-in tiny model
+on first use) and stages its safetensors files into a shared-memory segment
+(``atelier/staging.py``) that every runner of the node maps: a model switch is
+then a memory copy, not a disk read. Segments live within a RAM budget, least
+recently used first out; a segment just handed to a runner is leased and never
+evicted under it. A folder that cannot be staged (pickle-only weights, say) is
+still answered with its path, and the runner reads it from disk.
 
 Staging runs in worker threads, never in the mailbox: one slow model must not
 hold back the next request, and two requests for one model share one staging.
@@ -14,15 +17,84 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 from actors.actor import Actor, handles, run_actor
 from actors.codec import Envelope
 from actors.messages import Capabilities, Error, ErrorCode, Role, Stage, Staged
-from atelier import sources
+from atelier import sources, staging
 from atelier.config import Config, load_config
 
 log = logging.getLogger("atelier.loader")
+
+LEASE_S = 60.0  # long enough for a runner to map a segment it was just handed
+
+
+class BudgetError(Exception):
+    """A model that cannot fit the staging budget, even with everything else evicted."""
+
+
+@dataclass
+class Holding:
+    staged: Staged
+    leased_until: float = 0.0
+
+
+class StagedSet:
+    """The segments a loader holds, within a budget in bytes, least recently used first out."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.items: OrderedDict[str, Holding] = OrderedDict()
+
+    @property
+    def used(self) -> int:
+        return sum(h.staged.bytes for h in self.items.values())
+
+    def get(self, model: str, now: float) -> Staged | None:
+        holding = self.items.get(model)
+        if holding is None:
+            return None
+        if holding.staged.segment and not Path(holding.staged.segment).exists():
+            del self.items[model]  # someone cleaned /dev/shm under us
+            return None
+        self.items.move_to_end(model)
+        holding.leased_until = now + LEASE_S
+        return holding.staged
+
+    def make_room(self, model: str, size: int, now: float) -> list[Staged]:
+        """Evicts what must go for ``size`` more bytes; returns the evicted. Raises BudgetError."""
+        if size > self.budget:
+            raise BudgetError(f"model {model} needs {size:,} bytes of staging memory, "
+                              f"more than the budget of {self.budget:,} bytes")
+        evicted = []
+        for name in list(self.items):
+            if self.used + size <= self.budget:
+                break
+            if self.items[name].leased_until > now:
+                continue
+            evicted.append(self.items.pop(name).staged)
+        if self.used + size > self.budget:
+            raise BudgetError(f"model {model} needs {size:,} bytes of staging memory; {self.used:,} of the "
+                              f"{self.budget:,} byte budget are held by models runners are loading now")
+        return evicted
+
+    def add(self, staged: Staged, now: float) -> None:
+        self.items[staged.model] = Holding(staged, leased_until=now + LEASE_S)
+
+
+def default_budget() -> int:
+    """Half the machine's memory: the rest is for the runners' own copies and everything else."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 8 << 30
 
 
 class Loader(Actor):
@@ -32,7 +104,9 @@ class Loader(Actor):
         super().__init__(loader_name(node), router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.node = node
+        self.held = StagedSet(config.node.stage_budget_bytes or default_budget())
         self._staging: dict[str, asyncio.Task[Staged]] = {}
+        self._prefix = "atelier-" + re.sub(r"[^A-Za-z0-9_.-]", "_", node) + "-"
 
     def capabilities(self) -> Capabilities:
         caps = super().capabilities()
@@ -40,16 +114,27 @@ class Loader(Actor):
         return caps
 
     async def on_start(self) -> None:
+        self._remove_segments()  # a loader killed earlier left its segments behind
         # Have the default model ready before anyone asks: the first job of a fresh install
         # should not wait for it.
         if self.config.default_model in self.config.models:
             self._start_staging(self.config.default_model)
 
+    async def on_stop(self) -> None:
+        # Runners that mapped a segment keep their memory; the names just go.
+        self._remove_segments()
+
+    def _remove_segments(self) -> None:
+        if staging.SHM_ROOT is not None:
+            for leftover in staging.SHM_ROOT.glob(self._prefix + "*"):
+                leftover.unlink(missing_ok=True)
+
     def _start_staging(self, model: str) -> asyncio.Task[Staged]:
         task = self._staging.get(model)
-        if task is None or (task.done() and task.exception() is not None):
+        if task is None:
             task = asyncio.create_task(self._stage(model))
             self._staging[model] = task
+            task.add_done_callback(lambda _: self._staging.pop(model, None))
         return task
 
     @handles(Stage)
@@ -59,20 +144,46 @@ class Loader(Actor):
     async def _answer(self, env: Envelope, task: asyncio.Task[Staged]) -> None:
         try:
             answer = await asyncio.shield(task)
+        except KeyError as exc:
+            answer = Error(code=ErrorCode.unknown_model, message=str(exc.args[0]))
+        except BudgetError as exc:
+            answer = Error(code=ErrorCode.too_large, message=str(exc))
+        except sources.ModelSourceError as exc:
+            answer = Error(code=ErrorCode.bad_request, message=str(exc))
         except Exception as exc:
-            answer = Error(code=ErrorCode.unknown_model if isinstance(exc, KeyError) else ErrorCode.internal,
-                           message=str(exc) if isinstance(exc, sources.ModelSourceError)
-                           else f"{type(exc).__name__}: {exc}")
+            answer = Error(code=ErrorCode.internal, message=f"{type(exc).__name__}: {exc}")
         await self.reply(env, answer)
 
     async def _stage(self, model: str) -> Staged:
+        held = self.held.get(model, time.monotonic())
+        if held is not None:
+            return held
         entry = self.config.models.get(model)
         if entry is None:
             raise KeyError(f"unknown model {model!r}")
         path = await asyncio.to_thread(sources.resolve, model, entry, self.config.model_cache)
-        size = await asyncio.to_thread(sources.read_through, path)
-        log.info("staged %s (%d bytes) from %s", model, size, path)
-        return Staged(model=model, path=str(path) if path else "", bytes=size)
+        if path is None:
+            return Staged(model=model, path="", bytes=0)  # a family with no weights
+        if staging.SHM_ROOT is None:
+            return Staged(model=model, path=str(path), bytes=0)
+        try:
+            files = await asyncio.to_thread(staging.plan, path)
+        except staging.StagingError as exc:
+            log.warning("not staging %s, runners will read it from disk: %s", model, exc)
+            return Staged(model=model, path=str(path), bytes=0)
+        size = sum(f.stat().st_size for _, f in files)
+        for evicted in self.held.make_room(model, size, time.monotonic()):
+            log.info("evicted %s (%d bytes) from staging", evicted.model, evicted.bytes)
+            Path(evicted.segment or "").unlink(missing_ok=True)
+        segment = staging.SHM_ROOT / (self._prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", model))
+        started = time.monotonic()
+        table = await asyncio.to_thread(staging.stage, path, segment)
+        staged = Staged(model=model, path=str(path), bytes=staging.segment_bytes(table), segment=str(segment),
+                        files=table)
+        self.held.add(staged, time.monotonic())
+        log.info("staged %s: %d bytes in %.2fs (%d of %d budget bytes in use)", model, staged.bytes,
+                 time.monotonic() - started, self.held.used, self.held.budget)
+        return staged
 
 
 def loader_name(node: str) -> str:

@@ -361,11 +361,22 @@ class Stage(Wire):
     model: Name
 
 
+class StagedFile(Wire):
+    """Where one weight file lies inside a staged segment."""
+
+    component: str
+    name: str
+    offset: int = Field(ge=0)
+    length: int = Field(ge=0)
+
+
 class Staged(Wire):
     kind: Literal["staged"] = "staged"
     model: Name
-    path: str
+    path: str  # the model's folder on this host ("" for a family that needs none)
     bytes: int
+    segment: str | None = None  # the shared-memory file holding the weights, when staged
+    files: list[StagedFile] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- #

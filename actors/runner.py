@@ -46,7 +46,7 @@ from actors.messages import (
     Staged,
     StopJob,
 )
-from atelier import sources
+from atelier import sources, staging
 from atelier.config import Config, load_config
 from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
 from atelier.preview import encode_jpeg
@@ -218,14 +218,25 @@ class Runner(Actor):
 
     async def _load(self, model: str) -> Any:
         entry = self.config.models[model]
-        path = await self._stage(model)
+        staged = await self._stage(model)
+        path = Path(staged.path) if staged.path else None
         dtype = entry.dtype
         if dtype == "auto":
             dtype = "float32" if self.device == "cpu" else "float16"
 
         def load() -> Any:
             family = get_family(entry.family)  # the first call imports torch: keep it off the loop
-            return family.load(path, device=self.device, dtype_name=dtype, options=entry.options)
+            started = time.monotonic()
+            weights, pinned = self._map_staged(staged)
+            try:
+                pipe = family.load(path, device=self.device, dtype_name=dtype, options=entry.options,
+                                   weights=weights)
+            finally:
+                if pinned is not None:
+                    staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
+            log.info("%s: loaded %s from %s in %.2fs", self.name, model,
+                     "staged memory" if weights is not None else "disk", time.monotonic() - started)
+            return pipe
 
         pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
         self.pipelines[model] = pipe
@@ -235,18 +246,33 @@ class Runner(Actor):
             self._free_memory()
         return pipe
 
-    async def _stage(self, model: str) -> Path | None:
+    def _map_staged(self, staged: Staged) -> tuple[dict | None, Any]:
+        """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk."""
+        if not staged.segment:
+            return None, None
+        cuda = self.device.startswith("cuda")
+        try:
+            mapping = staging.map_segment(Path(staged.segment), shared=cuda)
+        except FileNotFoundError:
+            log.warning("%s: segment of %s was evicted before we mapped it; reading the disk",
+                        self.name, staged.model)
+            return None, None
+        pinned = staging.pin(mapping) if cuda else None
+        return staging.state_dicts(mapping, staged.files), pinned
+
+    async def _stage(self, model: str) -> Staged:
         """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits)."""
         try:
             staged = await self.ask(loader_name(self.node), Stage(model=model), timeout=STAGE_TIMEOUT_S)
             assert isinstance(staged, Staged)
-            return Path(staged.path) if staged.path else None
+            return staged
         except (RemoteError, asyncio.TimeoutError) as exc:
             if isinstance(exc, RemoteError) and exc.error.code is not ErrorCode.unroutable:
                 raise sources.ModelSourceError(exc.error.message) from None
             log.warning("%s: loader unavailable (%s); loading %s directly", self.name, exc, model)
             entry = self.config.models[model]
-            return await asyncio.to_thread(sources.resolve, model, entry, self.config.model_cache)
+            path = await asyncio.to_thread(sources.resolve, model, entry, self.config.model_cache)
+            return Staged(model=model, path=str(path) if path else "", bytes=0)
 
     def _explain(self, exc: Exception) -> tuple[str, bool]:
         """A reason a person can act on, and whether another attempt may succeed."""

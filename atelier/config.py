@@ -90,7 +90,9 @@ class SchedulerConfig(Strict):
 class NodeConfig(Strict):
     name: str | None = None  # defaults to the host name
     devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
-    resident_models: int = Field(default=2, ge=1)
+    resident_models: int = Field(default=2, ge=1)  # models a runner keeps loaded
+    # Bytes of shared memory the loader may hold staged weights in (default: half the RAM).
+    stage_budget_bytes: int | None = Field(default=None, ge=0)
 
 
 class Config(Strict):

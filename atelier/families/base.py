@@ -69,8 +69,13 @@ class Family(ABC):
         device: str,
         dtype_name: str = "float32",
         options: dict[str, Any] | None = None,
+        weights: dict[str, dict[str, Any]] | None = None,
     ) -> Any:
-        """Load the model at ``path`` onto ``device``; returns the pipeline object."""
+        """Load the model at ``path`` onto ``device``; returns the pipeline object.
+
+        ``weights`` (component -> state dict, e.g. views of a staged segment) replaces
+        reading the weight files; configs, tokenizers and schedulers still come from ``path``.
+        """
 
     @abstractmethod
     def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:

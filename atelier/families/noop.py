@@ -36,6 +36,7 @@ class NoopFamily(Family):
         device: str,
         dtype_name: str = "float32",
         options: dict[str, Any] | None = None,
+        weights: dict[str, dict[str, Any]] | None = None,
     ) -> NoopPipeline:
         options = options or {}
         unknown = set(options) - {"step_s"}

@@ -13,6 +13,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
+from atelier.staging import build_pipeline
 
 # A server loads models all day; diffusers' per-load progress bars would bury its logs.
 diffusers_logging.disable_progress_bar()
@@ -39,6 +40,7 @@ class _StableDiffusionFamily(Family):
         device: str,
         dtype_name: str = "float32",
         options: dict[str, Any] | None = None,
+        weights: dict[str, dict[str, Any]] | None = None,
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
@@ -51,8 +53,12 @@ class _StableDiffusionFamily(Family):
 
         # local_files_only: a path that is not a local folder must fail here,
         # never be mistaken for a hub repo id and trigger a download.
-        pipe = self.pipeline_class.from_pretrained(path, dtype=_DTYPES[dtype_name], local_files_only=True)
-        pipe = pipe.to(device)
+        if weights is not None:
+            pipe = build_pipeline(path, weights, dtype=_DTYPES[dtype_name])
+        else:
+            pipe = self.pipeline_class.from_pretrained(path, dtype=_DTYPES[dtype_name], local_files_only=True)
+        if device != "cpu":
+            _upload(pipe, device)
         pipe.set_progress_bar_config(disable=True)
         if options.get("attention_slicing"):
             pipe.enable_attention_slicing()
@@ -101,3 +107,13 @@ class SDXLFamily(_StableDiffusionFamily):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
     latent_rgb = SDXL_LATENT_RGB
+
+
+def _upload(pipe: DiffusionPipeline, device: str) -> None:
+    """Moves every module to ``device`` tensor by tensor; from pinned (staged) memory the copies
+    are asynchronous DMA that overlap each other, and one synchronise waits for them all."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device, non_blocking=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)

@@ -1,0 +1,263 @@
+"""Model weights in shared memory: staged once per node, mapped by every runner on it.
+
+The loader copies a diffusers folder's ``.safetensors`` files, byte for byte, into
+one file on a RAM-backed file system (``/dev/shm``): a *segment*. A runner maps the
+segment and turns each tensor into a view of the mapping with ``torch.frombuffer``:
+no parse into Python objects, no copy. On the CPU the mapping is private
+copy-on-write, so a model that changes a weight in place (fusing a LoRA, say)
+gets its own copy of that page and never corrupts its neighbours'. On CUDA the
+runner pins the mapping and uploads tensor by tensor, DMA from pinned memory.
+
+The pipeline itself is assembled from the folder's configs with empty (meta)
+weights that then take the mapped tensors (``load_state_dict(assign=True)``),
+so the same folder gives the same pipeline, bit for bit, as ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from actors.messages import StagedFile
+
+ALIGN = 64  # every file starts on a cache line, so every tensor is aligned for its dtype
+SHM_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+
+
+class StagingError(Exception):
+    """The folder cannot be staged (no safetensors weights, a damaged file, …)."""
+
+
+# --------------------------------------------------------------------------- #
+# the loader's side
+
+
+def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
+    """The weight files from_pretrained would read, as (component, file) pairs."""
+    index = _model_index(folder)
+    files = []
+    for component, value in index.items():
+        if component.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = folder / component
+        if not sub.is_dir():
+            continue
+        chosen = [p for p in sorted(sub.glob("*.safetensors")) if _variant_of(p) == variant]
+        if not chosen and any(sub.glob("*.bin")):
+            raise StagingError(f"{sub} has only .bin (pickle) weights; convert them to safetensors to stage them")
+        files += [(component, p) for p in chosen]
+    if not files:
+        raise StagingError(f"{folder} has no safetensors weights to stage")
+    return files
+
+
+def stage(folder: Path, segment: Path, variant: str | None = None) -> list[StagedFile]:
+    """Copies the folder's weight files into ``segment``; returns where each one lies in it.
+
+    The segment appears under its name only when complete (written aside, then renamed).
+    """
+    files = plan(folder, variant)
+    table: list[StagedFile] = []
+    offset = 0
+    for component, path in files:
+        length = path.stat().st_size
+        table.append(StagedFile(component=component, name=path.name, offset=offset, length=length))
+        offset = _aligned(offset + length)
+    partial = segment.with_name(segment.name + ".partial")
+    fd = os.open(partial, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, max(offset, 1))
+        with mmap.mmap(fd, max(offset, 1)) as mapping:
+            view = memoryview(mapping)
+            try:
+                for entry, (_, path) in zip(table, files, strict=True):
+                    _read_into(path, view[entry.offset:entry.offset + entry.length])
+            finally:
+                view.release()
+        os.replace(partial, segment)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return table
+
+
+def segment_bytes(table: Iterable[StagedFile]) -> int:
+    return sum(entry.length for entry in table)
+
+
+# --------------------------------------------------------------------------- #
+# the runner's side
+
+
+def map_segment(segment: Path, *, shared: bool = False) -> mmap.mmap:
+    """Maps a staged segment: private copy-on-write by default, shared for pinning on CUDA."""
+    fd = os.open(segment, os.O_RDWR if shared else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)  # the mapping keeps the memory; the name may go away now
+
+
+def pin(mapping: mmap.mmap) -> tuple[int, Any]:
+    """Page-locks a shared mapping for DMA (cudaHostRegister); returns the handle for ``unpin``."""
+    import ctypes
+
+    import torch
+
+    anchor = ctypes.c_char.from_buffer(mapping)  # keeps the mapping open while it is pinned
+    pointer = ctypes.addressof(anchor)
+    status = torch.cuda.cudart().cudaHostRegister(pointer, len(mapping), 0)
+    if int(status) != 0:
+        raise StagingError(f"cudaHostRegister of {len(mapping):,} bytes failed with CUDA error {int(status)}")
+    return pointer, anchor
+
+
+def unpin(handle: tuple[int, Any]) -> None:
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(handle[0])
+
+
+def state_dicts(mapping: mmap.mmap, table: Iterable[StagedFile]) -> dict[str, dict[str, Any]]:
+    """Every tensor of every staged file, as views of ``mapping`` (no copy), by component."""
+    import torch
+
+    out: dict[str, dict[str, Any]] = {}
+    for entry in table:
+        (header_len,) = struct.unpack_from("<Q", mapping, entry.offset)
+        if header_len > entry.length - 8:
+            raise StagingError(f"{entry.component}/{entry.name}: header runs past the end of the file")
+        header = json.loads(mapping[entry.offset + 8:entry.offset + 8 + header_len])
+        data = entry.offset + 8 + header_len
+        tensors = out.setdefault(entry.component, {})
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _TORCH_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise StagingError(f"{entry.component}/{entry.name}: unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            if data + end > entry.offset + entry.length:
+                raise StagingError(f"{entry.component}/{entry.name}: {name} runs past the end of the file")
+            shape = info["shape"]
+            if end == begin:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            count = (end - begin) // dtype.itemsize
+            tensors[name] = torch.frombuffer(mapping, dtype=dtype, count=count, offset=data + begin).view(shape)
+    return out
+
+
+def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: Any = None) -> Any:
+    """Assembles the folder's pipeline from its configs, its weights taken from ``weights``.
+
+    Components without weights (tokenizers, schedulers) are small and read from the folder.
+    """
+    import diffusers
+
+    index = _model_index(folder)
+    pipeline_cls = getattr(diffusers, index["_class_name"])
+    accepted = inspect.signature(pipeline_cls.__init__).parameters
+    parts: dict[str, Any] = {}
+    for name, value in index.items():
+        if name.startswith("_") or name not in accepted:
+            continue
+        if not isinstance(value, list):
+            parts[name] = value  # a plain setting, e.g. requires_safety_checker
+            continue
+        library, class_name = value
+        if library is None:
+            parts[name] = None
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        if name in weights:
+            parts[name] = _module_from_weights(cls, folder / name, weights[name], dtype)
+        else:
+            parts[name] = cls.from_pretrained(folder / name)
+    return pipeline_cls(**parts)
+
+
+def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype: Any) -> Any:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device: nothing allocated, nothing initialised
+        if hasattr(cls, "load_config"):  # a diffusers model
+            module = cls.from_config(cls.load_config(folder))
+        else:  # a transformers model
+            module = cls._from_config(cls.config_class.from_pretrained(folder))
+    missing, unexpected = module.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if k not in _tied_keys(module)]
+    if missing or unexpected:
+        raise StagingError(f"{folder.name}: weights do not match the config "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    leftovers = [n for n, p in module.named_parameters() if p.is_meta]
+    if leftovers:
+        raise StagingError(f"{folder.name}: no weights for {leftovers[:5]}")
+    if dtype is not None:
+        module = module.to(dtype)  # a no-op, still sharing the mapping, when the dtype already matches
+    return module.eval()
+
+
+def _tied_keys(module: Any) -> set[str]:
+    tied = getattr(module, "_tied_weights_keys", None) or []
+    return set(tied if isinstance(tied, (list, tuple, set)) else tied.keys())
+
+
+def _model_index(folder: Path) -> dict[str, Any]:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise StagingError(f"{folder} is not a diffusers folder (no model_index.json)")
+    return json.loads(path.read_text())
+
+
+def _variant_of(path: Path) -> str | None:
+    # diffusion_pytorch_model.fp16.safetensors -> "fp16"; shards ("-00001-of-00002") are not variants
+    parts = path.name[: -len(".safetensors")].split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _read_into(path: Path, target: memoryview) -> None:
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(target):
+            n = f.readinto(target[done:])
+            if not n:
+                raise StagingError(f"{path} is shorter than it was a moment ago")
+            done += n
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+    return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+
+
+class _LazyDtypes(dict):
+    """The safetensors dtype table, filled on first use so that importing this module needs no torch."""
+
+    def get(self, key, default=None):
+        if not self:
+            self.update(_torch_dtypes())
+        return super().get(key, default)
+
+
+_TORCH_DTYPES = _LazyDtypes()
