@@ -22,6 +22,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,17 +74,18 @@ class StagedSet:
         if size > self.budget:
             raise BudgetError(f"model {model} needs {size:,} bytes of staging memory, "
                               f"more than the budget of {self.budget:,} bytes")
-        evicted = []
-        for name in list(self.items):
-            if self.used + size <= self.budget:
+        # Choose first, evict after: a request that cannot fit must not cost anyone their segment.
+        chosen, freed = [], 0
+        for name, holding in self.items.items():
+            if self.used - freed + size <= self.budget:
                 break
-            if self.items[name].leased_until > now:
-                continue
-            evicted.append(self.items.pop(name).staged)
-        if self.used + size > self.budget:
+            if holding.leased_until <= now:
+                chosen.append(name)
+                freed += holding.staged.bytes
+        if self.used - freed + size > self.budget:
             raise BudgetError(f"model {model} needs {size:,} bytes of staging memory; {self.used:,} of the "
                               f"{self.budget:,} byte budget are held by models runners are loading now")
-        return evicted
+        return [self.items.pop(name).staged for name in chosen]
 
     def add(self, staged: Staged, now: float) -> None:
         self.items[staged.model] = Holding(staged, leased_until=now + LEASE_S)
@@ -106,6 +108,7 @@ class Loader(Actor):
         self.node = node
         self.held = StagedSet(config.node.stage_budget_bytes or default_budget())
         self._staging: dict[str, asyncio.Task[Staged]] = {}
+        self._importer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-import")
         self._prefix = "atelier-" + re.sub(r"[^A-Za-z0-9_.-]", "_", node) + "-"
 
     def capabilities(self) -> Capabilities:
@@ -161,7 +164,10 @@ class Loader(Actor):
         entry = self.config.models.get(model)
         if entry is None:
             raise KeyError(f"unknown model {model!r}")
-        path = await asyncio.to_thread(sources.resolve, model, entry, self.config.model_cache)
+        # One thread for whatever may import torch or diffusers: their lazy imports are not
+        # thread-safe. Copying bytes (below) needs neither and runs beside it.
+        path = await asyncio.get_running_loop().run_in_executor(
+            self._importer, sources.resolve, model, entry, self.config.model_cache)
         if path is None:
             return Staged(model=model, path="", bytes=0)  # a family with no weights
         if staging.SHM_ROOT is None:

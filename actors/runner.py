@@ -54,6 +54,7 @@ from atelier.preview import encode_jpeg
 log = logging.getLogger("atelier.runner")
 
 STAGE_TIMEOUT_S = 600.0  # generating or reading a big checkpoint takes a while
+STAGE_POLL_S = 5.0
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 
 
@@ -261,17 +262,31 @@ class Runner(Actor):
         return staging.state_dicts(mapping, staged.files), pinned
 
     async def _stage(self, model: str) -> Staged:
-        """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits)."""
-        try:
-            staged = await self.ask(loader_name(self.node), Stage(model=model), timeout=STAGE_TIMEOUT_S)
-            assert isinstance(staged, Staged)
-            return staged
-        except (RemoteError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, RemoteError) and exc.error.code is not ErrorCode.unroutable:
-                raise sources.ModelSourceError(exc.error.message) from None
-            log.warning("%s: loader unavailable (%s); loading %s directly", self.name, exc, model)
+        """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits).
+
+        The question is asked again every few seconds: a loader that died mid-stage never
+        answers, and its restarted successor only hears a question asked after it came back.
+        The loader answers repeats of one question from one staging.
+        """
+        deadline = time.monotonic() + STAGE_TIMEOUT_S
+        while True:
+            try:
+                staged = await self.ask(loader_name(self.node), Stage(model=model), timeout=STAGE_POLL_S)
+                assert isinstance(staged, Staged)
+                return staged
+            except asyncio.TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
+                problem = f"no answer in {STAGE_TIMEOUT_S:.0f}s"
+            except RemoteError as exc:
+                if exc.error.code is not ErrorCode.unroutable:
+                    raise sources.ModelSourceError(exc.error.message) from None
+                problem = exc.error.message
+            log.warning("%s: loader unavailable (%s); loading %s from disk", self.name, problem, model)
             entry = self.config.models[model]
-            path = await asyncio.to_thread(sources.resolve, model, entry, self.config.model_cache)
+            # On the worker: it is the one thread here that may import diffusers (lazily, not thread-safe).
+            path = await asyncio.get_running_loop().run_in_executor(
+                self._worker, sources.resolve, model, entry, self.config.model_cache)
             return Staged(model=model, path=str(path) if path else "", bytes=0)
 
     def _explain(self, exc: Exception) -> tuple[str, bool]:

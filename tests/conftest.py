@@ -96,9 +96,14 @@ def cluster(atelier_home, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("catalog")
     broken = build_tiny_sd(folder / "broken-sd", text_max_positions=8)
+    truncated = build_tiny_sd(folder / "truncated-sd")
+    weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     config = folder / "atelier.toml"
-    config.write_text(f'[models.broken-sd]\nfamily = "sd1"\nsource = "{broken}"\n'
-                      f"default_width = 64\ndefault_height = 64\ndefault_steps = 2\n")
+    small = "default_width = 64\ndefault_height = 64\ndefault_steps = 2\n"
+    config.write_text(f'[models.broken-sd]\nfamily = "sd1"\nsource = "{broken}"\n{small}'
+                      f'[models.truncated-sd]\nfamily = "sd1"\nsource = "{truncated}"\n{small}'
+                      f'[models.missing-sd]\nfamily = "sd1"\nsource = "{folder / "nowhere"}"\n{small}')
     c = Cluster(atelier_home, config).start()
     yield c
     c.stop()

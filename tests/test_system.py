@@ -129,6 +129,45 @@ def test_exception_in_pipeline_fails_that_job_and_the_next_succeeds(cluster):
     assert fine.job.state is JobState.done
 
 
+@pytest.mark.parametrize("model, words", [("missing-sd", "does not exist"), ("truncated-sd", "unet")])
+def test_a_bad_checkpoint_fails_its_job_with_the_reason(cluster, model, words):
+    async def go():
+        async with cluster.client() as client:
+            bad = await client.generate(JobSpec(model=model, prompt="x", seed=1), timeout=120)
+            fine = await client.generate(tiny(), timeout=120)
+            return bad, fine
+
+    bad, fine = run(go())
+    assert bad.job.state is JobState.failed and words in bad.job.reason, bad.job.reason
+    assert fine.job.state is JobState.done
+
+
+def test_a_killed_loader_loses_no_job(cluster):
+    async def go():
+        async with cluster.client() as client:
+            status = await client.status()
+            node = status.runners[0].capabilities.node
+            loader = next(pid for pid in _children_named(cluster.process.pid, b"actors.loader"))
+            os.kill(loader, signal.SIGKILL)
+            # A model switch right away: the runner must get its weights from a restarted loader
+            # or, while there is none, from the disk.
+            return node, await client.generate(tiny(model="tiny-sdxl"), timeout=120)
+
+    node, result = run(go())
+    assert node and result.job.state is JobState.done, result.job.reason
+
+
+def _children_named(root: int, module: bytes):
+    from tests.test_lifecycle import descendants
+
+    for pid in descendants(root):
+        try:
+            if module in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"):
+                yield pid
+        except OSError:
+            continue
+
+
 def test_malformed_frames_do_not_stop_the_system(cluster):
     async def go():
         ctx = zmq.asyncio.Context()

@@ -1,0 +1,101 @@
+"""Weights staged in shared memory: same images as from_pretrained, no copies, a budget that holds."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.loader import LEASE_S, BudgetError, StagedSet
+from actors.messages import Staged
+from atelier import staging
+from atelier.families import GenerateRequest, get_family
+from atelier.tiny_models import ensure_builtin
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(staging.SHM_ROOT is None, reason="needs /dev/shm")]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(atelier_home) -> Path:
+    return ensure_builtin("tiny-sd", atelier_home / "models")
+
+
+@pytest.fixture
+def segment(tmp_path):
+    path = staging.SHM_ROOT / f"atelier-test-{tmp_path.name}"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_staged_model_gives_the_same_image_bit_for_bit(tiny_sd, segment):
+    table = staging.stage(tiny_sd, segment)
+    assert {f.component for f in table} == {"unet", "vae", "text_encoder"}
+    weights = staging.state_dicts(staging.map_segment(segment), table)
+    family = get_family("sd1")
+    staged = family.load(tiny_sd, device="cpu", weights=weights)
+    disk = family.load(tiny_sd, device="cpu")
+    request = GenerateRequest(prompt="a lighthouse", negative_prompt="fog", width=64, height=64, steps=3,
+                              guidance=7.5, seed=11, count=2)
+    from_staged = family.generate(staged, request, lambda *_: None)
+    from_disk = family.generate(disk, request, lambda *_: None)
+    assert [i.tobytes() for i in from_staged] == [i.tobytes() for i in from_disk]
+
+
+def test_tensors_are_views_of_the_segment_and_writes_stay_private(tiny_sd, segment):
+    table = staging.stage(tiny_sd, segment)
+    mapping = staging.map_segment(segment)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    unet = staging.state_dicts(mapping, table)["unet"]
+    weight = next(iter(unet.values()))
+    assert start <= weight.data_ptr() < start + len(mapping)  # no copy was made
+    before = weight.flatten()[0].item()
+    weight.flatten()[0] = before + 1  # e.g. fusing a LoRA into this runner's copy
+    again = staging.state_dicts(staging.map_segment(segment), table)["unet"]
+    assert next(iter(again.values())).flatten()[0].item() == before  # the shared copy is untouched
+
+
+def test_a_damaged_file_is_a_clear_error(tiny_sd, segment, tmp_path):
+    table = staging.stage(tiny_sd, segment)
+    bad = [f.model_copy(update={"length": 16}) if f.component == "unet" else f for f in table]
+    with pytest.raises(staging.StagingError, match="unet"):
+        staging.state_dicts(staging.map_segment(segment), bad)
+    pickled = tmp_path / "pickled"
+    (pickled / "unet").mkdir(parents=True)
+    (pickled / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                              '"unet": ["diffusers", "UNet2DConditionModel"]}')
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(staging.StagingError, match="pickle"):
+        staging.plan(pickled)
+
+
+def staged(model: str, size: int) -> Staged:
+    return Staged(model=model, path="/m/" + model, bytes=size, segment=None)
+
+
+def test_budget_evicts_least_recently_used_and_spares_leased_models():
+    held = StagedSet(budget=100)
+    now = 1000.0
+    held.add(staged("a", 40), now)
+    held.add(staged("b", 40), now)
+    later = now + LEASE_S + 1  # both leases over
+    held.get("a", later)  # a was used since: b is the older
+    evicted = held.make_room("c", 40, later)
+    assert [e.model for e in evicted] == ["b"]
+    held.add(staged("c", 40), later)
+    assert held.used == 80 <= held.budget
+    # c is leased again (a runner is mapping it right now): d cannot fit without it, and the
+    # refusal costs no one their segment.
+    again = later + LEASE_S + 1
+    held.get("c", again)
+    with pytest.raises(BudgetError, match="loading now"):
+        held.make_room("d", 70, again)
+    assert set(held.items) == {"a", "c"}
+
+
+def test_a_model_larger_than_the_budget_names_both_sizes():
+    with pytest.raises(BudgetError) as caught:
+        StagedSet(budget=1_000).make_room("huge", 5_000, time.monotonic())
+    assert "5,000" in str(caught.value) and "1,000" in str(caught.value)
