@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.actor import Actor, handles, run_actor
-from actors.codec import Envelope
-from actors.messages import Capabilities, Error, ErrorCode, Role, Stage, Staged
+from actors.codec import SCHEDULER, Envelope
+from actors.messages import Capabilities, Error, ErrorCode, LoaderState, Preload, Role, Stage, Staged
 from atelier import sources, staging
 from atelier.config import Config, load_config
 
@@ -120,8 +120,19 @@ class Loader(Actor):
         self._remove_segments()  # a loader killed earlier left its segments behind
         # Have the default model ready before anyone asks: the first job of a fresh install
         # should not wait for it.
+        await self._report()
         if self.config.default_model in self.config.models:
             self._start_staging(self.config.default_model)
+
+    async def _report(self) -> None:
+        """Tells the scheduler what is staged here, for routing, preloading and ``atelier status``."""
+        await self.send(SCHEDULER, LoaderState(node=self.node, budget_bytes=self.held.budget,
+                                               staged={m: h.staged.bytes for m, h in self.held.items.items()}))
+
+    @handles(Preload)
+    async def on_preload(self, msg: Preload, env: Envelope) -> None:
+        for model in msg.models:
+            self._start_staging(model).add_done_callback(_log_preload_failure)
 
     async def on_stop(self) -> None:
         # Runners that mapped a segment keep their memory; the names just go.
@@ -187,9 +198,16 @@ class Loader(Actor):
         staged = Staged(model=model, path=str(path), bytes=staging.segment_bytes(table), segment=str(segment),
                         files=table)
         self.held.add(staged, time.monotonic())
+        await self._report()
         log.info("staged %s: %d bytes in %.2fs (%d of %d budget bytes in use)", model, staged.bytes,
                  time.monotonic() - started, self.held.used, self.held.budget)
         return staged
+
+
+def _log_preload_failure(task: asyncio.Task) -> None:
+    # Nobody waits on a preload: a model that cannot be staged now is loaded the slow way later.
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("preload failed: %s", task.exception())
 
 
 def loader_name(node: str) -> str:

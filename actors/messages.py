@@ -182,7 +182,7 @@ class Capabilities(Wire):
     device: str | None = None  # "cpu", "cuda:0"
     device_name: str | None = None
     families: list[str] = Field(default_factory=list)
-    resident: list[str] = Field(default_factory=list)  # models loaded and ready
+    resident: dict[str, int] = Field(default_factory=dict)  # models loaded and ready, with their bytes
     # The job a runner is working on when it (re)registers, so a scheduler that thought
     # it dead takes the job back instead of running it twice.
     active_job: JobId | None = None
@@ -276,9 +276,26 @@ class RunnerStatus(Wire):
     job: JobId | None = None
 
 
+class LoaderState(Wire):
+    """What a node's loader holds staged (loader -> scheduler, after every change)."""
+
+    kind: Literal["loader_state"] = "loader_state"
+    node: str
+    budget_bytes: int
+    staged: dict[str, int]  # model -> bytes
+
+
+class Preload(Wire):
+    """Stage these models now: jobs for them are coming to this node (scheduler -> loader)."""
+
+    kind: Literal["preload"] = "preload"
+    models: list[Name]
+
+
 class ClusterStatus(Wire):
     kind: Literal["cluster_status"] = "cluster_status"
     runners: list[RunnerStatus]
+    loaders: list[LoaderState] = Field(default_factory=list)
     queued: list[JobId]
     counts: dict[str, int]  # jobs by state, over the jobs the scheduler remembers
 
@@ -338,7 +355,7 @@ class JobDone(Wire):
     job_id: JobId
     outputs: list[Artifact]
     elapsed_s: float
-    resident: list[str]
+    resident: dict[str, int]
 
 
 class JobFailed(Wire):
@@ -347,7 +364,7 @@ class JobFailed(Wire):
     reason: str
     cancelled: bool = False
     retryable: bool = False  # True when the job itself is fine and another try may succeed
-    resident: list[str] = Field(default_factory=list)
+    resident: dict[str, int] = Field(default_factory=dict)
 
 
 class Draining(Wire):
@@ -429,6 +446,8 @@ Message = Annotated[
         JobInfo,
         GetStatus,
         ClusterStatus,
+        LoaderState,
+        Preload,
         GetModels,
         Models,
         JobResult,

@@ -59,6 +59,12 @@ REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the schedul
 
 
 @dataclass
+class ResidentModel:
+    pipe: Any
+    bytes: int
+
+
+@dataclass
 class ActiveJob:
     spec: JobSpec
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -74,7 +80,8 @@ class Runner(Actor):
         self.config = config
         self.node = node
         self.device = device
-        self.pipelines: OrderedDict[str, Any] = OrderedDict()  # least recently used first
+        self.pipelines: OrderedDict[str, ResidentModel] = OrderedDict()  # least recently used first
+        self.budget = config.node.device_budget_bytes or default_device_budget(device)
         self.active: ActiveJob | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
@@ -86,7 +93,7 @@ class Runner(Actor):
         caps.device = self.device
         caps.device_name = _device_name(self.device)
         caps.families = sorted(FAMILY_LIMITS)
-        caps.resident = list(self.pipelines)
+        caps.resident = dict(self.resident_bytes)
         caps.active_job = self.active.spec.id if self.active is not None else None
         return caps
 
@@ -102,13 +109,13 @@ class Runner(Actor):
     @handles(RunJob)
     async def on_run(self, msg: RunJob, env: Envelope) -> None:
         if self._draining:
-            refused = JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
+            refused = JobFailed(job_id=msg.job.id, retryable=True, resident=self.resident_bytes,
                                 reason=f"{self.name} is shutting down")
             asyncio.create_task(self._report(env.src, refused))
             return
         if self.active is not None:
             # The scheduler thought we were free (it restarted, say): hand the job straight back.
-            busy = JobFailed(job_id=msg.job.id, retryable=True, resident=list(self.pipelines),
+            busy = JobFailed(job_id=msg.job.id, retryable=True, resident=self.resident_bytes,
                              reason=f"{self.name} is busy with {self.active.spec.id}")
             asyncio.create_task(self._report(env.src, busy))
             return
@@ -141,7 +148,8 @@ class Runner(Actor):
         spec = active.spec
         loop = asyncio.get_running_loop()
         try:
-            pipe = self.pipelines.get(spec.model)
+            resident = self.pipelines.get(spec.model)
+            pipe = resident.pipe if resident is not None else None
             if pipe is None:
                 await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.loading))
                 pipe = await self._load(spec.model)
@@ -161,16 +169,16 @@ class Runner(Actor):
                 return encode_png(images, spec)
 
             outputs = await loop.run_in_executor(self._worker, work)
-            final: JobDone | JobFailed = JobDone(job_id=spec.id, outputs=outputs, resident=list(self.pipelines),
+            final: JobDone | JobFailed = JobDone(job_id=spec.id, outputs=outputs, resident=self.resident_bytes,
                                                  elapsed_s=time.monotonic() - active.started)
         except JobCancelled:
             shutting_down = active.cancel_reason != "cancelled"
             final = JobFailed(job_id=spec.id, reason=active.cancel_reason, cancelled=not shutting_down,
-                              retryable=shutting_down, resident=list(self.pipelines))
+                              retryable=shutting_down, resident=self.resident_bytes)
         except Exception as exc:
             reason, retryable = self._explain(exc)
             log.warning("job %s failed: %s", spec.id, reason, exc_info=not retryable)
-            final = JobFailed(job_id=spec.id, reason=reason, retryable=retryable, resident=list(self.pipelines))
+            final = JobFailed(job_id=spec.id, reason=reason, retryable=retryable, resident=self.resident_bytes)
         finally:
             self.active = None  # free for the next job while the report travels
         await self._report(scheduler, final)
@@ -239,13 +247,36 @@ class Runner(Actor):
                      "staged memory" if weights is not None else "disk", time.monotonic() - started)
             return pipe
 
+        # Room first, by the staged size (the loaded size is close to it): two models that
+        # cannot share the device must never be on it at once.
+        self._make_room(model, staged.bytes, keep_slot=True)
         pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
-        self.pipelines[model] = pipe
-        while len(self.pipelines) > self.config.node.resident_models:
-            evicted, _ = self.pipelines.popitem(last=False)
-            log.info("%s: evicted %s", self.name, evicted)
-            self._free_memory()
+        self.pipelines[model] = ResidentModel(pipe, module_bytes(pipe))
+        self._make_room(model, 0, keep_slot=False)
         return pipe
+
+    @property
+    def resident_bytes(self) -> dict[str, int]:
+        return {name: r.bytes for name, r in self.pipelines.items()}
+
+    def _make_room(self, model: str, incoming: int, *, keep_slot: bool) -> None:
+        """Evicts least recently used models until ``incoming`` more bytes (and, with ``keep_slot``,
+        one more model) fit the device budget. A model alone larger than the budget is an error."""
+        if incoming > self.budget:
+            raise sources.ModelSourceError(f"model {model} needs {incoming:,} bytes on {self.device}, "
+                                           f"more than its budget of {self.budget:,} bytes")
+        most = self.config.node.resident_models - (1 if keep_slot else 0)
+
+        def over() -> bool:
+            used = sum(r.bytes for r in self.pipelines.values()) + incoming
+            return used > self.budget or len(self.pipelines) > most
+
+        for name in [n for n in self.pipelines if n != model]:  # oldest first
+            if not over():
+                break
+            del self.pipelines[name]
+            log.info("%s: evicted %s to make room for %s", self.name, name, model)
+            self._free_memory()
 
     def _map_staged(self, staged: Staged) -> tuple[dict | None, Any]:
         """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk."""
@@ -292,6 +323,7 @@ class Runner(Actor):
     def _explain(self, exc: Exception) -> tuple[str, bool]:
         """A reason a person can act on, and whether another attempt may succeed."""
         if _is_cuda_oom(exc):
+            # Keep only the newest model: the others' memory may be what this job needs.
             freed = len(self.pipelines) > 1
             while len(self.pipelines) > 1:
                 self.pipelines.popitem(last=False)
@@ -325,6 +357,24 @@ def encode_png(images: list, spec: JobSpec) -> list[Artifact]:
         outputs.append(Artifact(media_type="image/png", data=buf.getvalue(), width=image.width,
                                 height=image.height, seed=spec.seed + index))
     return outputs
+
+
+def module_bytes(pipe: Any) -> int:
+    """Bytes of every parameter and buffer of a pipeline's modules (0 for one without modules)."""
+    total = 0
+    for component in getattr(pipe, "components", {}).values():
+        for tensor in [*getattr(component, "parameters", list)(), *getattr(component, "buffers", list)()]:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def default_device_budget(device: str) -> int:
+    """90% of a GPU's memory (activations need the rest); a quarter of the RAM on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory * 0.9)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def runner_name(node: str, device: str) -> str:

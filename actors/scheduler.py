@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from actors.actor import Actor, handles, run_actor
 from actors.codec import Envelope
+from actors.loader import loader_name
 from actors.messages import (
     Accepted,
     CancelJob,
@@ -43,11 +45,13 @@ from actors.messages import (
     JobSpec,
     JobState,
     JobUpdate,
+    LoaderState,
     ModelInfo,
     Models,
     Ok,
     PeerDown,
     PeerUp,
+    Preload,
     Role,
     RunJob,
     RunnerStatus,
@@ -72,7 +76,7 @@ class RunnerSlot:
     name: str
     capabilities: Capabilities
     job: str | None = None
-    resident: list[str] = field(default_factory=list)
+    resident: dict[str, int] = field(default_factory=dict)
     draining: bool = False  # shutting down: finishes or hands back its job, takes no new one
 
 
@@ -86,6 +90,8 @@ class Scheduler(Actor):
         self.queue: deque[str] = deque()
         self.runners: dict[str, RunnerSlot] = {}
         self.finished: deque[str] = deque()
+        self.loaders: dict[str, LoaderState] = {}  # by node
+        self._preloading: dict[str, set[str]] = {}  # by node: asked for, not yet reported staged
         self.store = ArtifactStore(config.artifact_dir)
 
     # -- peers --------------------------------------------------------------- #
@@ -94,7 +100,7 @@ class Scheduler(Actor):
     async def on_peer_up(self, msg: PeerUp, env: Envelope) -> None:
         if msg.role is not Role.runner or msg.name in self.runners:
             return
-        slot = RunnerSlot(msg.name, msg.capabilities, resident=list(msg.capabilities.resident))
+        slot = RunnerSlot(msg.name, msg.capabilities, resident=dict(msg.capabilities.resident))
         self.runners[msg.name] = slot
         log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
         if msg.capabilities.active_job is not None:
@@ -116,8 +122,18 @@ class Scheduler(Actor):
         else:
             await self.send(slot.name, StopJob(job_id=job_id, reason="the job was reassigned"))
 
+    @handles(LoaderState)
+    async def on_loader_state(self, msg: LoaderState, env: Envelope) -> None:
+        self.loaders[msg.node] = msg
+        self._preloading.pop(msg.node, None)
+
     @handles(PeerDown)
     async def on_peer_down(self, msg: PeerDown, env: Envelope) -> None:
+        if msg.role is Role.loader:
+            gone = [node for node in self.loaders if loader_name(node) == msg.name]
+            for node in gone:
+                del self.loaders[node]
+            return
         slot = self.runners.pop(msg.name, None)
         if slot is None or slot.job is None:
             return
@@ -192,7 +208,8 @@ class Scheduler(Actor):
         runners = [RunnerStatus(name=s.name, job=s.job,
                                 capabilities=s.capabilities.model_copy(update={"resident": s.resident}))
                    for s in self.runners.values()]
-        return ClusterStatus(runners=runners, queued=list(self.queue), counts=counts)
+        return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), queued=list(self.queue),
+                             counts=counts)
 
     @handles(GetModels)
     async def on_models(self, msg: GetModels, env: Envelope) -> Models:
@@ -285,6 +302,12 @@ class Scheduler(Actor):
         })
 
     async def _dispatch(self) -> None:
+        """Gives idle runners the jobs they can take, then looks ahead for what to preload."""
+        await self._assign()
+        if self.config.scheduler.preload and self.queue:
+            await self._preload()
+
+    async def _assign(self) -> None:
         idle = [slot for slot in self.runners.values() if slot.job is None and not slot.draining]
         if not idle or not self.queue:
             return
@@ -310,6 +333,23 @@ class Scheduler(Actor):
             await self._announce(job)
         for job_id in taken:
             self.queue.remove(job_id)
+
+    async def _preload(self) -> None:
+        """Asks each node's loader to stage the models of the jobs that will run next while its
+        runners are busy, so that a model switch finds the weights in memory."""
+        lookahead: list[str] = []
+        for job_id in itertools.islice(self.queue, len(self.runners) + 1):
+            model = self.jobs[job_id].record.spec.model
+            if model not in lookahead:
+                lookahead.append(model)
+        for node, state in self.loaders.items():
+            here = [s for s in self.runners.values() if s.capabilities.node == node]
+            asked = self._preloading.setdefault(node, set())
+            wanted = [m for m in lookahead if m not in state.staged and m not in asked
+                      and not any(m in s.resident for s in here)]
+            if wanted:
+                asked.update(wanted)
+                await self.send(loader_name(node), Preload(models=wanted))
 
     async def _requeue(self, job: Job, reason: str) -> None:
         job.record.state = JobState.queued
@@ -338,11 +378,11 @@ class Scheduler(Actor):
             return None
         return job
 
-    def _free(self, runner: str, resident: list[str]) -> None:
+    def _free(self, runner: str, resident: dict[str, int]) -> None:
         slot = self.runners.get(runner)
         if slot is not None:
             slot.job = None
-            slot.resident = list(resident)
+            slot.resident = dict(resident)
 
     async def _announce(self, job: Job) -> None:
         r = job.record

@@ -85,12 +85,16 @@ class SchedulerConfig(Strict):
     max_attempts: int = Field(default=3, ge=1, le=100)
     max_queue: int = Field(default=10_000, ge=1)
     remember_finished: int = Field(default=10_000, ge=0)
+    # Tell loaders to stage the models of the next queued jobs while the runners are busy.
+    preload: bool = True
 
 
 class NodeConfig(Strict):
     name: str | None = None  # defaults to the host name
     devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
-    resident_models: int = Field(default=2, ge=1)  # models a runner keeps loaded
+    resident_models: int = Field(default=2, ge=1)  # models a runner keeps loaded, at most
+    # Bytes of weights a runner may keep on its device (default: 90% of a GPU, a quarter of the RAM).
+    device_budget_bytes: int | None = Field(default=None, ge=0)
     # Bytes of shared memory the loader may hold staged weights in (default: half the RAM).
     stage_budget_bytes: int | None = Field(default=None, ge=0)
 

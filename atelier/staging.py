@@ -15,6 +15,7 @@ so the same folder gives the same pipeline, bit for bit, as ``from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -190,7 +191,10 @@ def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: A
 def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype: Any) -> Any:
     from accelerate import init_empty_weights
 
-    with init_empty_weights():  # parameters on the meta device: nothing allocated, nothing initialised
+    # Parameters on the meta device (nothing allocated), and the libraries' own switch that skips
+    # random initialisation: the weights are replaced at once, and initialising them anyway,
+    # even on meta tensors, was more than half of a staged load.
+    with init_empty_weights(), _no_init_weights():
         if hasattr(cls, "load_config"):  # a diffusers model
             module = cls.from_config(cls.load_config(folder))
         else:  # a transformers model
@@ -205,9 +209,21 @@ def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype
     leftovers = [n for n, p in module.named_parameters() if p.is_meta]
     if leftovers:
         raise StagingError(f"{folder.name}: no weights for {leftovers[:5]}")
-    if dtype is not None:
-        module = module.to(dtype)  # a no-op, still sharing the mapping, when the dtype already matches
+    if dtype is not None and any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype)
     return module.eval()
+
+
+@contextlib.contextmanager
+def _no_init_weights():
+    from diffusers.models.modeling_utils import no_init_weights as diffusers_no_init
+
+    try:
+        from transformers.initialization import no_init_weights as transformers_no_init
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights as transformers_no_init
+    with diffusers_no_init(), transformers_no_init():
+        yield
 
 
 def _tied_keys(module: Any) -> set[str]:

@@ -191,18 +191,33 @@ async def _status(args: argparse.Namespace) -> int:
     async with _connect(*_endpoints(args, config)) as client:
         status = await client.status()
     table = Table(title="runners")
-    for column in ("node", "runner", "device", "job", "resident models"):
+    for column in ("node", "runner", "device", "job", "resident on the device"):
         table.add_column(column)
     for runner in sorted(status.runners, key=lambda r: (r.capabilities.node or "", r.name)):
         caps = runner.capabilities
         table.add_row(caps.node or "-", runner.name, caps.device_name or caps.device or "-", runner.job or "idle",
-                      ", ".join(caps.resident) or "-")
+                      _sizes(caps.resident))
+    staged = Table(title="staged in shared memory")
+    for column in ("node", "models", "used / budget"):
+        staged.add_column(column)
+    for loader in sorted(status.loaders, key=lambda s: s.node):
+        staged.add_row(loader.node, _sizes(loader.staged),
+                       f"{_mib(sum(loader.staged.values()))} / {_mib(loader.budget_bytes)}")
     console = Console()
     console.print(table)
+    console.print(staged)
     console.print(f"queue: {len(status.queued)} job(s)"
                   + (f" — next: {', '.join(status.queued[:5])}" if status.queued else ""))
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(status.counts.items())) or "none yet"))
     return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB"
+
+
+def _sizes(models: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({_mib(size)})" for name, size in models.items()) or "-"
 
 
 async def _cancel(args: argparse.Namespace) -> int:

@@ -15,10 +15,13 @@ from actors.actor import Actor, handles
 from actors.codec import Envelope
 from actors.messages import (
     Artifact,
+    Capabilities,
     JobDone,
     JobEvent,
     JobSpec,
     JobState,
+    LoaderState,
+    Preload,
     Role,
     RunJob,
     StopJob,
@@ -51,7 +54,23 @@ class StandInRunner(Actor):
     async def finish(self, job: RunJob) -> None:
         png = Artifact(media_type="image/png", data=b"\x89PNG fake", width=8, height=8, seed=job.job.seed)
         await self.ask("scheduler", JobDone(job_id=job.job.id, outputs=[png], elapsed_s=0.01,
-                                            resident=[job.job.model]))
+                                            resident={job.job.model: 0}))
+
+
+class StandInLoader(Actor):
+    role = Role.loader
+
+    def __init__(self, node: str, router: str):
+        super().__init__(f"loader-{node}", router, heartbeat_s=0.2)
+        self.node = node
+        self.preloads: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(pid=0, node=self.node)
+
+    @handles(Preload)
+    async def on_preload(self, msg: Preload, env: Envelope) -> None:
+        self.preloads.put_nowait(msg.models)
 
 
 @pytest.fixture
@@ -154,3 +173,31 @@ def test_cancel_of_a_queued_job_and_of_a_running_one(system):
     assert queued_after.state is JobState.cancelled and queued_result.job.state is JobState.cancelled
     assert running_after.state is JobState.assigned  # it stops at its next step, not at once
     assert stopped == running_after.spec.id
+
+
+def test_the_next_jobs_models_are_preloaded_while_the_runner_is_busy(system):
+    broker, config = system
+
+    async def go():
+        scheduler = Scheduler(config, broker.router_endpoint)
+        await scheduler.start()
+        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+            loader = StandInLoader("n1", broker.router_endpoint)
+            await loader.start()
+            await loader.send("scheduler", LoaderState(node="n1", budget_bytes=10**9, staged={"tiny-sd": 5}))
+            runner = StandInRunner("runner-n1-cpu", broker.router_endpoint)
+            runner.capabilities = lambda: Capabilities(pid=0, node="n1")
+            await runner.start()
+            for model in ("noop", "tiny-sd", "tiny-sdxl"):
+                await client.submit(JobSpec(model=model, prompt="p"), events=False)
+            first = await asyncio.wait_for(runner.jobs.get(), 10)
+            asked = await asyncio.wait_for(loader.preloads.get(), 10)
+            await runner.close()
+            await loader.close()
+        await scheduler.close()
+        return first, asked
+
+    first, asked = run(go(), 30)
+    assert first.job.model == "noop"
+    # tiny-sd is staged already; tiny-sdxl is what the node will need next
+    assert asked == ["tiny-sdxl"]

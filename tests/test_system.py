@@ -196,7 +196,8 @@ def test_cli_generate_writes_pngs_and_status_lists_the_runner(cluster, tmp_path)
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == (64, 64)
     status = cluster.cli("status")
-    assert status.returncode == 0 and "runner-" in status.stdout and "tiny-sd" in status.stdout
+    assert status.returncode == 0 and "runner-" in status.stdout and "tiny-sd (" in status.stdout
+    assert "staged in shared memory" in status.stdout and "MiB" in status.stdout
     bad = cluster.cli("generate", "x", "--steps", "1000")
     assert bad.returncode == 2 and "steps" in bad.stderr
 
