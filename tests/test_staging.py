@@ -99,3 +99,54 @@ def test_a_model_larger_than_the_budget_names_both_sizes():
     with pytest.raises(BudgetError) as caught:
         StagedSet(budget=1_000).make_room("huge", 5_000, time.monotonic())
     assert "5,000" in str(caught.value) and "1,000" in str(caught.value)
+
+
+MAPPER = """
+import sys, time
+from pathlib import Path
+from actors.messages import StagedFile
+from atelier import staging
+table = [StagedFile.model_validate_json(line) for line in sys.argv[2:]]
+weights = staging.state_dicts(staging.map_segment(Path(sys.argv[1])), table)
+total = sum(float(t.double().sum()) for sd in weights.values() for t in sd.values())  # touch every page
+print("mapped", flush=True)
+sys.stdin.readline()  # hold the mapping until the test has measured
+"""
+
+
+def _pss_shmem_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss_Shmem:"):
+            return int(line.split()[1])
+    pytest.skip("this kernel reports no Pss_Shmem")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs /proc/<pid>/smaps_rollup")
+def test_two_runners_share_one_staged_copy(tmp_path, segment):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "big"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                             '"unet": ["diffusers", "UNet2DConditionModel"]}')
+    save_file({"w": torch.ones(32 << 20, dtype=torch.float32)}, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    table = staging.stage(folder, segment)
+    size_kib = staging.segment_bytes(table) // 1024
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-c", MAPPER, str(segment), *(f.model_dump_json() for f in table)]
+    mappers = [subprocess.Popen(argv, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        for m in mappers:
+            assert m.stdout.readline().strip() == "mapped"
+        shares = [_pss_shmem_kib(m.pid) for m in mappers]
+    finally:
+        for m in mappers:
+            m.communicate("\n", timeout=30)
+    # Each of the two maps all 128 MiB, and is charged half: the memory exists once.
+    for share in shares:
+        assert 0.4 * size_kib <= share <= 0.6 * size_kib, (shares, size_kib)
