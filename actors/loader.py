@@ -28,7 +28,7 @@ from pathlib import Path
 
 from actors.actor import Actor, handles, run_actor
 from actors.codec import SCHEDULER, Envelope
-from actors.messages import Capabilities, Error, ErrorCode, LoaderState, Preload, Role, Stage, Staged
+from actors.messages import Capabilities, Error, ErrorCode, LoaderState, Preload, Release, Role, Stage, Staged
 from atelier import sources, staging
 from atelier.config import Config, load_config
 
@@ -87,6 +87,13 @@ class StagedSet:
                               f"{self.budget:,} byte budget are held by models runners are loading now")
         return [self.items.pop(name).staged for name in chosen]
 
+    def release(self, model: str) -> None:
+        """The runner that was loading it is done with the segment's name: it may be evicted.
+        (A CPU runner keeps its mapping: its memory goes when that runner drops the model.)"""
+        holding = self.items.get(model)
+        if holding is not None:
+            holding.leased_until = 0.0
+
     def add(self, staged: Staged, now: float) -> None:
         self.items[staged.model] = Holding(staged, leased_until=now + LEASE_S)
 
@@ -128,6 +135,10 @@ class Loader(Actor):
         """Tells the scheduler what is staged here, for routing, preloading and ``atelier status``."""
         await self.send(SCHEDULER, LoaderState(node=self.node, budget_bytes=self.held.budget,
                                                staged={m: h.staged.bytes for m, h in self.held.items.items()}))
+
+    @handles(Release)
+    async def on_release(self, msg: Release, env: Envelope) -> None:
+        self.held.release(msg.model)
 
     @handles(Preload)
     async def on_preload(self, msg: Preload, env: Envelope) -> None:

@@ -276,6 +276,13 @@ class RunnerStatus(Wire):
     job: JobId | None = None
 
 
+class Release(Wire):
+    """A runner has built its model from a staged segment: the loader may evict it (runner -> loader)."""
+
+    kind: Literal["release"] = "release"
+    model: Name
+
+
 class LoaderState(Wire):
     """What a node's loader holds staged (loader -> scheduler, after every change)."""
 
@@ -448,6 +455,7 @@ Message = Annotated[
         ClusterStatus,
         LoaderState,
         Preload,
+        Release,
         GetModels,
         Models,
         JobResult,

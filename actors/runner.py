@@ -40,6 +40,7 @@ from actors.messages import (
     Ok,
     Preview,
     Progress,
+    Release,
     Role,
     RunJob,
     Stage,
@@ -250,7 +251,11 @@ class Runner(Actor):
         # Room first, by the staged size (the loaded size is close to it): two models that
         # cannot share the device must never be on it at once.
         self._make_room(model, staged.bytes, keep_slot=True)
-        pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
+        try:
+            pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
+        finally:
+            if staged.segment:
+                await self.send(loader_name(self.node), Release(model=model))
         self.pipelines[model] = ResidentModel(pipe, module_bytes(pipe))
         self._make_room(model, 0, keep_slot=False)
         return pipe
