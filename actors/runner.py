@@ -87,12 +87,13 @@ class Runner(Actor):
         self._execution: asyncio.Task | None = None
         self._draining = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self.device_name = _device_name(device)  # once: on a GPU it needs torch and CUDA
 
     def capabilities(self) -> Capabilities:
         caps = super().capabilities()
         caps.node = self.node
         caps.device = self.device
-        caps.device_name = _device_name(self.device)
+        caps.device_name = self.device_name
         caps.families = sorted(FAMILY_LIMITS)
         caps.resident = dict(self.resident_bytes)
         caps.active_job = self.active.spec.id if self.active is not None else None
