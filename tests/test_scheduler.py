@@ -7,6 +7,7 @@ so each rule can be seen without loading a model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -84,6 +85,17 @@ def system(tmp_path):
     thread.join(5)
 
 
+@contextlib.asynccontextmanager
+async def scheduler_and_client(broker: Broker, config: Config):
+    scheduler = Scheduler(config, broker.router_endpoint)
+    await scheduler.start()
+    try:
+        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+            yield client
+    finally:
+        await scheduler.close()
+
+
 def noop_job(**kw) -> JobSpec:
     return JobSpec(model="noop", prompt="p", **kw)
 
@@ -92,9 +104,7 @@ def test_fifo_order_defaults_and_a_fixed_seed(system):
     broker, config = system
 
     async def go():
-        scheduler = Scheduler(config, broker.router_endpoint)
-        await scheduler.start()
-        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+        async with scheduler_and_client(broker, config) as client:
             specs = [noop_job() for _ in range(3)]
             for spec in specs:
                 await client.submit(spec, events=False)
@@ -107,7 +117,6 @@ def test_fifo_order_defaults_and_a_fixed_seed(system):
                 await runner.finish(job)
             results = [await client.wait(spec.id, 10) for spec in specs]
             await runner.close()
-        await scheduler.close()
         return specs, seen, results
 
     specs, seen, results = run(go(), 30)
@@ -123,9 +132,7 @@ def test_a_job_whose_runner_keeps_dying_fails_after_three_attempts(system):
     broker, config = system
 
     async def go():
-        scheduler = Scheduler(config, broker.router_endpoint)
-        await scheduler.start()
-        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+        async with scheduler_and_client(broker, config) as client:
             spec = noop_job(seed=5)
             await client.submit(spec)
             attempts = []
@@ -136,7 +143,6 @@ def test_a_job_whose_runner_keeps_dying_fails_after_three_attempts(system):
                 attempts.append((job.attempt, job.job.seed))
                 await runner.close()  # gone with the job in hand
             events = [e async for e in client.events(spec.id, timeout=10)]
-        await scheduler.close()
         return attempts, events
 
     attempts, events = run(go(), 40)
@@ -152,9 +158,7 @@ def test_cancel_of_a_queued_job_and_of_a_running_one(system):
     broker, config = system
 
     async def go():
-        scheduler = Scheduler(config, broker.router_endpoint)
-        await scheduler.start()
-        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+        async with scheduler_and_client(broker, config) as client:
             runner = StandInRunner("runner-a", broker.router_endpoint)
             await runner.start()
             running, queued = noop_job(), noop_job()
@@ -166,7 +170,6 @@ def test_cancel_of_a_queued_job_and_of_a_running_one(system):
             stopped = await asyncio.wait_for(runner.stops.get(), 10)
             await runner.close()
             queued_result = await client.wait(queued.id, 10)
-        await scheduler.close()
         return queued_after, running_after, stopped, queued_result
 
     queued_after, running_after, stopped, queued_result = run(go(), 30)
@@ -179,9 +182,7 @@ def test_the_next_jobs_models_are_preloaded_while_the_runner_is_busy(system):
     broker, config = system
 
     async def go():
-        scheduler = Scheduler(config, broker.router_endpoint)
-        await scheduler.start()
-        async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
+        async with scheduler_and_client(broker, config) as client:
             loader = StandInLoader("n1", broker.router_endpoint)
             await loader.start()
             await loader.send("scheduler", LoaderState(node="n1", budget_bytes=10**9, staged={"tiny-sd": 5}))
@@ -194,7 +195,6 @@ def test_the_next_jobs_models_are_preloaded_while_the_runner_is_busy(system):
             asked = await asyncio.wait_for(loader.preloads.get(), 10)
             await runner.close()
             await loader.close()
-        await scheduler.close()
         return first, asked
 
     first, asked = run(go(), 30)
