@@ -343,10 +343,18 @@ class Scheduler(Actor):
             if model not in lookahead:
                 lookahead.append(model)
         for node, state in self.loaders.items():
-            here = [s for s in self.runners.values() if s.capabilities.node == node]
             asked = self._preloading.setdefault(node, set())
-            wanted = [m for m in lookahead if m not in state.staged and m not in asked
-                      and not any(m in s.resident for s in here)]
+            # A model resident on a busy runner may be evicted for that runner's current job;
+            # only one that runner is using now, or an idle runner holds, is sure to stay.
+            kept = set()
+            for slot in self.runners.values():
+                if slot.capabilities.node != node:
+                    continue
+                if slot.job is None:
+                    kept.update(slot.resident)
+                elif slot.job in self.jobs:
+                    kept.add(self.jobs[slot.job].record.spec.model)
+            wanted = [m for m in lookahead if m not in state.staged and m not in asked and m not in kept]
             if wanted:
                 asked.update(wanted)
                 await self.send(loader_name(node), Preload(models=wanted))
