@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,16 +63,18 @@ def default_cache() -> Path:
     return Path(home) / "bench" if home else Path("/tmp/atelier-bench")
 
 
-def ensure_model(cache: Path) -> tuple[Path, float | None]:
-    """The cached model folder, and how long generating it took (None: it was cached)."""
-    target = cache / MODEL_NAME
+def cached_model(cache: Path, name: str, build: Callable[[Path], None]) -> tuple[Path, float | None]:
+    """The model folder ``cache/name``, built by ``build`` the first time; and how long that took
+    (None: it was cached). Shared with bench/preload.py."""
+    target = cache / name
     if (target / "model_index.json").is_file():
         return target, None
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
     try:
-        _build_model(tmp)
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would keep the folder from other users
         os.rename(tmp, target)  # complete or absent, never half written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    folder, generated = ensure_model(args.cache)
+    folder, generated = cached_model(args.cache, MODEL_NAME, _build_model)
     files = [path for _, path in staging.plan(folder)]
     weight_bytes = sum(p.stat().st_size for p in files)
     print(f"model {folder}: {len(files)} safetensors files, {weight_bytes / GB:.2f} GB float16"

@@ -185,19 +185,22 @@ def _label(pid: int) -> str:
 class System:
     """``atelier up`` in its own session, so that everything it starts can be found and reaped."""
 
-    def __init__(self, home: Path, log_path: Path):
+    def __init__(self, home: Path, log_path: Path, *, config: Path | None = None, log_level: str = "WARNING"):
         self.home = home
         self.log_path = log_path  # up's stderr and its children's output: kept out of the table
+        self.config = config  # None: the built-in catalog, as a new user gets it
+        self.log_level = log_level
         self.process: subprocess.Popen | None = None
         self.router = self.pub = ""
 
     def start(self, timeout: float) -> None:
         env = dict(os.environ, ATELIER_HOME=str(self.home), HF_HUB_OFFLINE="1")
-        env.pop("ATELIER_CONFIG", None)  # the built-in catalog, as a new user gets it
+        env.pop("ATELIER_CONFIG", None)
+        config = ["--config", str(self.config)] if self.config is not None else []
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
-             "--pub", "tcp://127.0.0.1:0", "--log-level", "WARNING"],
+             "--pub", "tcp://127.0.0.1:0", *config, "--log-level", self.log_level],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
             start_new_session=True)
         ready = threading.Event()

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import functools
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,9 +42,9 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: the atelier modu
 sys.path.insert(0, str(REPO / "bench"))
 
 import overhead  # noqa: E402
+from model_switch import cached_model, default_cache  # noqa: E402
 
 from actors.messages import JobRecord, JobSpec, JobState  # noqa: E402
-from atelier.runtime import READY_PREFIX  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 MODELS = ("preload-a", "preload-b")
@@ -54,28 +52,6 @@ MODELS = ("preload-a", "preload-b")
 
 # --------------------------------------------------------------------------- #
 # the models: generated once, loaded with StableDiffusionPipeline.from_pretrained
-
-
-def default_cache() -> Path:
-    home = os.environ.get("ATELIER_HOME")
-    return Path(home) / "bench" if home else Path("/tmp/atelier-bench")
-
-
-def ensure_model(cache: Path, name: str, seed: int) -> tuple[Path, float | None]:
-    """The cached model folder, and how long generating it took (None: it was cached)."""
-    target = cache / name
-    if (target / "model_index.json").is_file():
-        return target, None
-    cache.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
-    try:
-        _build_model(tmp, seed)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, target)  # complete or absent, never half written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, time.perf_counter() - started
 
 
 def _build_model(path: Path, seed: int) -> None:
@@ -141,44 +117,7 @@ def write_config(path: Path, home: Path, folders: dict[str, Path], budget: int, 
 # one run
 
 
-class System(overhead.System):
-    """overhead's ``atelier up`` (own session, clean stop), with a config file and INFO logs in up.log."""
-
-    def __init__(self, home: Path, log_path: Path, config: Path):
-        super().__init__(home, log_path)
-        self.config = config
-
-    def start(self, timeout: float) -> None:
-        env = dict(os.environ, ATELIER_HOME=str(self.home), HF_HUB_OFFLINE="1")
-        env.pop("ATELIER_CONFIG", None)
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
-             "--pub", "tcp://127.0.0.1:0", "--config", str(self.config), "--log-level", "INFO"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            start_new_session=True)
-        ready = threading.Event()
-        found: dict[str, str] = {}
-
-        def read_stdout() -> None:
-            assert self.process is not None and self.process.stdout is not None
-            for line in self.process.stdout:
-                if line.startswith(READY_PREFIX) and not ready.is_set():
-                    found.update(json.loads(line[len(READY_PREFIX):]))
-                    ready.set()
-                else:
-                    self._log.write(line)
-            ready.set()  # EOF: it exited before it was ready
-
-        self._reader = threading.Thread(target=read_stdout, name="up-stdout", daemon=True)
-        self._reader.start()
-        if not ready.wait(timeout) or not found:
-            self.stop()
-            raise RuntimeError(f"atelier up did not report ready in {timeout:.0f}s:\n" + self.log_tail())
-        self.router, self.pub = found["router"], found["pub"]
-
-
-async def trace(system: System, jobs: int, timeout: float) -> tuple[float, list[JobRecord]]:
+async def trace(system: overhead.System, jobs: int, timeout: float) -> tuple[float, list[JobRecord]]:
     async with AtelierClient(system.router, system.pub) as client:
         specs = [JobSpec(model=MODELS[i % 2], prompt=f"preload bench {i}", seed=i) for i in range(jobs)]
         start = time.perf_counter()
@@ -193,7 +132,8 @@ def run_once(preload: bool, folders: dict[str, Path], budget: int, args: argpars
     tmp = Path(tempfile.mkdtemp(prefix=f"atelier-bench-preload-{'on' if preload else 'off'}-"))
     config = tmp / "atelier.toml"
     write_config(config, tmp / "home", folders, budget, preload)
-    system = System(home=tmp / "home", log_path=tmp / "up.log", config=config)
+    # INFO logs in up.log: the stagings and evictions are what tell a reader why a figure is what it is.
+    system = overhead.System(home=tmp / "home", log_path=tmp / "up.log", config=config, log_level="INFO")
     try:
         system.start(timeout=180)
         system.settle(timeout=120)  # start-up over, the default model (A) staged
@@ -229,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     folders, built = {}, []
     for seed, name in enumerate(MODELS):
-        folders[name], took = ensure_model(args.cache, name, seed)
+        folders[name], took = cached_model(args.cache, name, functools.partial(_build_model, seed=seed))
         if took is not None:
             built.append(f"{name} in {took:.0f}s")
     size = max(folder_bytes(f) for f in folders.values())
