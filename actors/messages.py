@@ -475,5 +475,3 @@ Message = Annotated[
 ]
 
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
-
-EVENT_TYPES = (JobEvent, Progress, Preview)

@@ -52,13 +52,3 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
-
-
-async def watch_parent(on_orphaned, interval: float = 1.0) -> None:
-    """Fallback for platforms without PDEATHSIG: calls ``on_orphaned`` once the parent is gone."""
-    parent = os.getppid()
-    while True:
-        await asyncio.sleep(interval)
-        if os.getppid() != parent:
-            on_orphaned()
-            return

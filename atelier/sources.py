@@ -37,22 +37,3 @@ def resolve(name: str, entry: ModelEntry, cache_dir: Path) -> Path | None:
     if path.exists():
         raise ModelSourceError(f"model {name}: single-file checkpoints ({path.name}) are not supported yet")
     raise ModelSourceError(f"model {name}: {source} does not exist on this host")
-
-
-def folder_bytes(path: Path | None) -> int:
-    if path is None:
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def read_through(path: Path | None, chunk: int = 8 << 20) -> int:
-    """Reads every file once so the next load comes from the page cache, not the disk."""
-    if path is None:
-        return 0
-    total = 0
-    buf = bytearray(chunk)
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                total += n
-    return total
