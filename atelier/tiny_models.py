@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -108,8 +109,13 @@ def build_tiny_sd(path: Path, *, text_max_positions: int = _MAX_LENGTH) -> Path:
     return Path(path)
 
 
-def build_tiny_sdxl(path: Path) -> Path:
-    """Write a tiny Stable Diffusion XL pipeline (two text encoders) to ``path``."""
+def build_tiny_sdxl(path: Path, *, second_text_width: int = _TEXT_HIDDEN) -> Path:
+    """Write a tiny Stable Diffusion XL pipeline (two text encoders) to ``path``.
+
+    ``second_text_width`` other than the first encoder's (as in the real SDXL: 768 and 1280)
+    gives a model that survives a single-file round trip: diffusers' single-file loader tells
+    the two encoders apart by their width.
+    """
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -121,17 +127,17 @@ def build_tiny_sdxl(path: Path) -> Path:
         pipe = StableDiffusionXLPipeline(
             vae=_vae(),
             text_encoder=_text_encoder(tokenizer),
-            text_encoder_2=_text_encoder(tokenizer_2, projection_dim=_TEXT_HIDDEN),
+            text_encoder_2=_text_encoder(tokenizer_2, width=second_text_width, projection_dim=second_text_width),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             # SDXL concatenates both encoders' hidden states for cross-attention,
             # and conditions on the pooled projection plus six size/crop numbers,
             # each embedded with time_embed_dim channels.
             unet=_unet(
-                cross_attention_dim=2 * _TEXT_HIDDEN,
+                cross_attention_dim=_TEXT_HIDDEN + second_text_width,
                 addition_embed_type="text_time",
                 addition_time_embed_dim=time_embed_dim,
-                projection_class_embeddings_input_dim=_TEXT_HIDDEN + 6 * time_embed_dim,
+                projection_class_embeddings_input_dim=second_text_width + 6 * time_embed_dim,
             ),
             scheduler=_scheduler(),
             add_watermarker=False,
@@ -187,12 +193,13 @@ def _scheduler() -> Any:
     return EulerDiscreteScheduler(**_SCHEDULER_CONFIG)
 
 
-def _text_encoder(tokenizer: Any, *, max_positions: int = _MAX_LENGTH, projection_dim: int | None = None) -> Any:
+def _text_encoder(tokenizer: Any, *, width: int = _TEXT_HIDDEN, max_positions: int = _MAX_LENGTH,
+                  projection_dim: int | None = None) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=_TEXT_HIDDEN,
+        hidden_size=width,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -238,3 +245,157 @@ def _byte_level_chars() -> list[str]:
             chars.append(chr(256 + extra))
             extra += 1
     return chars
+
+
+# --------------------------------------------------------------------------- #
+# Single-file checkpoints in the original ("LDM") layout, for tests only.
+#
+# Real single-file checkpoints come as single files already, and diffusers converts them on
+# load, but it ships nothing that writes one: the tests need a small one. The names below are
+# the ones diffusers' single-file loader recognises and converts back, so
+# ``from_single_file(file, config=folder)`` must give ``folder``'s pipeline bit for bit; that
+# round trip is the test of this mapping.
+
+_LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip": "cond_stage_model.transformer.",
+    "sdxl_clip": "conditioner.embedders.0.transformer.",
+    "sdxl_open_clip": "conditioner.embedders.1.model.",
+}
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_LDM_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                        "self_attn.out_proj": "attn.out_proj"}
+_BLOCK = r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)"
+
+
+def save_single_file(folder: Path, out: Path) -> Path:
+    """Writes the tiny sd1 or sdxl pipeline at ``folder`` as one LDM-layout ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {**_prefixed("unet", _ldm_unet(_weights(folder, "unet"), _config(folder, "unet"))),
+               **_prefixed("vae", _ldm_vae(_weights(folder, "vae"), _config(folder, "vae")))}
+    if (folder / "text_encoder_2").is_dir():  # SDXL: CLIP ViT-L is embedder 0, OpenCLIP ViT-bigG embedder 1
+        first, second = _config(folder, "text_encoder"), _config(folder, "text_encoder_2")
+        if first["hidden_size"] == second["hidden_size"]:
+            raise ValueError("diffusers tells SDXL's text encoders apart by width; build the model with "
+                             "build_tiny_sdxl(..., second_text_width=...) of another width")
+        tensors |= _prefixed("sdxl_clip", _ldm_clip(_weights(folder, "text_encoder")))
+        tensors |= _prefixed("sdxl_open_clip", _ldm_open_clip(_weights(folder, "text_encoder_2")))
+    else:
+        tensors |= _prefixed("clip", _ldm_clip(_weights(folder, "text_encoder")))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    return Path(out)
+
+
+def _ldm_unet(weights: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    table = DIFFUSERS_TO_LDM_MAPPING["unet"]
+    fixed = {**table["layers"], **table["addition_embed_type"]}  # SDXL's add_embedding is LDM's label_emb
+    per_block = config["layers_per_block"] + 1  # LDM gives each block's down/up sampler a layer of its own
+    last = per_block - 1
+
+    def rename(key: str) -> str:
+        if key in fixed:
+            return fixed[key]
+        part, block, kind, layer, rest = _match(_BLOCK, key).groups()
+        if kind == "resnets":
+            module, _, param = rest.partition(".")
+            rest = f"{_LDM_RESNET[module]}.{param}"
+        sub = 0 if kind == "resnets" else 1
+        if part == "mid_block":  # resnet, attention, resnet
+            return f"middle_block.{2 * int(layer) if kind == 'resnets' else 1}.{rest}"
+        b, j = int(block), int(layer)
+        if part == "down_blocks":  # input_blocks.0 is conv_in
+            if kind == "downsamplers":
+                return f"input_blocks.{1 + b * per_block + last}.0.op.{rest.removeprefix('conv.')}"
+            return f"input_blocks.{1 + b * per_block + j}.{sub}.{rest}"
+        if kind == "upsamplers":  # after the layer's attention, where it has one
+            after = 2 if "CrossAttn" in config["up_block_types"][b] else 1
+            return f"output_blocks.{b * per_block + last}.{after}.{rest}"
+        return f"output_blocks.{b * per_block + j}.{sub}.{rest}"
+
+    return {rename(k): v for k, v in weights.items()}
+
+
+def _ldm_vae(weights: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    blocks = len(config["up_block_types"])
+    out = {}
+    for key, tensor in weights.items():
+        if key in fixed:
+            out[fixed[key]] = tensor
+            continue
+        coder, _, rest = key.partition(".")
+        part, block, kind, layer, rest = _match(_BLOCK, rest).groups()
+        rest = rest.replace("conv_shortcut", "nin_shortcut")
+        if part == "mid_block" and kind == "attentions":
+            module, _, param = rest.rpartition(".")
+            # LDM's VAE attention projects with 1x1 convolutions
+            out[f"{coder}.mid.attn_1.{_LDM_VAE_ATTENTION[module]}.{param}"] = (
+                tensor[:, :, None, None] if tensor.ndim == 2 else tensor)
+            continue
+        if part == "mid_block":
+            name = f"mid.block_{int(layer) + 1}.{rest}"
+        elif part == "down_blocks":
+            name = f"down.{block}.downsample.{rest}" if kind == "downsamplers" else f"down.{block}.block.{layer}.{rest}"
+        else:
+            b = blocks - 1 - int(block)  # LDM numbers the decoder's blocks from the bottom up
+            name = f"up.{b}.upsample.{rest}" if kind == "upsamplers" else f"up.{b}.block.{layer}.{rest}"
+        out[f"{coder}.{name}"] = tensor
+    return out
+
+
+def _ldm_clip(weights: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5.6+ saves CLIPTextModel without its text_model level; LDM checkpoints have it
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()}
+
+
+def _ldm_open_clip(weights: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    out: dict[str, Any] = {}
+    for key, tensor in weights.items():
+        if key == "text_projection.weight":
+            out[fixed[key]] = tensor.T  # OpenCLIP multiplies by it from the other side
+        elif key in fixed:
+            out[fixed[key]] = tensor
+        else:
+            layer, module, param = _match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key).groups()
+            if module in _LDM_OPEN_CLIP_LAYER:
+                out[f"transformer.resblocks.{layer}.{_LDM_OPEN_CLIP_LAYER[module]}.{param}"] = tensor
+            elif module == "self_attn.q_proj":  # OpenCLIP packs q, k and v into one projection
+                out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat(
+                    [weights[f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{param}"] for p in "qkv"])
+            elif module not in ("self_attn.k_proj", "self_attn.v_proj"):
+                raise ValueError(f"no LDM name for {key!r}")
+    return out
+
+
+def _match(pattern: str, key: str) -> Any:
+    found = re.fullmatch(pattern, key)
+    if found is None:
+        raise ValueError(f"no LDM name for {key!r}")
+    return found
+
+
+def _prefixed(part: str, weights: dict[str, Any]) -> dict[str, Any]:
+    return {_LDM_PREFIXES[part] + k: v for k, v in weights.items()}
+
+
+def _weights(folder: Path, component: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted((folder / component).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _config(folder: Path, component: str) -> dict[str, Any]:
+    return json.loads((folder / component / "config.json").read_text())
