@@ -241,7 +241,7 @@ class Runner(Actor):
             weights, pinned = self._map_staged(staged)
             try:
                 pipe = family.load(path, device=self.device, dtype_name=dtype, options=entry.options,
-                                   weights=weights)
+                                   weights=weights, config=sources.config_folder(entry))
             finally:
                 if pinned is not None:
                     staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch

@@ -33,8 +33,13 @@ class Strict(BaseModel):
 
 class ModelEntry(Strict):
     family: str
-    # "builtin:<name>" (generated on first use), a diffusers folder, or a hub id on an online host.
+    # "builtin:<name>" (generated on first use), a diffusers folder, a single .safetensors checkpoint
+    # in the original (LDM) layout, or a hub id on an online host.
     source: str
+    # For a single-file source: a diffusers folder of the same architecture, whose configs, tokenizers
+    # and scheduler build the pipeline (its weights are not read). A single file carries none of them,
+    # and diffusers would fetch them from the hub, which atelier never does.
+    config: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
     description: str = ""

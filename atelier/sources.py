@@ -1,18 +1,33 @@
 """Where a catalog entry's weights are on this host.
 
-Built-in tiny models are generated on first use; a folder is taken as it is.
-Every other source fails with a reason a person can act on: nothing here
-downloads behind anyone's back.
+Built-in tiny models are generated on first use; a folder is taken as it is; a
+single ``.safetensors`` checkpoint in the original (LDM) layout is taken with the
+folder of configs its entry names. Every other source fails with a reason a
+person can act on: nothing here downloads behind anyone's back.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from atelier.config import ModelEntry
 from atelier.tiny_models import BUILTIN, ensure_builtin
 
 BUILTIN_PREFIX = "builtin:"
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
+_MAX_HEADER = 100 << 20  # safetensors' own limit on a header
+
+# Key prefixes diffusers' single-file loader converts each part of a family's checkpoint from:
+# a file with nothing under one of them is not that family's checkpoint.
+_LDM_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd1": {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.", "vae."),
+            "text encoder": ("cond_stage_model.transformer.",)},
+    "sdxl": {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.", "vae."),
+             "first text encoder": ("conditioner.embedders.0.",),
+             "second text encoder": ("conditioner.embedders.1.",)},
+}
 
 
 class ModelSourceError(Exception):
@@ -20,9 +35,24 @@ class ModelSourceError(Exception):
 
 
 def resolve(name: str, entry: ModelEntry, cache_dir: Path) -> Path | None:
-    """The local folder holding ``name``'s weights, or None for a family that needs none."""
+    """The local folder or single file holding ``name``'s weights, or None for a family that needs none."""
     if entry.family == "noop":
         return None
+    path = _locate(name, entry, cache_dir)
+    if path.is_file():
+        _check_single_file(name, entry, path)
+    elif entry.config is not None:
+        raise ModelSourceError(f"model {name}: `config` is only for a single-file source; "
+                               f"the diffusers folder {path} has its own configs")
+    return path
+
+
+def config_folder(entry: ModelEntry) -> Path | None:
+    """The folder of configs a single-file entry is built with; None for any other source."""
+    return Path(entry.config).expanduser() if entry.config is not None else None
+
+
+def _locate(name: str, entry: ModelEntry, cache_dir: Path) -> Path:
     source = entry.source
     if source.startswith(BUILTIN_PREFIX):
         builtin = source[len(BUILTIN_PREFIX):]
@@ -34,6 +64,59 @@ def resolve(name: str, entry: ModelEntry, cache_dir: Path) -> Path | None:
         if not (path / "model_index.json").is_file():
             raise ModelSourceError(f"model {name}: {path} is not a diffusers folder (no model_index.json)")
         return path
-    if path.exists():
-        raise ModelSourceError(f"model {name}: single-file checkpoints ({path.name}) are not supported yet")
+    if path.is_file():
+        return path
     raise ModelSourceError(f"model {name}: {source} does not exist on this host")
+
+
+def _check_single_file(name: str, entry: ModelEntry, path: Path) -> None:
+    """Refuses, with the reason, a single file that cannot be built into ``entry``'s pipeline."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ModelSourceError(f"model {name}: {path.name} is a pickle checkpoint, and atelier never loads "
+                               "pickle (unpickling can run any code); convert it to .safetensors")
+    if path.suffix != ".safetensors":
+        raise ModelSourceError(f"model {name}: {path.name} is neither a diffusers folder nor a .safetensors file")
+    if entry.family not in _LDM_PARTS:
+        raise ModelSourceError(f"model {name}: family {entry.family!r} loads only from a diffusers folder")
+    configs = config_folder(entry)
+    if configs is None:
+        # diffusers would fetch these from the hub; this host does not download.
+        raise ModelSourceError(
+            f"model {name}: {path.name} is a single-file checkpoint, which does not carry the configs, "
+            f'tokenizer and scheduler its pipeline is built with: add config = "/path/to/folder" to '
+            f"[models.{name}], a diffusers folder of the same architecture (model_index.json and each "
+            "component's config and tokenizer files; its weights are not needed)")
+    if not (configs / "model_index.json").is_file():
+        raise ModelSourceError(f"model {name}: config {configs} is not a diffusers folder (no model_index.json)")
+    keys = _safetensors_keys(name, path)
+    missing = [part for part, prefixes in _LDM_PARTS[entry.family].items() if not _has(keys, prefixes)]
+    if missing:
+        others = [f for f, parts in _LDM_PARTS.items()
+                  if f != entry.family and all(_has(keys, p) for p in parts.values())]
+        hint = f"; it looks like a {others[0]} checkpoint (family = {others[0]!r})" if others else ""
+        raise ModelSourceError(f"model {name}: {path.name} is not a {entry.family} checkpoint in the original "
+                               f"(LDM) layout: it has no weights for the {', '.join(missing)}{hint}")
+
+
+def _has(keys: list[str], prefixes: tuple[str, ...]) -> bool:
+    return any(k.startswith(prefixes) for k in keys)
+
+
+def _safetensors_keys(name: str, path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (the header alone is read)."""
+    damaged = ModelSourceError(f"model {name}: {path.name} is not a readable safetensors file "
+                               "(damaged, cut short, or something else under that name)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged
+        (length,) = struct.unpack("<Q", head)
+        if length > min(path.stat().st_size - 8, _MAX_HEADER):
+            raise damaged
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:  # not JSON, or not UTF-8
+            raise damaged from None
+    if not isinstance(header, dict):
+        raise damaged
+    return [k for k in header if k != "__metadata__"]

@@ -11,6 +11,10 @@ runner pins the mapping and uploads tensor by tensor, DMA from pinned memory.
 The pipeline itself is assembled from the folder's configs with empty (meta)
 weights that then take the mapped tensors (``load_state_dict(assign=True)``),
 so the same folder gives the same pipeline, bit for bit, as ``from_pretrained``.
+
+A single-file checkpoint (the original "LDM" layout) is staged the same way, as
+one file under the component name ``CHECKPOINT``; diffusers' own converters then
+build each component from its tensors, as ``from_single_file`` does from the file.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from actors.messages import StagedFile
 
 ALIGN = 64  # every file starts on a cache line, so every tensor is aligned for its dtype
+CHECKPOINT = "checkpoint"  # the component a single-file checkpoint is staged as: it holds them all
 SHM_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 
 
@@ -41,7 +46,11 @@ class StagingError(Exception):
 
 
 def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
-    """The weight files from_pretrained would read, as (component, file) pairs."""
+    """The weight files from_pretrained would read, as (component, file) pairs; a single file is one."""
+    if folder.is_file():
+        if folder.suffix != ".safetensors":
+            raise StagingError(f"{folder.name} is not a safetensors file; only safetensors weights are staged")
+        return [(CHECKPOINT, folder)]
     index = _model_index(folder)
     files = []
     for component, value in index.items():
@@ -60,7 +69,7 @@ def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
 
 
 def stage(folder: Path, segment: Path, variant: str | None = None) -> list[StagedFile]:
-    """Copies the folder's weight files into ``segment``; returns where each one lies in it.
+    """Copies the folder's weight files (or the single file) into ``segment``; returns where each one lies in it.
 
     The segment appears under its name only when complete (written aside, then renamed).
     """
@@ -166,25 +175,49 @@ def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: A
     """
     import diffusers
 
-    index = _model_index(folder)
-    pipeline_cls = getattr(diffusers, index["_class_name"])
+    def part(name: str, library: str, class_name: str) -> Any:
+        cls = getattr(importlib.import_module(library), class_name)
+        if name in weights:
+            return _module_from_weights(cls, folder / name, weights[name], dtype)
+        return cls.from_pretrained(folder / name)
+
+    return _assemble(getattr(diffusers, _model_index(folder)["_class_name"]), folder, part)
+
+
+def build_from_checkpoint(pipeline_cls: type, configs: Path, checkpoint: dict[str, Any], *, dtype: Any = None) -> Any:
+    """Assembles ``pipeline_cls`` from a single-file checkpoint's tensors and a diffusers folder of configs.
+
+    The same pipeline, bit for bit, as ``from_single_file(file, config=configs)``: every component
+    goes through the function that one calls (which converts a model's weights from the
+    checkpoint's names, or reads a tokenizer or scheduler from ``configs``); only reading the file
+    is left out.
+    """
+    from diffusers import pipelines
+    from diffusers.loaders.single_file import SINGLE_FILE_OPTIONAL_COMPONENTS, load_single_file_sub_model
+
+    def part(name: str, library: str, class_name: str) -> Any:
+        if name in SINGLE_FILE_OPTIONAL_COMPONENTS:  # the safety checker, which from_single_file leaves out
+            return None
+        return load_single_file_sub_model(
+            library_name=library, class_name=class_name, name=name, checkpoint=checkpoint, pipelines=pipelines,
+            is_pipeline_module=hasattr(pipelines, library), cached_model_config_path=str(configs),
+            torch_dtype=dtype, local_files_only=True)
+
+    return _assemble(pipeline_cls, configs, part)
+
+
+def _assemble(pipeline_cls: type, folder: Path, part: Callable[[str, str, str], Any]) -> Any:
+    """``pipeline_cls`` with the components ``folder`` lists, each made by ``part(name, library, class)``."""
     accepted = inspect.signature(pipeline_cls.__init__).parameters
     parts: dict[str, Any] = {}
-    for name, value in index.items():
+    for name, value in _model_index(folder).items():
         if name.startswith("_") or name not in accepted:
             continue
         if not isinstance(value, list):
             parts[name] = value  # a plain setting, e.g. requires_safety_checker
             continue
         library, class_name = value
-        if library is None:
-            parts[name] = None
-            continue
-        cls = getattr(importlib.import_module(library), class_name)
-        if name in weights:
-            parts[name] = _module_from_weights(cls, folder / name, weights[name], dtype)
-        else:
-            parts[name] = cls.from_pretrained(folder / name)
+        parts[name] = None if library is None else part(name, library, class_name)
     return pipeline_cls(**parts)
 
 

@@ -70,11 +70,15 @@ class Family(ABC):
         dtype_name: str = "float32",
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
+        config: Path | None = None,
     ) -> Any:
         """Load the model at ``path`` onto ``device``; returns the pipeline object.
 
         ``weights`` (component -> state dict, e.g. views of a staged segment) replaces
         reading the weight files; configs, tokenizers and schedulers still come from ``path``.
+        With ``config``, ``path`` is a single-file checkpoint (staged as the one component
+        ``staging.CHECKPOINT``) and ``config`` the diffusers folder its pipeline's configs,
+        tokenizers and schedulers come from.
         """
 
     @abstractmethod

@@ -37,6 +37,7 @@ class NoopFamily(Family):
         dtype_name: str = "float32",
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
+        config: Path | None = None,
     ) -> NoopPipeline:
         options = options or {}
         unknown = set(options) - {"step_s"}

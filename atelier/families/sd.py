@@ -9,11 +9,13 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.utils import logging as diffusers_logging
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
-from atelier.staging import build_pipeline
+from atelier.sources import ModelSourceError
+from atelier.staging import CHECKPOINT, build_from_checkpoint, build_pipeline
 
 # A server loads models all day; diffusers' per-load progress bars would bury its logs.
 diffusers_logging.disable_progress_bar()
@@ -41,6 +43,7 @@ class _StableDiffusionFamily(Family):
         dtype_name: str = "float32",
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
+        config: Path | None = None,
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
@@ -53,7 +56,9 @@ class _StableDiffusionFamily(Family):
 
         # local_files_only: a path that is not a local folder must fail here,
         # never be mistaken for a hub repo id and trigger a download.
-        if weights is not None:
+        if config is not None:
+            pipe = self._from_single_file(path, config, _DTYPES[dtype_name], weights)
+        elif weights is not None:
             pipe = build_pipeline(path, weights, dtype=_DTYPES[dtype_name])
         else:
             pipe = self.pipeline_class.from_pretrained(path, dtype=_DTYPES[dtype_name], local_files_only=True)
@@ -65,6 +70,23 @@ class _StableDiffusionFamily(Family):
         if options.get("vae_tiling"):
             pipe.vae.enable_tiling()
         return pipe
+
+    def _from_single_file(self, path: Path, config: Path, dtype: torch.dtype,
+                          weights: dict[str, dict[str, Any]] | None) -> DiffusionPipeline:
+        """The pipeline of a single-file checkpoint: its tensors (staged, or read from ``path``) converted
+        by diffusers, everything else from the diffusers folder ``config``."""
+        # Given anything but a local folder of configs, diffusers goes looking for them on the hub.
+        if not (config / "model_index.json").is_file():
+            raise ModelSourceError(f"config {config} is not a diffusers folder (no model_index.json)")
+        try:
+            if weights is not None:
+                return build_from_checkpoint(self.pipeline_class, config, weights[CHECKPOINT], dtype=dtype)
+            return self.pipeline_class.from_single_file(str(path), config=str(config), dtype=dtype,
+                                                        local_files_only=True)
+        except (SingleFileComponentError, KeyError, ValueError) as exc:
+            # What diffusers says of a file that does not fit the configs rarely names either.
+            raise ModelSourceError(f"{path.name} does not fit the configs in {config}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
 
     def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
         generators = [torch.Generator(device=pipe.device).manual_seed(req.seed + i) for i in range(req.count)]
