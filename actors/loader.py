@@ -192,8 +192,8 @@ class Loader(Actor):
             self._importer, sources.resolve, model, entry, self.config.model_cache)
         if path is None:
             return Staged(model=model, path="", bytes=0)  # a family with no weights
-        if staging.SHM_ROOT is None:
-            return Staged(model=model, path=str(path), bytes=0)
+        if staging.SHM_ROOT is None or not self.config.node.staging:
+            return Staged(model=model, path=str(path), bytes=0)  # runners read it from disk
         try:
             files = await asyncio.to_thread(staging.plan, path)
         except staging.StagingError as exc:

@@ -59,6 +59,7 @@ Blob = Annotated[
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 
 
 class Wire(BaseModel):
@@ -136,6 +137,9 @@ class JobSpec(Wire):
     count: int = Field(default=1, ge=1, le=16)
     user: str = Field(default="anonymous", min_length=1, max_length=128)
     priority: Priority = Priority.interactive
+    # A live session (images as the user types): a newer job of the same user and session
+    # replaces this one if it is still queued, and stops it at its next step if it is running.
+    session: SessionId | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -165,6 +169,8 @@ class JobRecord(Wire):
     attempts: int = 0
     runner: str | None = None
     position: int | None = None  # 0-based place in the queue while queued
+    eta_s: float | None = None  # expected seconds from the last update until it is done, from measured step times
+    batch_id: str | None = None  # the pipeline call it ran in, shared with the jobs batched with it
     submitted_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -183,9 +189,10 @@ class Capabilities(Wire):
     device_name: str | None = None
     families: list[str] = Field(default_factory=list)
     resident: dict[str, int] = Field(default_factory=dict)  # models loaded and ready, with their bytes
-    # The job a runner is working on when it (re)registers, so a scheduler that thought
-    # it dead takes the job back instead of running it twice.
-    active_job: JobId | None = None
+    # The batch a runner is working on when it (re)registers, so a scheduler that thought
+    # it dead takes the jobs back instead of running them twice.
+    active_batch: str | None = None
+    active_jobs: list[JobId] = Field(default_factory=list)
 
 
 class Hello(Wire):
@@ -339,10 +346,17 @@ class JobResult(Wire):
 # Scheduler <-> runner, runner <-> loader
 
 
-class RunJob(Wire):
-    kind: Literal["run_job"] = "run_job"
+class BatchItem(Wire):
     job: JobSpec  # fully resolved: size, steps, guidance and seed are set
-    attempt: int
+    attempt: int = Field(ge=1)
+
+
+class RunBatch(Wire):
+    """Jobs that share one pipeline call: same model, kind, size, steps, guidance (scheduler -> runner)."""
+
+    kind: Literal["run_batch"] = "run_batch"
+    batch_id: JobId
+    items: list[BatchItem] = Field(min_length=1, max_length=1024)
 
 
 class StopJob(Wire):
@@ -351,9 +365,9 @@ class StopJob(Wire):
     reason: str
 
 
-class JobUpdate(Wire):
-    kind: Literal["job_update"] = "job_update"
-    job_id: JobId
+class BatchUpdate(Wire):
+    kind: Literal["batch_update"] = "batch_update"
+    batch_id: JobId
     state: Literal[JobState.loading, JobState.running]
 
 
@@ -362,7 +376,6 @@ class JobDone(Wire):
     job_id: JobId
     outputs: list[Artifact]
     elapsed_s: float
-    resident: dict[str, int]
 
 
 class JobFailed(Wire):
@@ -371,7 +384,27 @@ class JobFailed(Wire):
     reason: str
     cancelled: bool = False
     retryable: bool = False  # True when the job itself is fine and another try may succeed
-    resident: dict[str, int] = Field(default_factory=dict)
+
+
+class RunTiming(Wire):
+    """What a batch cost, measured by the runner: the scheduler's estimates learn from it."""
+
+    loaded_from: Literal["resident", "staged", "disk"] = "resident"
+    stage_wait_s: float = 0.0  # waiting for the loader to stage the weights (0 when they were staged already)
+    load_s: float = 0.0  # building the pipeline and moving it to the device, after that
+    images: int = 0
+    steps: int = 0  # denoising steps actually run (fewer when stopped early)
+    step_s: float | None = None  # mean seconds per step of the whole batch
+
+
+class BatchDone(Wire):
+    """The outcome of every job of a batch; the runner is free again (runner -> scheduler)."""
+
+    kind: Literal["batch_done"] = "batch_done"
+    batch_id: JobId
+    outcomes: list[Annotated[Union[JobDone, JobFailed], Field(discriminator="kind")]]
+    resident: dict[str, int]
+    timing: RunTiming = Field(default_factory=RunTiming)
 
 
 class Draining(Wire):
@@ -413,8 +446,10 @@ class JobEvent(Wire):
     state: JobState
     reason: str | None = None
     position: int | None = None
+    eta_s: float | None = None
     runner: str | None = None
     attempt: int = 0
+    batch_id: str | None = None
 
 
 class Progress(Wire):
@@ -459,11 +494,10 @@ Message = Annotated[
         GetModels,
         Models,
         JobResult,
-        RunJob,
+        RunBatch,
         StopJob,
-        JobUpdate,
-        JobDone,
-        JobFailed,
+        BatchUpdate,
+        BatchDone,
         Draining,
         Stage,
         Staged,

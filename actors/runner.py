@@ -1,9 +1,10 @@
-"""A runner (one per GPU, or one on the CPU): keeps models resident and runs jobs.
+"""A runner (one per GPU, or one on the CPU): keeps models resident and runs batches of jobs.
 
-Pipelines run in one worker thread so the event loop stays free to heartbeat,
-publish progress and hear a cancel. Every step publishes ``Progress`` and a
-``Preview`` (a linear latent-to-RGB projection, JPEG, at most 256 px). Any
-exception inside a job fails that job with its reason; the runner goes on.
+The scheduler sends a batch: jobs that share one pipeline call. Pipelines run in one worker
+thread so the event loop stays free to heartbeat, publish progress and hear a cancel. Every
+step publishes, for each job of the batch, ``Progress`` and a ``Preview`` (a linear
+latent-to-RGB projection of its first image, JPEG, at most 256 px). Any exception inside a
+batch fails its jobs with the reason; the runner goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import io
+import itertools
 import logging
 import os
 import socket
@@ -29,6 +31,9 @@ from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Artifact,
+    BatchDone,
+    BatchItem,
+    BatchUpdate,
     Capabilities,
     Draining,
     ErrorCode,
@@ -36,13 +41,13 @@ from actors.messages import (
     JobFailed,
     JobSpec,
     JobState,
-    JobUpdate,
     Ok,
     Preview,
     Progress,
     Release,
     Role,
-    RunJob,
+    RunBatch,
+    RunTiming,
     Stage,
     Staged,
     StopJob,
@@ -66,11 +71,25 @@ class ResidentModel:
 
 
 @dataclass
-class ActiveJob:
-    spec: JobSpec
+class ActiveBatch:
+    id: str
+    items: list[BatchItem]
+    # Jobs stopped by the scheduler, with the reason: their images are dropped. When every job
+    # is stopped (or the runner shuts down) ``cancel`` is set and the call ends at its next step.
+    stopped: dict[str, str] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = "cancelled"
+    shutting_down: str | None = None
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def specs(self) -> list[JobSpec]:
+        return [item.job for item in self.items]
+
+    def stop(self, job_id: str, reason: str) -> None:
+        if any(spec.id == job_id for spec in self.specs):
+            self.stopped[job_id] = reason
+            if len(self.stopped) == len(self.items):
+                self.cancel.set()
 
 
 class Runner(Actor):
@@ -83,7 +102,7 @@ class Runner(Actor):
         self.device = device
         self.pipelines: OrderedDict[str, ResidentModel] = OrderedDict()  # least recently used first
         self.budget = config.node.device_budget_bytes or default_device_budget(device)
-        self.active: ActiveJob | None = None
+        self.active: ActiveBatch | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
@@ -96,7 +115,9 @@ class Runner(Actor):
         caps.device_name = self.device_name
         caps.families = sorted(FAMILY_LIMITS)
         caps.resident = dict(self.resident_bytes)
-        caps.active_job = self.active.spec.id if self.active is not None else None
+        if self.active is not None:
+            caps.active_batch = self.active.id
+            caps.active_jobs = [spec.id for spec in self.active.specs]
         return caps
 
     async def on_start(self) -> None:
@@ -108,128 +129,158 @@ class Runner(Actor):
 
     # -- handlers -------------------------------------------------------------- #
 
-    @handles(RunJob)
-    async def on_run(self, msg: RunJob, env: Envelope) -> None:
+    @handles(RunBatch)
+    async def on_run(self, msg: RunBatch, env: Envelope) -> None:
+        refusal = None
         if self._draining:
-            refused = JobFailed(job_id=msg.job.id, retryable=True, resident=self.resident_bytes,
-                                reason=f"{self.name} is shutting down")
+            refusal = f"{self.name} is shutting down"
+        elif self.active is not None:
+            # The scheduler thought we were free (it restarted, say): hand the jobs straight back.
+            refusal = f"{self.name} is busy with batch {self.active.id}"
+        if refusal is not None:
+            outcomes = [JobFailed(job_id=item.job.id, retryable=True, reason=refusal) for item in msg.items]
+            refused = BatchDone(batch_id=msg.batch_id, outcomes=outcomes, resident=self.resident_bytes)
             asyncio.create_task(self._report(env.src, refused))
             return
-        if self.active is not None:
-            # The scheduler thought we were free (it restarted, say): hand the job straight back.
-            busy = JobFailed(job_id=msg.job.id, retryable=True, resident=self.resident_bytes,
-                             reason=f"{self.name} is busy with {self.active.spec.id}")
-            asyncio.create_task(self._report(env.src, busy))
-            return
-        self.active = ActiveJob(msg.job)
+        self.active = ActiveBatch(msg.batch_id, list(msg.items))
         self._execution = asyncio.create_task(self._execute(self.active, env.src))
 
     @handles(StopJob)
     async def on_stop_job(self, msg: StopJob, env: Envelope) -> Ok:
-        if self.active is not None and self.active.spec.id == msg.job_id:
-            self.active.cancel_reason = msg.reason
-            self.active.cancel.set()
+        if self.active is not None:
+            self.active.stop(msg.job_id, msg.reason)
         return Ok()
 
     async def drain(self) -> None:
-        # First tell the scheduler to send nothing more, then stop the job in hand at its next
-        # step; the scheduler requeues it. Both travel the same path, so they arrive in order.
+        # First tell the scheduler to send nothing more, then stop the batch in hand at its next
+        # step; the scheduler requeues its jobs. Both travel the same path, so they arrive in order.
         self._draining = True
         with contextlib.suppress(Exception):
             await self.send(SCHEDULER, Draining())
         if self.active is not None:
-            self.active.cancel_reason = f"{self.name} is shutting down"
+            self.active.shutting_down = f"{self.name} is shutting down"
             self.active.cancel.set()
         if self._execution is not None:
-            await self._execution  # includes handing the outcome to the scheduler
+            await self._execution  # includes handing the outcomes to the scheduler
         self._worker.shutdown(wait=False)
 
-    # -- a job ------------------------------------------------------------------ #
+    # -- a batch ------------------------------------------------------------------ #
 
-    async def _execute(self, active: ActiveJob, scheduler: str) -> None:
-        spec = active.spec
+    async def _execute(self, batch: ActiveBatch, scheduler: str) -> None:
+        specs = batch.specs
+        first = specs[0]
         loop = asyncio.get_running_loop()
+        timing = RunTiming(images=sum(spec.count for spec in specs))
         try:
-            resident = self.pipelines.get(spec.model)
-            pipe = resident.pipe if resident is not None else None
-            if pipe is None:
-                await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.loading))
-                pipe = await self._load(spec.model)
+            resident = self.pipelines.get(first.model)
+            if resident is None:
+                await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
+                pipe = await self._load(first.model, timing)
             else:
-                self.pipelines.move_to_end(spec.model)
-            await self.send(scheduler, JobUpdate(job_id=spec.id, state=JobState.running))
-            request = GenerateRequest(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
-                                      width=spec.width, height=spec.height, steps=spec.steps,
-                                      guidance=spec.guidance, seed=spec.seed, count=spec.count)
-            family_name = self.config.models[spec.model].family
+                pipe = resident.pipe
+                self.pipelines.move_to_end(first.model)
+            await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
+            # Every image of the batch in job order, each with its own prompt and seed.
+            request = GenerateRequest(
+                prompts=tuple(spec.prompt for spec in specs for _ in range(spec.count)),
+                negative_prompts=tuple(spec.negative_prompt for spec in specs for _ in range(spec.count)),
+                seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
+                width=first.width, height=first.height, steps=first.steps, guidance=first.guidance)
+            family_name = self.config.models[first.model].family
 
-            def work() -> list[Artifact]:
-                # One trip to the worker per job, not one per stage: each trip costs two thread
+            def work() -> list[list[Artifact]]:
+                # One trip to the worker per batch, not one per stage: each trip costs two thread
                 # wake-ups, which is most of a short job's cost.
                 family = get_family(family_name)
-                images = family.generate(pipe, request, self._step_reporter(active, family))
-                return encode_png(images, spec)
+                reporter = self._step_reporter(batch, family, timing)
+                images = family.generate(pipe, request, reporter)
+                outputs, start = [], 0
+                for spec in specs:
+                    mine = images[start:start + spec.count]
+                    start += spec.count
+                    outputs.append([] if spec.id in batch.stopped else encode_png(mine, spec))
+                return outputs
 
-            outputs = await loop.run_in_executor(self._worker, work)
-            final: JobDone | JobFailed = JobDone(job_id=spec.id, outputs=outputs, resident=self.resident_bytes,
-                                                 elapsed_s=time.monotonic() - active.started)
+            per_job = await loop.run_in_executor(self._worker, work)
+            outcomes: list[JobDone | JobFailed] = []
+            for spec, outputs in zip(specs, per_job, strict=True):
+                if spec.id in batch.stopped:
+                    outcomes.append(JobFailed(job_id=spec.id, reason=batch.stopped[spec.id], cancelled=True))
+                else:
+                    outcomes.append(JobDone(job_id=spec.id, outputs=outputs,
+                                            elapsed_s=time.monotonic() - batch.started))
         except JobCancelled:
-            shutting_down = active.cancel_reason != "cancelled"
-            final = JobFailed(job_id=spec.id, reason=active.cancel_reason, cancelled=not shutting_down,
-                              retryable=shutting_down, resident=self.resident_bytes)
+            outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
         except Exception as exc:
             reason, retryable = self._explain(exc)
-            log.warning("job %s failed: %s", spec.id, reason, exc_info=not retryable)
-            final = JobFailed(job_id=spec.id, reason=reason, retryable=retryable, resident=self.resident_bytes)
+            log.warning("batch %s failed: %s", batch.id, reason, exc_info=not retryable)
+            outcomes = [JobFailed(job_id=spec.id, reason=reason, retryable=retryable) for spec in specs]
         finally:
-            self.active = None  # free for the next job while the report travels
-        await self._report(scheduler, final)
+            self.active = None  # free for the next batch while the report travels
+        if self.config.node.resident_models == 0:
+            self._unload_all()
+        await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes, resident=self.resident_bytes,
+                                                timing=timing))
 
-    async def _report(self, scheduler: str, final: JobDone | JobFailed) -> None:
-        """Delivers a job's outcome until the scheduler acknowledges it: a result is never dropped
-        because the broker or the scheduler was restarting at that moment."""
+    @staticmethod
+    def _stopped_outcome(batch: ActiveBatch, spec: JobSpec) -> JobFailed:
+        if spec.id in batch.stopped:
+            return JobFailed(job_id=spec.id, reason=batch.stopped[spec.id], cancelled=True)
+        # Stopped because the runner is going away: the job itself is fine, another runner takes it.
+        return JobFailed(job_id=spec.id, reason=batch.shutting_down or "stopped", retryable=True)
+
+    async def _report(self, scheduler: str, outcome: BatchDone) -> None:
+        """Delivers a batch's outcomes until the scheduler acknowledges them: a result is never
+        dropped because the broker or the scheduler was restarting at that moment."""
         delay = 0.2
         deadline = time.monotonic() + REPORT_PATIENCE_S
         while True:
             try:
-                await self.ask(scheduler, final, timeout=10.0)
+                await self.ask(scheduler, outcome, timeout=10.0)
                 return
             except RemoteError as exc:
                 if exc.error.code is not ErrorCode.unroutable:  # it heard us and refused: retrying won't help
-                    log.error("the scheduler refused the outcome of %s: %s", final.job_id, exc)
+                    log.error("the scheduler refused the outcome of batch %s: %s", outcome.batch_id, exc)
                     return
                 problem = str(exc)
             except asyncio.TimeoutError:
                 problem = "no answer"
             if time.monotonic() > deadline:
-                log.error("gave up reporting %s to %s: %s", final.job_id, scheduler, problem)
+                log.error("gave up reporting batch %s to %s: %s", outcome.batch_id, scheduler, problem)
                 return
-            log.warning("could not report %s yet (%s); retrying in %.1fs", final.job_id, problem, delay)
+            log.warning("could not report batch %s yet (%s); retrying in %.1fs", outcome.batch_id, problem, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _step_reporter(self, active: ActiveJob, family):
+    def _step_reporter(self, batch: ActiveBatch, family, timing: RunTiming):
         """The per-step callback; it runs in the worker thread, between denoising steps."""
-        job_id = active.spec.id
         started = time.monotonic()
+        # Where each job's first image sits in the batch: its preview is of that one.
+        first_image = [0, *itertools.accumulate(spec.count for spec in batch.specs)][:-1]
 
         def on_step(step: int, total: int, latents) -> None:
-            if active.cancel.is_set():
-                raise JobCancelled(active.cancel_reason)
+            if batch.cancel.is_set():
+                raise JobCancelled(batch.shutting_down or "cancelled")
             now = time.monotonic()
             per_step = (now - started) / step
-            self.publish_threadsafe(Progress(job_id=job_id, step=step, total=total,
-                                             elapsed_s=now - active.started, eta_s=per_step * (total - step)))
-            if latents is not None:
-                rgb = family.preview(latents)
-                self.publish_threadsafe(Preview(job_id=job_id, step=step, width=rgb.shape[1],
-                                                height=rgb.shape[0], image=encode_jpeg(rgb)))
+            timing.steps, timing.step_s = step, per_step
+            for spec, index in zip(batch.specs, first_image, strict=True):
+                if spec.id in batch.stopped:
+                    continue  # its owner has moved on: no more of its progress
+                self.publish_threadsafe(Progress(job_id=spec.id, step=step, total=total,
+                                                 elapsed_s=now - batch.started, eta_s=per_step * (total - step)))
+                if latents is not None:
+                    rgb = family.preview(latents, index)
+                    self.publish_threadsafe(Preview(job_id=spec.id, step=step, width=rgb.shape[1],
+                                                    height=rgb.shape[0], image=encode_jpeg(rgb)))
 
         return on_step
 
-    async def _load(self, model: str) -> Any:
+    async def _load(self, model: str, timing: RunTiming) -> Any:
         entry = self.config.models[model]
+        asked = time.monotonic()
         staged = await self._stage(model)
+        timing.stage_wait_s = time.monotonic() - asked
         path = Path(staged.path) if staged.path else None
         dtype = entry.dtype
         if dtype == "auto":
@@ -245,8 +296,10 @@ class Runner(Actor):
             finally:
                 if pinned is not None:
                     staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
+            timing.loaded_from = "staged" if weights is not None else "disk"
+            timing.load_s = time.monotonic() - started
             log.info("%s: loaded %s from %s in %.2fs", self.name, model,
-                     "staged memory" if weights is not None else "disk", time.monotonic() - started)
+                     "staged memory" if weights is not None else "disk", timing.load_s)
             return pipe
 
         # Room first, by the staged size (the loaded size is close to it): two models that
@@ -338,6 +391,12 @@ class Runner(Actor):
         if isinstance(exc, sources.ModelSourceError):
             return str(exc), False
         return f"{type(exc).__name__}: {exc}", False
+
+    def _unload_all(self) -> None:
+        """resident_models = 0: nothing stays loaded between batches."""
+        if self.pipelines:
+            self.pipelines.clear()
+            self._free_memory()
 
     def _free_memory(self) -> None:
         gc.collect()

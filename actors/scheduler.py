@@ -1,50 +1,41 @@
-"""The scheduler: the queue, job state, and every decision about where a job runs.
+"""The scheduler: the actor around the scheduling policy (``atelier/scheduling/policy.py``).
 
-For now the policy is a plain FIFO over idle runners (a job no idle runner can
-take does not hold back the ones behind it). Every state transition is
-published as a ``JobEvent``; the final ``JobResult`` goes to the submitting
-frontend over the routed path, because events are lossy and results are not.
+Every decision (order, fairness, batching, placement, preloading, live sessions, ETAs) is the
+policy's; this actor turns messages into calls on it and its effects into messages. Every
+state transition is published as a ``JobEvent``; the final ``JobResult`` goes to the
+submitting frontend over the routed path, because events are lossy and results are not.
 
-A runner that dies (the broker says ``PeerDown``) gives its job back to the
-front of the queue; generation is seeded, so the retry makes the same image.
-After ``max_attempts`` the job fails with the reason.
+A runner that dies (the broker says ``PeerDown``) gives its jobs back to the front of their
+owners' queues; generation is seeded, so a retry makes the same images. After
+``max_attempts`` a job fails with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import logging
-import random
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 from actors.actor import Actor, handles, run_actor
 from actors.codec import Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
+    BatchDone,
+    BatchItem,
+    BatchUpdate,
     CancelJob,
-    Capabilities,
     ClusterStatus,
     Draining,
     Error,
-    ErrorCode,
     GetJob,
     GetModels,
     GetStatus,
-    JobDone,
     JobEvent,
-    JobFailed,
     JobInfo,
     JobKind,
-    JobRecord,
     JobResult,
-    JobSpec,
-    JobState,
-    JobUpdate,
     LoaderState,
     ModelInfo,
     Models,
@@ -53,163 +44,112 @@ from actors.messages import (
     PeerUp,
     Preload,
     Role,
-    RunJob,
+    RunBatch,
     RunnerStatus,
     StopJob,
     Submit,
 )
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config, load_config
+from atelier.scheduling.policy import (
+    Announce,
+    Deliver,
+    Dispatch,
+    Job,
+    Policy,
+    PreloadModels,
+    Refused,
+    StopRunning,
+)
 
 log = logging.getLogger("atelier.scheduler")
 
-
-@dataclass
-class Job:
-    record: JobRecord
-    client: str  # the frontend that submitted it, where the result goes
-    cancel_requested: bool = False
-
-
-@dataclass
-class RunnerSlot:
-    name: str
-    capabilities: Capabilities
-    job: str | None = None
-    resident: dict[str, int] = field(default_factory=dict)
-    draining: bool = False  # shutting down: finishes or hands back its job, takes no new one
+REFRESH_S = 1.0  # how often queued jobs' positions and ETAs are brought up to date
 
 
 class Scheduler(Actor):
     role = Role.scheduler
 
-    def __init__(self, config: Config, router: str, *, name: str = "scheduler", **kwargs):
+    def __init__(self, config: Config, router: str, *, name: str = "scheduler", clock=time.time, **kwargs):
         super().__init__(name, router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
-        self.jobs: dict[str, Job] = {}
-        self.queue: deque[str] = deque()
-        self.runners: dict[str, RunnerSlot] = {}
-        self.finished: deque[str] = deque()
-        self.loaders: dict[str, LoaderState] = {}  # by node
-        self._preloading: dict[str, set[str]] = {}  # by node: asked for, not yet reported staged
+        self.policy = Policy(config)
         self.store = ArtifactStore(config.artifact_dir)
+        self.clock = clock
+        self.loaders: dict[str, LoaderState] = {}  # by node, for status
+        self._wake: asyncio.TimerHandle | None = None
+        self._sending = asyncio.Lock()  # effects go out in the order the policy decided them
+
+    async def on_start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name=f"{self.name}-refresh"))
 
     # -- peers --------------------------------------------------------------- #
 
     @handles(PeerUp)
     async def on_peer_up(self, msg: PeerUp, env: Envelope) -> None:
-        if msg.role is not Role.runner or msg.name in self.runners:
-            return
-        slot = RunnerSlot(msg.name, msg.capabilities, resident=dict(msg.capabilities.resident))
-        self.runners[msg.name] = slot
-        log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
-        if msg.capabilities.active_job is not None:
-            await self._reclaim(slot, msg.capabilities.active_job)
-        await self._dispatch()
-
-    async def _reclaim(self, slot: RunnerSlot, job_id: str) -> None:
-        """A runner we had given up on came back still working: let it finish rather than run the job twice."""
-        job = self.jobs.get(job_id)
-        mine = job is not None and not job.record.state.terminal and job.record.runner in (None, slot.name)
-        if mine:
-            slot.job = job_id
-            if job.record.state is JobState.queued:
-                self.queue.remove(job_id)
-                job.record.state = JobState.running
-                job.record.runner = slot.name
-                job.record.position = None
-                await self._announce(job)
-        else:
-            await self.send(slot.name, StopJob(job_id=job_id, reason="the job was reassigned"))
-
-    @handles(LoaderState)
-    async def on_loader_state(self, msg: LoaderState, env: Envelope) -> None:
-        self.loaders[msg.node] = msg
-        self._preloading.pop(msg.node, None)
+        if msg.role is Role.runner:
+            if msg.name not in self.policy.runners:
+                log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
+            self.policy.runner_up(msg.name, msg.capabilities, self.clock())
+            await self._schedule()
 
     @handles(PeerDown)
     async def on_peer_down(self, msg: PeerDown, env: Envelope) -> None:
         if msg.role is Role.loader:
-            gone = [node for node in self.loaders if loader_name(node) == msg.name]
-            for node in gone:
+            for node in [n for n in self.loaders if loader_name(n) == msg.name]:
                 del self.loaders[node]
-            return
-        slot = self.runners.pop(msg.name, None)
-        if slot is None or slot.job is None:
-            return
-        job = self.jobs.get(slot.job)
-        if job is None or job.record.state.terminal:
-            return
-        reason = f"runner {msg.name} died while running this job ({msg.reason})"
-        if job.cancel_requested:
-            await self._finish(job, JobState.cancelled, "cancelled")
-        elif job.record.attempts >= self.config.scheduler.max_attempts:
-            await self._finish(job, JobState.failed,
-                               f"{reason}; gave up after {job.record.attempts} attempts")
-        else:
-            log.warning("%s; requeueing %s (attempt %d)", reason, job.record.spec.id, job.record.attempts)
-            await self._requeue(job, reason)
-        await self._dispatch()
+                self.policy.loader_down(node)
+        elif msg.role is Role.runner:
+            if msg.name in self.policy.runners:
+                log.warning("runner %s is gone (%s)", msg.name, msg.reason)
+            self.policy.runner_down(msg.name, msg.reason, self.clock())
+            await self._schedule()
+
+    @handles(LoaderState)
+    async def on_loader_state(self, msg: LoaderState, env: Envelope) -> None:
+        self.loaders[msg.node] = msg
+        self.policy.loader_state(msg.node, msg.staged)
 
     # -- frontends ----------------------------------------------------------- #
 
     @handles(Submit)
     async def on_submit(self, msg: Submit, env: Envelope) -> Accepted | Error:
-        spec = msg.job
-        known = self.jobs.get(spec.id)
-        if known is not None:
-            if known.client == env.src:
-                return Accepted(job=known.record)  # a retry of a submit whose answer was lost
-            return Error(code=ErrorCode.bad_request, field="id", message=f"job id {spec.id!r} already exists")
-        problem = self._check(spec)
-        if problem is not None:
-            return problem
-        if len(self.queue) >= self.config.scheduler.max_queue:
-            return Error(code=ErrorCode.queue_full, retry_after_s=5.0,
-                         message=f"the queue is full ({len(self.queue)} jobs); try again later")
-        record = JobRecord(spec=self._resolve(spec), state=JobState.queued, submitted_at=time.time(),
-                           position=len(self.queue))
-        job = Job(record, client=env.src)
-        self.jobs[spec.id] = job
-        self.queue.append(spec.id)
-        await self._announce(job)
-        await self._dispatch()
-        return Accepted(job=job.record)
+        now = self.clock()
+        try:
+            job = self.policy.submit(msg.job, env.src, now)
+        except Refused as refused:
+            return _error(refused)
+        await self._schedule()
+        return Accepted(job=self.policy.record(job, now))
 
     @handles(CancelJob)
     async def on_cancel(self, msg: CancelJob, env: Envelope) -> JobInfo | Error:
-        job = self.jobs.get(msg.job_id)
-        if job is None:
-            return _unknown_job(msg.job_id)
-        state = job.record.state
-        if state is JobState.queued:
-            self.queue.remove(msg.job_id)
-            await self._finish(job, JobState.cancelled, "cancelled while queued")
-        elif not state.terminal and not job.cancel_requested:
-            # It stops at its next step; the runner's JobFailed(cancelled) finishes it.
-            job.cancel_requested = True
-            await self.send(job.record.runner, StopJob(job_id=msg.job_id, reason="cancelled"))
-        return JobInfo(job=job.record)
+        now = self.clock()
+        try:
+            job = self.policy.cancel(msg.job_id, now)
+        except Refused as refused:
+            return _error(refused)
+        await self._schedule()
+        return JobInfo(job=self.policy.record(job, now))
 
     @handles(GetJob)
     async def on_get_job(self, msg: GetJob, env: Envelope) -> JobInfo | Error:
-        job = self.jobs.get(msg.job_id)
-        if job is None:
-            return _unknown_job(msg.job_id)
-        if job.record.state is JobState.queued:
-            job.record.position = self.queue.index(msg.job_id)
-        return JobInfo(job=job.record)
+        try:
+            job = self.policy.job(msg.job_id)
+        except Refused as refused:
+            return _error(refused)
+        return JobInfo(job=self.policy.record(job, self.clock()))
 
     @handles(GetStatus)
     async def on_status(self, msg: GetStatus, env: Envelope) -> ClusterStatus:
         counts: dict[str, int] = {}
-        for job in self.jobs.values():
+        for job in self.policy.jobs.values():
             counts[job.record.state.value] = counts.get(job.record.state.value, 0) + 1
-        runners = [RunnerStatus(name=s.name, job=s.job,
-                                capabilities=s.capabilities.model_copy(update={"resident": s.resident}))
-                   for s in self.runners.values()]
-        return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), queued=list(self.queue),
-                             counts=counts)
+        runners = [RunnerStatus(name=r.name, job=r.batch.jobs[0] if r.batch and r.batch.jobs else None,
+                                capabilities=r.capabilities.model_copy(update={"resident": r.resident}))
+                   for r in self.policy.runners.values()]
+        return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=counts,
+                             queued=[e.id for e in self.policy.queue.order()])
 
     @handles(GetModels)
     async def on_models(self, msg: GetModels, env: Envelope) -> Models:
@@ -226,181 +166,95 @@ class Scheduler(Actor):
 
     @handles(Draining)
     async def on_draining(self, msg: Draining, env: Envelope) -> None:
-        slot = self.runners.get(env.src)
-        if slot is not None:
-            slot.draining = True
+        self.policy.runner_draining(env.src)
 
-    @handles(JobUpdate)
-    async def on_job_update(self, msg: JobUpdate, env: Envelope) -> None:
-        job = self._job_on(msg.job_id, env.src)
-        if job is None:
-            return
-        job.record.state = msg.state
-        if msg.state is JobState.running:
-            job.record.started_at = time.time()
-        await self._announce(job)
+    @handles(BatchUpdate)
+    async def on_batch_update(self, msg: BatchUpdate, env: Envelope) -> None:
+        self.policy.batch_update(env.src, msg.batch_id, msg.state, self.clock())
+        await self._apply()
 
-    @handles(JobDone)
-    async def on_job_done(self, msg: JobDone, env: Envelope) -> Ok:
-        job = self._job_on(msg.job_id, env.src)
-        self._free(env.src, msg.resident)
-        await self._dispatch()
-        if job is not None:
-            uris = await asyncio.to_thread(self.store.put_all, msg.job_id, msg.outputs)
-            for artifact, uri in zip(msg.outputs, uris, strict=True):
+    @handles(BatchDone)
+    async def on_batch_done(self, msg: BatchDone, env: Envelope) -> Ok:
+        done = self.policy.batch_done(env.src, msg.batch_id, msg.outcomes, msg.resident, msg.timing, self.clock())
+        await self._schedule()  # the runner is free: give it work before writing artifacts
+        if done:
+            stored = await asyncio.to_thread(self._store, done)
+            now = self.clock()
+            for (job, outcome), uris in zip(done, stored, strict=True):
+                self.policy.complete(job, uris, tuple(outcome.outputs), now)
+            await self._apply()
+        return Ok()  # the runner may forget the outcomes now
+
+    def _store(self, done: list) -> list[list[str]]:
+        """Writes every done job's outputs (one trip to a thread per batch) and notes where they went."""
+        stored = []
+        for job, outcome in done:
+            uris = self.store.put_all(job.id, outcome.outputs)
+            for artifact, uri in zip(outcome.outputs, uris, strict=True):
                 artifact.uri = uri
-            job.record.artifacts = uris
-            await self._finish(job, JobState.done, None, outputs=msg.outputs)
-        return Ok()  # the runner may forget the result now
+            stored.append(uris)
+        return stored
 
-    @handles(JobFailed)
-    async def on_job_failed(self, msg: JobFailed, env: Envelope) -> Ok:
-        job = self._job_on(msg.job_id, env.src)
-        self._free(env.src, msg.resident)
-        if job is not None:
-            if msg.cancelled or job.cancel_requested:
-                await self._finish(job, JobState.cancelled, msg.reason)
-            elif msg.retryable and job.record.attempts < self.config.scheduler.max_attempts:
-                await self._requeue(job, msg.reason)
-            else:
-                await self._finish(job, JobState.failed, msg.reason)
-        await self._dispatch()
-        return Ok()
+    # -- effects ------------------------------------------------------------- #
 
-    # -- policy ---------------------------------------------------------------- #
+    async def _schedule(self) -> None:
+        self.policy.schedule(self.clock())
+        self._arm_wake()
+        await self._apply()
 
-    def _check(self, spec: JobSpec) -> Error | None:
-        """What pydantic cannot know: the catalog and each model's own limits."""
-        entry = self.config.models.get(spec.model)
-        if entry is None:
-            known = ", ".join(sorted(self.config.models))
-            return Error(code=ErrorCode.unknown_model, field="model",
-                         message=f"unknown model {spec.model!r}; available: {known}")
-        if spec.kind is not JobKind.txt2img:
-            return Error(code=ErrorCode.bad_request, field="kind",
-                         message=f"{spec.model} ({entry.family}) does not do {spec.kind.value}")
-        lim = entry.limits
-        for field_name, value, limit in (("width", spec.width, lim.max_width),
-                                         ("height", spec.height, lim.max_height)):
-            if value is not None and value > limit:
-                return Error(code=ErrorCode.bad_request, field=field_name,
-                             message=f"{field_name} {value} is above {spec.model}'s limit of {limit}")
-        if spec.count > lim.max_count:
-            return Error(code=ErrorCode.bad_request, field="count",
-                         message=f"count {spec.count} is above {spec.model}'s limit of {lim.max_count}")
-        return None
+    async def _apply(self) -> None:
+        """Carries out what the policy decided, in the order it decided it."""
+        async with self._sending:
+            await self._carry_out(self.policy.drain())
 
-    def _resolve(self, spec: JobSpec) -> JobSpec:
-        """Fills in the model's defaults, and a seed, so every attempt makes the same images."""
-        lim = self.config.models[spec.model].limits
-        return spec.model_copy(update={
-            "width": spec.width or lim.default_width,
-            "height": spec.height or lim.default_height,
-            "steps": spec.steps or lim.default_steps,
-            "guidance": lim.default_guidance if spec.guidance is None else spec.guidance,
-            "seed": random.randrange(2**32) if spec.seed is None else spec.seed,
-        })
+    async def _carry_out(self, effects: list) -> None:
+        now = self.clock()
+        for effect in effects:
+            if isinstance(effect, Announce):
+                await self._announce(effect.job, now)
+            elif isinstance(effect, Deliver):
+                await self._announce(effect.job, now)
+                await self.send(effect.job.client, JobResult(job=effect.job.record, outputs=list(effect.outputs)))
+            elif isinstance(effect, Dispatch):
+                items = [BatchItem(job=spec, attempt=attempt) for spec, attempt in effect.items]
+                await self.send(effect.batch.runner, RunBatch(batch_id=effect.batch.id, items=items))
+            elif isinstance(effect, StopRunning):
+                await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason))
+            elif isinstance(effect, PreloadModels):
+                await self.send(loader_name(effect.node), Preload(models=list(effect.models)))
 
-    async def _dispatch(self) -> None:
-        """Gives idle runners the jobs they can take, then looks ahead for what to preload."""
-        await self._assign()
-        if self.config.scheduler.preload and self.queue:
-            await self._preload()
-
-    async def _assign(self) -> None:
-        idle = [slot for slot in self.runners.values() if slot.job is None and not slot.draining]
-        if not idle or not self.queue:
-            return
-        taken: list[str] = []
-        for job_id in self.queue:
-            if not idle:
-                break
-            job = self.jobs[job_id]
-            family = self.config.models[job.record.spec.model].family
-            able = [s for s in idle if not s.capabilities.families or family in s.capabilities.families]
-            if not able:
-                continue
-            # Passthrough: a runner that already holds the model starts at once.
-            slot = next((s for s in able if job.record.spec.model in s.resident), able[0])
-            idle.remove(slot)
-            taken.append(job_id)
-            slot.job = job_id
-            job.record.state = JobState.assigned
-            job.record.runner = slot.name
-            job.record.attempts += 1
-            job.record.position = None
-            await self.send(slot.name, RunJob(job=job.record.spec, attempt=job.record.attempts))
-            await self._announce(job)
-        for job_id in taken:
-            self.queue.remove(job_id)
-
-    async def _preload(self) -> None:
-        """Asks each node's loader to stage the models of the jobs that will run next while its
-        runners are busy, so that a model switch finds the weights in memory."""
-        lookahead: list[str] = []
-        for job_id in itertools.islice(self.queue, len(self.runners) + 1):
-            model = self.jobs[job_id].record.spec.model
-            if model not in lookahead:
-                lookahead.append(model)
-        for node, state in self.loaders.items():
-            asked = self._preloading.setdefault(node, set())
-            # A model resident on a busy runner may be evicted for that runner's current job;
-            # only one that runner is using now, or an idle runner holds, is sure to stay.
-            kept = set()
-            for slot in self.runners.values():
-                if slot.capabilities.node != node:
-                    continue
-                if slot.job is None:
-                    kept.update(slot.resident)
-                elif slot.job in self.jobs:
-                    kept.add(self.jobs[slot.job].record.spec.model)
-            wanted = [m for m in lookahead if m not in state.staged and m not in asked and m not in kept]
-            if wanted:
-                asked.update(wanted)
-                await self.send(loader_name(node), Preload(models=wanted))
-
-    async def _requeue(self, job: Job, reason: str) -> None:
-        job.record.state = JobState.queued
-        job.record.runner = None
-        job.record.reason = reason
-        job.record.position = 0
-        self.queue.appendleft(job.record.spec.id)  # it waited its turn already
-        await self._announce(job)
-
-    async def _finish(self, job: Job, state: JobState, reason: str | None, outputs=()) -> None:
-        record = job.record
-        record.state = state
-        record.reason = reason
-        record.finished_at = time.time()
-        record.position = None
-        await self._announce(job)
-        await self.send(job.client, JobResult(job=record, outputs=list(outputs)))
-        self.finished.append(record.spec.id)
-        while len(self.finished) > self.config.scheduler.remember_finished:
-            self.jobs.pop(self.finished.popleft(), None)
-
-    def _job_on(self, job_id: str, runner: str) -> Job | None:
-        """The job, if ``runner`` is (still) the one running it; late words from an old runner are ignored."""
-        job = self.jobs.get(job_id)
-        if job is None or job.record.runner != runner or job.record.state.terminal:
-            return None
-        return job
-
-    def _free(self, runner: str, resident: dict[str, int]) -> None:
-        slot = self.runners.get(runner)
-        if slot is not None:
-            slot.job = None
-            slot.resident = dict(resident)
-
-    async def _announce(self, job: Job) -> None:
-        r = job.record
+    async def _announce(self, job: Job, now: float) -> None:
+        r = self.policy.record(job, now)
         await self.publish(JobEvent(job_id=r.spec.id, state=r.state, reason=r.reason, position=r.position,
-                                    runner=r.runner, attempt=r.attempts))
+                                    eta_s=r.eta_s, runner=r.runner, attempt=r.attempts, batch_id=r.batch_id))
+
+    def _arm_wake(self) -> None:
+        """batch_wait_s: be back when a waiting batch's time is up."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        if self.policy.wake_at is not None:
+            delay = max(0.0, self.policy.wake_at - self.clock())
+            self._wake = asyncio.get_running_loop().call_later(delay, self._post_wake)
+
+    def _post_wake(self) -> None:
+        task = asyncio.ensure_future(self._schedule())
+        task.add_done_callback(lambda t: t.exception() and log.error("wake-up failed", exc_info=t.exception()))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                self.policy.refresh(self.clock())
+                self._arm_wake()
+                await self._apply()
+            except Exception:  # the next tick tries again; the mailbox goes on regardless
+                log.exception("refreshing positions and ETAs failed")
 
 
-def _unknown_job(job_id: str) -> Error:
-    return Error(code=ErrorCode.unknown_job, field="job_id",
-                 message=f"no job {job_id!r} (never submitted, or finished long enough ago to be forgotten)")
+def _error(refused: Refused) -> Error:
+    return Error(code=refused.code, message=refused.message, field=refused.field,
+                 retry_after_s=refused.retry_after_s)
 
 
 def main(argv: list[str] | None = None) -> int:

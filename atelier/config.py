@@ -50,6 +50,8 @@ class ModelEntry(Strict):
     default_height: int | None = Field(default=None, ge=8, multiple_of=8)
     default_steps: int | None = Field(default=None, ge=1, le=500)
     default_guidance: float | None = Field(default=None, ge=0, le=50)
+    # Images in one pipeline call at most (default: the family's, for the runner's device).
+    max_batch: int | None = Field(default=None, ge=1, le=1024)
 
     @field_validator("family")
     @classmethod
@@ -87,8 +89,21 @@ class BrokerConfig(Strict):
 
 
 class SchedulerConfig(Strict):
+    # "fair": priorities, fair share between users, batching of compatible jobs from anywhere in
+    # the queue, placement by estimated finish time. "fifo": one queue in arrival order, batching
+    # only consecutive compatible jobs (how single-queue bots work; kept as a baseline).
+    policy: Literal["fair", "fifo"] = "fair"
     max_attempts: int = Field(default=3, ge=1, le=100)
     max_queue: int = Field(default=10_000, ge=1)
+    max_queued_per_user: int = Field(default=1_000, ge=1)
+    max_running_per_user: int | None = Field(default=None, ge=1)  # jobs in pipeline calls at once
+    # Caps every model's batch (images per pipeline call); 1 turns batching off.
+    max_batch: int | None = Field(default=None, ge=1)
+    # How long a job may wait for companions before a batch smaller than the maximum starts
+    # on an idle runner. 0: never wait (batches still form from what queues while runners are busy).
+    batch_wait_s: float = Field(default=0.0, ge=0, le=60)
+    # Jobs looked at, in queue order, when planning which runner takes what next.
+    plan_window: int = Field(default=256, ge=1, le=100_000)
     remember_finished: int = Field(default=10_000, ge=0)
     # Tell loaders to stage the models of the next queued jobs while the runners are busy.
     preload: bool = True
@@ -97,7 +112,10 @@ class SchedulerConfig(Strict):
 class NodeConfig(Strict):
     name: str | None = None  # defaults to the host name
     devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
-    resident_models: int = Field(default=2, ge=1)  # models a runner keeps loaded, at most
+    # Models a runner keeps loaded, at most; 0 unloads the model after every batch.
+    resident_models: int = Field(default=2, ge=0)
+    # Stage weights in shared memory (the loader); off, every runner reads the disk itself.
+    staging: bool = True
     # Bytes of weights a runner may keep on its device (default: 90% of a GPU, a quarter of the RAM).
     device_budget_bytes: int | None = Field(default=None, ge=0)
     # Bytes of shared memory the loader may hold staged weights in (default: half the RAM).

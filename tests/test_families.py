@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _request(seed: int = 1, steps: int = 2, count: int = 2) -> GenerateRequest:
-    return GenerateRequest(
+    return GenerateRequest.single(
         prompt="a red cube",
         negative_prompt="blurry",
         width=64,
@@ -79,6 +79,25 @@ def test_same_seed_same_pixels(loaded: tuple[Any, Any]) -> None:
     assert not np.array_equal(first[0], other[0])
     # Per-image seeds: the images of one batch differ from each other too.
     assert not np.array_equal(first[0], first[1])
+
+
+def test_a_batch_of_several_jobs_keeps_each_images_prompt_and_seed(loaded: tuple[Any, Any]) -> None:
+    family, pipe = loaded
+    common = dict(width=64, height=64, steps=2, guidance=5.0)
+    cube = family.generate(pipe, GenerateRequest.single(prompt="a red cube", negative_prompt=None, seed=7,
+                                                         count=2, **common), _ignore_steps)
+    sphere = family.generate(pipe, GenerateRequest.single(prompt="a blue sphere", negative_prompt="blurry",
+                                                           seed=100, **common), _ignore_steps)
+    batch = GenerateRequest(prompts=("a red cube", "a red cube", "a blue sphere"),
+                            negative_prompts=(None, None, "blurry"), seeds=(7, 8, 100), **common)
+    together = family.generate(pipe, batch, _ignore_steps)
+
+    assert len(together) == 3
+    for alone, batched in zip([*cube, *sphere], together, strict=True):
+        # The same image; a bigger batch only changes float rounding (at most a level or two).
+        difference = np.abs(np.asarray(alone, dtype=int) - np.asarray(batched, dtype=int))
+        assert difference.max() <= 2
+    assert np.abs(np.asarray(together[0], dtype=int) - np.asarray(together[2], dtype=int)).mean() > 5
 
 
 def test_cancel_from_step_callback_propagates(loaded: tuple[Any, Any]) -> None:

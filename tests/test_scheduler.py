@@ -16,6 +16,7 @@ from actors.actor import Actor, handles
 from actors.codec import Envelope
 from actors.messages import (
     Artifact,
+    BatchDone,
     Capabilities,
     JobDone,
     JobEvent,
@@ -24,7 +25,7 @@ from actors.messages import (
     LoaderState,
     Preload,
     Role,
-    RunJob,
+    RunBatch,
     StopJob,
 )
 from actors.scheduler import Scheduler
@@ -41,21 +42,31 @@ class StandInRunner(Actor):
 
     def __init__(self, name: str, router: str):
         super().__init__(name, router, heartbeat_s=0.2)
-        self.jobs: asyncio.Queue[RunJob] = asyncio.Queue()
+        self.batches: asyncio.Queue[RunBatch] = asyncio.Queue()
         self.stops: asyncio.Queue[str] = asyncio.Queue()
+        self._batch_of: dict[str, str] = {}
 
-    @handles(RunJob)
-    async def on_run(self, msg: RunJob, env: Envelope) -> None:
-        self.jobs.put_nowait(msg)
+    @handles(RunBatch)
+    async def on_run(self, msg: RunBatch, env: Envelope) -> None:
+        self.batches.put_nowait(msg)
 
     @handles(StopJob)
     async def on_stop_job(self, msg: StopJob, env: Envelope) -> None:
         self.stops.put_nowait(msg.job_id)
 
-    async def finish(self, job: RunJob) -> None:
-        png = Artifact(media_type="image/png", data=b"\x89PNG fake", width=8, height=8, seed=job.job.seed)
-        await self.ask("scheduler", JobDone(job_id=job.job.id, outputs=[png], elapsed_s=0.01,
-                                            resident={job.job.model: 0}))
+    async def next_job(self, timeout: float = 10.0):
+        """The next batch, which these tests expect to hold one job: its BatchItem."""
+        batch = await asyncio.wait_for(self.batches.get(), timeout)
+        assert len(batch.items) == 1, batch
+        self._batch_of[batch.items[0].job.id] = batch.batch_id
+        return batch.items[0]
+
+    async def finish(self, item) -> None:
+        job = item.job
+        png = Artifact(media_type="image/png", data=b"\x89PNG fake", width=8, height=8, seed=job.seed)
+        await self.ask("scheduler", BatchDone(batch_id=self._batch_of[job.id],
+                                              outcomes=[JobDone(job_id=job.id, outputs=[png], elapsed_s=0.01)],
+                                              resident={job.model: 0}))
 
 
 class StandInLoader(Actor):
@@ -79,7 +90,9 @@ def system(tmp_path):
     broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=0.2)
     thread = threading.Thread(target=broker.serve, daemon=True)
     thread.start()
-    config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2}})
+    # One job per batch: these tests are about the other rules (batching has tests of its own).
+    config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2},
+                                    "scheduler": {"max_batch": 1}})
     yield broker, config
     broker.stop()
     thread.join(5)
@@ -112,7 +125,7 @@ def test_fifo_order_defaults_and_a_fixed_seed(system):
             await runner.start()
             seen = []
             for _ in specs:
-                job = await asyncio.wait_for(runner.jobs.get(), 10)
+                job = await runner.next_job()
                 seen.append(job)
                 await runner.finish(job)
             results = [await client.wait(spec.id, 10) for spec in specs]
@@ -139,7 +152,7 @@ def test_a_job_whose_runner_keeps_dying_fails_after_three_attempts(system):
             for _ in range(3):
                 runner = StandInRunner("runner-a", broker.router_endpoint)
                 await runner.start()
-                job = await asyncio.wait_for(runner.jobs.get(), 10)
+                job = await runner.next_job()
                 attempts.append((job.attempt, job.job.seed))
                 await runner.close()  # gone with the job in hand
             events = [e async for e in client.events(spec.id, timeout=10)]
@@ -164,7 +177,7 @@ def test_cancel_of_a_queued_job_and_of_a_running_one(system):
             running, queued = noop_job(), noop_job()
             await client.submit(running, events=False)
             await client.submit(queued, events=False)
-            await asyncio.wait_for(runner.jobs.get(), 10)
+            await runner.next_job()
             queued_after = await client.cancel(queued.id)
             running_after = await client.cancel(running.id)
             stopped = await asyncio.wait_for(runner.stops.get(), 10)
@@ -191,7 +204,7 @@ def test_the_next_jobs_models_are_preloaded_while_the_runner_is_busy(system):
             await runner.start()
             for model in ("noop", "tiny-sd", "tiny-sdxl"):
                 await client.submit(JobSpec(model=model, prompt="p"), events=False)
-            first = await asyncio.wait_for(runner.jobs.get(), 10)
+            first = await runner.next_job()
             asked = await asyncio.wait_for(loader.preloads.get(), 10)
             await runner.close()
             await loader.close()

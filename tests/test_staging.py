@@ -37,7 +37,7 @@ def test_staged_model_gives_the_same_image_bit_for_bit(tiny_sd, segment):
     family = get_family("sd1")
     staged = family.load(tiny_sd, device="cpu", weights=weights)
     disk = family.load(tiny_sd, device="cpu")
-    request = GenerateRequest(prompt="a lighthouse", negative_prompt="fog", width=64, height=64, steps=3,
+    request = GenerateRequest.single(prompt="a lighthouse", negative_prompt="fog", width=64, height=64, steps=3,
                               guidance=7.5, seed=11, count=2)
     from_staged = family.generate(staged, request, lambda *_: None)
     from_disk = family.generate(disk, request, lambda *_: None)

@@ -31,6 +31,8 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
         default_steps=30,
         default_guidance=7.5,
         max_count=8,
+        max_batch=8,
+        max_batch_cpu=4,
     ),
     "sdxl": FamilyLimits(
         max_width=2048,
@@ -40,6 +42,8 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
         default_steps=30,
         default_guidance=5.0,
         max_count=4,
+        max_batch=4,
+        max_batch_cpu=2,
     ),
     "noop": FamilyLimits(
         max_width=4096,
@@ -49,6 +53,8 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
         default_steps=4,
         default_guidance=0.0,
         max_count=64,
+        max_batch=64,
+        max_batch_cpu=64,
     ),
 }
 

@@ -36,20 +36,45 @@ class FamilyLimits:
     default_steps: int
     default_guidance: float
     max_count: int
+    # Images in one pipeline call, by default, on a GPU and on the CPU (a model's catalog entry
+    # may say otherwise). Small models leave a GPU idle at batch 1, so batching pays there.
+    max_batch: int = 1
+    max_batch_cpu: int = 1
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt: str
-    negative_prompt: str | None
+    """One pipeline call: one entry per image in ``prompts``, ``negative_prompts`` and ``seeds``.
+
+    The images of a batch may come from several jobs; everything that is not per image
+    (size, steps, guidance) is what those jobs have in common.
+    """
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str | None, ...]
+    # A job's image i uses its seed + i, so a retried or repeated job gives the same images,
+    # and each image can be reproduced on its own.
+    seeds: tuple[int, ...]
     width: int
     height: int
     steps: int
     guidance: float
-    # Image i of the batch uses seed + i, so a retried or repeated job gives
-    # the same images, and each image can be reproduced on its own.
-    seed: int
-    count: int
+
+    def __post_init__(self) -> None:
+        if not (len(self.prompts) == len(self.negative_prompts) == len(self.seeds) >= 1):
+            raise ValueError("a request needs one prompt, negative prompt and seed per image")
+
+    @property
+    def count(self) -> int:
+        return len(self.seeds)
+
+    @classmethod
+    def single(cls, *, prompt: str, negative_prompt: str | None, width: int, height: int, steps: int,
+               guidance: float, seed: int, count: int = 1) -> "GenerateRequest":
+        """The request of one job: ``count`` images of one prompt, seeds ``seed`` … ``seed + count - 1``."""
+        return cls(prompts=(prompt,) * count, negative_prompts=(negative_prompt,) * count,
+                   seeds=tuple(seed + i for i in range(count)), width=width, height=height, steps=steps,
+                   guidance=guidance)
 
 
 class Family(ABC):
@@ -83,8 +108,8 @@ class Family(ABC):
 
     @abstractmethod
     def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
-        """Run one request, calling ``on_step`` after every denoising step."""
+        """Run one request, calling ``on_step`` after every denoising step; one image per seed, in order."""
 
     @abstractmethod
-    def preview(self, latents: torch.Tensor) -> numpy.ndarray:
-        """Cheap RGB preview (no VAE) of the first image: uint8 HxWx3, longest side <= 256."""
+    def preview(self, latents: torch.Tensor, index: int = 0) -> numpy.ndarray:
+        """Cheap RGB preview (no VAE) of image ``index`` of the batch: uint8 HxWx3, longest side <= 256."""

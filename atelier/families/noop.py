@@ -55,9 +55,9 @@ class NoopFamily(Family):
             on_step(step, req.steps, None)
         # Per-image seeds as in the real families, so outputs differ per seed
         # and per image, and repeat exactly for the same seed.
-        return [Image.new("RGB", (req.width, req.height), _seed_colour(req.seed + i)) for i in range(req.count)]
+        return [Image.new("RGB", (req.width, req.height), _seed_colour(seed)) for seed in req.seeds]
 
-    def preview(self, latents: Any) -> np.ndarray:
+    def preview(self, latents: Any, index: int = 0) -> np.ndarray:
         return np.full((_PREVIEW_SIDE, _PREVIEW_SIDE, 3), 128, dtype=np.uint8)
 
 

@@ -89,7 +89,8 @@ class _StableDiffusionFamily(Family):
                                    f"{type(exc).__name__}: {exc}") from exc
 
     def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
-        generators = [torch.Generator(device=pipe.device).manual_seed(req.seed + i) for i in range(req.count)]
+        # One generator per image: an image's noise depends on its own seed, not on its batch.
+        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
 
         def on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # num_timesteps is what the scheduler actually runs, which for some
@@ -100,14 +101,15 @@ class _StableDiffusionFamily(Family):
 
         # Exceptions from on_step (JobCancelled) propagate: diffusers does not
         # catch around the callback.
+        # One prompt per image (a batch mixes jobs); diffusers itself uses "" for no negative prompt.
         result = pipe(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt,
+            prompt=list(req.prompts),
+            negative_prompt=[n or "" for n in req.negative_prompts],
             width=req.width,
             height=req.height,
             num_inference_steps=req.steps,
             guidance_scale=req.guidance,
-            num_images_per_prompt=req.count,
+            num_images_per_prompt=1,
             generator=generators,
             output_type="pil",
             callback_on_step_end=on_step_end,
@@ -115,8 +117,8 @@ class _StableDiffusionFamily(Family):
         )
         return list(result.images)
 
-    def preview(self, latents: torch.Tensor) -> np.ndarray:
-        return latents_to_rgb(latents, self.latent_rgb)
+    def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
+        return latents_to_rgb(latents[index], self.latent_rgb)
 
 
 class SD15Family(_StableDiffusionFamily):
