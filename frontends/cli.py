@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import signal
 import sys
@@ -135,7 +136,8 @@ async def _generate(args: argparse.Namespace) -> int:
     try:
         spec = JobSpec(model=args.model or config.default_model, prompt=args.prompt,
                        negative_prompt=args.negative, width=args.width, height=args.height,
-                       steps=args.steps, guidance=args.guidance, seed=args.seed, count=args.count)
+                       steps=args.steps, guidance=args.guidance, seed=args.seed, count=args.count,
+                       user=args.user, priority=args.priority)
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}")
@@ -160,8 +162,7 @@ async def _generate(args: argparse.Namespace) -> int:
             try:
                 async for event in client.events(spec.id, timeout=args.timeout):
                     if isinstance(event, JobEvent):
-                        where = f" #{event.position + 1} in queue" if event.position is not None else ""
-                        bar.update(task, description=f"{event.state.value}{where}")
+                        bar.update(task, description=_describe(event))
                     elif isinstance(event, StepProgress):
                         bar.update(task, completed=event.step, total=event.total)
                     elif isinstance(event, JobResult):
@@ -180,6 +181,16 @@ async def _generate(args: argparse.Namespace) -> int:
             path.write_bytes(artifact.data)
             print(path)
     return 0
+
+
+def _describe(event) -> str:
+    """A job's state for the progress bar: 'queued #3, about 12 s'."""
+    words = event.state.value
+    if event.position is not None:
+        words += f" #{event.position + 1}"
+    if event.eta_s is not None and not event.state.terminal:
+        words += f", about {event.eta_s:.0f} s"
+    return words
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -250,6 +261,13 @@ async def _models(args: argparse.Namespace) -> int:
 # parsing
 
 
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "anonymous"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description="Serve diffusion models to many people at once.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +295,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--count", type=int, default=1)
+    gen.add_argument("--user", default=_login(), help="whose turn this is in the fair share (default: your login)")
+    gen.add_argument("--priority", choices=["live", "interactive", "batch"], default="interactive",
+                     help="batch jobs wait for interactive ones (default: interactive)")
     gen.add_argument("-o", "--output", default="out", help="folder for the images (default: ./out)")
     gen.add_argument("--timeout", type=float, default=None, help="give up (and cancel) after this many seconds")
 

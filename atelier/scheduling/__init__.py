@@ -1,0 +1,1 @@
+"""The scheduling policy (a pure core) and what it is built from."""
