@@ -199,7 +199,7 @@ class Loader(Actor):
         except staging.StagingError as exc:
             log.warning("not staging %s, runners will read it from disk: %s", model, exc)
             return Staged(model=model, path=str(path), bytes=0)
-        size = sum(f.stat().st_size for _, f in files)
+        size = staging.planned_bytes(files)
         for evicted in self.held.make_room(model, size, time.monotonic()):
             log.info("evicted %s (%d bytes) from staging", evicted.model, evicted.bytes)
             Path(evicted.segment or "").unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ from actors.messages import StagedFile
 
 ALIGN = 64  # every file starts on a cache line, so every tensor is aligned for its dtype
 CHECKPOINT = "checkpoint"  # the component a single-file checkpoint is staged as: it holds them all
+# A folder that stands in for weights it does not hold: {"bytes": N, "read_s": T}. Benchmarks of
+# the scheduling use it (the cost-model family) to stage models of real sizes without the memory.
+STAND_IN = "stand_in.json"
 SHM_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 
 
@@ -51,6 +55,8 @@ def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
         if folder.suffix != ".safetensors":
             raise StagingError(f"{folder.name} is not a safetensors file; only safetensors weights are staged")
         return [(CHECKPOINT, folder)]
+    if (folder / STAND_IN).is_file():
+        return [("stand_in", folder / STAND_IN)]
     index = _model_index(folder)
     files = []
     for component, value in index.items():
@@ -74,6 +80,8 @@ def stage(folder: Path, segment: Path, variant: str | None = None) -> list[Stage
     The segment appears under its name only when complete (written aside, then renamed).
     """
     files = plan(folder, variant)
+    if files[0][1].name == STAND_IN:
+        return _stage_stand_in(files[0][1], segment)
     table: list[StagedFile] = []
     offset = 0
     for component, path in files:
@@ -102,6 +110,33 @@ def stage(folder: Path, segment: Path, variant: str | None = None) -> list[Stage
 
 def segment_bytes(table: Iterable[StagedFile]) -> int:
     return sum(entry.length for entry in table)
+
+
+def planned_bytes(files: Iterable[tuple[str, Path]]) -> int:
+    """What staging ``files`` will take: their sizes, or the size a stand-in declares."""
+    return sum(_stand_in(path)[0] if path.name == STAND_IN else path.stat().st_size for _, path in files)
+
+
+def _stand_in(path: Path) -> tuple[int, float]:
+    try:
+        spec = json.loads(path.read_text())
+        return int(spec["bytes"]), float(spec.get("read_s", 0.0))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StagingError(f"{path}: not a stand-in description ({exc})") from None
+
+
+def _stage_stand_in(path: Path, segment: Path) -> list[StagedFile]:
+    """A segment of the declared size after the time reading it would take. Only its header (an
+    empty safetensors table) is written: the rest is a hole, which takes no memory."""
+    size, read_s = _stand_in(path)
+    time.sleep(read_s)
+    header = b"{}"
+    partial = segment.with_name(segment.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(max(size, 8 + len(header)))
+    os.replace(partial, segment)
+    return [StagedFile(component="stand_in", name=STAND_IN, offset=0, length=size)]
 
 
 # --------------------------------------------------------------------------- #
@@ -140,8 +175,6 @@ def unpin(handle: tuple[int, Any]) -> None:
 
 def state_dicts(mapping: mmap.mmap, table: Iterable[StagedFile]) -> dict[str, dict[str, Any]]:
     """Every tensor of every staged file, as views of ``mapping`` (no copy), by component."""
-    import torch
-
     out: dict[str, dict[str, Any]] = {}
     for entry in table:
         (header_len,) = struct.unpack_from("<Q", mapping, entry.offset)
@@ -153,6 +186,8 @@ def state_dicts(mapping: mmap.mmap, table: Iterable[StagedFile]) -> dict[str, di
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            import torch  # here, not above: a stand-in holds no tensors, and its runner needs no torch
+
             dtype = _TORCH_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise StagingError(f"{entry.component}/{entry.name}: unsupported dtype {info['dtype']}")

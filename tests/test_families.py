@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def test_families_package_does_not_import_torch() -> None:
     # without torch in the process.
     code = (
         "import sys, atelier.families, atelier.preview\n"
-        "atelier.families.get_family('noop')\n"
+        "atelier.families.get_family('noop'), atelier.families.get_family('costmodel')\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
@@ -187,7 +188,53 @@ def test_noop_family() -> None:
 
 
 def test_limits_cover_every_family() -> None:
-    assert set(FAMILY_LIMITS) == {"sd1", "sdxl", "noop"}
+    assert set(FAMILY_LIMITS) == {"sd1", "sdxl", "noop", "costmodel"}
     for name, limits in FAMILY_LIMITS.items():
         assert get_family(name).name == name
         assert limits.default_width <= limits.max_width and limits.default_height <= limits.max_height
+
+
+COSTS = {"bytes": 7_000_000_000, "disk_load_s": 5.0, "staged_load_s": 0.5, "stage_s": 1.2, "default_resolution": 64,
+         "step_s": {"64": [0.01, 0.012, 0.02, 0.04], "128": [0.03, 0.05, 0.1, 0.2]}, "vae_decode_s": 0.0}
+
+
+def test_the_cost_model_sleeps_its_profiles_times_and_declares_its_size(tmp_path: Path) -> None:
+    from atelier.families.costmodel import write_model
+
+    folder = write_model(tmp_path / "sdxl-h100", COSTS, time_scale=0.1)
+    family = get_family("costmodel")
+    started = time.monotonic()
+    from_disk = family.load(folder, device="cpu")
+    disk_s = time.monotonic() - started
+    started = time.monotonic()
+    family.load(folder, device="cpu", weights={"stand_in": {}})
+    staged_s = time.monotonic() - started
+    assert disk_s >= 0.5 > staged_s >= 0.05  # 5 s and 0.5 s at a tenth of the time
+    assert from_disk.nbytes == 7_000_000_000
+    assert from_disk.seconds_per_step(64 * 64, 4) == pytest.approx(0.002)  # profiled: 0.02 s, scaled
+    assert from_disk.seconds_per_step(64 * 64, 3) == pytest.approx(0.0016)  # between batch 2 and 4
+    assert from_disk.seconds_per_step(64 * 64, 16) == pytest.approx(0.008)  # past 8: the line from 4 to 8
+    assert from_disk.seconds_per_step(112 * 112, 1) == pytest.approx(0.003 * 112 * 112 / (128 * 128))  # nearest: 128
+
+    steps: list[int] = []
+    request = GenerateRequest(prompts=("a", "b"), negative_prompts=(None, None), seeds=(1, 2), width=64,
+                              height=64, steps=5, guidance=1.0)
+    started = time.monotonic()
+    images = family.generate(from_disk, request, lambda i, n, lat: steps.append(i))
+    assert time.monotonic() - started >= 5 * 0.0012
+    assert steps == [1, 2, 3, 4, 5] and [im.size for im in images] == [(64, 64)] * 2
+    assert images[0].getpixel((0, 0)) != images[1].getpixel((0, 0))
+
+
+def test_a_stand_in_is_staged_at_its_declared_size_without_using_memory(tmp_path: Path) -> None:
+    from atelier import staging
+    from atelier.families.costmodel import write_model
+
+    folder = write_model(tmp_path / "big", COSTS, time_scale=0.0)
+    files = staging.plan(folder)
+    assert staging.planned_bytes(files) == 7_000_000_000
+    segment = tmp_path / "segment"
+    table = staging.stage(folder, segment)
+    assert staging.segment_bytes(table) == 7_000_000_000 == segment.stat().st_size
+    assert segment.stat().st_blocks * 512 < 1 << 20  # a hole, not 7 GB of memory
+    assert staging.state_dicts(staging.map_segment(segment), table) == {"stand_in": {}}

@@ -56,6 +56,18 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
         max_batch=64,
         max_batch_cpu=64,
     ),
+    # A GPU's costs without the GPU (benchmarks of the scheduling): sizes as a real model's.
+    "costmodel": FamilyLimits(
+        max_width=2048,
+        max_height=2048,
+        default_width=1024,
+        default_height=1024,
+        default_steps=30,
+        default_guidance=5.0,
+        max_count=8,
+        max_batch=8,
+        max_batch_cpu=8,  # it stands in for a GPU wherever its runner is
+    ),
 }
 
 # family name -> (module in this package, adapter class)
@@ -63,6 +75,7 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "sd1": ("sd", "SD15Family"),
     "sdxl": ("sd", "SDXLFamily"),
     "noop": ("noop", "NoopFamily"),
+    "costmodel": ("costmodel", "CostModelFamily"),
 }
 
 
