@@ -367,6 +367,9 @@ class Policy:
                 if run_s is not None:
                     job.finish_at = now + run_s
             self.effects.append(Announce(job))
+        if state is JobState.running and run_s is not None:
+            # The load is behind it: when the runner is free again is now the run alone.
+            batch.started, batch.expected_s = now, run_s
 
     def batch_done(self, runner: str, batch_id: str, outcomes: Iterable[JobDone | JobFailed],
                    resident: dict[str, int], timing: RunTiming, now: float) -> list[tuple[Job, JobDone]]:
@@ -511,7 +514,9 @@ class Policy:
         finish = free_at[runner.name] + self._load_s(job.spec.model, runner, holds) + self.estimates.run_s(
             job.spec.model, runner.device_name, width=job.spec.width, height=job.spec.height,
             images=job.spec.count, steps=job.spec.steps)
-        return (round(finish, 6), not has_model, free_at[runner.name] > now, runner.name)
+        # Ties: the runner that has the model, then an idle one, then the one holding fewest models
+        # (loading there evicts least, and models spread over the devices).
+        return (round(finish, 6), not has_model, free_at[runner.name] > now, len(holds[runner.name]), runner.name)
 
     def _fill(self, head: Job, runner: Runner, peers: list[Job], taken: set[str],
               running: Counter | None) -> list[Job]:
