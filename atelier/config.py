@@ -99,6 +99,10 @@ class SchedulerConfig(Strict):
     max_running_per_user: int | None = Field(default=None, ge=1)  # jobs in pipeline calls at once
     # Caps every model's batch (images per pipeline call); 1 turns batching off.
     max_batch: int | None = Field(default=None, ge=1)
+    # Within that cap, a batch grows only while measured step times show each doubling saving at
+    # least this share of the time per image: a model that already fills the device runs alone,
+    # and nobody's image waits on a batch that buys nothing.
+    batch_min_gain: float = Field(default=0.1, ge=0, le=1)
     # How long a job may wait for companions before a batch smaller than the maximum starts
     # on an idle runner. 0: never wait (batches still form from what queues while runners are busy).
     batch_wait_s: float = Field(default=0.0, ge=0, le=60)

@@ -28,6 +28,12 @@ def job(model: str = "tiny-sd", user: str = "ann", **kw) -> JobSpec:
     return JobSpec(model=model, prompt=kw.pop("prompt", "p"), user=user, **kw)
 
 
+def batching_pays(policy: Policy, model: str = "tiny-sd", pixels: int = 64 * 64, device: str = "H100") -> None:
+    """Measurements that show batches of up to 4 images are far cheaper per image than one alone."""
+    policy.estimates.observe_step(model, device, pixels, 1, 0.1)
+    policy.estimates.observe_step(model, device, pixels, 4, 0.12)
+
+
 def dispatches(policy: Policy) -> list[Dispatch]:
     return [e for e in policy.drain() if isinstance(e, Dispatch)]
 
@@ -52,6 +58,7 @@ def finish(policy: Policy, d: Dispatch, now: float, *, resident: dict[str, int] 
 
 def test_jobs_that_queue_while_the_runner_is_busy_run_as_one_batch_each_with_its_seed(tmp_path):
     policy = make_policy(tmp_path)
+    batching_pays(policy)
     policy.runner_up("r1", gpu("r1"), 0.0)
     first = policy.submit(job(seed=1), "c", 0.0)
     policy.schedule(0.0)
@@ -74,6 +81,7 @@ def test_jobs_that_queue_while_the_runner_is_busy_run_as_one_batch_each_with_its
 
 def test_a_batch_stops_at_the_models_size_and_a_big_job_runs_alone(tmp_path):
     policy = make_policy(tmp_path)  # sd1 on a GPU: 8 images per call
+    batching_pays(policy, device="cuda:0")
     policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cuda:0", resident={}), 0.0)
     policy.runner_up("r2", Capabilities(pid=2, node="n1", device="cpu", resident={}), 0.0)
     policy.runner_draining("r2")  # only r1, to see one runner's batches
@@ -91,8 +99,32 @@ def test_a_batch_stops_at_the_models_size_and_a_big_job_runs_alone(tmp_path):
     assert batch_ids(alone) == [lone.id]  # never split; runs alone with all its images
 
 
+def test_a_batch_grows_only_as_far_as_measured_step_times_show_it_pays(tmp_path):
+    policy = make_policy(tmp_path)
+    policy.runner_up("r1", gpu("r1"), 0.0)
+    policy.runner_draining("r1")
+    for i in range(8):
+        policy.submit(job(prompt=f"p{i}"), "c", 0.0)
+    policy.runners["r1"].draining = False
+
+    def next_batch_size(now: float) -> int:
+        policy.schedule(now)
+        (d,) = dispatches(policy)
+        finish(policy, d, now + 0.5, step_s=None)
+        return len(d.items)
+
+    assert next_batch_size(0.0) == 2  # nothing measured yet: it tries 2
+    # Measured: 2 images take hardly longer than 1, so it tries 4; 4 take twice 2, so it stays at 2.
+    policy.estimates.observe_step("tiny-sd", "H100", 64 * 64, 1, 0.10)
+    policy.estimates.observe_step("tiny-sd", "H100", 64 * 64, 2, 0.11)
+    assert next_batch_size(1.0) == 4
+    policy.estimates.observe_step("tiny-sd", "H100", 64 * 64, 4, 0.22)
+    assert next_batch_size(2.0) == 2
+
+
 def test_batch_wait_holds_a_short_batch_for_company_then_starts_it(tmp_path):
     policy = make_policy(tmp_path, batch_wait_s=0.5)
+    batching_pays(policy)
     policy.runner_up("r1", gpu("r1"), 0.0)
     a = policy.submit(job(seed=1), "c", 0.0)
     policy.schedule(0.0)

@@ -44,9 +44,10 @@ def test_batching_affinity_and_a_live_session_in_one_run(two_runners):
         async with two_runners.client() as client:
             status = await client.status()
             assert len(status.runners) == 2
-            # Two long jobs put one model on each runner (2 s each).
-            long_a = JobSpec(model="cm-a", prompt="long a", steps=40, user="ann")
-            long_b = JobSpec(model="cm-b", prompt="long b", steps=40, user="bob")
+            # Two long jobs put one model on each runner (2 s each). Two images each: batch sizes grow
+            # as measurements show they pay, and having seen 2 the scheduler tries 4 next.
+            long_a = JobSpec(model="cm-a", prompt="long a", steps=40, count=2, user="ann")
+            long_b = JobSpec(model="cm-b", prompt="long b", steps=40, count=2, user="bob")
             for spec in (long_a, long_b):
                 await client.submit(spec, events=False)
             await _until_running(client, long_a.id, long_b.id)

@@ -89,6 +89,19 @@ class Estimates:
         (p, n), average = min(seen.items(), key=lambda item: abs(math.log(item[0][0] * item[0][1] / work)))
         return average.value * work / (p * n)
 
+    def useful_batch(self, model: str, device: str, pixels: int, cap: int, min_gain: float) -> int:
+        """The most images worth running in one call at this size, up to ``cap``.
+
+        A bigger batch is worth it while each step of measured sizes lowers the time per image by
+        at least ``min_gain`` (on a busy GPU it stops: a batch of 8 then costs 8 images' time and
+        makes the first image wait for the last). Past the largest size measured, it explores:
+        twice that size (2 before anything is measured), so the next batches measure it."""
+        seen = sorted((n, a.value / n) for (p, n), a in self._steps.get((model, device), {}).items() if p == pixels)
+        for (n1, per1), (_, per2) in zip(seen, seen[1:], strict=False):
+            if per2 > per1 * (1 - min_gain):
+                return min(cap, n1)
+        return min(cap, 2 * seen[-1][0] if seen else 2)
+
     def run_s(self, model: str, device: str, *, width: int, height: int, images: int, steps: int) -> float:
         return self.step_s(model, device, width * height, images) * steps
 

@@ -57,7 +57,7 @@ from actors.messages import (
 )
 from atelier.config import Config
 from atelier.families import FAMILY_LIMITS
-from atelier.scheduling.estimates import Estimates, work_units
+from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry, FairQueue
 
 PRIORITY_CLASS = {Priority.live: 0, Priority.interactive: 1, Priority.batch: 2}
@@ -255,8 +255,7 @@ class Policy:
                                   "try again when some have run")
         spec = self._resolve(spec)
         record = JobRecord(spec=spec, state=JobState.queued, submitted_at=now)
-        cost = work_units(spec.width, spec.height, spec.count, spec.steps)
-        entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], cost, next(self._seq))
+        entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
         job = Job(record, client, BatchKey.of(spec), entry)
         self.jobs[spec.id] = job
         if spec.session is not None:
@@ -523,7 +522,10 @@ class Policy:
         """The head job and the queued jobs that share its pipeline call, in queue order, up to the
         runner's batch size (a job is never split: one bigger than the batch size runs alone).
         ``running``: per-user running counts to respect, when the batch starts now."""
-        limit = max(self._max_images(head.spec.model, runner), head.spec.count)
+        spec = head.spec
+        useful = self.estimates.useful_batch(spec.model, runner.device_name, spec.width * spec.height,
+                                             self._max_images(spec.model, runner), self.settings.batch_min_gain)
+        limit = max(useful, spec.count)
         members, images = [head], head.spec.count
         limit_per_user = self.settings.max_running_per_user
         added: Counter[str] = Counter({head.spec.user: 1})
@@ -564,7 +566,10 @@ class Policy:
     def _should_wait(self, members: list[Job], images: int, runner: Runner, now: float) -> bool:
         """With batch_wait_s, a batch short of its size waits that long (from its oldest job) for company."""
         wait = self.settings.batch_wait_s
-        if not wait or images >= self._max_images(members[0].spec.model, runner):
+        spec = members[0].spec
+        if not wait or images >= self.estimates.useful_batch(spec.model, runner.device_name, spec.width * spec.height,
+                                                             self._max_images(spec.model, runner),
+                                                             self.settings.batch_min_gain):
             return False
         until = min(m.record.submitted_at for m in members) + wait
         if until <= now:
@@ -641,6 +646,14 @@ class Policy:
             self.estimates.observe_load(batch.model, "staged", timing.load_s)
             if timing.stage_wait_s > 0.05:  # it was staged for this load: what a cold switch costs
                 self.estimates.observe_load(batch.model, "disk", timing.stage_wait_s + timing.load_s)
+
+    def _cost(self, spec: JobSpec) -> float:
+        """What starting a job charges its owner's fair share: the device seconds it is expected to
+        take alone, so a FLUX image costs more turns than an SD 1.5 one of the same size."""
+        family = self.config.models[spec.model].family
+        runner = next((r for r in self.runners.values() if r.accepts(family)), None)
+        return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
+                                    height=spec.height, images=spec.count, steps=spec.steps)
 
     def _retry_hint(self, now: float, user: str | None = None) -> float:
         """Seconds until a slot is likely to free: the soonest expected end of a running (or the
