@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -39,6 +40,7 @@ CHECKPOINT = "checkpoint"  # the component a single-file checkpoint is staged as
 # the scheduling use it (the cost-model family) to stage models of real sizes without the memory.
 STAND_IN = "stand_in.json"
 SHM_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)  # Python 3.13 names it
 
 
 class StagingError(Exception):
@@ -148,7 +150,11 @@ def map_segment(segment: Path, *, shared: bool = False) -> mmap.mmap:
     fd = os.open(segment, os.O_RDWR if shared else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        return mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
+        if shared:
+            return mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        # Private, and without reserving memory for a copy of every page: a runner writes to few or
+        # none of them, and the kernel would otherwise refuse to map a model larger than what is free.
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)  # the mapping keeps the memory; the name may go away now
 
