@@ -309,8 +309,8 @@ class Figures:
 # Segments of one job's latency, between the timestamps a JobRecord carries.
 STAGES = [
     ("client -> scheduler accepts", "Submit encoded, routed, decoded, validated"),
-    ("accepted -> runner running", "RunJob to the runner, JobUpdate(running) back"),
-    ("running -> scheduler finishes", "generate + PNG in the worker, JobDone back, artifact written"),
+    ("accepted -> runner running", "RunBatch to the runner, BatchUpdate(running) back"),
+    ("running -> scheduler finishes", "generate + PNG in the worker, BatchDone back, artifact written"),
     ("finished -> client has result", "JobResult routed to the client and decoded"),
 ]
 

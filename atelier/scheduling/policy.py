@@ -65,6 +65,9 @@ PRIORITY_CLASS = {Priority.live: 0, Priority.interactive: 1, Priority.batch: 2}
 # Any other field (and any field added later) must match, which is the safe default.
 PER_JOB_FIELDS = frozenset({"id", "prompt", "negative_prompt", "seed", "count", "user", "priority", "session"})
 ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a refresh, from the front
+# While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
+# enough, and a burst of submits then costs one plan, not one each.
+REPLAN_BUSY_S = 0.05
 
 
 class Refused(Exception):
@@ -221,10 +224,11 @@ class Policy:
         self.staged: dict[str, dict[str, int]] = {}  # by node: what its loader reported staged
         self.sessions: dict[tuple[str, str], str] = {}  # (user, session) -> its newest job
         self.effects: list[Effect] = []
-        self.wake_at: float | None = None  # when batch_wait_s wants schedule() called again
+        self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._finished: deque[str] = deque()
         self._asked: dict[str, set[str]] = {}  # by node: preloads asked for, not yet reported staged
         self._fresh: list[Job] = []  # submitted, not yet announced
+        self._next_plan = float("-inf")  # while all runners are busy, no new plan before this
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
@@ -421,7 +425,11 @@ class Policy:
         self.wake_at = None
         usable = [r for r in self.runners.values() if not r.draining]
         if self.queue and usable:
+            if not whole_queue and now < self._next_plan and all(r.batch is not None for r in usable):
+                self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
+                return
             self._plan(now, usable, whole_queue)
+            self._next_plan = now + REPLAN_BUSY_S
         elif self.queue:
             for entry in self.queue.order(self.settings.plan_window):
                 self.jobs[entry.id].finish_at = None
