@@ -26,8 +26,10 @@ And the trace runs on two kinds of model:
    run shows the system's behaviour, not a GPU's economics.
 
 Figures per run: throughput (jobs per second from the first submit to the last result; the
-arrivals come faster than any of the three can serve them, so this is capacity), the latency of
-jobs (submit to result), and per user two kinds of wait:
+arrivals come faster than any of the three can serve them, so this is capacity), the device
+time spent running pipelines over all runners (and its share of their wall time: the rest went
+to loading models or waiting for work), the latency of jobs (submit to result), and per user two
+kinds of wait:
 
 - *wait*: from submit until the job's pipeline started running;
 - *turn wait*: from the moment a job became its owner's next one (submitted, and every earlier
@@ -165,6 +167,9 @@ def gpu_catalog(profile: dict, folder: Path, time_scale: float) -> tuple[list[Mo
 
 
 def cpu_catalog(folder: Path) -> tuple[list[Model], list[str]]:
+    from atelier.runtime import quiet_model_libraries
+
+    quiet_model_libraries()  # before the libraries load: building the models would draw progress bars
     from atelier.tiny_models import build_tiny_sd, build_tiny_sdxl
 
     models, lines = [], []
@@ -240,13 +245,19 @@ def summarise(result: dict, scale: float) -> dict:
     records = result["records"]
     done = [r for r in records if r.state is JobState.done]
     wall = (max(r.finished_at for r in records) - result["start"]) / scale
+    # Device time spent running pipelines, over all runners: batching shrinks it; what is left of
+    # the runners' wall time went to loading models and to waiting for work.
+    calls = {r.batch_id: (r.started_at, r.finished_at) for r in records if r.batch_id and r.started_at}
+    running = sum(end - begin for begin, end in calls.values()) / scale
+    runners = len({r.runner for r in records if r.runner})
     plain, turn = waits(records)
     p95 = {user: overhead.percentile(w, 0.95) / scale for user, w in sorted(plain.items())}
     p95_turn = {user: overhead.percentile(w, 0.95) / scale for user, w in sorted(turn.items())}
     latency = [(r.finished_at - r.submitted_at) / scale for r in records]
     best = min(p95_turn.values())
     return {"done": len(done), "failed": [r for r in records if r.state is not JobState.done], "wall": wall,
-            "throughput": len(done) / wall, "p95": p95, "p95_turn": p95_turn,
+            "throughput": len(done) / wall, "p95": p95, "p95_turn": p95_turn, "running": running,
+            "running_share": running / (runners * wall) if runners else 0.0,
             "fairness": max(p95_turn.values()) / best if best else float("inf"),
             "latency_p50": statistics.median(latency), "latency_p95": overhead.percentile(latency, 0.95),
             "leftovers": result["leftovers"], "dir": result["dir"]}
@@ -256,14 +267,15 @@ def report(title: str, figures: dict[str, dict], keep: bool) -> tuple[float, flo
     print(title)
     users = list(next(iter(figures.values()))["p95"])
     names = " ".join(f"{u:>6}" for u in users)
-    print(f"  {'policy':<8} {'wall s':>7} {'jobs/s':>7} {'atelier x':>9} {'latency p50/p95 s':>17}  "
-          f"p95 wait s: {names}  p95 turn wait s: {names}  fairness")
+    print(f"  {'policy':<8} {'wall s':>7} {'jobs/s':>7} {'atelier x':>9} {'running s (%)':>14} "
+          f"{'latency p50/p95 s':>17}  p95 wait s: {names}  p95 turn wait s: {names}  fairness")
     base = figures["atelier"]["throughput"]
     status = 0
     for policy, f in figures.items():
         plain = " ".join(f"{f['p95'][u]:6.1f}" for u in users)
         turn = " ".join(f"{f['p95_turn'][u]:6.1f}" for u in users)
         print(f"  {policy:<8} {f['wall']:>7.1f} {f['throughput']:>7.3f} {base / f['throughput']:>9.2f} "
+              f"{f['running']:>7.1f} ({f['running_share']:>3.0%}) "
               f"{f['latency_p50']:>7.1f} / {f['latency_p95']:<7.1f}  {'':>11}{plain}  {'':>16}{turn}  "
               f"{f['fairness']:>8.2f}")
         for record in f["failed"]:

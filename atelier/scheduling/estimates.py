@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 UNIT_PIXELS = 512 * 512  # a work unit is one 512x512 image for one step
+NEGLIGIBLE_STEP_S = 0.002  # a batch step faster than this costs nothing worth batching less for
 
 
 def work_units(width: int, height: int, images: int, steps: int) -> float:
@@ -97,8 +98,10 @@ class Estimates:
         makes the first image wait for the last). Past the largest size measured, it explores:
         twice that size (2 before anything is measured), so the next batches measure it."""
         seen = sorted((n, a.value / n) for (p, n), a in self._steps.get((model, device), {}).items() if p == pixels)
-        for (n1, per1), (_, per2) in zip(seen, seen[1:], strict=False):
-            if per2 > per1 * (1 - min_gain):
+        for (n1, per1), (n2, per2) in zip(seen, seen[1:], strict=False):
+            # A step that costs next to nothing (the noop model) has no time to lose: batch it fully,
+            # which saves the messages of separate calls.
+            if per2 > per1 * (1 - min_gain) and per2 * n2 > NEGLIGIBLE_STEP_S:
                 return min(cap, n1)
         return min(cap, 2 * seen[-1][0] if seen else 2)
 
