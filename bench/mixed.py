@@ -1,8 +1,8 @@
-"""A mixed trace run three ways: atelier's policy against how the systems it replaces schedule.
+"""A mixed trace run several ways: atelier's policy against how the systems it replaces schedule.
 
 One fixed, seeded trace: 90 jobs from 4 users over 3 models at mixed sizes and counts, three
 users submitting steadily and the fourth in one burst of 30. It runs on a fresh ``atelier up``
-three times, changing only the configuration:
+for each policy, changing only the configuration:
 
 - ``atelier``: the fair policy (priorities, fair share, batching of compatible jobs from anywhere
   in the queue, placement by expected finish), models resident within the device budget,
@@ -12,6 +12,8 @@ three times, changing only the configuration:
   switch is a copy to the device (how Dante4 works: passthrough, preloading, prompt batching).
 - ``reload``: one queue in arrival order, one job per call, the model loaded from disk for every
   job (how the SDXL/SVD microservice works).
+- ``fifo-disk`` (shown, not in the RESULT line): ``fifo`` without the preloading, so every model
+  switch reads the disk; it shows what Dante4's preloading is worth.
 
 And the trace runs on two kinds of model:
 
@@ -78,7 +80,7 @@ BURST_USER = "dora"
 STEADY_JOBS = 20  # per steady user
 BURST_JOBS = 30
 POPULARITY = (0.5, 0.35, 0.15)  # of the three models, for the steady users
-POLICIES = ("atelier", "fifo", "reload")
+POLICIES = ("atelier", "fifo", "reload", "fifo-disk")
 
 
 # --------------------------------------------------------------------------- #
@@ -138,6 +140,9 @@ def write_config(path: Path, home: Path, policy: str, catalog: list[str], *, dev
     elif policy == "fifo":
         scheduler = ['policy = "fifo"']
         node = ["resident_models = 1"]
+    elif policy == "fifo-disk":
+        scheduler = ['policy = "fifo"', "preload = false"]
+        node = ["resident_models = 1", "staging = false"]
     else:
         scheduler = ['policy = "fifo"', "preload = false", "max_batch = 1"]
         node = ["resident_models = 0", "staging = false"]
@@ -267,14 +272,14 @@ def report(title: str, figures: dict[str, dict], keep: bool) -> tuple[float, flo
     print(title)
     users = list(next(iter(figures.values()))["p95"])
     names = " ".join(f"{u:>6}" for u in users)
-    print(f"  {'policy':<8} {'wall s':>7} {'jobs/s':>7} {'atelier x':>9} {'running s (%)':>14} "
+    print(f"  {'policy':<9} {'wall s':>7} {'jobs/s':>7} {'atelier x':>9} {'running s (%)':>14} "
           f"{'latency p50/p95 s':>17}  p95 wait s: {names}  p95 turn wait s: {names}  fairness")
     base = figures["atelier"]["throughput"]
     status = 0
     for policy, f in figures.items():
         plain = " ".join(f"{f['p95'][u]:6.1f}" for u in users)
         turn = " ".join(f"{f['p95_turn'][u]:6.1f}" for u in users)
-        print(f"  {policy:<8} {f['wall']:>7.1f} {f['throughput']:>7.3f} {base / f['throughput']:>9.2f} "
+        print(f"  {policy:<9} {f['wall']:>7.1f} {f['throughput']:>7.3f} {base / f['throughput']:>9.2f} "
               f"{f['running']:>7.1f} ({f['running_share']:>3.0%}) "
               f"{f['latency_p50']:>7.1f} / {f['latency_p95']:<7.1f}  {'':>11}{plain}  {'':>16}{turn}  "
               f"{f['fairness']:>8.2f}")
