@@ -28,7 +28,7 @@ And the trace runs on two kinds of model:
    run shows the system's behaviour, not a GPU's economics.
 
 Figures per run: throughput (jobs per second from the first submit to the last result; the
-arrivals come faster than any of the three can serve them, so this is capacity), the device
+arrivals come faster than any of them can serve them, so this is capacity), the device
 time spent running pipelines over all runners (and its share of their wall time: the rest went
 to loading models or waiting for work), the latency of jobs (submit to result), and per user two
 kinds of wait:
