@@ -306,12 +306,47 @@ class Preload(Wire):
     models: list[Name]
 
 
+class ModelStats(Wire):
+    """What one model has cost since the scheduler started (monotonic counters, for /metrics)."""
+
+    loads: dict[str, int] = Field(default_factory=dict)  # by where from: staged, disk
+    load_seconds: float = 0.0
+    batches: int = 0
+    images: int = 0
+    steps: int = 0  # denoising steps of whole batches
+    step_seconds: float = 0.0
+
+
+class SchedulerStats(Wire):
+    """Counters since the scheduler started: jobs that ended, by state, and how long they took."""
+
+    finished: dict[str, int] = Field(default_factory=dict)  # by final state
+    job_seconds_buckets: list[float] = Field(default_factory=list)  # upper bounds
+    job_seconds_counts: list[int] = Field(default_factory=list)  # cumulative, one per bucket, then +Inf
+    job_seconds_sum: float = 0.0
+    models: dict[str, ModelStats] = Field(default_factory=dict)
+
+
 class ClusterStatus(Wire):
     kind: Literal["cluster_status"] = "cluster_status"
     runners: list[RunnerStatus]
     loaders: list[LoaderState] = Field(default_factory=list)
     queued: list[JobId]
     counts: dict[str, int]  # jobs by state, over the jobs the scheduler remembers
+    stats: SchedulerStats = Field(default_factory=SchedulerStats)
+
+
+class ListJobs(Wire):
+    """A user's jobs that the scheduler remembers, newest first."""
+
+    kind: Literal["list_jobs"] = "list_jobs"
+    user: str = Field(min_length=1, max_length=128)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class JobList(Wire):
+    kind: Literal["job_list"] = "job_list"
+    jobs: list[JobRecord]
 
 
 class GetModels(Wire):
@@ -488,6 +523,8 @@ Message = Annotated[
         JobInfo,
         GetStatus,
         ClusterStatus,
+        ListJobs,
+        JobList,
         LoaderState,
         Preload,
         Release,

@@ -35,7 +35,9 @@ from actors.messages import (
     JobEvent,
     JobInfo,
     JobKind,
+    JobList,
     JobResult,
+    ListJobs,
     LoaderState,
     ModelInfo,
     Models,
@@ -149,7 +151,12 @@ class Scheduler(Actor):
                                 capabilities=r.capabilities.model_copy(update={"resident": r.resident}))
                    for r in self.policy.runners.values()]
         return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=counts,
-                             queued=[e.id for e in self.policy.queue.order()])
+                             queued=[e.id for e in self.policy.queue.order()], stats=self.policy.stats)
+
+    @handles(ListJobs)
+    async def on_list_jobs(self, msg: ListJobs, env: Envelope) -> JobList:
+        now = self.clock()
+        return JobList(jobs=[self.policy.record(job, now) for job in self.policy.jobs_of(msg.user, msg.limit)])
 
     @handles(GetModels)
     async def on_models(self, msg: GetModels, env: Envelope) -> Models:

@@ -31,9 +31,11 @@ from actors.messages import (
     GetStatus,
     JobEvent,
     JobInfo,
+    JobList,
     JobRecord,
     JobResult,
     JobSpec,
+    ListJobs,
     ModelInfo,
     Models,
     Preview,
@@ -143,6 +145,15 @@ class AtelierClient(Actor):
         await self.submit(spec, events=False)
         return await self.wait(spec.id, timeout)
 
+    def result(self, job_id: str) -> JobResult | None:
+        """The result of one of this client's jobs, if it has come and is still kept."""
+        return self._results.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Stops following a job (its events): for a job another frontend submitted, whose result
+        never comes here."""
+        self._unwatch(job_id)
+
     async def cancel(self, job_id: str) -> JobRecord:
         info = await self.ask(SCHEDULER, CancelJob(job_id=job_id))
         assert isinstance(info, JobInfo)
@@ -152,6 +163,12 @@ class AtelierClient(Actor):
         info = await self.ask(SCHEDULER, GetJob(job_id=job_id))
         assert isinstance(info, JobInfo)
         return info.job
+
+    async def jobs_of(self, user: str, limit: int = 100) -> list[JobRecord]:
+        """The user's jobs the scheduler still remembers, newest first."""
+        listed = await self.ask(SCHEDULER, ListJobs(user=user, limit=limit))
+        assert isinstance(listed, JobList)
+        return listed.jobs
 
     async def status(self) -> ClusterStatus:
         status = await self.ask(SCHEDULER, GetStatus())

@@ -52,8 +52,10 @@ from actors.messages import (
     JobRecord,
     JobSpec,
     JobState,
+    ModelStats,
     Priority,
     RunTiming,
+    SchedulerStats,
 )
 from atelier.config import Config
 from atelier.families import FAMILY_LIMITS
@@ -64,6 +66,7 @@ PRIORITY_CLASS = {Priority.live: 0, Priority.interactive: 1, Priority.batch: 2}
 # What may differ between the jobs of one pipeline call: everything per image or about the job.
 # Any other field (and any field added later) must match, which is the safe default.
 PER_JOB_FIELDS = frozenset({"id", "prompt", "negative_prompt", "seed", "count", "user", "priority", "session"})
+JOB_SECONDS_BUCKETS = [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]  # submit to end, for /metrics
 ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a refresh, from the front
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
 # enough, and a burst of submits then costs one plan, not one each.
@@ -224,6 +227,8 @@ class Policy:
         self.staged: dict[str, dict[str, int]] = {}  # by node: what its loader reported staged
         self.sessions: dict[tuple[str, str], str] = {}  # (user, session) -> its newest job
         self.effects: list[Effect] = []
+        self.stats = SchedulerStats(job_seconds_buckets=JOB_SECONDS_BUCKETS,
+                                    job_seconds_counts=[0] * (len(JOB_SECONDS_BUCKETS) + 1))
         self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._finished: deque[str] = deque()
         self._asked: dict[str, set[str]] = {}  # by node: preloads asked for, not yet reported staged
@@ -286,6 +291,11 @@ class Policy:
             raise Refused(ErrorCode.unknown_job, field="job_id", message=(
                 f"no job {job_id!r} (never submitted, or finished long enough ago to be forgotten)"))
         return job
+
+    def jobs_of(self, user: str, limit: int) -> list[Job]:
+        """A user's jobs that are still remembered, newest first."""
+        mine = [job for job in self.jobs.values() if job.spec.user == user]
+        return sorted(mine, key=lambda job: job.record.submitted_at, reverse=True)[:limit]
 
     def record(self, job: Job, now: float) -> JobRecord:
         """The job's record with its ETA as seconds from ``now``."""
@@ -644,6 +654,14 @@ class Policy:
                                     images=batch.images, steps=spec.steps)
 
     def _learn(self, batch: Batch, runner: Runner, timing: RunTiming) -> None:
+        counters = self.stats.models.setdefault(batch.model, ModelStats())
+        counters.batches += 1
+        counters.images += timing.images
+        counters.steps += timing.steps
+        counters.step_seconds += (timing.step_s or 0.0) * timing.steps
+        if timing.loaded_from != "resident":
+            counters.loads[timing.loaded_from] = counters.loads.get(timing.loaded_from, 0) + 1
+            counters.load_seconds += timing.stage_wait_s + timing.load_s
         spec = self.jobs[batch.jobs[0]].spec if batch.jobs and batch.jobs[0] in self.jobs else None
         if spec is not None and timing.step_s is not None and timing.images:
             self.estimates.observe_step(batch.model, runner.device_name, spec.width * spec.height,
@@ -783,6 +801,7 @@ class Policy:
         record.finished_at = now
         record.position = None
         job.finish_at = None
+        self._count_finished(state, now - record.submitted_at)
         self.effects.append(Deliver(job, outputs))
         self._finished.append(job.id)
         while len(self._finished) > self.settings.remember_finished:
@@ -791,6 +810,14 @@ class Policy:
                 key = (forgotten.spec.user, forgotten.spec.session)
                 if self.sessions.get(key) == forgotten.id:
                     del self.sessions[key]
+
+    def _count_finished(self, state: JobState, seconds: float) -> None:
+        stats = self.stats
+        stats.finished[state.value] = stats.finished.get(state.value, 0) + 1
+        stats.job_seconds_sum += seconds
+        for i, bound in enumerate([*stats.job_seconds_buckets, float("inf")]):
+            if seconds <= bound:
+                stats.job_seconds_counts[i] += 1
 
     def _job_on(self, job_id: str, runner: str) -> Job | None:
         """The job, if ``runner`` is (still) the one running it; late words from an old runner are ignored."""
