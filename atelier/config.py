@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from atelier.families import FAMILY_LIMITS, FamilyLimits
 
@@ -126,6 +126,24 @@ class NodeConfig(Strict):
     stage_budget_bytes: int | None = Field(default=None, ge=0)
 
 
+class HttpToken(Strict):
+    # SecretStr: a token never shows in a log line or a repr of the config.
+    token: SecretStr = Field(min_length=16)
+    user: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    rate_per_minute: int | None = Field(default=None, ge=1)  # this user's own limit
+
+
+class HttpConfig(Strict):
+    enabled: bool = True  # `atelier up` starts it
+    host: str = "127.0.0.1"  # anything but loopback needs tokens
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Bearer tokens, each naming the user its jobs count for. None: anyone on this machine may
+    # submit, as the user their request names (or "anonymous").
+    tokens: list[HttpToken] = Field(default_factory=list)
+    rate_per_minute: int = Field(default=30, ge=1)  # jobs a user may submit per minute
+    public_url: str | None = None  # where artifact URLs point (default: the address it listens on)
+
+
 class Config(Strict):
     home: Path = Field(default_factory=default_home)
     artifacts: Path | None = None  # defaults to <home>/artifacts
@@ -134,6 +152,7 @@ class Config(Strict):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -58,24 +58,35 @@ async def _up(args: argparse.Namespace) -> int:
     if args.devices:
         node_argv += ["--devices", args.devices]
     await supervisor.start(ChildSpec("node", node_argv))
+    http_url = None
+    if config.http.enabled and args.http != "off":
+        listen = args.http or f"{config.http.host}:{config.http.port}"
+        http = await supervisor.start(ChildSpec("http", [py, "-m", "frontends.http", "--router", router, "--pub", pub,
+                                                         "--listen", listen, *common], wait_ready=True))
+        http_url = json.loads(http.ready_line or "{}")["url"]
+        # A restart must come back on the port the page was opened on (matters with port 0).
+        bound = f"{listen.rpartition(':')[0]}:{http_url.rpartition(':')[2]}"
+        http.spec.argv[http.spec.argv.index("--listen") + 1] = bound
 
     try:
         status = await _wait_for_runners(router, pub, timeout=args.ready_timeout, stop=stop)
     except (TimeoutError, asyncio.TimeoutError) as exc:
         console.print(f"[red]atelier did not come up: {exc}[/red]")
-        await supervisor.stop(order=["node", "scheduler", "broker"])
+        await supervisor.stop(order=["http", "node", "scheduler", "broker"])
         return 1
     if status is not None:
         console.print(f"[bold green]atelier is up[/bold green]\n"
                       f"  broker   {router}  (events on {pub})\n"
                       f"  runners  {', '.join(f'{r.name} ({r.capabilities.device})' for r in status.runners)}\n"
                       f"  models   {', '.join(config.models)}\n"
+                      + (f"  web      {http_url}  (HTTP API, OpenAI and AUTOMATIC1111 APIs, /metrics)\n"
+                         if http_url else "") +
                       f"  try:     atelier generate \"a lighthouse\" --router {router} --pub {pub}\n"
                       f"  Ctrl-C stops everything.")
-        print(READY_PREFIX + json.dumps({"router": router, "pub": pub}), flush=True)
+        print(READY_PREFIX + json.dumps({"router": router, "pub": pub, "http": http_url}), flush=True)
         await stop.wait()
     console.print("stopping atelier…")
-    await supervisor.stop(order=["node", "scheduler", "broker"])
+    await supervisor.stop(order=["http", "node", "scheduler", "broker"])
     return 0
 
 
@@ -284,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     up = command("up", "start broker, scheduler and a node on this machine")
     up.add_argument("--devices", help="comma-separated devices for the node (default: every GPU, else cpu)")
     up.add_argument("--ready-timeout", type=float, default=300.0)
+    up.add_argument("--http", help="HOST:PORT for the HTTP API and web page (default from the config, "
+                                   "127.0.0.1:8080), or off")
 
     gen = command("generate", "generate images and write them to a folder")
     gen.add_argument("prompt")
@@ -307,7 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
 
     for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
-                            ("node", "run a node (its loader and runners)")):
+                            ("node", "run a node (its loader and runners)"),
+                            ("http", "run the HTTP API and web page")):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -316,11 +330,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The parts parse their own options; hand them everything after the command.
-    if argv and argv[0] in ("broker", "scheduler", "node"):
+    if argv and argv[0] in ("broker", "scheduler", "node", "http"):
         if argv[0] == "broker":
             import broker
 
             return broker.main(argv[1:])
+        if argv[0] == "http":
+            from frontends import http
+
+            return http.main(argv[1:])
         if argv[0] == "scheduler":
             from actors import scheduler
 

@@ -33,6 +33,7 @@ class Cluster:
         self.config = config
         self.router = ""
         self.pub = ""
+        self.http = ""  # the HTTP API's base URL
         self.process: subprocess.Popen | None = None
         self.log = home / f"up-{time.monotonic_ns()}.log"
 
@@ -41,7 +42,7 @@ class Cluster:
 
     def start(self, timeout: float = 120.0) -> "Cluster":
         argv = [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
-                "--pub", "tcp://127.0.0.1:0"]
+                "--pub", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0"]
         if self.config is not None:
             argv += ["--config", str(self.config)]
         self._stderr = open(self.log, "wb")
@@ -55,7 +56,7 @@ class Cluster:
                 raise RuntimeError(f"atelier up exited early:\n{self.log.read_text()[-4000:]}")
             if line.startswith(READY):
                 info = json.loads(line[len(READY):])
-                self.router, self.pub = info["router"], info["pub"]
+                self.router, self.pub, self.http = info["router"], info["pub"], info.get("http") or ""
                 return self
         raise RuntimeError("atelier up did not get ready in time")
 

@@ -1,0 +1,188 @@
+"""The shapes of atelier's HTTP API: its own, and the OpenAI and AUTOMATIC1111 ones it speaks.
+
+These are HTTP bodies, not wire types: the wire between processes is ``actors/messages.py``.
+The native API takes a ``JobSpec`` as it is and answers with ``JobView`` (a ``JobRecord`` plus
+the artifacts' URLs). The compatibility models take what those APIs' clients send: the OpenAI
+request is strict, as OpenAI is; the AUTOMATIC1111 one ignores fields it does not know, as
+A1111 itself does (its clients send dozens of settings), and refuses the features it names but
+atelier does not have, so none is silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.messages import JobRecord
+
+
+class JobView(JobRecord):
+    """A job as the HTTP API shows it: its record, and where its outputs can be fetched."""
+
+    urls: list[str] = Field(default_factory=list)
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    problems: list[FieldProblem] = Field(default_factory=list)
+    retry_after_s: float | None = None
+
+
+class ApiError(BaseModel):
+    """Every error of the native API: 401, 403, 404, 422 and 429 alike."""
+
+    error: ErrorBody
+
+
+class ModelEntry(BaseModel):
+    """``GET /v1/models``: OpenAI's model object, with atelier's own fields beside."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "atelier"
+    family: str
+    kinds: list[str]
+    default_width: int
+    default_height: int
+    default_steps: int
+    max_width: int
+    max_height: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
+# --------------------------------------------------------------------------- #
+# OpenAI: POST /v1/images/generations
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    # A catalog model, or one of OpenAI's names (dall-e-2, dall-e-3, gpt-image-1…), which mean
+    # the default model: clients that cannot choose still work.
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, or auto for the model's default")
+    response_format: Literal["url", "b64_json"] = "url"
+    user: str | None = Field(default=None, max_length=128)
+    # Accepted because OpenAI's clients send them; they change nothing here.
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_format: Literal["png"] | None = None
+    output_compression: int | None = None
+
+    def dimensions(self) -> tuple[int | None, int | None]:
+        if self.size in (None, "auto"):
+            return None, None
+        match = re.fullmatch(r"(\d+)x(\d+)", self.size)
+        if match is None:
+            raise ValueError(f"size must be WIDTHxHEIGHT (e.g. 1024x1024) or auto, not {self.size!r}")
+        return int(match.group(1)), int(match.group(2))
+
+
+class OpenAIImage(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+# --------------------------------------------------------------------------- #
+# AUTOMATIC1111: /sdapi/v1/…
+
+
+class A1111Txt2Img(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1  # -1: random
+    batch_size: int = Field(default=1, ge=1, le=16)
+    n_iter: int = Field(default=1, ge=1, le=16)
+    steps: int | None = Field(default=None, ge=1, le=500)  # None: the model's default
+    cfg_scale: float | None = Field(default=None, ge=0, le=50)
+    width: int | None = Field(default=None, ge=8, le=8192)
+    height: int | None = Field(default=None, ge=8, le=8192)
+    sampler_name: str | None = None
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    # Features of A1111 that atelier does not have: refused when asked for, never silently skipped.
+    enable_hr: bool = False
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+
+class A1111Img2Img(A1111Txt2Img):
+    init_images: list[str] = Field(default_factory=list)
+    denoising_strength: float = Field(default=0.75, ge=0, le=1)
+    mask: str | None = None
+
+
+class A1111Images(BaseModel):
+    images: list[str]  # base64 PNG
+    parameters: dict[str, Any]
+    info: str  # JSON, as A1111 sends it
+
+
+class A1111Model(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class A1111ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class A1111Progress(BaseModel):
+    progress: float
+    eta_relative: float
+    state: A1111ProgressState
+    current_image: str | None = None  # base64 of the latest preview
+    textinfo: str | None = None
+
+
+class A1111Error(BaseModel):
+    detail: str

@@ -1,0 +1,128 @@
+"""The OpenAPI document of the HTTP API, built from the pydantic models the server validates with.
+
+The request schemas are those of the very models that parse the bodies (``JobSpec``, the OpenAI
+and A1111 requests), so the document cannot promise a field the server refuses or the reverse.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from actors.messages import JobSpec
+from frontends import api
+
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _answer(description: str, model: type[BaseModel] | None = None, *, media: str = "application/json",
+            schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    if model is None and schema is None:
+        return {"description": description}
+    return {"description": description, "content": {media: {"schema": schema or _ref(model)}}}
+
+
+def _errors(model: type[BaseModel], *codes: int) -> dict[str, Any]:
+    words = {400: "Not JSON, or a bad value (OpenAI's status)", 401: "No or unknown bearer token",
+             403: "Another user's job", 404: "No such job or model", 422: "A field is wrong: the error names it",
+             429: "Rate limited or queue full: see Retry-After", 503: "The scheduler did not answer"}
+    return {str(code): _answer(words[code], model) for code in codes}
+
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+@cache
+def _schemas() -> dict[str, Any]:
+    models = [JobSpec, api.JobView, api.ApiError, api.ModelList, api.OpenAIImageRequest, api.OpenAIImagesResponse,
+              api.OpenAIError, api.A1111Txt2Img, api.A1111Img2Img, api.A1111Images, api.A1111Model,
+              api.A1111Progress, api.A1111Error]
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
+    return top["$defs"]
+
+
+def document(base_url: str) -> dict[str, Any]:
+    native = (401, 403, 404, 422, 429, 503)
+    paths = {
+        "/v1/jobs": {
+            "post": {"summary": "Queue a job", "requestBody": _body(JobSpec),
+                     "responses": {"202": _answer("Queued", api.JobView), **_errors(api.ApiError, 400, *native)}},
+            "get": {"summary": "The caller's jobs, newest first",
+                    "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                               "maximum": 1000}}],
+                    "responses": {"200": _answer("Jobs", schema={"type": "object", "properties": {
+                        "jobs": {"type": "array", "items": _ref(api.JobView)}}}), **_errors(api.ApiError, 401)}},
+        },
+        "/v1/jobs/{job_id}": {
+            "get": {"summary": "A job", "parameters": [_JOB_ID],
+                    "responses": {"200": _answer("The job", api.JobView), **_errors(api.ApiError, *native)}},
+            "delete": {"summary": "Cancel a job (a running one stops at its next step)", "parameters": [_JOB_ID],
+                       "responses": {"200": _answer("The job", api.JobView), **_errors(api.ApiError, *native)}},
+        },
+        "/v1/jobs/{job_id}/events": {
+            "get": {"summary": "Server-Sent Events: state, progress, preview (a data URL), then result",
+                    "parameters": [_JOB_ID],
+                    "responses": {"200": _answer("The stream", media="text/event-stream", schema={"type": "string"}),
+                                  **_errors(api.ApiError, *native)}},
+        },
+        "/v1/models": {"get": {"summary": "The catalog (OpenAI's model list, with atelier's fields)",
+                               "responses": {"200": _answer("Models", api.ModelList), **_errors(api.ApiError, 401)}}},
+        "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue",
+                              "responses": {"200": _answer("Nodes", schema={"type": "object"}),
+                                            **_errors(api.ApiError, 401)}}},
+        "/v1/artifacts/{name}": {
+            "get": {"summary": "An output file", "parameters": [{"name": "name", "in": "path", "required": True,
+                                                                  "schema": {"type": "string"}}],
+                    "responses": {"200": _answer("The file", media="image/png", schema={"type": "string",
+                                                                                        "format": "binary"}),
+                                  **_errors(api.ApiError, 401, 404)}},
+        },
+        "/v1/images/generations": {
+            "post": {"summary": "OpenAI: create images", "requestBody": _body(api.OpenAIImageRequest),
+                     "responses": {"200": _answer("Images", api.OpenAIImagesResponse),
+                                   **_errors(api.OpenAIError, 400, 401, 403, 404, 429, 503)}},
+        },
+        "/sdapi/v1/txt2img": {
+            "post": {"summary": "AUTOMATIC1111: text to image", "requestBody": _body(api.A1111Txt2Img),
+                     "responses": {"200": _answer("Images", api.A1111Images),
+                                   **_errors(api.A1111Error, 401, 404, 422, 429, 503)}},
+        },
+        "/sdapi/v1/img2img": {
+            "post": {"summary": "AUTOMATIC1111: image to image", "requestBody": _body(api.A1111Img2Img),
+                     "responses": {"200": _answer("Images", api.A1111Images),
+                                   **_errors(api.A1111Error, 401, 404, 422, 429, 503)}},
+        },
+        "/sdapi/v1/sd-models": {"get": {"summary": "AUTOMATIC1111: the models", "responses": {
+            "200": _answer("Models", schema={"type": "array", "items": _ref(api.A1111Model)}),
+            **_errors(api.A1111Error, 401)}}},
+        "/sdapi/v1/progress": {"get": {"summary": "AUTOMATIC1111: progress of the caller's latest job",
+                                       "parameters": [{"name": "skip_current_image", "in": "query",
+                                                       "schema": {"type": "boolean"}}],
+                                       "responses": {"200": _answer("Progress", api.A1111Progress),
+                                                     **_errors(api.A1111Error, 401)}}},
+        "/sdapi/v1/interrupt": {"post": {"summary": "AUTOMATIC1111: cancel the caller's latest job",
+                                         "responses": {"200": _answer("Done", schema={"type": "object"}),
+                                                       **_errors(api.A1111Error, 401)}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
+                             "responses": {"200": _answer("Metrics", media="text/plain", schema={"type": "string"})}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "atelier", "version": "1", "description": "Serve diffusion models to many people at once."},
+        "servers": [{"url": base_url}],
+        "security": [{"bearer": []}],
+        "components": {"schemas": _schemas(),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
