@@ -200,7 +200,7 @@ class System:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
-             "--pub", "tcp://127.0.0.1:0", *config, "--log-level", self.log_level],
+             "--pub", "tcp://127.0.0.1:0", "--http", "off", *config, "--log-level", self.log_level],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
             start_new_session=True)
         ready = threading.Event()
