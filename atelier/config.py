@@ -144,6 +144,20 @@ class HttpConfig(Strict):
     public_url: str | None = None  # where artifact URLs point (default: the address it listens on)
 
 
+class DiscordConfig(Strict):
+    """The Discord bot (``atelier discord``). Its token is never here: $DISCORD_TOKEN or ./.env."""
+
+    rate_per_minute: int = Field(default=6, ge=1)  # /generate, Again and Upscale jobs per user
+    live_per_minute: int = Field(default=60, ge=1)  # /live prompts per user; each replaces the last
+    # Allowlists of ids; empty allows all. A channel allows its threads; a member needs one of the roles.
+    guilds: list[int] = Field(default_factory=list)
+    channels: list[int] = Field(default_factory=list)
+    roles: list[int] = Field(default_factory=list)
+    upscaler: str | None = None  # a catalog model for the Upscale button; none: no button
+    default_model: str | None = None  # default: the catalog's default_model
+    max_count: int = Field(default=4, ge=1, le=10)  # images per job; a Discord message holds 10
+
+
 class Config(Strict):
     home: Path = Field(default_factory=default_home)
     artifacts: Path | None = None  # defaults to <home>/artifacts
@@ -153,6 +167,7 @@ class Config(Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    discord: DiscordConfig = Field(default_factory=DiscordConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @model_validator(mode="after")
