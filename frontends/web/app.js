@@ -1,0 +1,467 @@
+// atelier's web page: plain JS on the native HTTP API (/v1/…), no build step.
+'use strict';
+
+const $ = (selector) => document.querySelector(selector);
+const form = $('#form');
+const field = (name) => form.elements.namedItem(name);
+
+// Chromium opens six connections per host over HTTP/1.1 and every event stream holds one:
+// follow at most four jobs at once, so submits and cancels always find a free connection.
+const MAX_STREAMS = 4;
+const LIVE_DEBOUNCE_MS = 150;
+const TERMINAL = new Set(['done', 'failed', 'cancelled']);
+
+// A live session is this tab's: sessionStorage keeps it across a reload of the tab, not beyond.
+// getRandomValues, not randomUUID: the page may be served over plain HTTP beyond localhost.
+const session = sessionStorage.getItem('atelier.session') || (() => {
+  const id = 'web-' + [...crypto.getRandomValues(new Uint8Array(12))]
+    .map((b) => b.toString(16).padStart(2, '0')).join('');
+  sessionStorage.setItem('atelier.session', id);
+  return id;
+})();
+
+const jobs = new Map();   // job id -> the API's view of it, plus what this page made of it
+let models = new Map();
+let stageId = null;       // the job the big image and progress bar show
+
+const terminal = (job) => TERMINAL.has(job.state);
+const superseded = (job) => job.state === 'cancelled' && /superseded/.test(job.reason || '');
+const isLive = (job) => job.spec.priority === 'live';
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// -- the API, with the token ----------------------------------------------- //
+
+let token = localStorage.getItem('atelier.token') || '';
+let asking = null;  // one token prompt answers every request that got a 401 meanwhile
+
+// The token only ever travels in a header: EventSource cannot send one, so streams are read with
+// fetch too, and images are fetched as blobs rather than put in <img src> as URLs.
+async function api(path, options = {}) {
+  for (;;) {
+    const headers = new Headers(options.headers);
+    if (token) headers.set('Authorization', `Bearer ${token}`);
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401) return response;
+    await askToken((await problem(response)).message);
+  }
+}
+
+function askToken(message) {
+  asking ||= new Promise((resolve, reject) => {
+    const dialog = $('#auth');
+    $('#auth-message').textContent = message || 'This server needs a token.';
+    $('#token').value = token;
+    dialog.addEventListener('close', () => {
+      asking = null;
+      if (dialog.returnValue !== 'save') return reject(new Error('this server needs a token'));
+      token = $('#token').value.trim();
+      localStorage.setItem('atelier.token', token);
+      resolve();
+    }, { once: true });
+    dialog.returnValue = '';
+    dialog.showModal();
+  });
+  return asking;
+}
+
+// The API's error body as an Error that names the field, and when to come back after a 429.
+async function problem(response) {
+  const body = await response.json().catch(() => ({}));
+  const error = body.error || {};
+  return Object.assign(new Error(error.message || `${response.status} ${response.statusText}`), {
+    status: response.status, field: error.field,
+    retryAfter: Number(response.headers.get('Retry-After')) || error.retry_after_s || 1,
+  });
+}
+
+async function json(path, options) {
+  const response = await api(path, options);
+  if (!response.ok) throw await problem(response);
+  return response.json();
+}
+
+// Artifacts are fetched by name from this page's own server: the URL in a job names the server's
+// public address, which need not be this origin, and the token must not go anywhere else.
+const images = new Map();  // artifact URL -> promise of an object URL, so each is fetched once
+function image(url) {
+  if (!images.has(url)) {
+    const name = url.split('/').pop();
+    images.set(url, api(`v1/artifacts/${encodeURIComponent(name)}`).then(async (response) => {
+      if (!response.ok) throw await problem(response);
+      return URL.createObjectURL(await response.blob());
+    }).catch((error) => { images.delete(url); throw error; }));
+  }
+  return images.get(url);
+}
+
+// -- jobs and their event streams ------------------------------------------ //
+
+function upsert(view) {
+  let job = jobs.get(view.spec.id);
+  if (!job) {
+    job = { id: view.spec.id, step: 0, total: view.spec.steps || 0, preview: null, final: null,
+            abort: new AbortController() };
+    jobs.set(job.id, job);
+  }
+  Object.assign(job, { spec: view.spec, state: view.state, reason: view.reason, position: view.position,
+                       eta_s: view.eta_s, submitted_at: view.submitted_at, urls: view.urls || [] });
+  return job;
+}
+
+let streams = 0;
+const waiting = [];
+async function follow(job) {
+  if (job.following) return;
+  job.following = true;
+  if (streams < MAX_STREAMS) streams++;
+  else await new Promise((resolve) => waiting.push(resolve));  // a finished stream hands its place over
+  try {
+    // A dropped connection is not the job's end: read again, from its latest state, until it ends.
+    for (let attempt = 0; !terminal(job) && !job.abort.signal.aborted; attempt++) {
+      try {
+        await readEvents(job);
+      } catch (error) {
+        if (job.abort.signal.aborted || (error.status >= 400 && error.status < 500)) return;
+      }
+      if (!terminal(job)) await sleep(Math.min(5000, 250 * 2 ** attempt));
+    }
+  } finally {
+    job.following = false;
+    const next = waiting.shift();
+    if (next) next(); else streams--;
+  }
+}
+
+// Server-Sent Events by hand: `event:` names the next `data:`, a blank line ends the event.
+async function readEvents(job) {
+  const response = await api(`v1/jobs/${job.id}/events`, { signal: job.abort.signal });
+  if (!response.ok) throw await problem(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = '', name = 'message', data = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf('\n')) >= 0) {
+      const line = buffer.slice(0, end).replace(/\r$/, '');
+      buffer = buffer.slice(end + 1);
+      if (line === '') {
+        if (data) onEvent(job, name, JSON.parse(data));
+        name = 'message';
+        data = '';
+      } else if (line.startsWith('event:')) {
+        name = line.slice(6).trim();
+      } else if (line.startsWith('data:')) {
+        data += (data ? '\n' : '') + line.slice(5).replace(/^ /, '');
+      }  // anything else (": keep-alive") is a comment
+    }
+  }
+}
+
+function onEvent(job, name, data) {
+  if (name === 'state') {
+    Object.assign(job, { state: data.state, reason: data.reason, position: data.position, eta_s: data.eta_s });
+  } else if (name === 'progress') {
+    Object.assign(job, { step: data.step, total: data.total, eta_s: data.eta_s });
+  } else if (name === 'preview') {
+    job.preview = data.image;
+  } else if (name === 'result') {
+    upsert(data);
+    if (job.state === 'done') addToGallery(job);
+  }
+  show(job);
+}
+
+function show(job) {
+  if (superseded(job)) return;  // a newer prompt of the same live session took its place: nothing to say
+  if (!isLive(job)) row(job);
+  if (job.id === stageId) renderStage();
+}
+
+// -- what the user sees ------------------------------------------------------ //
+
+function seconds(s) {
+  if (s == null) return '';
+  s = Math.max(0, Math.round(s));
+  return s < 60 ? `${s} s` : `${Math.floor(s / 60)} min ${s % 60} s`;
+}
+
+function describe(job) {
+  const eta = job.eta_s != null && !terminal(job) ? ` · ETA ${seconds(job.eta_s)}` : '';
+  switch (job.state) {
+    case 'queued': return (job.position != null ? `#${job.position + 1} in queue` : 'Queued') + eta;
+    case 'assigned': return 'Starting' + eta;
+    case 'loading': return 'Loading the model' + eta;
+    case 'running': return (job.total ? `Step ${job.step}/${job.total}` : 'Running') + eta;
+    case 'done': return 'Done';
+    case 'failed': return `Failed: ${job.reason || 'no reason given'}`;
+    case 'cancelled': return job.reason && job.reason !== 'cancelled' ? `Cancelled: ${job.reason}` : 'Cancelled';
+    default: return job.state;
+  }
+}
+
+const fraction = (job) => job.state === 'done' ? 1 : job.state === 'running' && job.total ? job.step / job.total : 0;
+
+function stage(job) {
+  stageId = job.id;
+  renderStage();
+}
+
+let shown = null;  // the src the big image shows, and so the job whose image it is
+function renderStage() {
+  const job = jobs.get(stageId);
+  if (!job) return;
+  if (job.state === 'done' && job.urls.length && !job.final) {
+    image(job.urls[0]).then((src) => { job.final = src; if (job.id === stageId) renderStage(); }, () => {});
+  }
+  const img = $('#preview');
+  const src = job.final || job.preview;
+  if (src && src !== shown) {
+    shown = src;
+    img.src = src;
+    img.dataset.job = job.id;
+    img.dataset.prompt = job.spec.prompt;
+    img.alt = job.spec.prompt;
+    img.hidden = false;
+    $('#empty').hidden = true;
+  }
+  // Until the new job's first preview, the last image stays, dimmed, so the page does not flash.
+  img.classList.toggle('stale', img.dataset.job !== job.id);
+  img.classList.toggle('final', img.dataset.job === job.id && !!job.final);
+  $('#frame').style.aspectRatio = `${job.spec.width || 1} / ${job.spec.height || 1}`;
+  $('#caption').textContent = job.spec.prompt;
+  $('#status').textContent = describe(job);
+  $('#status').dataset.state = job.state;
+  $('#stage').dataset.state = job.state;
+  $('#stage').dataset.job = job.id;
+  $('#bar').style.width = `${fraction(job) * 100}%`;
+  $('#cancel').hidden = terminal(job);
+}
+
+function row(job) {
+  if (!job.el) {
+    const li = job.el = document.createElement('li');
+    li.dataset.job = job.id;
+    li.dataset.t = job.submitted_at;
+    li.innerHTML = '<div class="text"><span class="prompt"></span><span class="meta"></span>' +
+                   '<span class="state"></span></div><button class="ghost" type="button">Cancel</button>' +
+                   '<div class="bar"><span></span></div>';
+    li.querySelector('.prompt').textContent = job.spec.prompt;
+    const { model, width, height, steps, count, seed } = job.spec;
+    li.querySelector('.meta').textContent = [model, width && `${width}×${height}`, steps && `${steps} steps`,
+      count > 1 && `×${count}`, seed != null && `seed ${seed}`].filter(Boolean).join(' · ');
+    li.querySelector('button').addEventListener('click', (event) => { event.stopPropagation(); cancel(job); });
+    li.addEventListener('click', () => stage(job));
+    insertByTime($('#jobs'), li);
+  }
+  job.el.dataset.state = job.state;
+  job.el.querySelector('.state').textContent = describe(job);
+  job.el.querySelector('.bar span').style.width = `${fraction(job) * 100}%`;
+  job.el.querySelector('button').hidden = terminal(job);
+}
+
+// Newest first, by when each job was submitted (a late result does not jump the queue).
+function insertByTime(list, element) {
+  const t = Number(element.dataset.t);
+  const later = [...list.children].find((other) => Number(other.dataset.t) < t);
+  list.insertBefore(element, later || null);
+}
+
+const lazy = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (!entry.isIntersecting) continue;
+    lazy.unobserve(entry.target);
+    image(entry.target.dataset.src).then((src) => { entry.target.src = src; },
+                                         () => entry.target.classList.add('broken'));
+  }
+}, { rootMargin: '400px' });
+
+function addToGallery(job) {
+  const gallery = $('#gallery');
+  if (gallery.querySelector(`[data-job="${job.id}"]`)) return;
+  // A live session is one picture that changes as its prompt does: keep only its newest image.
+  if (isLive(job) && job.spec.session) {
+    for (const tile of gallery.querySelectorAll(`[data-session="${CSS.escape(job.spec.session)}"]`)) {
+      if (Number(tile.dataset.t) > job.submitted_at) return;
+      tile.remove();
+    }
+  }
+  job.urls.forEach((url, index) => {
+    const tile = document.createElement('button');
+    tile.type = 'button';
+    tile.className = 'tile';
+    Object.assign(tile.dataset, { job: job.id, t: job.submitted_at, prompt: job.spec.prompt });
+    if (isLive(job) && job.spec.session) tile.dataset.session = job.spec.session;
+    tile.title = job.spec.prompt;
+    const img = document.createElement('img');
+    img.alt = job.spec.prompt;
+    img.dataset.src = url;
+    tile.append(img);
+    tile.addEventListener('click', () => openViewer(job, index));
+    insertByTime(gallery, tile);
+    lazy.observe(img);
+  });
+}
+
+async function openViewer(job, index) {
+  const src = await image(job.urls[index]).catch(() => null);
+  if (!src) return;
+  $('#viewer-img').src = src;
+  $('#viewer-img').alt = job.spec.prompt;
+  $('#viewer-caption').textContent = `${job.spec.prompt} · seed ${job.spec.seed + index}`;
+  $('#viewer-download').href = src;
+  $('#viewer-download').download = `${job.id}-${index}.png`;
+  $('#viewer').showModal();
+}
+
+function showError(error) {
+  $('#form-error').textContent = error ? error.message : '';
+  for (const input of form.querySelectorAll('[aria-invalid]')) input.removeAttribute('aria-invalid');
+  const named = error && error.field && field(error.field);
+  if (named) named.setAttribute('aria-invalid', 'true');
+}
+
+// -- the form ---------------------------------------------------------------- //
+
+function specFromForm() {
+  const spec = { model: field('model').value, prompt: field('prompt').value };
+  for (const name of ['width', 'height', 'steps', 'count', 'seed']) {
+    if (field(name).value !== '') spec[name] = Number.parseInt(field(name).value, 10);
+  }
+  if (field('guidance').value !== '') spec.guidance = Number.parseFloat(field('guidance').value);
+  if (field('negative_prompt').value.trim()) spec.negative_prompt = field('negative_prompt').value;
+  return spec;
+}
+
+async function submit(spec) {
+  const view = await json('v1/jobs', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+                                       body: JSON.stringify(spec) });
+  showError(null);
+  return upsert(view);
+}
+
+async function cancel(job) {
+  try {
+    upsert(await json(`v1/jobs/${job.id}`, { method: 'DELETE' }));
+    show(job);
+  } catch (error) {
+    showError(error);
+  }
+}
+
+function applyDefaults() {
+  const model = models.get(field('model').value);
+  if (!model) return;
+  localStorage.setItem('atelier.model', model.id);
+  Object.assign(field('width'), { value: model.default_width, max: model.max_width });
+  Object.assign(field('height'), { value: model.default_height, max: model.max_height });
+  field('steps').value = model.default_steps;
+}
+
+async function loadModels() {
+  models = new Map((await json('v1/models')).data.map((model) => [model.id, model]));
+  field('model').replaceChildren(...[...models.keys()].map((id) => new Option(id, id)));
+  const saved = localStorage.getItem('atelier.model');
+  if (models.has(saved)) field('model').value = saved;
+  applyDefaults();
+}
+
+// The caller's jobs as the scheduler remembers them: the gallery and the list survive a reload.
+async function restore() {
+  const views = (await json('v1/jobs?limit=100')).jobs;  // newest first
+  let newest = null;
+  for (const view of views.reverse()) {
+    const job = upsert(view);
+    if (superseded(job)) continue;
+    newest = job;
+    if (job.state === 'done') addToGallery(job);
+    show(job);
+    if (!terminal(job)) follow(job);
+  }
+  if (newest && !stageId) stage(newest);
+}
+
+form.addEventListener('submit', async (event) => {
+  event.preventDefault();
+  try {
+    const job = await submit(specFromForm());
+    show(job);
+    stage(job);
+    follow(job);
+  } catch (error) {
+    showError(error);
+  }
+});
+
+$('#cancel').addEventListener('click', () => { const job = jobs.get(stageId); if (job) cancel(job); });
+field('model').addEventListener('change', applyDefaults);
+
+// -- live mode ---------------------------------------------------------------- //
+// Each change submits the whole form as a live job of this tab's session; the scheduler replaces
+// or stops the session's older job. Submits go one at a time, so the scheduler sees the prompts in
+// the order they were typed, and the stage follows only the newest: an older job's late preview
+// or image never shows as the latest.
+
+let liveJob = null, liveSent = '', liveBusy = false, liveAgain = false, liveTimer = 0, liveSeed = 0;
+
+function liveChanged(event) {
+  if (!$('#live').checked || event.target.id === 'live') return;
+  clearTimeout(liveTimer);
+  liveTimer = setTimeout(submitLive, LIVE_DEBOUNCE_MS);
+}
+
+async function submitLive() {
+  if (!$('#live').checked) return;
+  if (liveBusy) { liveAgain = true; return; }
+  const spec = { seed: liveSeed, ...specFromForm(), priority: 'live', session };
+  const key = JSON.stringify(spec);
+  if (!spec.prompt.trim() || key === liveSent) return;
+  liveBusy = true;
+  try {
+    const job = await submit(spec);
+    liveSent = key;
+    if (liveJob && liveJob !== job) liveJob.abort.abort();  // superseded: its stream has nothing left to say
+    liveJob = job;
+    stage(job);
+    follow(job);
+  } catch (error) {
+    showError(error);
+    if (error.status === 429) {  // rate limited or the queue is full: try the latest prompt again later
+      clearTimeout(liveTimer);
+      liveTimer = setTimeout(submitLive, error.retryAfter * 1000);
+    }
+  } finally {
+    liveBusy = false;
+    if (liveAgain) { liveAgain = false; submitLive(); }
+  }
+}
+
+form.addEventListener('input', liveChanged);
+$('#live').addEventListener('change', () => {
+  document.body.classList.toggle('live', $('#live').checked);
+  if (!$('#live').checked) return;
+  // One seed while the user types, unless they chose one: the picture changes with the words, not by chance.
+  liveSeed = crypto.getRandomValues(new Uint32Array(1))[0];
+  liveSent = '';
+  submitLive();
+});
+
+// -- the token button, the viewer, start ------------------------------------------ //
+
+$('#token-button').addEventListener('click', () => askToken('The token this server gave you, if it needs one.')
+  .then(() => start(), () => {}));
+$('#viewer').addEventListener('click', (event) => { if (event.target.id === 'viewer') $('#viewer').close(); });
+
+async function start() {
+  try {
+    await loadModels();
+    await restore();
+    showError(null);
+  } catch (error) {
+    showError(error);
+  }
+}
+
+start();
