@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install up test bench
+.PHONY: install browser up test bench
 install: $(STAMP)
+
+# The web page's tests drive a real browser: Debian's chromium, since Playwright's own browser
+# download needs more of the internet than CI has. Only `make test` needs it, and only once.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 up: $(STAMP)
 	$(VENV)/bin/atelier up
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)
