@@ -1,0 +1,1225 @@
+"""atelier's Discord bot: slash commands that submit to atelier, and replies that follow the job.
+
+    python -m frontends.discord_bot [--router tcp://HOST:5555] [--pub tcp://HOST:5556] [--config atelier.toml]
+
+The token comes from ``$DISCORD_TOKEN`` or a ``.env`` file in the working directory; the rest
+from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own atelier user
+(``discord:<id>``), so atelier's fair share applies between them.
+
+``/generate`` answers with one message that shows the job's state, percent, elapsed time, ETA
+and latest preview, edited at most once a second, then the images, with buttons: Again (new
+seeds), Upscale (where the config names an upscaler) and, while it runs, Cancel (its owner only).
+
+``/live``: Discord sends no keystrokes, so a prompt arrives whole. A user's live session in a
+channel (atelier session ``<user id>:<channel id>``) is fed by ``/live prompt:…`` and by the
+"New prompt" button of its canvas, which opens a box holding the last prompt to edit. Each prompt
+is a new job of that session at the ``live`` priority, so atelier drops or stops the one it
+replaces. The canvas is the message of the latest ``/live``; it shows the newest prompt with its
+own preview or image, or else the last finished image labelled with the prompt it was made from,
+never a replaced prompt's picture.
+
+The decisions (who may, how often, what a message says and shows) are small pure pieces at the
+top of this module; the discord.py glue below them only calls them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import time
+import tomllib
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import aiohttp
+import discord
+from discord import app_commands
+from pydantic import ValidationError
+
+from actors.actor import RemoteError
+from actors.messages import (
+    JobEvent,
+    JobRecord,
+    JobResult,
+    JobSpec,
+    JobState,
+    ModelInfo,
+    Preview,
+    Priority,
+    Progress,
+)
+from atelier.config import DiscordConfig, load_config
+from atelier.runtime import run, setup_logging
+from frontends.client import AtelierClient, Event
+
+log = logging.getLogger("atelier.discord")
+
+TOKEN_ENV = "DISCORD_TOKEN"
+MIN_EDIT_INTERVAL_S = 1.0  # Discord throttles edits; a reply changes at most this often
+LIVE_IDLE_S = 15 * 60  # a live session with no new prompt for this long ends
+SILENCE_S = 60.0  # no event for this long: ask the scheduler where the job stands
+KEEP_FINISHED = 1000  # finished jobs remembered for Again and Upscale
+PROMPT_SHOWN = 300  # characters of a prompt a message quotes
+
+# --------------------------------------------------------------------------- #
+# Pure pieces: token, access, rate, what a message shows
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """``KEY=value`` lines, as a ``.env`` file holds them (comments, ``export``, quotes)."""
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
+def find_token(environ: Mapping[str, str], cwd: Path) -> str | None:
+    """The bot token: the environment first, else ``.env`` in the working directory."""
+    token = environ.get(TOKEN_ENV, "").strip()
+    if not token and (cwd / ".env").is_file():
+        token = parse_dotenv((cwd / ".env").read_text(encoding="utf-8")).get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def access_refusal(settings: DiscordConfig, *, guild_id: int | None, channel_ids: Iterable[int],
+                   role_ids: Iterable[int]) -> str | None:
+    """Why this place or person may not use the bot, or None if they may.
+
+    ``channel_ids`` are the channel and, in a thread, its parent: allowing a channel allows its threads.
+    An empty allowlist allows everyone; one that is set refuses direct messages (no server, no roles).
+    """
+    if settings.guilds and guild_id not in settings.guilds:
+        return "atelier is not enabled in this server."
+    if settings.channels and not set(channel_ids) & set(settings.channels):
+        return "atelier is not enabled in this channel."
+    if settings.roles and not set(role_ids) & set(settings.roles):
+        return "You need one of the roles allowed to use atelier here."
+    return None
+
+
+class RateLimiter:
+    """At most ``limit`` starts per key within any ``window_s`` seconds (a sliding window)."""
+
+    def __init__(self, limit: int, window_s: float = 60.0):
+        self.limit = limit
+        self.window_s = window_s
+        self._starts: dict[Hashable, deque[float]] = {}
+
+    def try_acquire(self, key: Hashable, now: float) -> float:
+        """Counts a start and returns 0, or counts nothing and returns the seconds until one is allowed."""
+        starts = self._starts.setdefault(key, deque())
+        while starts and starts[0] <= now - self.window_s:
+            starts.popleft()
+        if len(starts) >= self.limit:
+            return starts[0] + self.window_s - now
+        starts.append(now)
+        return 0.0
+
+
+def rate_refusal(wait_s: float, limit: int, what: str) -> str:
+    return (f"You have started {limit} {what} in the last minute, the most allowed here. "
+            f"Try again in {max(1, round(wait_s))} s.")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def quote(prompt: str) -> str:
+    text = " ".join(prompt.split())
+    if len(text) > PROMPT_SHOWN:
+        text = text[:PROMPT_SHOWN - 1] + "…"
+    return f"«{discord.utils.escape_markdown(discord.utils.escape_mentions(text))}»"
+
+
+_RANK = {JobState.queued: 0, JobState.assigned: 1, JobState.loading: 2, JobState.running: 3}
+
+
+@dataclass
+class JobDisplay:
+    """What a reply shows about one job, built from its events (the time is passed in)."""
+
+    submitted_at: float
+    state: JobState = JobState.queued
+    attempt: int = 0
+    position: int | None = None
+    eta_s: float | None = None
+    eta_at: float = 0.0  # when eta_s was said: it counts down from there
+    step: int = 0
+    total: int | None = None
+    preview: bytes | None = None
+    preview_step: int = 0
+    reason: str | None = None
+    finished_at: float | None = None
+
+    def apply(self, event: Event, now: float) -> None:
+        if isinstance(event, JobResult):
+            self.state, self.reason, self.finished_at = event.job.state, event.job.reason, now
+        elif self.state.terminal:
+            return  # the result is the last word; a straggling event does not undo it
+        elif isinstance(event, JobEvent):
+            # States come from the scheduler and steps from the runner, so they may cross: a state
+            # only moves forward, unless the job was requeued (a higher attempt) or it ended.
+            if event.state.terminal or event.attempt > self.attempt or \
+                    _RANK[event.state] >= _RANK.get(self.state, 0):
+                self.state, self.attempt = event.state, max(self.attempt, event.attempt)
+                if event.state is not JobState.running:
+                    self.step = 0
+            self.position = event.position if self.state is JobState.queued else None
+            if event.eta_s is not None:
+                self.eta_s, self.eta_at = event.eta_s, now
+            if event.reason:
+                self.reason = event.reason
+            if event.state.terminal:
+                self.finished_at = now
+        elif isinstance(event, Progress):
+            self.state, self.position = JobState.running, None
+            self.step, self.total = event.step, event.total
+            if event.eta_s is not None:
+                self.eta_s, self.eta_at = event.eta_s, now
+        elif isinstance(event, Preview):
+            self.preview, self.preview_step = bytes(event.image), event.step
+
+    def percent(self) -> int:
+        if self.state is JobState.done:
+            return 100
+        return int(100 * self.step / self.total) if self.total else 0
+
+    def eta_left(self, now: float) -> float | None:
+        if self.eta_s is None or self.state.terminal:
+            return None
+        return max(0.0, self.eta_s - (now - self.eta_at))
+
+
+def status_line(job: JobDisplay, now: float) -> str:
+    """'queued #3 · 2.0 s elapsed · about 12 s left', 'running 50% (step 2/4) · …', 'done in 3.1 s'."""
+    elapsed = (job.finished_at if job.finished_at is not None else now) - job.submitted_at
+    if job.state is JobState.done:
+        return f"done in {duration(elapsed)}"
+    if job.state is JobState.failed:
+        return f"failed: {job.reason or 'no reason given'}"
+    if job.state is JobState.cancelled:
+        return "cancelled" + (f": {job.reason}" if job.reason else "")
+    if job.state is JobState.queued:
+        words = "queued" + (f" #{job.position + 1}" if job.position is not None else "")
+    elif job.state is JobState.running:
+        words = f"running {job.percent()}%" + (f" (step {job.step}/{job.total})" if job.total else "")
+    else:
+        words = "loading the model"
+    parts = [words, f"{duration(elapsed)} elapsed"]
+    left = job.eta_left(now)
+    if left is not None:
+        parts.append(f"about {duration(left)} left")
+    return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class ButtonSpec:
+    """One button: what it does (``action``), to which job or channel (``ref``) and for whom (``owner``)."""
+
+    action: str  # cancel, again, upscale (a job); edit, stop (a live session; ref is its channel)
+    ref: str
+    owner: int
+    label: str
+    style: str = "secondary"  # a discord.ButtonStyle name
+    index: int | None = None
+
+    @property
+    def custom_id(self) -> str:
+        suffix = f":{self.index}" if self.index is not None else ""
+        return f"atelier:{self.action}:{self.ref}:{self.owner}{suffix}"
+
+
+@dataclass
+class Frame:
+    """Everything one message shows: its text, its images (file name, bytes) and its buttons."""
+
+    content: str
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    buttons: list[ButtonSpec] = field(default_factory=list)
+    notify: int | None = None  # a user to ping when this is posted as a new message
+
+
+@dataclass
+class JobCard:
+    """A job of the bot's and what its message shows."""
+
+    spec: JobSpec
+    owner: int
+    display: JobDisplay
+    refused: str | None = None  # the scheduler's refusal of the submit
+    result: JobResult | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.refused is None and self.result is None and not self.display.state.terminal
+
+
+def render_job(card: JobCard, now: float, *, upscale: bool, max_bytes: int = 10 << 20) -> Frame:
+    spec, job = card.spec, card.display
+    size = f" · {spec.width}×{spec.height}" if spec.width and spec.height else ""
+    steps = f" · {spec.steps} steps" if spec.steps else ""
+    lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}"]
+    if card.refused is not None:
+        return Frame("\n".join(lines + [f"refused: {card.refused}"]), notify=card.owner)
+    images: list[tuple[str, bytes]] = []
+    buttons: list[ButtonSpec] = []
+    status = status_line(job, now)
+    if card.result is not None and card.result.job.state is JobState.done:
+        outputs = card.result.outputs
+        seeds = [a.seed for a in outputs if a.seed is not None]
+        if seeds:
+            status += " · seed" + ("s " if len(seeds) > 1 else " ") + ", ".join(map(str, seeds))
+        for index, artifact in enumerate(outputs):
+            data = bytes(artifact.data)
+            if len(data) <= max_bytes:
+                images.append((f"atelier-{spec.id}-{index}.png", data))
+            else:
+                status += f"\nimage {index + 1} is too large for Discord; it is kept at {artifact.uri or 'atelier'}"
+        buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary"))
+        if upscale:
+            buttons += [ButtonSpec("upscale", spec.id, card.owner, f"Upscale {i + 1}" if len(outputs) > 1
+                                   else "Upscale", index=i) for i in range(len(outputs))]
+    elif job.state.terminal:
+        buttons.append(ButtonSpec("again", spec.id, card.owner, "Again"))
+    else:
+        if job.preview:
+            images.append((f"preview-{spec.id}.jpg", job.preview))
+        buttons.append(ButtonSpec("cancel", spec.id, card.owner, "Cancel", "danger"))
+    return Frame("\n".join(lines + [status]), images, buttons, notify=card.owner)
+
+
+@dataclass
+class LiveCanvas:
+    """What a live session's message shows: the newest prompt, and only pictures that are its own
+    or that finished (labelled with their prompt): a replaced prompt's events never reach it."""
+
+    owner: int
+    channel: int
+    prompt: str | None = None
+    job_id: str | None = None
+    job: JobDisplay | None = None
+    refused: str | None = None
+    finished: tuple[str, str, bytes] | None = None  # the last finished image: job id, prompt, PNG
+    ended: bool = False
+    history: list[tuple[str, str]] = field(default_factory=list)  # (job id, prompt) of every prompt
+
+    def submitted(self, job_id: str, prompt: str, now: float) -> None:
+        self.prompt, self.job_id, self.refused, self.ended = prompt, job_id, None, False
+        self.job = JobDisplay(submitted_at=now)
+        self.history.append((job_id, prompt))
+
+    def refuse(self, job_id: str, reason: str) -> None:
+        if job_id == self.job_id:
+            self.refused = reason
+
+    def apply(self, job_id: str, event: Event, now: float) -> bool:
+        """Takes an event of one of the session's jobs; False (and nothing changes) unless it is the newest's."""
+        if job_id != self.job_id or self.job is None:
+            return False
+        self.job.apply(event, now)
+        if isinstance(event, JobResult) and event.job.state is JobState.done and event.outputs:
+            self.finished = (job_id, self.prompt or "", bytes(event.outputs[0].data))
+        return True
+
+    @property
+    def active(self) -> bool:
+        return self.job is not None and self.refused is None and not self.job.state.terminal
+
+
+def render_live(canvas: LiveCanvas, now: float) -> Frame:
+    mention = f"<@{canvas.owner}>"
+    ref = str(canvas.channel)
+    if canvas.ended:
+        lines = [f"⚪ **Live session ended** · {mention}"]
+        buttons = [ButtonSpec("edit", ref, canvas.owner, "New prompt", "primary")]
+    else:
+        lines = [f"🔴 **Live** · {mention} · {quote(canvas.prompt or '')}"]
+        buttons = [ButtonSpec("edit", ref, canvas.owner, "New prompt", "primary"),
+                   ButtonSpec("stop", ref, canvas.owner, "Stop", "danger")]
+        if canvas.refused is not None:
+            lines.append(f"refused: {canvas.refused}")
+        elif canvas.job is not None:
+            lines.append(status_line(canvas.job, now))
+    images: list[tuple[str, bytes]] = []
+    job = canvas.job
+    if not canvas.ended and job is not None and job.preview and not job.state.terminal and canvas.refused is None:
+        images = [(f"live-{canvas.job_id}-preview.jpg", job.preview)]
+    elif canvas.finished is not None:
+        job_id, prompt, png = canvas.finished
+        images = [(f"live-{job_id}.png", png)]
+        if job_id != canvas.job_id or canvas.ended:
+            lines.append(f"-# the last finished image, of {quote(prompt)}")
+    return Frame("\n".join(lines), images, buttons)
+
+
+def moved_frame() -> Frame:
+    return Frame("*This live canvas moved to a newer message below.*")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a result tries to reach Discord: edits first, then new messages (about 10 minutes)."""
+
+    edit_delays_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+    post_delays_s: tuple[float, ...] = (2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+    call_timeout_s: float = 30.0
+    # An interaction's token lives 15 minutes; stop using it this long before, so no edit races its end.
+    token_margin_s: float = 10.0
+
+
+# --------------------------------------------------------------------------- #
+# discord.py glue: messages
+
+
+_DISCORD_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+_DEAD_TOKEN_CODES = {50027, 10015}  # invalid webhook token, unknown webhook
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class AtelierButton(discord.ui.DynamicItem[discord.ui.Button],
+                    template=r"atelier:(?P<action>cancel|again|upscale|edit|stop):(?P<ref>[A-Za-z0-9_-]+)"
+                             r":(?P<owner>\d+)(?::(?P<index>\d+))?$"):
+    """Every button of the bot: its custom id says all it needs, so buttons keep working after a restart."""
+
+    def __init__(self, spec: ButtonSpec):
+        super().__init__(discord.ui.Button(label=spec.label, custom_id=spec.custom_id,
+                                           style=getattr(discord.ButtonStyle, spec.style)))
+        self.spec = spec
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+                             match) -> "AtelierButton":
+        index = int(match["index"]) if match["index"] is not None else None
+        return cls(ButtonSpec(match["action"], match["ref"], int(match["owner"]), item.label or "",
+                              item.style.name, index))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = interaction.client
+        if isinstance(bot, AtelierBot):
+            await bot.on_button(interaction, self.spec)
+
+
+def _view(buttons: list[ButtonSpec]) -> discord.ui.View | None:
+    if not buttons:
+        return None
+    view = discord.ui.View(timeout=None)
+    for spec in buttons:
+        view.add_item(AtelierButton(spec))
+    return view
+
+
+def _files(images: list[tuple[str, bytes]]) -> list[discord.File]:
+    return [discord.File(io.BytesIO(data), filename=name) for name, data in images]
+
+
+def _images_key(images: list[tuple[str, bytes]]) -> tuple:
+    return tuple((name, len(data), zlib.crc32(data)) for name, data in images)
+
+
+class Reply:
+    """The one message that follows a job or a live session.
+
+    It is edited through its interaction's webhook while the token lives (15 minutes), then through
+    the bot's own access to the channel. ``deliver`` is for what must not be lost (a result): it
+    retries the edit with backoff, then posts the frame as a new message, retrying that too.
+    """
+
+    def __init__(self, bot: "AtelierBot", interaction: discord.Interaction, *, message_id: int | None = None):
+        self.bot = bot
+        self.retry = bot.retry
+        self.interaction = interaction
+        self.channel_id = interaction.channel_id
+        self.message_id = message_id
+        self._webhook_dead = False
+        self._images_sent: tuple | None = None if message_id is None else ()
+        self._warned = False
+
+    async def open(self, frame: Frame) -> None:
+        """The interaction's answer: a new message showing ``frame``."""
+        kwargs: dict = {"content": frame.content}
+        if frame.images:
+            kwargs["files"] = _files(frame.images)
+        if view := _view(frame.buttons):
+            kwargs["view"] = view
+        response = await self.interaction.response.send_message(**kwargs)
+        self.message_id = response.message_id
+        self._images_sent = _images_key(frame.images)
+
+    def adopt(self, interaction: discord.Interaction) -> None:
+        """A newer interaction on this message (a button or a box submitted from it): a fresh token to edit with."""
+        self.interaction = interaction
+        self._webhook_dead = False
+
+    def _webhook_usable(self) -> bool:
+        left = (self.interaction.expires_at - discord.utils.utcnow()).total_seconds()
+        return not self._webhook_dead and left > self.retry.token_margin_s
+
+    def _kwargs(self, frame: Frame) -> dict:
+        kwargs: dict = {"content": frame.content, "view": _view(frame.buttons)}
+        if _images_key(frame.images) != self._images_sent:
+            kwargs["attachments"] = _files(frame.images)  # leaving them out keeps the message's own
+        return kwargs
+
+    async def edit(self, frame: Frame) -> bool:
+        """One try at showing ``frame``; False if Discord did not take it."""
+        try:
+            if self._webhook_usable():
+                try:
+                    await asyncio.wait_for(self.interaction.edit_original_response(**self._kwargs(frame)),
+                                           self.retry.call_timeout_s)
+                    self._shown(frame)
+                    return True
+                except discord.HTTPException as exc:
+                    if exc.status != 401 and exc.code not in _DEAD_TOKEN_CODES:
+                        raise
+                    log.info("the interaction token of message %s no longer works; editing as the bot",
+                             self.message_id)
+                    self._webhook_dead = True
+            if self.message_id is None or self.channel_id is None:
+                return False
+            message = self.bot.get_partial_messageable(self.channel_id).get_partial_message(self.message_id)
+            await asyncio.wait_for(message.edit(**self._kwargs(frame)), self.retry.call_timeout_s)
+            self._shown(frame)
+            return True
+        except _DISCORD_ERRORS as exc:
+            (log.warning if not self._warned else log.debug)("editing message %s failed: %r", self.message_id, exc)
+            self._warned = True
+            return False
+
+    def _shown(self, frame: Frame) -> None:
+        self._images_sent = _images_key(frame.images)
+        self._warned = False
+
+    async def post(self, frame: Frame) -> bool:
+        """One try at showing ``frame`` in a new message, in reply to the old one."""
+        if self.channel_id is None:
+            return False
+        channel = self.bot.get_partial_messageable(self.channel_id)
+        kwargs: dict = {"content": frame.content, "files": _files(frame.images)}
+        if view := _view(frame.buttons):
+            kwargs["view"] = view
+        if self.message_id is not None:
+            kwargs["reference"] = discord.MessageReference(message_id=self.message_id, channel_id=self.channel_id,
+                                                           fail_if_not_exists=False)
+        if frame.notify is not None:
+            kwargs["allowed_mentions"] = discord.AllowedMentions(users=[discord.Object(frame.notify)])
+        try:
+            message = await asyncio.wait_for(channel.send(**kwargs), self.retry.call_timeout_s)
+        except _DISCORD_ERRORS as exc:
+            log.warning("posting to channel %s failed: %r", self.channel_id, exc)
+            return False
+        log.info("message %s could not be edited; posted the result anew as %s", self.message_id, message.id)
+        self.message_id = message.id
+        self._webhook_dead = True  # the new message is the bot's, not the interaction's
+        self._shown(frame)
+        return True
+
+    async def deliver(self, frame: Frame) -> bool:
+        """Shows ``frame`` whatever it takes: edits with backoff, then new messages with backoff."""
+        if self.message_id is not None:
+            for delay in (0.0, *self.retry.edit_delays_s):
+                await asyncio.sleep(delay)
+                if await self.edit(frame):
+                    return True
+        for delay in (0.0, *self.retry.post_delays_s):
+            await asyncio.sleep(delay)
+            if await self.post(frame):
+                return True
+        log.error("could not reach Discord to show: %s", frame.content[:300])
+        return False
+
+
+class Painter:
+    """Keeps a reply showing ``render()``: repaints after a change, at most once per ``interval_s``.
+
+    A change marked ``must_land`` (a result) is delivered, not just tried.
+    """
+
+    def __init__(self, reply: Reply, render: Callable[[], Frame], *, interval_s: float = MIN_EDIT_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.reply = reply
+        self.render = render
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last = clock()  # the reply's first showing counts
+        self._changed = asyncio.Event()
+        self._must_land = False
+        self._closing = False
+        self._task = asyncio.create_task(self._loop(), name="discord-painter")
+
+    def touch(self, *, must_land: bool = False) -> None:
+        self._must_land |= must_land
+        self._changed.set()
+
+    async def finish(self, *, must_land: bool = True) -> None:
+        """Shows the current render (delivered, if ``must_land``), then stops."""
+        self._closing = True
+        self.touch(must_land=must_land)
+        await asyncio.shield(self._task)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._changed.wait()
+            delay = self._last + self.interval_s - self.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._changed.clear()
+            must_land, self._must_land = self._must_land, False
+            try:
+                frame = self.render()
+                if must_land:
+                    await self.reply.deliver(frame)
+                else:
+                    await self.reply.edit(frame)
+            except Exception:  # a bug in a render must not stop the reply for good
+                log.exception("painting message %s failed", self.reply.message_id)
+            self._last = self.clock()
+            if self._closing and not self._changed.is_set():
+                return
+
+
+class PromptBox(discord.ui.Modal):
+    """The box the canvas's "New prompt" button opens, holding the last prompt to edit."""
+
+    def __init__(self, bot: "AtelierBot", prompt: str | None):
+        super().__init__(title="Live prompt", timeout=600)
+        self.bot = bot
+        self.prompt: discord.ui.TextInput = discord.ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph, default=prompt, max_length=1000)
+        self.add_item(self.prompt)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.bot.live_prompt(interaction, self.prompt.value, from_canvas=True)
+
+
+# --------------------------------------------------------------------------- #
+# discord.py glue: the bot
+
+
+@dataclass
+class LiveSession:
+    canvas: LiveCanvas
+    model: str
+    seed: int  # kept across prompts, so an edit changes the picture, not the whole composition
+    steps: int | None
+    reply: Reply | None = None
+    painter: Painter | None = None
+    idle: asyncio.Task | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.canvas.owner}:{self.canvas.channel}"
+
+
+class AtelierTree(app_commands.CommandTree):
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        bot = interaction.client
+        refusal = bot.refusal(interaction) if isinstance(bot, AtelierBot) else None
+        if refusal is None:
+            return True
+        if interaction.type is discord.InteractionType.application_command:
+            await interaction.response.send_message(refusal, ephemeral=True)
+        return False
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        log.error("command %s failed", interaction.command.name if interaction.command else "?",
+                  exc_info=getattr(error, "original", error))
+        text = "Something went wrong on atelier's side; the log says what."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except _DISCORD_ERRORS:
+            pass
+
+
+class AtelierBot(discord.Client):
+    """The Discord bot over one ``AtelierClient``."""
+
+    def __init__(self, atelier: AtelierClient, settings: DiscordConfig, *, default_model: str,
+                 retry: RetryPolicy = RetryPolicy(), sync_commands: bool = True,
+                 clock: Callable[[], float] = time.monotonic, **options):
+        # The bot speaks no voice: discord.py's warnings about missing voice libraries are only noise.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        options.setdefault("intents", discord.Intents.default())
+        # A prompt may say @everyone; the bot never pings anyone but a result's owner.
+        options.setdefault("allowed_mentions", discord.AllowedMentions.none())
+        super().__init__(**options)
+        self.atelier = atelier
+        self.settings = settings
+        self.default_model = settings.default_model or default_model
+        self.retry = retry
+        self.sync_commands = sync_commands
+        self.clock = clock
+        self.tree = AtelierTree(self)
+        self.job_rate = RateLimiter(settings.rate_per_minute)
+        self.live_rate = RateLimiter(settings.live_per_minute)
+        self.jobs: dict[str, JobCard] = {}  # active, by job id
+        self.finished: OrderedDict[str, JobCard] = OrderedDict()
+        self.sessions: dict[tuple[int, int], LiveSession] = {}
+        self._models: list[ModelInfo] = []
+        self._models_at = -1e9
+        self._tasks: set[asyncio.Task] = set()
+        self._register_commands()
+
+    # -- lifecycle ----------------------------------------------------------- #
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(AtelierButton)
+        if not self.sync_commands:
+            return
+        try:
+            if self.settings.guilds:
+                for guild_id in self.settings.guilds:  # guild commands show up at once, global ones can lag
+                    guild = discord.Object(guild_id)
+                    self.tree.copy_global_to(guild=guild)
+                    await self.tree.sync(guild=guild)
+            else:
+                await self.tree.sync()
+        except discord.HTTPException as exc:
+            log.error("could not register the slash commands with Discord: %s", exc)
+
+    async def on_ready(self) -> None:
+        log.info("logged in to Discord as %s (%s)", self.user, self.user.id if self.user else "?")
+
+    async def close(self) -> None:
+        undelivered = [job_id for job_id in self.jobs]
+        if undelivered:
+            # Their results would come back to this process's client, which is going: free the GPUs instead.
+            log.warning("stopping: cancelling %d job(s) not yet delivered to Discord: %s", len(undelivered),
+                        ", ".join(undelivered))
+            await asyncio.gather(*(self._cancel_quietly(job_id) for job_id in undelivered))
+        for task in list(self._tasks):
+            task.cancel()
+        for session in self.sessions.values():
+            if session.painter is not None:
+                session.painter.cancel()
+        await super().close()
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.atelier.cancel(job_id), 2.0)
+        except (RemoteError, asyncio.TimeoutError) as exc:
+            log.warning("could not cancel job %s: %s", job_id, exc)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- who may ------------------------------------------------------------- #
+
+    def refusal(self, interaction: discord.Interaction) -> str | None:
+        channel = interaction.channel
+        channels = [c for c in (interaction.channel_id, getattr(channel, "parent_id", None)) if c]
+        roles = [role.id for role in getattr(interaction.user, "roles", ())]
+        return access_refusal(self.settings, guild_id=interaction.guild_id, channel_ids=channels, role_ids=roles)
+
+    def _rate_refusal(self, user_id: int, *, live: bool = False) -> str | None:
+        limiter = self.live_rate if live else self.job_rate
+        wait = limiter.try_acquire(user_id, self.clock())
+        if not wait:
+            return None
+        return rate_refusal(wait, limiter.limit, "live prompts" if live else "jobs")
+
+    @staticmethod
+    async def _say(interaction: discord.Interaction, text: str) -> None:
+        """An ephemeral answer, whether or not the interaction was answered already."""
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+    # -- the catalog ------------------------------------------------------------ #
+
+    async def models(self) -> list[ModelInfo]:
+        if self.clock() - self._models_at > 30:
+            try:
+                self._models = await self.atelier.models()
+                self._models_at = self.clock()
+            except (RemoteError, asyncio.TimeoutError) as exc:
+                log.warning("could not read the catalog: %s", exc)
+        return self._models
+
+    async def _model(self, name: str) -> ModelInfo | None:
+        return next((m for m in await self.models() if m.name == name), None)
+
+    async def _complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        needle = current.lower()
+        return [app_commands.Choice(name=f"{m.name} ({m.family}, {m.default_width}×{m.default_height})"[:100],
+                                    value=m.name)
+                for m in await self.models() if needle in m.name.lower()][:25]
+
+    async def _complete_job(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        mine = [c for c in self.jobs.values() if c.owner == interaction.user.id and current in c.spec.id]
+        return [app_commands.Choice(name=f"{c.spec.id[:8]} {' '.join(c.spec.prompt.split())}"[:100], value=c.spec.id)
+                for c in reversed(mine)][:25]
+
+    # -- commands ------------------------------------------------------------ #
+
+    def _register_commands(self) -> None:
+        tree = self.tree
+
+        @tree.command(name="generate", description="Generate images from a prompt")
+        @app_commands.describe(prompt="what to draw", negative="what to keep out of it",
+                               model="which model (default: the server's)", count="how many images",
+                               width="in pixels, a multiple of 8", height="in pixels, a multiple of 8",
+                               steps="denoising steps (more: slower, finer)",
+                               seed="the same seed and prompt give the same image")
+        @app_commands.autocomplete(model=self._complete_model)
+        async def generate(interaction: discord.Interaction, prompt: str, negative: str | None = None,
+                           model: str | None = None, count: app_commands.Range[int, 1, 10] = 1,
+                           width: Optional[app_commands.Range[int, 8, 8192]] = None,
+                           height: Optional[app_commands.Range[int, 8, 8192]] = None,
+                           steps: Optional[app_commands.Range[int, 1, 500]] = None,
+                           seed: Optional[app_commands.Range[int, 0, 2**53]] = None) -> None:
+            await self.generate(interaction, dict(prompt=prompt, negative_prompt=negative, model=model,
+                                                  count=count, width=width, height=height, steps=steps, seed=seed))
+
+        @tree.command(name="live", description="Images as you write: each new prompt replaces the last")
+        @app_commands.describe(prompt="what to draw; use /live again or the New prompt button to change it",
+                               model="which model (default: the server's)",
+                               steps="denoising steps (fewer: faster, rougher)")
+        @app_commands.autocomplete(model=self._complete_model)
+        async def live(interaction: discord.Interaction, prompt: str, model: str | None = None,
+                       steps: Optional[app_commands.Range[int, 1, 500]] = None) -> None:
+            await self.live_prompt(interaction, prompt, model=model, steps=steps)
+
+        @tree.command(name="models", description="The models atelier serves")
+        async def models(interaction: discord.Interaction) -> None:
+            catalog = await self.models()
+            lines = [f"**{m.name}** · {m.family} · {m.default_width}×{m.default_height}, {m.default_steps} steps"
+                     f" · up to {m.max_width}×{m.max_height}" + (" · *default*" if m.name == self.default_model else "")
+                     for m in catalog]
+            await interaction.response.send_message("\n".join(lines) or "atelier has no models.", ephemeral=True)
+
+        @tree.command(name="queue", description="Where your jobs stand, and how long the queue is")
+        async def queue(interaction: discord.Interaction) -> None:
+            await self.queue(interaction)
+
+        @tree.command(name="cancel", description="Cancel your job: the latest one, or the one you name")
+        @app_commands.describe(job="a job id (default: your latest running or queued job)")
+        @app_commands.autocomplete(job=self._complete_job)
+        async def cancel(interaction: discord.Interaction, job: str | None = None) -> None:
+            await self.cancel(interaction, job)
+
+    # -- /generate, Again, Upscale --------------------------------------------- #
+
+    async def generate(self, interaction: discord.Interaction, params: dict) -> None:
+        user = interaction.user.id
+        if params.get("count", 1) > self.settings.max_count:
+            await self._say(interaction, f"At most {self.settings.max_count} images per job here.")
+            return
+        model = await self._model(params.get("model") or self.default_model)
+        if model is not None:
+            # The catalog's defaults, written out, so the message says what was made.
+            params["width"] = params.get("width") or model.default_width
+            params["height"] = params.get("height") or model.default_height
+            params["steps"] = params.get("steps") or model.default_steps
+        try:
+            spec = JobSpec(**{**params, "model": params.get("model") or self.default_model,
+                              "user": f"discord:{user}", "priority": Priority.interactive})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+            await self._say(interaction, f"Can't submit that: {problems}")
+            return
+        if (refusal := self._rate_refusal(user)) is not None:
+            await self._say(interaction, refusal)
+            return
+        card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()))
+        reply = Reply(self, interaction)
+        await reply.open(self._render(card))  # within Discord's 3 s, before anything that may wait
+        self.jobs[spec.id] = card
+        self._spawn(self._follow(card, reply), f"discord-job-{spec.id}")
+
+    def _render(self, card: JobCard) -> Frame:
+        return render_job(card, self.clock(), upscale=self.settings.upscaler is not None)
+
+    async def _follow(self, card: JobCard, reply: Reply) -> None:
+        spec = card.spec
+        painter = Painter(reply, lambda: self._render(card), clock=self.clock)
+        try:
+            try:
+                await self.atelier.submit(spec)
+            except RemoteError as exc:
+                card.refused = (f"{exc.error.field}: " if exc.error.field else "") + exc.error.message
+            except asyncio.TimeoutError:
+                card.refused = "atelier did not answer; try again in a moment"
+            else:
+                def on_event(event: Event) -> None:
+                    card.display.apply(event, self.clock())
+                    painter.touch()
+
+                card.result = await self._watch(spec, on_event)
+                card.display.apply(card.result, self.clock())
+            await painter.finish()
+        finally:
+            painter.cancel()
+            self._remember(card)
+
+    def _remember(self, card: JobCard) -> None:
+        self.jobs.pop(card.spec.id, None)
+        self.finished[card.spec.id] = card
+        while len(self.finished) > KEEP_FINISHED:
+            self.finished.popitem(last=False)
+
+    async def _watch(self, spec: JobSpec, on_event: Callable[[Event], None]) -> JobResult:
+        """Feeds the job's events to ``on_event`` until its result, which it returns."""
+        job_id = spec.id
+        while True:
+            try:
+                async for event in self.atelier.events(job_id, timeout=SILENCE_S):
+                    if isinstance(event, JobResult):
+                        return event
+                    on_event(event)
+            except asyncio.TimeoutError:
+                try:
+                    record = await self.atelier.job(job_id)
+                except RemoteError as exc:
+                    log.error("atelier no longer knows job %s: %s", job_id, exc)
+                    return JobResult(job=JobRecord(spec=spec, state=JobState.failed, submitted_at=time.time(),
+                                                   reason="atelier lost this job (was it restarted?)"))
+                except asyncio.TimeoutError:
+                    continue
+                if record.state.terminal:
+                    try:
+                        return await self.atelier.wait(job_id, timeout=SILENCE_S)
+                    except asyncio.TimeoutError:
+                        return JobResult(job=record)  # its images went astray; its state did not
+
+    async def again(self, interaction: discord.Interaction, source: JobCard, *, upscale_index: int | None) -> None:
+        spec = source.spec
+        params = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt, model=spec.model, count=spec.count,
+                      width=spec.width, height=spec.height, steps=spec.steps, guidance=spec.guidance)
+        if upscale_index is not None:
+            upscaler = self.settings.upscaler
+            info = await self._model(upscaler) if upscaler else None
+            outputs = source.result.outputs if source.result else []
+            if upscaler is None or upscale_index >= len(outputs):
+                await self._say(interaction, "There is nothing to upscale here.")
+                return
+            artifact = outputs[upscale_index]
+            width, height = artifact.width or spec.width or 512, artifact.height or spec.height or 512
+            limit_w, limit_h = (info.max_width, info.max_height) if info else (2 * width, 2 * height)
+            # atelier has no image-input jobs yet: the upscaler renders the same prompt and seed at twice the
+            # size, with its own steps and guidance.
+            params.update(model=upscaler, count=1, seed=artifact.seed, steps=None, guidance=None,
+                          width=min(2 * width, limit_w) // 8 * 8, height=min(2 * height, limit_h) // 8 * 8)
+        await self.generate(interaction, params)
+
+    # -- /live ------------------------------------------------------------------ #
+
+    async def live_prompt(self, interaction: discord.Interaction, prompt: str, *, model: str | None = None,
+                          steps: int | None = None, from_canvas: bool = False) -> None:
+        user, channel = interaction.user.id, interaction.channel_id or 0
+        if from_canvas and (refusal := self.refusal(interaction)) is not None:
+            await self._say(interaction, refusal)
+            return
+        if not prompt.strip():
+            await self._say(interaction, "The prompt is empty.")
+            return
+        if (refusal := self._rate_refusal(user, live=True)) is not None:
+            await self._say(interaction, refusal)
+            return
+        session = self.sessions.get((user, channel))
+        if session is None:
+            session = LiveSession(canvas=LiveCanvas(owner=user, channel=channel), model=model or self.default_model,
+                                  seed=random.randrange(2**32), steps=steps)
+            self.sessions[(user, channel)] = session
+        elif model or steps:
+            session.model, session.steps = model or session.model, steps or session.steps
+        spec = JobSpec(model=session.model, prompt=prompt, steps=session.steps, seed=session.seed,
+                       user=f"discord:{user}", priority=Priority.live, session=session.key)
+        # Before the submit: from now on the replaced job's events are ignored, whatever their timing.
+        session.canvas.submitted(spec.id, prompt, self.clock())
+        if session.idle is not None:
+            session.idle.cancel()
+        await self._show_canvas(session, interaction, from_canvas)
+        self._spawn(self._follow_live(session, spec), f"discord-live-{spec.id}")
+
+    async def _show_canvas(self, session: LiveSession, interaction: discord.Interaction, from_canvas: bool) -> None:
+        message = interaction.message.id if from_canvas and interaction.message else None
+        if session.reply is not None and message is not None and session.reply.message_id == message:
+            await interaction.response.defer()  # the canvas itself changes; nothing else to say
+            session.reply.adopt(interaction)
+            session.painter.touch()
+            return
+        if session.painter is not None:  # the canvas moves: the old one says so and keeps no picture
+            old = session.painter
+            old.render = moved_frame
+            self._spawn(old.finish(must_land=False), "discord-live-retire")
+        if message is not None:
+            await interaction.response.defer()
+            session.reply = Reply(self, interaction, message_id=message)
+            session.painter = Painter(session.reply, lambda: render_live(session.canvas, self.clock()),
+                                      clock=self.clock)
+            session.painter.touch()
+        else:
+            session.reply = Reply(self, interaction)
+            await session.reply.open(render_live(session.canvas, self.clock()))
+            session.painter = Painter(session.reply, lambda: render_live(session.canvas, self.clock()),
+                                      clock=self.clock)
+
+    async def _follow_live(self, session: LiveSession, spec: JobSpec) -> None:
+        canvas = session.canvas
+        self.jobs[spec.id] = card = JobCard(spec=spec, owner=canvas.owner, display=JobDisplay(self.clock()))
+        try:
+            try:
+                await self.atelier.submit(spec)
+            except RemoteError as exc:
+                canvas.refuse(spec.id, (f"{exc.error.field}: " if exc.error.field else "") + exc.error.message)
+                session.painter.touch(must_land=True)
+                return
+            except asyncio.TimeoutError:
+                canvas.refuse(spec.id, "atelier did not answer; try again in a moment")
+                session.painter.touch(must_land=True)
+                return
+
+            def on_event(event: Event) -> None:
+                card.display.apply(event, self.clock())
+                if canvas.apply(spec.id, event, self.clock()):
+                    session.painter.touch()
+
+            result = await self._watch(spec, on_event)
+            card.result = result
+            card.display.apply(result, self.clock())
+            if canvas.apply(spec.id, result, self.clock()):
+                session.painter.touch(must_land=True)  # the newest prompt's image must reach the canvas
+                session.idle = self._spawn(self._end_live_later(session), "discord-live-idle")
+        finally:
+            self._remember(card)
+
+    async def _end_live_later(self, session: LiveSession) -> None:
+        await asyncio.sleep(LIVE_IDLE_S)
+        await self._end_live(session)
+
+    async def _end_live(self, session: LiveSession) -> None:
+        if self.sessions.get((session.canvas.owner, session.canvas.channel)) is session:
+            del self.sessions[(session.canvas.owner, session.canvas.channel)]
+        session.canvas.ended = True
+        if session.canvas.active and session.canvas.job_id:
+            try:
+                await self.atelier.cancel(session.canvas.job_id)
+            except (RemoteError, asyncio.TimeoutError):
+                pass
+        if session.painter is not None:
+            await session.painter.finish(must_land=False)
+
+    # -- buttons ------------------------------------------------------------- #
+
+    async def on_button(self, interaction: discord.Interaction, button: ButtonSpec) -> None:
+        if (refusal := self.refusal(interaction)) is not None:
+            await self._say(interaction, refusal)
+            return
+        user = interaction.user.id
+        if button.action in ("cancel", "edit", "stop") and user != button.owner:
+            what = "job" if button.action == "cancel" else "live session"
+            await self._say(interaction, f"Only <@{button.owner}> can do that to their {what}.")
+            return
+        if button.action == "cancel":
+            await interaction.response.defer()  # the job's message shows the outcome
+            await self._cancel_job(interaction, button.ref)
+        elif button.action in ("again", "upscale"):
+            source = self.jobs.get(button.ref) or self.finished.get(button.ref)
+            if source is None:
+                await self._say(interaction, "atelier no longer remembers that job.")
+                return
+            await self.again(interaction, source, upscale_index=button.index if button.action == "upscale" else None)
+        elif button.action == "edit":
+            session = self.sessions.get((user, int(button.ref)))
+            last = session.canvas.prompt if session else None
+            if last is None and interaction.message is not None:
+                last = next((p for p in _prompts_in(interaction.message.content)), None)
+            await interaction.response.send_modal(PromptBox(self, last))
+        elif button.action == "stop":
+            await interaction.response.defer()
+            session = self.sessions.get((user, int(button.ref)))
+            if session is not None:
+                await self._end_live(session)
+
+    # -- /queue, /cancel ------------------------------------------------------- #
+
+    async def queue(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        status = await self.atelier.status()
+        running = sum(status.counts.get(s, 0) for s in ("assigned", "loading", "running"))
+        lines = [f"**Queue:** {len(status.queued)} waiting, {running} running."]
+        mine = [c for c in self.jobs.values() if c.owner == interaction.user.id]
+        now = self.clock()
+        for card in mine:
+            try:
+                record = await self.atelier.job(card.spec.id)
+            except RemoteError:
+                continue
+            if record.state is JobState.queued:
+                if record.position is not None:
+                    card.display.position = record.position
+                if record.eta_s is not None:
+                    card.display.eta_s, card.display.eta_at = record.eta_s, now
+            lines.append(f"`{card.spec.id[:8]}` {quote(card.spec.prompt)} — {status_line(card.display, now)}")
+        if not mine:
+            lines.append("You have no jobs in atelier right now.")
+        await interaction.followup.send("\n".join(lines), ephemeral=True)
+
+    async def cancel(self, interaction: discord.Interaction, job: str | None) -> None:
+        user = interaction.user.id
+        if job is None:
+            mine = [c for c in self.jobs.values() if c.owner == user and c.active]
+            if not mine:
+                await self._say(interaction, "You have no running or queued job.")
+                return
+            job_id = max(mine, key=lambda c: c.display.submitted_at).spec.id
+        else:
+            if not _JOB_ID.match(job):
+                await self._say(interaction, f"There is no job `{discord.utils.escape_markdown(job[:64])}`.")
+                return
+            matches = [i for i in (*self.jobs, *self.finished) if i.startswith(job)] or [job]
+            job_id = matches[0]
+            card = self.jobs.get(job_id) or self.finished.get(job_id)
+            owner = card.owner if card else None
+            if owner is None:
+                try:
+                    record = await self.atelier.job(job_id)
+                except RemoteError:
+                    await self._say(interaction, f"There is no job `{job}`.")
+                    return
+                owner = int(record.spec.user.removeprefix("discord:")) if record.spec.user.startswith(
+                    "discord:") and record.spec.user[8:].isdigit() else None
+            if owner != user:
+                await self._say(interaction, "That job isn't yours to cancel.")
+                return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        text = await self._cancel_job(interaction, job_id)
+        await interaction.followup.send(text, ephemeral=True)
+
+    async def _cancel_job(self, interaction: discord.Interaction, job_id: str) -> str:
+        try:
+            record = await self.atelier.cancel(job_id)
+        except RemoteError as exc:
+            return f"Could not cancel `{job_id[:8]}`: {exc.error.message}"
+        if record.state.terminal and record.state is not JobState.cancelled:
+            return f"`{job_id[:8]}` had already {record.state.value}."
+        return f"Cancelled `{job_id[:8]}`" + ("" if record.state.terminal else " (it stops at its next step).")
+
+
+def _prompts_in(content: str) -> Iterable[str]:
+    """The quoted prompt of a canvas's text, for a canvas whose session ended (its «…»)."""
+    start = content.find("«")
+    end = content.find("»", start + 1)
+    if start != -1 and end != -1:
+        yield content[start + 1:end]
+
+
+# --------------------------------------------------------------------------- #
+# The process
+
+
+def _config_problem(config) -> str | None:
+    settings = config.discord
+    for key in ("upscaler", "default_model"):
+        name = getattr(settings, key)
+        if name is not None and config.models and name not in config.models:
+            return f"[discord] {key} = {name!r} is not in the catalog ({', '.join(config.models)})"
+    return None
+
+
+async def _serve(config, router: str, pub: str, token: str) -> int:
+    atelier = AtelierClient(router, pub)
+    try:
+        await atelier.start(timeout=30)
+    except TimeoutError:
+        await atelier.close(drain_timeout=0)
+        log.error("no atelier broker answered at %s; start one with `atelier up`", router)
+        return 3
+    bot = AtelierBot(atelier, config.discord, default_model=config.default_model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    running = asyncio.create_task(bot.start(token), name="discord-gateway")
+    stopping = asyncio.create_task(stop.wait(), name="discord-stop")
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if running.done() and not running.cancelled() and (exc := running.exception()) is not None:
+        if isinstance(exc, discord.LoginFailure):
+            log.error("Discord refused the token (%s); check DISCORD_TOKEN", exc)
+            code = 2
+        elif isinstance(exc, (aiohttp.ClientError, OSError)):
+            log.error("could not reach Discord: %s", exc)  # once connected, discord.py reconnects by itself
+            code = 1
+        else:
+            log.error("the Discord connection failed", exc_info=exc)
+            code = 1
+    stopping.cancel()
+    await bot.close()
+    running.cancel()
+    await atelier.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atelier discord", description="Serve atelier on Discord.")
+    parser.add_argument("--config", help="atelier.toml (default: ./atelier.toml, else built-in settings)")
+    parser.add_argument("--router", help="the broker's ROUTER endpoint (default from the config)")
+    parser.add_argument("--pub", help="the broker's XPUB endpoint (default from the config)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_level, "discord")
+    token = find_token(os.environ, Path.cwd())
+    if token is None:
+        print(f"error: no Discord bot token: set {TOKEN_ENV} in the environment or in a .env file here "
+              "(the README's 'Discord' section says where to get one)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+        print(f"error: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if (problem := _config_problem(config)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return run(_serve(config, args.router or config.broker.router, args.pub or config.broker.pub, token))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
