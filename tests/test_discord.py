@@ -697,17 +697,19 @@ def test_a_failed_or_refused_job_shows_why(atelier):
             broken = await s.respond(slash("generate", prompt="a ruin", model="missing-sd"))
             unknown = await s.respond(slash("generate", prompt="a ruin", model="no-such-model"))
             bad = await s.respond(slash("generate", prompt="a ruin", width=65))
-            for message in (broken, unknown):
+            live = await s.respond(slash("live", prompt="a ruin", model="no-such-model"))
+            for message in (broken, unknown, live):
                 await s.fake.wait_for(lambda m=message: any(w in s.fake.latest(m).content
                                                              for w in ("failed", "refused")), 60)
             record = await s.atelier.job(_job_of(s.fake.latest(broken)))
-            return s.fake.latest(broken), s.fake.latest(unknown), s.fake.latest(bad), record
+            return s.fake.latest(broken), s.fake.latest(unknown), s.fake.latest(bad), s.fake.latest(live), record
 
-    broken, unknown, bad, record = go(scenario())
+    broken, unknown, bad, live, record = go(scenario())
     assert record.state is JobState.failed and record.reason
     assert f"failed: {record.reason}" in broken.content and broken.labels == ["Again"] and not broken.files
     assert "refused: model:" in unknown.content and "no-such-model" in unknown.content and not unknown.buttons
     assert bad.ephemeral and bad.content.startswith("Can't submit that: width:") and "multiple of 8" in bad.content
+    assert "«a ruin»" in live.content and "refused: model:" in live.content and not live.files
 
 
 def test_allowlists_rate_limit_and_model_autocomplete(atelier):
