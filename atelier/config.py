@@ -147,13 +147,12 @@ class HttpConfig(Strict):
 class DiscordConfig(Strict):
     """The Discord bot (``atelier discord``). Its token is never here: $DISCORD_TOKEN or ./.env."""
 
-    rate_per_minute: int = Field(default=6, ge=1)  # /generate, Again and Upscale jobs per user
+    rate_per_minute: int = Field(default=6, ge=1)  # /generate and Again jobs per user
     live_per_minute: int = Field(default=60, ge=1)  # /live prompts per user; each replaces the last
     # Allowlists of ids; empty allows all. A channel allows its threads; a member needs one of the roles.
     guilds: list[int] = Field(default_factory=list)
     channels: list[int] = Field(default_factory=list)
     roles: list[int] = Field(default_factory=list)
-    upscaler: str | None = None  # a catalog model for the Upscale button; none: no button
     default_model: str | None = None  # default: the catalog's default_model
     max_count: int = Field(default=4, ge=1, le=10)  # images per job; a Discord message holds 10
 

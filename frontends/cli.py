@@ -321,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
                             ("node", "run a node (its loader and runners)"),
-                            ("http", "run the HTTP API and web page")):
+                            ("http", "run the HTTP API and web page"),
+                            ("discord", "run the Discord bot (DISCORD_TOKEN from the environment or ./.env)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -330,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The parts parse their own options; hand them everything after the command.
-    if argv and argv[0] in ("broker", "scheduler", "node", "http"):
+    if argv and argv[0] in ("broker", "scheduler", "node", "http", "discord"):
         if argv[0] == "broker":
             import broker
 
@@ -339,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             from frontends import http
 
             return http.main(argv[1:])
+        if argv[0] == "discord":
+            try:
+                from frontends import discord_bot
+            except ImportError:  # the optional extra
+                print("error: the Discord bot needs discord.py: pip install 'atelier[discord]'", file=sys.stderr)
+                return 2
+            return discord_bot.main(argv[1:])
         if argv[0] == "scheduler":
             from actors import scheduler
 

@@ -1,6 +1,6 @@
 """atelier's Discord bot: slash commands that submit to atelier, and replies that follow the job.
 
-    python -m frontends.discord_bot [--router tcp://HOST:5555] [--pub tcp://HOST:5556] [--config atelier.toml]
+    atelier discord [--router tcp://HOST:5555] [--pub tcp://HOST:5556] [--config atelier.toml]
 
 The token comes from ``$DISCORD_TOKEN`` or a ``.env`` file in the working directory; the rest
 from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own atelier user
@@ -8,7 +8,8 @@ from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own
 
 ``/generate`` answers with one message that shows the job's state, percent, elapsed time, ETA
 and latest preview, edited at most once a second, then the images, with buttons: Again (new
-seeds), Upscale (where the config names an upscaler) and, while it runs, Cancel (its owner only).
+seeds) and, while it runs, Cancel (its owner only). (Upscale needs jobs that take an image,
+which atelier does not have yet.)
 
 ``/live``: Discord sends no keystrokes, so a prompt arrives whole. A user's live session in a
 channel (atelier session ``<user id>:<channel id>``) is fed by ``/live prompt:…`` and by the
@@ -69,7 +70,7 @@ TOKEN_ENV = "DISCORD_TOKEN"
 MIN_EDIT_INTERVAL_S = 1.0  # Discord throttles edits; a reply changes at most this often
 LIVE_IDLE_S = 15 * 60  # a live session with no new prompt for this long ends
 SILENCE_S = 60.0  # no event for this long: ask the scheduler where the job stands
-KEEP_FINISHED = 1000  # finished jobs remembered for Again and Upscale
+KEEP_FINISHED = 1000  # finished jobs remembered for Again
 PROMPT_SHOWN = 300  # characters of a prompt a message quotes
 
 # --------------------------------------------------------------------------- #
@@ -248,17 +249,15 @@ def status_line(job: JobDisplay, now: float) -> str:
 class ButtonSpec:
     """One button: what it does (``action``), to which job or channel (``ref``) and for whom (``owner``)."""
 
-    action: str  # cancel, again, upscale (a job); edit, stop (a live session; ref is its channel)
+    action: str  # cancel, again (a job); edit, stop (a live session; ref is its channel)
     ref: str
     owner: int
     label: str
     style: str = "secondary"  # a discord.ButtonStyle name
-    index: int | None = None
 
     @property
     def custom_id(self) -> str:
-        suffix = f":{self.index}" if self.index is not None else ""
-        return f"atelier:{self.action}:{self.ref}:{self.owner}{suffix}"
+        return f"atelier:{self.action}:{self.ref}:{self.owner}"
 
 
 @dataclass
@@ -286,7 +285,7 @@ class JobCard:
         return self.refused is None and self.result is None and not self.display.state.terminal
 
 
-def render_job(card: JobCard, now: float, *, upscale: bool, max_bytes: int = 10 << 20) -> Frame:
+def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame:
     spec, job = card.spec, card.display
     size = f" · {spec.width}×{spec.height}" if spec.width and spec.height else ""
     steps = f" · {spec.steps} steps" if spec.steps else ""
@@ -308,9 +307,6 @@ def render_job(card: JobCard, now: float, *, upscale: bool, max_bytes: int = 10 
             else:
                 status += f"\nimage {index + 1} is too large for Discord; it is kept at {artifact.uri or 'atelier'}"
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary"))
-        if upscale:
-            buttons += [ButtonSpec("upscale", spec.id, card.owner, f"Upscale {i + 1}" if len(outputs) > 1
-                                   else "Upscale", index=i) for i in range(len(outputs))]
     elif job.state.terminal:
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again"))
     else:
@@ -409,8 +405,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class AtelierButton(discord.ui.DynamicItem[discord.ui.Button],
-                    template=r"atelier:(?P<action>cancel|again|upscale|edit|stop):(?P<ref>[A-Za-z0-9_-]+)"
-                             r":(?P<owner>\d+)(?::(?P<index>\d+))?$"):
+                    template=r"atelier:(?P<action>cancel|again|edit|stop):(?P<ref>[A-Za-z0-9_-]+)"
+                             r":(?P<owner>\d+)$"):
     """Every button of the bot: its custom id says all it needs, so buttons keep working after a restart."""
 
     def __init__(self, spec: ButtonSpec):
@@ -421,9 +417,8 @@ class AtelierButton(discord.ui.DynamicItem[discord.ui.Button],
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
                              match) -> "AtelierButton":
-        index = int(match["index"]) if match["index"] is not None else None
         return cls(ButtonSpec(match["action"], match["ref"], int(match["owner"]), item.label or "",
-                              item.style.name, index))
+                              item.style.name))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = interaction.client
@@ -840,7 +835,7 @@ class AtelierBot(discord.Client):
         async def cancel(interaction: discord.Interaction, job: str | None = None) -> None:
             await self.cancel(interaction, job)
 
-    # -- /generate, Again, Upscale --------------------------------------------- #
+    # -- /generate, Again ------------------------------------------------------ #
 
     async def generate(self, interaction: discord.Interaction, params: dict) -> None:
         user = interaction.user.id
@@ -870,7 +865,7 @@ class AtelierBot(discord.Client):
         self._spawn(self._follow(card, reply), f"discord-job-{spec.id}")
 
     def _render(self, card: JobCard) -> Frame:
-        return render_job(card, self.clock(), upscale=self.settings.upscaler is not None)
+        return render_job(card, self.clock())
 
     async def _follow(self, card: JobCard, reply: Reply) -> None:
         spec = card.spec
@@ -924,24 +919,10 @@ class AtelierBot(discord.Client):
                     except asyncio.TimeoutError:
                         return JobResult(job=record)  # its images went astray; its state did not
 
-    async def again(self, interaction: discord.Interaction, source: JobCard, *, upscale_index: int | None) -> None:
+    async def again(self, interaction: discord.Interaction, source: JobCard) -> None:
         spec = source.spec
         params = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt, model=spec.model, count=spec.count,
                       width=spec.width, height=spec.height, steps=spec.steps, guidance=spec.guidance)
-        if upscale_index is not None:
-            upscaler = self.settings.upscaler
-            info = await self._model(upscaler) if upscaler else None
-            outputs = source.result.outputs if source.result else []
-            if upscaler is None or upscale_index >= len(outputs):
-                await self._say(interaction, "There is nothing to upscale here.")
-                return
-            artifact = outputs[upscale_index]
-            width, height = artifact.width or spec.width or 512, artifact.height or spec.height or 512
-            limit_w, limit_h = (info.max_width, info.max_height) if info else (2 * width, 2 * height)
-            # atelier has no image-input jobs yet: the upscaler renders the same prompt and seed at twice the
-            # size, with its own steps and guidance.
-            params.update(model=upscaler, count=1, seed=artifact.seed, steps=None, guidance=None,
-                          width=min(2 * width, limit_w) // 8 * 8, height=min(2 * height, limit_h) // 8 * 8)
         await self.generate(interaction, params)
 
     # -- /live ------------------------------------------------------------------ #
@@ -1056,12 +1037,12 @@ class AtelierBot(discord.Client):
         if button.action == "cancel":
             await interaction.response.defer()  # the job's message shows the outcome
             await self._cancel_job(interaction, button.ref)
-        elif button.action in ("again", "upscale"):
+        elif button.action == "again":
             source = self.jobs.get(button.ref) or self.finished.get(button.ref)
             if source is None:
                 await self._say(interaction, "atelier no longer remembers that job.")
                 return
-            await self.again(interaction, source, upscale_index=button.index if button.action == "upscale" else None)
+            await self.again(interaction, source)
         elif button.action == "edit":
             session = self.sessions.get((user, int(button.ref)))
             last = session.canvas.prompt if session else None
@@ -1153,7 +1134,7 @@ def _prompts_in(content: str) -> Iterable[str]:
 
 def _config_problem(config) -> str | None:
     settings = config.discord
-    for key in ("upscaler", "default_model"):
+    for key in ("default_model",):
         name = getattr(settings, key)
         if name is not None and config.models and name not in config.models:
             return f"[discord] {key} = {name!r} is not in the catalog ({', '.join(config.models)})"
