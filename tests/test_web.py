@@ -229,7 +229,8 @@ def test_live_mode_shows_the_last_typed_prompt(page, atelier):
 
 def test_a_token_is_asked_for_kept_and_sent_only_in_headers(browser, atelier_home, tmp_path):
     config = tmp_path / "atelier.toml"
-    config.write_text(f'[[http.tokens]]\ntoken = "{TOKEN}"\nuser = "web"\n')
+    # A node name of its own: its loader clears its node's staged segments, and the module's atelier runs beside it.
+    config.write_text(f'[node]\nname = "web-token"\n\n[[http.tokens]]\ntoken = "{TOKEN}"\nuser = "web"\n')
     cluster = Cluster(atelier_home, config).start()
     context = browser.new_context()
     context.set_default_timeout(WAIT_MS)
