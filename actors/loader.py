@@ -116,7 +116,11 @@ class Loader(Actor):
         self.held = StagedSet(config.node.stage_budget_bytes or default_budget())
         self._staging: dict[str, asyncio.Task[Staged]] = {}
         self._importer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-import")
-        self._prefix = "atelier-" + re.sub(r"[^A-Za-z0-9_.-]", "_", node) + "-"
+        # Segments are named atelier-<node>-<pid>-<model>: the pid tells this loader's own from those
+        # of another one on the same host and node name (a second atelier, a test), and from those a
+        # killed loader left behind.
+        self._node_prefix = "atelier-" + re.sub(r"[^A-Za-z0-9_.-]", "_", node) + "-"
+        self._prefix = f"{self._node_prefix}{os.getpid()}-"
 
     def capabilities(self) -> Capabilities:
         caps = super().capabilities()
@@ -124,7 +128,7 @@ class Loader(Actor):
         return caps
 
     async def on_start(self) -> None:
-        self._remove_segments()  # a loader killed earlier left its segments behind
+        self._remove_orphans()
         # Have the default model ready before anyone asks: the first job of a fresh install
         # should not wait for it.
         await self._report()
@@ -152,6 +156,15 @@ class Loader(Actor):
     def _remove_segments(self) -> None:
         if staging.SHM_ROOT is not None:
             for leftover in staging.SHM_ROOT.glob(self._prefix + "*"):
+                leftover.unlink(missing_ok=True)
+
+    def _remove_orphans(self) -> None:
+        """Removes the segments of loaders of this node that are dead (killed before they could)."""
+        if staging.SHM_ROOT is None:
+            return
+        for leftover in staging.SHM_ROOT.glob(self._node_prefix + "*"):
+            owner = leftover.name[len(self._node_prefix):].split("-", 1)[0]
+            if owner.isdigit() and not _alive(int(owner)):
                 leftover.unlink(missing_ok=True)
 
     def _start_staging(self, model: str) -> asyncio.Task[Staged]:
@@ -219,6 +232,16 @@ def _log_preload_failure(task: asyncio.Task) -> None:
     # Nobody waits on a preload: a model that cannot be staged now is loaded the slow way later.
     if not task.cancelled() and task.exception() is not None:
         log.warning("preload failed: %s", task.exception())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, and not ours to clean up after
+        return True
+    return True
 
 
 def loader_name(node: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
 
@@ -153,3 +154,30 @@ def test_two_runners_share_one_staged_copy(tmp_path, segment):
     # Each of the two maps all 128 MiB, and is charged half: the memory exists once.
     for share in shares:
         assert 0.4 * size_kib <= share <= 0.6 * size_kib, (shares, size_kib)
+
+
+def test_a_loader_removes_only_the_segments_of_dead_loaders_of_its_node(tmp_path):
+    import subprocess
+    import sys
+
+    from actors.loader import Loader
+    from atelier.config import Config
+
+    if staging.SHM_ROOT is None:
+        pytest.skip("no /dev/shm on this system")
+    node = f"test-orphans-{os.getpid()}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = {"dead": f"atelier-{node}-{dead}-tiny-sd", "live": f"atelier-{node}-{os.getppid()}-tiny-sd",
+             "other node": f"atelier-{node}x-{dead}-tiny-sd"}
+    for name in names.values():
+        (staging.SHM_ROOT / name).write_bytes(b"x")
+    try:
+        loader = Loader(Config.model_validate({"home": str(tmp_path)}), "tcp://127.0.0.1:9", node=node)
+        loader._remove_orphans()
+        left = {label for label, name in names.items() if (staging.SHM_ROOT / name).exists()}
+        loader.ctx.term()
+    finally:
+        for name in names.values():
+            (staging.SHM_ROOT / name).unlink(missing_ok=True)
+    assert left == {"live", "other node"}  # another atelier's, and another node's, are not its to remove
