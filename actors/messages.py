@@ -360,8 +360,10 @@ class ModelInfo(Wire):
     default_width: int
     default_height: int
     default_steps: int
+    default_guidance: float = 0.0
     max_width: int
     max_height: int
+    default: bool = False  # the catalog's default_model
 
 
 class Models(Wire):

@@ -165,8 +165,9 @@ class Scheduler(Actor):
             lim = entry.limits
             infos.append(ModelInfo(name=name, family=entry.family, kinds=[JobKind.txt2img],
                                    default_width=lim.default_width, default_height=lim.default_height,
-                                   default_steps=lim.default_steps, max_width=lim.max_width,
-                                   max_height=lim.max_height))
+                                   default_steps=lim.default_steps, default_guidance=lim.default_guidance,
+                                   max_width=lim.max_width, max_height=lim.max_height,
+                                   default=name == self.config.default_model))
         return Models(models=infos)
 
     # -- runners ------------------------------------------------------------- #

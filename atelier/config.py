@@ -141,6 +141,7 @@ class HttpConfig(Strict):
     # submit, as the user their request names (or "anonymous").
     tokens: list[HttpToken] = Field(default_factory=list)
     rate_per_minute: int = Field(default=30, ge=1)  # jobs a user may submit per minute
+    live_per_minute: int = Field(default=600, ge=1)  # prompts of live sessions (each replaces the last)
     public_url: str | None = None  # where artifact URLs point (default: the address it listens on)
 
 

@@ -55,8 +55,10 @@ class ModelEntry(BaseModel):
     default_width: int
     default_height: int
     default_steps: int
+    default_guidance: float
     max_width: int
     max_height: int
+    default: bool  # the model a job gets when it names none
 
 
 class ModelList(BaseModel):

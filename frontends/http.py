@@ -99,6 +99,7 @@ class Caller:
     user: str
     authenticated: bool  # a token named the user (else the request did, or nobody)
     rate_per_minute: int
+    live_per_minute: int
 
 
 class RateLimiter:
@@ -304,12 +305,13 @@ class HttpServer:
     def _caller(self, request: web.Request, guarded: bool) -> Caller:
         header = request.headers.get("Authorization", "")
         given = header[7:].strip().encode() if header[:7].lower() == "bearer " else None
+        anonymous = Caller("anonymous", False, self.settings.rate_per_minute, self.settings.live_per_minute)
         if not self._tokens:
-            return Caller("anonymous", False, self.settings.rate_per_minute)
+            return anonymous
         if given is None:
             if guarded:
                 raise Problem(401, "unauthorized", "this server needs a bearer token (Authorization: Bearer …)")
-            return Caller("anonymous", False, self.settings.rate_per_minute)
+            return anonymous
         # Compare against every token, in constant time each: the timing says nothing of which was close.
         found = None
         for secret, token in self._tokens:
@@ -317,7 +319,8 @@ class HttpServer:
                 found = token
         if found is None:
             raise Problem(401, "unauthorized", "that bearer token is not one of this server's")
-        return Caller(found.user, True, found.rate_per_minute or self.settings.rate_per_minute)
+        return Caller(found.user, True, found.rate_per_minute or self.settings.rate_per_minute,
+                      self.settings.live_per_minute)
 
     # -- native API ----------------------------------------------------------- #
 
@@ -366,7 +369,8 @@ class HttpServer:
     async def models(self, request: web.Request) -> web.Response:
         listed = [api.ModelEntry(id=m.name, family=m.family, kinds=[k.value for k in m.kinds],
                                  default_width=m.default_width, default_height=m.default_height,
-                                 default_steps=m.default_steps, max_width=m.max_width, max_height=m.max_height)
+                                 default_steps=m.default_steps, default_guidance=m.default_guidance,
+                                 max_width=m.max_width, max_height=m.max_height, default=m.default)
                   for m in await self.client.models()]
         return _json(api.ModelList(data=listed))
 
@@ -519,9 +523,14 @@ class HttpServer:
         return spec
 
     async def _submit(self, spec: JobSpec, caller: Caller) -> JobRecord:
-        wait = self.limiter.take(spec.user, caller.rate_per_minute)
+        # A live session's prompts replace each other, so they queue nothing: they have a bucket of
+        # their own, sized for typing, and do not use up the user's jobs.
+        live = spec.session is not None
+        rate = caller.live_per_minute if live else caller.rate_per_minute
+        wait = self.limiter.take(f"{spec.user}/live" if live else spec.user, rate)
         if wait:
-            raise Problem(429, "rate_limited", f"{spec.user} may submit {caller.rate_per_minute} jobs a minute; "
+            what = "live prompts" if live else "jobs"
+            raise Problem(429, "rate_limited", f"{spec.user} may submit {rate} {what} a minute; "
                                                f"try again in {wait:.0f} s", retry_after_s=wait)
         try:
             record = await self.client.submit(spec)

@@ -193,6 +193,11 @@ def test_rate_limit_and_full_queue_are_429_with_retry_after(web):
             for _ in range(3):
                 async with http.post(f"{web.http}/v1/jobs", json=tiny(), headers=auth(SLOW)) as response:
                     statuses.append((response.status, response.headers.get("Retry-After")))
+            # Live prompts replace each other: they have a limit of their own, not the user's jobs'.
+            for prompt in ("a", "a b", "a b c"):
+                async with http.post(f"{web.http}/v1/jobs", json=tiny(prompt=prompt, session="tab", priority="live"),
+                                     headers=auth(SLOW)) as response:
+                    statuses.append((response.status, None))
             # ben may queue 3 jobs: a long one holds the runner, three wait, the fifth is refused.
             ids, refusal = [], None
             for i in range(5):
@@ -208,7 +213,7 @@ def test_rate_limit_and_full_queue_are_429_with_retry_after(web):
             return statuses, refusal
 
     statuses, refusal = run(go())
-    assert [s for s, _ in statuses] == [202, 202, 429]
+    assert [s for s, _ in statuses] == [202, 202, 429, 202, 202, 202]
     assert int(statuses[2][1]) >= 1
     assert refusal is not None and int(refusal[0]) >= 1
     assert refusal[1]["error"]["code"] == "queue_full" and "ben has 3 jobs queued" in refusal[1]["error"]["message"]

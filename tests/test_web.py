@@ -62,9 +62,9 @@ def browser():
 def atelier(atelier_home, tmp_path_factory):
     folder = tmp_path_factory.mktemp("web")
     config = folder / "atelier.toml"
-    # Live typing submits a job a key; the default 30 a minute would make these tests wait on the limiter.
+    # The default rates: live typing has a limit of its own (live_per_minute), not the user's jobs'.
     # missing-sd names a checkpoint that is not there: its jobs fail, with the reason.
-    config.write_text(f'[http]\nrate_per_minute = 1000\n\n[models.missing-sd]\nfamily = "sd1"\n'
+    config.write_text(f'[models.missing-sd]\nfamily = "sd1"\n'
                       f'source = "{folder / "nowhere"}"\ndefault_width = 64\ndefault_height = 64\n')
     cluster = Cluster(atelier_home, config).start()
     yield cluster

@@ -358,13 +358,16 @@ function applyDefaults() {
   Object.assign(field('width'), { value: model.default_width, max: model.max_width });
   Object.assign(field('height'), { value: model.default_height, max: model.max_height });
   field('steps').value = model.default_steps;
+  field('guidance').placeholder = `${model.default_guidance}`;
 }
 
 async function loadModels() {
   models = new Map((await json('v1/models')).data.map((model) => [model.id, model]));
   field('model').replaceChildren(...[...models.keys()].map((id) => new Option(id, id)));
   const saved = localStorage.getItem('atelier.model');
+  const fallback = [...models.values()].find((model) => model.default);
   if (models.has(saved)) field('model').value = saved;
+  else if (fallback) field('model').value = fallback.id;
   applyDefaults();
 }
 
