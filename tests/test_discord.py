@@ -30,17 +30,15 @@ from actors.messages import Artifact, JobEvent, JobRecord, JobResult, JobSpec, J
 from atelier.config import DiscordConfig
 from atelier.families.costmodel import write_model
 from frontends.client import AtelierClient
-from frontends.discord_bot import (
-    AtelierBot,
+from frontends.discord_bot import AtelierBot, Reply, main
+from frontends.discord_views import (
     Frame,
     JobDisplay,
     LiveCanvas,
     RateLimiter,
-    Reply,
     RetryPolicy,
     access_refusal,
     find_token,
-    main,
     parse_dotenv,
     render_live,
     status_line,

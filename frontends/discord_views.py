@@ -1,0 +1,340 @@
+"""What the Discord bot decides and shows, apart from Discord itself.
+
+Pure pieces: the token and its .env file, who may use the bot where, how often, and what a
+job's message or a live session's canvas says and shows. ``frontends/discord_bot.py`` is the
+discord.py glue that calls them; tests call them directly.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import discord
+
+from actors.messages import JobEvent, JobResult, JobSpec, JobState, Preview, Progress
+from atelier.config import DiscordConfig
+from frontends.client import Event
+
+TOKEN_ENV = "DISCORD_TOKEN"
+PROMPT_SHOWN = 300  # characters of a prompt a message quotes
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """``KEY=value`` lines, as a ``.env`` file holds them (comments, ``export``, quotes)."""
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
+def find_token(environ: Mapping[str, str], cwd: Path) -> str | None:
+    """The bot token: the environment first, else ``.env`` in the working directory."""
+    token = environ.get(TOKEN_ENV, "").strip()
+    if not token and (cwd / ".env").is_file():
+        token = parse_dotenv((cwd / ".env").read_text(encoding="utf-8")).get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def access_refusal(settings: DiscordConfig, *, guild_id: int | None, channel_ids: Iterable[int],
+                   role_ids: Iterable[int]) -> str | None:
+    """Why this place or person may not use the bot, or None if they may.
+
+    ``channel_ids`` are the channel and, in a thread, its parent: allowing a channel allows its threads.
+    An empty allowlist allows everyone; one that is set refuses direct messages (no server, no roles).
+    """
+    if settings.guilds and guild_id not in settings.guilds:
+        return "atelier is not enabled in this server."
+    if settings.channels and not set(channel_ids) & set(settings.channels):
+        return "atelier is not enabled in this channel."
+    if settings.roles and not set(role_ids) & set(settings.roles):
+        return "You need one of the roles allowed to use atelier here."
+    return None
+
+
+class RateLimiter:
+    """At most ``limit`` starts per key within any ``window_s`` seconds (a sliding window)."""
+
+    def __init__(self, limit: int, window_s: float = 60.0):
+        self.limit = limit
+        self.window_s = window_s
+        self._starts: dict[Hashable, deque[float]] = {}
+
+    def try_acquire(self, key: Hashable, now: float) -> float:
+        """Counts a start and returns 0, or counts nothing and returns the seconds until one is allowed."""
+        starts = self._starts.setdefault(key, deque())
+        while starts and starts[0] <= now - self.window_s:
+            starts.popleft()
+        if len(starts) >= self.limit:
+            return starts[0] + self.window_s - now
+        starts.append(now)
+        return 0.0
+
+
+def rate_refusal(wait_s: float, limit: int, what: str) -> str:
+    return (f"You have started {limit} {what} in the last minute, the most allowed here. "
+            f"Try again in {max(1, round(wait_s))} s.")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def quote(prompt: str) -> str:
+    text = " ".join(prompt.split())
+    if len(text) > PROMPT_SHOWN:
+        text = text[:PROMPT_SHOWN - 1] + "…"
+    return f"«{discord.utils.escape_markdown(discord.utils.escape_mentions(text))}»"
+
+
+_RANK = {JobState.queued: 0, JobState.assigned: 1, JobState.loading: 2, JobState.running: 3}
+
+
+@dataclass
+class JobDisplay:
+    """What a reply shows about one job, built from its events (the time is passed in)."""
+
+    submitted_at: float
+    state: JobState = JobState.queued
+    attempt: int = 0
+    position: int | None = None
+    eta_s: float | None = None
+    eta_at: float = 0.0  # when eta_s was said: it counts down from there
+    step: int = 0
+    total: int | None = None
+    preview: bytes | None = None
+    preview_step: int = 0
+    reason: str | None = None
+    finished_at: float | None = None
+
+    def apply(self, event: Event, now: float) -> None:
+        if isinstance(event, JobResult):
+            self.state, self.reason, self.finished_at = event.job.state, event.job.reason, now
+        elif self.state.terminal:
+            return  # the result is the last word; a straggling event does not undo it
+        elif isinstance(event, JobEvent):
+            # States come from the scheduler and steps from the runner, so they may cross: a state
+            # only moves forward, unless the job was requeued (a higher attempt) or it ended.
+            if event.state.terminal or event.attempt > self.attempt or \
+                    _RANK[event.state] >= _RANK.get(self.state, 0):
+                self.state, self.attempt = event.state, max(self.attempt, event.attempt)
+                if event.state is not JobState.running:
+                    self.step = 0
+            self.position = event.position if self.state is JobState.queued else None
+            if event.eta_s is not None:
+                self.eta_s, self.eta_at = event.eta_s, now
+            if event.reason:
+                self.reason = event.reason
+            if event.state.terminal:
+                self.finished_at = now
+        elif isinstance(event, Progress):
+            self.state, self.position = JobState.running, None
+            self.step, self.total = event.step, event.total
+            if event.eta_s is not None:
+                self.eta_s, self.eta_at = event.eta_s, now
+        elif isinstance(event, Preview):
+            self.preview, self.preview_step = bytes(event.image), event.step
+
+    def percent(self) -> int:
+        if self.state is JobState.done:
+            return 100
+        return int(100 * self.step / self.total) if self.total else 0
+
+    def eta_left(self, now: float) -> float | None:
+        if self.eta_s is None or self.state.terminal:
+            return None
+        return max(0.0, self.eta_s - (now - self.eta_at))
+
+
+def status_line(job: JobDisplay, now: float) -> str:
+    """'queued #3 · 2.0 s elapsed · about 12 s left', 'running 50% (step 2/4) · …', 'done in 3.1 s'."""
+    elapsed = (job.finished_at if job.finished_at is not None else now) - job.submitted_at
+    if job.state is JobState.done:
+        return f"done in {duration(elapsed)}"
+    if job.state is JobState.failed:
+        return f"failed: {job.reason or 'no reason given'}"
+    if job.state is JobState.cancelled:
+        return "cancelled" + (f": {job.reason}" if job.reason else "")
+    if job.state is JobState.queued:
+        words = "queued" + (f" #{job.position + 1}" if job.position is not None else "")
+    elif job.state is JobState.running:
+        words = f"running {job.percent()}%" + (f" (step {job.step}/{job.total})" if job.total else "")
+    else:
+        words = "loading the model"
+    parts = [words, f"{duration(elapsed)} elapsed"]
+    left = job.eta_left(now)
+    if left is not None:
+        parts.append(f"about {duration(left)} left")
+    return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class ButtonSpec:
+    """One button: what it does (``action``), to which job or channel (``ref``) and for whom (``owner``)."""
+
+    action: str  # cancel, again (a job); edit, stop (a live session; ref is its channel)
+    ref: str
+    owner: int
+    label: str
+    style: str = "secondary"  # a discord.ButtonStyle name
+
+    @property
+    def custom_id(self) -> str:
+        return f"atelier:{self.action}:{self.ref}:{self.owner}"
+
+
+@dataclass
+class Frame:
+    """Everything one message shows: its text, its images (file name, bytes) and its buttons."""
+
+    content: str
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    buttons: list[ButtonSpec] = field(default_factory=list)
+    notify: int | None = None  # a user to ping when this is posted as a new message
+
+
+@dataclass
+class JobCard:
+    """A job of the bot's and what its message shows."""
+
+    spec: JobSpec
+    owner: int
+    display: JobDisplay
+    refused: str | None = None  # the scheduler's refusal of the submit
+    result: JobResult | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.refused is None and self.result is None and not self.display.state.terminal
+
+
+def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame:
+    spec, job = card.spec, card.display
+    size = f" · {spec.width}×{spec.height}" if spec.width and spec.height else ""
+    steps = f" · {spec.steps} steps" if spec.steps else ""
+    lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}"]
+    if card.refused is not None:
+        return Frame("\n".join(lines + [f"refused: {card.refused}"]), notify=card.owner)
+    images: list[tuple[str, bytes]] = []
+    buttons: list[ButtonSpec] = []
+    status = status_line(job, now)
+    if card.result is not None and card.result.job.state is JobState.done:
+        outputs = card.result.outputs
+        seeds = [a.seed for a in outputs if a.seed is not None]
+        if seeds:
+            status += " · seed" + ("s " if len(seeds) > 1 else " ") + ", ".join(map(str, seeds))
+        for index, artifact in enumerate(outputs):
+            data = bytes(artifact.data)
+            if len(data) <= max_bytes:
+                images.append((f"atelier-{spec.id}-{index}.png", data))
+            else:
+                status += f"\nimage {index + 1} is too large for Discord; it is kept at {artifact.uri or 'atelier'}"
+        buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary"))
+    elif job.state.terminal:
+        buttons.append(ButtonSpec("again", spec.id, card.owner, "Again"))
+    else:
+        if job.preview:
+            images.append((f"preview-{spec.id}.jpg", job.preview))
+        buttons.append(ButtonSpec("cancel", spec.id, card.owner, "Cancel", "danger"))
+    return Frame("\n".join(lines + [status]), images, buttons, notify=card.owner)
+
+
+@dataclass
+class LiveCanvas:
+    """What a live session's message shows: the newest prompt, and only pictures that are its own
+    or that finished (labelled with their prompt): a replaced prompt's events never reach it."""
+
+    owner: int
+    channel: int
+    prompt: str | None = None
+    job_id: str | None = None
+    job: JobDisplay | None = None
+    refused: str | None = None
+    finished: tuple[str, str, bytes] | None = None  # the last finished image: job id, prompt, PNG
+    ended: bool = False
+    history: list[tuple[str, str]] = field(default_factory=list)  # (job id, prompt) of every prompt
+
+    def submitted(self, job_id: str, prompt: str, now: float) -> None:
+        self.prompt, self.job_id, self.refused, self.ended = prompt, job_id, None, False
+        self.job = JobDisplay(submitted_at=now)
+        self.history.append((job_id, prompt))
+
+    def refuse(self, job_id: str, reason: str) -> None:
+        if job_id == self.job_id:
+            self.refused = reason
+
+    def apply(self, job_id: str, event: Event, now: float) -> bool:
+        """Takes an event of one of the session's jobs; False (and nothing changes) unless it is the newest's."""
+        if job_id != self.job_id or self.job is None:
+            return False
+        self.job.apply(event, now)
+        if isinstance(event, JobResult) and event.job.state is JobState.done and event.outputs:
+            self.finished = (job_id, self.prompt or "", bytes(event.outputs[0].data))
+        return True
+
+    @property
+    def active(self) -> bool:
+        return self.job is not None and self.refused is None and not self.job.state.terminal
+
+
+def render_live(canvas: LiveCanvas, now: float) -> Frame:
+    mention = f"<@{canvas.owner}>"
+    ref = str(canvas.channel)
+    if canvas.ended:
+        lines = [f"⚪ **Live session ended** · {mention}"]
+        buttons = [ButtonSpec("edit", ref, canvas.owner, "New prompt", "primary")]
+    else:
+        lines = [f"🔴 **Live** · {mention} · {quote(canvas.prompt or '')}"]
+        buttons = [ButtonSpec("edit", ref, canvas.owner, "New prompt", "primary"),
+                   ButtonSpec("stop", ref, canvas.owner, "Stop", "danger")]
+        if canvas.refused is not None:
+            lines.append(f"refused: {canvas.refused}")
+        elif canvas.job is not None:
+            lines.append(status_line(canvas.job, now))
+    images: list[tuple[str, bytes]] = []
+    job = canvas.job
+    if not canvas.ended and job is not None and job.preview and not job.state.terminal and canvas.refused is None:
+        images = [(f"live-{canvas.job_id}-preview.jpg", job.preview)]
+    elif canvas.finished is not None:
+        job_id, prompt, png = canvas.finished
+        images = [(f"live-{job_id}.png", png)]
+        if job_id != canvas.job_id or canvas.ended:
+            lines.append(f"-# the last finished image, of {quote(prompt)}")
+    return Frame("\n".join(lines), images, buttons)
+
+
+def moved_frame() -> Frame:
+    return Frame("*This live canvas moved to a newer message below.*")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a result tries to reach Discord: edits first, then new messages (about 10 minutes)."""
+
+    edit_delays_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+    post_delays_s: tuple[float, ...] = (2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+    call_timeout_s: float = 30.0
+    # An interaction's token lives 15 minutes; stop using it this long before, so no edit races its end.
+    token_margin_s: float = 10.0
