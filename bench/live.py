@@ -11,11 +11,12 @@ Figures, side by side in one run:
 - *plain*: one generation of the same size and steps on an idle system, submit to image (the
   median of ``--plain`` runs): the least a prompt can take.
 - *live*: the latency from the last keystroke to its image, and the share of the 20 prompts that
-  were rendered at all (each rendered stale prompt is compute the user did not need).
+  were rendered at all (each rendered stale prompt is compute the user did not need): the median
+  latency and the mean share over ``--trials`` typings (one latency is one sample of a noisy VM).
 - *no session* (the baseline): the same keystrokes as plain jobs, every one rendered, as a bot
   without live sessions would (atelier still batches them); the last prompt's latency again.
 
-    python bench/live.py [--keystrokes 20] [--interval 0.08] [--size 128] [--steps 4]
+    python bench/live.py [--keystrokes 20] [--interval 0.08] [--size 128] [--steps 4] [--trials 5]
 
 Last line: ``RESULT last_latency_ratio=<live last latency / plain> rendered_fraction=<rendered / typed>``.
 """
@@ -83,10 +84,21 @@ async def measure(system: overhead.System, args: argparse.Namespace) -> dict:
     async with AtelierClient(system.router, system.pub) as client:
         await plain(client, args)  # warm: the model resident, the worker's first-call costs paid
         plain_s = statistics.median(await plain(client, args))
-        live_s, live_results = await typing(client, args, live=True)
+        trials = [await typing(client, args, live=True) for _ in range(args.trials)]
         naive_s, naive_results = await typing(client, args, live=False)
-    return {"plain": plain_s, "live": live_s, "live_results": live_results, "naive": naive_s,
-            "naive_results": naive_results}
+    return {"plain": plain_s, "live": statistics.median(latency for latency, _ in trials),
+            "live_all": [latency for latency, _ in trials],
+            "live_rendered": statistics.mean(_rendered(results) for _, results in trials),
+            "live_superseded": statistics.mean(_superseded(results) for _, results in trials),
+            "naive": naive_s, "naive_results": naive_results}
+
+
+def _rendered(results: list[JobResult]) -> int:
+    return sum(r.job.state is JobState.done for r in results)
+
+
+def _superseded(results: list[JobResult]) -> int:
+    return sum("superseded" in (r.job.reason or "") for r in results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--plain", type=int, default=5, help="plain generations for the median")
+    parser.add_argument("--trials", type=int, default=5, help="typings into live sessions, for the median")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="atelier-bench-live-"))
@@ -113,21 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def rendered(results: list[JobResult]) -> int:
-        return sum(r.job.state is JobState.done for r in results)
-
-    live_rendered = rendered(figures["live_results"])
-    superseded = sum("superseded" in (r.job.reason or "") for r in figures["live_results"])
+    live_rendered = figures["live_rendered"]
     print(f"live: {args.keystrokes} keystrokes {args.interval * 1000:.0f} ms apart, {args.model} "
           f"{args.size}x{args.size}, {args.steps} steps, one runner on this CPU")
     print(f"  {'':<28} {'last keystroke to image s':>26} {'x plain':>8} {'prompts rendered':>17}")
     print(f"  {'plain generation (idle)':<28} {figures['plain']:>26.3f} {1:>8.2f} {'':>17}")
-    print(f"  {'live session':<28} {figures['live']:>26.3f} {figures['live'] / figures['plain']:>8.2f} "
-          f"{live_rendered:>11} / {args.keystrokes}")
+    print(f"  {'live session (median)':<28} {figures['live']:>26.3f} {figures['live'] / figures['plain']:>8.2f} "
+          f"{live_rendered:>11.1f} / {args.keystrokes}")
     naive = figures["naive"]
     print(f"  {'no session (batched as usual)':<28} {naive:>26.3f} {naive / figures['plain']:>8.2f} "
-          f"{rendered(figures['naive_results']):>11} / {args.keystrokes}")
-    print(f"  superseded in the live session: {superseded} (cancelled, never delivered as the latest)")
+          f"{_rendered(figures['naive_results']):>11} / {args.keystrokes}")
+    print("  live, each typing's latency s: " + " ".join(f"{s:.3f}" for s in figures["live_all"]))
+    print(f"  superseded per typing: {figures['live_superseded']:.1f} (cancelled, never delivered as the latest)")
     for line in leftovers:
         print(f"warning: {line}")
     print(f"RESULT last_latency_ratio={figures['live'] / figures['plain']:.2f} "
