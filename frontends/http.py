@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import re
+import signal
 import time
 import uuid
 from collections import OrderedDict
@@ -670,8 +671,6 @@ def main(argv: list[str] | None = None) -> int:
         print(READY_PREFIX + json.dumps({"url": url}), flush=True)
 
     async def main_task() -> None:
-        import signal
-
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
