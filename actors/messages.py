@@ -60,6 +60,10 @@ Blob = Annotated[
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+# The images a job may start from (JobInputs' fields), and the files a job's outputs may be.
+InputName = Literal["image", "mask", "control_image", "ip_adapter_image"]
+OutputFormat = Literal["png", "webp", "mp4", "gif", "wav", "flac"]
+MAX_INPUT_BYTES = 32 << 20  # one input image, encoded
 
 
 class Wire(BaseModel):
@@ -135,6 +139,14 @@ class JobSpec(Wire):
     guidance: float | None = Field(default=None, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     count: int = Field(default=1, ge=1, le=16)
+    # img2img (with a mask: inpainting): how far from the input image; 1 ignores it.
+    strength: float | None = Field(default=None, gt=0, le=1)
+    frames: int | None = Field(default=None, ge=1, le=256)  # video: frames to make
+    fps: int | None = Field(default=None, ge=1, le=60)  # video: frames a second in the file
+    duration_s: float | None = Field(default=None, gt=0, le=300)  # audio: seconds to make
+    output_format: OutputFormat | None = None  # default: png, mp4 or wav, by what the model makes
+    # Which JobInputs the submit carried: set by the scheduler from the inputs themselves.
+    inputs: list[InputName] = Field(default_factory=list, max_length=4)
     user: str = Field(default="anonymous", min_length=1, max_length=128)
     priority: Priority = Priority.interactive
     # A live session (images as the user types): a newer job of the same user and session
@@ -149,6 +161,26 @@ class JobSpec(Wire):
         return value
 
 
+class JobInputs(Wire):
+    """The images a job starts from, each an encoded file (PNG, JPEG, WebP) sent as its own frame."""
+
+    image: Blob | None = None  # img2img, inpainting, image to video, upscaling: the source
+    mask: Blob | None = None  # inpainting: white where the image is painted anew
+    control_image: Blob | None = None  # ControlNet's condition (edges, depth, pose…)
+    ip_adapter_image: Blob | None = None  # IP-Adapter: an image prompt
+
+    @field_validator("image", "mask", "control_image", "ip_adapter_image")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        if value is not None and len(value) > MAX_INPUT_BYTES:
+            raise ValueError(f"{len(value):,} bytes; an input image may have {MAX_INPUT_BYTES:,} at most")
+        return value
+
+    def names(self) -> list[str]:
+        return [name for name in ("image", "mask", "control_image", "ip_adapter_image")
+                if getattr(self, name) is not None]
+
+
 class Artifact(Wire):
     """One encoded output (an image, a video, a sound) of a finished job."""
 
@@ -157,6 +189,10 @@ class Artifact(Wire):
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    frames: int | None = None  # video
+    fps: float | None = None  # video
+    duration_s: float | None = None  # video and audio
+    sample_rate: int | None = None  # audio
     uri: str | None = None  # where the artifact store kept it, once stored
 
 
@@ -251,6 +287,7 @@ class Ok(Wire):
 class Submit(Wire):
     kind: Literal["submit"] = "submit"
     job: JobSpec
+    inputs: JobInputs | None = None
 
 
 class Accepted(Wire):
@@ -386,6 +423,7 @@ class JobResult(Wire):
 class BatchItem(Wire):
     job: JobSpec  # fully resolved: size, steps, guidance and seed are set
     attempt: int = Field(ge=1)
+    inputs: JobInputs | None = None
 
 
 class RunBatch(Wire):

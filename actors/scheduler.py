@@ -118,7 +118,7 @@ class Scheduler(Actor):
     async def on_submit(self, msg: Submit, env: Envelope) -> Accepted | Error:
         now = self.clock()
         try:
-            job = self.policy.submit(msg.job, env.src, now)
+            job = self.policy.submit(msg.job, env.src, now, msg.inputs)
         except Refused as refused:
             return _error(refused)
         await self._schedule()
@@ -163,7 +163,7 @@ class Scheduler(Actor):
         infos = []
         for name, entry in self.config.models.items():
             lim = entry.limits
-            infos.append(ModelInfo(name=name, family=entry.family, kinds=[JobKind.txt2img],
+            infos.append(ModelInfo(name=name, family=entry.family, kinds=sorted(JobKind(k) for k in lim.kinds),
                                    default_width=lim.default_width, default_height=lim.default_height,
                                    default_steps=lim.default_steps, default_guidance=lim.default_guidance,
                                    max_width=lim.max_width, max_height=lim.max_height,
@@ -224,7 +224,7 @@ class Scheduler(Actor):
                 await self._announce(effect.job, now)
                 await self.send(effect.job.client, JobResult(job=effect.job.record, outputs=list(effect.outputs)))
             elif isinstance(effect, Dispatch):
-                items = [BatchItem(job=spec, attempt=attempt) for spec, attempt in effect.items]
+                items = [BatchItem(job=spec, attempt=attempt, inputs=inputs) for spec, attempt, inputs in effect.items]
                 await self.send(effect.batch.runner, RunBatch(batch_id=effect.batch.id, items=items))
             elif isinstance(effect, StopRunning):
                 await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason))

@@ -39,13 +39,13 @@ def dispatches(policy: Policy) -> list[Dispatch]:
 
 
 def batch_ids(d: Dispatch) -> list[str]:
-    return [spec.id for spec, _ in d.items]
+    return [spec.id for spec, *_ in d.items]
 
 
 def finish(policy: Policy, d: Dispatch, now: float, *, resident: dict[str, int] | None = None,
            step_s: float | None = None) -> None:
-    outcomes = [JobDone(job_id=spec.id, outputs=[], elapsed_s=1.0) for spec, _ in d.items]
-    images = sum(spec.count for spec, _ in d.items)
+    outcomes = [JobDone(job_id=spec.id, outputs=[], elapsed_s=1.0) for spec, *_ in d.items]
+    images = sum(spec.count for spec, *_ in d.items)
     timing = RunTiming(images=images, steps=d.items[0][0].steps, step_s=step_s)
     done = policy.batch_done(d.batch.runner, d.batch.id, outcomes, resident or {d.batch.model: 1}, timing, now)
     for j, _ in done:
@@ -74,7 +74,7 @@ def test_jobs_that_queue_while_the_runner_is_busy_run_as_one_batch_each_with_its
     policy.schedule(1.0)
     (batch,) = dispatches(policy)
     assert batch_ids(batch) == [j.id for j in same]  # three users, one pipeline call
-    assert [spec.seed for spec, _ in batch.items] == [10, 11, 12]
+    assert [spec.seed for spec, *_ in batch.items] == [10, 11, 12]
     assert other_size.record.state is JobState.queued  # a different size cannot share the call
     assert all(j.record.batch_id == batch.batch.id for j in same)
 
@@ -445,3 +445,57 @@ def test_estimates_learn_batch_scaling_and_scale_by_work():
     estimates.observe_load("m", "disk", 2.0)
     assert estimates.load_s("m", "disk") == pytest.approx(3.0)
     assert estimates.load_s("m", "staged") == estimates.prior_load_s["staged"]
+
+
+# --------------------------------------------------------------------------- #
+# Admission: what each model takes
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("changes, inputs, field", [
+    (dict(kind="img2img"), {}, "image"),  # img2img needs its source
+    (dict(kind="img2vid"), {"image": True}, "kind"),  # tiny-sd makes no video
+    (dict(), {"mask": True}, "mask"),  # a mask means nothing to txt2img
+    (dict(strength=0.5), {}, "strength"),  # nor does a strength
+    (dict(frames=8), {}, "frames"),  # an image model makes no frames
+    (dict(duration_s=2.0), {}, "duration_s"),
+    (dict(output_format="mp4"), {}, "output_format"),
+    (dict(kind="img2img"), {"image": b"not an image"}, "image"),
+])
+def test_admission_refuses_what_the_model_cannot_take_naming_the_field(tmp_path, changes, inputs, field):
+    from actors.messages import JobInputs
+
+    policy = make_policy(tmp_path)
+    blobs = {name: (_png(64, 64) if value is True else value) for name, value in inputs.items()}
+    with pytest.raises(Refused) as refused:
+        policy.submit(job(**changes), "c", 0.0, JobInputs(**blobs) if blobs else None)
+    assert refused.value.field == field, refused.value.message
+    assert refused.value.code is ErrorCode.bad_request
+
+
+def test_admission_fills_in_what_a_job_left_open(tmp_path):
+    from actors.messages import JobInputs
+
+    policy = make_policy(tmp_path)
+    plain = policy.submit(job(), "c", 0.0)
+    assert plain.spec.output_format == "png" and plain.spec.strength is None and plain.spec.inputs == []
+    # A job that starts from an image keeps its size (in steps of 8, within the model's limits) …
+    edited = policy.submit(JobSpec(model="tiny-sd", prompt="p", kind="img2img"), "c", 0.0,
+                           JobInputs(image=_png(100, 77), mask=_png(100, 77)))
+    assert (edited.spec.width, edited.spec.height) == (96, 72)
+    assert edited.spec.strength == 0.75 and edited.spec.inputs == ["image", "mask"]
+    huge = policy.submit(JobSpec(model="tiny-sd", prompt="p", kind="img2img", strength=0.3), "c", 0.0,
+                         JobInputs(image=_png(2000, 64)))
+    assert (huge.spec.width, huge.spec.height) == (512, 64) and huge.spec.strength == 0.3
+    # … and jobs with and without a mask do not share a pipeline call.
+    assert edited.key != huge.key
+    assert policy.submit(job(output_format="webp"), "c", 0.0).spec.output_format == "webp"

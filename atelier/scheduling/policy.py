@@ -48,7 +48,7 @@ from actors.messages import (
     ErrorCode,
     JobDone,
     JobFailed,
-    JobKind,
+    JobInputs,
     JobRecord,
     JobSpec,
     JobState,
@@ -59,6 +59,8 @@ from actors.messages import (
 )
 from atelier.config import Config
 from atelier.families import FAMILY_LIMITS
+from atelier.scheduling import admission
+from atelier.scheduling.admission import Refused
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry, FairQueue
 
@@ -71,18 +73,6 @@ ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a ref
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
 # enough, and a burst of submits then costs one plan, not one each.
 REPLAN_BUSY_S = 0.05
-
-
-class Refused(Exception):
-    """A submit or cancel the policy turns down, with what the caller needs to fix or wait for."""
-
-    def __init__(self, code: ErrorCode, message: str, field: str | None = None,
-                 retry_after_s: float | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -104,6 +94,7 @@ class Job:
     client: str  # the frontend that submitted it: where the result goes
     key: BatchKey
     entry: Entry
+    inputs: JobInputs | None = None  # kept until it ends: a retry needs them again
     cancel_requested: bool = False
     superseded_by: str | None = None
     finish_at: float | None = None  # expected, absolute; record.eta_s is derived from it
@@ -186,7 +177,7 @@ class Dispatch:
     """Send the batch to its runner."""
 
     batch: Batch
-    items: tuple[tuple[JobSpec, int], ...]  # (spec, attempt)
+    items: tuple[tuple[JobSpec, int, JobInputs | None], ...]  # (spec, attempt, inputs)
 
 
 @dataclass(frozen=True)
@@ -244,14 +235,14 @@ class Policy:
 
     # -- frontends ------------------------------------------------------------- #
 
-    def submit(self, spec: JobSpec, client: str, now: float) -> Job:
+    def submit(self, spec: JobSpec, client: str, now: float, inputs: JobInputs | None = None) -> Job:
         """Queues a job (announced by the next ``schedule``); raises Refused."""
         known = self.jobs.get(spec.id)
         if known is not None:
             if known.client == client:
                 return known  # a retry of a submit whose answer was lost
             raise Refused(ErrorCode.bad_request, f"job id {spec.id!r} already exists", field="id")
-        self._check(spec)
+        admission.check(spec, inputs, self.config)
         replaced = self._session_job(spec)
         frees = 1 if replaced is not None and replaced.record.state is JobState.queued else 0
         if len(self.queue) - frees >= self.settings.max_queue:
@@ -262,10 +253,10 @@ class Policy:
             raise Refused(ErrorCode.queue_full, field="user", retry_after_s=self._retry_hint(now, spec.user),
                           message=f"{spec.user} has {mine} jobs queued, the most one person may; "
                                   "try again when some have run")
-        spec = self._resolve(spec)
+        spec = admission.resolve(spec, inputs, self.config, self._rng)
         record = JobRecord(spec=spec, state=JobState.queued, submitted_at=now)
         entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
-        job = Job(record, client, BatchKey.of(spec), entry)
+        job = Job(record, client, BatchKey.of(spec), entry, inputs)
         self.jobs[spec.id] = job
         if spec.session is not None:
             self.sessions[(spec.user, spec.session)] = spec.id
@@ -577,7 +568,7 @@ class Policy:
             job.record.attempts += 1
             self._set_running(job, runner.name, batch.id, JobState.assigned)
             job.finish_at = finish
-            items.append((job.spec, job.record.attempts))
+            items.append((job.spec, job.record.attempts, job.inputs))
             self.effects.append(Announce(job))
         self.effects.append(Dispatch(batch, tuple(items)))
 
@@ -708,36 +699,6 @@ class Policy:
         limit = self.settings.max_running_per_user
         return limit is not None and running[job.spec.user] >= limit
 
-    def _check(self, spec: JobSpec) -> None:
-        """What pydantic cannot know: the catalog and each model's own limits."""
-        entry = self.config.models.get(spec.model)
-        if entry is None:
-            known = ", ".join(sorted(self.config.models))
-            raise Refused(ErrorCode.unknown_model, f"unknown model {spec.model!r}; available: {known}",
-                          field="model")
-        if spec.kind is not JobKind.txt2img:
-            raise Refused(ErrorCode.bad_request, f"{spec.model} ({entry.family}) does not do {spec.kind.value}",
-                          field="kind")
-        lim = entry.limits
-        for name, value, limit in (("width", spec.width, lim.max_width), ("height", spec.height, lim.max_height)):
-            if value is not None and value > limit:
-                raise Refused(ErrorCode.bad_request, f"{name} {value} is above {spec.model}'s limit of {limit}",
-                              field=name)
-        if spec.count > lim.max_count:
-            raise Refused(ErrorCode.bad_request,
-                          f"count {spec.count} is above {spec.model}'s limit of {lim.max_count}", field="count")
-
-    def _resolve(self, spec: JobSpec) -> JobSpec:
-        """Fills in the model's defaults, and a seed, so every attempt makes the same images."""
-        lim = self.config.models[spec.model].limits
-        return spec.model_copy(update={
-            "width": spec.width or lim.default_width,
-            "height": spec.height or lim.default_height,
-            "steps": spec.steps or lim.default_steps,
-            "guidance": lim.default_guidance if spec.guidance is None else spec.guidance,
-            "seed": self._rng.randrange(2**32) if spec.seed is None else spec.seed,
-        })
-
     # -- sessions, stops and ends --------------------------------------------------- #
 
     def _session_job(self, spec: JobSpec) -> Job | None:
@@ -801,6 +762,7 @@ class Policy:
         record.finished_at = now
         record.position = None
         job.finish_at = None
+        job.inputs = None  # no attempt comes after an end
         self._count_finished(state, now - record.submitted_at)
         self.effects.append(Deliver(job, outputs))
         self._finished.append(job.id)

@@ -1,0 +1,127 @@
+"""What a job must be to be queued, beyond what pydantic checks: the catalog's and the family's rules.
+
+``check`` refuses, naming the field, a job a model cannot run: an unknown model, a kind its
+family does not do, a size or count above its limits, an input the kind does not take (or a
+missing one it needs), an option that means nothing for what the model makes (frames for an
+image, a strength without an input image), an output format of another medium. ``resolve``
+then fills in every default, so a runner gets a job with nothing left to decide, and every
+attempt of it makes the same outputs.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+from actors.messages import ErrorCode, JobInputs, JobKind, JobSpec
+from atelier.config import Config
+from atelier.families import FamilyLimits
+
+# The inputs each kind needs, and those it may take besides.
+NEEDS = {JobKind.img2img: {"image"}, JobKind.img2vid: {"image"}, JobKind.upscale: {"image"}}
+MAY_TAKE = {JobKind.img2img: {"mask"}}
+FORMATS = {"image": ("png", "webp"), "video": ("mp4", "webp", "gif"), "audio": ("wav", "flac")}
+DEFAULT_STRENGTH = 0.75
+
+
+class Refused(Exception):
+    """A submit or cancel the policy turns down, with what the caller needs to fix or wait for."""
+
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+
+def _bad(field: str, message: str) -> Refused:
+    return Refused(ErrorCode.bad_request, message, field=field)
+
+
+def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
+    entry = config.models.get(spec.model)
+    if entry is None:
+        known = ", ".join(sorted(config.models))
+        raise Refused(ErrorCode.unknown_model, f"unknown model {spec.model!r}; available: {known}", field="model")
+    lim = entry.limits
+    what = f"{spec.model} ({entry.family})"
+    if spec.kind.value not in lim.kinds:
+        raise _bad("kind", f"{what} does not do {spec.kind.value}; it does {', '.join(sorted(lim.kinds))}")
+    for name, value, limit in (("width", spec.width, lim.max_width), ("height", spec.height, lim.max_height)):
+        if value is not None and value > limit:
+            raise _bad(name, f"{name} {value} is above {spec.model}'s limit of {limit}")
+    if spec.count > lim.max_count:
+        raise _bad("count", f"count {spec.count} is above {spec.model}'s limit of {lim.max_count}")
+    _check_inputs(spec, inputs, lim, what)
+    _check_media(spec, lim, what)
+
+
+def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, what: str) -> None:
+    given = set(inputs.names()) if inputs is not None else set()
+    needed = NEEDS.get(spec.kind, set())
+    allowed = needed | MAY_TAKE.get(spec.kind, set())
+    if "mask" in allowed and not lim.inpaint:
+        allowed = allowed - {"mask"}
+    for name in sorted(needed - given):
+        raise _bad(name, f"{name}: {spec.kind.value} needs an input {name}")
+    for name in sorted(given - allowed):
+        raise _bad(name, f"{name}: {what} takes no {name} for {spec.kind.value}")
+    for name in sorted(given):
+        _image_size(getattr(inputs, name), name)
+    if spec.strength is not None and "image" not in given:
+        raise _bad("strength", "strength: only a job that starts from an image has one")
+
+
+def _check_media(spec: JobSpec, lim: FamilyLimits, what: str) -> None:
+    for name, value, media in (("frames", spec.frames, "video"), ("fps", spec.fps, "video"),
+                               ("duration_s", spec.duration_s, "audio")):
+        if value is not None and lim.media != media:
+            raise _bad(name, f"{name}: {what} makes {lim.media}, not {media}")
+    if spec.frames is not None and lim.max_frames is not None and spec.frames > lim.max_frames:
+        raise _bad("frames", f"frames {spec.frames} is above {spec.model}'s limit of {lim.max_frames}")
+    if spec.duration_s is not None and lim.max_duration_s is not None and spec.duration_s > lim.max_duration_s:
+        raise _bad("duration_s", f"duration_s {spec.duration_s} is above {spec.model}'s limit of "
+                                 f"{lim.max_duration_s}")
+    formats = FORMATS[lim.media]
+    if spec.output_format is not None and spec.output_format not in formats:
+        raise _bad("output_format", f"output_format {spec.output_format!r}: {what} makes {lim.media}; "
+                                    f"choose {', '.join(formats)}")
+
+
+def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random.Random) -> JobSpec:
+    """The job with every default filled in, and a seed, so every attempt makes the same outputs."""
+    lim = config.models[spec.model].limits
+    width, height = spec.width, spec.height
+    if inputs is not None and inputs.image is not None and (width is None or height is None):
+        # A job that starts from an image keeps its size (within the model's limits, in steps of 8).
+        source_w, source_h = _image_size(inputs.image)
+        width = width or max(8, min(source_w, lim.max_width) // 8 * 8)
+        height = height or max(8, min(source_h, lim.max_height) // 8 * 8)
+    video, audio = lim.media == "video", lim.media == "audio"
+    return spec.model_copy(update={
+        "width": width or lim.default_width,
+        "height": height or lim.default_height,
+        "steps": spec.steps or lim.default_steps,
+        "guidance": lim.default_guidance if spec.guidance is None else spec.guidance,
+        "seed": rng.randrange(2**32) if spec.seed is None else spec.seed,
+        "strength": spec.strength if spec.strength is not None else
+        (DEFAULT_STRENGTH if spec.kind is JobKind.img2img else None),
+        "frames": spec.frames or (lim.default_frames if video else None),
+        "fps": spec.fps or (lim.default_fps if video else None),
+        "duration_s": spec.duration_s or (lim.default_duration_s if audio else None),
+        "output_format": spec.output_format or FORMATS[lim.media][0],
+        "inputs": inputs.names() if inputs is not None else [],
+    })
+
+
+def _image_size(data: bytes, name: str = "image") -> tuple[int, int]:
+    """The size of an encoded image, from its header alone (Pillow reads no pixels for this)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise _bad(name, f"{name}: not an image Pillow can read ({exc})") from None
