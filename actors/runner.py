@@ -52,7 +52,7 @@ from actors.messages import (
     Staged,
     StopJob,
 )
-from atelier import sources, staging
+from atelier import media, sources, staging
 from atelier.config import Config, load_config
 from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
 from atelier.preview import encode_jpeg
@@ -180,25 +180,21 @@ class Runner(Actor):
                 pipe = resident.pipe
                 self.pipelines.move_to_end(first.model)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
-            # Every image of the batch in job order, each with its own prompt and seed.
-            request = GenerateRequest(
-                prompts=tuple(spec.prompt for spec in specs for _ in range(spec.count)),
-                negative_prompts=tuple(spec.negative_prompt for spec in specs for _ in range(spec.count)),
-                seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
-                width=first.width, height=first.height, steps=first.steps, guidance=first.guidance)
             family_name = self.config.models[first.model].family
 
             def work() -> list[list[Artifact]]:
                 # One trip to the worker per batch, not one per stage: each trip costs two thread
-                # wake-ups, which is most of a short job's cost.
+                # wake-ups, which is most of a short job's cost. Decoding the input images and
+                # encoding the outputs are CPU work too: here, off the event loop.
                 family = get_family(family_name)
                 reporter = self._step_reporter(batch, family, timing)
-                images = family.generate(pipe, request, reporter)
+                items = family.generate(pipe, batch_request(batch.items), reporter)
                 outputs, start = [], 0
                 for spec in specs:
-                    mine = images[start:start + spec.count]
+                    mine = items[start:start + spec.count]
                     start += spec.count
-                    outputs.append([] if spec.id in batch.stopped else encode_png(mine, spec))
+                    outputs.append([] if spec.id in batch.stopped else
+                                   [media.encode(item, spec, spec.seed + i) for i, item in enumerate(mine)])
                 return outputs
 
             per_job = await loop.run_in_executor(self._worker, work)
@@ -406,22 +402,35 @@ class Runner(Actor):
             torch.cuda.empty_cache()
 
 
-def encode_png(images: list, spec: JobSpec) -> list[Artifact]:
-    """PNG with the generation parameters in its text chunk, as other tools expect to find them."""
-    from PIL.PngImagePlugin import PngInfo
+def batch_request(items: list[BatchItem]) -> GenerateRequest:
+    """One pipeline call for a batch: every image in job order, each with its own prompt and seed,
+    and, for a job that starts from an image, that image (and mask) at the job's size."""
+    specs = [item.job for item in items]
+    first = specs[0]
+    images, masks = [], []
+    for item in items:
+        inputs = item.inputs
+        image = _decode(inputs.image, item.job, "RGB") if inputs is not None and inputs.image else None
+        mask = _decode(inputs.mask, item.job, "L") if inputs is not None and inputs.mask else None
+        images += [image] * item.job.count if image is not None else []
+        masks += [mask] * item.job.count if mask is not None else []
+    return GenerateRequest(
+        prompts=tuple(spec.prompt for spec in specs for _ in range(spec.count)),
+        negative_prompts=tuple(spec.negative_prompt for spec in specs for _ in range(spec.count)),
+        seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
+        width=first.width, height=first.height, steps=first.steps, guidance=first.guidance, kind=first.kind.value,
+        images=tuple(images), masks=tuple(masks), strength=first.strength, frames=first.frames, fps=first.fps,
+        duration_s=first.duration_s)
 
-    outputs = []
-    for index, image in enumerate(images):
-        info = PngInfo()
-        info.add_text("parameters", (
-            f"{spec.prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
-            f"Steps: {spec.steps}, CFG scale: {spec.guidance}, Seed: {spec.seed + index}, "
-            f"Size: {spec.width}x{spec.height}, Model: {spec.model}"))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=info)
-        outputs.append(Artifact(media_type="image/png", data=buf.getvalue(), width=image.width,
-                                height=image.height, seed=spec.seed + index))
-    return outputs
+
+def _decode(data: Any, spec: JobSpec, mode: str) -> Any:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        image = image.convert(mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+    return image
 
 
 def module_bytes(pipe: Any) -> int:

@@ -33,6 +33,8 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
         max_count=8,
         max_batch=8,
         max_batch_cpu=4,
+        kinds=frozenset({"txt2img", "img2img"}),
+        inpaint=True,
     ),
     "sdxl": FamilyLimits(
         max_width=2048,
@@ -44,6 +46,8 @@ FAMILY_LIMITS: dict[str, FamilyLimits] = {
         max_count=4,
         max_batch=4,
         max_batch_cpu=2,
+        kinds=frozenset({"txt2img", "img2img"}),
+        inpaint=True,
     ),
     "noop": FamilyLimits(
         max_width=4096,

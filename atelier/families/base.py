@@ -40,6 +40,17 @@ class FamilyLimits:
     # may say otherwise). Small models leave a GPU idle at batch 1, so batching pays there.
     max_batch: int = 1
     max_batch_cpu: int = 1
+    # What it makes from what (JobKind values: plain strings keep this module free of the wire
+    # types), and whether an img2img job may bring a mask (inpainting).
+    kinds: frozenset[str] = frozenset({"txt2img"})
+    media: str = "image"  # image, video or audio
+    inpaint: bool = False
+    # Video and audio: defaults and bounds of what a job may ask for.
+    default_frames: int | None = None
+    max_frames: int | None = None
+    default_fps: int | None = None
+    default_duration_s: float | None = None
+    max_duration_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,10 +70,20 @@ class GenerateRequest:
     height: int
     steps: int
     guidance: float
+    kind: str = "txt2img"  # a JobKind value
+    # Per image, like the prompts, when the kind starts from an image: PIL images at width x height.
+    images: tuple[PIL.Image.Image, ...] = ()
+    masks: tuple[PIL.Image.Image | None, ...] = ()
+    strength: float | None = None
+    frames: int | None = None  # video
+    fps: int | None = None  # video
+    duration_s: float | None = None  # audio
 
     def __post_init__(self) -> None:
         if not (len(self.prompts) == len(self.negative_prompts) == len(self.seeds) >= 1):
             raise ValueError("a request needs one prompt, negative prompt and seed per image")
+        if self.images and len(self.images) != len(self.seeds) or self.masks and len(self.masks) != len(self.seeds):
+            raise ValueError("input images and masks go one per output image")
 
     @property
     def count(self) -> int:
@@ -70,11 +91,14 @@ class GenerateRequest:
 
     @classmethod
     def single(cls, *, prompt: str, negative_prompt: str | None, width: int, height: int, steps: int,
-               guidance: float, seed: int, count: int = 1) -> "GenerateRequest":
+               guidance: float, seed: int, count: int = 1, image: Any = None, mask: Any = None,
+               **rest: Any) -> "GenerateRequest":
         """The request of one job: ``count`` images of one prompt, seeds ``seed`` … ``seed + count - 1``."""
+        inputs = {"images": (image,) * count if image is not None else (),
+                  "masks": (mask,) * count if mask is not None else ()}
         return cls(prompts=(prompt,) * count, negative_prompts=(negative_prompt,) * count,
                    seeds=tuple(seed + i for i in range(count)), width=width, height=height, steps=steps,
-                   guidance=guidance)
+                   guidance=guidance, **inputs, **rest)
 
 
 class Family(ABC):
@@ -107,8 +131,9 @@ class Family(ABC):
         """
 
     @abstractmethod
-    def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
-        """Run one request, calling ``on_step`` after every denoising step; one image per seed, in order."""
+    def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[Any]:
+        """Run one request, calling ``on_step`` after every denoising step; one item per seed, in order:
+        a PIL image, or an ``atelier.media.Video`` or ``Audio``."""
 
     @abstractmethod
     def preview(self, latents: torch.Tensor, index: int = 0) -> numpy.ndarray:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.utils import logging as diffusers_logging
 
@@ -93,28 +100,27 @@ class _StableDiffusionFamily(Family):
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
 
         def on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            # num_timesteps is what the scheduler actually runs, which for some
-            # schedulers differs from the requested step count.
+            # num_timesteps is what the scheduler actually runs: fewer than the steps asked for
+            # when img2img starts part of the way in, and for some schedulers otherwise.
             on_step(i + 1, p.num_timesteps, tensors["latents"])
             # An empty dict leaves the pipeline's tensors untouched.
             return {}
 
-        # Exceptions from on_step (JobCancelled) propagate: diffusers does not
-        # catch around the callback.
         # One prompt per image (a batch mixes jobs); diffusers itself uses "" for no negative prompt.
-        result = pipe(
-            prompt=list(req.prompts),
-            negative_prompt=[n or "" for n in req.negative_prompts],
-            width=req.width,
-            height=req.height,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance,
-            num_images_per_prompt=1,
-            generator=generators,
-            output_type="pil",
-            callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=["latents"],
-        )
+        # Exceptions from on_step (JobCancelled) propagate: diffusers does not catch around the callback.
+        common = dict(prompt=list(req.prompts), negative_prompt=[n or "" for n in req.negative_prompts],
+                      num_inference_steps=req.steps, guidance_scale=req.guidance, num_images_per_prompt=1,
+                      generator=generators, output_type="pil", callback_on_step_end=on_step_end,
+                      callback_on_step_end_tensor_inputs=["latents"])
+        if req.masks:  # inpainting: the image, repainted where the mask is white
+            result = _variant(pipe, AutoPipelineForInpainting)(
+                image=list(req.images), mask_image=list(req.masks), strength=req.strength, width=req.width,
+                height=req.height, **common)
+        elif req.images:  # img2img: the image's size is the output's (the runner resized it to the job's)
+            result = _variant(pipe, AutoPipelineForImage2Image)(image=list(req.images), strength=req.strength,
+                                                                 **common)
+        else:
+            result = pipe(width=req.width, height=req.height, **common)
         return list(result.images)
 
     def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
@@ -131,6 +137,19 @@ class SDXLFamily(_StableDiffusionFamily):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
     latent_rgb = SDXL_LATENT_RGB
+
+
+# A loaded model's img2img and inpainting pipelines: the same modules in another pipeline class,
+# made once per model (from_pipe shares the weights, it copies none).
+_VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _variant(pipe: DiffusionPipeline, auto: Any) -> DiffusionPipeline:
+    variants = _VARIANTS.setdefault(pipe, {})
+    if auto not in variants:
+        variants[auto] = auto.from_pipe(pipe)
+        variants[auto].set_progress_bar_config(disable=True)
+    return variants[auto]
 
 
 def _upload(pipe: DiffusionPipeline, device: str) -> None:

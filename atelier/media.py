@@ -1,0 +1,128 @@
+"""What families make, and the files a user receives: images, videos and sounds.
+
+A family's ``generate`` returns one item per seed: a ``PIL.Image.Image``, a ``Video`` (frames and a
+rate) or an ``Audio`` (samples and a rate). ``encode`` turns an item into an ``Artifact`` in the
+job's output format: PNG (with the generation's parameters in a text chunk, where other tools
+look for them) or WebP for images; MP4 (H.264), animated WebP or GIF for video; WAV or FLAC for
+sound. Video and FLAC go through PyAV (FFmpeg's codecs); the rest through Pillow and the
+standard library.
+"""
+
+from __future__ import annotations
+
+import io
+import wave
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from actors.messages import Artifact, JobSpec
+
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif",
+               "wav": "audio/wav", "flac": "audio/flac"}
+
+
+@dataclass
+class Video:
+    frames: list[Image.Image]
+    fps: float
+
+
+@dataclass
+class Audio:
+    samples: np.ndarray  # float, (channels, n) or (n,), in [-1, 1]
+    sample_rate: int
+
+    @property
+    def channels_first(self) -> np.ndarray:
+        data = np.asarray(self.samples, dtype=np.float32)
+        return data[None, :] if data.ndim == 1 else data
+
+    @property
+    def duration_s(self) -> float:
+        return self.channels_first.shape[1] / self.sample_rate
+
+
+def encode(item: Any, spec: JobSpec, seed: int) -> Artifact:
+    """One generated item as the file the job asked for (its ``output_format``)."""
+    fmt = spec.output_format or ("mp4" if isinstance(item, Video) else "wav" if isinstance(item, Audio) else "png")
+    if isinstance(item, Video):
+        data = _video(item, fmt)
+        first = item.frames[0]
+        return Artifact(media_type=MEDIA_TYPES[fmt], data=data, width=first.width, height=first.height, seed=seed,
+                        frames=len(item.frames), fps=item.fps, duration_s=len(item.frames) / item.fps)
+    if isinstance(item, Audio):
+        return Artifact(media_type=MEDIA_TYPES[fmt], data=_audio(item, fmt), seed=seed,
+                        duration_s=item.duration_s, sample_rate=item.sample_rate)
+    return Artifact(media_type=MEDIA_TYPES[fmt], data=_image(item, fmt, spec, seed), width=item.width,
+                    height=item.height, seed=seed)
+
+
+def parameters(spec: JobSpec, seed: int) -> str:
+    """The generation's parameters in the text form image tools read (A1111's "parameters")."""
+    return (f"{spec.prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
+            f"Steps: {spec.steps}, CFG scale: {spec.guidance}, Seed: {seed}, "
+            f"Size: {spec.width}x{spec.height}, Model: {spec.model}")
+
+
+def _image(image: Image.Image, fmt: str, spec: JobSpec, seed: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "webp":
+        image.save(buf, format="WEBP", lossless=True)
+    else:
+        info = PngInfo()
+        info.add_text("parameters", parameters(spec, seed))
+        image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _video(video: Video, fmt: str) -> bytes:
+    frames = [frame.convert("RGB") for frame in video.frames]
+    buf = io.BytesIO()
+    if fmt in ("webp", "gif"):
+        # Pillow writes animations itself; a frame's duration is in milliseconds.
+        extra = {"lossless": True} if fmt == "webp" else {"disposal": 2}
+        frames[0].save(buf, format=fmt.upper(), save_all=True, append_images=frames[1:], loop=0,
+                       duration=round(1000 / video.fps), **extra)
+        return buf.getvalue()
+    import av
+
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=round(video.fps))
+        # H.264 in yuv420p wants even sides: crop the odd pixel rather than distort.
+        stream.width, stream.height = frames[0].width // 2 * 2, frames[0].height // 2 * 2
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            array = np.asarray(frame)[: stream.height, : stream.width]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _audio(audio: Audio, fmt: str) -> bytes:
+    pcm = (np.clip(audio.channels_first, -1.0, 1.0) * 32767).astype("<i2")  # 16-bit, channels first
+    buf = io.BytesIO()
+    if fmt == "wav":
+        with wave.open(buf, "wb") as out:
+            out.setnchannels(pcm.shape[0])
+            out.setsampwidth(2)
+            out.setframerate(audio.sample_rate)
+            out.writeframes(pcm.T.tobytes())  # interleaved
+        return buf.getvalue()
+    import av
+
+    layout = "mono" if pcm.shape[0] == 1 else "stereo"
+    with av.open(buf, mode="w", format="flac") as container:
+        stream = container.add_stream("flac", rate=audio.sample_rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = audio.sample_rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
