@@ -17,6 +17,13 @@ def extension_for(media_type: str) -> str:
     return _EXTENSIONS.get(media_type) or mimetypes.guess_extension(media_type) or ".bin"
 
 
+def media_type_for(name: str) -> str:
+    """The media type of a stored artifact, by its extension (the platform's table may lack .webp)."""
+    extension = "." + name.rsplit(".", 1)[-1].lower()
+    found = next((media for media, ext in _EXTENSIONS.items() if ext == extension), None)
+    return found or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 class ArtifactStore:
     def __init__(self, root: Path):
         self.root = Path(root)

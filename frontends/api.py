@@ -10,12 +10,50 @@ atelier does not have, so none is silently ignored.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.messages import JobRecord
+from actors.messages import JobInputs, JobRecord, JobSpec
+
+INPUTS = ("image", "mask", "control_image", "ip_adapter_image")
+
+
+def decode_image(text: str) -> bytes:
+    """An image sent in JSON: base64, or a data URL (as browsers and A1111 clients send it)."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64 (nor a data: URL)") from None
+
+
+class JobRequest(JobSpec):
+    """``POST /v1/jobs``: a JobSpec, and the images it starts from, in base64 (or data URLs).
+
+    Inside atelier the images travel as frames of their own; JSON has no other way to carry them."""
+
+    image: str | None = Field(default=None, description="img2img and the like: the source image, base64")
+    mask: str | None = Field(default=None, description="inpainting: white where to paint, base64")
+    control_image: str | None = None
+    ip_adapter_image: str | None = None
+
+    def split(self) -> tuple[JobSpec, JobInputs | None]:
+        """The job, and its images decoded (raises ValueError naming the field)."""
+        found = {}
+        for name in INPUTS:
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    found[name] = decode_image(value)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        spec = JobSpec.model_validate(self.model_dump(exclude=set(INPUTS), exclude_unset=True))
+        return spec, JobInputs(**found) if found else None
 
 
 class JobView(JobRecord):

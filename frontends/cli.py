@@ -139,16 +139,27 @@ async def _generate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from actors.actor import RemoteError
-    from actors.messages import JobEvent, JobResult, JobSpec, JobState
+    from actors.messages import JobEvent, JobInputs, JobResult, JobSpec, JobState
     from actors.messages import Progress as StepProgress
+    from atelier.artifacts import extension_for
 
     console = Console(stderr=True)
     config = load_config(args.config)
+    if (args.mask or args.strength is not None) and not args.image:
+        console.print("[red]error:[/red] --mask and --strength go with --image")
+        return 2
     try:
+        # An input image makes it img2img (with a mask, inpainting).
+        inputs = JobInputs(**{name: Path(path).read_bytes() for name, path in
+                              (("image", args.image), ("mask", args.mask)) if path}) if args.image else None
         spec = JobSpec(model=args.model or config.default_model, prompt=args.prompt,
                        negative_prompt=args.negative, width=args.width, height=args.height,
                        steps=args.steps, guidance=args.guidance, seed=args.seed, count=args.count,
-                       user=args.user, priority=args.priority)
+                       user=args.user, priority=args.priority, kind="img2img" if inputs else "txt2img",
+                       strength=args.strength, output_format=args.format)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}")
@@ -157,7 +168,7 @@ async def _generate(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     async with _connect(router, pub) as client:
         try:
-            record = await client.submit(spec)
+            record = await client.submit(spec, inputs=inputs)
         except RemoteError as exc:
             field = f"{exc.error.field}: " if exc.error.field else ""
             console.print(f"[red]error:[/red] {field}{exc.error.message}")
@@ -188,7 +199,7 @@ async def _generate(args: argparse.Namespace) -> int:
             return 1
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, artifact in enumerate(result.outputs):
-            path = out_dir / f"{spec.id}-{index}.png"
+            path = out_dir / f"{spec.id}-{index}{extension_for(artifact.media_type)}"
             path.write_bytes(artifact.data)
             print(path)
     return 0
@@ -307,6 +318,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--image", help="start from this image (img2img)")
+    gen.add_argument("--mask", help="with --image: repaint where this mask is white (inpainting)")
+    gen.add_argument("--strength", type=float, help="with --image: how far from it, 0 to 1 (default 0.75)")
+    gen.add_argument("--format", choices=["png", "webp", "mp4", "gif", "wav", "flac"],
+                     help="the output files' format (default: png, mp4 or wav, by what the model makes)")
     gen.add_argument("--count", type=int, default=1)
     gen.add_argument("--user", default=_login(), help="whose turn this is in the fair share (default: your login)")
     gen.add_argument("--priority", choices=["live", "interactive", "batch"], default="interactive",

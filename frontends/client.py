@@ -31,6 +31,7 @@ from actors.messages import (
     GetStatus,
     JobEvent,
     JobInfo,
+    JobInputs,
     JobList,
     JobRecord,
     JobResult,
@@ -93,7 +94,7 @@ class AtelierClient(Actor):
     # -- API --------------------------------------------------------------- #
 
     async def submit(self, spec: JobSpec, timeout: float = 10.0, attempts: int = 3,
-                     events: bool = True) -> JobRecord:
+                     events: bool = True, inputs: JobInputs | None = None) -> JobRecord:
         """Queues a job; raises RemoteError (with the offending field) if the scheduler refuses it.
 
         With ``events`` the job's state, progress and previews are subscribed to before it is
@@ -107,7 +108,7 @@ class AtelierClient(Actor):
         try:
             for attempt in range(attempts):
                 try:
-                    accepted = await self.ask(SCHEDULER, Submit(job=spec), timeout)
+                    accepted = await self.ask(SCHEDULER, Submit(job=spec, inputs=inputs), timeout)
                     break
                 except asyncio.TimeoutError:
                     if attempt == attempts - 1:

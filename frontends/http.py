@@ -42,6 +42,7 @@ from actors.actor import RemoteError
 from actors.messages import (
     ErrorCode,
     JobEvent,
+    JobInputs,
     JobKind,
     JobRecord,
     JobResult,
@@ -49,6 +50,7 @@ from actors.messages import (
     Preview,
     Progress,
 )
+from atelier.artifacts import media_type_for
 from atelier.config import Config, HttpConfig, load_config
 from frontends import api, metrics
 from frontends.client import AtelierClient
@@ -326,8 +328,14 @@ class HttpServer:
     # -- native API ----------------------------------------------------------- #
 
     async def create_job(self, request: web.Request) -> web.Response:
-        spec = self._owned(_parse(JobSpec, await _body(request)), request["caller"])
-        record = await self._submit(spec, request["caller"])
+        body = _parse(api.JobRequest, await _body(request))
+        try:
+            spec, inputs = body.split()
+        except ValueError as exc:
+            field = str(exc).partition(":")[0]
+            raise Problem(422, "bad_request", str(exc), field=field) from None
+        spec = self._owned(spec, request["caller"])
+        record = await self._submit(spec, request["caller"], inputs)
         return _json(self._view(record), status=202)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -388,7 +396,7 @@ class HttpServer:
             raise Problem(404, "not_found", f"no artifact {name!r}")
         path = self.config.artifact_dir / name
         if path.is_file():
-            return web.FileResponse(path)
+            return web.FileResponse(path, headers={"Content-Type": media_type_for(name)})
         # Kept by another host's scheduler: this server still has what it received for its own jobs.
         job_id, index = name.rsplit(".", 1)[0].rsplit("-", 1)
         result = self.client.result(job_id)
@@ -433,9 +441,18 @@ class HttpServer:
         body = _parse(api.A1111Img2Img, await _body(request))
         if not body.init_images:
             raise Problem(422, "bad_request", "init_images: img2img needs an init image", field="init_images")
-        return await self._a1111(request, body, JobKind.img2img)
+        found = {}
+        for name, value in (("image", body.init_images[0]), ("mask", body.mask)):
+            if value:
+                try:
+                    found[name] = api.decode_image(value)
+                except ValueError as exc:
+                    field = "init_images" if name == "image" else name
+                    raise Problem(422, "bad_request", f"{field}: {exc}", field=field) from None
+        return await self._a1111(request, body, JobKind.img2img, JobInputs(**found), body.denoising_strength)
 
-    async def _a1111(self, request: web.Request, body: api.A1111Txt2Img, kind: JobKind) -> web.Response:
+    async def _a1111(self, request: web.Request, body: api.A1111Txt2Img, kind: JobKind,
+                     inputs: JobInputs | None = None, strength: float | None = None) -> web.Response:
         caller = request["caller"]
         for name, asked in (("enable_hr", body.enable_hr), ("restore_faces", body.restore_faces),
                             ("tiling", body.tiling), ("alwayson_scripts", body.alwayson_scripts)):
@@ -445,9 +462,10 @@ class HttpServer:
         spec = self._owned(_parse(JobSpec, {
             "kind": kind, "model": model, "prompt": body.prompt, "negative_prompt": body.negative_prompt or None,
             "width": body.width, "height": body.height, "steps": body.steps, "guidance": body.cfg_scale,
-            "seed": None if body.seed < 0 else body.seed, "count": body.batch_size * body.n_iter}), caller)
+            "seed": None if body.seed < 0 else body.seed, "count": body.batch_size * body.n_iter,
+            "strength": strength}), caller)
         self._a1111_current[spec.user] = spec.id
-        result = await self._generate(spec, caller)
+        result = await self._generate(spec, caller, inputs)
         job = result.job.spec
         info = {"prompt": job.prompt, "all_prompts": [job.prompt] * job.count, "negative_prompt": body.negative_prompt,
                 "seed": job.seed, "all_seeds": [o.seed for o in result.outputs], "width": job.width,
@@ -523,7 +541,7 @@ class HttpServer:
             return spec.model_copy(update={"user": caller.user})
         return spec
 
-    async def _submit(self, spec: JobSpec, caller: Caller) -> JobRecord:
+    async def _submit(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobRecord:
         # A live session's prompts replace each other, so they queue nothing: they have a bucket of
         # their own, sized for typing, and do not use up the user's jobs.
         live = spec.session is not None
@@ -534,7 +552,7 @@ class HttpServer:
             raise Problem(429, "rate_limited", f"{spec.user} may submit {rate} {what} a minute; "
                                                f"try again in {wait:.0f} s", retry_after_s=wait)
         try:
-            record = await self.client.submit(spec)
+            record = await self.client.submit(spec, inputs=inputs)
         except RemoteError as exc:
             raise _from_remote(exc) from None
         self._submitted[spec.id] = None
@@ -543,9 +561,9 @@ class HttpServer:
         self.streams.follow(spec.id, own=True)
         return record
 
-    async def _generate(self, spec: JobSpec, caller: Caller) -> JobResult:
+    async def _generate(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobResult:
         """Submits and waits for the images (the OpenAI and A1111 calls are synchronous)."""
-        await self._submit(spec, caller)
+        await self._submit(spec, caller, inputs)
         try:
             result = await self.client.wait(spec.id, timeout=SYNC_TIMEOUT_S)
         except asyncio.TimeoutError:

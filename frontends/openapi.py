@@ -12,7 +12,6 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from actors.messages import JobSpec
 from frontends import api
 
 _REF = "#/components/schemas/{model}"
@@ -45,9 +44,9 @@ _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": 
 
 @cache
 def _schemas() -> dict[str, Any]:
-    models = [JobSpec, api.JobView, api.ApiError, api.ModelList, api.OpenAIImageRequest, api.OpenAIImagesResponse,
-              api.OpenAIError, api.A1111Txt2Img, api.A1111Img2Img, api.A1111Images, api.A1111Model,
-              api.A1111Progress, api.A1111Error]
+    models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, api.OpenAIImageRequest,
+              api.OpenAIImagesResponse, api.OpenAIError, api.A1111Txt2Img, api.A1111Img2Img, api.A1111Images,
+              api.A1111Model, api.A1111Progress, api.A1111Error]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
 
@@ -56,7 +55,7 @@ def document(base_url: str) -> dict[str, Any]:
     native = (401, 403, 404, 422, 429, 503)
     paths = {
         "/v1/jobs": {
-            "post": {"summary": "Queue a job", "requestBody": _body(JobSpec),
+            "post": {"summary": "Queue a job", "requestBody": _body(api.JobRequest),
                      "responses": {"202": _answer("Queued", api.JobView), **_errors(api.ApiError, 400, *native)}},
             "get": {"summary": "The caller's jobs, newest first",
                     "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,

@@ -234,6 +234,52 @@ def test_models_and_nodes(web):
     assert nodes["runners"] and nodes["runners"][0]["capabilities"]["device"] == "cpu"
 
 
+def _b64_png(width: int, height: int, colour=(200, 40, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_img2img_and_inpainting_from_an_input_image_and_webp_output(web):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            views = {}
+            for name, extra in (("img2img", {"image": _b64_png(96, 64), "strength": 0.6}),
+                                ("inpaint", {"image": "data:image/png;base64," + _b64_png(96, 64),
+                                             "mask": _b64_png(96, 64, (255, 255, 255))}),
+                                ("webp", {"output_format": "webp"})):
+                body = {"model": "tiny-sd", "prompt": "a lighthouse", "steps": 4,
+                        "kind": "txt2img" if name == "webp" else "img2img", **extra}
+                if name == "webp":
+                    body.update(width=64, height=64)
+                async with http.post(f"{web.http}/v1/jobs", json=body, headers=auth(ANA)) as response:
+                    assert response.status == 202, await response.text()
+                    job_id = (await response.json())["spec"]["id"]
+                view = await until_done(http, web.http, job_id)
+                async with http.get(view["urls"][0], headers=auth(ANA)) as response:
+                    views[name] = (view, response.headers["Content-Type"], await response.read())
+            async with http.post(f"{web.http}/v1/jobs", json={"model": "tiny-sd", "prompt": "x", "kind": "img2img",
+                                                            "image": "not base64!"}, headers=auth(ANA)) as response:
+                garbage = (response.status, await response.json())
+            async with http.post(f"{web.http}/v1/jobs", json={"model": "tiny-sd", "prompt": "x", "kind": "img2img"},
+                                 headers=auth(ANA)) as response:
+                missing = (response.status, await response.json())
+            return views, garbage, missing
+
+    views, garbage, missing = run(go())
+    for name in ("img2img", "inpaint"):
+        view, content_type, data = views[name]
+        assert view["state"] == "done" and view["spec"]["inputs"] == (["image"] if name == "img2img"
+                                                                      else ["image", "mask"])
+        assert (view["spec"]["width"], view["spec"]["height"]) == (96, 64)  # the input's size
+        assert png(data).size == (96, 64)
+    assert views["img2img"][0]["spec"]["strength"] == 0.6 and views["inpaint"][0]["spec"]["strength"] == 0.75
+    view, content_type, data = views["webp"]
+    assert content_type == "image/webp" and Image.open(io.BytesIO(data)).format == "WEBP"
+    assert garbage[0] == 422 and garbage[1]["error"]["field"] == "image"
+    assert missing[0] == 422 and missing[1]["error"]["field"] == "image"
+
+
 # --------------------------------------------------------------------------- #
 # OpenAI and AUTOMATIC1111
 
@@ -295,9 +341,15 @@ def test_automatic1111_txt2img_models_progress_and_refusals(web):
                 hires = (response.status, await response.json())
             async with http.post(f"{web.http}/sdapi/v1/img2img", json=body, headers=auth(BEN)) as response:
                 no_init = response.status
-            return models, images, progress, interrupted_status, hires, no_init
+            async with http.post(f"{web.http}/sdapi/v1/img2img", headers=auth(BEN), json={
+                    **body, "init_images": ["data:image/png;base64," + _b64_png(64, 64)], "denoising_strength": 0.5,
+                    "batch_size": 1}) as response:
+                edited = (response.status, await response.json())
+            return models, images, progress, interrupted_status, hires, no_init, edited
 
-    models, images, progress, interrupted_status, hires, no_init = run(go())
+    models, images, progress, interrupted_status, hires, no_init, edited = run(go())
+    assert edited[0] == 200 and len(edited[1]["images"]) == 1
+    assert png(base64.b64decode(edited[1]["images"][0])).size == (64, 64)
     assert {"tiny-sd", "tiny-sdxl"} <= {m["model_name"] for m in models} and all("title" in m for m in models)
     status, body = images
     assert status == 200 and len(body["images"]) == 2
@@ -335,11 +387,12 @@ def test_the_openapi_document_matches_what_the_server_accepts(web):
     assert document["openapi"].startswith("3.")
     assert not [key for key, status in routed.items() if status == 405 or (status == 404 and "nope" not in key[1]
                                                                            and "{" not in key[1])]
-    job_schema = document["components"]["schemas"]["JobSpec"]
-    assert set(job_schema["properties"]) == set(JobSpec.model_fields)
+    job_schema = document["components"]["schemas"]["JobRequest"]
+    assert set(job_schema["properties"]) == set(JobSpec.model_fields) | {"image", "mask", "control_image",
+                                                                         "ip_adapter_image"}
     assert set(job_schema["required"]) == {"model", "prompt"}
     assert document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/JobSpec"}
+        "$ref": "#/components/schemas/JobRequest"}
 
 
 def test_metrics_cover_queue_jobs_times_loads_and_memory(web):

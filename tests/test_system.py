@@ -200,6 +200,15 @@ def test_cli_generate_writes_pngs_and_status_lists_the_runner(cluster, tmp_path)
     assert "staged in shared memory" in status.stdout and "MiB" in status.stdout
     bad = cluster.cli("generate", "x", "--steps", "1000")
     assert bad.returncode == 2 and "steps" in bad.stderr
+    # From an image: img2img keeps its size; --format webp writes .webp files.
+    source = tmp_path / "source.png"
+    Image.new("RGB", (80, 48), (200, 40, 40)).save(source)
+    edited = cluster.cli("generate", "a lighthouse", "--image", str(source), "--strength", "0.5", "--steps", "4",
+                         "--format", "webp", "-o", str(out))
+    assert edited.returncode == 0, edited.stderr
+    (path,) = edited.stdout.split()
+    with Image.open(path) as image:
+        assert path.endswith(".webp") and image.format == "WEBP" and image.size == (80, 48)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "graceful-stop"])
