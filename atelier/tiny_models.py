@@ -8,6 +8,7 @@ a CPU). Weights are random but seeded, so every build of a model is identical.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -20,6 +21,10 @@ from typing import Any
 
 # Builtin model name -> family name (see atelier.families).
 BUILTIN: dict[str, str] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
+# Builtin model name -> the function that writes it, as "module:function" (imported on first use:
+# builders need torch and diffusers) or the function itself.
+_BUILDERS: dict[str, Any] = {"tiny-sd": "atelier.tiny_models:build_tiny_sd",
+                             "tiny-sdxl": "atelier.tiny_models:build_tiny_sdxl"}
 
 # Written by save_pretrained; because a finished model is moved into place in a
 # single rename, its presence means the folder is complete.
@@ -65,7 +70,7 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
         try:
-            _BUILDERS[BUILTIN[name]](tmp)
+            _builder(name)(tmp)
             # mkdtemp makes the folder private (0o700); the cache may be shared.
             os.chmod(tmp, 0o755)
             try:
@@ -146,7 +151,12 @@ def build_tiny_sdxl(path: Path, *, second_text_width: int = _TEXT_HIDDEN) -> Pat
     return Path(path)
 
 
-_BUILDERS: dict[str, Callable[[Path], Path]] = {"sd1": build_tiny_sd, "sdxl": build_tiny_sdxl}
+def _builder(name: str) -> Callable[[Path], Any]:
+    builder = _BUILDERS[name]
+    if isinstance(builder, str):
+        module, _, function = builder.partition(":")
+        builder = getattr(importlib.import_module(module), function)
+    return builder
 
 
 def _unet(*, cross_attention_dim: int, **extra: Any) -> Any:
@@ -231,6 +241,25 @@ def _tokenizer() -> Any:
         )
         (Path(scratch) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
         return CLIPTokenizer.from_pretrained(scratch, model_max_length=_MAX_LENGTH)
+
+
+def _t5_tokenizer(max_length: int = _MAX_LENGTH) -> Any:
+    """A T5 tokenizer (SentencePiece-style unigram) over lower-case letters, digits and a little
+    punctuation, each alone or starting a word: what SD3, FLUX, PixArt and Stable Audio's T5
+    text encoders read. Built with the tokenizers library, as no model file can be fetched."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = list(string.ascii_lowercase + string.digits + ",.!?'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0),
+             *((p, -3.0) for p in pieces), *(("\u2581" + p, -2.5) for p in pieces)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
 
 
 def _byte_level_chars() -> list[str]:

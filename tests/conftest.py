@@ -108,3 +108,12 @@ def cluster(atelier_home, tmp_path_factory):
     c = Cluster(atelier_home, config).start()
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="session")
+def builtin_cluster(atelier_home):
+    """One atelier with the built-in catalog only (a tiny model of every family), for the whole
+    session: each family's end-to-end test runs on it rather than starting an atelier of its own."""
+    c = Cluster(atelier_home).start()
+    yield c
+    c.stop()
