@@ -61,6 +61,7 @@ log = logging.getLogger("atelier.runner")
 
 STAGE_TIMEOUT_S = 600.0  # generating or reading a big checkpoint takes a while
 STAGE_POLL_S = 5.0
+PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is motion no one sees
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 
 
@@ -106,6 +107,7 @@ class Runner(Actor):
         self._execution: asyncio.Task | None = None
         self._draining = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self.previews = PreviewMaker(self.publish_threadsafe)
         self.device_name = _device_name(device)  # once: on a GPU it needs torch and CUDA
 
     def capabilities(self) -> Capabilities:
@@ -253,22 +255,27 @@ class Runner(Actor):
         started = time.monotonic()
         # Where each job's first image sits in the batch: its preview is of that one.
         first_image = [0, *itertools.accumulate(spec.count for spec in batch.specs)][:-1]
+        last_preview = -PREVIEW_INTERVAL_S
 
         def on_step(step: int, total: int, latents) -> None:
+            nonlocal last_preview
             if batch.cancel.is_set():
                 raise JobCancelled(batch.shutting_down or "cancelled")
             now = time.monotonic()
             per_step = (now - started) / step
             timing.steps, timing.step_s = step, per_step
+            if now - last_preview < PREVIEW_INTERVAL_S and step < total:
+                latents = None  # too soon after the last one (the last step always shows)
+            else:
+                last_preview = now
             for spec, index in zip(batch.specs, first_image, strict=True):
                 if spec.id in batch.stopped:
                     continue  # its owner has moved on: no more of its progress
                 self.publish_threadsafe(Progress(job_id=spec.id, step=step, total=total,
                                                  elapsed_s=now - batch.started, eta_s=per_step * (total - step)))
-                if latents is not None:
-                    rgb = family.preview(latents, index)
-                    self.publish_threadsafe(Preview(job_id=spec.id, step=step, width=rgb.shape[1],
-                                                    height=rgb.shape[0], image=encode_jpeg(rgb)))
+                if latents is not None and spec.previews:
+                    # Only a copy of this image's latents here; the picture is made on the preview thread.
+                    self.previews.offer(spec.id, step, family, latents[index].detach().clone())
 
         return on_step
 
@@ -400,6 +407,41 @@ class Runner(Actor):
             import torch
 
             torch.cuda.empty_cache()
+
+
+class PreviewMaker:
+    """Makes preview images on a thread of its own, so that denoising never waits for one.
+
+    The step callback hands over a copy of an image's latents; this thread projects it to RGB,
+    encodes the JPEG and publishes it. A job keeps only its newest pending latents: when the
+    denoising runs faster than previews can be made, the stale ones are skipped, not queued.
+    """
+
+    def __init__(self, publish: Any):
+        self.publish = publish
+        self._pending: dict[str, tuple[int, Any, Any]] = {}  # job id -> (step, family, latents)
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="previews", daemon=True)
+        self._thread.start()
+
+    def offer(self, job_id: str, step: int, family: Any, latents: Any) -> None:
+        with self._wake:
+            self._pending[job_id] = (step, family, latents)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending:
+                    self._wake.wait()
+                work, self._pending = self._pending, {}
+            for job_id, (step, family, latents) in work.items():
+                try:
+                    rgb = family.preview(latents[None], 0)
+                    self.publish(Preview(job_id=job_id, step=step, width=rgb.shape[1], height=rgb.shape[0],
+                                         image=encode_jpeg(rgb)))
+                except Exception:  # a preview is a nicety: its failure must not reach the job
+                    log.exception("preview of %s at step %d failed", job_id, step)
 
 
 def batch_request(items: list[BatchItem]) -> GenerateRequest:

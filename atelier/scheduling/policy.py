@@ -67,7 +67,8 @@ from atelier.scheduling.fairqueue import Entry, FairQueue
 PRIORITY_CLASS = {Priority.live: 0, Priority.interactive: 1, Priority.batch: 2}
 # What may differ between the jobs of one pipeline call: everything per image or about the job.
 # Any other field (and any field added later) must match, which is the safe default.
-PER_JOB_FIELDS = frozenset({"id", "prompt", "negative_prompt", "seed", "count", "user", "priority", "session"})
+PER_JOB_FIELDS = frozenset({"id", "prompt", "negative_prompt", "seed", "count", "user", "priority", "session",
+                            "previews"})
 JOB_SECONDS_BUCKETS = [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]  # submit to end, for /metrics
 ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a refresh, from the front
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
