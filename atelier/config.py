@@ -50,6 +50,10 @@ class ModelEntry(Strict):
     default_height: int | None = Field(default=None, ge=8, multiple_of=8)
     default_steps: int | None = Field(default=None, ge=1, le=500)
     default_guidance: float | None = Field(default=None, ge=0, le=50)
+    # Video: a checkpoint's own clip length and rate (SVD-XT makes 25 frames, SVD 14).
+    default_frames: int | None = Field(default=None, ge=1, le=256)
+    max_frames: int | None = Field(default=None, ge=1, le=256)
+    default_fps: int | None = Field(default=None, ge=1, le=60)
     # Images in one pipeline call at most (default: the family's, for the runner's device).
     max_batch: int | None = Field(default=None, ge=1, le=1024)
 
@@ -65,7 +69,8 @@ class ModelEntry(Strict):
         base = FAMILY_LIMITS[self.family]
         overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
                                                    "default_height", "default_steps",
-                                                   "default_guidance") if getattr(self, k) is not None}
+                                                   "default_guidance", "default_frames", "max_frames", "default_fps")
+                     if getattr(self, k) is not None}
         return dataclasses.replace(base, **overrides)
 
 
