@@ -263,6 +263,7 @@ def _assemble(pipeline_cls: type, folder: Path, part: Callable[[str, str, str], 
 
 
 def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype: Any) -> Any:
+    import torch
     from accelerate import init_empty_weights
 
     # Parameters on the meta device (nothing allocated), and the libraries' own switch that skips
@@ -285,7 +286,25 @@ def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype
         raise StagingError(f"{folder.name}: no weights for {leftovers[:5]}")
     if dtype is not None and any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
         module = module.to(dtype)
+        # What from_pretrained keeps in float32 at this dtype (T5's feed-forward outputs overflow in
+        # float16): the same here, or a staged load would differ from a load from disk.
+        keep = _kept_in_float32(module, dtype)
+        for name, part in module.named_modules():
+            if keep.intersection(name.split(".")):
+                part.to(torch.float32)
     return module.eval()
+
+
+def _kept_in_float32(module: Any, dtype: Any) -> set[str]:
+    """Names of the submodules the libraries keep in float32 when a model is loaded at ``dtype``."""
+    import torch
+
+    keep: set[str] = set()
+    if dtype == torch.float16:
+        keep.update(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        keep.update(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    return keep
 
 
 @contextlib.contextmanager
