@@ -103,6 +103,9 @@ function upsert(view) {
             abort: new AbortController() };
     jobs.set(job.id, job);
   }
+  // An ended job stays ended: a reply sent before its end (a cancel's answer, a slow list) can
+  // arrive after the stream has told its end, and must not bring it back to life.
+  if (terminal(job) && !TERMINAL.has(view.state)) return job;
   Object.assign(job, { spec: view.spec, state: view.state, reason: view.reason, position: view.position,
                        eta_s: view.eta_s, submitted_at: view.submitted_at, urls: view.urls || [] });
   return job;
