@@ -215,8 +215,13 @@ def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: A
     Components without weights (tokenizers, schedulers) are small and read from the folder.
     """
     import diffusers
+    from diffusers import pipelines
 
     def part(name: str, library: str, class_name: str) -> Any:
+        # A model defined in a pipeline's own module is listed by that module's name alone
+        # ("stable_audio", "audioldm2"); diffusers finds it in diffusers.pipelines, and so does this.
+        if hasattr(pipelines, library):
+            library = f"{pipelines.__name__}.{library}"
         cls = getattr(importlib.import_module(library), class_name)
         if name in weights:
             return _module_from_weights(cls, folder / name, weights[name], dtype)
