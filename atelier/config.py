@@ -50,12 +50,17 @@ class ModelEntry(Strict):
     default_height: int | None = Field(default=None, ge=8, multiple_of=8)
     default_steps: int | None = Field(default=None, ge=1, le=500)
     default_guidance: float | None = Field(default=None, ge=0, le=50)
+    # Sound: a checkpoint's own lengths where they differ from its family's (a shorter-context model).
+    default_duration_s: float | None = Field(default=None, gt=0, le=300)
+    max_duration_s: float | None = Field(default=None, gt=0, le=300)
     # Video: a checkpoint's own clip length and rate (SVD-XT makes 25 frames, SVD 14).
     default_frames: int | None = Field(default=None, ge=1, le=256)
     max_frames: int | None = Field(default=None, ge=1, le=256)
     default_fps: int | None = Field(default=None, ge=1, le=60)
     # Images in one pipeline call at most (default: the family's, for the runner's device).
     max_batch: int | None = Field(default=None, ge=1, le=1024)
+    # LoRAs a job may apply (JobSpec.loras), by name: a .safetensors file or a folder holding one.
+    loras: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("family")
     @classmethod
@@ -69,7 +74,8 @@ class ModelEntry(Strict):
         base = FAMILY_LIMITS[self.family]
         overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
                                                    "default_height", "default_steps",
-                                                   "default_guidance", "default_frames", "max_frames", "default_fps")
+                                                   "default_guidance", "default_duration_s", "max_duration_s",
+                                                   "default_frames", "max_frames", "default_fps")
                      if getattr(self, k) is not None}
         return dataclasses.replace(base, **overrides)
 
@@ -81,6 +87,38 @@ def builtin_models() -> dict[str, ModelEntry]:
                               description="tiny random-weight SD 1.5-shaped model", **tiny),
         "tiny-sdxl": ModelEntry(family="sdxl", source="builtin:tiny-sdxl", dtype="float32",
                                 description="tiny random-weight SDXL-shaped model", **tiny),
+        "tiny-pixart-alpha": ModelEntry(family="pixart-alpha", source="builtin:tiny-pixart-alpha", dtype="float32",
+                                        description="tiny random-weight PixArt-α-shaped model", **tiny),
+        "tiny-pixart-sigma": ModelEntry(family="pixart-sigma", source="builtin:tiny-pixart-sigma", dtype="float32",
+                                        description="tiny random-weight PixArt-Σ-shaped model", **tiny),
+        "tiny-hunyuan-dit": ModelEntry(family="hunyuan-dit", source="builtin:tiny-hunyuan-dit", dtype="float32",
+                                       description="tiny random-weight HunyuanDiT-shaped model", **tiny),
+        "tiny-sd2": ModelEntry(family="sd2", source="builtin:tiny-sd2", dtype="float32",
+                               description="tiny random-weight SD 2.x-shaped model (v-prediction)", **tiny),
+        "tiny-sd3": ModelEntry(family="sd3", source="builtin:tiny-sd3", dtype="float32",
+                               description="tiny random-weight SD 3-shaped model (CLIP-L, CLIP-G, T5)", **tiny),
+        "tiny-flux": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
+                                description="tiny random-weight FLUX.1-dev-shaped model", **tiny),
+        "tiny-stable-audio": ModelEntry(family="stable-audio", source="builtin:tiny-stable-audio", dtype="float32",
+                                        description="tiny random-weight Stable Audio Open-shaped model "
+                                                    "(44.1 kHz stereo, 2 s at most)",
+                                        default_steps=4, default_duration_s=1.0, max_duration_s=2.0),
+        "tiny-audioldm2": ModelEntry(family="audioldm2", source="builtin:tiny-audioldm2", dtype="float32",
+                                     description="tiny random-weight AudioLDM 2-shaped model (16 kHz mono)",
+                                     default_steps=4, default_duration_s=1.0, max_duration_s=4.0),
+        "tiny-sd-upscaler": ModelEntry(family="sd-upscaler", source="builtin:tiny-sd-upscaler", dtype="float32",
+                                       description="tiny random-weight SD x4 upscaler-shaped model (input up to "
+                                                   "128 px, output 4x)",
+                                       default_width=32, default_height=32, default_steps=4, max_width=128,
+                                       max_height=128),
+        "tiny-svd": ModelEntry(family="svd", source="builtin:tiny-svd", dtype="float32",
+                               description="tiny random-weight Stable Video Diffusion-shaped model (image to video)",
+                               default_width=64, default_height=64, default_steps=4, max_width=256, max_height=256,
+                               default_frames=4, max_frames=8),
+        "tiny-animatediff": ModelEntry(family="animatediff", source="builtin:tiny-animatediff", dtype="float32",
+                                       description="tiny random-weight AnimateDiff-shaped model (text to video)",
+                                       default_width=64, default_height=64, default_steps=4, max_width=256,
+                                       max_height=256, default_frames=4, max_frames=16),
         "noop": ModelEntry(family="noop", source="builtin:noop",
                            description="does no diffusion: measures atelier's own cost",
                            default_steps=1),

@@ -20,11 +20,27 @@ from pathlib import Path
 from typing import Any
 
 # Builtin model name -> family name (see atelier.families).
-BUILTIN: dict[str, str] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
+BUILTIN: dict[str, str] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl",
+                           "tiny-sd-upscaler": "sd-upscaler", "tiny-svd": "svd", "tiny-animatediff": "animatediff",
+                           "tiny-stable-audio": "stable-audio", "tiny-audioldm2": "audioldm2",
+                           "tiny-pixart-alpha": "pixart-alpha", "tiny-pixart-sigma": "pixart-sigma",
+                           "tiny-hunyuan-dit": "hunyuan-dit",
+                           "tiny-sd2": "sd2", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 # Builtin model name -> the function that writes it, as "module:function" (imported on first use:
 # builders need torch and diffusers) or the function itself.
 _BUILDERS: dict[str, Any] = {"tiny-sd": "atelier.tiny_models:build_tiny_sd",
-                             "tiny-sdxl": "atelier.tiny_models:build_tiny_sdxl"}
+                             "tiny-sd-upscaler": "atelier.tiny.video:build_tiny_sd_upscaler",
+                             "tiny-svd": "atelier.tiny.video:build_tiny_svd",
+                             "tiny-animatediff": "atelier.tiny.video:build_tiny_animatediff",
+                             "tiny-stable-audio": "atelier.tiny.audio:build_tiny_stable_audio",
+                             "tiny-audioldm2": "atelier.tiny.audio:build_tiny_audioldm2",
+                             "tiny-sdxl": "atelier.tiny_models:build_tiny_sdxl",
+                             "tiny-pixart-alpha": "atelier.tiny.pixart_hunyuan:build_tiny_pixart_alpha",
+                             "tiny-pixart-sigma": "atelier.tiny.pixart_hunyuan:build_tiny_pixart_sigma",
+                             "tiny-hunyuan-dit": "atelier.tiny.pixart_hunyuan:build_tiny_hunyuan_dit",
+                             "tiny-sd2": "atelier.tiny.sd2_sd3_flux:build_tiny_sd2",
+                             "tiny-sd3": "atelier.tiny.sd2_sd3_flux:build_tiny_sd3",
+                             "tiny-flux": "atelier.tiny.sd2_sd3_flux:build_tiny_flux"}
 
 # Written by save_pretrained; because a finished model is moved into place in a
 # single rename, its presence means the folder is complete.
@@ -428,3 +444,25 @@ def _weights(folder: Path, component: str) -> dict[str, Any]:
 
 def _config(folder: Path, component: str) -> dict[str, Any]:
     return json.loads((folder / component / "config.json").read_text())
+
+
+def build_tiny_lora(model: Path, out: Path, *, seed: int = 1, rank: int = 4) -> Path:
+    """A random LoRA for a tiny SD-style model's UNet, in diffusers' LoRA format (one safetensors
+    file), strong enough to change its images visibly. For tests of LoRAs; real ones come as files."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights="gaussian"))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:  # zero after init: the LoRA would change nothing
+                parameter.normal_(0.0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    out.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x ("sd1") and SDXL ("sdxl") adapters over diffusers' pipelines."""
+"""Stable Diffusion 1.x ("sd1"), 2.x ("sd2") and SDXL ("sdxl") adapters over diffusers' pipelines."""
 
 from __future__ import annotations
 
@@ -19,24 +19,15 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.utils import logging as diffusers_logging
 
+from atelier.families import options as unet_options
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loading import torch_dtype, upload
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
 from atelier.sources import ModelSourceError
 from atelier.staging import CHECKPOINT, build_from_checkpoint, build_pipeline
 
 # A server loads models all day; diffusers' per-load progress bars would bury its logs.
 diffusers_logging.disable_progress_bar()
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-# Memory savers that trade some speed; anything else in options is rejected
-# so that a misspelt option fails loudly instead of being silently ignored.
-_OPTIONS = frozenset({"attention_slicing", "vae_tiling"})
-
 
 class _StableDiffusionFamily(Family):
     pipeline_class: type[DiffusionPipeline]
@@ -54,28 +45,22 @@ class _StableDiffusionFamily(Family):
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"unsupported dtype {dtype_name!r}; choose from {sorted(_DTYPES)}")
+        dtype = torch_dtype(dtype_name)  # an unknown name fails before any reading
         options = options or {}
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ValueError(f"unknown options for family {self.name!r}: {sorted(unknown)}")
+        unet_options.check(self.name, options, unet_options.UNET_OPTIONS)
 
         # local_files_only: a path that is not a local folder must fail here,
         # never be mistaken for a hub repo id and trigger a download.
         if config is not None:
-            pipe = self._from_single_file(path, config, _DTYPES[dtype_name], weights)
+            pipe = self._from_single_file(path, config, dtype, weights)
         elif weights is not None:
-            pipe = build_pipeline(path, weights, dtype=_DTYPES[dtype_name])
+            pipe = build_pipeline(path, weights, dtype=dtype)
         else:
-            pipe = self.pipeline_class.from_pretrained(path, dtype=_DTYPES[dtype_name], local_files_only=True)
+            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
         if device != "cpu":
-            _upload(pipe, device)
+            upload(pipe, device)
         pipe.set_progress_bar_config(disable=True)
-        if options.get("attention_slicing"):
-            pipe.enable_attention_slicing()
-        if options.get("vae_tiling"):
-            pipe.vae.enable_tiling()
+        unet_options.apply(pipe, options)
         return pipe
 
     def _from_single_file(self, path: Path, config: Path, dtype: torch.dtype,
@@ -112,6 +97,11 @@ class _StableDiffusionFamily(Family):
                       num_inference_steps=req.steps, guidance_scale=req.guidance, num_images_per_prompt=1,
                       generator=generators, output_type="pil", callback_on_step_end=on_step_end,
                       callback_on_step_end_tensor_inputs=["latents"])
+        if req.images and int(req.steps * (req.strength or 1.0)) < 1:
+            # Starting from an image runs int(steps * strength) steps; with none (a 1-step turbo model
+            # at strength 0.75, say) diffusers fails on an empty tensor deep inside.
+            raise ValueError(f"strength {req.strength} of {req.steps} steps leaves no step to run: "
+                             "ask for more steps or a higher strength (steps x strength >= 1)")
         if req.masks:  # inpainting: the image, repainted where the mask is white
             result = _variant(pipe, AutoPipelineForInpainting)(
                 image=list(req.images), mask_image=list(req.masks), strength=req.strength, width=req.width,
@@ -133,6 +123,13 @@ class SD15Family(_StableDiffusionFamily):
     latent_rgb = SD15_LATENT_RGB
 
 
+class SD2Family(SD15Family):
+    """SD 2.x: SD 1.5's pipeline class and VAE (so its latent space); what differs (v-prediction,
+    the OpenCLIP text encoder, 768 px) comes with the checkpoint's own configs."""
+
+    name = "sd2"
+
+
 class SDXLFamily(_StableDiffusionFamily):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
@@ -150,13 +147,3 @@ def _variant(pipe: DiffusionPipeline, auto: Any) -> DiffusionPipeline:
         variants[auto] = auto.from_pipe(pipe)
         variants[auto].set_progress_bar_config(disable=True)
     return variants[auto]
-
-
-def _upload(pipe: DiffusionPipeline, device: str) -> None:
-    """Moves every module to ``device`` tensor by tensor; from pinned (staged) memory the copies
-    are asynchronous DMA that overlap each other, and one synchronise waits for them all."""
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.to(device, non_blocking=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)

@@ -1,0 +1,114 @@
+"""What every diffusers family does to load a model: the dtype by name, the pipeline from a folder
+or from staged memory, the upload to the device, and the catalog's options checked on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from atelier.staging import build_pipeline
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype a catalog entry names; any other name is an error that lists the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def upload(pipe: DiffusionPipeline, device: str) -> None:
+    """Moves every module to ``device`` tensor by tensor; from pinned (staged) memory the copies
+    are asynchronous DMA that overlap each other, and one synchronise waits for them all."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device, non_blocking=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# An option's check: takes the value given in the catalog, returns it as used, or raises ValueError.
+Check = Callable[[Any], Any]
+
+
+def whole(low: int, high: int | None = None) -> Check:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise ValueError(f"a whole number {f'from {low} to {high}' if high is not None else f'of {low} or more'}")
+        return value
+
+    return check
+
+
+def number(low: float, high: float) -> Check:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"a number from {low} to {high}")
+        return float(value)
+
+    return check
+
+
+def switch(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def folder(value: Any) -> Path:
+    if not isinstance(value, str) or not (Path(value) / "config.json").is_file():
+        raise ValueError("a local diffusers model folder (with a config.json)")
+    return Path(value)
+
+
+def checked_options(family: str, options: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> dict[str, Any]:
+    """The catalog's options, each checked: an unknown or misspelt one fails here, naming it, rather than
+    being ignored or failing inside the pipeline."""
+    options = dict(options or {})
+    unknown = set(options) - set(checks)
+    if unknown:
+        raise ValueError(f"unknown options for family {family!r}: {sorted(unknown)}; it takes {sorted(checks)}")
+    out = {}
+    for name, value in options.items():
+        try:
+            out[name] = checks[name](value)
+        except ValueError as exc:
+            raise ValueError(f"option {name!r} of family {family!r}: {value!r} is not {exc}") from None
+    return out
+
+
+def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path | None, *, device: str,
+                dtype_name: str, weights: dict[str, dict[str, Any]] | None, config: Path | None,
+                **components: Any) -> DiffusionPipeline:
+    """A diffusers folder's pipeline: from its files, or with ``weights`` from staged memory (the same
+    pipeline bit for bit); on ``device``. ``components`` replace or (None) leave out folder components."""
+    if path is None:
+        raise ValueError(f"family {family!r} needs a model path")
+    if config is not None:
+        raise ValueError(f"family {family!r} loads diffusers folders only, not single-file checkpoints")
+    dtype = torch_dtype(dtype_name)
+    if weights is not None:
+        pipe = build_pipeline(path, weights, dtype=dtype)
+        given = {name: part for name, part in components.items() if part is not None}
+        if given or not isinstance(pipe, pipeline_class):  # e.g. an SD 1.5 folder and a motion adapter
+            pipe = pipeline_class.from_pipe(pipe, **given)
+        for name in components.keys() - given.keys():
+            pipe.register_modules(**{name: None})
+    else:
+        # local_files_only: a path that is not a local folder must fail here, never be mistaken for a hub
+        # repo id and trigger a download.
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **components)
+    if device != "cpu":
+        upload(pipe, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
