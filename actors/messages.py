@@ -145,6 +145,8 @@ class JobSpec(Wire):
     fps: int | None = Field(default=None, ge=1, le=60)  # video: frames a second in the file
     duration_s: float | None = Field(default=None, gt=0, le=300)  # audio: seconds to make
     output_format: OutputFormat | None = None  # default: png, mp4 or wav, by what the model makes
+    # LoRAs of the model's catalog entry to apply, with their scales (switching them reloads nothing).
+    loras: dict[Name, Annotated[float, Field(ge=-4, le=4)]] = Field(default_factory=dict, max_length=8)
     # Preview images every step, on the job's events: off saves the work for a caller who does not look.
     previews: bool = True
     # Which JobInputs the submit carried: set by the scheduler from the inputs themselves.

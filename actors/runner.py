@@ -54,7 +54,7 @@ from actors.messages import (
 )
 from atelier import media, sources, staging
 from atelier.config import Config, load_config
-from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
+from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family, loras
 from atelier.preview import encode_jpeg
 
 log = logging.getLogger("atelier.runner")
@@ -182,15 +182,17 @@ class Runner(Actor):
                 pipe = resident.pipe
                 self.pipelines.move_to_end(first.model)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
-            family_name = self.config.models[first.model].family
+            entry = self.config.models[first.model]
 
             def work() -> list[list[Artifact]]:
                 # One trip to the worker per batch, not one per stage: each trip costs two thread
                 # wake-ups, which is most of a short job's cost. Decoding the input images and
                 # encoding the outputs are CPU work too: here, off the event loop.
-                family = get_family(family_name)
+                family = get_family(entry.family)
                 reporter = self._step_reporter(batch, family, timing)
-                items = family.generate(pipe, batch_request(batch.items), reporter)
+                request = batch_request(batch.items)
+                loras.use_loras(pipe, request.loras, entry.loras)
+                items = family.generate(pipe, request, reporter)
                 outputs, start = [], 0
                 for spec in specs:
                     mine = items[start:start + spec.count]
@@ -296,6 +298,7 @@ class Runner(Actor):
             try:
                 pipe = family.load(path, device=self.device, dtype_name=dtype, options=entry.options,
                                    weights=weights, config=sources.config_folder(entry))
+                loras.load_loras(pipe, entry.loras)
             finally:
                 if pinned is not None:
                     staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
@@ -462,7 +465,7 @@ def batch_request(items: list[BatchItem]) -> GenerateRequest:
         seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
         width=first.width, height=first.height, steps=first.steps, guidance=first.guidance, kind=first.kind.value,
         images=tuple(images), masks=tuple(masks), strength=first.strength, frames=first.frames, fps=first.fps,
-        duration_s=first.duration_s)
+        duration_s=first.duration_s, loras=tuple(first.loras.items()))
 
 
 def _decode(data: Any, spec: JobSpec, mode: str) -> Any:

@@ -63,7 +63,9 @@ def encode(item: Any, spec: JobSpec, seed: int) -> Artifact:
 
 def parameters(spec: JobSpec, seed: int) -> str:
     """The generation's parameters in the text form image tools read (A1111's "parameters")."""
-    return (f"{spec.prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
+    # LoRAs as A1111 writes them, in the prompt, so that pasting the text back asks for them again.
+    prompt = " ".join([spec.prompt, *(f"<lora:{name}:{scale:g}>" for name, scale in spec.loras.items())])
+    return (f"{prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
             f"Steps: {spec.steps}, CFG scale: {spec.guidance}, Seed: {seed}, "
             f"Size: {spec.width}x{spec.height}, Model: {spec.model}")
 

@@ -78,6 +78,7 @@ class GenerateRequest:
     frames: int | None = None  # video
     fps: int | None = None  # video
     duration_s: float | None = None  # audio
+    loras: tuple[tuple[str, float], ...] = ()  # (catalog name, scale) of the LoRAs to apply
 
     def __post_init__(self) -> None:
         if not (len(self.prompts) == len(self.negative_prompts) == len(self.seeds) >= 1):

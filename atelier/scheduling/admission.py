@@ -56,6 +56,10 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
         raise _bad("count", f"count {spec.count} is above {spec.model}'s limit of {lim.max_count}")
     _check_inputs(spec, inputs, lim, what)
     _check_media(spec, lim, what)
+    unknown = sorted(set(spec.loras) - set(entry.loras))
+    if unknown:
+        offered = ", ".join(sorted(entry.loras)) or "none"
+        raise _bad("loras", f"loras: {spec.model} has no LoRA {unknown[0]!r} (it has: {offered})")
 
 
 def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, what: str) -> None:
@@ -113,6 +117,7 @@ def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random
         "duration_s": spec.duration_s or (lim.default_duration_s if audio else None),
         "output_format": spec.output_format or FORMATS[lim.media][0],
         "inputs": inputs.names() if inputs is not None else [],
+        "loras": dict(sorted(spec.loras.items())),  # one order: the same choice batches together
     })
 
 

@@ -1,0 +1,42 @@
+"""LoRAs, the same way for every family whose diffusers pipeline takes them.
+
+A catalog entry's ``loras`` (name -> file) are all loaded into the pipeline with the model, as
+named adapters, and turned off; a job chooses some with their scales (``JobSpec.loras``) and the
+runner only switches adapters before the call, so changing LoRAs never reloads the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def load_loras(pipe: Any, loras: dict[str, str]) -> None:
+    """Loads every LoRA of the model's catalog entry as a named adapter, all off until a job asks."""
+    if loras and not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"{type(pipe).__name__} takes no LoRAs: remove loras from the model's catalog entry")
+    for name, source in loras.items():
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA {name}: {source} does not exist on this host")
+        # safetensors only: a .ckpt, .pt or .bin LoRA is a pickle, which can run code when read.
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"LoRA {name}: {path.name} is not a .safetensors file (pickled LoRAs are refused)")
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
+        else:
+            pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
+    if loras:
+        pipe.disable_lora()
+
+
+def use_loras(pipe: Any, chosen: tuple[tuple[str, float], ...], available: Iterable[str]) -> None:
+    """Switches the adapters for one call: the chosen ones at their scales, the others off."""
+    if not list(available):
+        return
+    if not chosen:
+        pipe.disable_lora()  # not merely at weight 0: their layers then cost nothing
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([name for name, _ in chosen], [float(scale) for _, scale in chosen])
