@@ -50,6 +50,7 @@ from pydantic import ValidationError
 
 from actors.actor import RemoteError
 from actors.messages import (
+    JobKind,
     JobRecord,
     JobResult,
     JobSpec,
@@ -77,6 +78,7 @@ from frontends.discord_views import (
     render_job,
     render_live,
     status_line,
+    text_kind,
 )
 
 log = logging.getLogger("atelier.discord")
@@ -469,10 +471,16 @@ class AtelierBot(discord.Client):
         return next((m for m in await self.models() if m.name == name), None)
 
     async def _complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """/generate offers the models that make something from a prompt; /live, those that make images."""
         needle = current.lower()
+        live = interaction.command is not None and interaction.command.name == "live"
+
+        def fits(m: ModelInfo) -> bool:
+            return JobKind.txt2img in m.kinds if live else text_kind(m) is not None
+
         return [app_commands.Choice(name=f"{m.name} ({m.family}, {m.default_width}×{m.default_height})"[:100],
                                     value=m.name)
-                for m in await self.models() if needle in m.name.lower()][:25]
+                for m in await self.models() if needle in m.name.lower() and fits(m)][:25]
 
     async def _complete_job(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         mine = [c for c in self.jobs.values() if c.owner == interaction.user.id and current in c.spec.id]
@@ -512,10 +520,17 @@ class AtelierBot(discord.Client):
         @tree.command(name="models", description="The models atelier serves")
         async def models(interaction: discord.Interaction) -> None:
             catalog = await self.models()
-            lines = [f"**{m.name}** · {m.family} · {m.default_width}×{m.default_height}, {m.default_steps} steps"
-                     f" · up to {m.max_width}×{m.max_height}" + (" · *default*" if m.name == self.default_model else "")
+            lines = [f"**{m.name}** · {m.family} · {', '.join(m.kinds)} · "
+                     + (f"{m.default_width}×{m.default_height} (up to {m.max_width}×{m.max_height}), "
+                        if JobKind.txt2audio not in m.kinds else "")
+                     + f"{m.default_steps} steps" + (" · *default*" if m.name == self.default_model else "")
                      for m in catalog]
-            await interaction.response.send_message("\n".join(lines) or "atelier has no models.", ephemeral=True)
+            shown = []  # a message holds 2000 characters at most
+            while lines and sum(len(line) + 1 for line in shown) + len(lines[0]) < 1950:
+                shown.append(lines.pop(0))
+            if lines:
+                shown.append(f"… and {len(lines)} more")
+            await interaction.response.send_message("\n".join(shown) or "atelier has no models.", ephemeral=True)
 
         @tree.command(name="queue", description="Where your jobs stand, and how long the queue is")
         async def queue(interaction: discord.Interaction) -> None:
@@ -536,6 +551,12 @@ class AtelierBot(discord.Client):
             return
         model = await self._model(params.get("model") or self.default_model)
         if model is not None:
+            kind = text_kind(model)
+            if kind is None:
+                await self._say(interaction, f"{model.name} starts from an input ({', '.join(model.kinds)}); "
+                                             "/generate makes things from a prompt alone.")
+                return
+            params["kind"] = kind
             # The catalog's defaults, written out, so the message says what was made.
             params["width"] = params.get("width") or model.default_width
             params["height"] = params.get("height") or model.default_height

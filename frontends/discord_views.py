@@ -14,7 +14,8 @@ from pathlib import Path
 
 import discord
 
-from actors.messages import JobEvent, JobResult, JobSpec, JobState, Preview, Progress
+from actors.messages import JobEvent, JobKind, JobResult, JobSpec, JobState, ModelInfo, Preview, Progress
+from atelier.artifacts import extension_for
 from atelier.config import DiscordConfig
 from frontends.client import Event
 
@@ -230,9 +231,19 @@ class JobCard:
         return self.refused is None and self.result is None and not self.display.state.terminal
 
 
+# What /generate makes from a prompt alone, by preference: the first of these that a model does.
+TEXT_KINDS = (JobKind.txt2img, JobKind.txt2vid, JobKind.txt2audio)
+
+
+def text_kind(model: ModelInfo) -> JobKind | None:
+    """What /generate asks of ``model``: an image, else a video, else a sound; None when it needs an input."""
+    return next((kind for kind in TEXT_KINDS if kind in model.kinds), None)
+
+
 def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame:
     spec, job = card.spec, card.display
-    size = f" · {spec.width}×{spec.height}" if spec.width and spec.height else ""
+    # A sound's width and height are only its family's placeholders.
+    size = f" · {spec.width}×{spec.height}" if spec.width and spec.height and spec.kind != JobKind.txt2audio else ""
     steps = f" · {spec.steps} steps" if spec.steps else ""
     lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}"]
     if card.refused is not None:
@@ -248,9 +259,9 @@ def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame
         for index, artifact in enumerate(outputs):
             data = bytes(artifact.data)
             if len(data) <= max_bytes:
-                images.append((f"atelier-{spec.id}-{index}.png", data))
+                images.append((f"atelier-{spec.id}-{index}{extension_for(artifact.media_type)}", data))
             else:
-                status += f"\nimage {index + 1} is too large for Discord; it is kept at {artifact.uri or 'atelier'}"
+                status += f"\noutput {index + 1} is too large for Discord; it is kept at {artifact.uri or 'atelier'}"
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary"))
     elif job.state.terminal:
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again"))

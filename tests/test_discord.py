@@ -509,7 +509,9 @@ def test_models_lists_the_catalog(atelier):
             return s.fake.latest(message)
 
     shown = go(scenario())
-    assert shown.ephemeral and "**tiny-sd**" in shown.content and "missing-sd" in shown.content
+    assert shown.ephemeral and "**tiny-sd** · sd1 · img2img, txt2img · 64×64" in shown.content
+    assert "**tiny-stable-audio** · stable-audio · txt2audio · 4 steps" in shown.content
+    assert "missing-sd" in shown.content
 
 
 # --------------------------------------------------------------------------- #
@@ -712,16 +714,44 @@ def test_allowlists_rate_limit_and_model_autocomplete(atelier):
             too_soon = await s.respond(slash("generate", prompt="y", model="cm"))
             s.send(autocomplete("generate", "model", prompt="x", model="tiny"))
             await s.fake.wait_for(lambda: s.fake.choices, 10)
+            s.send(autocomplete("live", "model", prompt="x", model="tiny"))
+            await s.fake.wait_for(lambda: len(s.fake.choices) == 2, 10)
             await s.fake.wait_for(lambda: "done" in s.fake.latest(allowed).content, 60)
-            return [s.fake.latest(m) for m in (elsewhere, no_role, allowed, too_soon)], s.fake.choices[0]
+            return [s.fake.latest(m) for m in (elsewhere, no_role, allowed, too_soon)], s.fake.choices
 
-    (elsewhere, no_role, allowed, too_soon), choices = go(scenario())
+    (elsewhere, no_role, allowed, too_soon), (for_generate, for_live) = go(scenario())
     assert elsewhere.ephemeral and elsewhere.content == "atelier is not enabled in this channel."
     assert no_role.ephemeral and no_role.content == "You need one of the roles allowed to use atelier here."
     assert not allowed.ephemeral and len(allowed.files) == 1
     assert too_soon.ephemeral and too_soon.content.startswith("You have started 1 jobs in the last minute")
     assert "Try again in" in too_soon.content
-    assert [c["value"] for c in choices] == ["tiny-sd", "tiny-sdxl"]  # "tiny" among every model's name
+    # "tiny" among every model's name: /generate offers those that make something from a prompt alone
+    # (images, videos, sounds), /live those that make images.
+    generate_choices, live_choices = [c["value"] for c in for_generate], [c["value"] for c in for_live]
+    assert {"tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-animatediff", "tiny-stable-audio"} <= set(generate_choices)
+    assert "tiny-svd" not in generate_choices and "tiny-sd-upscaler" not in generate_choices
+    assert {"tiny-sd", "tiny-flux"} <= set(live_choices)
+    assert not {"tiny-animatediff", "tiny-stable-audio", "tiny-svd"} & set(live_choices)
+    assert all("tiny" in value for value in generate_choices + live_choices)
+
+
+def test_generate_makes_sounds_and_videos_of_the_models_that_make_them(atelier):
+    async def scenario():
+        async with Session(atelier, DiscordConfig()) as s:
+            sound = await s.respond(slash("generate", prompt="rain on a tin roof", model="tiny-stable-audio"))
+            clip = await s.respond(slash("generate", prompt="a spinning top", model="tiny-animatediff", steps=2))
+            needs_image = await s.respond(slash("generate", prompt="x", model="tiny-svd"))
+            for message in (sound, clip):
+                await s.fake.wait_for(lambda m=message: "done" in s.fake.latest(m).content, 90)
+            return [s.fake.latest(m) for m in (sound, clip, needs_image)]
+
+    sound, clip, needs_image = go(scenario())
+    [(name, data)] = sound.files
+    assert name.endswith(".wav") and data[:4] == b"RIFF"
+    assert "×" not in sound.content.splitlines()[1]  # a sound has no size to show
+    [(name, data)] = clip.files
+    assert name.endswith(".mp4") and data[4:8] == b"ftyp"
+    assert needs_image.ephemeral and needs_image.content.startswith("tiny-svd starts from an input (img2vid)")
 
 
 def test_a_job_outliving_its_interaction_token_still_delivers(atelier):
