@@ -149,26 +149,31 @@ async def _generate(args: argparse.Namespace) -> int:
         console.print("[red]error:[/red] --mask and --strength go with --image")
         return 2
     try:
-        # An input image makes it img2img (with a mask, inpainting).
         inputs = JobInputs(**{name: Path(path).read_bytes() for name, path in
                               (("image", args.image), ("mask", args.mask)) if path}) if args.image else None
-        spec = JobSpec(model=args.model or config.default_model, prompt=args.prompt,
-                       negative_prompt=args.negative, width=args.width, height=args.height,
-                       steps=args.steps, guidance=args.guidance, seed=args.seed, count=args.count,
-                       user=args.user, priority=args.priority, kind="img2img" if inputs else "txt2img",
-                       strength=args.strength, output_format=args.format)
-    except OSError as exc:
+        loras = dict(_lora(text) for text in args.lora)
+    except (OSError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}")
-        return 2
+    model = args.model or config.default_model
     router, pub = _endpoints(args, config)
     out_dir = Path(args.output)
     async with _connect(router, pub) as client:
         try:
+            kind = args.kind or await _default_kind(client, model, from_image=inputs is not None)
+            spec = JobSpec(model=model, prompt=args.prompt, negative_prompt=args.negative, width=args.width,
+                           height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                           count=args.count, user=args.user, priority=args.priority, kind=kind,
+                           strength=args.strength, frames=args.frames, fps=args.fps, duration_s=args.duration,
+                           loras=loras, output_format=args.format)
             record = await client.submit(spec, inputs=inputs)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}")
+            return 2
+        except ValueError as exc:  # a kind the model does not do (ValidationError, above, is one too)
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
         except RemoteError as exc:
             field = f"{exc.error.field}: " if exc.error.field else ""
             console.print(f"[red]error:[/red] {field}{exc.error.message}")
@@ -203,6 +208,31 @@ async def _generate(args: argparse.Namespace) -> int:
             path.write_bytes(artifact.data)
             print(path)
     return 0
+
+
+async def _default_kind(client, model: str, *, from_image: bool) -> str:
+    """What to ask of ``model`` when --kind is not given: an image from a prompt (else a video, else a
+    sound); from an --image, an edit (else an upscale, else a video). An unknown model is left to the
+    scheduler, whose refusal lists the models there are."""
+    from actors.messages import JobKind
+
+    info = next((m for m in await client.models() if m.name == model), None)
+    if info is None:
+        return (JobKind.img2img if from_image else JobKind.txt2img).value
+    kind = JobKind.default_for(info.kinds, from_image=from_image)
+    if kind is None:
+        does = ", ".join(k.value for k in info.kinds)
+        raise ValueError(f"{model} does {does}: " + ("it takes no --image" if from_image else "give it an --image"))
+    return kind.value
+
+
+def _lora(text: str) -> tuple[str, float]:
+    """--lora NAME or NAME=SCALE (scale 1 when not given)."""
+    name, _, scale = text.partition("=")
+    try:
+        return name, float(scale) if scale else 1.0
+    except ValueError:
+        raise ValueError(f"--lora {text}: the scale after '=' is a number, e.g. {name}=0.8") from None
 
 
 def _describe(event) -> str:
@@ -291,6 +321,8 @@ def _login() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from actors.messages import JobKind
+
     parser = argparse.ArgumentParser(prog="atelier", description="Serve diffusion models to many people at once.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -321,6 +353,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", help="start from this image (img2img)")
     gen.add_argument("--mask", help="with --image: repaint where this mask is white (inpainting)")
     gen.add_argument("--strength", type=float, help="with --image: how far from it, 0 to 1 (default 0.75)")
+    gen.add_argument("--kind", choices=[k.value for k in JobKind if k is not JobKind.train],
+                     help="what to make (default: by the model, from the prompt or from --image)")
+    gen.add_argument("--frames", type=int, help="video: frames to make")
+    gen.add_argument("--fps", type=int, help="video: frames a second in the file")
+    gen.add_argument("--duration", type=float, help="audio: seconds to make")
+    gen.add_argument("--lora", action="append", default=[], metavar="NAME[=SCALE]",
+                     help="apply one of the model's LoRAs (repeatable; scale 1 by default)")
     gen.add_argument("--format", choices=["png", "webp", "mp4", "gif", "wav", "flac"],
                      help="the output files' format (default: png, mp4 or wav, by what the model makes)")
     gen.add_argument("--count", type=int, default=1)

@@ -231,13 +231,9 @@ class JobCard:
         return self.refused is None and self.result is None and not self.display.state.terminal
 
 
-# What /generate makes from a prompt alone, by preference: the first of these that a model does.
-TEXT_KINDS = (JobKind.txt2img, JobKind.txt2vid, JobKind.txt2audio)
-
-
 def text_kind(model: ModelInfo) -> JobKind | None:
     """What /generate asks of ``model``: an image, else a video, else a sound; None when it needs an input."""
-    return next((kind for kind in TEXT_KINDS if kind in model.kinds), None)
+    return JobKind.default_for(model.kinds, from_image=False)
 
 
 def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame:

@@ -211,6 +211,42 @@ def test_cli_generate_writes_pngs_and_status_lists_the_runner(cluster, tmp_path)
         assert path.endswith(".webp") and image.format == "WEBP" and image.size == (80, 48)
 
 
+def test_cli_makes_what_each_model_makes(cluster, tmp_path):
+    """The kind follows the model unless given: a sound, a video, an upscale, each with its own flags."""
+    import av
+
+    out = tmp_path / "media"
+    sound = cluster.cli("generate", "rain on a roof", "--model", "tiny-audioldm2", "--duration", "0.5",
+                        "--format", "flac", "-o", str(out))
+    assert sound.returncode == 0, sound.stderr
+    (path,) = sound.stdout.split()
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        assert path.endswith(".flac") and stream.sample_rate == 16000
+        assert abs(float(stream.duration * stream.time_base) - 0.5) < 0.01
+    clip = cluster.cli("generate", "a spinning top", "--model", "tiny-animatediff", "--frames", "3", "--fps", "6",
+                       "--steps", "2", "-o", str(out))
+    assert clip.returncode == 0, clip.stderr
+    (path,) = clip.stdout.split()
+    with av.open(path) as container:
+        frames = list(container.decode(video=0))
+        assert path.endswith(".mp4") and len(frames) == 3 and container.streams.video[0].average_rate == 6
+    source = tmp_path / "small.png"
+    Image.new("RGB", (24, 16), (30, 90, 200)).save(source)
+    bigger = cluster.cli("generate", "sharp", "--model", "tiny-sd-upscaler", "--image", str(source), "--steps", "2",
+                         "-o", str(out))
+    assert bigger.returncode == 0, bigger.stderr
+    with Image.open(bigger.stdout.split()[0]) as image:
+        assert image.size == (96, 64)
+    # What a model cannot do, and a LoRA it does not have, are refused before anything runs.
+    needs_image = cluster.cli("generate", "x", "--model", "tiny-svd")
+    assert needs_image.returncode == 2 and "tiny-svd does img2vid: give it an --image" in needs_image.stderr
+    no_lora = cluster.cli("generate", "x", "--lora", "ink=0.5")
+    assert no_lora.returncode == 2 and "loras:" in no_lora.stderr and "has no LoRA 'ink'" in no_lora.stderr
+    bad_scale = cluster.cli("generate", "x", "--lora", "ink=lots")
+    assert bad_scale.returncode == 2 and "the scale after '=' is a number" in bad_scale.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "graceful-stop"])
 def test_runner_killed_mid_job_is_requeued_and_completes(cluster, sig):
     async def go():
