@@ -100,6 +100,14 @@ class JobKind(str, enum.Enum):
     upscale = "upscale"
     train = "train"
 
+    @classmethod
+    def default_for(cls, kinds: "list[JobKind]", *, from_image: bool) -> "JobKind | None":
+        """What a frontend asks of a model when the user did not say: from a prompt alone an image, else
+        a video, else a sound; from an image an edit, else an upscale, else a video. None: it cannot."""
+        preferred = (cls.img2img, cls.upscale, cls.img2vid) if from_image else (cls.txt2img, cls.txt2vid,
+                                                                               cls.txt2audio)
+        return next((kind for kind in preferred if kind in kinds), None)
+
 
 class Priority(str, enum.Enum):
     live = "live"
