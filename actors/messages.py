@@ -413,6 +413,16 @@ class ModelInfo(Wire):
     max_width: int
     max_height: int
     default: bool = False  # the catalog's default_model
+    max_count: int = 1
+    media: Literal["image", "video", "audio"] = "image"
+    inpaint: bool = False  # an img2img job may bring a mask
+    # Video and audio: what a job gets when it does not say, and the most it may ask for.
+    default_frames: int | None = None
+    max_frames: int | None = None
+    default_fps: int | None = None
+    default_duration_s: float | None = None
+    max_duration_s: float | None = None
+    loras: list[Name] = Field(default_factory=list)  # what JobSpec.loras may choose from
 
 
 class Models(Wire):

@@ -167,7 +167,11 @@ class Scheduler(Actor):
                                    default_width=lim.default_width, default_height=lim.default_height,
                                    default_steps=lim.default_steps, default_guidance=lim.default_guidance,
                                    max_width=lim.max_width, max_height=lim.max_height,
-                                   default=name == self.config.default_model))
+                                   default=name == self.config.default_model, max_count=lim.max_count,
+                                   media=lim.media, inpaint=lim.inpaint, default_frames=lim.default_frames,
+                                   max_frames=lim.max_frames, default_fps=lim.default_fps,
+                                   default_duration_s=lim.default_duration_s, max_duration_s=lim.max_duration_s,
+                                   loras=sorted(entry.loras)))
         return Models(models=infos)
 
     # -- runners ------------------------------------------------------------- #

@@ -97,6 +97,15 @@ class ModelEntry(BaseModel):
     max_width: int
     max_height: int
     default: bool  # the model a job gets when it names none
+    max_count: int
+    media: str  # image, video or audio
+    inpaint: bool  # an img2img job may bring a mask
+    default_frames: int | None = None
+    max_frames: int | None = None
+    default_fps: int | None = None
+    default_duration_s: float | None = None
+    max_duration_s: float | None = None
+    loras: list[str] = Field(default_factory=list)  # the names a job's loras may use
 
 
 class ModelList(BaseModel):

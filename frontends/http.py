@@ -376,10 +376,7 @@ class HttpServer:
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        listed = [api.ModelEntry(id=m.name, family=m.family, kinds=[k.value for k in m.kinds],
-                                 default_width=m.default_width, default_height=m.default_height,
-                                 default_steps=m.default_steps, default_guidance=m.default_guidance,
-                                 max_width=m.max_width, max_height=m.max_height, default=m.default)
+        listed = [api.ModelEntry(id=m.name, **m.model_dump(mode="json", exclude={"name"}))
                   for m in await self.client.models()]
         return _json(api.ModelList(data=listed))
 

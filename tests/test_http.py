@@ -231,6 +231,12 @@ def test_models_and_nodes(web):
     models, nodes = run(go())
     assert models["object"] == "list" and {"tiny-sd", "tiny-sdxl"} <= {m["id"] for m in models["data"]}
     assert all(m["object"] == "model" for m in models["data"])
+    # What a client needs to build a form for each model: what it makes, and its limits.
+    by_id = {m["id"]: m for m in models["data"]}
+    assert by_id["tiny-sd"]["media"] == "image" and by_id["tiny-sd"]["inpaint"] is True
+    assert by_id["tiny-svd"]["kinds"] == ["img2vid"] and by_id["tiny-svd"]["media"] == "video"
+    assert (by_id["tiny-svd"]["default_frames"], by_id["tiny-svd"]["max_frames"]) == (4, 8)
+    assert by_id["tiny-audioldm2"]["media"] == "audio" and by_id["tiny-audioldm2"]["max_duration_s"] == 4.0
     assert nodes["runners"] and nodes["runners"][0]["capabilities"]["device"] == "cpu"
 
 

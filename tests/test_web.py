@@ -271,3 +271,59 @@ def test_a_token_is_asked_for_kept_and_sent_only_in_headers(browser, atelier_hom
     calls = [(url, header) for url, header in sent if "/v1/" in url]
     assert any("/events" in url for url, _ in calls) and any("/v1/artifacts/" in url for url, _ in calls)
     assert all(header == f"Bearer {TOKEN}" for url, header in calls if "/v1/artifacts/" in url or "/events" in url)
+
+
+def test_each_model_gets_its_own_fields_and_its_output_plays(page, atelier, tmp_path):
+    from PIL import Image
+
+    page.goto(atelier.http + "/")
+    expect(page.get_by_label("Model")).to_have_value("tiny-sd")
+    page.get_by_text("Parameters").click()
+    expect(page.get_by_label("Frames")).to_be_hidden()
+    expect(page.get_by_label("Seconds")).to_be_hidden()
+
+    # A sound: its length instead of a size; it plays in the page and in the viewer.
+    page.get_by_label("Model").select_option("tiny-audioldm2")
+    expect(page.get_by_label("Seconds")).to_have_value("1")
+    expect(page.get_by_label("Width")).to_be_hidden()
+    page.get_by_label("Prompt", exact=True).fill("rain on a tin roof")
+    page.get_by_label("Seconds").fill("0.5")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text("Done", timeout=JOB_MS)
+    expect(page.locator("#audio")).to_be_visible()
+    expect(page.locator("#audio")).to_have_attribute("src", re.compile(r"^blob:"))
+    duration = page.locator("#audio").evaluate(
+        "a => a.readyState >= 1 ? a.duration"
+        " : new Promise(r => a.addEventListener('loadedmetadata', () => r(a.duration)))")
+    assert abs(duration - 0.5) < 0.05
+    page.locator("#gallery .tile").filter(has_text="rain on a tin roof").click()
+    expect(page.locator("#viewer-audio")).to_be_visible()
+    expect(page.locator("#viewer-img")).to_be_hidden()
+    page.get_by_role("button", name="Close").click()
+
+    # A video: frames and rate; the MP4 plays where the image was.
+    page.get_by_label("Model").select_option("tiny-animatediff")
+    expect(page.get_by_label("Frames")).to_have_value("4")
+    page.get_by_label("Prompt", exact=True).fill("a spinning top")
+    set_parameters(page, frames=3, steps=2)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text("Done", timeout=JOB_MS)
+    expect(page.locator("#video")).to_be_visible()
+    expect(page.locator("#preview")).to_be_hidden()
+    expect(page.locator("#gallery .tile video").first).to_have_attribute("src", re.compile(r"^blob:"))
+
+    # From an image: the upscaler needs one, and the result is four times the input.
+    page.get_by_label("Model").select_option("tiny-sd-upscaler")
+    expect(page.get_by_label("Image", exact=False).first).to_be_visible()
+    expect(page.locator("#image-hint")).to_have_text("(upscale: needed)")
+    source = tmp_path / "small.png"
+    Image.new("RGB", (24, 16), (30, 90, 200)).save(source)
+    page.locator("#image").set_input_files(str(source))
+    expect(page.get_by_label("Width")).to_be_hidden()  # the image's own size
+    page.get_by_label("Prompt", exact=True).fill("sharper")
+    set_parameters(page, steps=2)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text("Done", timeout=JOB_MS)
+    expect(page.locator("#video")).to_be_hidden()
+    expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^blob:"))
+    assert natural_size(page.locator("#preview")) == [96, 64]

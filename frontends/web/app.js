@@ -27,6 +27,9 @@ let stageId = null;       // the job the big image and progress bar show
 const terminal = (job) => TERMINAL.has(job.state);
 const superseded = (job) => job.state === 'cancelled' && /superseded/.test(job.reason || '');
 const isLive = (job) => job.spec.priority === 'live';
+// How an output is shown: MP4 in a <video>, a sound in an <audio>; images, GIF and WebP in an <img>.
+const playerOf = (job) => job.spec.output_format === 'mp4' ? 'video'
+  : ['wav', 'flac'].includes(job.spec.output_format) ? 'audio' : 'img';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // -- the API, with the token ----------------------------------------------- //
@@ -220,8 +223,16 @@ function renderStage() {
     image(job.urls[0]).then((src) => { job.final = src; if (job.id === stageId) renderStage(); }, () => {});
   }
   const img = $('#preview');
-  const src = job.final || job.preview;
-  if (src && src !== shown) {
+  const player = playerOf(job);
+  // A video or a sound plays in its own element; the image keeps the last preview (a sound's loudness).
+  const src = (player === 'img' && job.final) || job.preview;
+  for (const [kind, element] of [['video', $('#video')], ['audio', $('#audio')]]) {
+    const mine = kind === player && job.final;
+    if (mine && element.dataset.job !== job.id) Object.assign(element, { src: job.final }).dataset.job = job.id;
+    element.hidden = !mine;
+  }
+  if (player === 'video' && job.final) img.hidden = true;
+  else if (src && src !== shown) {
     shown = src;
     img.src = src;
     img.dataset.job = job.id;
@@ -298,24 +309,37 @@ function addToGallery(job) {
     Object.assign(tile.dataset, { job: job.id, t: job.submitted_at, prompt: job.spec.prompt });
     if (isLive(job) && job.spec.session) tile.dataset.session = job.spec.session;
     tile.title = job.spec.prompt;
-    const img = document.createElement('img');
-    img.alt = job.spec.prompt;
-    img.dataset.src = url;
-    tile.append(img);
+    // A video plays in its tile, muted; a sound shows its name (its player is in the viewer).
+    const player = playerOf(job);
+    const media = document.createElement(player === 'video' ? 'video' : player === 'audio' ? 'span' : 'img');
+    if (player === 'audio') {
+      media.className = 'sound';
+      media.textContent = `♪ ${job.spec.prompt}`;
+    } else {
+      Object.assign(media, player === 'video' ? { muted: true, loop: true, autoplay: true, playsInline: true }
+                                              : { alt: job.spec.prompt });
+      media.dataset.src = url;
+      lazy.observe(media);
+    }
+    tile.append(media);
     tile.addEventListener('click', () => openViewer(job, index));
     insertByTime(gallery, tile);
-    lazy.observe(img);
   });
 }
 
 async function openViewer(job, index) {
   const src = await image(job.urls[index]).catch(() => null);
   if (!src) return;
-  $('#viewer-img').src = src;
+  const player = playerOf(job);
+  for (const [kind, element] of [['img', $('#viewer-img')], ['video', $('#viewer-video')],
+                                 ['audio', $('#viewer-audio')]]) {
+    element.hidden = kind !== player;
+    if (kind === player) element.src = src; else element.removeAttribute('src');
+  }
   $('#viewer-img').alt = job.spec.prompt;
   $('#viewer-caption').textContent = `${job.spec.prompt} · seed ${job.spec.seed + index}`;
   $('#viewer-download').href = src;
-  $('#viewer-download').download = `${job.id}-${index}.png`;
+  $('#viewer-download').download = job.urls[index].split('/').pop();
   $('#viewer').showModal();
 }
 
@@ -328,14 +352,65 @@ function showError(error) {
 
 // -- the form ---------------------------------------------------------------- //
 
-function specFromForm() {
-  const spec = { model: field('model').value, prompt: field('prompt').value };
-  for (const name of ['width', 'height', 'steps', 'count', 'seed']) {
-    if (field(name).value !== '') spec[name] = Number.parseInt(field(name).value, 10);
+// What the model does from a prompt alone, or from an image: the same preference as the CLI's and
+// Discord's (an image, else a video, else a sound; an edit, else an upscale, else a video).
+function defaultKind(model, fromImage) {
+  const preferred = fromImage ? ['img2img', 'upscale', 'img2vid'] : ['txt2img', 'txt2vid', 'txt2audio'];
+  return preferred.find((kind) => model.kinds.includes(kind)) || null;
+}
+
+const readAsDataURL = (file) => new Promise((resolve, reject) => {
+  const reader = new FileReader();
+  reader.onload = () => resolve(reader.result);
+  reader.onerror = () => reject(reader.error);
+  reader.readAsDataURL(file);
+});
+
+// "name:0.8, other" -> {name: 0.8, other: 1}
+function parseLoras(text) {
+  const loras = {};
+  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+    const [name, scale] = part.split(':').map((p) => p.trim());
+    loras[name] = scale === undefined || scale === '' ? 1 : Number(scale);
   }
-  if (field('guidance').value !== '') spec.guidance = Number.parseFloat(field('guidance').value);
+  return loras;
+}
+
+async function specFromForm() {
+  const model = models.get(field('model').value);
+  const file = field('image').files[0];
+  const spec = { model: field('model').value, prompt: field('prompt').value };
+  if (model) spec.kind = defaultKind(model, !!file) || undefined;
+  // A job from an image keeps the image's size: width and height are left to it.
+  const names = ['steps', 'count', 'seed', 'frames', 'fps', ...(file ? [] : ['width', 'height'])];
+  for (const name of names) {
+    if (!field(name).closest('[hidden]') && field(name).value !== '') spec[name] = Number.parseInt(field(name).value, 10);
+  }
+  for (const name of ['guidance', 'strength', 'duration_s']) {
+    if (!field(name).closest('[hidden]') && field(name).value !== '') spec[name] = Number.parseFloat(field(name).value);
+  }
   if (field('negative_prompt').value.trim()) spec.negative_prompt = field('negative_prompt').value;
+  if (!field('loras').hidden && field('loras').value.trim()) spec.loras = parseLoras(field('loras').value);
+  if (file) spec.image = await readAsDataURL(file);
   return spec;
+}
+
+// Shows the fields the chosen model uses: an image to start from, a video's frames, a sound's length, LoRAs.
+function fitForm() {
+  const model = models.get(field('model').value);
+  if (!model) return;
+  const takesImage = !!defaultKind(model, true);
+  const needsImage = !defaultKind(model, false);
+  const file = field('image').files[0];
+  const visible = {
+    'image-input': takesImage, strength: model.kinds.includes('img2img') && !!file,
+    video: model.media === 'video', audio: model.media === 'audio', sized: model.media !== 'audio' && !file,
+    loras: model.loras.length > 0,
+  };
+  for (const element of document.querySelectorAll('[data-for]')) element.hidden = !visible[element.dataset.for];
+  field('image').required = needsImage;
+  $('#image-hint').textContent = needsImage ? `(${defaultKind(model, true)}: needed)` : '(optional: start from it)';
+  $('#loras-hint').textContent = model.loras.length ? `(${model.loras.join(', ')})` : '';
 }
 
 async function submit(spec) {
@@ -362,6 +437,12 @@ function applyDefaults() {
   Object.assign(field('height'), { value: model.default_height, max: model.max_height });
   field('steps').value = model.default_steps;
   field('guidance').placeholder = `${model.default_guidance}`;
+  Object.assign(field('count'), { max: model.max_count });
+  Object.assign(field('frames'), { value: model.default_frames ?? '', max: model.max_frames ?? '' });
+  field('fps').value = model.default_fps ?? '';
+  Object.assign(field('duration_s'), { value: model.default_duration_s ?? '', max: model.max_duration_s ?? '' });
+  if (!defaultKind(model, true)) field('image').value = '';
+  fitForm();
 }
 
 async function loadModels() {
@@ -392,7 +473,7 @@ async function restore() {
 form.addEventListener('submit', async (event) => {
   event.preventDefault();
   try {
-    const job = await submit(specFromForm());
+    const job = await submit(await specFromForm());
     show(job);
     stage(job);
     follow(job);
@@ -403,6 +484,7 @@ form.addEventListener('submit', async (event) => {
 
 $('#cancel').addEventListener('click', () => { const job = jobs.get(stageId); if (job) cancel(job); });
 field('model').addEventListener('change', applyDefaults);
+field('image').addEventListener('change', fitForm);
 
 // -- live mode ---------------------------------------------------------------- //
 // Each change submits the whole form as a live job of this tab's session; the scheduler replaces
@@ -421,11 +503,11 @@ function liveChanged(event) {
 async function submitLive() {
   if (!$('#live').checked) return;
   if (liveBusy) { liveAgain = true; return; }
-  const spec = { seed: liveSeed, ...specFromForm(), priority: 'live', session };
-  const key = JSON.stringify(spec);
-  if (!spec.prompt.trim() || key === liveSent) return;
   liveBusy = true;
   try {
+    const spec = { seed: liveSeed, ...await specFromForm(), priority: 'live', session };
+    const key = JSON.stringify(spec);
+    if (!spec.prompt.trim() || key === liveSent) return;
     const job = await submit(spec);
     liveSent = key;
     if (liveJob && liveJob !== job) liveJob.abort.abort();  // superseded: its stream has nothing left to say
