@@ -76,6 +76,21 @@ def test_generate_images_steps_and_preview(loaded: tuple[Any, Any]) -> None:
     assert encode_jpeg(rgb).startswith(b"\xff\xd8")
 
 
+def test_one_step_without_guidance_as_turbo_models_run_for_live_use(loaded: tuple[Any, Any]) -> None:
+    # SD-Turbo and SDXL-Turbo are sd1 and sdxl checkpoints run at 1 step and guidance 0 (their catalog
+    # defaults); every image family must take that, not only the turbo ones.
+    family, pipe = loaded
+    seen: list[int] = []
+    request = GenerateRequest.single(prompt="a red cube", negative_prompt=None, width=64, height=64, steps=1,
+                                     guidance=0.0, seed=3, count=1)
+    if family.name == "pixart-alpha":  # its pipeline steps once only with a consistency scheduler: says so
+        with pytest.raises(ValueError, match="runs a single step only with a consistency-style scheduler"):
+            family.generate(pipe, request, lambda i, n, lat: seen.append(n))
+        return
+    (image,) = family.generate(pipe, request, lambda i, n, lat: seen.append(n))
+    assert image.size == (64, 64) and seen == [1]
+
+
 def test_same_seed_same_pixels(loaded: tuple[Any, Any]) -> None:
     family, pipe = loaded
     first = [np.asarray(im) for im in family.generate(pipe, _request(seed=7), _ignore_steps)]
