@@ -29,6 +29,9 @@ def quiet_model_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # torchao, imported by transformers wherever it is installed, warns at import that its CUDA kernels
+    # do not load on a CPU host: true, and nothing to act on.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
