@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -202,13 +203,14 @@ class Loader(Actor):
         # One thread for whatever may import torch or diffusers: their lazy imports are not
         # thread-safe. Copying bytes (below) needs neither and runs beside it.
         path = await asyncio.get_running_loop().run_in_executor(
-            self._importer, sources.resolve, model, entry, self.config.model_cache)
+            self._importer, functools.partial(sources.resolve, downloads=self.config.node.downloads), model,
+            entry, self.config.model_cache)
         if path is None:
             return Staged(model=model, path="", bytes=0)  # a family with no weights
         if staging.SHM_ROOT is None or not self.config.node.staging:
             return Staged(model=model, path=str(path), bytes=0)  # runners read it from disk
         try:
-            files = await asyncio.to_thread(staging.plan, path)
+            files = await asyncio.to_thread(staging.plan, path, entry.variant)
         except staging.StagingError as exc:
             log.warning("not staging %s, runners will read it from disk: %s", model, exc)
             return Staged(model=model, path=str(path), bytes=0)
@@ -218,7 +220,7 @@ class Loader(Actor):
             Path(evicted.segment or "").unlink(missing_ok=True)
         segment = staging.SHM_ROOT / (self._prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", model))
         started = time.monotonic()
-        table = await asyncio.to_thread(staging.stage, path, segment)
+        table = await asyncio.to_thread(staging.stage, path, segment, entry.variant)
         staged = Staged(model=model, path=str(path), bytes=staging.segment_bytes(table), segment=str(segment),
                         files=table)
         self.held.add(staged, time.monotonic())

@@ -155,6 +155,11 @@ class JobSpec(Wire):
     output_format: OutputFormat | None = None  # default: png, mp4 or wav, by what the model makes
     # LoRAs of the model's catalog entry to apply, with their scales (switching them reloads nothing).
     loras: dict[Name, Annotated[float, Field(ge=-4, le=4)]] = Field(default_factory=dict, max_length=8)
+    # ControlNet of the model's catalog entry that reads the job's control_image, and how strongly
+    # (default 1; 0 ignores it). IP-Adapter: how strongly the ip_adapter_image steers (default 1).
+    controlnet: Name | None = None
+    controlnet_scale: float | None = Field(default=None, ge=0, le=2)
+    ip_adapter_scale: float | None = Field(default=None, ge=0, le=2)
     # Preview images every step, on the job's events: off saves the work for a caller who does not look.
     previews: bool = True
     # Which JobInputs the submit carried: set by the scheduler from the inputs themselves.

@@ -3,8 +3,8 @@
 The scheduler sends a batch: jobs that share one pipeline call. Pipelines run in one worker
 thread so the event loop stays free to heartbeat, publish progress and hear a cancel. Every
 step publishes, for each job of the batch, ``Progress`` and a ``Preview`` (a linear
-latent-to-RGB projection of its first image, JPEG, at most 256 px). Any exception inside a
-batch fails its jobs with the reason; the runner goes on.
+latent-to-RGB projection of its first image, or its model's ``preview_decoder``'s picture; JPEG,
+at most 256 px). Any exception inside a batch fails its jobs with the reason; the runner goes on.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import io
 import itertools
@@ -54,14 +55,15 @@ from actors.messages import (
 )
 from atelier import media, sources, staging
 from atelier.config import Config, load_config
-from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family, loras
-from atelier.preview import encode_jpeg
+from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, accel, get_family, loras, vae
+from atelier.preview import encode_jpeg, use_one_cpu_thread
 
 log = logging.getLogger("atelier.runner")
 
 STAGE_TIMEOUT_S = 600.0  # generating or reading a big checkpoint takes a while
 STAGE_POLL_S = 5.0
 PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is motion no one sees
+PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 
 
@@ -189,9 +191,10 @@ class Runner(Actor):
                 # wake-ups, which is most of a short job's cost. Decoding the input images and
                 # encoding the outputs are CPU work too: here, off the event loop.
                 family = get_family(entry.family)
-                reporter = self._step_reporter(batch, family, timing)
+                reporter = self._step_reporter(batch, vae.previewer(pipe, family), timing)
                 request = batch_request(batch.items)
                 loras.use_loras(pipe, request.loras, entry.loras)
+                accel.before_call(pipe)  # a cache starts each call afresh
                 items = family.generate(pipe, request, reporter)
                 outputs, start = [], 0
                 for spec in specs:
@@ -255,6 +258,7 @@ class Runner(Actor):
     def _step_reporter(self, batch: ActiveBatch, family, timing: RunTiming):
         """The per-step callback; it runs in the worker thread, between denoising steps."""
         started = time.monotonic()
+        self.previews.drop_others({spec.id for spec in batch.specs})  # an ended job's preview is of no use
         # Where each job's first image sits in the batch: its preview is of that one.
         first_image = [0, *itertools.accumulate(spec.count for spec in batch.specs)][:-1]
         last_preview = -PREVIEW_INTERVAL_S
@@ -294,11 +298,16 @@ class Runner(Actor):
         def load() -> Any:
             family = get_family(entry.family)  # the first call imports torch: keep it off the loop
             started = time.monotonic()
-            weights, pinned = self._map_staged(staged)
+            # With offload the model stays on the CPU (accel hands the GPU its parts as they run).
+            device = accel.load_device(entry, self.device)
+            weights, pinned = self._map_staged(staged, device)
             try:
-                pipe = family.load(path, device=self.device, dtype_name=dtype, options=entry.options,
-                                   weights=weights, config=sources.config_folder(entry))
+                pipe = family.load(path, device=device, dtype_name=dtype, options=entry.options,
+                                   weights=weights, config=sources.config_folder(entry), variant=entry.variant)
+                vae.load_vaes(pipe, entry)  # the catalog's VAE override and preview decoder, read from disk
                 loras.load_loras(pipe, entry.loras)
+                family.load_conditioning(pipe, entry.controlnets, entry.ip_adapter, entry.ip_adapter_encoder)
+                accel.apply(pipe, entry, self.device)  # quantize, cache, offload, compile: once all is there
             finally:
                 if pinned is not None:
                     staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
@@ -310,13 +319,15 @@ class Runner(Actor):
 
         # Room first, by the staged size (the loaded size is close to it): two models that
         # cannot share the device must never be on it at once.
-        self._make_room(model, staged.bytes, keep_slot=True)
+        # An offloaded model's whole size is in RAM, not on the device: its share is known once loaded.
+        self._make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True)
         try:
             pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
         finally:
             if staged.segment:
                 await self.send(loader_name(self.node), Release(model=model))
-        self.pipelines[model] = ResidentModel(pipe, module_bytes(pipe))
+        on_device = accel.offloaded_bytes(pipe, entry.offload) if entry.offload else module_bytes(pipe)
+        self.pipelines[model] = ResidentModel(pipe, on_device)
         self._make_room(model, 0, keep_slot=False)
         return pipe
 
@@ -343,11 +354,12 @@ class Runner(Actor):
             log.info("%s: evicted %s to make room for %s", self.name, name, model)
             self._free_memory()
 
-    def _map_staged(self, staged: Staged) -> tuple[dict | None, Any]:
-        """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk."""
+    def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
+        """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk.
+        A model kept on the CPU (offload) gets a private copy-on-write mapping: its weights live there."""
         if not staged.segment:
             return None, None
-        cuda = self.device.startswith("cuda")
+        cuda = device.startswith("cuda")
         try:
             mapping = staging.map_segment(Path(staged.segment), shared=cuda)
         except FileNotFoundError:
@@ -382,7 +394,8 @@ class Runner(Actor):
             entry = self.config.models[model]
             # On the worker: it is the one thread here that may import diffusers (lazily, not thread-safe).
             path = await asyncio.get_running_loop().run_in_executor(
-                self._worker, sources.resolve, model, entry, self.config.model_cache)
+                self._worker, functools.partial(sources.resolve, downloads=self.config.node.downloads), model,
+                entry, self.config.model_cache)
             return Staged(model=model, path=str(path) if path else "", bytes=0)
 
     def _explain(self, exc: Exception) -> tuple[str, bool]:
@@ -415,9 +428,10 @@ class Runner(Actor):
 class PreviewMaker:
     """Makes preview images on a thread of its own, so that denoising never waits for one.
 
-    The step callback hands over a copy of an image's latents; this thread projects it to RGB,
-    encodes the JPEG and publishes it. A job keeps only its newest pending latents: when the
-    denoising runs faster than previews can be made, the stale ones are skipped, not queued.
+    The step callback hands over a copy of an image's latents; this thread projects it to RGB (or
+    decodes it with the model's preview decoder), encodes the JPEG and publishes it. A job keeps only
+    its newest pending latents: when the denoising runs faster than previews can be made, the stale
+    ones are skipped, not queued.
     """
 
     def __init__(self, publish: Any):
@@ -432,12 +446,19 @@ class PreviewMaker:
             self._pending[job_id] = (step, family, latents)
             self._wake.notify()
 
+    def drop_others(self, job_ids: set[str]) -> None:
+        """Forgets the pending previews of any other jobs (a slow decoder may be behind jobs that ended)."""
+        with self._wake:
+            self._pending = {job: work for job, work in self._pending.items() if job in job_ids}
+
     def _run(self) -> None:
         while True:
             with self._wake:
                 while not self._pending:
                     self._wake.wait()
                 work, self._pending = self._pending, {}
+            use_one_cpu_thread()  # its torch work on one core: the denoiser keeps its own threads
+            spent = time.thread_time()
             for job_id, (step, family, latents) in work.items():
                 try:
                     rgb = family.preview(latents[None], 0)
@@ -445,35 +466,48 @@ class PreviewMaker:
                                          image=encode_jpeg(rgb)))
                 except Exception:  # a preview is a nicety: its failure must not reach the job
                     log.exception("preview of %s at step %d failed", job_id, step)
+            # The interval between a job's previews keeps cheap ones within their share of a core; after a
+            # costly one (a TAESD on a CPU) the thread rests in proportion, newer latents replacing pending ones.
+            spent = time.thread_time() - spent
+            if spent > PREVIEW_CPU_SHARE * PREVIEW_INTERVAL_S:
+                time.sleep(spent * (1 / PREVIEW_CPU_SHARE - 1))
 
 
 def batch_request(items: list[BatchItem]) -> GenerateRequest:
     """One pipeline call for a batch: every image in job order, each with its own prompt and seed,
-    and, for a job that starts from an image, that image (and mask) at the job's size."""
+    and, for a job that starts from an image, that image (and mask, and control image) at the job's size."""
     specs = [item.job for item in items]
     first = specs[0]
-    images, masks = [], []
+    decoded: dict[str, list[Any]] = {name: [] for name in _INPUT_MODES}
     for item in items:
-        inputs = item.inputs
-        image = _decode(inputs.image, item.job, "RGB") if inputs is not None and inputs.image else None
-        mask = _decode(inputs.mask, item.job, "L") if inputs is not None and inputs.mask else None
-        images += [image] * item.job.count if image is not None else []
-        masks += [mask] * item.job.count if mask is not None else []
+        for name, mode in _INPUT_MODES.items():
+            data = getattr(item.inputs, name) if item.inputs is not None else None
+            if data:  # one decoded image, the same object for each of the job's outputs
+                # An IP-Adapter's image is a prompt, not a canvas: its encoder crops and sizes it itself.
+                decoded[name] += [_decode(data, item.job, mode, resize=name != "ip_adapter_image")] * item.job.count
     return GenerateRequest(
         prompts=tuple(spec.prompt for spec in specs for _ in range(spec.count)),
         negative_prompts=tuple(spec.negative_prompt for spec in specs for _ in range(spec.count)),
         seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
         width=first.width, height=first.height, steps=first.steps, guidance=first.guidance, kind=first.kind.value,
-        images=tuple(images), masks=tuple(masks), strength=first.strength, frames=first.frames, fps=first.fps,
-        duration_s=first.duration_s, loras=tuple(first.loras.items()))
+        images=tuple(decoded["image"]), masks=tuple(decoded["mask"]), strength=first.strength, frames=first.frames,
+        fps=first.fps, duration_s=first.duration_s, loras=tuple(first.loras.items()),
+        controlnet=first.controlnet, control_images=tuple(decoded["control_image"]),
+        controlnet_scale=1.0 if first.controlnet_scale is None else first.controlnet_scale,
+        ip_adapter_images=tuple(decoded["ip_adapter_image"]),
+        ip_adapter_scale=1.0 if first.ip_adapter_scale is None else first.ip_adapter_scale)
 
 
-def _decode(data: Any, spec: JobSpec, mode: str) -> Any:
+# A job's input images (JobInputs' fields) and the PIL mode each is decoded to.
+_INPUT_MODES = {"image": "RGB", "mask": "L", "control_image": "RGB", "ip_adapter_image": "RGB"}
+
+
+def _decode(data: Any, spec: JobSpec, mode: str, *, resize: bool = True) -> Any:
     from PIL import Image
 
     with Image.open(io.BytesIO(bytes(data))) as image:
         image = image.convert(mode)
-    if image.size != (spec.width, spec.height):
+    if resize and image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
     return image
 
@@ -486,7 +520,7 @@ def module_bytes(pipe: Any) -> int:
     total = 0
     for component in getattr(pipe, "components", {}).values():
         for tensor in [*getattr(component, "parameters", list)(), *getattr(component, "buffers", list)()]:
-            total += tensor.numel() * tensor.element_size()
+            total += accel.tensor_bytes(tensor)  # a quantized tensor by what it holds
     return total
 
 

@@ -61,6 +61,26 @@ class ModelEntry(Strict):
     max_batch: int | None = Field(default=None, ge=1, le=1024)
     # LoRAs a job may apply (JobSpec.loras), by name: a .safetensors file or a folder holding one.
     loras: dict[str, str] = Field(default_factory=dict)
+    # Speed and memory, for any diffusers family (atelier/families/accel.py; README "Model families").
+    quantize: Literal["int8", "int8-dynamic", "fp8", "int4"] | None = None  # the denoiser's weights (torchao)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
+    offload: Literal["model", "sequential"] | None = None  # weights in RAM, on the GPU only while they run
+    cache: Literal["first_block", "taylorseer", "deepcache"] | None = None  # reuse work between steps
+    cache_threshold: float | None = Field(default=None, gt=0, le=10)  # first_block: change that still skips
+    cache_interval: int | None = Field(default=None, ge=1, le=100)  # taylorseer, deepcache: steps per full one
+    # ControlNets a job may choose (JobSpec.controlnet), by name: diffusers ControlNetModel folders.
+    controlnets: dict[str, str] = Field(default_factory=dict)
+    # An IP-Adapter (a .safetensors file as h94/IP-Adapter ships them) for jobs with an ip_adapter_image,
+    # and the CLIP image encoder folder it reads (default: the image_encoder folder beside the file).
+    ip_adapter: str | None = None
+    ip_adapter_encoder: str | None = None
+    # The folder's weight files of this variant (from_pretrained's variant=): "fp16" reads
+    # diffusion_pytorch_model.fp16.safetensors where a component has one, in staging too.
+    variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    # An AutoencoderKL folder that replaces the pipeline's VAE (e.g. sdxl-vae-fp16-fix).
+    vae: str | None = None
+    # An AutoencoderTiny folder (TAESD) that decodes the step previews in place of the linear projection.
+    preview_decoder: str | None = None
 
     @field_validator("family")
     @classmethod
@@ -68,6 +88,13 @@ class ModelEntry(Strict):
         if value not in FAMILY_LIMITS:
             raise ValueError(f"unknown family {value!r}; known: {', '.join(sorted(FAMILY_LIMITS))}")
         return value
+
+    @model_validator(mode="after")
+    def _accel_settings(self) -> "ModelEntry":
+        from atelier.families import accel  # torch-free
+
+        accel.check(self)  # which of quantize, compile, offload and cache go together
+        return self
 
     @property
     def limits(self) -> FamilyLimits:
@@ -163,6 +190,9 @@ class NodeConfig(Strict):
     resident_models: int = Field(default=2, ge=0)
     # Stage weights in shared memory (the loader); off, every runner reads the disk itself.
     staging: bool = True
+    # Fetch a hub id source ("org/name") that the Hugging Face cache lacks. Off, a hub id must be
+    # in the cache already (huggingface-cli download); nothing is downloaded behind anyone's back.
+    downloads: bool = False
     # Bytes of weights a runner may keep on its device (default: 90% of a GPU, a quarter of the RAM).
     device_budget_bytes: int | None = Field(default=None, ge=0)
     # Bytes of shared memory the loader may hold staged weights in (default: half the RAM).

@@ -2,7 +2,8 @@
 
 Built-in tiny models are generated on first use; a folder is taken as it is; a
 single ``.safetensors`` checkpoint in the original (LDM) layout is taken with the
-folder of configs its entry names. Every other source fails with a reason a
+folder of configs its entry names; a hub id is a snapshot in the Hugging Face cache
+(see ``atelier.hub``). Every other source fails with a reason a
 person can act on: nothing here downloads behind anyone's back.
 """
 
@@ -12,6 +13,7 @@ import json
 import struct
 from pathlib import Path
 
+from atelier import hub, staging
 from atelier.config import ModelEntry
 from atelier.tiny_models import BUILTIN, ensure_builtin
 
@@ -34,16 +36,19 @@ class ModelSourceError(Exception):
     """The catalog names weights that are not there (or not usable) on this host."""
 
 
-def resolve(name: str, entry: ModelEntry, cache_dir: Path) -> Path | None:
-    """The local folder or single file holding ``name``'s weights, or None for a family that needs none."""
+def resolve(name: str, entry: ModelEntry, cache_dir: Path, *, downloads: bool = False) -> Path | None:
+    """The local folder or single file holding ``name``'s weights, or None for a family that needs none.
+    ``downloads``: a hub id missing from the Hugging Face cache may be fetched (the node's setting)."""
     if entry.family == "noop":
         return None
-    path = _locate(name, entry, cache_dir)
+    path = _locate(name, entry, cache_dir, downloads)
     if path.is_file():
         _check_single_file(name, entry, path)
     elif entry.config is not None:
         raise ModelSourceError(f"model {name}: `config` is only for a single-file source; "
                                f"the diffusers folder {path} has its own configs")
+    if entry.variant is not None:
+        _check_variant(name, entry.variant, path)
     return path
 
 
@@ -52,7 +57,7 @@ def config_folder(entry: ModelEntry) -> Path | None:
     return Path(entry.config).expanduser() if entry.config is not None else None
 
 
-def _locate(name: str, entry: ModelEntry, cache_dir: Path) -> Path:
+def _locate(name: str, entry: ModelEntry, cache_dir: Path, downloads: bool) -> Path:
     source = entry.source
     if source.startswith(BUILTIN_PREFIX):
         builtin = source[len(BUILTIN_PREFIX):]
@@ -66,6 +71,11 @@ def _locate(name: str, entry: ModelEntry, cache_dir: Path) -> Path:
         return path
     if path.is_file():
         return path
+    if hub.is_hub_id(source):
+        try:
+            return hub.snapshot(source, downloads=downloads)
+        except hub.HubError as exc:
+            raise ModelSourceError(f"model {name}: {exc}") from None
     raise ModelSourceError(f"model {name}: {source} does not exist on this host")
 
 
@@ -96,6 +106,16 @@ def _check_single_file(name: str, entry: ModelEntry, path: Path) -> None:
         hint = f"; it looks like a {others[0]} checkpoint (family = {others[0]!r})" if others else ""
         raise ModelSourceError(f"model {name}: {path.name} is not a {entry.family} checkpoint in the original "
                                f"(LDM) layout: it has no weights for the {', '.join(missing)}{hint}")
+
+
+def _check_variant(name: str, variant: str, path: Path) -> None:
+    """Refuses a variant the folder has no files of, as from_pretrained would, but naming the model."""
+    if path.is_file():
+        raise ModelSourceError(f"model {name}: `variant` picks among a diffusers folder's weight files; "
+                               f"{path.name} is a single file")
+    if not staging.variant_components(path, variant):
+        raise ModelSourceError(f"model {name}: {path} has no weight files of the variant {variant!r} (such as "
+                               f"unet/diffusion_pytorch_model.{variant}.safetensors); remove `variant` or fix it")
 
 
 def _has(keys: list[str], prefixes: tuple[str, ...]) -> bool:

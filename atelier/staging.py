@@ -25,6 +25,7 @@ import inspect
 import json
 import mmap
 import os
+import re
 import struct
 import sys
 import time
@@ -59,21 +60,36 @@ def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
         return [(CHECKPOINT, folder)]
     if (folder / STAND_IN).is_file():
         return [("stand_in", folder / STAND_IN)]
-    index = _model_index(folder)
+    components = variant_components(folder, variant)
+    if variant is not None and not components:
+        raise StagingError(f"{folder} has no weight files of the variant {variant!r} "
+                           f"(such as unet/diffusion_pytorch_model.{variant}.safetensors)")
     files = []
-    for component, value in index.items():
+    for component, value in _model_index(folder).items():
         if component.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
         sub = folder / component
         if not sub.is_dir():
             continue
-        chosen = [p for p in sorted(sub.glob("*.safetensors")) if _variant_of(p) == variant]
+        # As from_pretrained: a component with files of the variant loads those, any other its plain files.
+        wanted = variant if component in components else None
+        chosen = [p for p in sorted(sub.glob("*.safetensors")) if _variant_of(p) == wanted]
         if not chosen and any(sub.glob("*.bin")):
             raise StagingError(f"{sub} has only .bin (pickle) weights; convert them to safetensors to stage them")
         files += [(component, p) for p in chosen]
     if not files:
         raise StagingError(f"{folder} has no safetensors weights to stage")
     return files
+
+
+def variant_components(folder: Path, variant: str | None) -> set[str]:
+    """The components of a diffusers folder that from_pretrained(variant=...) reads variant files of:
+    those with a file named ``<name>.<variant>…`` (diffusers' own test, _identify_model_variants)."""
+    if variant is None:
+        return set()
+    listed = _model_index(folder)
+    return {sub.name for sub in folder.iterdir() if sub.is_dir() and sub.name in listed
+            and any(len(parts := f.name.split(".")) > 1 and parts[1].startswith(variant) for f in sub.iterdir())}
 
 
 def stage(folder: Path, segment: Path, variant: str | None = None) -> list[StagedFile]:
@@ -337,9 +353,10 @@ def _model_index(folder: Path) -> dict[str, Any]:
 
 
 def _variant_of(path: Path) -> str | None:
-    # diffusion_pytorch_model.fp16.safetensors -> "fp16"; shards ("-00001-of-00002") are not variants
+    # diffusion_pytorch_model.fp16.safetensors -> "fp16"; a shard's number is no part of its variant
+    # (diffusion_pytorch_model.fp16-00001-of-00002.safetensors -> "fp16", model-00001-of-00002 -> None)
     parts = path.name[: -len(".safetensors")].split(".")
-    return parts[1] if len(parts) > 1 else None
+    return re.sub(r"-\d+-of-\d+$", "", parts[1]) if len(parts) > 1 else None
 
 
 def _aligned(offset: int) -> int:

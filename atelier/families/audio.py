@@ -38,6 +38,7 @@ class _AudioFamily(Family):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
@@ -51,7 +52,7 @@ class _AudioFamily(Family):
             pipe = staging.build_pipeline(path, weights, dtype=dtype)
         else:
             # local_files_only: a path that is not a local folder must fail, never start a download.
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
         self._prepare(pipe)
         if device != "cpu":
             upload(pipe, device)

@@ -79,12 +79,22 @@ class GenerateRequest:
     fps: int | None = None  # video
     duration_s: float | None = None  # audio
     loras: tuple[tuple[str, float], ...] = ()  # (catalog name, scale) of the LoRAs to apply
+    # ControlNet (catalog name) and its condition per image, at width x height; and its strength.
+    controlnet: str | None = None
+    control_images: tuple[PIL.Image.Image, ...] = ()
+    controlnet_scale: float = 1.0
+    # IP-Adapter: an image prompt per image (jobs of a batch may bring different ones), and its strength.
+    ip_adapter_images: tuple[PIL.Image.Image, ...] = ()
+    ip_adapter_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not (len(self.prompts) == len(self.negative_prompts) == len(self.seeds) >= 1):
             raise ValueError("a request needs one prompt, negative prompt and seed per image")
-        if self.images and len(self.images) != len(self.seeds) or self.masks and len(self.masks) != len(self.seeds):
+        if any(inputs and len(inputs) != len(self.seeds)
+               for inputs in (self.images, self.masks, self.control_images, self.ip_adapter_images)):
             raise ValueError("input images and masks go one per output image")
+        if bool(self.controlnet) != bool(self.control_images):
+            raise ValueError("a ControlNet and control images go together")
 
     @property
     def count(self) -> int:
@@ -93,10 +103,11 @@ class GenerateRequest:
     @classmethod
     def single(cls, *, prompt: str, negative_prompt: str | None, width: int, height: int, steps: int,
                guidance: float, seed: int, count: int = 1, image: Any = None, mask: Any = None,
-               **rest: Any) -> "GenerateRequest":
+               control_image: Any = None, ip_adapter_image: Any = None, **rest: Any) -> "GenerateRequest":
         """The request of one job: ``count`` images of one prompt, seeds ``seed`` … ``seed + count - 1``."""
-        inputs = {"images": (image,) * count if image is not None else (),
-                  "masks": (mask,) * count if mask is not None else ()}
+        given = {"images": image, "masks": mask, "control_images": control_image,
+                 "ip_adapter_images": ip_adapter_image}
+        inputs = {name: (value,) * count if value is not None else () for name, value in given.items()}
         return cls(prompts=(prompt,) * count, negative_prompts=(negative_prompt,) * count,
                    seeds=tuple(seed + i for i in range(count)), width=width, height=height, steps=steps,
                    guidance=guidance, **inputs, **rest)
@@ -121,6 +132,7 @@ class Family(ABC):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> Any:
         """Load the model at ``path`` onto ``device``; returns the pipeline object.
 
@@ -128,8 +140,17 @@ class Family(ABC):
         reading the weight files; configs, tokenizers and schedulers still come from ``path``.
         With ``config``, ``path`` is a single-file checkpoint (staged as the one component
         ``staging.CHECKPOINT``) and ``config`` the diffusers folder its pipeline's configs,
-        tokenizers and schedulers come from.
+        tokenizers and schedulers come from. ``variant`` (e.g. "fp16") reads a folder's weight files
+        of that variant, as from_pretrained's ``variant=``; staged ``weights`` follow the same rule.
         """
+
+    def load_conditioning(self, pipe: Any, controlnets: dict[str, str], ip_adapter: str | None,
+                          ip_adapter_encoder: str | None) -> None:
+        """Loads a catalog entry's ControlNets (name -> folder) and IP-Adapter (file, and its image
+        encoder's folder) into a loaded pipeline. Only the UNet families take them."""
+        if controlnets or ip_adapter or ip_adapter_encoder:
+            raise ValueError(f"family {self.name!r} takes no controlnets or ip_adapter: remove them from "
+                             "the model's catalog entry")
 
     @abstractmethod
     def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[Any]:

@@ -32,7 +32,7 @@ from atelier.staging import STAND_IN
 COSTS = "costmodel.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity, as a loaded pipeline is
 class CostModelPipeline:
     """What a loaded cost-model model is: its costs, already scaled."""
 
@@ -69,11 +69,14 @@ class CostModelFamily(Family):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> CostModelPipeline:
         if path is None or not (path / COSTS).is_file():
             raise ValueError(f"{path} is not a cost-model folder (no {COSTS})")
         if options:
             raise ValueError(f"unknown options for family 'costmodel': {sorted(options)}")
+        if variant is not None:
+            raise ValueError("family 'costmodel' reads no weight files: a variant does not apply")
         costs = json.loads((path / COSTS).read_text())
         scale = float(costs["time_scale"])
         # Weights that come staged were read from the disk by the loader already: a memory copy.

@@ -89,7 +89,7 @@ def checked_options(family: str, options: Mapping[str, Any] | None, checks: Mapp
 
 def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path | None, *, device: str,
                 dtype_name: str, weights: dict[str, dict[str, Any]] | None, config: Path | None,
-                **components: Any) -> DiffusionPipeline:
+                variant: str | None = None, **components: Any) -> DiffusionPipeline:
     """A diffusers folder's pipeline: from its files, or with ``weights`` from staged memory (the same
     pipeline bit for bit); on ``device``. ``components`` replace or (None) leave out folder components."""
     if path is None:
@@ -107,7 +107,8 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
     else:
         # local_files_only: a path that is not a local folder must fail here, never be mistaken for a hub
         # repo id and trigger a download.
-        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **components)
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant,
+                                              **components)
     if device != "cpu":
         upload(pipe, device)
     pipe.set_progress_bar_config(disable=True)

@@ -38,7 +38,10 @@ class NoopFamily(Family):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> NoopPipeline:
+        if variant is not None:
+            raise ValueError("family 'noop' reads no weight files: a variant does not apply")
         options = options or {}
         unknown = set(options) - {"step_s"}
         if unknown:

@@ -24,8 +24,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
 }
 
-# Options a UNet family (SD 1.x, 2.x, XL) takes; what each means is in ``apply``.
-UNET_OPTIONS = frozenset({"scheduler", "vae_tiling", "vae_slicing", "attention_slicing"})
+# Options a UNet family (SD 1.x, 2.x, XL) takes; what each means is in ``apply`` (prompt_weighting:
+# prompts are read with compel's weighting syntax, in the family's generate).
+UNET_OPTIONS = frozenset({"scheduler", "vae_tiling", "vae_slicing", "attention_slicing", "prompt_weighting"})
 
 
 def check(family: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
@@ -36,7 +37,7 @@ def check(family: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
     scheduler = options.get("scheduler")
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
-    for name in ("vae_tiling", "vae_slicing", "attention_slicing"):
+    for name in ("vae_tiling", "vae_slicing", "attention_slicing", "prompt_weighting"):
         if name in options and not isinstance(options[name], bool):
             raise ValueError(f"option {name} is true or false, not {options[name]!r}")
 

@@ -56,6 +56,7 @@ class _DiTFamily(Family):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
@@ -76,7 +77,7 @@ class _DiTFamily(Family):
             pipe = build_pipeline(path, weights, dtype=dtype)
         else:
             # local_files_only: a path that is not a local folder must fail here, not download.
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
         if device != "cpu":
             upload(pipe, device)
         pipe.set_progress_bar_config(disable=True)

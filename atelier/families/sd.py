@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import torch
 from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    ControlNetModel,
     DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -42,6 +46,7 @@ class _StableDiffusionFamily(Family):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
@@ -56,12 +61,27 @@ class _StableDiffusionFamily(Family):
         elif weights is not None:
             pipe = build_pipeline(path, weights, dtype=dtype)
         else:
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
         if device != "cpu":
             upload(pipe, device)
         pipe.set_progress_bar_config(disable=True)
         unet_options.apply(pipe, options)
+        if options.get("prompt_weighting"):
+            _state(pipe).compel = _compel(pipe)
         return pipe
+
+    def load_conditioning(self, pipe: DiffusionPipeline, controlnets: dict[str, str], ip_adapter: str | None,
+                          ip_adapter_encoder: str | None) -> None:
+        """Loads the catalog entry's ControlNets beside the model and its IP-Adapter into it (turned off
+        until a job brings an image), so that jobs choose among them without reloading anything."""
+        state = _state(pipe)
+        for name, source in controlnets.items():
+            state.controlnets[name] = _load_controlnet(pipe, name, Path(source).expanduser())
+        if ip_adapter_encoder is not None and ip_adapter is None:
+            raise ValueError("ip_adapter_encoder: the model's catalog entry names no ip_adapter to go with it")
+        if ip_adapter is not None:
+            _load_ip_adapter(pipe, state, Path(ip_adapter).expanduser(),
+                             Path(ip_adapter_encoder).expanduser() if ip_adapter_encoder else None)
 
     def _from_single_file(self, path: Path, config: Path, dtype: torch.dtype,
                           weights: dict[str, dict[str, Any]] | None) -> DiffusionPipeline:
@@ -81,6 +101,31 @@ class _StableDiffusionFamily(Family):
                                    f"{type(exc).__name__}: {exc}") from exc
 
     def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+        if req.images and int(req.steps * (req.strength or 1.0)) < 1:
+            # Starting from an image runs int(steps * strength) steps; with none (a 1-step turbo model
+            # at strength 0.75, say) diffusers fails on an empty tensor deep inside.
+            raise ValueError(f"strength {req.strength} of {req.steps} steps leaves no step to run: "
+                             "ask for more steps or a higher strength (steps x strength >= 1)")
+        state = _state(pipe)
+        if req.controlnet is not None and req.controlnet not in state.controlnets:
+            raise ValueError(f"controlnet {req.controlnet!r} is not one of this model's: "
+                             f"{', '.join(sorted(state.controlnets)) or 'none'}")
+        if req.ip_adapter_images and state.ip_processors is None:
+            raise ValueError("ip_adapter_image: this model has no ip_adapter in its catalog entry")
+        parts = _ip_adapter_parts(req)
+        if len(parts) == 1:
+            return self._call(pipe, state, req, on_step)
+        # diffusers gives a whole call one IP-Adapter image: jobs of a batch with different ones take a
+        # call each, reported to the runner as one call of all their steps.
+        outputs: list[PIL.Image.Image] = []
+        shared: dict[str, torch.Tensor] = {}
+        for k, (start, stop) in enumerate(parts):
+            sub = replace(req, **{name: getattr(req, name)[start:stop] for name in _PER_IMAGE if getattr(req, name)})
+            outputs += self._call(pipe, state, sub, _part_steps(on_step, k, len(parts), start, req.count, shared))
+        return outputs
+
+    def _call(self, pipe: DiffusionPipeline, state: _Conditioning, req: GenerateRequest,
+              on_step: StepCallback) -> list[PIL.Image.Image]:
         # One generator per image: an image's noise depends on its own seed, not on its batch.
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
 
@@ -91,24 +136,30 @@ class _StableDiffusionFamily(Family):
             # An empty dict leaves the pipeline's tensors untouched.
             return {}
 
-        # One prompt per image (a batch mixes jobs); diffusers itself uses "" for no negative prompt.
-        # Exceptions from on_step (JobCancelled) propagate: diffusers does not catch around the callback.
-        common = dict(prompt=list(req.prompts), negative_prompt=[n or "" for n in req.negative_prompts],
-                      num_inference_steps=req.steps, guidance_scale=req.guidance, num_images_per_prompt=1,
-                      generator=generators, output_type="pil", callback_on_step_end=on_step_end,
-                      callback_on_step_end_tensor_inputs=["latents"])
-        if req.images and int(req.steps * (req.strength or 1.0)) < 1:
-            # Starting from an image runs int(steps * strength) steps; with none (a 1-step turbo model
-            # at strength 0.75, say) diffusers fails on an empty tensor deep inside.
-            raise ValueError(f"strength {req.strength} of {req.steps} steps leaves no step to run: "
-                             "ask for more steps or a higher strength (steps x strength >= 1)")
+        # One prompt per image (a batch mixes jobs). Exceptions from on_step (JobCancelled) propagate:
+        # diffusers does not catch around the callback.
+        common = dict(**_prompts(state, req), num_inference_steps=req.steps, guidance_scale=req.guidance,
+                      num_images_per_prompt=1, generator=generators, output_type="pil",
+                      callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+        # At scale 0 the IP-Adapter is off, not merely weighted 0: exactly the image without, and no cost.
+        image_prompt = bool(req.ip_adapter_images) and req.ip_adapter_scale > 0
+        _use_ip_adapter(pipe, state, req.ip_adapter_scale if image_prompt else None)
+        if image_prompt:  # one image for the call (generate splits a batch that has several)
+            common["ip_adapter_image"] = req.ip_adapter_images[0]
+        control: dict[str, Any] = {}
+        if req.controlnet is not None:  # the control image per output image, and how much it counts
+            control = dict(control_image=list(req.control_images), controlnet_conditioning_scale=req.controlnet_scale)
         if req.masks:  # inpainting: the image, repainted where the mask is white
-            result = _variant(pipe, AutoPipelineForInpainting)(
+            result = _variant(pipe, AutoPipelineForInpainting, req.controlnet)(
                 image=list(req.images), mask_image=list(req.masks), strength=req.strength, width=req.width,
-                height=req.height, **common)
+                height=req.height, **control, **common)
         elif req.images:  # img2img: the image's size is the output's (the runner resized it to the job's)
-            result = _variant(pipe, AutoPipelineForImage2Image)(image=list(req.images), strength=req.strength,
-                                                                 **common)
+            result = _variant(pipe, AutoPipelineForImage2Image, req.controlnet)(
+                image=list(req.images), strength=req.strength, **control, **common)
+        elif control:  # text to image, its ControlNet pipeline calling the control image its image
+            control["image"] = control.pop("control_image")
+            result = _variant(pipe, AutoPipelineForText2Image, req.controlnet)(
+                width=req.width, height=req.height, **control, **common)
         else:
             result = pipe(width=req.width, height=req.height, **common)
         return list(result.images)
@@ -136,14 +187,159 @@ class SDXLFamily(_StableDiffusionFamily):
     latent_rgb = SDXL_LATENT_RGB
 
 
-# A loaded model's img2img and inpainting pipelines: the same modules in another pipeline class,
-# made once per model (from_pipe shares the weights, it copies none).
+# A loaded model's img2img and inpainting pipelines, and those with each of its ControlNets: the same
+# modules in another pipeline class, made once per model (from_pipe shares the weights, it copies none).
 _VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _variant(pipe: DiffusionPipeline, auto: Any) -> DiffusionPipeline:
+def _variant(pipe: DiffusionPipeline, auto: Any, controlnet: str | None = None) -> DiffusionPipeline:
     variants = _VARIANTS.setdefault(pipe, {})
-    if auto not in variants:
-        variants[auto] = auto.from_pipe(pipe)
-        variants[auto].set_progress_bar_config(disable=True)
-    return variants[auto]
+    if (auto, controlnet) not in variants:
+        extra = {"controlnet": _state(pipe).controlnets[controlnet]} if controlnet is not None else {}
+        variant = variants[auto, controlnet] = auto.from_pipe(pipe, **extra)
+        variant.set_progress_bar_config(disable=True)
+    return variants[auto, controlnet]
+
+
+# --------------------------------------------------------------------------- #
+# Conditioning: ControlNets, the IP-Adapter, weighted prompts.
+
+
+@dataclass
+class _Conditioning:
+    """What a loaded model holds beside its pipeline's own modules."""
+
+    controlnets: dict[str, ControlNetModel] = field(default_factory=dict)
+    # The UNet's attention with the IP-Adapter and without it, and its image projection: a UNet with
+    # the IP-Adapter in cannot run without an image, so a call without one switches back.
+    ip_processors: dict[str, Any] | None = None
+    plain_processors: dict[str, Any] | None = None
+    ip_projection: Any = None
+    compel: Any = None  # compel's CompelForSD or CompelForSDXL, with prompt_weighting
+
+
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# GenerateRequest's fields with one entry per image: what a part of a request takes its share of.
+_PER_IMAGE = ("prompts", "negative_prompts", "seeds", "images", "masks", "control_images", "ip_adapter_images")
+
+
+def _state(pipe: DiffusionPipeline) -> _Conditioning:
+    return _STATE.setdefault(pipe, _Conditioning())
+
+
+def _load_controlnet(pipe: DiffusionPipeline, name: str, folder: Path) -> ControlNetModel:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"controlnet {name}: {folder} is not a ControlNet folder (no config.json)")
+    # use_safetensors: a folder of pickled .bin weights is refused, never unpickled.
+    controlnet = ControlNetModel.from_pretrained(folder, dtype=pipe.unet.dtype, use_safetensors=True,
+                                                 local_files_only=True)
+    # What tells an SD 1.5, SD 2 and SDXL ControlNet apart; a mismatch would fail deep in the first job.
+    for key in ("cross_attention_dim", "addition_embed_type", "block_out_channels"):
+        if controlnet.config[key] != pipe.unet.config[key]:
+            raise ValueError(f"controlnet {name}: made for a UNet with {key} {controlnet.config[key]}, and this "
+                             f"model's has {pipe.unet.config[key]} (a ControlNet of another model family?)")
+    return controlnet.to(pipe.device)
+
+
+def _load_ip_adapter(pipe: DiffusionPipeline, state: _Conditioning, file: Path, encoder: Path | None) -> None:
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+    from transformers import CLIPVisionModelWithProjection
+
+    if not file.is_file():
+        raise FileNotFoundError(f"ip_adapter: {file} does not exist on this host")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"ip_adapter: {file.name} is not a .safetensors file (pickled weights are refused)")
+    encoder = encoder or file.parent / "image_encoder"  # where h94/IP-Adapter keeps it
+    if not (encoder / "config.json").is_file():
+        raise FileNotFoundError(f"ip_adapter_encoder: {encoder} is not an image encoder folder (no config.json)")
+    if any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values()):
+        # Both replace the UNet's attention processors: the IP-Adapter's would be lost, or break.
+        raise ValueError("ip_adapter does not go with the option attention_slicing: drop one of them")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder, dtype=pipe.unet.dtype,
+                                                                  use_safetensors=True, local_files_only=True)
+    # Registered before load_ip_adapter, which then reads only the adapter's own weights.
+    pipe.register_modules(image_encoder=image_encoder.to(pipe.device))
+    state.plain_processors = dict(pipe.unet.attn_processors)
+    try:
+        pipe.load_ip_adapter(str(file.parent), subfolder="", weight_name=file.name, image_encoder_folder=None,
+                             local_files_only=True)
+        state.ip_processors = dict(pipe.unet.attn_processors)
+        state.ip_projection = pipe.unet.encoder_hid_proj
+        with torch.no_grad():  # one blank image through encoder and projection: that they fit each other
+            embeds = pipe.prepare_ip_adapter_image_embeds(PIL.Image.new("RGB", (64, 64)), None, pipe.device, 1,
+                                                          False)
+            state.ip_projection(embeds)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ValueError(f"ip_adapter: {file.name} does not fit this model or its image encoder {encoder}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    _use_ip_adapter(pipe, state, None)
+
+
+def _use_ip_adapter(pipe: DiffusionPipeline, state: _Conditioning, scale: float | None) -> None:
+    """The IP-Adapter on at ``scale`` for a call with an image prompt, or off (None): the UNet as it was."""
+    if state.ip_processors is None:
+        return
+    on = scale is not None
+    unet = pipe.unet
+    # set_attn_processor takes the processors out of the dict it is given: it gets a copy.
+    unet.set_attn_processor(dict(state.ip_processors if on else state.plain_processors))
+    unet.encoder_hid_proj = state.ip_projection if on else None
+    unet.config.encoder_hid_dim_type = "ip_image_proj" if on else None  # as diffusers' own loader sets it
+    if on:
+        pipe.set_ip_adapter_scale(scale)
+
+
+def _ip_adapter_parts(req: GenerateRequest) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of images with the same IP-Adapter image (the whole request without)."""
+    images = req.ip_adapter_images
+    starts = [0, *(i for i in range(1, len(images)) if images[i] is not images[i - 1])]
+    return list(zip(starts, [*starts[1:], req.count], strict=True))
+
+
+def _part_steps(on_step: StepCallback, part: int, parts: int, start: int, count: int,
+                shared: dict[str, torch.Tensor]) -> StepCallback:
+    """A part's step callback, as the runner's for the whole request: steps counted over all the parts,
+    and latents of all the images (those of parts not begun yet are zeros, so their previews are blank)."""
+
+    def on_part_step(step: int, total: int, latents: torch.Tensor | None) -> None:
+        if latents is not None:
+            if "latents" not in shared:
+                shared["latents"] = latents.new_zeros((count, *latents.shape[1:]))
+            shared["latents"][start:start + len(latents)] = latents
+        on_step(part * total + step, parts * total, shared.get("latents"))
+
+    return on_part_step
+
+
+# A1111's explicit weight, "(red:1.5)", which compel writes "(red)1.5"; inner groups first, so that
+# "((red:1.2) cube:1.1)" nests as in A1111. Its bare "(red)" (x1.1) is another thing to compel, left alone.
+_A1111_WEIGHT = re.compile(r"\(((?:[^():]|\([^():]*\)-?\d+(?:\.\d+)?)+):\s*(-?\d+(?:\.\d+)?)\s*\)")
+
+
+def _compel_syntax(prompt: str) -> str:
+    while (converted := _A1111_WEIGHT.sub(r"(\1)\2", prompt)) != prompt:
+        prompt = converted
+    return prompt
+
+
+def _compel(pipe: DiffusionPipeline) -> Any:
+    from compel import CompelForSD, CompelForSDXL
+
+    # CompelForSDXL reads both text encoders (penultimate hidden states, the second one's pooled output),
+    # as SDXL's own encode_prompt does; neither truncates a long prompt, they encode it in 77-token chunks.
+    return CompelForSDXL(pipe) if isinstance(pipe, StableDiffusionXLPipeline) else CompelForSD(pipe)
+
+
+def _prompts(state: _Conditioning, req: GenerateRequest) -> dict[str, Any]:
+    """The call's prompts (diffusers' own "" for no negative prompt), or with prompt_weighting their
+    embeddings, weighted by compel."""
+    negatives = [n or "" for n in req.negative_prompts]
+    if state.compel is None:
+        return {"prompt": list(req.prompts), "negative_prompt": negatives}
+    conditioning = state.compel([_compel_syntax(p) for p in req.prompts],
+                                negative_prompt=[_compel_syntax(n) for n in negatives])
+    embeds = {"prompt_embeds": conditioning.embeds, "negative_prompt_embeds": conditioning.negative_embeds}
+    if conditioning.pooled_embeds is not None:  # SDXL
+        embeds |= {"pooled_prompt_embeds": conditioning.pooled_embeds,
+                   "negative_pooled_prompt_embeds": conditioning.negative_pooled_embeds}
+    return embeds

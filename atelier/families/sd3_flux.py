@@ -46,6 +46,7 @@ class _FlowFamily(Family):
         options: dict[str, Any] | None = None,
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
+        variant: str | None = None,
     ) -> DiffusionPipeline:
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
@@ -64,7 +65,7 @@ class _FlowFamily(Family):
             pipe = build_pipeline(path, weights, dtype=dtype)
         else:
             # local_files_only: a path that is not a local folder fails here, never downloads.
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
         if device != "cpu":
             upload(pipe, device)
         pipe.set_progress_bar_config(disable=True)

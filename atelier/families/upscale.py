@@ -35,10 +35,10 @@ class SDUpscalerFamily(Family):
 
     def load(self, path: Path | None, *, device: str, dtype_name: str = "float32",
              options: dict[str, Any] | None = None, weights: dict[str, dict[str, Any]] | None = None,
-             config: Path | None = None) -> StableDiffusionUpscalePipeline:
+             config: Path | None = None, variant: str | None = None) -> StableDiffusionUpscalePipeline:
         settings = checked_options(self.name, options, self.checks)
         pipe = load_folder(self.name, StableDiffusionUpscalePipeline, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config)
+                           weights=weights, config=config, variant=variant)
         noise_level = settings.get("noise_level", DEFAULT_NOISE_LEVEL)
         if noise_level > pipe.config.max_noise_level:
             raise ValueError(f"option 'noise_level' of family {self.name!r}: {noise_level} is above this model's "

@@ -63,10 +63,10 @@ class SVDFamily(_VideoFamily):
 
     def load(self, path: Path | None, *, device: str, dtype_name: str = "float32",
              options: dict[str, Any] | None = None, weights: dict[str, dict[str, Any]] | None = None,
-             config: Path | None = None) -> DiffusionPipeline:
+             config: Path | None = None, variant: str | None = None) -> DiffusionPipeline:
         settings = checked_options(self.name, options, self.checks)
         pipe = load_folder(self.name, StableVideoDiffusionPipeline, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config)
+                           weights=weights, config=config, variant=variant)
         pipe.atelier_settings = settings
         return pipe
 
@@ -104,7 +104,7 @@ class AnimateDiffFamily(_VideoFamily):
 
     def load(self, path: Path | None, *, device: str, dtype_name: str = "float32",
              options: dict[str, Any] | None = None, weights: dict[str, dict[str, Any]] | None = None,
-             config: Path | None = None) -> DiffusionPipeline:
+             config: Path | None = None, variant: str | None = None) -> DiffusionPipeline:
         settings = checked_options(self.name, options, self.checks)
         adapter_folder = settings.pop("motion_adapter", None)
         if adapter_folder is not None:
@@ -116,7 +116,7 @@ class AnimateDiffFamily(_VideoFamily):
         else:
             adapter = None
         pipe = load_folder(self.name, AnimateDiffPipeline, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, motion_adapter=adapter)
+                           weights=weights, config=config, variant=variant, motion_adapter=adapter)
         # Merged, the UNet holds the motion modules: the adapter on its own would be the weights twice over.
         pipe.register_modules(motion_adapter=None)
         pipe.atelier_settings = settings

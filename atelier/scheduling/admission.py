@@ -20,6 +20,8 @@ from atelier.families import FamilyLimits
 # The inputs each kind needs, and those it may take besides.
 NEEDS = {JobKind.img2img: {"image"}, JobKind.img2vid: {"image"}, JobKind.upscale: {"image"}}
 MAY_TAKE = {JobKind.img2img: {"mask"}}
+# Inputs any kind may bring, if the model's catalog entry has what reads them (_check_conditioning).
+CONDITIONING_INPUTS = {"control_image", "ip_adapter_image"}
 FORMATS = {"image": ("png", "webp"), "video": ("mp4", "webp", "gif"), "audio": ("wav", "flac")}
 DEFAULT_STRENGTH = 0.75
 
@@ -60,12 +62,14 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
     if unknown:
         offered = ", ".join(sorted(entry.loras)) or "none"
         raise _bad("loras", f"loras: {spec.model} has no LoRA {unknown[0]!r} (it has: {offered})")
+    _check_conditioning(spec, set(inputs.names()) if inputs is not None else set(), entry.controlnets,
+                        entry.ip_adapter is not None)
 
 
 def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, what: str) -> None:
     given = set(inputs.names()) if inputs is not None else set()
     needed = NEEDS.get(spec.kind, set())
-    allowed = needed | MAY_TAKE.get(spec.kind, set())
+    allowed = needed | MAY_TAKE.get(spec.kind, set()) | CONDITIONING_INPUTS
     if "mask" in allowed and not lim.inpaint:
         allowed = allowed - {"mask"}
     for name in sorted(needed - given):
@@ -76,6 +80,23 @@ def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, wh
         _image_size(getattr(inputs, name), name)
     if spec.strength is not None and "image" not in given:
         raise _bad("strength", "strength: only a job that starts from an image has one")
+
+
+def _check_conditioning(spec: JobSpec, given: set[str], controlnets: dict[str, str], ip_adapter: bool) -> None:
+    """A control image goes with one of the model's ControlNets, an IP-Adapter image with its IP-Adapter."""
+    offered = f"(it has: {', '.join(sorted(controlnets)) or 'none'})"
+    if spec.controlnet is not None and spec.controlnet not in controlnets:
+        raise _bad("controlnet", f"controlnet: {spec.model} has no ControlNet {spec.controlnet!r} {offered}")
+    if "control_image" in given and spec.controlnet is None:
+        raise _bad("controlnet", f"controlnet: a control_image needs a controlnet to read it {offered}")
+    if spec.controlnet is not None and "control_image" not in given:
+        raise _bad("control_image", f"control_image: controlnet {spec.controlnet!r} needs a control image")
+    if spec.controlnet_scale is not None and spec.controlnet is None:
+        raise _bad("controlnet_scale", "controlnet_scale: only a job with a controlnet has one")
+    if "ip_adapter_image" in given and not ip_adapter:
+        raise _bad("ip_adapter_image", f"ip_adapter_image: {spec.model} has no ip_adapter in its catalog entry")
+    if spec.ip_adapter_scale is not None and "ip_adapter_image" not in given:
+        raise _bad("ip_adapter_scale", "ip_adapter_scale: only a job with an ip_adapter_image has one")
 
 
 def _check_media(spec: JobSpec, lim: FamilyLimits, what: str) -> None:
@@ -118,6 +139,10 @@ def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random
         "output_format": spec.output_format or FORMATS[lim.media][0],
         "inputs": inputs.names() if inputs is not None else [],
         "loras": dict(sorted(spec.loras.items())),  # one order: the same choice batches together
+        "controlnet_scale": 1.0 if spec.controlnet is not None and spec.controlnet_scale is None else
+        spec.controlnet_scale,
+        "ip_adapter_scale": 1.0 if inputs is not None and inputs.ip_adapter_image is not None and
+        spec.ip_adapter_scale is None else spec.ip_adapter_scale,
     })
 
 

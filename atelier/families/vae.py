@@ -1,0 +1,96 @@
+"""A model's other VAEs, from its catalog entry, the same way for every family they fit.
+
+``vae``: an AutoencoderKL folder that replaces the pipeline's own VAE (sdxl-vae-fp16-fix, say, which
+decodes in float16 where SDXL's own must upcast to float32). ``preview_decoder``: an AutoencoderTiny
+folder (TAESD: taesd for SD 1/2, taesdxl for SDXL, taesd3, taef1) that draws the step previews in
+place of the family's linear projection.
+
+Both are read from disk when the model loads, after the family has built the pipeline; they are
+not staged with it (a VAE is some 160 MB, a TAESD 5 MB: small beside the model, and read once per
+load). Torch and diffusers are imported inside the functions: the runner imports this module before
+it has loaded any model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from atelier.config import ModelEntry
+from atelier.families import FAMILY_LIMITS
+
+# Families whose step latents are (batch, channels, h, w) in their VAE's latent space: what a TAESD
+# decodes. The upscaler's latents are its own 4x VAE's (no TAESD exists for it), the video ones have
+# frames, and sound has no picture.
+PREVIEW_DECODER_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "sd3", "flux", "pixart-alpha", "pixart-sigma",
+                                      "hunyuan-dit"})
+# The pipeline's VAE and an override must agree on these, or latents and sizes would not fit.
+_VAE_SHAPE = ("in_channels", "out_channels", "latent_channels")
+
+
+def load_vaes(pipe: Any, entry: ModelEntry) -> None:
+    """Applies the entry's ``vae`` and ``preview_decoder`` to a freshly loaded pipeline; a ValueError
+    names what does not fit."""
+    if entry.vae is not None:
+        replace_vae(pipe, Path(entry.vae).expanduser(), family=entry.family)
+    if entry.preview_decoder is not None:
+        pipe.atelier_preview = preview_decoder(pipe, Path(entry.preview_decoder).expanduser(), family=entry.family)
+
+
+def previewer(pipe: Any, family: Any) -> Any:
+    """What the runner's preview thread calls ``.preview(latents, index)`` on: the model's decoder, or its family."""
+    return getattr(pipe, "atelier_preview", None) or family
+
+
+def replace_vae(pipe: Any, folder: Path, *, family: str) -> None:
+    from diffusers import AutoencoderKL
+
+    if FAMILY_LIMITS[family].media == "audio":
+        raise ValueError(f"vae: family {family!r} makes sound; its autoencoder is not an image VAE to replace")
+    current = getattr(pipe, "vae", None)
+    if not isinstance(current, AutoencoderKL):
+        raise ValueError(f"vae: family {family!r} decodes with {type(current).__name__ if current else 'no VAE'}, "
+                         "not an AutoencoderKL an override could replace")
+    vae = _load(AutoencoderKL, folder, "vae", dtype=current.dtype)
+    old, new = current.config, vae.config
+    differs = [k for k in _VAE_SHAPE if old[k] != new[k]]
+    if len(old.block_out_channels) != len(new.block_out_channels):
+        differs.append(f"scale (2^{len(new.block_out_channels) - 1} against 2^{len(old.block_out_channels) - 1})")
+    if differs:
+        raise ValueError(f"vae: {folder} does not fit this model's VAE: its {', '.join(differs)} differ")
+    # The family's options (vae_tiling, vae_slicing) were applied to the VAE being replaced.
+    vae.use_tiling, vae.use_slicing = current.use_tiling, current.use_slicing
+    pipe.register_modules(vae=vae.to(current.device).eval())
+
+
+def preview_decoder(pipe: Any, folder: Path, *, family: str) -> Any:
+    from diffusers import AutoencoderTiny
+
+    from atelier.preview import CPU_DECODE_SIDE, DecoderPreview
+
+    if family not in PREVIEW_DECODER_FAMILIES:
+        raise ValueError(f"preview_decoder: family {family!r} is not previewed through a decoder; "
+                         f"it is for {', '.join(sorted(PREVIEW_DECODER_FAMILIES))}")
+    vae = pipe.vae
+    decoder = _load(AutoencoderTiny, folder, "preview_decoder", dtype=vae.dtype)
+    if decoder.config.latent_channels != vae.config.latent_channels:
+        raise ValueError(f"preview_decoder: {folder} decodes {decoder.config.latent_channels}-channel latents, "
+                         f"this model makes {vae.config.latent_channels} (taesd and taesdxl take 4, taesd3 and "
+                         "taef1 16)")
+    decoder.encoder = None  # a preview only decodes
+    decoder = decoder.to(vae.device).eval()
+    cpu = vae.device.type == "cpu"
+    return DecoderPreview(decoder, max_latent_side=CPU_DECODE_SIDE // 8 if cpu else None)
+
+
+def _load(cls: type, folder: Path, field: str, *, dtype: Any) -> Any:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{field}: {folder} is not a diffusers model folder (no config.json)")
+    kind = cls.load_config(folder).get("_class_name")
+    if kind != cls.__name__:
+        raise ValueError(f"{field}: {folder} holds a {kind}, not an {cls.__name__}")
+    try:
+        # safetensors only: a .bin is a pickle, which can run code when read. local_files_only: never the hub.
+        return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+    except OSError as exc:
+        raise ValueError(f"{field}: {folder} has no readable .safetensors weights ({exc})") from None
