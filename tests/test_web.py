@@ -135,6 +135,8 @@ def test_generate_shows_previews_then_the_image_in_the_gallery_and_survives_a_re
     page.get_by_role("button", name="Generate").click()
 
     expect(page.locator("#status")).to_have_text("Done", timeout=JOB_MS)
+    # The finished image is fetched after the job says done: wait for it to be shown.
+    expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^blob:"))
     shown = page.evaluate("window.shown")
     previews = {s["src"] for s in shown if s["src"].startswith("data:image/jpeg;base64,")}
     assert len(previews) >= 2, shown  # the preview changed as the steps went by
