@@ -20,9 +20,8 @@ import torch
 from diffusers import DiffusionPipeline, HunyuanDiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
-from atelier.families.loading import torch_dtype, upload
+from atelier.families.loading import load_folder
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
-from atelier.staging import build_pipeline
 
 # The VAE's 8x times the transformers' 2x2 patches.
 _SIZE_STEP = 16
@@ -58,12 +57,6 @@ class _DiTFamily(Family):
         config: Path | None = None,
         variant: str | None = None,
     ) -> DiffusionPipeline:
-        if path is None:
-            raise ValueError(f"family {self.name!r} needs a model path")
-        if config is not None:
-            raise ValueError(f"family {self.name!r} loads only from a diffusers folder: diffusers has no "
-                             f"single-file loader for {self.pipeline_class.__name__}")
-        dtype = torch_dtype(dtype_name)  # an unknown name fails before any reading
         options = options or {}
         unknown = set(options) - self.options
         if unknown:
@@ -73,14 +66,8 @@ class _DiTFamily(Family):
             if not isinstance(value, bool):
                 raise ValueError(f"option {name!r} of family {self.name!r} is true or false, not {value!r}")
 
-        if weights is not None:
-            pipe = build_pipeline(path, weights, dtype=dtype)
-        else:
-            # local_files_only: a path that is not a local folder must fail here, not download.
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
-        if device != "cpu":
-            upload(pipe, device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
+                           weights=weights, config=config, variant=variant)
         if options.get("vae_tiling"):
             pipe.vae.enable_tiling()
         if options.get("vae_slicing"):

@@ -19,11 +19,9 @@ from diffusers import (
 )
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
-from atelier.families.loading import torch_dtype, upload
+from atelier.families.loading import load_folder
 from atelier.families.sd import _variant
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB, LatentRGB, latents_to_rgb
-from atelier.sources import ModelSourceError
-from atelier.staging import build_pipeline
 
 # vae_tiling: large images in bounded memory. max_sequence_length: T5 tokens a prompt is padded
 # (and cut) to; FLUX.1-schnell was trained with 256 where dev has 512, and fewer are cheaper.
@@ -48,11 +46,6 @@ class _FlowFamily(Family):
         config: Path | None = None,
         variant: str | None = None,
     ) -> DiffusionPipeline:
-        if path is None:
-            raise ValueError(f"family {self.name!r} needs a model path")
-        if config is not None:
-            raise ModelSourceError(f"family {self.name!r} loads only from a diffusers folder, not a single file")
-        dtype = torch_dtype(dtype_name)  # an unknown name fails before any reading
         options = dict(options or {})
         unknown = set(options) - _OPTIONS
         if unknown:
@@ -61,14 +54,8 @@ class _FlowFamily(Family):
         if "max_sequence_length" in options:
             settings["max_sequence_length"] = _sequence_length(options["max_sequence_length"])
 
-        if weights is not None:
-            pipe = build_pipeline(path, weights, dtype=dtype)
-        else:
-            # local_files_only: a path that is not a local folder fails here, never downloads.
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
-        if device != "cpu":
-            upload(pipe, device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
+                           weights=weights, config=config, variant=variant)
         if options.get("vae_tiling"):
             pipe.vae.enable_tiling()
         _SETTINGS[pipe] = settings
