@@ -65,9 +65,21 @@ def parameters(spec: JobSpec, seed: int) -> str:
     """The generation's parameters in the text form image tools read (A1111's "parameters")."""
     # LoRAs as A1111 writes them, in the prompt, so that pasting the text back asks for them again.
     prompt = " ".join([spec.prompt, *(f"<lora:{name}:{scale:g}>" for name, scale in spec.loras.items())])
-    return (f"{prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
-            f"Steps: {spec.steps}, CFG scale: {spec.guidance}, Seed: {seed}, "
-            f"Size: {spec.width}x{spec.height}, Model: {spec.model}")
+    fields = [f"Steps: {spec.steps}", f"CFG scale: {spec.guidance}", f"Seed: {seed}",
+              f"Size: {spec.width}x{spec.height}", f"Model: {spec.model}"]
+    # What else shaped the image, so that the text is enough to make it again; a job's input
+    # images themselves are not kept in it.
+    if "image" in spec.inputs and spec.strength is not None:
+        fields.append(f"Denoising strength: {spec.strength:g}")
+    if "mask" in spec.inputs:
+        fields.append("Inpainted: true")
+    if spec.controlnet is not None and "control_image" in spec.inputs:
+        scale = 1.0 if spec.controlnet_scale is None else spec.controlnet_scale
+        fields.append(f"ControlNet: {spec.controlnet}, ControlNet weight: {scale:g}")
+    if "ip_adapter_image" in spec.inputs:
+        scale = 1.0 if spec.ip_adapter_scale is None else spec.ip_adapter_scale
+        fields.append(f"IP-Adapter weight: {scale:g}")
+    return f"{prompt}\nNegative prompt: {spec.negative_prompt or ''}\n" + ", ".join(fields)
 
 
 def _image(image: Image.Image, fmt: str, spec: JobSpec, seed: int) -> bytes:

@@ -27,6 +27,17 @@ def test_images_as_png_with_their_parameters_and_as_webp():
     assert (png.media_type, webp.media_type) == ("image/png", "image/webp")
 
 
+def test_png_parameters_name_the_inputs_that_shaped_the_image():
+    spec = SPEC.model_copy(update={"inputs": ["image", "mask", "control_image", "ip_adapter_image"], "strength": 0.6,
+                                   "controlnet": "canny", "controlnet_scale": 0.5, "loras": {"ink": 0.8}})
+    text = Image.open(io.BytesIO(encode(Image.new("RGB", (64, 48)), spec, 7).data)).text["parameters"]
+    assert text.startswith("a lighthouse <lora:ink:0.8>\nNegative prompt: \nSteps: 2, CFG scale: 1.0, Seed: 7")
+    assert text.endswith("Model: m, Denoising strength: 0.6, Inpainted: true, ControlNet: canny, "
+                         "ControlNet weight: 0.5, IP-Adapter weight: 1")
+    plain = Image.open(io.BytesIO(encode(Image.new("RGB", (64, 48)), SPEC, 7).data)).text["parameters"]
+    assert plain.endswith("Size: 64x48, Model: m")
+
+
 @pytest.mark.parametrize("fmt", ["mp4", "webp", "gif"])
 def test_video_in_each_format_has_its_frames_and_rate(fmt):
     frames = [Image.new("RGB", (65, 48), (i * 30, 0, 255 - i * 30)) for i in range(8)]  # an odd width too
