@@ -73,7 +73,7 @@ def _locate(name: str, entry: ModelEntry, cache_dir: Path, downloads: bool) -> P
         return path
     if hub.is_hub_id(source):
         try:
-            return hub.snapshot(source, downloads=downloads)
+            return hub.snapshot(source, downloads=downloads, variant=entry.variant)
         except hub.HubError as exc:
             raise ModelSourceError(f"model {name}: {exc}") from None
     raise ModelSourceError(f"model {name}: {source} does not exist on this host")

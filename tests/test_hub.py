@@ -80,3 +80,49 @@ def test_a_cached_repo_that_is_not_a_pipeline_is_refused(hub_cache: Path, tmp_pa
 def test_only_safe_files_are_ever_fetched() -> None:
     assert "*.safetensors" in hub.FILES and "*.json" in hub.FILES
     assert not any(pattern.endswith((".bin", ".ckpt", ".pt", ".pth", "*")) for pattern in hub.FILES)
+
+
+# A repository as the hub lists it: fp32, fp16 and EMA weights side by side, a sharded transformer, a VAE
+# without an fp16 file, and the pickles older tools left beside them.
+LISTING = [
+    "model_index.json", "README.md", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+    "tokenizer/merges.txt", "tokenizer_2/spiece.model",
+    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.ema.safetensors", "unet/diffusion_pytorch_model.fp16.bin",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors.index.json",
+    "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.fp16.json",
+    "transformer/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+    "transformer/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "sd_xl_base_1.0.safetensors",
+]
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+           "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer_2/spiece.model", "transformer/config.json",
+           "transformer/diffusion_pytorch_model.safetensors.index.fp16.json",
+           "transformer/diffusion_pytorch_model.safetensors.index.json", "unet/config.json", "vae/config.json"]
+
+
+def test_a_download_takes_only_the_variants_weights() -> None:
+    fp16 = set(hub.wanted(LISTING, "fp16"))
+    assert fp16 == {*CONFIGS, "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                    "transformer/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                    "transformer/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+                    "vae/diffusion_pytorch_model.safetensors"}  # no fp16 VAE: its plain one, as diffusers does
+    plain = set(hub.wanted(LISTING, None))
+    assert plain == {*CONFIGS, "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                     "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+                     "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+                     "vae/diffusion_pytorch_model.safetensors"}
+    # Never a pickle, nor the single-file copy of the whole model at the top.
+    assert not any(f.endswith((".bin", ".md")) or "/" not in f and f.endswith(".safetensors") for f in fp16 | plain)
+
+
+def test_a_downloading_node_that_is_offline_uses_its_cache(hub_cache: Path, atelier_home: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_models.ensure_builtin("tiny-sd", atelier_home / "models")
+    snapshot = _cache_repo(hub_cache, "atelier-test/tiny-sd", folder)
+    entry = ModelEntry(family="sd1", source="atelier-test/tiny-sd")
+    assert sources.resolve("hubbed", entry, atelier_home / "models", downloads=True) == snapshot
