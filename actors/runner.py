@@ -326,7 +326,9 @@ class Runner(Actor):
         finally:
             if staged.segment:
                 await self.send(loader_name(self.node), Release(model=model))
-        on_device = accel.offloaded_bytes(pipe, entry.offload) if entry.offload else module_bytes(pipe)
+        family = get_family(entry.family)
+        on_device = (accel.offloaded_bytes(pipe, entry.offload) if entry.offload else
+                     module_bytes(pipe, [*family.held_modules(pipe), *vae.held_modules(pipe)]))
         self.pipelines[model] = ResidentModel(pipe, on_device)
         self._make_room(model, 0, keep_slot=False)
         return pipe
@@ -512,15 +514,19 @@ def _decode(data: Any, spec: JobSpec, mode: str, *, resize: bool = True) -> Any:
     return image
 
 
-def module_bytes(pipe: Any) -> int:
-    """Bytes of every parameter and buffer of a pipeline's modules (0 for one without modules),
-    or the size a pipeline declares (the cost model stands in for weights it does not hold)."""
+def module_bytes(pipe: Any, extra: list[Any] | tuple = ()) -> int:
+    """Bytes of every parameter and buffer of a pipeline's modules and of ``extra`` modules it keeps
+    beside them (0 for one without modules), or the size a pipeline declares (the cost model stands in
+    for weights it does not hold). A tensor two modules share counts once."""
     if hasattr(pipe, "nbytes"):
         return int(pipe.nbytes)
+    seen: set[int] = set()
     total = 0
-    for component in getattr(pipe, "components", {}).values():
+    for component in [*getattr(pipe, "components", {}).values(), *extra]:
         for tensor in [*getattr(component, "parameters", list)(), *getattr(component, "buffers", list)()]:
-            total += accel.tensor_bytes(tensor)  # a quantized tensor by what it holds
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += accel.tensor_bytes(tensor)  # a quantized tensor by what it holds
     return total
 
 

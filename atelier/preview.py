@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -175,12 +176,15 @@ class DecoderPreview:
     picture to ``MAX_PREVIEW_SIDE``, which keeps the detail.
     """
 
-    def __init__(self, decoder: Any, *, max_latent_side: int | None = None):
+    def __init__(self, decoder: Any, *, max_latent_side: int | None = None,
+                 pick: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
         self.decoder = decoder
         self.max_latent_side = max_latent_side
+        # Which (C, h, w) latents show image ``index``: a video's family picks a frame.
+        self.pick = pick or (lambda latents, index: latents[index])
 
     def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
-        return decode_to_rgb(self.decoder, latents[index], max_latent_side=self.max_latent_side)
+        return decode_to_rgb(self.decoder, self.pick(latents, index), max_latent_side=self.max_latent_side)
 
 
 def decode_to_rgb(decoder: Any, latents: torch.Tensor, *, max_latent_side: int | None = None,

@@ -22,6 +22,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobInputs, JobResult, JobSpec, JobState  # noqa: E402
+from actors.runner import module_bytes  # noqa: E402
 from atelier import tiny_models  # noqa: E402
 from atelier.families import GenerateRequest, get_family  # noqa: E402
 from atelier.tiny.conditioning import build_tiny_controlnet, build_tiny_ip_adapter  # noqa: E402
@@ -97,6 +98,11 @@ def test_controlnets_steer_the_image_and_switch_without_reloading(files: dict[st
     assert depth not in (base, canny)
     assert _images("sd1", pipe, controlnet="canny", control_image=edges) == canny  # back again, exactly
     assert pipe.unet is unet  # every ControlNet pipeline runs the one loaded UNet
+    # The device budget counts the ControlNets beside the model, each once.
+    held = get_family("sd1").held_modules(pipe)
+    controlnet_bytes = sum(p.numel() * p.element_size() for net in held for p in net.parameters())
+    assert len(held) == 2 and controlnet_bytes > 0
+    assert module_bytes(pipe, held + held) == module_bytes(pipe) + controlnet_bytes
 
     # img2img with a control image: the ControlNet still counts.
     start = dict(image=_picture(5), strength=0.8)
@@ -230,6 +236,11 @@ def test_jobs_bring_control_images_and_image_prompts_through_atelier(conditioned
     plain, canny, canny_off, depth, looked, weighted, canny_again = (image.tobytes() for image in images)
     assert len({plain, canny, depth, looked, weighted}) == 5
     assert canny_off == plain and canny_again == canny
+    # The PNG says what shaped it, so that the text is enough to ask for it again.
+    assert "ControlNet: canny, ControlNet weight: 1" in images[1].info["parameters"]
+    assert "ControlNet weight: 0," in images[2].info["parameters"] + ","
+    assert "IP-Adapter weight: 1" in images[4].info["parameters"]
+    assert "ControlNet" not in images[0].info["parameters"] + images[4].info["parameters"]
     assert results[1].job.spec.controlnet_scale == 1.0  # the default, filled in at submit
     assert sum(loads.values()) == 1  # switching ControlNets and image prompts never reloads the model
 

@@ -182,6 +182,7 @@ def test_previews_are_the_decoders_output(files: dict[str, Path]) -> None:
     vae.load_vaes(pipe, ModelEntry(family="sd1", source=str(files["model"]), preview_decoder=str(files["taesd"])))
     previewer = vae.previewer(pipe, family)
     assert previewer is not family
+    assert vae.held_modules(pipe) == [previewer.decoder]  # counted in the device budget with the model
     seen: list[torch.Tensor] = []
     image = family.generate(pipe, REQUEST, lambda i, n, latents: seen.append(latents.clone()))[0]
     assert image.tobytes() == family.generate(family.load(files["model"], device="cpu"), REQUEST, _quiet)[0].tobytes()
@@ -199,6 +200,24 @@ def test_previews_are_the_decoders_output(files: dict[str, Path]) -> None:
     # A decoder's picture larger than a preview is shrunk to MAX_PREVIEW_SIDE (a GPU decodes whole latents).
     whole = DecoderPreview(previewer.decoder).preview(big, 0)
     assert whole.shape == (MAX_PREVIEW_SIDE, 171, 3)
+
+
+@pytest.mark.parametrize("model", ["tiny-svd", "tiny-animatediff"])
+def test_a_videos_preview_decodes_its_first_frame(model: str, files: dict[str, Path], atelier_home: Path) -> None:
+    folder = tiny_models.ensure_builtin(model, atelier_home / "models")
+    name = tiny_models.BUILTIN[model]
+    family = get_family(name)
+    pipe = family.load(folder, device="cpu")
+    vae.load_vaes(pipe, ModelEntry(family=name, source=str(folder), preview_decoder=str(files["taesd"])))
+    seen: list[torch.Tensor] = []
+    extra = {"image": Image.new("RGB", (64, 48), (200, 90, 30))} if name == "svd" else {}
+    request = GenerateRequest.single(prompt="a lighthouse", negative_prompt=None, width=64, height=48, steps=2,
+                                     guidance=2.0, seed=3, count=2, frames=3, fps=7, **extra)
+    family.generate(pipe, request, lambda i, n, latents: seen.append(latents.clone()))
+    first_frame = seen[-1][1, 0] if name == "svd" else seen[-1][1, :, 0]  # (videos, frames, C…) or (videos, C, frames…)
+    rgb = vae.previewer(pipe, family).preview(seen[-1], 1)
+    assert rgb.shape == (48, 64, 3)
+    assert np.array_equal(rgb, _expected_rgb(files["taesd"], first_frame))
 
 
 def test_the_runners_preview_thread_publishes_the_decoders_picture(files: dict[str, Path]) -> None:
@@ -221,7 +240,7 @@ def test_a_preview_decoder_that_does_not_fit_is_refused(files: dict[str, Path], 
         vae.preview_decoder(pipe, files["taesd16"], family="sd1")
     with pytest.raises(ValueError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
         vae.preview_decoder(pipe, files["other-vae"], family="sd1")
-    for family in ("svd", "stable-audio", "sd-upscaler"):
+    for family in ("stable-audio", "sd-upscaler"):
         with pytest.raises(ValueError, match=f"family '{family}' is not previewed through a decoder"):
             vae.preview_decoder(None, files["taesd"], family=family)
 

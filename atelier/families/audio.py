@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from diffusers import AudioLDM2Pipeline, DiffusionPipeline, StableAudioPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from atelier import staging
 from atelier.families.base import Family, GenerateRequest, StepCallback
-from atelier.families.loading import torch_dtype, upload
+from atelier.families.loading import load_folder, torch_dtype
 from atelier.media import Audio
 
 diffusers_logging.disable_progress_bar()
@@ -40,24 +39,12 @@ class _AudioFamily(Family):
         config: Path | None = None,
         variant: str | None = None,
     ) -> DiffusionPipeline:
-        if path is None:
-            raise ValueError(f"family {self.name!r} needs a model path")
-        dtype = torch_dtype(dtype_name)  # an unknown name fails before any reading
+        torch_dtype(dtype_name)  # an unknown name fails before any reading
         unknown = set(options or {}) - self.options
         if unknown:
             raise ValueError(f"unknown options for family {self.name!r}: {sorted(unknown)}")
-        if config is not None:
-            raise ValueError(f"family {self.name!r} loads diffusers folders only, not single-file checkpoints")
-        if weights is not None:
-            pipe = staging.build_pipeline(path, weights, dtype=dtype)
-        else:
-            # local_files_only: a path that is not a local folder must fail, never start a download.
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
-        self._prepare(pipe)
-        if device != "cpu":
-            upload(pipe, device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
+                           weights=weights, config=config, variant=variant, prepare=self._prepare)
 
     def _prepare(self, pipe: DiffusionPipeline) -> None:
         """Fits a loaded pipeline for generate (on the CPU, before any upload)."""

@@ -152,10 +152,20 @@ class Family(ABC):
             raise ValueError(f"family {self.name!r} takes no controlnets or ip_adapter: remove them from "
                              "the model's catalog entry")
 
+    def held_modules(self, pipe: Any) -> list[Any]:
+        """Modules a loaded model keeps beside its pipeline's components (ControlNets, say): its
+        device budget counts them too."""
+        return []
+
     @abstractmethod
     def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[Any]:
         """Run one request, calling ``on_step`` after every denoising step; one item per seed, in order:
         a PIL image, or an ``atelier.media.Video`` or ``Audio``."""
+
+    def preview_latents(self, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """The (channels, h, w) latents of the picture a preview of image ``index`` shows: a video's
+        families pick one frame. What a ``preview_decoder`` decodes."""
+        return latents[index]
 
     @abstractmethod
     def preview(self, latents: torch.Tensor, index: int = 0) -> numpy.ndarray:

@@ -89,9 +89,11 @@ def checked_options(family: str, options: Mapping[str, Any] | None, checks: Mapp
 
 def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path | None, *, device: str,
                 dtype_name: str, weights: dict[str, dict[str, Any]] | None, config: Path | None,
-                variant: str | None = None, **components: Any) -> DiffusionPipeline:
+                variant: str | None = None, prepare: Callable[[DiffusionPipeline], None] | None = None,
+                **components: Any) -> DiffusionPipeline:
     """A diffusers folder's pipeline: from its files, or with ``weights`` from staged memory (the same
-    pipeline bit for bit); on ``device``. ``components`` replace or (None) leave out folder components."""
+    pipeline bit for bit); on ``device``. ``components`` replace or (None) leave out folder components;
+    ``prepare`` fits the pipeline on the CPU, before the upload."""
     if path is None:
         raise ValueError(f"family {family!r} needs a model path")
     if config is not None:
@@ -109,6 +111,13 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
         # repo id and trigger a download.
         pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant,
                                               **components)
+    if prepare is not None:
+        prepare(pipe)
+    return ready(pipe, device)
+
+
+def ready(pipe: DiffusionPipeline, device: str) -> DiffusionPipeline:
+    """A freshly built pipeline on ``device``, quiet (a server loads models all day)."""
     if device != "cpu":
         upload(pipe, device)
     pipe.set_progress_bar_config(disable=True)

@@ -25,10 +25,10 @@ from diffusers.utils import logging as diffusers_logging
 
 from atelier.families import options as unet_options
 from atelier.families.base import Family, GenerateRequest, StepCallback
-from atelier.families.loading import torch_dtype, upload
+from atelier.families.loading import load_folder, ready, torch_dtype
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
 from atelier.sources import ModelSourceError
-from atelier.staging import CHECKPOINT, build_from_checkpoint, build_pipeline
+from atelier.staging import CHECKPOINT, build_from_checkpoint
 
 # A server loads models all day; diffusers' per-load progress bars would bury its logs.
 diffusers_logging.disable_progress_bar()
@@ -54,17 +54,11 @@ class _StableDiffusionFamily(Family):
         options = options or {}
         unet_options.check(self.name, options, unet_options.UNET_OPTIONS)
 
-        # local_files_only: a path that is not a local folder must fail here,
-        # never be mistaken for a hub repo id and trigger a download.
         if config is not None:
-            pipe = self._from_single_file(path, config, dtype, weights)
-        elif weights is not None:
-            pipe = build_pipeline(path, weights, dtype=dtype)
+            pipe = ready(self._from_single_file(path, config, dtype, weights), device)
         else:
-            pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant)
-        if device != "cpu":
-            upload(pipe, device)
-        pipe.set_progress_bar_config(disable=True)
+            pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
+                               weights=weights, config=None, variant=variant)
         unet_options.apply(pipe, options)
         if options.get("prompt_weighting"):
             _state(pipe).compel = _compel(pipe)
@@ -82,6 +76,9 @@ class _StableDiffusionFamily(Family):
         if ip_adapter is not None:
             _load_ip_adapter(pipe, state, Path(ip_adapter).expanduser(),
                              Path(ip_adapter_encoder).expanduser() if ip_adapter_encoder else None)
+
+    def held_modules(self, pipe: DiffusionPipeline) -> list[Any]:
+        return list(_state(pipe).controlnets.values())
 
     def _from_single_file(self, path: Path, config: Path, dtype: torch.dtype,
                           weights: dict[str, dict[str, Any]] | None) -> DiffusionPipeline:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from atelier.config import ModelEntry
-from atelier.families import FAMILY_LIMITS
+from atelier.families import FAMILY_LIMITS, get_family
 
-# Families whose step latents are (batch, channels, h, w) in their VAE's latent space: what a TAESD
-# decodes. The upscaler's latents are its own 4x VAE's (no TAESD exists for it), the video ones have
-# frames, and sound has no picture.
+# Families whose step latents are in their VAE's latent space, with a picture's (channels, h, w) in
+# them (a video's: one frame): what a TAESD decodes. The upscaler's latents are its own 4x VAE's (no
+# TAESD exists for it), and sound has no picture.
 PREVIEW_DECODER_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "sd3", "flux", "pixart-alpha", "pixart-sigma",
-                                      "hunyuan-dit"})
+                                      "hunyuan-dit", "svd", "animatediff"})
 # The pipeline's VAE and an override must agree on these, or latents and sizes would not fit.
 _VAE_SHAPE = ("in_channels", "out_channels", "latent_channels")
 
@@ -35,6 +35,12 @@ def load_vaes(pipe: Any, entry: ModelEntry) -> None:
         replace_vae(pipe, Path(entry.vae).expanduser(), family=entry.family)
     if entry.preview_decoder is not None:
         pipe.atelier_preview = preview_decoder(pipe, Path(entry.preview_decoder).expanduser(), family=entry.family)
+
+
+def held_modules(pipe: Any) -> list[Any]:
+    """The preview decoder, which sits on the model's device beside its pipeline."""
+    preview = getattr(pipe, "atelier_preview", None)
+    return [preview.decoder] if preview is not None else []
 
 
 def previewer(pipe: Any, family: Any) -> Any:
@@ -80,7 +86,8 @@ def preview_decoder(pipe: Any, folder: Path, *, family: str) -> Any:
     decoder.encoder = None  # a preview only decodes
     decoder = decoder.to(vae.device).eval()
     cpu = vae.device.type == "cpu"
-    return DecoderPreview(decoder, max_latent_side=CPU_DECODE_SIDE // 8 if cpu else None)
+    return DecoderPreview(decoder, max_latent_side=CPU_DECODE_SIDE // 8 if cpu else None,
+                          pick=get_family(family).preview_latents)
 
 
 def _load(cls: type, folder: Path, field: str, *, dtype: Any) -> Any:

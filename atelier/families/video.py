@@ -84,9 +84,12 @@ class SVDFamily(_VideoFamily):
                       **settings)
         return [Video(frames=list(video), fps=fps) for video in result.frames]
 
-    def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
+    def preview_latents(self, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
         # (videos, frames, channels, h, w), in SD's latent space (SVD keeps SD's VAE encoder): the first frame
-        return latents_to_rgb(latents[index, 0], SD15_LATENT_RGB)
+        return latents[index, 0]
+
+    def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
+        return latents_to_rgb(self.preview_latents(latents, index), SD15_LATENT_RGB)
 
 
 class AnimateDiffFamily(_VideoFamily):
@@ -131,6 +134,9 @@ class AnimateDiffFamily(_VideoFamily):
                       **pipe.atelier_settings)
         return [Video(frames=list(video), fps=fps) for video in result.frames]
 
-    def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
+    def preview_latents(self, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
         # (videos, channels, frames, h, w), in SD 1.5's latent space: the first frame
-        return latents_to_rgb(latents[index, :, 0], SD15_LATENT_RGB)
+        return latents[index, :, 0]
+
+    def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:
+        return latents_to_rgb(self.preview_latents(latents, index), SD15_LATENT_RGB)
