@@ -116,6 +116,10 @@ class Actor:
     async def on_stop(self) -> None:
         """Last words, while the socket is still open."""
 
+    async def on_reconnect(self) -> None:
+        """After registering again with a broker that had forgotten us (it restarted): messages sent
+        to us meanwhile were dropped, so ask again for what matters."""
+
     # -- lifecycle --------------------------------------------------------- #
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -266,8 +270,12 @@ class Actor:
         if self.registered is not None:
             self.registered.clear()  # now, so nobody mistakes the old registration for a new one
         if self._registering is None or self._registering.done():
-            self._registering = asyncio.ensure_future(self._register(None))
+            self._registering = asyncio.ensure_future(self._register_again())
             self._registering.add_done_callback(_log_task_error)
+
+    async def _register_again(self) -> None:
+        await self._register(None)
+        await self.on_reconnect()
 
     async def _receive_loop(self) -> None:
         while True:

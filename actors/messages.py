@@ -305,6 +305,9 @@ class Submit(Wire):
     kind: Literal["submit"] = "submit"
     job: JobSpec
     inputs: JobInputs | None = None
+    # A client that retries a submit (after a timeout, a reconnect, a restart) with the same key gets
+    # the job the first try made, not a second one. Scoped to the job's user.
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class Accepted(Wire):
@@ -319,6 +322,15 @@ class CancelJob(Wire):
 
 class GetJob(Wire):
     kind: Literal["get_job"] = "get_job"
+    job_id: JobId
+
+
+class GetResult(Wire):
+    """The final word on a job again, with its outputs read back from the artifact store: for a
+    frontend that was away (restarting, reconnecting) when the JobResult was sent. Answered with
+    the JobResult once the job has ended, with JobInfo before."""
+
+    kind: Literal["get_result"] = "get_result"
     job_id: JobId
 
 
@@ -507,6 +519,12 @@ class BatchDone(Wire):
     outcomes: list[Annotated[Union[JobDone, JobFailed], Field(discriminator="kind")]]
     resident: dict[str, int]
     timing: RunTiming = Field(default_factory=RunTiming)
+    # The runner refused the batch and started none of it (it is shutting down, or still busy): no
+    # attempt counts. ``active_batch`` and ``active_jobs``: what it is busy with, which a restarted
+    # scheduler did not know it had.
+    refused: bool = False
+    active_batch: JobId | None = None
+    active_jobs: list[JobId] = Field(default_factory=list, max_length=256)
 
 
 class Draining(Wire):
@@ -587,6 +605,7 @@ Message = Annotated[
         Accepted,
         CancelJob,
         GetJob,
+        GetResult,
         JobInfo,
         GetStatus,
         ClusterStatus,

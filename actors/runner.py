@@ -139,11 +139,15 @@ class Runner(Actor):
         if self._draining:
             refusal = f"{self.name} is shutting down"
         elif self.active is not None:
-            # The scheduler thought we were free (it restarted, say): hand the jobs straight back.
+            # The scheduler thought we were free (it restarted, say): hand the jobs straight back, and
+            # say what we are busy with, so that it waits for that rather than running it again.
             refusal = f"{self.name} is busy with batch {self.active.id}"
         if refusal is not None:
             outcomes = [JobFailed(job_id=item.job.id, retryable=True, reason=refusal) for item in msg.items]
-            refused = BatchDone(batch_id=msg.batch_id, outcomes=outcomes, resident=self.resident_bytes)
+            busy = self.active if not self._draining else None
+            refused = BatchDone(batch_id=msg.batch_id, outcomes=outcomes, resident=self.resident_bytes, refused=True,
+                                active_batch=busy.id if busy else None,
+                                active_jobs=[spec.id for spec in busy.specs] if busy else [])
             asyncio.create_task(self._report(env.src, refused))
             return
         self.active = ActiveBatch(msg.batch_id, list(msg.items))

@@ -8,6 +8,10 @@ submitting frontend over the routed path, because events are lossy and results a
 A runner that dies (the broker says ``PeerDown``) gives its jobs back to the front of their
 owners' queues; generation is seeded, so a retry makes the same images. After
 ``max_attempts`` a job fails with the reason.
+
+Every accepted job and each of its transitions is written to the journal
+(``atelier/scheduling/journal.py``) before anyone hears of it; a restarted scheduler reads it
+back and carries on with the jobs that had not ended.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import time
 
 from actors.actor import Actor, handles, run_actor
@@ -22,6 +27,7 @@ from actors.codec import Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
+    Artifact,
     BatchDone,
     BatchItem,
     BatchUpdate,
@@ -29,8 +35,10 @@ from actors.messages import (
     ClusterStatus,
     Draining,
     Error,
+    ErrorCode,
     GetJob,
     GetModels,
+    GetResult,
     GetStatus,
     JobEvent,
     JobInfo,
@@ -53,6 +61,7 @@ from actors.messages import (
 )
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config, load_config
+from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import (
     Announce,
     Deliver,
@@ -67,6 +76,7 @@ from atelier.scheduling.policy import (
 log = logging.getLogger("atelier.scheduler")
 
 REFRESH_S = 1.0  # how often queued jobs' positions and ETAs are brought up to date
+PRUNE_S = 3600.0  # how often ended jobs older than journal_keep_days leave the journal
 
 
 class Scheduler(Actor):
@@ -81,9 +91,31 @@ class Scheduler(Actor):
         self.loaders: dict[str, LoaderState] = {}  # by node, for status
         self._wake: asyncio.TimerHandle | None = None
         self._sending = asyncio.Lock()  # effects go out in the order the policy decided them
+        self.journal = Journal(config.journal_path)
+        self._restore()
+
+    def _restore(self) -> None:
+        """Takes back what the journal holds: the last ended jobs, to answer for them, then every job
+        that had not ended, queued again in the order it was submitted."""
+        now = self.clock()
+        self.journal.prune(now - self.config.scheduler.journal_keep_days * 86400)
+        for kept in self.journal.finished(self.config.scheduler.remember_finished):
+            self.policy.restore(kept.record, kept.client, None, kept.idempotency_key, now)
+        unfinished = self.journal.unfinished()
+        for kept in unfinished:
+            self.policy.restore(kept.record, kept.client, kept.inputs, kept.idempotency_key, now)
+        if unfinished:
+            log.info("journal %s: %d jobs that had not ended are queued again", self.journal.path, len(unfinished))
+            # Written now: their new state (queued, no runner) must not wait for the first event.
+            self.journal.update(job.record for job in self.policy.jobs.values() if job.live)
 
     async def on_start(self) -> None:
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name=f"{self.name}-refresh"))
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name=f"{self.name}-prune"))
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        self.journal.close()
 
     # -- peers --------------------------------------------------------------- #
 
@@ -117,10 +149,25 @@ class Scheduler(Actor):
     @handles(Submit)
     async def on_submit(self, msg: Submit, env: Envelope) -> Accepted | Error:
         now = self.clock()
+        key = msg.idempotency_key
+        if key is not None and (msg.job.user, key) not in self.policy.keys:
+            earlier = self.journal.by_key(msg.job.user, key)  # a job long ended, forgotten from memory
+            if earlier is not None:
+                return Accepted(job=earlier)
+        known = self.policy.jobs.get(msg.job.id)
         try:
-            job = self.policy.submit(msg.job, env.src, now, msg.inputs)
+            job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key)
         except Refused as refused:
             return _error(refused)
+        if job is not known and job.id == msg.job.id:
+            try:
+                self.journal.add(job.record, env.src, key, msg.inputs)
+            except sqlite3.Error as exc:
+                # Not written, not accepted: taking a job that a restart would lose breaks the promise.
+                self.policy.cancel(job.id, now)
+                self.policy.drain()
+                log.error("journal: cannot write job %s: %s", job.id, exc)
+                return Error(code=ErrorCode.internal, message=f"the scheduler cannot record jobs right now ({exc})")
         await self._schedule()
         return Accepted(job=self.policy.record(job, now))
 
@@ -139,8 +186,30 @@ class Scheduler(Actor):
         try:
             job = self.policy.job(msg.job_id)
         except Refused as refused:
-            return _error(refused)
+            earlier = self.journal.get(msg.job_id)  # ended long ago: only the journal still has it
+            return JobInfo(job=earlier) if earlier is not None else _error(refused)
         return JobInfo(job=self.policy.record(job, self.clock()))
+
+    @handles(GetResult)
+    async def on_get_result(self, msg: GetResult, env: Envelope) -> JobResult | JobInfo | Error:
+        job = self.policy.jobs.get(msg.job_id)
+        if job is not None and job.live:
+            return JobInfo(job=self.policy.record(job, self.clock()))
+        record = job.record if job is not None else self.journal.get(msg.job_id)
+        if record is None:
+            return Error(code=ErrorCode.unknown_job, field="job_id", message=f"no job {msg.job_id!r} in the journal")
+        described = self.journal.outputs(msg.job_id)
+        outputs = await asyncio.to_thread(self._read_outputs, described)
+        return JobResult(job=record, outputs=outputs)
+
+    def _read_outputs(self, described: list[dict]) -> list[Artifact]:
+        """The artifacts of a done job, read back from the store; one deleted since is left out."""
+        outputs = []
+        for meta in described:
+            data = self.store.read(meta.get("uri") or "")
+            if data is not None:
+                outputs.append(Artifact(**meta, data=data))
+        return outputs
 
     @handles(GetStatus)
     async def on_status(self, msg: GetStatus, env: Envelope) -> ClusterStatus:
@@ -187,7 +256,9 @@ class Scheduler(Actor):
 
     @handles(BatchDone)
     async def on_batch_done(self, msg: BatchDone, env: Envelope) -> Ok:
-        done = self.policy.batch_done(env.src, msg.batch_id, msg.outcomes, msg.resident, msg.timing, self.clock())
+        done = self.policy.batch_done(env.src, msg.batch_id, msg.outcomes, msg.resident, msg.timing, self.clock(),
+                                      refused=msg.refused, active=(msg.active_batch, msg.active_jobs)
+                                      if msg.active_batch else None)
         await self._schedule()  # the runner is free: give it work before writing artifacts
         if done:
             stored = await asyncio.to_thread(self._store, done)
@@ -221,6 +292,7 @@ class Scheduler(Actor):
 
     async def _carry_out(self, effects: list) -> None:
         now = self.clock()
+        self._write(effects)
         for effect in effects:
             if isinstance(effect, Announce):
                 await self._announce(effect.job, now)
@@ -234,6 +306,18 @@ class Scheduler(Actor):
                 await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason))
             elif isinstance(effect, PreloadModels):
                 await self.send(loader_name(effect.node), Preload(models=list(effect.models)))
+
+    def _write(self, effects: list) -> None:
+        """Journals the transitions among ``effects`` before any of them is sent: what a frontend or
+        runner hears of has been written."""
+        records = [effect.job.record for effect in effects if isinstance(effect, Announce | Deliver)]
+        records += [self.policy.jobs[spec.id].record for effect in effects if isinstance(effect, Dispatch)
+                    for spec, _, _ in effect.items if spec.id in self.policy.jobs]
+        outputs = {effect.job.id: effect.outputs for effect in effects if isinstance(effect, Deliver)}
+        try:
+            self.journal.update(records, outputs)
+        except sqlite3.Error:  # serving goes on; a restart now would redo these transitions
+            log.exception("journal: cannot write %d job transitions", len(records))
 
     async def _announce(self, job: Job, now: float) -> None:
         r = self.policy.record(job, now)
@@ -264,6 +348,15 @@ class Scheduler(Actor):
                 log.exception("refreshing positions and ETAs failed")
 
 
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_S)
+            try:
+                self.journal.prune(self.clock() - self.config.scheduler.journal_keep_days * 86400)
+            except sqlite3.Error:
+                log.exception("journal: pruning ended jobs failed")
+
+
 def _error(refused: Refused) -> Error:
     return Error(code=refused.code, message=refused.message, field=refused.field,
                  retry_after_s=refused.retry_after_s)
@@ -275,11 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atelier scheduler", description="Run the atelier scheduler.")
     parser.add_argument("--config")
     parser.add_argument("--router", help="the broker's ROUTER endpoint")
+    parser.add_argument("--journal", help="the job journal's file, in place of the config's")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, "scheduler")
     config = load_config(args.config)
-    run_actor(Scheduler(config, args.router or config.broker.router))
+    if args.journal:
+        config.scheduler.journal = args.journal
+    try:
+        scheduler = Scheduler(config, args.router or config.broker.router)
+    except JournalError as exc:
+        log.error("%s", exc)
+        return 2
+    run_actor(scheduler)
     return 0
 
 

@@ -6,6 +6,7 @@ import mimetypes
 import os
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import unquote, urlparse
 
 from actors.messages import Artifact
 
@@ -42,3 +43,16 @@ class ArtifactStore:
             os.replace(tmp, path)  # readers never see half a file
             uris.append(path.resolve().as_uri())
         return uris
+
+    def read(self, uri: str) -> bytes | None:
+        """A stored artifact's bytes, or None where it is gone (deleted, or not in this store)."""
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            return None
+        path = Path(unquote(parsed.path))
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            return None  # a URI is data from the journal: never read outside the store
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None

@@ -179,6 +179,12 @@ class SchedulerConfig(Strict):
     # Jobs looked at, in queue order, when planning which runner takes what next.
     plan_window: int = Field(default=256, ge=1, le=100_000)
     remember_finished: int = Field(default=10_000, ge=0)
+    # The journal (SQLite) every accepted job and transition is written to, so a restarted scheduler
+    # queues again what had not ended. Default: journal.sqlite3 beside the artifact folder;
+    # ":memory:" keeps nothing across restarts.
+    journal: str | None = None
+    # Ended jobs stay queryable (state, artifacts) from the journal this long.
+    journal_keep_days: float = Field(default=30.0, gt=0)
     # Tell loaders to stage the models of the next queued jobs while the runners are busy.
     preload: bool = True
 
@@ -254,6 +260,10 @@ class Config(Strict):
     @property
     def artifact_dir(self) -> Path:
         return self.artifacts or self.home / "artifacts"
+
+    @property
+    def journal_path(self) -> str:
+        return self.scheduler.journal or str(self.artifact_dir.parent / "journal.sqlite3")
 
     @property
     def model_cache(self) -> Path:

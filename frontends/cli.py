@@ -53,7 +53,9 @@ async def _up(args: argparse.Namespace) -> int:
     router, pub = bound["router"], bound["pub"]
     # A restarted broker must come back where the others look for it (matters with port 0).
     broker.spec.argv = [py, "-m", "broker", "--router", router, "--pub", pub, *common]
-    await supervisor.start(ChildSpec("scheduler", [py, "-m", "actors.scheduler", "--router", router, *common]))
+    journal = ["--journal", args.journal] if args.journal else []
+    await supervisor.start(ChildSpec("scheduler", [py, "-m", "actors.scheduler", "--router", router, *journal,
+                                                   *common]))
     node_argv = [py, "-m", "gpu_node", "--router", router, *common]
     if args.devices:
         node_argv += ["--devices", args.devices]
@@ -340,6 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-timeout", type=float, default=300.0)
     up.add_argument("--http", help="HOST:PORT for the HTTP API and web page (default from the config, "
                                    "127.0.0.1:8080), or off")
+    up.add_argument("--journal", help="the scheduler's job journal (default from the config: journal.sqlite3 "
+                                      "beside the artifact folder)")
 
     gen = command("generate", "generate images and write them to a folder")
     gen.add_argument("prompt")

@@ -28,6 +28,7 @@ from actors.messages import (
     ClusterStatus,
     GetJob,
     GetModels,
+    GetResult,
     GetStatus,
     JobEvent,
     JobInfo,
@@ -70,6 +71,7 @@ class AtelierClient(Actor):
         self._sub: zmq.asyncio.Socket | None = None
         self._watches: dict[str, _Watch] = {}
         self._results: OrderedDict[str, JobResult] = OrderedDict()
+        self._fetching: set[asyncio.Future] = set()  # results being asked for again (kept referenced)
 
     async def __aenter__(self) -> "AtelierClient":
         await self.start()
@@ -94,7 +96,8 @@ class AtelierClient(Actor):
     # -- API --------------------------------------------------------------- #
 
     async def submit(self, spec: JobSpec, timeout: float = 10.0, attempts: int = 3,
-                     events: bool = True, inputs: JobInputs | None = None) -> JobRecord:
+                     events: bool = True, inputs: JobInputs | None = None,
+                     idempotency_key: str | None = None) -> JobRecord:
         """Queues a job; raises RemoteError (with the offending field) if the scheduler refuses it.
 
         With ``events`` the job's state, progress and previews are subscribed to before it is
@@ -102,13 +105,16 @@ class AtelierClient(Actor):
 
         A submit lost in flight (the broker restarting, say) is sent again with the same job id;
         the scheduler answers a repeat from the same client with the job it already has, so a
-        retry never makes a second job.
+        retry never makes a second job. ``idempotency_key`` extends that to retries from anywhere (a
+        restarted client, another frontend process): the same user and key get the same job, even
+        one that ended long ago. The returned record's job id is then that job's.
         """
         self._watch(spec.id, subscribe=events)
         try:
             for attempt in range(attempts):
                 try:
-                    accepted = await self.ask(SCHEDULER, Submit(job=spec, inputs=inputs), timeout)
+                    accepted = await self.ask(SCHEDULER, Submit(job=spec, inputs=inputs,
+                                                                idempotency_key=idempotency_key), timeout)
                     break
                 except asyncio.TimeoutError:
                     if attempt == attempts - 1:
@@ -118,6 +124,10 @@ class AtelierClient(Actor):
             self._unwatch(spec.id)
             raise
         assert isinstance(accepted, Accepted)
+        if accepted.job.spec.id != spec.id:  # the job an earlier submit with this idempotency key made
+            self._unwatch(spec.id)
+            if accepted.job.spec.id not in self._watches:
+                self._watch_known(accepted.job.spec.id, subscribe=events)  # it may have ended already
         return accepted.job
 
     async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
@@ -125,7 +135,7 @@ class AtelierClient(Actor):
         if job_id in self._results:
             yield self._results[job_id]
             return
-        watch = self._watches.get(job_id) or self._watch(job_id)
+        watch = self._watches.get(job_id) or self._watch_known(job_id)
         if not watch.subscribed:
             self._subscribe(job_id, watch)  # late: events already sent are gone, the result is not
         while True:
@@ -137,7 +147,7 @@ class AtelierClient(Actor):
     async def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
         if job_id in self._results:
             return self._results[job_id]
-        watch = self._watches.get(job_id) or self._watch(job_id, subscribe=False)
+        watch = self._watches.get(job_id) or self._watch_known(job_id, subscribe=False)
         assert watch.result is not None
         return await asyncio.wait_for(asyncio.shield(watch.result), timeout)
 
@@ -190,6 +200,34 @@ class AtelierClient(Actor):
             self._subscribe(job_id, watch)
         return watch
 
+    def _watch_known(self, job_id: str, subscribe: bool = True) -> _Watch:
+        """A watch on a job this client did not just submit: one submitted before a restart, or by
+        another process. It may have ended already, its result sent elsewhere: ask for it."""
+        watch = self._watch(job_id, subscribe)
+        self._catch_up([job_id])
+        return watch
+
+    def _catch_up(self, job_ids: list[str]) -> None:
+        """Asks the scheduler for the results of jobs that may have ended unseen; each one that has
+        comes in through ``on_result``, as if sent, and shows once."""
+        async def fetch(job_id: str) -> None:
+            try:
+                reply = await self.ask(SCHEDULER, GetResult(job_id=job_id))
+            except (RemoteError, asyncio.TimeoutError) as exc:
+                log.info("could not fetch the result of %s yet: %s", job_id, exc)
+                return
+            if isinstance(reply, JobResult):
+                await self.on_result(reply, None)
+
+        for job_id in job_ids:
+            task = asyncio.ensure_future(fetch(job_id))
+            self._fetching.add(task)
+            task.add_done_callback(self._fetching.discard)
+
+    async def on_reconnect(self) -> None:
+        # A JobResult sent while the broker was restarting is gone; the scheduler still has it.
+        self._catch_up(list(self._watches))
+
     def _subscribe(self, job_id: str, watch: _Watch) -> None:
         assert self._sub is not None
         self._sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")
@@ -202,8 +240,10 @@ class AtelierClient(Actor):
                 self._sub.setsockopt_string(zmq.UNSUBSCRIBE, f"job/{job_id}/")
 
     @handles(JobResult)
-    async def on_result(self, msg: JobResult, env: Envelope) -> None:
+    async def on_result(self, msg: JobResult, env: Envelope | None) -> None:
         job_id = msg.job.spec.id
+        if job_id in self._results:
+            return  # sent again (delivery is at least once) or fetched as well: shown once
         # Kept for a while, so a caller that starts waiting late still gets it.
         self._results[job_id] = msg
         while len(self._results) > KEEP_RESULTS:

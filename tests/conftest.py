@@ -41,8 +41,11 @@ class Cluster:
         return {**os.environ, "ATELIER_HOME": str(self.home), "PYTHONPATH": str(ROOT)}
 
     def start(self, timeout: float = 120.0) -> "Cluster":
+        # Clusters of a test session share one home (the tiny models are made once), so each keeps
+        # its own journal: one scheduler holds a journal at a time.
+        self.journal = self.home / f"journal-{time.monotonic_ns()}.sqlite3"
         argv = [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
-                "--pub", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0"]
+                "--pub", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0", "--journal", str(self.journal)]
         if self.config is not None:
             argv += ["--config", str(self.config)]
         self._stderr = open(self.log, "wb")

@@ -96,6 +96,7 @@ class Job:
     key: BatchKey
     entry: Entry
     inputs: JobInputs | None = None  # kept until it ends: a retry needs them again
+    idempotency_key: str | None = None
     cancel_requested: bool = False
     superseded_by: str | None = None
     finish_at: float | None = None  # expected, absolute; record.eta_s is derived from it
@@ -218,6 +219,7 @@ class Policy:
         self.batches: dict[str, Batch] = {}
         self.staged: dict[str, dict[str, int]] = {}  # by node: what its loader reported staged
         self.sessions: dict[tuple[str, str], str] = {}  # (user, session) -> its newest job
+        self.keys: dict[tuple[str, str], str] = {}  # (user, idempotency key) -> its job
         self.effects: list[Effect] = []
         self.stats = SchedulerStats(job_seconds_buckets=JOB_SECONDS_BUCKETS,
                                     job_seconds_counts=[0] * (len(JOB_SECONDS_BUCKETS) + 1))
@@ -236,8 +238,14 @@ class Policy:
 
     # -- frontends ------------------------------------------------------------- #
 
-    def submit(self, spec: JobSpec, client: str, now: float, inputs: JobInputs | None = None) -> Job:
-        """Queues a job (announced by the next ``schedule``); raises Refused."""
+    def submit(self, spec: JobSpec, client: str, now: float, inputs: JobInputs | None = None,
+               idempotency_key: str | None = None) -> Job:
+        """Queues a job (announced by the next ``schedule``); raises Refused. A submit with the
+        idempotency key of a job of the same user that is still remembered returns that job."""
+        if idempotency_key is not None:
+            known = self.jobs.get(self.keys.get((spec.user, idempotency_key), ""))
+            if known is not None:
+                return known
         known = self.jobs.get(spec.id)
         if known is not None:
             if known.client == client:
@@ -257,8 +265,8 @@ class Policy:
         spec = admission.resolve(spec, inputs, self.config, self._rng)
         record = JobRecord(spec=spec, state=JobState.queued, submitted_at=now)
         entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
-        job = Job(record, client, BatchKey.of(spec), entry, inputs)
-        self.jobs[spec.id] = job
+        job = Job(record, client, BatchKey.of(spec), entry, inputs, idempotency_key=idempotency_key)
+        self._remember(job)
         if spec.session is not None:
             self.sessions[(spec.user, spec.session)] = spec.id
             if replaced is not None:
@@ -266,6 +274,36 @@ class Policy:
         self.queue.push(entry)
         self._fresh.append(job)
         return job
+
+    def restore(self, record: JobRecord, client: str, inputs: JobInputs | None, idempotency_key: str | None,
+                now: float) -> Job:
+        """A job read back from the journal after a restart. One that had ended is remembered as it
+        was (its result is not sent again); any other is queued again, behind those restored before
+        it: call in submit order. One that was running runs again (the same seed, the same images),
+        with its attempts so far counted."""
+        spec = record.spec
+        entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
+        job = Job(record, client, BatchKey.of(spec), entry, inputs, idempotency_key=idempotency_key)
+        self._remember(job)
+        if record.state.terminal:
+            job.inputs = None
+            self._finished.append(job.id)
+            self._forget_beyond_memory()
+            return job
+        if record.state is not JobState.queued:
+            record.reason = f"requeued: the scheduler restarted while it was {record.state.value}"
+        record.state, record.runner, record.batch_id, record.position, record.eta_s = (
+            JobState.queued, None, None, None, None)
+        if spec.session is not None:
+            self.sessions[(spec.user, spec.session)] = spec.id
+        self.queue.push(entry)
+        self._fresh.append(job)
+        return job
+
+    def _remember(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        if job.idempotency_key is not None:
+            self.keys[(job.spec.user, job.idempotency_key)] = job.id
 
     def cancel(self, job_id: str, now: float) -> Job:
         job = self.job(job_id)
@@ -377,9 +415,12 @@ class Policy:
             batch.started, batch.expected_s = now, run_s
 
     def batch_done(self, runner: str, batch_id: str, outcomes: Iterable[JobDone | JobFailed],
-                   resident: dict[str, int], timing: RunTiming, now: float) -> list[tuple[Job, JobDone]]:
+                   resident: dict[str, int], timing: RunTiming, now: float, *, refused: bool = False,
+                   active: tuple[str, list[str]] | None = None) -> list[tuple[Job, JobDone]]:
         """Frees the runner and settles every job of the batch; returns the done ones, whose
-        artifacts the caller stores before calling ``complete``."""
+        artifacts the caller stores before calling ``complete``. A ``refused`` batch never started:
+        its jobs go back without an attempt counted; ``active`` is the batch the runner is busy with
+        instead (after a restart here, one this policy did not know of), which it waits for."""
         r = self.runners.get(runner)
         batch = self.batches.pop(batch_id, None)
         if r is not None:
@@ -393,6 +434,8 @@ class Policy:
         for outcome in outcomes:
             reported.add(outcome.job_id)
             job = self._job_on(outcome.job_id, runner)
+            if job is None and isinstance(outcome, JobDone):
+                job = self._adopt(outcome.job_id, runner)
             if job is None:
                 continue
             if job.superseded_by is not None:
@@ -401,6 +444,9 @@ class Policy:
                 done.append((job, outcome))
             elif outcome.cancelled or job.cancel_requested:
                 self._finish(job, JobState.cancelled, outcome.reason, now)
+            elif refused:
+                job.record.attempts -= 1  # counted at dispatch, never started
+                self._requeue(job, outcome.reason)
             elif outcome.retryable and job.record.attempts < self.settings.max_attempts:
                 self._requeue(job, outcome.reason)
             else:
@@ -409,7 +455,20 @@ class Policy:
             job = self._job_on(job_id, runner) if job_id not in reported else None
             if job is not None:  # the runner said nothing of it: it is not done, so it runs again
                 self._requeue(job, f"runner {runner} reported no outcome for it")
+        if active is not None and r is not None and r.batch is None:
+            self._reclaim(r, active[0], active[1], now)
         return done
+
+    def _adopt(self, job_id: str, runner: str) -> Job | None:
+        """A job that was queued again while a runner still had it (the scheduler restarted, or gave
+        the runner up too early), and that nobody else has started: the images it reports done are
+        the ones a second run would make (the same seeds), so they are taken rather than made again."""
+        job = self.jobs.get(job_id)
+        if job is None or job.record.state is not JobState.queued or job.record.runner is not None:
+            return None
+        self.queue.take(job.id)
+        self._set_running(job, runner, job.record.batch_id or "", JobState.running)
+        return job
 
     def complete(self, job: Job, artifacts: list[str], outputs: tuple, now: float) -> None:
         if not job.live:
@@ -767,12 +826,20 @@ class Policy:
         self._count_finished(state, now - record.submitted_at)
         self.effects.append(Deliver(job, outputs))
         self._finished.append(job.id)
+        self._forget_beyond_memory()
+
+    def _forget_beyond_memory(self) -> None:
+        """Ended jobs beyond ``remember_finished`` leave memory (the journal still has them)."""
         while len(self._finished) > self.settings.remember_finished:
             forgotten = self.jobs.pop(self._finished.popleft(), None)
-            if forgotten is not None and forgotten.spec.session is not None:
+            if forgotten is None:
+                continue
+            if forgotten.spec.session is not None:
                 key = (forgotten.spec.user, forgotten.spec.session)
                 if self.sessions.get(key) == forgotten.id:
                     del self.sessions[key]
+            if forgotten.idempotency_key is not None:
+                self.keys.pop((forgotten.spec.user, forgotten.idempotency_key), None)
 
     def _count_finished(self, state: JobState, seconds: float) -> None:
         stats = self.stats

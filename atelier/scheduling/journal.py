@@ -1,0 +1,210 @@
+"""The scheduler's journal: every accepted job and each of its transitions, in one SQLite file.
+
+A scheduler that is killed loses nothing it accepted: ``Submit`` is answered only once the job
+(and its input images) is written, and each change of state after it is written before the
+message that makes it known leaves. A restarted scheduler reads back the jobs that had not
+ended and queues them again in the order they were submitted (a job that was running runs
+again: generation is seeded, so it makes the same images), and still answers for the jobs that
+had ended, with their artifacts.
+
+SQLite, because it is one file and no server, and its WAL mode makes a write an append that
+survives the process dying at any moment (``synchronous = NORMAL``: a power cut may lose the
+last transactions, a killed process never does). The file is locked for one scheduler:
+a second one pointed at it is refused at start rather than interleaving with the first.
+Idempotency keys live here too, so a client's retried submit finds its job even once the
+scheduler has forgotten it from memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.messages import Artifact, JobInputs, JobRecord
+
+log = logging.getLogger("atelier.journal")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    idempotency_key TEXT,
+    client TEXT NOT NULL,          -- the frontend that submitted it: where its result goes
+    state TEXT NOT NULL,
+    record TEXT NOT NULL,          -- the JobRecord as JSON
+    submitted_at REAL NOT NULL,
+    finished_at REAL,
+    outputs TEXT                   -- a done job's artifacts as JSON, less their bytes (those are in the store)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (user, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs (finished_at);
+CREATE TABLE IF NOT EXISTS inputs (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+"""
+_INPUT_NAMES = ("image", "mask", "control_image", "ip_adapter_image")
+
+
+class JournalError(Exception):
+    """The journal cannot be opened: locked by another scheduler, unreadable, or of a newer version."""
+
+
+@dataclass
+class Restored:
+    """A job as the journal kept it."""
+
+    record: JobRecord
+    client: str
+    idempotency_key: str | None
+    inputs: JobInputs | None
+
+
+class Journal:
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: transactions are begun and ended here, explicitly.
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5)
+            # The write lock, once taken, is held until the process ends (or dies: the OS drops it),
+            # so a second scheduler on the same file fails here rather than each requeueing the
+            # other's jobs.
+            self.db.execute("PRAGMA locking_mode = EXCLUSIVE")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("BEGIN IMMEDIATE")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                self.db.execute("ROLLBACK")
+                raise JournalError(f"journal {self.path} is of a newer atelier (schema {version}); "
+                                   "upgrade atelier or point [scheduler] journal elsewhere")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self.db.execute(statement)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise JournalError(f"journal {self.path} is in use by another scheduler") from None
+            raise JournalError(f"journal {self.path} cannot be opened: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"journal {self.path} is not a journal (or is damaged): {exc}") from None
+        # What was last written of each job that has not ended: a transition rewrites the row, a
+        # position or ETA update (many a second) does not.
+        self._written: dict[str, tuple] = {}
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ------------------------------------------------------------------ #
+
+    def add(self, record: JobRecord, client: str, idempotency_key: str | None, inputs: JobInputs | None) -> None:
+        """A newly accepted job, with its input images, in one transaction."""
+        spec = record.spec
+        with self._transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO jobs (id, user, idempotency_key, client, state, record, submitted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (spec.id, spec.user, idempotency_key, client, record.state.value, record.model_dump_json(),
+                 record.submitted_at))
+            for name in inputs.names() if inputs is not None else ():
+                self.db.execute("INSERT OR REPLACE INTO inputs (job_id, name, data) VALUES (?, ?, ?)",
+                                (spec.id, name, bytes(getattr(inputs, name))))
+        self._written[spec.id] = _mark(record)
+
+    def update(self, records: Iterable[JobRecord], outputs: Mapping[str, Sequence[Artifact]] | None = None) -> int:
+        """Writes the jobs whose state changed since last written; returns how many. ``outputs``: a done
+        job's artifacts, whose description (not bytes) is kept to give its result again. An ended
+        job's input images go: no attempt comes after an end."""
+        changed = [r for r in records if self._written.get(r.spec.id) != _mark(r)]
+        if not changed:
+            return 0
+        outputs = outputs or {}
+        with self._transaction():
+            for record in changed:
+                described = outputs.get(record.spec.id)
+                if described is not None:
+                    described = json.dumps([a.model_dump(mode="json", exclude={"data"}) for a in described])
+                self.db.execute("UPDATE jobs SET state = ?, record = ?, finished_at = ?, outputs = ? WHERE id = ?",
+                                (record.state.value, record.model_dump_json(), record.finished_at, described,
+                                 record.spec.id))
+                if record.state.terminal:
+                    self.db.execute("DELETE FROM inputs WHERE job_id = ?", (record.spec.id,))
+        for record in changed:
+            if record.state.terminal:
+                self._written.pop(record.spec.id, None)
+            else:
+                self._written[record.spec.id] = _mark(record)
+        return len(changed)
+
+    def prune(self, before: float) -> int:
+        """Forgets jobs that ended before ``before`` (seconds since the epoch); returns how many."""
+        with self._transaction():
+            cursor = self.db.execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (before,))
+        return cursor.rowcount
+
+    # -- reads ------------------------------------------------------------------- #
+
+    def unfinished(self) -> list[Restored]:
+        """Jobs that had not ended, in the order they were submitted."""
+        rows = self.db.execute("SELECT record, client, idempotency_key, id FROM jobs WHERE finished_at IS NULL"
+                               " ORDER BY rowid").fetchall()
+        restored = []
+        for record, client, key, job_id in rows:
+            inputs = dict(self.db.execute("SELECT name, data FROM inputs WHERE job_id = ?", (job_id,)).fetchall())
+            parsed = JobRecord.model_validate_json(record)
+            restored.append(Restored(parsed, client, key, JobInputs(**inputs) if inputs else None))
+            self._written[job_id] = _mark(parsed)
+        return restored
+
+    def finished(self, limit: int) -> list[Restored]:
+        """The ``limit`` jobs that ended last, oldest first."""
+        rows = self.db.execute("SELECT record, client, idempotency_key FROM jobs WHERE finished_at IS NOT NULL"
+                               " ORDER BY finished_at DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
+        return [Restored(JobRecord.model_validate_json(r), c, k, None) for r, c, k in reversed(rows)]
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self.db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord.model_validate_json(row[0]) if row else None
+
+    def outputs(self, job_id: str) -> list[dict]:
+        """A done job's artifacts as ``update`` described them (each an Artifact's fields but ``data``)."""
+        row = self.db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else []
+
+    def by_key(self, user: str, idempotency_key: str) -> JobRecord | None:
+        row = self.db.execute("SELECT record FROM jobs WHERE user = ? AND idempotency_key = ?",
+                              (user, idempotency_key)).fetchone()
+        return JobRecord.model_validate_json(row[0]) if row else None
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _mark(record: JobRecord) -> tuple:
+    """What makes a record worth writing again: its transitions, not its position or ETA."""
+    return record.state, record.attempts, record.runner, record.batch_id, record.reason, len(record.artifacts)
+

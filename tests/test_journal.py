@@ -1,0 +1,257 @@
+"""The journal: a killed scheduler loses no job it accepted, a retried submit makes no second job,
+and a frontend that was away gets its results."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from actors.messages import Artifact, JobInputs, JobRecord, JobResult, JobSpec, JobState
+from atelier.config import Config
+from atelier.scheduling.journal import Journal, JournalError
+from atelier.scheduling.policy import Announce, Dispatch, Policy
+from tests.conftest import Cluster, run
+from tests.test_lifecycle import descendants
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _record(prompt: str = "a lighthouse", user: str = "ann", **spec) -> JobRecord:
+    return JobRecord(spec=JobSpec(model="tiny-sd", prompt=prompt, user=user, width=64, height=64, steps=2, **spec),
+                     state=JobState.queued, submitted_at=time.time())
+
+
+# -- the journal itself ------------------------------------------------------------------------- #
+
+
+def test_jobs_and_their_inputs_come_back_in_submit_order(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    records = [_record(f"p{i}") for i in range(5)]
+    for i, record in enumerate(records):
+        journal.add(record, f"client-{i}", f"key-{i}" if i == 2 else None,
+                    JobInputs(image=b"\x89PNG-" + bytes([i])) if i == 1 else None)
+    records[3].state, records[3].finished_at = JobState.done, time.time()
+    records[3].artifacts = ["file:///x-0.png"]
+    records[0].state, records[0].runner, records[0].attempts = JobState.running, "runner-a", 1
+    assert journal.update(records) == 2  # only the two that changed
+    live = [records[i] for i in (0, 1, 2, 4)]
+    assert journal.update(live) == 0  # nothing new: not written again
+    records[4].position, records[4].eta_s = 7, 3.5
+    assert journal.update(live) == 0  # a new position or ETA is not a transition
+    journal.close()
+
+    again = Journal(path)
+    unfinished = again.unfinished()
+    assert [r.record.spec.prompt for r in unfinished] == ["p0", "p1", "p2", "p4"]
+    assert unfinished[0].record.state is JobState.running and unfinished[0].record.runner == "runner-a"
+    assert unfinished[1].inputs == JobInputs(image=b"\x89PNG-\x01") and unfinished[0].inputs is None
+    assert [r.client for r in unfinished] == ["client-0", "client-1", "client-2", "client-4"]
+    assert again.by_key("ann", "key-2").spec.id == records[2].spec.id and again.by_key("bob", "key-2") is None
+    finished = again.finished(10)
+    assert [r.record.spec.prompt for r in finished] == ["p3"] and finished[0].record.artifacts == ["file:///x-0.png"]
+    assert again.get(records[3].spec.id).state is JobState.done and again.get("nope") is None
+
+
+def test_an_ended_jobs_inputs_go_and_old_ends_are_pruned(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    old, new = _record("old"), _record("new")
+    for record in (old, new):
+        journal.add(record, "c", None, JobInputs(image=b"img"))
+    old.state, old.finished_at = JobState.failed, 1000.0
+    new.state, new.finished_at = JobState.done, time.time()
+    journal.update([old, new], {new.spec.id: [Artifact(media_type="image/png", data=b"x", width=8, height=8,
+                                                       seed=3, uri="file:///a.png")]})
+    assert journal.db.execute("SELECT count(*) FROM inputs").fetchone()[0] == 0
+    assert journal.outputs(new.spec.id) == [{"media_type": "image/png", "width": 8, "height": 8, "seed": 3,
+                                             "frames": None, "fps": None, "duration_s": None, "sample_rate": None,
+                                             "uri": "file:///a.png"}]
+    assert journal.prune(before=2000.0) == 1
+    assert journal.get(old.spec.id) is None and journal.get(new.spec.id) is not None
+
+
+def test_one_scheduler_at_a_time_and_no_journal_of_a_newer_version(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    first = Journal(path)
+    with pytest.raises(JournalError, match="in use by another scheduler"):
+        Journal(path)
+    first.close()
+    Journal(path).close()  # free again once the first is gone
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="newer atelier"):
+        Journal(path)
+    (tmp_path / "junk").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(JournalError, match="not a journal"):
+        Journal(tmp_path / "junk")
+
+
+# -- the policy, restored ----------------------------------------------------------------------- #
+
+
+def test_a_restored_policy_queues_again_in_order_and_remembers_the_ended(tmp_path: Path) -> None:
+    config = Config.model_validate({"home": str(tmp_path)})
+    policy = Policy(config)
+    done, running, queued = _record("done"), _record("running"), _record("queued", user="bob")
+    done.state, done.finished_at = JobState.done, 5.0
+    running.state, running.runner, running.attempts = JobState.running, "r1", 1
+    for record in (done, running, queued):
+        policy.restore(record, "fe", None, "k-" + record.spec.prompt, now=10.0)
+    assert [e.id for e in policy.queue.order()] == [running.spec.id, queued.spec.id]
+    assert running.state is JobState.queued and running.runner is None and running.attempts == 1
+    assert "scheduler restarted while it was running" in running.reason
+    assert policy.job(done.spec.id).record.state is JobState.done
+    # The same idempotency key finds the job, whichever id the retry carries.
+    retry = JobSpec(model="tiny-sd", prompt="running", user="ann", width=64, height=64, steps=2)
+    assert policy.submit(retry, "another-frontend", 11.0, idempotency_key="k-running").id == running.spec.id
+    assert policy.submit(retry, "fe", 11.0, idempotency_key="k-other").id == retry.id  # a new key: a new job
+
+    # A runner that still had the job when the scheduler restarted reports it done: taken as it is.
+    from actors.messages import Capabilities, JobDone, RunTiming
+
+    policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 12.0)
+    policy.drain()
+    outcome = JobDone(job_id=running.spec.id, outputs=[], elapsed_s=1.0)
+    taken = policy.batch_done("r1", "batch-before-the-restart", [outcome], {}, RunTiming(), 13.0)
+    assert [job.id for job, _ in taken] == [running.spec.id]
+    assert running.spec.id not in [e.id for e in policy.queue.order()]
+
+
+def test_restored_jobs_are_announced_and_dispatched(tmp_path: Path) -> None:
+    from actors.messages import Capabilities
+
+    policy = Policy(Config.model_validate({"home": str(tmp_path)}))
+    record = _record()
+    policy.restore(record, "fe", JobInputs(image=b"png"), None, now=1.0)
+    policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 2.0)
+    policy.schedule(2.0)
+    effects = policy.drain()
+    dispatch = next(e for e in effects if isinstance(e, Dispatch))
+    assert any(isinstance(e, Announce) and e.job.id == record.spec.id for e in effects)
+    assert dispatch.items[0][0].id == record.spec.id and dispatch.items[0][2] == JobInputs(image=b"png")
+
+
+def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_for(tmp_path: Path) -> None:
+    from actors.messages import Capabilities, JobDone, JobFailed, RunTiming
+
+    policy = Policy(Config.model_validate({"home": str(tmp_path), "scheduler": {"max_attempts": 1}}))
+    before, new = _record("running when the scheduler died"), _record("new")
+    policy.restore(before, "fe", None, None, now=1.0)
+    policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 2.0)  # as it said Hello: idle
+    policy.submit(new.spec, "fe", 2.0)
+    policy.schedule(2.0)
+    dispatch = next(e for e in policy.drain() if isinstance(e, Dispatch))
+    refusal = [JobFailed(job_id=spec.id, retryable=True, reason="r1 is busy with batch old")
+               for spec, _, _ in dispatch.items]
+    policy.batch_done("r1", dispatch.batch.id, refusal, {}, RunTiming(), 3.0, refused=True,
+                      active=("old", [before.spec.id]))
+    # No attempt counted (max_attempts 1 would have failed them), and the runner is busy with its old
+    # batch, which now holds the restored job: nothing is dispatched to it until that ends.
+    assert all(policy.job(spec.id).record.attempts == 0 for spec, _, _ in dispatch.items
+               if spec.id != before.spec.id)
+    assert policy.job(before.spec.id).record.state is JobState.running
+    assert policy.job(new.spec.id).record.state is JobState.queued
+    policy.schedule(3.0)
+    assert not [e for e in policy.drain() if isinstance(e, Dispatch)]
+    done = policy.batch_done("r1", "old", [JobDone(job_id=before.spec.id, outputs=[], elapsed_s=1.0)], {},
+                             RunTiming(), 4.0)
+    assert [job.id for job, _ in done] == [before.spec.id]
+    policy.schedule(4.0)
+    assert [d.items[0][0].id for d in policy.drain() if isinstance(d, Dispatch)] == [new.spec.id]
+
+
+# -- through atelier ---------------------------------------------------------------------------- #
+
+
+def _pid_of(cluster: Cluster, role: bytes) -> int:
+    for pid in descendants(cluster.process.pid):
+        try:
+            if role in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return pid
+        except OSError:  # gone since it was listed
+            continue
+    raise LookupError(role)
+
+
+def _wait_new_pid(cluster: Cluster, role: bytes, old: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid = _pid_of(cluster, role)
+            if pid != old:
+                return pid
+        except LookupError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{role!r} was not restarted")
+
+
+@pytest.fixture(scope="module")
+def restarting(atelier_home: Path) -> Cluster:
+    cluster = Cluster(atelier_home).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_a_killed_scheduler_loses_no_job(restarting: Cluster) -> None:
+    specs = [JobSpec(model="tiny-sd", prompt=f"a lighthouse {i}", width=64, height=64, steps=12, seed=i,
+                     user=f"user-{i % 2}") for i in range(6)]
+
+    async def go() -> tuple[list[JobResult], JobRecord]:
+        async with restarting.client() as client:
+            for spec in specs:
+                await client.submit(spec, events=False)
+            # Kill it while the first jobs run and the rest wait in its queue.
+            while (await client.job(specs[0].id)).state is not JobState.running:
+                await asyncio.sleep(0.05)
+            old = _pid_of(restarting, b"actors.scheduler")
+            os.kill(old, signal.SIGKILL)
+            await asyncio.to_thread(_wait_new_pid, restarting, b"actors.scheduler", old)
+            results = [await client.wait(spec.id, timeout=180) for spec in specs]
+            return results, await client.job(specs[0].id)
+
+    results, first = run(go(), timeout=220)
+    assert [r.job.state for r in results] == [JobState.done] * len(specs), [r.job.reason for r in results]
+    for spec, result in zip(specs, results, strict=True):
+        image = Image.open(io.BytesIO(bytes(result.outputs[0].data)))
+        assert image.size == (64, 64) and f"Seed: {spec.seed}" in image.info["parameters"]
+    assert first.state is JobState.done and first.artifacts  # the restarted scheduler answers for it
+
+
+def test_an_idempotency_key_makes_one_job_across_a_restart(restarting: Cluster) -> None:
+    spec = dict(model="tiny-sd", prompt="a key", width=64, height=64, steps=2, user="kim")
+
+    async def go() -> tuple[JobRecord, JobRecord, JobResult, JobResult]:
+        async with restarting.client() as client:
+            first = await client.submit(JobSpec(**spec), idempotency_key="order-17", events=False)
+            result = await client.wait(first.spec.id, timeout=60)
+            old = _pid_of(restarting, b"actors.scheduler")
+            os.kill(old, signal.SIGKILL)
+            await asyncio.to_thread(_wait_new_pid, restarting, b"actors.scheduler", old)
+        # A new client (a restarted frontend) retries with the same key: it gets the first job,
+        # ended, and its result with its image, fetched from the store.
+        async with restarting.client() as again:
+            for _ in range(100):
+                try:
+                    second = await again.submit(JobSpec(**spec), idempotency_key="order-17", events=False, timeout=2)
+                    break
+                except Exception:  # the scheduler is still starting
+                    await asyncio.sleep(0.2)
+            fetched = await again.wait(second.spec.id, timeout=30)
+        return first, second, result, fetched
+
+    first, second, result, fetched = run(go(), timeout=120)
+    assert second.spec.id == first.spec.id and second.state is JobState.done
+    assert fetched.job.state is JobState.done
+    assert [bytes(a.data) for a in fetched.outputs] == [bytes(a.data) for a in result.outputs]
+    assert (fetched.outputs[0].width, fetched.outputs[0].seed) == (64, result.outputs[0].seed)
