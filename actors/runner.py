@@ -65,6 +65,7 @@ STAGE_POLL_S = 5.0
 PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is motion no one sees
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
+STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
 
 
 @dataclass
@@ -83,6 +84,8 @@ class ActiveBatch:
     cancel: threading.Event = field(default_factory=threading.Event)
     shutting_down: str | None = None
     started: float = field(default_factory=time.monotonic)
+    # When its pipeline last showed life (it started running, or finished a step); None while loading.
+    progress_at: float | None = None
 
     @property
     def specs(self) -> list[JobSpec]:
@@ -130,6 +133,32 @@ class Runner(Actor):
         default = self.config.models.get(self.config.default_model)
         if default is not None:
             self._worker.submit(get_family, default.family)
+        if self.config.node.step_timeout_s:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.config.node.step_timeout_s),
+                                                   name=f"{self.name}-watchdog"))
+
+    async def _watchdog(self, timeout: float) -> None:
+        """Ends this process when the batch in hand makes no step for ``timeout`` seconds. A stuck
+        pipeline call cannot be interrupted from Python (the worker thread is in it), so the
+        runner hands the jobs back (each counts an attempt: one that always hangs fails in the end)
+        and exits; its node starts a fresh one."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            batch = self.active
+            if batch is None or batch.progress_at is None:
+                continue
+            quiet = time.monotonic() - batch.progress_at
+            if quiet <= timeout:
+                continue
+            reason = f"no progress for {quiet:.0f}s (a stuck step): {self.name} was restarted"
+            log.error("%s: watchdog: batch %s %s", self.name, batch.id, reason)
+            outcomes = [self._stopped_outcome(batch, spec) if spec.id in batch.stopped else
+                        JobFailed(job_id=spec.id, reason=reason, retryable=True) for spec in batch.specs]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._report(SCHEDULER, BatchDone(
+                    batch_id=batch.id, outcomes=outcomes, resident={})), timeout=10)
+            logging.shutdown()
+            os._exit(STUCK_EXIT)
 
     # -- handlers -------------------------------------------------------------- #
 
@@ -188,6 +217,7 @@ class Runner(Actor):
                 pipe = resident.pipe
                 self.pipelines.move_to_end(first.model)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
+            batch.progress_at = time.monotonic()
             entry = self.config.models[first.model]
 
             def work() -> list[list[Artifact]]:
@@ -272,6 +302,7 @@ class Runner(Actor):
             if batch.cancel.is_set():
                 raise JobCancelled(batch.shutting_down or "cancelled")
             now = time.monotonic()
+            batch.progress_at = now
             per_step = (now - started) / step
             timing.steps, timing.step_s = step, per_step
             if now - last_preview < PREVIEW_INTERVAL_S and step < total:

@@ -2,12 +2,15 @@
 
 It goes through the same load / step / preview / result path as a real
 family, so running it measures the serving system's own overhead. The only
-cost it adds is an optional fixed sleep per step, to mimic a model's pace.
+cost it adds is an optional fixed sleep per step, to mimic a model's pace. For testing what
+happens when a pipeline hangs (the runner's watchdog), ``hang_after_steps`` makes the step
+after that many never return, as a deadlocked CUDA call would not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ _PREVIEW_SIDE = 8
 @dataclass(frozen=True)
 class NoopPipeline:
     step_s: float = 0.0
+    hang_after_steps: int | None = None
 
 
 class NoopFamily(Family):
@@ -43,16 +47,21 @@ class NoopFamily(Family):
         if variant is not None:
             raise ValueError("family 'noop' reads no weight files: a variant does not apply")
         options = options or {}
-        unknown = set(options) - {"step_s"}
+        unknown = set(options) - {"step_s", "hang_after_steps"}
         if unknown:
             raise ValueError(f"unknown options for family 'noop': {sorted(unknown)}")
         step_s = float(options.get("step_s", 0.0))
         if step_s < 0:
             raise ValueError(f"step_s must be >= 0, got {step_s}")
-        return NoopPipeline(step_s=step_s)
+        hang = options.get("hang_after_steps")
+        if hang is not None and (isinstance(hang, bool) or not isinstance(hang, int) or hang < 0):
+            raise ValueError(f"hang_after_steps must be a whole number >= 0, got {hang!r}")
+        return NoopPipeline(step_s=step_s, hang_after_steps=hang)
 
     def generate(self, pipe: NoopPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
         for step in range(1, req.steps + 1):
+            if pipe.hang_after_steps is not None and step > pipe.hang_after_steps:
+                threading.Event().wait()  # forever: only the process ending ends it
             if pipe.step_s:
                 time.sleep(pipe.step_s)
             on_step(step, req.steps, None)

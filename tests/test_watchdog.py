@@ -1,0 +1,45 @@
+"""The runner's watchdog: a pipeline that stops making steps costs its job an attempt, not the
+runner: the runner hands the job back and exits, its node starts a fresh one, and work goes on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from actors.messages import JobSpec, JobState
+from tests.conftest import Cluster, run
+from tests.test_journal import _pid_of
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_a_stuck_step_restarts_the_runner_and_fails_the_job_that_always_hangs(atelier_home: Path,
+                                                                             tmp_path: Path) -> None:
+    config = tmp_path / "atelier.toml"
+    config.write_text('default_model = "fine"\n'
+                      '[node]\nstep_timeout_s = 1.5\n'
+                      '[scheduler]\nmax_attempts = 2\n'
+                      '[models.stuck]\nfamily = "noop"\nsource = "builtin:noop"\n'
+                      'options = { hang_after_steps = 2 }\n'
+                      '[models.fine]\nfamily = "noop"\nsource = "builtin:noop"\n')
+    cluster = Cluster(atelier_home, config).start()
+    try:
+        first_runner = _pid_of(cluster, b"actors.runner")
+
+        async def go():
+            async with cluster.client() as client:
+                stuck = await client.generate(JobSpec(model="stuck", prompt="hangs", width=64, height=64,
+                                                      steps=4), timeout=120)
+                fine = await client.generate(JobSpec(model="fine", prompt="runs", width=64, height=64, steps=4),
+                                             timeout=60)
+                return stuck, fine
+
+        stuck, fine = run(go(), timeout=150)
+        assert stuck.job.state is JobState.failed and stuck.job.attempts == 2
+        assert re.search(r"no progress for \d+s \(a stuck step\): .* was restarted", stuck.job.reason), stuck.job.reason
+        assert fine.job.state is JobState.done and fine.outputs  # a fresh runner took the next job
+        assert _pid_of(cluster, b"actors.runner") != first_runner
+    finally:
+        cluster.stop()
