@@ -210,7 +210,9 @@ class Loader(Actor):
         if staging.SHM_ROOT is None or not self.config.node.staging:
             return Staged(model=model, path=str(path), bytes=0)  # runners read it from disk
         try:
-            files = await asyncio.to_thread(staging.plan, path, entry.variant)
+            # A GGUF transformer is staged in place of the folder's float one, which is not read (families/gguf.py).
+            gguf = sources.transformer_file(entry, self.config.model_cache)
+            files = await asyncio.to_thread(staging.plan, path, entry.variant, gguf)
         except staging.StagingError as exc:
             log.warning("not staging %s, runners will read it from disk: %s", model, exc)
             return Staged(model=model, path=str(path), bytes=0)
@@ -220,7 +222,7 @@ class Loader(Actor):
             Path(evicted.segment or "").unlink(missing_ok=True)
         segment = staging.SHM_ROOT / (self._prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", model))
         started = time.monotonic()
-        table = await asyncio.to_thread(staging.stage, path, segment, entry.variant)
+        table = await asyncio.to_thread(staging.stage, path, segment, entry.variant, gguf)
         staged = Staged(model=model, path=str(path), bytes=staging.segment_bytes(table), segment=str(segment),
                         files=table)
         self.held.add(staged, time.monotonic())

@@ -337,8 +337,12 @@ class Runner(Actor):
             device = accel.load_device(entry, self.device)
             weights, pinned = self._map_staged(staged, device)
             try:
+                # A GGUF transformer (sd3, flux): staged, its bytes are in weights; else read from its file.
+                gguf = ({"transformer": sources.transformer_file(entry, self.config.model_cache)}
+                        if entry.transformer else {})
                 pipe = family.load(path, device=device, dtype_name=dtype, options=entry.options,
-                                   weights=weights, config=sources.config_folder(entry), variant=entry.variant)
+                                   weights=weights, config=sources.config_folder(entry), variant=entry.variant,
+                                   **gguf)
                 vae.load_vaes(pipe, entry)  # the catalog's VAE override and preview decoder, read from disk
                 loras.load_loras(pipe, entry.loras)
                 family.load_conditioning(pipe, entry.controlnets, entry.ip_adapter, entry.ip_adapter_encoder)

@@ -81,6 +81,9 @@ class ModelEntry(Strict):
     vae: str | None = None
     # An AutoencoderTiny folder (TAESD) that decodes the step previews in place of the linear projection.
     preview_decoder: str | None = None
+    # A GGUF file (city96's FLUX.1 and SD3 quantizations: flux1-dev-Q8_0.gguf, …) the transformer is read
+    # from, quantized, in place of the folder's; the rest comes from `source` (atelier/families/gguf.py).
+    transformer: str | None = None
 
     @field_validator("family")
     @classmethod
@@ -94,6 +97,13 @@ class ModelEntry(Strict):
         from atelier.families import accel  # torch-free
 
         accel.check(self)  # which of quantize, compile, offload and cache go together
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_transformer(self) -> "ModelEntry":
+        from atelier.families import gguf  # torch-free
+
+        gguf.check(self)
         return self
 
     @property
@@ -126,6 +136,9 @@ def builtin_models() -> dict[str, ModelEntry]:
                                description="tiny random-weight SD 3-shaped model (CLIP-L, CLIP-G, T5)", **tiny),
         "tiny-flux": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
                                 description="tiny random-weight FLUX.1-dev-shaped model", **tiny),
+        "tiny-flux-gguf": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
+                                     transformer="builtin:tiny-flux-Q8_0.gguf",
+                                     description="tiny-flux with its transformer from a Q8_0 GGUF file", **tiny),
         "tiny-stable-audio": ModelEntry(family="stable-audio", source="builtin:tiny-stable-audio", dtype="float32",
                                         description="tiny random-weight Stable Audio Open-shaped model "
                                                     "(44.1 kHz stereo, 2 s at most)",

@@ -49,7 +49,41 @@ def resolve(name: str, entry: ModelEntry, cache_dir: Path, *, downloads: bool = 
                                f"the diffusers folder {path} has its own configs")
     if entry.variant is not None:
         _check_variant(name, entry.variant, path)
+    if entry.transformer is not None:
+        _check_transformer(name, entry, path, cache_dir)
     return path
+
+
+def transformer_file(entry: ModelEntry, cache_dir: Path) -> Path | None:
+    """Where the entry's GGUF ``transformer`` is (``resolve`` checks it, and writes a built-in one); None
+    for an entry without one."""
+    if entry.transformer is None:
+        return None
+    if entry.transformer.startswith(BUILTIN_PREFIX):
+        return Path(cache_dir) / entry.transformer[len(BUILTIN_PREFIX):]
+    return Path(entry.transformer).expanduser()
+
+
+def _check_transformer(name: str, entry: ModelEntry, path: Path, cache_dir: Path) -> None:
+    """Refuses a GGUF transformer that is not there, or not GGUF, naming the field; builds a built-in one."""
+    from atelier.families import gguf
+    from atelier.tiny.gguf import BUILTIN_GGUF, ensure_builtin_gguf
+
+    if not path.is_dir():
+        raise ModelSourceError(f"model {name}: `transformer` goes with a diffusers folder as `source` (its other "
+                               f"components and the transformer's config); {path.name} is a single file")
+    if entry.transformer.startswith(BUILTIN_PREFIX):
+        builtin = entry.transformer[len(BUILTIN_PREFIX):]
+        if builtin not in BUILTIN_GGUF:
+            raise ModelSourceError(f"model {name}: transformer: no built-in GGUF file {builtin!r}; "
+                                   f"built-ins: {sorted(BUILTIN_GGUF)}")
+        ensure_builtin_gguf(builtin, cache_dir)
+    problem = gguf.check_file(transformer_file(entry, cache_dir))
+    if problem is not None:
+        raise ModelSourceError(f"model {name}: transformer: {problem}")
+    if not (path / "transformer" / "config.json").is_file():
+        raise ModelSourceError(f"model {name}: transformer: {path} has no transformer/config.json, the config "
+                               "the GGUF transformer is built with")
 
 
 def config_folder(entry: ModelEntry) -> Path | None:

@@ -40,6 +40,9 @@ CHECKPOINT = "checkpoint"  # the component a single-file checkpoint is staged as
 # A folder that stands in for weights it does not hold: {"bytes": N, "read_s": T}. Benchmarks of
 # the scheduling use it (the cost-model family) to stage models of real sizes without the memory.
 STAND_IN = "stand_in.json"
+# A GGUF transformer (a catalog entry's `transformer`) is staged as its file's bytes, under the component
+# "transformer"; the runner gets them as one uint8 tensor under this name (atelier/families/gguf.py).
+GGUF_FILE = "gguf_file"
 SHM_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)  # Python 3.13 names it
 
@@ -52,8 +55,9 @@ class StagingError(Exception):
 # the loader's side
 
 
-def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
-    """The weight files from_pretrained would read, as (component, file) pairs; a single file is one."""
+def plan(folder: Path, variant: str | None = None, transformer: Path | None = None) -> list[tuple[str, Path]]:
+    """The weight files from_pretrained would read, as (component, file) pairs; a single file is one.
+    ``transformer``: a GGUF file staged in place of the folder's transformer, whose weights are not read."""
     if folder.is_file():
         if folder.suffix != ".safetensors":
             raise StagingError(f"{folder.name} is not a safetensors file; only safetensors weights are staged")
@@ -69,7 +73,7 @@ def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
         if component.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
         sub = folder / component
-        if not sub.is_dir():
+        if not sub.is_dir() or (component == "transformer" and transformer is not None):
             continue
         # As from_pretrained: a component with files of the variant loads those, any other its plain files.
         wanted = variant if component in components else None
@@ -77,6 +81,8 @@ def plan(folder: Path, variant: str | None = None) -> list[tuple[str, Path]]:
         if not chosen and any(sub.glob("*.bin")):
             raise StagingError(f"{sub} has only .bin (pickle) weights; convert them to safetensors to stage them")
         files += [(component, p) for p in chosen]
+    if transformer is not None:
+        files.append(("transformer", transformer))
     if not files:
         raise StagingError(f"{folder} has no safetensors weights to stage")
     return files
@@ -92,12 +98,13 @@ def variant_components(folder: Path, variant: str | None) -> set[str]:
             and any(len(parts := f.name.split(".")) > 1 and parts[1].startswith(variant) for f in sub.iterdir())}
 
 
-def stage(folder: Path, segment: Path, variant: str | None = None) -> list[StagedFile]:
+def stage(folder: Path, segment: Path, variant: str | None = None,
+          transformer: Path | None = None) -> list[StagedFile]:
     """Copies the folder's weight files (or the single file) into ``segment``; returns where each one lies in it.
 
     The segment appears under its name only when complete (written aside, then renamed).
     """
-    files = plan(folder, variant)
+    files = plan(folder, variant, transformer)
     if files[0][1].name == STAND_IN:
         return _stage_stand_in(files[0][1], segment)
     table: list[StagedFile] = []
@@ -199,6 +206,12 @@ def state_dicts(mapping: mmap.mmap, table: Iterable[StagedFile]) -> dict[str, di
     """Every tensor of every staged file, as views of ``mapping`` (no copy), by component."""
     out: dict[str, dict[str, Any]] = {}
     for entry in table:
+        if entry.name.lower().endswith(".gguf"):  # not safetensors: its family's loader reads the bytes (GGUF_FILE)
+            import torch
+
+            out[entry.component] = {GGUF_FILE: torch.frombuffer(mapping, dtype=torch.uint8, count=entry.length,
+                                                                offset=entry.offset)}
+            continue
         (header_len,) = struct.unpack_from("<Q", mapping, entry.offset)
         if header_len > entry.length - 8:
             raise StagingError(f"{entry.component}/{entry.name}: header runs past the end of the file")
@@ -225,10 +238,12 @@ def state_dicts(mapping: mmap.mmap, table: Iterable[StagedFile]) -> dict[str, di
     return out
 
 
-def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: Any = None) -> Any:
+def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: Any = None,
+                   given: dict[str, Any] | None = None) -> Any:
     """Assembles the folder's pipeline from its configs, its weights taken from ``weights``.
 
-    Components without weights (tokenizers, schedulers) are small and read from the folder.
+    Components without weights (tokenizers, schedulers) are small and read from the folder;
+    ``given`` ones (a GGUF transformer, say) are taken as they are.
     """
     import diffusers
     from diffusers import pipelines
@@ -238,6 +253,8 @@ def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: A
         # ("stable_audio", "audioldm2"); diffusers finds it in diffusers.pipelines, and so does this.
         if hasattr(pipelines, library):
             library = f"{pipelines.__name__}.{library}"
+        if given and name in given:
+            return given[name]
         cls = getattr(importlib.import_module(library), class_name)
         if name in weights:
             return _module_from_weights(cls, folder / name, weights[name], dtype)

@@ -100,9 +100,12 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
         raise ValueError(f"family {family!r} loads diffusers folders only, not single-file checkpoints")
     dtype = torch_dtype(dtype_name)
     if weights is not None:
-        pipe = build_pipeline(path, weights, dtype=dtype)
         given = {name: part for name, part in components.items() if part is not None}
-        if given or not isinstance(pipe, pipeline_class):  # e.g. an SD 1.5 folder and a motion adapter
+        # Given parts are not built from the folder first (a GGUF transformer's float one would be read for nothing).
+        pipe = build_pipeline(path, weights, dtype=dtype, given=given)
+        # e.g. an SD 1.5 folder and a motion adapter. Not otherwise: from_pipe casts every part to one dtype,
+        # which diffusers refuses for a quantized one (a GGUF transformer).
+        if not isinstance(pipe, pipeline_class) or any(pipe.components.get(n) is not p for n, p in given.items()):
             pipe = pipeline_class.from_pipe(pipe, **given)
         for name in components.keys() - given.keys():
             pipe.register_modules(**{name: None})

@@ -18,8 +18,9 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
+from atelier.families import gguf
 from atelier.families.base import Family, GenerateRequest, StepCallback
-from atelier.families.loading import load_folder
+from atelier.families.loading import load_folder, torch_dtype
 from atelier.families.sd import _variant
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB, LatentRGB, latents_to_rgb
 
@@ -45,7 +46,10 @@ class _FlowFamily(Family):
         weights: dict[str, dict[str, Any]] | None = None,
         config: Path | None = None,
         variant: str | None = None,
+        transformer: Path | None = None,
     ) -> DiffusionPipeline:
+        """``transformer``: a GGUF file the transformer is read from (quantized) in place of the folder's;
+        staged, its bytes are ``weights["transformer"]``."""
         options = dict(options or {})
         unknown = set(options) - _OPTIONS
         if unknown:
@@ -54,8 +58,14 @@ class _FlowFamily(Family):
         if "max_sequence_length" in options:
             settings["max_sequence_length"] = _sequence_length(options["max_sequence_length"])
 
+        parts = {}
+        if transformer is not None and path is not None:
+            weights = dict(weights) if weights is not None else None
+            staged = weights.pop("transformer", None) if weights is not None else None
+            parts["transformer"] = gguf.load_transformer(self.name, path, transformer, staged,
+                                                         torch_dtype(dtype_name))
         pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant)
+                           weights=weights, config=config, variant=variant, **parts)
         if options.get("vae_tiling"):
             pipe.vae.enable_tiling()
         _SETTINGS[pipe] = settings
