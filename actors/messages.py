@@ -440,6 +440,8 @@ class ModelInfo(Wire):
     default_duration_s: float | None = None
     max_duration_s: float | None = None
     loras: list[Name] = Field(default_factory=list)  # what JobSpec.loras may choose from
+    controlnets: list[Name] = Field(default_factory=list)  # what JobSpec.controlnet may choose from
+    ip_adapter: bool = False  # a job may bring an ip_adapter_image
 
 
 class Models(Wire):

@@ -240,7 +240,8 @@ class Scheduler(Actor):
                                    media=lim.media, inpaint=lim.inpaint, default_frames=lim.default_frames,
                                    max_frames=lim.max_frames, default_fps=lim.default_fps,
                                    default_duration_s=lim.default_duration_s, max_duration_s=lim.max_duration_s,
-                                   loras=sorted(entry.loras)))
+                                   loras=sorted(entry.loras), controlnets=sorted(entry.controlnets),
+                                   ip_adapter=entry.ip_adapter is not None))
         return Models(models=infos)
 
     # -- runners ------------------------------------------------------------- #

@@ -106,6 +106,8 @@ class ModelEntry(BaseModel):
     default_duration_s: float | None = None
     max_duration_s: float | None = None
     loras: list[str] = Field(default_factory=list)  # the names a job's loras may use
+    controlnets: list[str] = Field(default_factory=list)  # the names a job's controlnet may use
+    ip_adapter: bool = False  # a job may bring an ip_adapter_image
 
 
 class ModelList(BaseModel):

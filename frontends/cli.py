@@ -16,12 +16,16 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from atelier.config import Config, load_config
 from atelier.runtime import READY_PREFIX
 from atelier.supervisor import ChildSpec, Supervisor
+
+if TYPE_CHECKING:  # the wire types load with the commands that use them
+    from actors.messages import JobInputs
 
 
 def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
@@ -141,7 +145,7 @@ async def _generate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from actors.actor import RemoteError
-    from actors.messages import JobEvent, JobInputs, JobResult, JobSpec, JobState
+    from actors.messages import JobEvent, JobResult, JobSpec, JobState
     from actors.messages import Progress as StepProgress
     from atelier.artifacts import extension_for
 
@@ -151,8 +155,7 @@ async def _generate(args: argparse.Namespace) -> int:
         console.print("[red]error:[/red] --mask and --strength go with --image")
         return 2
     try:
-        inputs = JobInputs(**{name: Path(path).read_bytes() for name, path in
-                              (("image", args.image), ("mask", args.mask)) if path}) if args.image else None
+        inputs = _inputs(args)
         loras = dict(_lora(text) for text in args.lora)
     except (OSError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -162,12 +165,14 @@ async def _generate(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     async with _connect(router, pub) as client:
         try:
-            kind = args.kind or await _default_kind(client, model, from_image=inputs is not None)
+            # A control or reference image steers a job; only --image is one to start from.
+            kind = args.kind or await _default_kind(client, model, from_image=args.image is not None)
             spec = JobSpec(model=model, prompt=args.prompt, negative_prompt=args.negative, width=args.width,
                            height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
                            count=args.count, user=args.user, priority=args.priority, kind=kind,
                            strength=args.strength, frames=args.frames, fps=args.fps, duration_s=args.duration,
-                           loras=loras, output_format=args.format)
+                           loras=loras, output_format=args.format, controlnet=args.controlnet,
+                           controlnet_scale=args.controlnet_scale, ip_adapter_scale=args.ip_adapter_scale)
             record = await client.submit(spec, inputs=inputs)
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
@@ -177,8 +182,10 @@ async def _generate(args: argparse.Namespace) -> int:
             console.print(f"[red]error:[/red] {exc}")
             return 2
         except RemoteError as exc:
-            field = f"{exc.error.field}: " if exc.error.field else ""
-            console.print(f"[red]error:[/red] {field}{exc.error.message}")
+            # Most refusals name their field already ("loras: …"): say it once.
+            field = exc.error.field
+            named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
+            console.print(f"[red]error:[/red] {named}{exc.error.message}")
             return 2
         except asyncio.TimeoutError:
             console.print(f"[red]error:[/red] no scheduler answered at {router}; is atelier up?")
@@ -210,6 +217,21 @@ async def _generate(args: argparse.Namespace) -> int:
             path.write_bytes(artifact.data)
             print(path)
     return 0
+
+
+def _inputs(args: argparse.Namespace) -> JobInputs | None:
+    """The files --image, --mask, --control-image and --ip-adapter-image name, read; None when there are none."""
+    from actors.messages import JobInputs
+
+    found = {}
+    for name in ("image", "mask", "control_image", "ip_adapter_image"):  # JobInputs' fields, and the options' dests
+        path = getattr(args, name)
+        if path:
+            try:
+                found[name] = Path(path).read_bytes()
+            except OSError as exc:
+                raise OSError(f"--{name.replace('_', '-')} {path}: {exc.strerror or exc}") from None
+    return JobInputs(**found) if found else None
 
 
 async def _default_kind(client, model: str, *, from_image: bool) -> str:
@@ -306,8 +328,10 @@ async def _models(args: argparse.Namespace) -> int:
     async with _connect(*_endpoints(args, config)) as client:
         models = await client.models()
     for m in models:
+        extras = "".join([f"; ControlNets: {', '.join(m.controlnets)}" if m.controlnets else "",
+                          "; IP-Adapter" if m.ip_adapter else ""])
         print(f"{m.name:<16} {m.family:<8} default {m.default_width}x{m.default_height}, "
-              f"{m.default_steps} steps; max {m.max_width}x{m.max_height}")
+              f"{m.default_steps} steps; max {m.max_width}x{m.max_height}{extras}")
     return 0
 
 
@@ -357,6 +381,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", help="start from this image (img2img)")
     gen.add_argument("--mask", help="with --image: repaint where this mask is white (inpainting)")
     gen.add_argument("--strength", type=float, help="with --image: how far from it, 0 to 1 (default 0.75)")
+    gen.add_argument("--controlnet", metavar="NAME", help="one of the model's ControlNets (atelier models lists "
+                                                          "them), to read --control-image")
+    gen.add_argument("--control-image", metavar="FILE", help="with --controlnet: the image it reads (edges, "
+                                                             "depth, pose…)")
+    gen.add_argument("--controlnet-scale", type=float, metavar="SCALE",
+                     help="with --controlnet: how strongly it steers, 0 to 2 (default 1)")
+    gen.add_argument("--ip-adapter-image", metavar="FILE", help="an image as a prompt, for a model with an "
+                                                                "IP-Adapter")
+    gen.add_argument("--ip-adapter-scale", type=float, metavar="SCALE",
+                     help="with --ip-adapter-image: how strongly it steers, 0 to 2 (default 1)")
     gen.add_argument("--kind", choices=[k.value for k in JobKind if k is not JobKind.train],
                      help="what to make (default: by the model, from the prompt or from --image)")
     gen.add_argument("--frames", type=int, help="video: frames to make")

@@ -8,8 +8,10 @@ from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own
 
 ``/generate`` answers with one message that shows the job's state, percent, elapsed time, ETA
 and latest preview, edited at most once a second, then the images, with buttons: Again (new
-seeds) and, while it runs, Cancel (its owner only). (Upscale needs jobs that take an image,
-which atelier does not have yet.)
+seeds) and, while it runs, Cancel (its owner only). For a model with ControlNets it takes a
+``control_image`` and the ``controlnet`` that reads it; for one with an IP-Adapter, a
+``reference_image`` (an image as a prompt); each with its scale. (Upscale needs jobs that start
+from an image, which /generate does not offer yet.)
 
 ``/live``: Discord sends no keystrokes, so a prompt arrives whole. A user's live session in a
 channel (atelier session ``<user id>:<channel id>``) is fed by ``/live prompt:…`` and by the
@@ -50,6 +52,7 @@ from pydantic import ValidationError
 
 from actors.actor import RemoteError
 from actors.messages import (
+    JobInputs,
     JobKind,
     JobRecord,
     JobResult,
@@ -62,6 +65,7 @@ from atelier.config import DiscordConfig, load_config
 from atelier.runtime import run, setup_logging
 from frontends.client import AtelierClient, Event
 from frontends.discord_views import (
+    IMAGE_OPTIONS,
     TOKEN_ENV,
     ButtonSpec,
     Frame,
@@ -71,6 +75,8 @@ from frontends.discord_views import (
     RateLimiter,
     RetryPolicy,
     access_refusal,
+    attachment_refusal,
+    conditioning_refusal,
     find_token,
     moved_frame,
     quote,
@@ -96,6 +102,7 @@ KEEP_FINISHED = 1000  # finished jobs remembered for Again
 _DISCORD_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 _DEAD_TOKEN_CODES = {50027, 10015}  # invalid webhook token, unknown webhook
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_OPTION_OF = {field: option for option, field in IMAGE_OPTIONS.items()}  # JobInputs field -> /generate's option
 
 
 class AtelierButton(discord.ui.DynamicItem[discord.ui.Button],
@@ -482,6 +489,14 @@ class AtelierBot(discord.Client):
                                     value=m.name)
                 for m in await self.models() if needle in m.name.lower() and fits(m)][:25]
 
+    async def _complete_controlnet(self, interaction: discord.Interaction,
+                                   current: str) -> list[app_commands.Choice[str]]:
+        """The ControlNets of the model the command names so far (else the default model's)."""
+        model = await self._model(getattr(interaction.namespace, "model", None) or self.default_model)
+        needle = current.lower()
+        return [app_commands.Choice(name=name[:100], value=name)
+                for name in (model.controlnets if model else []) if needle in name.lower()][:25]
+
     async def _complete_job(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         mine = [c for c in self.jobs.values() if c.owner == interaction.user.id and current in c.spec.id]
         return [app_commands.Choice(name=f"{c.spec.id[:8]} {' '.join(c.spec.prompt.split())}"[:100], value=c.spec.id)
@@ -497,16 +512,29 @@ class AtelierBot(discord.Client):
                                model="which model (default: the server's)", count="how many images",
                                width="in pixels, a multiple of 8", height="in pixels, a multiple of 8",
                                steps="denoising steps (more: slower, finer)",
-                               seed="the same seed and prompt give the same image")
-        @app_commands.autocomplete(model=self._complete_model)
+                               seed="the same seed and prompt give the same image",
+                               control_image="an image for the ControlNet to follow (edges, depth, pose…)",
+                               controlnet="which of the model's ControlNets reads the control image",
+                               controlnet_scale="how strongly the ControlNet steers, 0 to 2 (default 1)",
+                               reference_image="an image as a prompt, for a model with an IP-Adapter",
+                               reference_scale="how strongly the reference image steers, 0 to 2 (default 1)")
+        @app_commands.autocomplete(model=self._complete_model, controlnet=self._complete_controlnet)
         async def generate(interaction: discord.Interaction, prompt: str, negative: str | None = None,
                            model: str | None = None, count: app_commands.Range[int, 1, 10] = 1,
                            width: Optional[app_commands.Range[int, 8, 8192]] = None,
                            height: Optional[app_commands.Range[int, 8, 8192]] = None,
                            steps: Optional[app_commands.Range[int, 1, 500]] = None,
-                           seed: Optional[app_commands.Range[int, 0, 2**53]] = None) -> None:
+                           seed: Optional[app_commands.Range[int, 0, 2**53]] = None,
+                           control_image: Optional[discord.Attachment] = None, controlnet: str | None = None,
+                           controlnet_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None,
+                           reference_image: Optional[discord.Attachment] = None,
+                           reference_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None) -> None:
+            images = {"control_image": control_image, "reference_image": reference_image}
             await self.generate(interaction, dict(prompt=prompt, negative_prompt=negative, model=model,
-                                                  count=count, width=width, height=height, steps=steps, seed=seed))
+                                                  count=count, width=width, height=height, steps=steps, seed=seed,
+                                                  controlnet=controlnet, controlnet_scale=controlnet_scale,
+                                                  ip_adapter_scale=reference_scale),
+                                {IMAGE_OPTIONS[option]: a for option, a in images.items() if a is not None})
 
         @tree.command(name="live", description="Images as you write: each new prompt replaces the last")
         @app_commands.describe(prompt="what to draw; use /live again or the New prompt button to change it",
@@ -523,7 +551,10 @@ class AtelierBot(discord.Client):
             lines = [f"**{m.name}** · {m.family} · {', '.join(m.kinds)} · "
                      + (f"{m.default_width}×{m.default_height} (up to {m.max_width}×{m.max_height}), "
                         if JobKind.txt2audio not in m.kinds else "")
-                     + f"{m.default_steps} steps" + (" · *default*" if m.name == self.default_model else "")
+                     + f"{m.default_steps} steps"
+                     + (f" · ControlNets: {', '.join(m.controlnets)}" if m.controlnets else "")
+                     + (" · IP-Adapter" if m.ip_adapter else "")
+                     + (" · *default*" if m.name == self.default_model else "")
                      for m in catalog]
             shown = []  # a message holds 2000 characters at most
             while lines and sum(len(line) + 1 for line in shown) + len(lines[0]) < 1950:
@@ -544,10 +575,16 @@ class AtelierBot(discord.Client):
 
     # -- /generate, Again ------------------------------------------------------ #
 
-    async def generate(self, interaction: discord.Interaction, params: dict) -> None:
+    async def generate(self, interaction: discord.Interaction, params: dict,
+                       attachments: dict[str, discord.Attachment] | None = None) -> None:
+        """``params`` are JobSpec's fields; ``attachments`` the input images, by JobInputs field."""
         user = interaction.user.id
+        attachments = attachments or {}
         if params.get("count", 1) > self.settings.max_count:
             await self._say(interaction, f"At most {self.settings.max_count} images per job here.")
+            return
+        if (refusal := self._attachments_refusal(attachments)) is not None:
+            await self._say(interaction, refusal)
             return
         model = await self._model(params.get("model") or self.default_model)
         if model is not None:
@@ -555,6 +592,13 @@ class AtelierBot(discord.Client):
             if kind is None:
                 await self._say(interaction, f"{model.name} starts from an input ({', '.join(model.kinds)}); "
                                              "/generate makes things from a prompt alone.")
+                return
+            refusal = conditioning_refusal(
+                model, await self.models(), controlnet=params.get("controlnet"),
+                control_image="control_image" in attachments, controlnet_scale=params.get("controlnet_scale"),
+                reference_image="ip_adapter_image" in attachments, reference_scale=params.get("ip_adapter_scale"))
+            if refusal is not None:
+                await self._say(interaction, refusal)
                 return
             params["kind"] = kind
             # The catalog's defaults, written out, so the message says what was made.
@@ -571,11 +615,30 @@ class AtelierBot(discord.Client):
         if (refusal := self._rate_refusal(user)) is not None:
             await self._say(interaction, refusal)
             return
-        card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()))
+        card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()), attachments=attachments)
         reply = Reply(self, interaction)
         await reply.open(self._render(card))  # within Discord's 3 s, before anything that may wait
         self.jobs[spec.id] = card
         self._spawn(self._follow(card, reply), f"discord-job-{spec.id}")
+
+    @staticmethod
+    def _attachments_refusal(attachments: dict[str, discord.Attachment]) -> str | None:
+        refusals = (attachment_refusal(_OPTION_OF[field], a.filename, a.content_type, a.size)
+                    for field, a in attachments.items())
+        return next((refusal for refusal in refusals if refusal is not None), None)
+
+    async def _inputs(self, card: JobCard) -> JobInputs | None:
+        """The job's attached images, read from Discord now (after the reply: it may take a while)."""
+        if not card.attachments:
+            return None
+        read = {}
+        for field, attachment in card.attachments.items():
+            try:
+                read[field] = await asyncio.wait_for(attachment.read(), self.retry.call_timeout_s)
+            except _DISCORD_ERRORS as exc:
+                raise _Unreadable(f"could not read the {_OPTION_OF[field]} from Discord ({exc}); attach it again") \
+                    from None
+        return JobInputs(**read)
 
     def _render(self, card: JobCard) -> Frame:
         return render_job(card, self.clock())
@@ -585,7 +648,9 @@ class AtelierBot(discord.Client):
         painter = Painter(reply, lambda: self._render(card), clock=self.clock)
         try:
             try:
-                await self.atelier.submit(spec)
+                await self.atelier.submit(spec, inputs=await self._inputs(card))
+            except _Unreadable as exc:
+                card.refused = str(exc)
             except RemoteError as exc:
                 card.refused = (f"{exc.error.field}: " if exc.error.field else "") + exc.error.message
             except asyncio.TimeoutError:
@@ -635,8 +700,10 @@ class AtelierBot(discord.Client):
     async def again(self, interaction: discord.Interaction, source: JobCard) -> None:
         spec = source.spec
         params = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt, model=spec.model, count=spec.count,
-                      width=spec.width, height=spec.height, steps=spec.steps, guidance=spec.guidance)
-        await self.generate(interaction, params)
+                      width=spec.width, height=spec.height, steps=spec.steps, guidance=spec.guidance,
+                      controlnet=spec.controlnet, controlnet_scale=spec.controlnet_scale,
+                      ip_adapter_scale=spec.ip_adapter_scale)
+        await self.generate(interaction, params, source.attachments)
 
     # -- /live ------------------------------------------------------------------ #
 
@@ -831,6 +898,10 @@ class AtelierBot(discord.Client):
         if record.state.terminal and record.state is not JobState.cancelled:
             return f"`{job_id[:8]}` had already {record.state.value}."
         return f"Cancelled `{job_id[:8]}`" + ("" if record.state.terminal else " (it stops at its next step).")
+
+
+class _Unreadable(Exception):
+    """An attached image could not be read from Discord."""
 
 
 def _prompts_in(content: str) -> Iterable[str]:

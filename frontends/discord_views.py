@@ -14,7 +14,17 @@ from pathlib import Path
 
 import discord
 
-from actors.messages import JobEvent, JobKind, JobResult, JobSpec, JobState, ModelInfo, Preview, Progress
+from actors.messages import (
+    MAX_INPUT_BYTES,
+    JobEvent,
+    JobKind,
+    JobResult,
+    JobSpec,
+    JobState,
+    ModelInfo,
+    Preview,
+    Progress,
+)
 from atelier.artifacts import extension_for
 from atelier.config import DiscordConfig
 from frontends.client import Event
@@ -225,10 +235,59 @@ class JobCard:
     display: JobDisplay
     refused: str | None = None  # the scheduler's refusal of the submit
     result: JobResult | None = None
+    # Its input images (JobInputs field -> the Discord attachment), read when it is submitted: Again reads
+    # them anew rather than the bot keeping every finished job's images in memory.
+    attachments: dict[str, discord.Attachment] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
         return self.refused is None and self.result is None and not self.display.state.terminal
+
+
+# /generate's image options, and the JobInputs field each one fills.
+IMAGE_OPTIONS = {"control_image": "control_image", "reference_image": "ip_adapter_image"}
+IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+def _having(catalog: Iterable[ModelInfo], has) -> str:
+    return ", ".join(m.name for m in catalog if has(m)) or "none here"
+
+
+def conditioning_refusal(model: ModelInfo, catalog: Iterable[ModelInfo], *, controlnet: str | None,
+                         control_image: bool, controlnet_scale: float | None, reference_image: bool,
+                         reference_scale: float | None) -> str | None:
+    """Why /generate's ControlNet and reference-image options do not fit ``model``, or None if they do."""
+    names = ", ".join(model.controlnets)
+    if (controlnet is not None or control_image) and not model.controlnets:
+        return (f"{model.name} has no ControlNet, so it takes no control_image or controlnet. "
+                f"Models with one: {_having(catalog, lambda m: m.controlnets)}.")
+    if controlnet is not None and controlnet not in model.controlnets:
+        return f"{model.name} has no ControlNet `{controlnet}`; it has: {names}."
+    if control_image and controlnet is None:
+        return f"Choose the controlnet that reads your control_image: {model.name} has {names}."
+    if controlnet is not None and not control_image:
+        return f"The controlnet `{controlnet}` reads a control_image: attach one."
+    if controlnet_scale is not None and controlnet is None:
+        return "controlnet_scale goes with a controlnet and its control_image."
+    if reference_image and not model.ip_adapter:
+        return (f"{model.name} has no IP-Adapter, so it takes no reference_image. "
+                f"Models with one: {_having(catalog, lambda m: m.ip_adapter)}.")
+    if reference_scale is not None and not reference_image:
+        return "reference_scale goes with a reference_image."
+    return None
+
+
+def attachment_refusal(option: str, filename: str, content_type: str | None, size: int,
+                       max_bytes: int = MAX_INPUT_BYTES) -> str | None:
+    """Why an attached file cannot be a job's input image, or None if it can."""
+    # Discord says what a file is; where it does not, the name's ending is all there is to go by.
+    media = (content_type or "").split(";")[0].strip().lower()
+    image = media in IMAGE_TYPES if media else filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+    if not image:
+        return f"{option}: `{discord.utils.escape_markdown(filename[:100])}` is not a PNG, JPEG or WebP image."
+    if size > max_bytes:
+        return f"{option}: {size / 2**20:.1f} MiB is too large; an input image may have {max_bytes >> 20} MiB at most."
+    return None
 
 
 def text_kind(model: ModelInfo) -> JobKind | None:
@@ -241,7 +300,9 @@ def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame
     # A sound's width and height are only its family's placeholders.
     size = f" · {spec.width}×{spec.height}" if spec.width and spec.height and spec.kind != JobKind.txt2audio else ""
     steps = f" · {spec.steps} steps" if spec.steps else ""
-    lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}"]
+    shaped = (f" · ControlNet {spec.controlnet}" if spec.controlnet else "") + \
+        (" · reference image" if "ip_adapter_image" in card.attachments else "")
+    lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}{shaped}"]
     if card.refused is not None:
         return Frame("\n".join(lines + [f"refused: {card.refused}"]), notify=card.owner)
     images: list[tuple[str, bytes]] = []

@@ -26,7 +26,7 @@ import pytest
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 from PIL import Image
 
-from actors.messages import Artifact, JobEvent, JobRecord, JobResult, JobSpec, JobState, Preview, Progress
+from actors.messages import Artifact, JobEvent, JobInputs, JobRecord, JobResult, JobSpec, JobState, Preview, Progress
 from atelier.config import DiscordConfig
 from atelier.families.costmodel import write_model
 from frontends.client import AtelierClient
@@ -44,6 +44,7 @@ from frontends.discord_views import (
     status_line,
 )
 from tests.conftest import Cluster, run
+from tests.test_frontends_conditioning import guided_sd, png
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -132,12 +133,14 @@ class FakeDiscord:
         self.fail: Callable[[str, str], int | None] = lambda method, path: None
         self.expired: set[str] = set()  # interaction tokens that no longer work
         self.interactions: dict[str, dict] = {}  # token -> the interaction's payload
+        self.cdn: dict[str, bytes] = {}  # URL -> the file a user attached
         self._original: dict[str, int] = {}  # token -> the message its @original is
         self._ids = itertools.count(1600000000000000001)
         self._changed = asyncio.Event()
 
     def install(self, client: discord.Client) -> None:
         client.http.request = self.rest  # the instance's own, so every HTTPClient method lands here
+        client.http.get_from_cdn = self.download  # what discord.Attachment.read() calls
         async_context.set(_Adapter(self))
 
     # -- what tests use ---------------------------------------------------- #
@@ -163,6 +166,20 @@ class FakeDiscord:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+
+    def upload(self, filename: str, data: bytes, content_type: str = "image/png") -> dict:
+        """A file a user attaches to a command: its attachment object, as a command's resolved data holds it."""
+        attachment_id = next(self._ids)
+        url = f"https://cdn.discordapp.com/ephemeral-attachments/{APP}/{attachment_id}/{filename}"
+        self.cdn[url] = data
+        return {"id": str(attachment_id), "filename": filename, "size": len(data), "url": url, "proxy_url": url,
+                "content_type": content_type}
+
+    async def download(self, url: str) -> bytes:
+        await asyncio.sleep(0)
+        if url not in self.cdn:
+            raise _error(404, "Not Found", 0)
+        return self.cdn[url]
 
     def history(self, message_id: int) -> list[Shown]:
         return [s for s in self.shown if s.message_id == message_id]
@@ -368,7 +385,9 @@ def _interaction(kind: int, data: dict, *, user: int, channel: int, roles=(ROLE,
 def _options(options: dict, focused: str | None = None) -> list[dict]:
     out = []
     for name, value in options.items():
-        option = {"name": name, "type": 4 if isinstance(value, int) else 3, "value": value}
+        # An attachment (a FakeDiscord.upload) is named by its id; the object itself is in the resolved data.
+        kind = 11 if isinstance(value, dict) else 4 if isinstance(value, int) else 10 if isinstance(value, float) else 3
+        option = {"name": name, "type": kind, "value": value["id"] if isinstance(value, dict) else value}
         if name == focused:
             option["focused"] = True
         out.append(option)
@@ -378,6 +397,9 @@ def _options(options: dict, focused: str | None = None) -> list[dict]:
 def slash(name: str, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), age_s: float = 0.0,
           **options) -> dict:
     data = {"id": str(APP + 7), "name": name, "type": 1, "guild_id": str(GUILD), "options": _options(options)}
+    attachments = {value["id"]: value for value in options.values() if isinstance(value, dict)}
+    if attachments:
+        data["resolved"] = {"attachments": attachments}
     return _interaction(2, data, user=user, channel=channel, roles=roles, age_s=age_s)
 
 
@@ -434,7 +456,8 @@ CM_STEP_S = 0.02
 
 @pytest.fixture(scope="module")
 def atelier(atelier_home, tmp_path_factory):
-    """atelier with its built-in models, a cost-model one ("cm") and one whose weights are nowhere."""
+    """atelier with its built-in models, a cost-model one ("cm"), one whose weights are nowhere, and one
+    with ControlNets and an IP-Adapter ("guided-sd")."""
     folder = tmp_path_factory.mktemp("discord")
     cm = write_model(folder / "cm", CM_PROFILE)
     config = folder / "atelier.toml"
@@ -442,7 +465,7 @@ def atelier(atelier_home, tmp_path_factory):
                       "default_width = 64\ndefault_height = 64\ndefault_steps = 2\n"
                       f'[models.cm]\nfamily = "costmodel"\nsource = "{cm}"\n'
                       "default_width = 64\ndefault_height = 64\ndefault_steps = 10\nmax_width = 256\n"
-                      "max_height = 256\n")
+                      "max_height = 256\n" + guided_sd(atelier_home))
     cluster = Cluster(atelier_home, config).start()
     yield cluster
     cluster.stop()
@@ -752,6 +775,61 @@ def test_generate_makes_sounds_and_videos_of_the_models_that_make_them(atelier):
     [(name, data)] = clip.files
     assert name.endswith(".mp4") and data[4:8] == b"ftyp"
     assert needs_image.ephemeral and needs_image.content.startswith("tiny-svd starts from an input (img2vid)")
+
+
+def test_generate_with_a_control_image_delivers_what_the_controlnet_made(atelier):
+    async def scenario():
+        async with Session(atelier, DiscordConfig()) as s:
+            edges = s.fake.upload("edges.png", png(1))
+            first = await s.respond(slash("generate", prompt="a red cube", model="guided-sd", seed=7,
+                                          controlnet="canny", controlnet_scale=0.5, control_image=edges))
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(first).content, 90)
+            again = await s.respond(press(s.fake, first, "Again", user=BOB))  # reads the attachment anew
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(again).content, 90)
+            records = [await s.atelier.job(_job_of(s.fake.latest(m))) for m in (first, again)]
+            # The same job straight to atelier, with the same image: what the runner makes of it.
+            spec = JobSpec(model="guided-sd", prompt="a red cube", seed=7, controlnet="canny", controlnet_scale=0.5)
+            await s.atelier.submit(spec, inputs=JobInputs(control_image=png(1)))
+            direct = await s.atelier.wait(spec.id, timeout=90)
+            return s.fake.latest(first), s.fake.latest(again), records, bytes(direct.outputs[0].data)
+
+    final, again, (mine, his), direct = go(scenario())
+    assert "guided-sd · 64×64 · 3 steps · ControlNet canny" in final.content and "seed 7" in final.content
+    [(name, data)] = final.files
+    image = _png(data)
+    assert image.size == (64, 64) and "ControlNet: canny, ControlNet weight: 0.5" in image.info["parameters"]
+    assert image.tobytes() == Image.open(io.BytesIO(direct)).tobytes()  # the attachment, and nothing else
+    assert mine.spec.inputs == ["control_image"] and mine.spec.user == f"discord:{ADA}"
+    assert "ControlNet canny" in again.content and len(again.files) == 1
+    assert his.spec.inputs == ["control_image"] and his.spec.controlnet_scale == 0.5 and his.spec.seed != 7
+
+
+def test_generate_refuses_images_a_model_cannot_take_and_offers_its_controlnets(atelier):
+    async def scenario():
+        async with Session(atelier, DiscordConfig()) as s:
+            picture, notes = s.fake.upload("edges.png", png(1)), s.fake.upload("notes.txt", b"hi", "text/plain")
+            asked = [slash("generate", prompt="x", controlnet="canny", control_image=picture),  # tiny-sd, the default
+                     slash("generate", prompt="x", model="guided-sd", control_image=picture),
+                     slash("generate", prompt="x", model="tiny-sd", reference_image=picture),
+                     slash("generate", prompt="x", model="guided-sd", controlnet="canny", control_image=notes)]
+            answers = [s.fake.latest(await s.respond(payload)) for payload in asked]
+            for model in ("guided-sd", "tiny-sd"):
+                s.send(autocomplete("generate", "controlnet", prompt="x", model=model, controlnet=""))
+            await s.fake.wait_for(lambda: len(s.fake.choices) == 2, 10)
+            listed = s.fake.latest(await s.respond(slash("models")))
+            return answers, s.fake.choices, {**s.bot.jobs, **s.bot.finished}, listed
+
+    answers, (guided, plain), submitted, listed = go(scenario())
+    assert all(answer.ephemeral for answer in answers) and not submitted
+    assert [answer.content for answer in answers] == [
+        "tiny-sd has no ControlNet, so it takes no control_image or controlnet. Models with one: guided-sd.",
+        "Choose the controlnet that reads your control_image: guided-sd has canny, depth.",
+        "tiny-sd has no IP-Adapter, so it takes no reference_image. Models with one: guided-sd.",
+        "control_image: `notes.txt` is not a PNG, JPEG or WebP image."]
+    assert [choice["value"] for choice in guided] == ["canny", "depth"] and plain == []
+    # /models says which models take them.
+    assert "**guided-sd** · sd1 · img2img, txt2img · 64×64 (up to 1024×1024), 3 steps · ControlNets: canny, depth" \
+           " · IP-Adapter" in listed.content
 
 
 def test_a_job_outliving_its_interaction_token_still_delivers(atelier):

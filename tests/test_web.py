@@ -7,6 +7,7 @@ Playwright are required, not optional: without them these tests fail, so CI cann
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster
+from tests.test_frontends_conditioning import guided_sd, png
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -63,9 +65,11 @@ def atelier(atelier_home, tmp_path_factory):
     folder = tmp_path_factory.mktemp("web")
     config = folder / "atelier.toml"
     # The default rates: live typing has a limit of its own (live_per_minute), not the user's jobs'.
-    # missing-sd names a checkpoint that is not there: its jobs fail, with the reason.
+    # missing-sd names a checkpoint that is not there: its jobs fail, with the reason. guided-sd has
+    # ControlNets and an IP-Adapter.
     config.write_text(f'[models.missing-sd]\nfamily = "sd1"\n'
-                      f'source = "{folder / "nowhere"}"\ndefault_width = 64\ndefault_height = 64\n')
+                      f'source = "{folder / "nowhere"}"\ndefault_width = 64\ndefault_height = 64\n'
+                      + guided_sd(atelier_home))
     cluster = Cluster(atelier_home, config).start()
     yield cluster
     cluster.stop()
@@ -329,3 +333,63 @@ def test_each_model_gets_its_own_fields_and_its_output_plays(page, atelier, tmp_
     expect(page.locator("#video")).to_be_hidden()
     expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^blob:"))
     assert natural_size(page.locator("#preview")) == [96, 64]
+
+
+def test_a_controlnet_and_a_reference_image_for_the_models_that_have_them(page, atelier, tmp_path):
+    from PIL import Image
+
+    edges, look = tmp_path / "edges.png", tmp_path / "look.png"
+    edges.write_bytes(png(1))
+    look.write_bytes(png(2, 48))
+    page.goto(atelier.http + "/")
+    expect(page.get_by_label("Model")).to_have_value("tiny-sd")
+    controlnet, reference = page.get_by_label("ControlNet", exact=True), page.get_by_label("Reference image")
+    expect(controlnet).to_be_hidden()  # tiny-sd has neither
+    expect(reference).to_be_hidden()
+
+    page.get_by_label("Model").select_option("guided-sd")
+    expect(controlnet).to_be_visible()
+    assert controlnet.locator("option").all_inner_texts() == ["none", "canny", "depth"]
+    expect(page.get_by_label("Control image")).to_be_hidden()  # until a ControlNet is chosen
+    controlnet.select_option("canny")
+    page.locator("#control_image").set_input_files(str(edges))
+    page.get_by_label("ControlNet scale").fill("0.8")
+    page.get_by_label("Prompt", exact=True).fill("a cube along the edges")
+    page.get_by_role("button", name="Generate").click()
+    # The finished image of this job (the page may have restored older ones of the module's other tests).
+    final = page.locator("#preview.final")
+    expect(final).to_have_attribute("data-prompt", "a cube along the edges", timeout=JOB_MS)
+    expect(final).to_have_attribute("src", re.compile(r"^blob:"))
+    assert natural_size(final) == [64, 64]
+    row = page.locator("#jobs li").filter(has_text="a cube along the edges").first
+    expect(row).to_contain_text("Done")
+    expect(row).to_contain_text("ControlNet canny")
+
+    # The reference image: an image as a prompt, beside the control image.
+    expect(page.get_by_label("Reference scale")).to_be_hidden()  # until there is a reference image
+    page.locator("#ip_adapter_image").set_input_files(str(look))
+    page.get_by_label("Reference scale").fill("0.6")
+    page.get_by_label("Prompt", exact=True).fill("a cube that looks like that")
+    page.get_by_role("button", name="Generate").click()
+    row = page.locator("#jobs li").filter(has_text="a cube that looks like that").first
+    expect(row).to_contain_text("Done", timeout=JOB_MS)  # the status still says the last job's Done at first
+    expect(row).to_contain_text("reference image")
+
+    # What the server got and made: the PNGs say which ControlNet and scales shaped them.
+    made = {job["spec"]["prompt"]: job for job in jobs_of(atelier)}
+    edged, looked = made["a cube along the edges"], made["a cube that looks like that"]
+    assert edged["spec"]["inputs"] == ["control_image"] and looked["spec"]["inputs"] == ["control_image",
+                                                                                          "ip_adapter_image"]
+    with urllib.request.urlopen(looked["urls"][0], timeout=10) as response:
+        parameters = Image.open(io.BytesIO(response.read())).info["parameters"]
+    assert "ControlNet: canny, ControlNet weight: 0.8" in parameters and "IP-Adapter weight: 0.6" in parameters
+
+    # Back on a model without them: the fields go, and nothing of them is sent.
+    page.get_by_label("Model").select_option("tiny-sd")
+    expect(controlnet).to_be_hidden()
+    expect(reference).to_be_hidden()
+    page.get_by_label("Prompt", exact=True).fill("a plain cube")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#jobs li").filter(has_text="a plain cube").first).to_contain_text("Done", timeout=JOB_MS)
+    plain = next(job for job in jobs_of(atelier) if job["spec"]["prompt"] == "a plain cube")
+    assert plain["spec"]["inputs"] == [] and plain["spec"]["controlnet"] is None

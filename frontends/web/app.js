@@ -263,9 +263,10 @@ function row(job) {
                    '<span class="state"></span></div><button class="ghost" type="button">Cancel</button>' +
                    '<div class="bar"><span></span></div>';
     li.querySelector('.prompt').textContent = job.spec.prompt;
-    const { model, width, height, steps, count, seed } = job.spec;
+    const { model, width, height, steps, count, seed, controlnet, inputs = [] } = job.spec;
     li.querySelector('.meta').textContent = [model, width && `${width}×${height}`, steps && `${steps} steps`,
-      count > 1 && `×${count}`, seed != null && `seed ${seed}`].filter(Boolean).join(' · ');
+      count > 1 && `×${count}`, seed != null && `seed ${seed}`, controlnet && `ControlNet ${controlnet}`,
+      inputs.includes('ip_adapter_image') && 'reference image'].filter(Boolean).join(' · ');
     li.querySelector('button').addEventListener('click', (event) => { event.stopPropagation(); cancel(job); });
     li.addEventListener('click', () => stage(job));
     insertByTime($('#jobs'), li);
@@ -392,10 +393,32 @@ async function specFromForm() {
   if (field('negative_prompt').value.trim()) spec.negative_prompt = field('negative_prompt').value;
   if (!field('loras').hidden && field('loras').value.trim()) spec.loras = parseLoras(field('loras').value);
   if (file) spec.image = await readAsDataURL(file);
+  Object.assign(spec, await conditioningFromForm());
   return spec;
 }
 
-// Shows the fields the chosen model uses: an image to start from, a video's frames, a sound's length, LoRAs.
+// The ControlNet with its control image, and the IP-Adapter's reference image, each with its scale:
+// only what the chosen model shows, and a scale only beside its image (the API refuses one alone).
+async function conditioningFromForm() {
+  const spec = {};
+  const scale = (name) => field(name).value === '' ? {} : { [name]: Number.parseFloat(field(name).value) };
+  const control = field('control_image').files[0];
+  if (!field('controlnet').closest('[hidden]') && field('controlnet').value && control) {
+    Object.assign(spec, { controlnet: field('controlnet').value, control_image: await readAsDataURL(control) },
+                  scale('controlnet_scale'));
+  }
+  const reference = field('ip_adapter_image').files[0];
+  if (!field('ip_adapter_image').closest('[hidden]') && reference) {
+    Object.assign(spec, { ip_adapter_image: await readAsDataURL(reference) }, scale('ip_adapter_scale'));
+  }
+  return spec;
+}
+
+// A server from before ControlNets were listed says nothing of them: none, then.
+const controlnetsOf = (model) => model.controlnets || [];
+
+// Shows the fields the chosen model uses: an image to start from, a video's frames, a sound's length, LoRAs,
+// a ControlNet and its control image, an IP-Adapter's reference image.
 function fitForm() {
   const model = models.get(field('model').value);
   if (!model) return;
@@ -406,9 +429,13 @@ function fitForm() {
     'image-input': takesImage, strength: model.kinds.includes('img2img') && !!file,
     video: model.media === 'video', audio: model.media === 'audio', sized: model.media !== 'audio' && !file,
     loras: model.loras.length > 0,
+    controlnets: controlnetsOf(model).length > 0, control: !!field('controlnet').value,
+    'ip-adapter': !!model.ip_adapter, reference: !!field('ip_adapter_image').files[0],
   };
   for (const element of document.querySelectorAll('[data-for]')) element.hidden = !visible[element.dataset.for];
   field('image').required = needsImage;
+  // A chosen ControlNet reads a control image: without one the browser asks for it, as for a needed image.
+  field('control_image').required = visible.controlnets && visible.control;
   $('#image-hint').textContent = needsImage ? `(${defaultKind(model, true)}: needed)` : '(optional: start from it)';
   $('#loras-hint').textContent = model.loras.length ? `(${model.loras.join(', ')})` : '';
 }
@@ -442,6 +469,11 @@ function applyDefaults() {
   field('fps').value = model.default_fps ?? '';
   Object.assign(field('duration_s'), { value: model.default_duration_s ?? '', max: model.max_duration_s ?? '' });
   if (!defaultKind(model, true)) field('image').value = '';
+  // The ControlNets are the model's own: a name chosen for another model means nothing here.
+  field('controlnet').replaceChildren(new Option('none', ''),
+                                     ...controlnetsOf(model).map((name) => new Option(name, name)));
+  if (!controlnetsOf(model).length) field('control_image').value = '';
+  if (!model.ip_adapter) field('ip_adapter_image').value = '';
   fitForm();
 }
 
@@ -485,6 +517,8 @@ form.addEventListener('submit', async (event) => {
 $('#cancel').addEventListener('click', () => { const job = jobs.get(stageId); if (job) cancel(job); });
 field('model').addEventListener('change', applyDefaults);
 field('image').addEventListener('change', fitForm);
+field('controlnet').addEventListener('change', fitForm);
+field('ip_adapter_image').addEventListener('change', fitForm);
 
 // -- live mode ---------------------------------------------------------------- //
 // Each change submits the whole form as a live job of this tab's session; the scheduler replaces
