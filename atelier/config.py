@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from actors.messages import Name
 from atelier.families import FAMILY_LIMITS, FamilyLimits
 
 CONFIG_ENV = "ATELIER_CONFIG"
@@ -60,7 +61,9 @@ class ModelEntry(Strict):
     # Images in one pipeline call at most (default: the family's, for the runner's device).
     max_batch: int | None = Field(default=None, ge=1, le=1024)
     # LoRAs a job may apply (JobSpec.loras), by name: a .safetensors file or a folder holding one.
-    loras: dict[str, str] = Field(default_factory=dict)
+    # Names as jobs and /v1/models carry them: checked here, so a bad one fails the config's load
+    # rather than every listing of the models.
+    loras: dict[Name, str] = Field(default_factory=dict)
     # Speed and memory, for any diffusers family (atelier/families/accel.py; README "Model families").
     quantize: Literal["int8", "int8-dynamic", "fp8", "int4"] | None = None  # the denoiser's weights (torchao)
     compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
@@ -69,7 +72,7 @@ class ModelEntry(Strict):
     cache_threshold: float | None = Field(default=None, gt=0, le=10)  # first_block: change that still skips
     cache_interval: int | None = Field(default=None, ge=1, le=100)  # taylorseer, deepcache: steps per full one
     # ControlNets a job may choose (JobSpec.controlnet), by name: diffusers ControlNetModel folders.
-    controlnets: dict[str, str] = Field(default_factory=dict)
+    controlnets: dict[Name, str] = Field(default_factory=dict)
     # An IP-Adapter (a .safetensors file as h94/IP-Adapter ships them) for jobs with an ip_adapter_image,
     # and the CLIP image encoder folder it reads (default: the image_encoder folder beside the file).
     ip_adapter: str | None = None

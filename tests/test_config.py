@@ -31,6 +31,8 @@ def test_a_catalog_entry_overrides_its_family_limits(tmp_path):
     ('[models.x]\nfamily = "sd1"\nsource = "/m"\ncolour = "red"\n', "colour"),
     ('default_model = "missing"\n', "default_model 'missing' is not in the catalog"),
     ('[broker]\nheartbeat_s = 0\n', "heartbeat_s"),
+    ('[models.x]\nfamily = "sd1"\nsource = "/m"\nloras = { "ink wash" = "/l.safetensors" }\n', "loras.ink wash"),
+    ('[models.x]\nfamily = "sd1"\nsource = "/m"\ncontrolnets = { "a/b c" = "/c" }\n', "controlnets.a/b c"),
 ])
 def test_mistakes_are_named(tmp_path, text, words):
     path = tmp_path / "atelier.toml"
