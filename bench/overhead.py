@@ -185,8 +185,11 @@ def _label(pid: int) -> str:
 class System:
     """``atelier up`` in its own session, so that everything it starts can be found and reaped."""
 
-    def __init__(self, home: Path, log_path: Path, *, config: Path | None = None, log_level: str = "WARNING"):
+    def __init__(self, home: Path, log_path: Path, *, config: Path | None = None, log_level: str = "WARNING",
+                 http: str = "off"):
         self.home = home
+        self.http_listen = http  # "off", or HOST:PORT for the HTTP frontend
+        self.http = ""  # its base URL once started
         self.log_path = log_path  # up's stderr and its children's output: kept out of the table
         self.config = config  # None: the built-in catalog, as a new user gets it
         self.log_level = log_level
@@ -200,7 +203,7 @@ class System:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "frontends.cli", "up", "--router", "tcp://127.0.0.1:0",
-             "--pub", "tcp://127.0.0.1:0", "--http", "off", *config, "--log-level", self.log_level],
+             "--pub", "tcp://127.0.0.1:0", "--http", self.http_listen, *config, "--log-level", self.log_level],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
             start_new_session=True)
         ready = threading.Event()
@@ -223,7 +226,7 @@ class System:
             self.stop()
             raise RuntimeError(f"atelier up did not report ready in {timeout:.0f}s; see {self.log_path}:\n"
                                + self.log_tail())
-        self.router, self.pub = found["router"], found["pub"]
+        self.router, self.pub, self.http = found["router"], found["pub"], found.get("http") or ""
 
     def pids(self) -> list[int]:
         """``up`` and every process under it."""

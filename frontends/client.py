@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -49,6 +50,10 @@ from actors.messages import (
 log = logging.getLogger("atelier.client")
 
 KEEP_RESULTS = 1000
+# A job watched this long with no result is asked after (its JobResult may have been dropped on the
+# way: a peer restarting, a full queue); at most RESYNC_BATCH of them each time, the oldest first.
+RESYNC_S = 15.0
+RESYNC_BATCH = 64
 
 Event = JobEvent | Progress | Preview | JobResult
 
@@ -60,6 +65,7 @@ class _Watch:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     result: asyncio.Future | None = None
     subscribed: bool = False
+    checked: float = field(default_factory=time.monotonic)  # when it was last known to be in hand or asked after
 
 
 class AtelierClient(Actor):
@@ -86,6 +92,7 @@ class AtelierClient(Actor):
         self._sub.connect(self.pub)
         await super().start(timeout)
         self._tasks.append(asyncio.create_task(self._event_loop(), name=f"{self.name}-events"))
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name=f"{self.name}-resync"))
 
     async def close(self, drain_timeout: float = 2.0) -> None:
         if self._sub is not None:
@@ -224,6 +231,25 @@ class AtelierClient(Actor):
             self._fetching.add(task)
             task.add_done_callback(self._fetching.discard)
 
+    async def fetch_result(self, job_id: str) -> JobResult | None:
+        """The job's result from the scheduler (shown through the job's watch if it has not been),
+        or None while it runs. Raises RemoteError for a job the scheduler does not know."""
+        reply = await self.ask(SCHEDULER, GetResult(job_id=job_id))
+        if isinstance(reply, JobResult):
+            await self.on_result(reply, None)
+            return reply
+        return None
+
+    async def _resync_loop(self) -> None:
+        """At-least-once delivery, the client's half: results that never came are asked for."""
+        while True:
+            await asyncio.sleep(RESYNC_S / 3)
+            now = time.monotonic()
+            stale = sorted((w.checked, job_id) for job_id, w in self._watches.items() if now - w.checked > RESYNC_S)
+            for _, job_id in stale[:RESYNC_BATCH]:
+                self._watches[job_id].checked = now
+            self._catch_up([job_id for _, job_id in stale[:RESYNC_BATCH]])
+
     async def on_reconnect(self) -> None:
         # A JobResult sent while the broker was restarting is gone; the scheduler still has it.
         self._catch_up(list(self._watches))
@@ -268,5 +294,6 @@ class AtelierClient(Actor):
                 continue
             watch = self._watches.get(getattr(event, "job_id", ""))
             if watch is not None:
+                watch.checked = time.monotonic()  # alive and heard of: no need to ask after it
                 watch.queue.put_nowait(event)
 
