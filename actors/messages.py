@@ -535,6 +535,18 @@ class Draining(Wire):
     kind: Literal["draining"] = "draining"
 
 
+class GetRunnerState(Wire):
+    """What a runner holds and runs now (scheduler -> runner, when it joins): the broker's PeerUp
+    carries its capabilities as of its Hello, which may be from before a batch began or ended."""
+
+    kind: Literal["get_runner_state"] = "get_runner_state"
+
+
+class RunnerState(Wire):
+    kind: Literal["runner_state"] = "runner_state"
+    capabilities: Capabilities
+
+
 class Stage(Wire):
     kind: Literal["stage"] = "stage"
     model: Name
@@ -624,6 +636,8 @@ Message = Annotated[
         BatchUpdate,
         BatchDone,
         Draining,
+        GetRunnerState,
+        RunnerState,
         Stage,
         Staged,
         JobEvent,

@@ -38,6 +38,7 @@ from actors.messages import (
     Capabilities,
     Draining,
     ErrorCode,
+    GetRunnerState,
     JobDone,
     JobFailed,
     JobSpec,
@@ -48,6 +49,7 @@ from actors.messages import (
     Release,
     Role,
     RunBatch,
+    RunnerState,
     RunTiming,
     Stage,
     Staged,
@@ -181,6 +183,10 @@ class Runner(Actor):
             return
         self.active = ActiveBatch(msg.batch_id, list(msg.items))
         self._execution = asyncio.create_task(self._execute(self.active, env.src))
+
+    @handles(GetRunnerState)
+    async def on_get_state(self, msg: GetRunnerState, env: Envelope) -> RunnerState:
+        return RunnerState(capabilities=self.capabilities())
 
     @handles(StopJob)
     async def on_stop_job(self, msg: StopJob, env: Envelope) -> Ok:

@@ -22,8 +22,8 @@ import logging
 import sqlite3
 import time
 
-from actors.actor import Actor, handles, run_actor
-from actors.codec import Envelope
+from actors.actor import Actor, RemoteError, handles, run_actor
+from actors.codec import BROKER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
@@ -32,6 +32,7 @@ from actors.messages import (
     BatchItem,
     BatchUpdate,
     CancelJob,
+    Capabilities,
     ClusterStatus,
     Draining,
     Error,
@@ -39,6 +40,7 @@ from actors.messages import (
     GetJob,
     GetModels,
     GetResult,
+    GetRunnerState,
     GetStatus,
     JobEvent,
     JobInfo,
@@ -55,6 +57,7 @@ from actors.messages import (
     Preload,
     Role,
     RunBatch,
+    RunnerState,
     RunnerStatus,
     StopJob,
     Submit,
@@ -76,6 +79,7 @@ from atelier.scheduling.policy import (
 log = logging.getLogger("atelier.scheduler")
 
 REFRESH_S = 1.0  # how often queued jobs' positions and ETAs are brought up to date
+RUNNER_STATE_TIMEOUT_S = 1.0  # a runner's event loop is free while it works: it answers in milliseconds
 PRUNE_S = 3600.0  # how often ended jobs older than journal_keep_days leave the journal
 
 
@@ -121,14 +125,28 @@ class Scheduler(Actor):
 
     @handles(PeerUp)
     async def on_peer_up(self, msg: PeerUp, env: Envelope) -> None:
+        if env.src != BROKER:  # only the broker knows who joined (it also refuses to route these)
+            return
         if msg.role is Role.runner:
             if msg.name not in self.policy.runners:
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
-            self.policy.runner_up(msg.name, msg.capabilities, self.clock())
+            self.policy.runner_up(msg.name, await self._runner_state(msg.name, msg.capabilities), self.clock())
             await self._schedule()
+
+    async def _runner_state(self, runner: str, said: Capabilities) -> Capabilities:
+        """The runner's capabilities now (which batch it is running, if any), asked of it; what it
+        said in its Hello if it does not answer at once."""
+        try:
+            state = await self.ask(runner, GetRunnerState(), timeout=RUNNER_STATE_TIMEOUT_S)
+        except (asyncio.TimeoutError, RemoteError) as exc:
+            log.warning("runner %s did not say what it is running (%s); going by its Hello", runner, exc)
+            return said
+        return state.capabilities if isinstance(state, RunnerState) else said
 
     @handles(PeerDown)
     async def on_peer_down(self, msg: PeerDown, env: Envelope) -> None:
+        if env.src != BROKER:
+            return
         if msg.role is Role.loader:
             for node in [n for n in self.loaders if loader_name(n) == msg.name]:
                 del self.loaders[node]

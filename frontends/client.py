@@ -268,6 +268,8 @@ class AtelierClient(Actor):
     @handles(JobResult)
     async def on_result(self, msg: JobResult, env: Envelope | None) -> None:
         job_id = msg.job.spec.id
+        if env is not None and env.src != SCHEDULER:
+            return  # another peer's word on a job is not a result
         if job_id in self._results:
             return  # sent again (delivery is at least once) or fetched as well: shown once
         # Kept for a while, so a caller that starts waiting late still gets it.

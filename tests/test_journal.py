@@ -255,3 +255,27 @@ def test_an_idempotency_key_makes_one_job_across_a_restart(restarting: Cluster) 
     assert fetched.job.state is JobState.done
     assert [bytes(a.data) for a in fetched.outputs] == [bytes(a.data) for a in result.outputs]
     assert (fetched.outputs[0].width, fetched.outputs[0].seed) == (64, result.outputs[0].seed)
+
+
+def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path: Path) -> None:
+    from actors.messages import Capabilities, JobDone, RunTiming
+
+    policy = Policy(Config.model_validate({"home": str(tmp_path), "scheduler": {"max_attempts": 1}}))
+    policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 1.0)
+    job = policy.submit(_record().spec, "fe", 1.0)
+    policy.schedule(1.0)
+    sent = next(e for e in policy.drain() if isinstance(e, Dispatch))
+    # The broker died with the RunBatch in it; the runner registers again, running nothing.
+    policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 2.0)
+    assert job.record.state is JobState.queued and job.record.attempts == 0
+    assert "did not have it after reconnecting" in job.record.reason
+    policy.schedule(2.0)
+    again = next(e for e in policy.drain() if isinstance(e, Dispatch))
+    assert again.batch.id != sent.batch.id and again.items[0][0].id == job.id
+    # Had it run after all, its late report is taken, not run a third time.
+    for done, _ in policy.batch_done("r1", again.batch.id, [JobDone(job_id=job.id, outputs=[], elapsed_s=1.0)], {},
+                                     RunTiming(), 3.0):
+        policy.complete(done, [], (), 3.0)
+    assert job.record.state is JobState.done
+    assert policy.batch_done("r1", sent.batch.id, [JobDone(job_id=job.id, outputs=[], elapsed_s=1.0)], {},
+                             RunTiming(), 3.5) == []

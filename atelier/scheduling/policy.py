@@ -335,7 +335,12 @@ class Policy:
     # -- runners and loaders --------------------------------------------------- #
 
     def runner_up(self, name: str, caps: Capabilities, now: float) -> None:
-        if name in self.runners:
+        known = self.runners.get(name)
+        if known is not None:
+            # It registered again (the broker restarted) and says what it runs now.
+            known.capabilities = caps
+            if known.batch is not None and known.batch.id != caps.active_batch:
+                self._lost_batch(known, caps, now)
             return
         runner = Runner(name, caps, dict(caps.resident))
         self.runners[name] = runner
@@ -361,6 +366,24 @@ class Policy:
                 self.queue.take(job.id)
             self._set_running(job, runner.name, batch_id, JobState.running)
             self.effects.append(Announce(job))
+
+    def _lost_batch(self, runner: Runner, caps: Capabilities, now: float) -> None:
+        """The runner is not running the batch it was given: the RunBatch was lost with a broker that
+        died, or the batch ended and its report is still on its way (a done outcome is then taken
+        by ``_adopt``). Its jobs go back to the queue, no attempt counted: none was started here."""
+        batch = self.batches.pop(runner.batch.id, None) if runner.batch else None
+        runner.batch = None
+        for job_id in batch.jobs if batch else ():
+            job = self._job_on(job_id, runner.name)
+            if job is None:
+                continue
+            if self._stopping(job):
+                self.effects.append(StopRunning(runner.name, job_id, self._stop_reason(job)))
+                continue
+            job.record.attempts -= 1
+            self._requeue(job, f"runner {runner.name} did not have it after reconnecting")
+        if caps.active_batch and caps.active_batch not in self.batches:
+            self._reclaim(runner, caps.active_batch, caps.active_jobs, now)
 
     def runner_down(self, name: str, reason: str, now: float) -> None:
         runner = self.runners.pop(name, None)
