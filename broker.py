@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from actors import codec
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
@@ -37,6 +37,7 @@ from actors.messages import (
     Goodbye,
     Heartbeat,
     Hello,
+    Name,
     PeerDown,
     PeerUp,
     Role,
@@ -49,6 +50,10 @@ log = logging.getLogger("atelier.broker")
 
 HWM = 100_000
 MAX_FRAME_BYTES = 512 << 20
+# What only the broker says. The scheduler acts on PeerUp and PeerDown (a runner to use, one gone),
+# so a peer that sent them would add a phantom runner or take a real one away.
+BROKER_ONLY = frozenset(m.model_fields["kind"].default for m in (Welcome, PeerUp, PeerDown))
+NAMES = TypeAdapter(Name)
 
 
 @dataclass
@@ -135,6 +140,8 @@ class Broker:
     def _drain_router(self) -> None:
         # Take everything that is waiting before polling again: one poll per burst, not per message.
         for _ in range(10_000):
+            if not self._running:
+                return  # stopping: what is still queued is not ours to route any more
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -165,6 +172,9 @@ class Broker:
             self._send_error(ident, ErrorCode.bad_request,
                              f"src {head.src!r} is not your registered name {peer.name!r}", corr=head.id)
             return
+        if head.kind in BROKER_ONLY:
+            self._send_error(ident, ErrorCode.bad_request, f"only the broker sends {head.kind!r}", corr=head.id)
+            return
         if head.dst.startswith(PUBLISH):
             self.xpub.send_multipart([head.dst[1:].encode(), *payload], copy=False)
             self.stats.published += 1
@@ -175,7 +185,13 @@ class Broker:
                              corr=head.id)
             return
         try:
-            self.router.send_multipart([target, *payload], copy=False)
+            # Never block: a blocking send to a peer whose queue is full (it stopped reading) would
+            # stall the broker for every peer. The sender hears that the target is busy instead.
+            self.router.send_multipart([target, *payload], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._send_error(ident, ErrorCode.busy, f"{head.dst!r} is not keeping up (its queue is full)",
+                             corr=head.id)
+            return
         except zmq.ZMQError as exc:  # EHOSTUNREACH: it went away between Hello and now
             self._send_error(ident, ErrorCode.unroutable, f"{head.dst!r} is unreachable: {exc}", corr=head.id)
             return
@@ -208,6 +224,12 @@ class Broker:
         if ident != head.src.encode():
             self._send_error(ident, ErrorCode.bad_request,
                              "set the socket's ROUTING_ID to the name you send as src", corr=head.id)
+            return
+        if head.src == BROKER or not _is_name(head.src):
+            # PeerUp and PeerDown carry the name as a Name: any other would fail there, after the
+            # Welcome, and the schedulers would never hear of the peer. "broker" would pass for us.
+            self._send_error(ident, ErrorCode.bad_request, f"{head.src[:64]!r} cannot be a peer's name: use "
+                             "1 to 128 letters, digits and _.:@/- (not 'broker')", corr=head.id)
             return
         now = time.monotonic()
         known = self.peers.get(ident)
@@ -265,9 +287,11 @@ class Broker:
     def _send(self, ident: bytes, msg: Wire, corr: int | None = None) -> None:
         frames = codec.encode(Envelope(msg, BROKER, ident.decode(errors="replace"), next(self._ids), corr))
         try:
-            self.router.send_multipart([ident, *frames], copy=False)
+            # NOBLOCK: a peer that floods and never reads its replies fills its queue; blocking on it
+            # would stall the broker for everyone (found by tests/test_fuzz_wire.py). Its replies are dropped.
+            self.router.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
-            return  # the peer is gone; liveness will notice
+            return  # the peer is gone (liveness will notice) or not reading
         peer = self.peers.get(ident)
         if peer is not None:
             peer.last_sent = time.monotonic()
@@ -283,10 +307,20 @@ class Broker:
         stats._drops_since_log += 1
         now = time.monotonic()
         if now - stats._last_drop_log >= 1.0:
-            log.warning("broker: rejected %d malformed message(s), latest from %r: %s",
-                        stats._drops_since_log, ident[:32], exc)
+            # %r: the text quotes what the peer sent (a kind, a field name), which may hold a newline
+            # that would forge a log line.
+            log.warning("broker: rejected %d malformed message(s), latest from %r: %r",
+                        stats._drops_since_log, ident[:32], str(exc)[:500])
             stats._drops_since_log = 0
             stats._last_drop_log = now
+
+
+def _is_name(text: str) -> bool:
+    try:
+        NAMES.validate_python(text)
+    except ValidationError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,7 @@ class Actor:
         self._own_context = context is None
         self._sock: zmq.asyncio.Socket | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future]] = {}  # ask id -> (whom we asked, their answer)
         self._mailbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._last_sent = 0.0
         self._last_heard = 0.0
@@ -165,7 +165,7 @@ class Actor:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        for fut in self._pending.values():
+        for _, fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
         if self._sock is not None:
@@ -203,7 +203,7 @@ class Actor:
     async def _ask_once(self, dst: str, msg: Wire, timeout: float) -> Wire:
         msg_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = future
+        self._pending[msg_id] = (dst, future)
         try:
             frames = codec.encode(Envelope(msg, self.name, dst, msg_id, None))
             assert self._sock is not None, "actor is not started"
@@ -287,14 +287,16 @@ class Actor:
             except DecodeError as exc:
                 await self._refuse(exc)
                 continue
-            if env.corr is not None and env.corr in self._pending:
-                future = self._pending[env.corr]
+            asked, future = self._pending.get(env.corr, (None, None)) if env.corr is not None else (None, None)
+            # A reply counts only from whom we asked, or from the broker about them: ids are small
+            # counters, so any peer could otherwise guess one and answer in their place.
+            if future is not None and env.src in (asked, BROKER):
                 if not future.done():
                     future.set_result(env.msg)
                 continue
             if isinstance(env.msg, Heartbeat):
                 continue
-            if isinstance(env.msg, Error) and env.msg.code is ErrorCode.not_registered:
+            if isinstance(env.msg, Error) and env.msg.code is ErrorCode.not_registered and env.src == BROKER:
                 # The broker restarted and forgot us: register again, out of the mailbox's way.
                 self._reregister()
                 continue

@@ -115,7 +115,8 @@ def read_head(frames: Sequence[Any]) -> tuple[Head, list]:
     try:
         head = msgpack.unpackb(_buffer(raw_head), raw=False, ext_hook=ext_hook, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of types for garbage
-        raise DecodeError(f"head is not msgpack: {exc}") from None
+        # Some carry no text (StackError: nested too deeply): the type then says what went wrong.
+        raise DecodeError(f"head is not msgpack: {str(exc) or type(exc).__name__}") from None
     if not (isinstance(head, list) and len(head) == 6):
         raise DecodeError("head must be [kind, id, corr, src, dst, body]")
     kind, msg_id, corr, src, dst, body = head

@@ -13,13 +13,20 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.messages import JobInputs, JobRecord, JobSpec
+from actors.messages import JobInputs, JobRecord, JobSpec, Name
 
 INPUTS = ("image", "mask", "control_image", "ip_adapter_image")
+# A prompt needs one character that is not white space, as JobSpec's validator reads it (str.strip):
+# spelled out, because \s means slightly different sets in Python, in JSON Schema and in pydantic.
+NOT_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
+def _prompt() -> Any:
+    return Field(max_length=4000, pattern=NOT_BLANK)
 
 
 def decode_image(text: str) -> bytes:
@@ -37,6 +44,7 @@ class JobRequest(JobSpec):
 
     Inside atelier the images travel as frames of their own; JSON has no other way to carry them."""
 
+    prompt: str = _prompt()  # JobSpec's own, with its not-blank rule where the document shows it
     image: str | None = Field(default=None, description="img2img and the like: the source image, base64")
     mask: str | None = Field(default=None, description="inpainting: white where to paint, base64")
     control_image: str | None = None
@@ -122,12 +130,13 @@ class ModelList(BaseModel):
 class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=4000)
+    prompt: str = _prompt()
     # A catalog model, or one of OpenAI's names (dall-e-2, dall-e-3, gpt-image-1…), which mean
     # the default model: clients that cannot choose still work.
-    model: str | None = None
+    model: Name | None = None
     n: int = Field(default=1, ge=1, le=16)
-    size: str | None = Field(default=None, description="WIDTHxHEIGHT, or auto for the model's default")
+    size: str | None = Field(default=None, pattern=r"^(auto|\d+x\d+)$",
+                             description="WIDTHxHEIGHT, or auto for the model's default")
     response_format: Literal["url", "b64_json"] = "url"
     user: str | None = Field(default=None, max_length=128)
     # Accepted because OpenAI's clients send them; they change nothing here.
@@ -176,28 +185,30 @@ class OpenAIError(BaseModel):
 class A1111Txt2Img(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1  # -1: random
+    # Stricter than A1111 where a JobSpec is: a prompt is required, sizes are multiples of 8.
+    prompt: str = _prompt()
+    negative_prompt: str = Field(default="", max_length=4000)
+    seed: int = Field(default=-1, le=2**63 - 1)  # negative: random
     batch_size: int = Field(default=1, ge=1, le=16)
     n_iter: int = Field(default=1, ge=1, le=16)
     steps: int | None = Field(default=None, ge=1, le=500)  # None: the model's default
     cfg_scale: float | None = Field(default=None, ge=0, le=50)
-    width: int | None = Field(default=None, ge=8, le=8192)
-    height: int | None = Field(default=None, ge=8, le=8192)
+    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
     sampler_name: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     # Features of A1111 that atelier does not have: refused when asked for, never silently skipped.
-    enable_hr: bool = False
-    restore_faces: bool | None = None
-    tiling: bool | None = None
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    # The handler refuses them, with a message saying why; the document says which values pass.
+    enable_hr: bool = Field(default=False, json_schema_extra={"const": False})
+    restore_faces: bool | None = Field(default=None, json_schema_extra={"enum": [False, None]})
+    tiling: bool | None = Field(default=None, json_schema_extra={"enum": [False, None]})
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, json_schema_extra={"maxProperties": 0})
 
 
 class A1111Img2Img(A1111Txt2Img):
-    init_images: list[str] = Field(default_factory=list)
-    denoising_strength: float = Field(default=0.75, ge=0, le=1)
+    init_images: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # the first is the source
+    denoising_strength: float = Field(default=0.75, gt=0, le=1)
     mask: str | None = None
 
 

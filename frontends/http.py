@@ -36,12 +36,13 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
 from actors.messages import (
     ErrorCode,
     JobEvent,
+    JobId,
     JobInputs,
     JobKind,
     JobRecord,
@@ -63,6 +64,7 @@ SYNC_TIMEOUT_S = 600.0  # the OpenAI and A1111 calls wait for their images this 
 KEEPALIVE_S = 15.0  # an SSE comment this often, so proxies keep an idle stream open
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_-]+-\d+\.[a-z0-9]+$")
 OPENAI_MODEL_NAMES = re.compile(r"^(dall-e|gpt-image)")  # OpenAI's own models: they mean "the default"
+JOB_IDS = TypeAdapter(JobId)
 
 
 class Problem(Exception):
@@ -265,6 +267,8 @@ class HttpServer:
             # aiohttp's own refusals (no such route, wrong method) in the API's shape too.
             response = self._render(request, Problem(exc.status, exc.reason.lower().replace(" ", "_"),
                                                      f"{request.method} {request.path}: {exc.reason}"))
+            if "Allow" in exc.headers:  # a 405 must say which methods the path has (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
         except asyncio.TimeoutError:
             response = self._render(request, Problem(503, "unavailable", "the scheduler did not answer in time",
                                                      retry_after_s=5.0))
@@ -490,6 +494,9 @@ class HttpServer:
         return web.json_response([m.model_dump() for m in listed])
 
     async def a1111_progress(self, request: web.Request) -> web.Response:
+        skip_image = request.query.get("skip_current_image", "false").lower()
+        if skip_image not in ("true", "false"):  # what the document promises: a boolean, not anything at all
+            raise Problem(422, "bad_request", "skip_current_image must be true or false", field="skip_current_image")
         job_id = self._a1111_current.get(request["caller"].user)
         followed = self.streams.latest(job_id) if job_id else None
         if followed is None or followed.ended:
@@ -497,7 +504,7 @@ class HttpServer:
         progress, preview = followed.progress, followed.preview
         done = progress.step / progress.total if progress else 0.0
         image = None
-        if preview is not None and request.query.get("skip_current_image", "false").lower() != "true":
+        if preview is not None and skip_image != "true":
             image = base64.b64encode(bytes(preview.image)).decode("ascii")
         state = api.A1111ProgressState(job=job_id, job_count=1, sampling_step=progress.step if progress else 0,
                                        sampling_steps=progress.total if progress else 0)
@@ -508,7 +515,13 @@ class HttpServer:
     async def a1111_interrupt(self, request: web.Request) -> web.Response:
         job_id = self._a1111_current.get(request["caller"].user)
         if job_id is not None:
-            await self.client.cancel(job_id)
+            try:
+                await self.client.cancel(job_id)
+            except RemoteError as exc:
+                # The latest job was refused, or is long forgotten: nothing runs, and as in A1111
+                # interrupting nothing is fine (it used to be an undocumented 404).
+                if exc.error.code is not ErrorCode.unknown_job:
+                    raise
         return web.json_response({})
 
     # -- the rest -------------------------------------------------------------- #
@@ -572,7 +585,13 @@ class HttpServer:
         return result
 
     async def _mine(self, request: web.Request) -> JobRecord:
-        record = await self.client.job(request.match_info["job_id"])
+        job_id = request.match_info["job_id"]
+        try:
+            JOB_IDS.validate_python(job_id)
+        except ValidationError:  # else building the GetJob message fails, and that was a 500
+            raise Problem(404, "unknown_job", f"no job {job_id!r}: a job id is 1 to 64 letters, digits, _ and -",
+                          field="job_id") from None
+        record = await self.client.job(job_id)
         caller: Caller = request["caller"]
         if caller.authenticated and record.spec.user != caller.user:
             raise Problem(403, "forbidden", f"job {record.spec.id} is not {caller.user}'s")

@@ -9,9 +9,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from actors.messages import JobId
 from frontends import api
 
 _REF = "#/components/schemas/{model}"
@@ -34,12 +35,15 @@ def _answer(description: str, model: type[BaseModel] | None = None, *, media: st
 
 def _errors(model: type[BaseModel], *codes: int) -> dict[str, Any]:
     words = {400: "Not JSON, or a bad value (OpenAI's status)", 401: "No or unknown bearer token",
-             403: "Another user's job", 404: "No such job or model", 422: "A field is wrong: the error names it",
-             429: "Rate limited or queue full: see Retry-After", 503: "The scheduler did not answer"}
+             403: "Another user's job", 404: "No such job or model", 409: "The job was cancelled: no images",
+             413: "An input image over the size cap", 422: "A field is wrong: the error names it",
+             429: "Rate limited or queue full: see Retry-After", 503: "The scheduler did not answer",
+             504: "No images in time: the job was cancelled"}
     return {str(code): _answer(words[code], model) for code in codes}
 
 
-_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+# The id's own rules: a path that breaks them names no job (404), and a client can tell beforehand.
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": TypeAdapter(JobId).json_schema()}
 
 
 @cache
@@ -53,15 +57,18 @@ def _schemas() -> dict[str, Any]:
 
 def document(base_url: str) -> dict[str, Any]:
     native = (401, 403, 404, 422, 429, 503)
+    synchronous = (409, 429, 503, 504)  # the OpenAI and A1111 calls wait for the job: it may be cancelled
     paths = {
         "/v1/jobs": {
             "post": {"summary": "Queue a job", "requestBody": _body(api.JobRequest),
-                     "responses": {"202": _answer("Queued", api.JobView), **_errors(api.ApiError, 400, *native)}},
+                     "responses": {"202": _answer("Queued", api.JobView),
+                                   **_errors(api.ApiError, 400, 413, *native)}},
             "get": {"summary": "The caller's jobs, newest first",
                     "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                                                "maximum": 1000}}],
                     "responses": {"200": _answer("Jobs", schema={"type": "object", "properties": {
-                        "jobs": {"type": "array", "items": _ref(api.JobView)}}}), **_errors(api.ApiError, 401)}},
+                        "jobs": {"type": "array", "items": _ref(api.JobView)}}}),
+                        **_errors(api.ApiError, 401, 422)}},
         },
         "/v1/jobs/{job_id}": {
             "get": {"summary": "A job", "parameters": [_JOB_ID],
@@ -90,17 +97,17 @@ def document(base_url: str) -> dict[str, Any]:
         "/v1/images/generations": {
             "post": {"summary": "OpenAI: create images", "requestBody": _body(api.OpenAIImageRequest),
                      "responses": {"200": _answer("Images", api.OpenAIImagesResponse),
-                                   **_errors(api.OpenAIError, 400, 401, 403, 404, 429, 503)}},
+                                   **_errors(api.OpenAIError, 400, 401, 403, 404, *synchronous)}},
         },
         "/sdapi/v1/txt2img": {
             "post": {"summary": "AUTOMATIC1111: text to image", "requestBody": _body(api.A1111Txt2Img),
                      "responses": {"200": _answer("Images", api.A1111Images),
-                                   **_errors(api.A1111Error, 401, 404, 422, 429, 503)}},
+                                   **_errors(api.A1111Error, 400, 401, 404, 422, *synchronous)}},
         },
         "/sdapi/v1/img2img": {
             "post": {"summary": "AUTOMATIC1111: image to image", "requestBody": _body(api.A1111Img2Img),
                      "responses": {"200": _answer("Images", api.A1111Images),
-                                   **_errors(api.A1111Error, 401, 404, 422, 429, 503)}},
+                                   **_errors(api.A1111Error, 400, 401, 404, 413, 422, *synchronous)}},
         },
         "/sdapi/v1/sd-models": {"get": {"summary": "AUTOMATIC1111: the models", "responses": {
             "200": _answer("Models", schema={"type": "array", "items": _ref(api.A1111Model)}),
@@ -109,7 +116,7 @@ def document(base_url: str) -> dict[str, Any]:
                                        "parameters": [{"name": "skip_current_image", "in": "query",
                                                        "schema": {"type": "boolean"}}],
                                        "responses": {"200": _answer("Progress", api.A1111Progress),
-                                                     **_errors(api.A1111Error, 401)}}},
+                                                     **_errors(api.A1111Error, 401, 422)}}},
         "/sdapi/v1/interrupt": {"post": {"summary": "AUTOMATIC1111: cancel the caller's latest job",
                                          "responses": {"200": _answer("Done", schema={"type": "object"}),
                                                        **_errors(api.A1111Error, 401)}}},
