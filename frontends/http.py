@@ -339,7 +339,11 @@ class HttpServer:
             field = str(exc).partition(":")[0]
             raise Problem(422, "bad_request", str(exc), field=field) from None
         spec = self._owned(spec, request["caller"])
-        record = await self._submit(spec, request["caller"], inputs)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable() and " " not in key):
+            raise Problem(422, "bad_request", "Idempotency-Key: 1 to 200 visible ASCII characters",
+                          field="Idempotency-Key")
+        record = await self._submit(spec, request["caller"], inputs, idempotency_key=key)
         return _json(self._view(record), status=202)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -551,7 +555,8 @@ class HttpServer:
             return spec.model_copy(update={"user": caller.user})
         return spec
 
-    async def _submit(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobRecord:
+    async def _submit(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None, *,
+                      idempotency_key: str | None = None) -> JobRecord:
         # A live session's prompts replace each other, so they queue nothing: they have a bucket of
         # their own, sized for typing, and do not use up the user's jobs.
         live = spec.session is not None
@@ -562,13 +567,15 @@ class HttpServer:
             raise Problem(429, "rate_limited", f"{spec.user} may submit {rate} {what} a minute; "
                                                f"try again in {wait:.0f} s", retry_after_s=wait)
         try:
-            record = await self.client.submit(spec, inputs=inputs)
+            # With a key, a client's retry (after a timeout, or after this server restarted) gets the job
+            # the first try made: its id is then that job's.
+            record = await self.client.submit(spec, inputs=inputs, idempotency_key=idempotency_key)
         except RemoteError as exc:
             raise _from_remote(exc) from None
-        self._submitted[spec.id] = None
+        self._submitted[record.spec.id] = None
         while len(self._submitted) > JobStreams.KEEP:
             self._submitted.popitem(last=False)
-        self.streams.follow(spec.id, own=True)
+        self.streams.follow(record.spec.id, own=True)
         return record
 
     async def _generate(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobResult:

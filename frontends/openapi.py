@@ -61,6 +61,10 @@ def document(base_url: str) -> dict[str, Any]:
     paths = {
         "/v1/jobs": {
             "post": {"summary": "Queue a job", "requestBody": _body(api.JobRequest),
+                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                     "description": "A retry with the same key gets the job the first try made",
+                                     "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                                                "pattern": "^[\\x21-\\x7e]+$"}}],
                      "responses": {"202": _answer("Queued", api.JobView),
                                    **_errors(api.ApiError, 400, 413, *native)}},
             "get": {"summary": "The caller's jobs, newest first",

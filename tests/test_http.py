@@ -102,6 +102,29 @@ def test_a_job_round_trip_and_its_artifact(web):
     assert queued["spec"]["id"] not in [job["spec"]["id"] for job in theirs]  # only the caller's
 
 
+def test_an_idempotency_key_makes_one_job_of_retried_posts(web):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            views = []
+            for _ in range(2):  # the same POST twice, as a client that timed out would send it again
+                headers = {**auth(ANA), "Idempotency-Key": "order-2026-11-23"}
+                async with http.post(f"{web.http}/v1/jobs", json=tiny(), headers=headers) as response:
+                    assert response.status == 202
+                    views.append(await response.json())
+            async with http.post(f"{web.http}/v1/jobs", json=tiny(),
+                                 headers={**auth(BEN), "Idempotency-Key": "order-2026-11-23"}) as response:
+                other_user = await response.json()
+            async with http.post(f"{web.http}/v1/jobs", json=tiny(),
+                                 headers={**auth(ANA), "Idempotency-Key": "no spaces please"}) as response:
+                bad = response.status, await response.json()
+            return views, other_user, bad
+
+    (first, again), other_user, bad = run(go())
+    assert again["spec"]["id"] == first["spec"]["id"]
+    assert other_user["spec"]["id"] != first["spec"]["id"]  # a key is the user's own
+    assert bad[0] == 422 and bad[1]["error"]["field"] == "Idempotency-Key"
+
+
 def test_the_event_stream_delivers_progress_in_order_previews_and_the_result(web):
     async def go():
         async with aiohttp.ClientSession() as http:
