@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 
 import zmq
 from pydantic import TypeAdapter, ValidationError
+from zmq.auth.thread import ThreadAuthenticator
 
-from actors import codec
+from actors import codec, keys
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
+from actors.keys import BrokerKeys
 from actors.messages import (
     MESSAGE_ADAPTER,
     Capabilities,
@@ -49,6 +51,7 @@ from atelier.runtime import READY_PREFIX
 log = logging.getLogger("atelier.broker")
 
 HWM = 100_000
+KEYS_RELOAD_S = 5.0  # how often the authorized keys are read again
 MAX_FRAME_BYTES = 512 << 20
 # What only the broker says. The scheduler acts on PeerUp and PeerDown (a runner to use, one gone),
 # so a peer that sent them would add a phantom runner or take a real one away.
@@ -73,18 +76,47 @@ class BrokerStats:
     rejected: int = 0
     subscriptions: int = 0
     dead: int = 0
+    throttled: int = 0  # messages dropped over a peer's rate
     # Rate-limited logging of bad frames: a flood must not become a flood of log lines.
     _drops_since_log: int = field(default=0, repr=False)
     _last_drop_log: float = field(default=0.0, repr=False)
 
 
+@dataclass
+class _Bucket:
+    """A peer's message allowance (a token bucket), and when it was last told it is over it."""
+
+    tokens: float
+    stamp: float
+    told: float = float("-inf")
+
+
 class Broker:
     def __init__(self, router: str, pub: str, *, heartbeat_s: float = 1.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, keys: BrokerKeys | None = None,
+                 rate_per_s: float = 20_000.0, burst: int = 50_000):
+        if keys is None:
+            for endpoint in (router, pub):
+                if not _local(endpoint):
+                    raise ValueError(f"{endpoint} is reachable from other hosts: turn on CURVE ([broker] curve "
+                                     "= true, keys from `atelier keys`) so that only peers with a key get in")
         self.heartbeat_s = heartbeat_s
         self.ctx = context or zmq.Context()
         self._own_context = context is None
+        self.keys = keys
+        self.auth: ThreadAuthenticator | None = None
+        if keys is not None:
+            # ZAP: the handshake of a peer whose public key is not authorized fails before any frame of
+            # it reaches the broker.
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=str(keys.authorized))
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self.buckets: dict[bytes, _Bucket] = {}
+        self._keys_read = time.monotonic()
         self.router = self.ctx.socket(zmq.ROUTER)
+        if keys is not None:
+            keys.apply(self.router)
         # Fail loudly on an unknown identity instead of dropping, so the sender gets an error.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted peer reuses its name; its new connection takes the identity over.
@@ -94,6 +126,8 @@ class Broker:
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self.router.bind(router)
         self.xpub = self.ctx.socket(zmq.XPUB)
+        if keys is not None:
+            keys.apply(self.xpub)
         self.xpub.setsockopt(zmq.SNDHWM, HWM)
         self.xpub.bind(pub)
         self.router_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -132,6 +166,8 @@ class Broker:
     def close(self) -> None:
         self.router.close(linger=0)
         self.xpub.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         if self._own_context:
             self.ctx.term()
 
@@ -153,6 +189,8 @@ class Broker:
 
     def _route(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allow(ident):
+            return
         payload = frames[1:]
         try:
             head, body = codec.read_head(payload)
@@ -264,7 +302,32 @@ class Broker:
 
     # -- liveness ---------------------------------------------------------- #
 
+    def _allow(self, ident: bytes) -> bool:
+        """Takes one message from the peer's allowance; over it, the message is dropped (and the
+        peer told so, once a second)."""
+        now = time.monotonic()
+        bucket = self.buckets.get(ident)
+        if bucket is None:
+            bucket = self.buckets[ident] = _Bucket(float(self.burst), now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate_per_s)
+        bucket.stamp = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        self.stats.throttled += 1
+        if now - bucket.told >= 1.0:
+            bucket.told = now
+            self._send_error(ident, ErrorCode.busy, f"over {self.rate_per_s:g} messages a second: "
+                                                    "messages are being dropped", corr=None)
+        return False
+
     def _check_liveness(self, now: float) -> None:
+        # Allowances of peers quiet for a minute are full again: forgetting them changes nothing.
+        for ident in [i for i, b in self.buckets.items() if now - b.stamp > 60 and i not in self.peers]:
+            del self.buckets[ident]
+        if self.auth is not None and now - self._keys_read > KEYS_RELOAD_S:
+            self._keys_read = now
+            self.auth.configure_curve(domain="*", location=str(self.keys.authorized))  # one taken out: refused
         deadline = 3 * self.heartbeat_s
         for ident, peer in list(self.peers.items()):
             if now - peer.last_seen > deadline:
@@ -315,6 +378,14 @@ class Broker:
             stats._last_drop_log = now
 
 
+def _local(endpoint: str) -> bool:
+    """Whether only this host can reach the endpoint (loopback TCP, IPC, inproc)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
 def _is_name(text: str) -> bool:
     try:
         NAMES.validate_python(text)
@@ -335,8 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, "broker")
     config = load_config(args.config)
-    broker = Broker(args.router or config.broker.router, args.pub or config.broker.pub,
-                    heartbeat_s=config.broker.heartbeat_s)
+    try:
+        broker = Broker(args.router or config.broker.router, args.pub or config.broker.pub,
+                        heartbeat_s=config.broker.heartbeat_s, keys=keys.for_broker(config),
+                        rate_per_s=config.broker.peer_rate_per_s, burst=config.broker.peer_burst)
+    except (ValueError, keys.CurveKeyError, zmq.ZMQError) as exc:
+        log.error("broker: %s", exc)
+        return 2
     signal.signal(signal.SIGINT, broker.stop)
     signal.signal(signal.SIGTERM, broker.stop)
     # The ready line: a supervisor reads the real endpoints (port 0 binds) from it.

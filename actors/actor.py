@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from actors import codec
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
+from actors.keys import PeerKeys
 from actors.messages import (
     Capabilities,
     Error,
@@ -83,9 +84,10 @@ class Actor:
         cls._handlers = table
 
     def __init__(self, name: str, router: str, *, heartbeat_s: float = 1.0,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.asyncio.Context | None = None, keys: PeerKeys | None = None):
         self.name = name
         self.router = router
+        self.keys = keys  # CURVE: this peer's key pair and the broker's public key
         self.heartbeat_s = heartbeat_s
         self.incarnation = uuid.uuid4().hex
         self.ctx = context or zmq.asyncio.Context()
@@ -159,7 +161,8 @@ class Actor:
         with contextlib.suppress(Exception):
             await self.on_stop()
         with contextlib.suppress(Exception):
-            await self.send(BROKER, Goodbye())
+            # Bounded: with no connection (a broker that refused our key) the send would wait for ever.
+            await asyncio.wait_for(self.send(BROKER, Goodbye()), 1.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -208,8 +211,15 @@ class Actor:
             frames = codec.encode(Envelope(msg, self.name, dst, msg_id, None))
             assert self._sock is not None, "actor is not started"
             self._last_sent = time.monotonic()
-            await self._sock.send_multipart(frames, copy=False)
-            return await asyncio.wait_for(future, timeout)
+            sock = self._sock
+
+            async def exchange() -> Wire:
+                # The send is inside the timeout too: with no connection up (a broker that refuses
+                # our CURVE key, one not started yet) a DEALER's send waits for one, for ever.
+                await sock.send_multipart(frames, copy=False)
+                return await future
+
+            return await asyncio.wait_for(exchange(), timeout)
         finally:
             self._pending.pop(msg_id, None)
 
@@ -236,6 +246,8 @@ class Actor:
     def _open_socket(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)

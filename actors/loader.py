@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors import keys
 from actors.actor import Actor, handles, run_actor
 from actors.codec import SCHEDULER, Envelope
 from actors.messages import Capabilities, Error, ErrorCode, LoaderState, Preload, Release, Role, Stage, Staged
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, f"loader-{args.node}")
     quiet_model_libraries()
     config = load_config(args.config)
-    run_actor(Loader(config, args.router or config.broker.router, node=args.node))
+    run_actor(Loader(config, args.router or config.broker.router, node=args.node, keys=keys.for_peer(config)))
     return 0
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors import keys
 from actors.actor import Actor, RemoteError, handles, run_actor
 from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
@@ -613,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, runner_name(args.node, args.device))
     quiet_model_libraries()
     config = load_config(args.config)
-    run_actor(Runner(config, args.router or config.broker.router, node=args.node, device=args.device))
+    run_actor(Runner(config, args.router or config.broker.router, node=args.node, device=args.device,
+                     keys=keys.for_peer(config)))
     # The job in hand was handed back during the drain; what may still run in the worker is an
     # import or an abandoned pipeline call, and waiting for it (as interpreter exit would) only
     # delays the node's shutdown.

@@ -22,6 +22,7 @@ import logging
 import sqlite3
 import time
 
+from actors import keys
 from actors.actor import Actor, RemoteError, handles, run_actor
 from actors.codec import BROKER, Envelope
 from actors.loader import loader_name
@@ -395,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.journal:
         config.scheduler.journal = args.journal
     try:
-        scheduler = Scheduler(config, args.router or config.broker.router)
-    except JournalError as exc:
+        scheduler = Scheduler(config, args.router or config.broker.router, keys=keys.for_peer(config))
+    except (JournalError, keys.CurveKeyError) as exc:
         log.error("%s", exc)
         return 2
     run_actor(scheduler)

@@ -172,6 +172,15 @@ class BrokerConfig(Strict):
     router: str = "tcp://127.0.0.1:5555"
     pub: str = "tcp://127.0.0.1:5556"
     heartbeat_s: float = Field(default=1.0, gt=0, le=60)
+    # CURVE (actors/keys.py): peers prove who they are with key pairs `atelier keys` makes, and the
+    # traffic is encrypted. Required to bind anything but loopback.
+    curve: bool = False
+    keys: str | None = None  # the keys folder (default: <home>/keys)
+    peer_key: str = "peer"  # the key pair this host's peers use, in that folder
+    # Messages a second one peer may send through the broker, and a burst above that: a flood from
+    # one (a bug, an attack) is dropped at the broker rather than crowding out the others.
+    peer_rate_per_s: float = Field(default=20_000.0, gt=0)
+    peer_burst: int = Field(default=50_000, ge=1)
 
 
 class SchedulerConfig(Strict):

@@ -75,7 +75,7 @@ async def _up(args: argparse.Namespace) -> int:
         http.spec.argv[http.spec.argv.index("--listen") + 1] = bound
 
     try:
-        status = await _wait_for_runners(router, pub, timeout=args.ready_timeout, stop=stop)
+        status = await _wait_for_runners(router, pub, timeout=args.ready_timeout, stop=stop, config=config)
     except (TimeoutError, asyncio.TimeoutError) as exc:
         console.print(f"[red]atelier did not come up: {exc}[/red]")
         await supervisor.stop(order=["http", "node", "scheduler", "broker"])
@@ -96,13 +96,14 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyncio.Event):
+async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyncio.Event, config: Config):
     """Returns the cluster status once a runner has registered, None if stopped first."""
     from actors.actor import RemoteError
+    from actors.keys import for_peer
     from frontends.client import AtelierClient
 
     async def poll():
-        async with AtelierClient(router, pub) as client:
+        async with AtelierClient(router, pub, keys=for_peer(config)) as client:
             while not stop.is_set():
                 try:
                     status = await client.status()
@@ -120,15 +121,34 @@ async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyn
 # atelier generate / status / cancel / models
 
 
+async def _keys(args: argparse.Namespace) -> int:
+    from actors.keys import folder_of, make
+
+    config = load_config(args.config)
+    folder = Path(args.dir).expanduser() if args.dir else folder_of(config)
+    try:
+        written = make(folder, args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{folder}: the broker's pair and {args.name!r} (authorized). Turn CURVE on with [broker] curve = true"
+          + (f" and, on the hosts that use this pair, peer_key = {args.name!r}" if args.name != "peer" else "")
+          + "; other hosts need broker.key and their own pair.")
+    return 0
+
+
 class NotRunning(Exception):
     """No broker answered: atelier is not up at that address."""
 
 
 @contextlib.asynccontextmanager
-async def _connect(router: str, pub: str, timeout: float = 5.0):
+async def _connect(router: str, pub: str, config: Config, timeout: float = 5.0):
+    from actors.keys import for_peer
     from frontends.client import AtelierClient
 
-    client = AtelierClient(router, pub)
+    client = AtelierClient(router, pub, keys=for_peer(config))
     try:
         await client.start(timeout=timeout)
     except TimeoutError:
@@ -163,7 +183,7 @@ async def _generate(args: argparse.Namespace) -> int:
     model = args.model or config.default_model
     router, pub = _endpoints(args, config)
     out_dir = Path(args.output)
-    async with _connect(router, pub) as client:
+    async with _connect(router, pub, config) as client:
         try:
             # A control or reference image steers a job; only --image is one to start from.
             kind = args.kind or await _default_kind(client, model, from_image=args.image is not None)
@@ -275,7 +295,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
     config = load_config(args.config)
-    async with _connect(*_endpoints(args, config)) as client:
+    async with _connect(*_endpoints(args, config), config) as client:
         status = await client.status()
     table = Table(title="runners")
     for column in ("node", "runner", "device", "job", "resident on the device"):
@@ -311,7 +331,7 @@ async def _cancel(args: argparse.Namespace) -> int:
     from actors.actor import RemoteError
 
     config = load_config(args.config)
-    async with _connect(*_endpoints(args, config)) as client:
+    async with _connect(*_endpoints(args, config), config) as client:
         try:
             record = await client.cancel(args.job)
         except RemoteError as exc:
@@ -325,7 +345,7 @@ async def _cancel(args: argparse.Namespace) -> int:
 async def _models(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
-    async with _connect(*_endpoints(args, config)) as client:
+    async with _connect(*_endpoints(args, config), config) as client:
         models = await client.models()
     for m in models:
         extras = "".join([f"; ControlNets: {', '.join(m.controlnets)}" if m.controlnets else "",
@@ -407,6 +427,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out", help="folder for the images (default: ./out)")
     gen.add_argument("--timeout", type=float, default=None, help="give up (and cancel) after this many seconds")
 
+    keys = command("keys", "make CURVE key pairs for [broker] curve = true (the broker's, and one for peers)",
+                   connects=False)
+    keys.add_argument("--name", default="peer", help="the peers' key pair to make and authorize (default: peer)")
+    keys.add_argument("--dir", help="the keys folder (default: [broker] keys, else <home>/keys)")
+
     command("status", "show nodes, runners, resident models and the queue")
     command("models", "list the models in the catalog")
     cancel = command("cancel", "cancel a job")
@@ -451,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     from atelier.runtime import run, setup_logging
 
     setup_logging(args.log_level, args.command if args.command == "up" else None)
-    handler = {"up": _up, "generate": _generate, "status": _status, "cancel": _cancel, "models": _models}
+    handler = {"up": _up, "generate": _generate, "status": _status, "cancel": _cancel, "models": _models,
+               "keys": _keys}
     try:
         return run(handler[args.command](args))
     except NotRunning as exc:

@@ -88,6 +88,8 @@ class AtelierClient(Actor):
 
     async def start(self, timeout: float = 30.0) -> None:
         self._sub = self.ctx.socket(zmq.SUB)
+        if self.keys is not None:
+            self.keys.apply(self._sub)  # the broker's events socket lets in only keyed peers too
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._sub.connect(self.pub)
         await super().start(timeout)

@@ -926,7 +926,9 @@ def _config_problem(config) -> str | None:
 
 
 async def _serve(config, router: str, pub: str, token: str) -> int:
-    atelier = AtelierClient(router, pub)
+    from actors.keys import for_peer
+
+    atelier = AtelierClient(router, pub, keys=for_peer(config))
     try:
         await atelier.start(timeout=30)
     except TimeoutError:

@@ -39,6 +39,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
+from actors.keys import for_peer
 from actors.messages import (
     ErrorCode,
     JobEvent,
@@ -671,7 +672,7 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
     """Runs the HTTP server until ``stop`` is set."""
     if host not in LOOPBACK and not config.http.tokens:
         raise SystemExit(f"refusing to serve HTTP on {host}: beyond this machine, [http] tokens are required")
-    client = AtelierClient(router, pub, name=f"http-{uuid.uuid4().hex[:8]}")
+    client = AtelierClient(router, pub, name=f"http-{uuid.uuid4().hex[:8]}", keys=for_peer(config))
     await client.start()
     server = HttpServer(config, client, base_url="")
     runner = web.AppRunner(server.app, access_log_class=AccessLog)
