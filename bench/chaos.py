@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = tally(clients)
     roles = collections.Counter(role for role, _ in recovered)
     times = [took for _, took in recovered]
-    p95 = percentile(times, 95) if times else float("nan")
+    p95 = percentile(times, 0.95) if times else float("nan")
     print(f"  ran {elapsed:.0f}s; kills by role: {dict(sorted(roles.items()))}")
     print(f"  accepted {figures['accepted']}, done {figures['done']}, failed {figures['failed']} "
           f"({figures['failed_without_reason']} without a reason), refused {figures['refused']}")
