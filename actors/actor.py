@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Any, Envelope], Awaitable[Wire | None]]
 HWM = 100_000  # messages, per socket direction; a burst of jobs must not block senders
+_RESEND: Any = object()  # an ask's answer when the broker it went through was replaced: send it again
 MISSED_HEARTBEATS = 3
 
 
@@ -194,6 +195,8 @@ class Actor:
         message, so it is safe to send it once more after registering again.
         """
         reply = await self._ask_once(dst, msg, timeout)
+        if reply is _RESEND:  # sent to a broker that died: the new one never saw it
+            reply = await self._resend(dst, msg, timeout)
         if isinstance(reply, Error) and reply.code is ErrorCode.not_registered and not isinstance(msg, Hello):
             self._reregister()
             assert self.registered is not None
@@ -202,6 +205,19 @@ class Actor:
         if isinstance(reply, Error):
             raise RemoteError(reply)
         return reply
+
+    async def _resend(self, dst: str, msg: Wire, timeout: float) -> Wire:
+        """Sends an ask again after the broker was replaced. Peers register with the new broker in
+        any order, so ``dst`` may not be back yet: it gets until ``timeout`` to be."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = await self._ask_once(dst, msg, max(0.1, deadline - time.monotonic()))
+            again = reply is _RESEND or (isinstance(reply, Error) and reply.code is ErrorCode.unroutable)
+            if not again:
+                return reply
+            if time.monotonic() > deadline:
+                raise asyncio.TimeoutError(f"{dst} did not come back after the broker restarted")
+            await asyncio.sleep(0.2)
 
     async def _ask_once(self, dst: str, msg: Wire, timeout: float) -> Wire:
         msg_id = next(self._ids)
@@ -287,6 +303,12 @@ class Actor:
 
     async def _register_again(self) -> None:
         await self._register(None)
+        # Asks in flight went to the broker that died, or their replies did: send them again now
+        # rather than after their timeouts. Every ask atelier makes is safe to repeat (a submit's
+        # job id makes a repeat return the same job).
+        for _, future in list(self._pending.values()):
+            if not future.done():
+                future.set_result(_RESEND)
         await self.on_reconnect()
 
     async def _receive_loop(self) -> None:
