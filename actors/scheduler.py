@@ -184,7 +184,8 @@ class Scheduler(Actor):
             except sqlite3.Error as exc:
                 # Not written, not accepted: taking a job that a restart would lose breaks the promise.
                 self.policy.cancel(job.id, now)
-                self.policy.drain()
+                # Its end is not news to anyone: the submitter hears "not accepted" below.
+                self.policy.effects = [e for e in self.policy.effects if getattr(e, "job", None) is not job]
                 log.error("journal: cannot write job %s: %s", job.id, exc)
                 return Error(code=ErrorCode.internal, message=f"the scheduler cannot record jobs right now ({exc})")
         await self._schedule()

@@ -279,3 +279,35 @@ def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path:
     assert job.record.state is JobState.done
     assert policy.batch_done("r1", sent.batch.id, [JobDone(job_id=job.id, outputs=[], elapsed_s=1.0)], {},
                              RunTiming(), 3.5) == []
+
+
+def test_a_job_the_journal_cannot_keep_is_not_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from actors.actor import RemoteError
+    from actors.messages import ErrorCode
+    from broker import Broker
+    from tests.test_scheduler import scheduler_and_client
+
+    def full_disk(*_args, **_kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Journal, "add", full_disk)
+    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=0.2)
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2}})
+
+    async def go():
+        async with scheduler_and_client(broker, config) as client:
+            with pytest.raises(RemoteError) as refused:
+                await client.submit(_record().spec, events=False)
+            return refused.value, await client.status()
+
+    try:
+        refused, status = run(go(), timeout=30)
+    finally:
+        broker.stop()
+        thread.join(5)
+    assert refused.error.code is ErrorCode.internal and "cannot record jobs" in refused.error.message
+    assert status.queued == [] and not status.counts.get("queued")  # nothing taken that a restart would lose
