@@ -57,6 +57,10 @@ MAX_FRAME_BYTES = 512 << 20
 # so a peer that sent them would add a phantom runner or take a real one away.
 BROKER_ONLY = frozenset(m.model_fields["kind"].default for m in (Welcome, PeerUp, PeerDown))
 NAMES = TypeAdapter(Name)
+# Who publishes which event, on which topic (codec.topic_of): a frontend or a loader that did would
+# put words in the scheduler's or a runner's mouth, on every subscriber's screen.
+PUBLISHERS = {"job_event": (Role.scheduler, "state"), "progress": (Role.runner, "progress"),
+              "preview": (Role.runner, "preview")}
 
 
 @dataclass
@@ -214,7 +218,12 @@ class Broker:
             self._send_error(ident, ErrorCode.bad_request, f"only the broker sends {head.kind!r}", corr=head.id)
             return
         if head.dst.startswith(PUBLISH):
-            self.xpub.send_multipart([head.dst[1:].encode(), *payload], copy=False)
+            topic = head.dst[len(PUBLISH):]
+            if not _may_publish(peer.role, head.kind, topic):
+                self._send_error(ident, ErrorCode.bad_request, f"a {peer.role.value} may not publish "
+                                 f"{head.kind[:64]!r} on {topic[:64]!r}", corr=head.id)
+                return
+            self.xpub.send_multipart([topic.encode(), *payload], copy=False)
             self.stats.published += 1
             return
         target = head.dst.encode()
@@ -376,6 +385,14 @@ class Broker:
                         stats._drops_since_log, ident[:32], str(exc)[:500])
             stats._drops_since_log = 0
             stats._last_drop_log = now
+
+
+def _may_publish(role: Role, kind: str, topic: str) -> bool:
+    allowed = PUBLISHERS.get(kind)
+    if allowed is None or role is not allowed[0]:
+        return False
+    parts = topic.split("/")
+    return len(parts) == 3 and parts[0] == "job" and bool(parts[1]) and parts[2] == allowed[1]
 
 
 def _local(endpoint: str) -> bool:

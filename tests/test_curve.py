@@ -143,3 +143,45 @@ def test_a_flooding_peer_is_held_to_its_rate_and_the_others_go_on() -> None:
         broker.stop()
         thread.join(30)
         ctx.term()
+
+
+def test_only_the_scheduler_and_runners_publish_their_own_events() -> None:
+    from actors.messages import JobEvent, Progress, Role
+
+    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=5.0)
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+
+    async def go() -> dict[str, str]:
+        from actors.actor import Actor, RemoteError
+
+        outcomes = {}
+        state = JobEvent(job_id="j1", state=JobState.done)
+        step = Progress(job_id="j1", step=1, total=2, elapsed_s=0.1, eta_s=0.1)
+        cases = [("frontend", Role.frontend, state, "job/j1/state"),
+                 ("runner-as-scheduler", Role.runner, state, "job/j1/state"),
+                 ("wrong-topic", Role.runner, step, "job/j1/state"),
+                 ("runner", Role.runner, step, "job/j1/progress")]
+        for name, role, event, topic in cases:
+            peer = type("Peer", (Actor,), {"role": role})(name, broker.router_endpoint, heartbeat_s=5.0)
+            await peer.start()
+            try:
+                await peer.ask("#" + topic, event, timeout=1.0)
+                outcomes[name] = "answered"
+            except RemoteError as exc:
+                outcomes[name] = exc.error.message
+            except asyncio.TimeoutError:
+                outcomes[name] = "published"  # no reply: it went out on the events socket
+            finally:
+                await peer.close(drain_timeout=0)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(go())
+    finally:
+        broker.stop()
+        thread.join(30)
+    assert outcomes["runner"] == "published"
+    assert outcomes["frontend"] == "a frontend may not publish 'job_event' on 'job/j1/state'"
+    assert outcomes["runner-as-scheduler"].startswith("a runner may not publish 'job_event'")
+    assert outcomes["wrong-topic"] == "a runner may not publish 'progress' on 'job/j1/state'"
