@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,53 @@ READY = "ATELIER-READY "
 
 # Nothing in the tests may reach for a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def children_named(root: int, module: bytes):
+    """The processes under ``root`` that run ``module`` (``python -m <module>``)."""
+    for pid in descendants(root):
+        try:
+            if module in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                yield pid
+        except OSError:  # gone since it was listed
+            continue
+
+
+@contextlib.contextmanager
+def broker_thread(**settings) -> Iterator[tuple["Broker", threading.Thread]]:  # noqa: F821
+    """A broker on loopback ports chosen by the OS, serving in a thread of this process; stopped
+    (and waited for, up to 30 s) on the way out."""
+    from broker import Broker
+
+    b = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", **settings)
+    thread = threading.Thread(target=b.serve, daemon=True)
+    thread.start()
+    try:
+        yield b, thread
+    finally:
+        b.stop()
+        thread.join(30)
 
 
 def run(coro, timeout: float = 120.0):
@@ -62,6 +112,13 @@ class Cluster:
                 self.router, self.pub, self.http = info["router"], info["pub"], info.get("http") or ""
                 return self
         raise RuntimeError("atelier up did not get ready in time")
+
+    def pid_of(self, module: bytes) -> int:
+        """The pid of the part of this atelier that runs ``module``; LookupError when none does (now)."""
+        assert self.process is not None
+        for pid in children_named(self.process.pid, module):
+            return pid
+        raise LookupError(module)
 
     def client(self):
         from frontends.client import AtelierClient

@@ -19,7 +19,6 @@ from atelier.config import Config
 from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import Announce, Dispatch, Policy
 from tests.conftest import Cluster, run
-from tests.test_lifecycle import descendants
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -173,21 +172,11 @@ def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_fo
 # -- through atelier ---------------------------------------------------------------------------- #
 
 
-def _pid_of(cluster: Cluster, role: bytes) -> int:
-    for pid in descendants(cluster.process.pid):
-        try:
-            if role in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                return pid
-        except OSError:  # gone since it was listed
-            continue
-    raise LookupError(role)
-
-
 def _wait_new_pid(cluster: Cluster, role: bytes, old: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            pid = _pid_of(cluster, role)
+            pid = cluster.pid_of(role)
             if pid != old:
                 return pid
         except LookupError:
@@ -214,7 +203,7 @@ def test_a_killed_scheduler_loses_no_job(restarting: Cluster) -> None:
             # Kill it while the first jobs run and the rest wait in its queue.
             while (await client.job(specs[0].id)).state is not JobState.running:
                 await asyncio.sleep(0.05)
-            old = _pid_of(restarting, b"actors.scheduler")
+            old = restarting.pid_of(b"actors.scheduler")
             os.kill(old, signal.SIGKILL)
             await asyncio.to_thread(_wait_new_pid, restarting, b"actors.scheduler", old)
             results = [await client.wait(spec.id, timeout=180) for spec in specs]
@@ -235,7 +224,7 @@ def test_an_idempotency_key_makes_one_job_across_a_restart(restarting: Cluster) 
         async with restarting.client() as client:
             first = await client.submit(JobSpec(**spec), idempotency_key="order-17", events=False)
             result = await client.wait(first.spec.id, timeout=60)
-            old = _pid_of(restarting, b"actors.scheduler")
+            old = restarting.pid_of(b"actors.scheduler")
             os.kill(old, signal.SIGKILL)
             await asyncio.to_thread(_wait_new_pid, restarting, b"actors.scheduler", old)
         # A new client (a restarted frontend) retries with the same key: it gets the first job,
@@ -282,20 +271,15 @@ def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path:
 
 
 def test_a_job_the_journal_cannot_keep_is_not_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
     from actors.actor import RemoteError
     from actors.messages import ErrorCode
-    from broker import Broker
+    from tests.conftest import broker_thread
     from tests.test_scheduler import scheduler_and_client
 
     def full_disk(*_args, **_kwargs):
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(Journal, "add", full_disk)
-    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=0.2)
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
     config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2}})
 
     async def go():
@@ -304,10 +288,7 @@ def test_a_job_the_journal_cannot_keep_is_not_accepted(tmp_path: Path, monkeypat
                 await client.submit(_record().spec, events=False)
             return refused.value, await client.status()
 
-    try:
+    with broker_thread(heartbeat_s=0.2) as (broker, _):
         refused, status = run(go(), timeout=30)
-    finally:
-        broker.stop()
-        thread.join(5)
     assert refused.error.code is ErrorCode.internal and "cannot record jobs" in refused.error.message
     assert status.queued == [] and not status.counts.get("queued")  # nothing taken that a restart would lose

@@ -9,31 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, descendants
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")]
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def alive(pids: set[int]) -> set[int]:
@@ -79,8 +58,7 @@ def test_peers_register_again_after_the_broker_restarts(atelier_home):
 
     cluster = Cluster(atelier_home).start()
     try:
-        broker_pid = next(pid for pid in descendants(cluster.process.pid)
-                          if b"broker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+        broker_pid = cluster.pid_of(b"broker")
 
         async def go():
             async with cluster.client() as client:

@@ -147,7 +147,7 @@ def test_a_killed_loader_loses_no_job(cluster):
         async with cluster.client() as client:
             status = await client.status()
             node = status.runners[0].capabilities.node
-            loader = next(pid for pid in _children_named(cluster.process.pid, b"actors.loader"))
+            loader = cluster.pid_of(b"actors.loader")
             os.kill(loader, signal.SIGKILL)
             # A model switch right away: the runner must get its weights from a restarted loader
             # or, while there is none, from the disk.
@@ -155,17 +155,6 @@ def test_a_killed_loader_loses_no_job(cluster):
 
     node, result = run(go())
     assert node and result.job.state is JobState.done, result.job.reason
-
-
-def _children_named(root: int, module: bytes):
-    from tests.test_lifecycle import descendants
-
-    for pid in descendants(root):
-        try:
-            if module in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"):
-                yield pid
-        except OSError:
-            continue
 
 
 def test_malformed_frames_do_not_stop_the_system(cluster):

@@ -10,7 +10,6 @@ import pytest
 
 from actors.messages import JobSpec, JobState
 from tests.conftest import Cluster, run
-from tests.test_journal import _pid_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,7 +25,7 @@ def test_a_stuck_step_restarts_the_runner_and_fails_the_job_that_always_hangs(at
                       '[models.fine]\nfamily = "noop"\nsource = "builtin:noop"\n')
     cluster = Cluster(atelier_home, config).start()
     try:
-        first_runner = _pid_of(cluster, b"actors.runner")
+        first_runner = cluster.pid_of(b"actors.runner")
 
         async def go():
             async with cluster.client() as client:
@@ -40,6 +39,6 @@ def test_a_stuck_step_restarts_the_runner_and_fails_the_job_that_always_hangs(at
         assert stuck.job.state is JobState.failed and stuck.job.attempts == 2
         assert re.search(r"no progress for \d+s \(a stuck step\): .* was restarted", stuck.job.reason), stuck.job.reason
         assert fine.job.state is JobState.done and fine.outputs  # a fresh runner took the next job
-        assert _pid_of(cluster, b"actors.runner") != first_runner
+        assert cluster.pid_of(b"actors.runner") != first_runner
     finally:
         cluster.stop()
