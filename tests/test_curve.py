@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from actors.messages import Error, ErrorCode, GetStatus, Heartbeat, JobSpec, Job
 from atelier.config import Config
 from broker import Broker
 from frontends.client import AtelierClient
-from tests.conftest import ROOT, Cluster, run
+from tests.conftest import ROOT, Cluster, broker_thread, run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -112,47 +111,39 @@ def test_a_public_bind_needs_curve() -> None:
 
 
 def test_a_flooding_peer_is_held_to_its_rate_and_the_others_go_on() -> None:
-    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=5.0, rate_per_s=200, burst=100)
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
     ctx = zmq.Context()
     try:
-        flood = ctx.socket(zmq.DEALER)
-        flood.setsockopt(zmq.ROUTING_ID, b"flood")
-        flood.connect(broker.router_endpoint)
-        for i in range(2000):  # far over 100 at once and 200 a second
-            flood.send_multipart(codec.encode(Envelope(Heartbeat(), "flood", "broker", i)))
-        deadline = time.monotonic() + 10
-        while broker.stats.throttled < 1500 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert broker.stats.throttled >= 1500
-        told = None
-        while flood.poll(1000):
-            reply = codec.decode(flood.recv_multipart()).msg
-            if isinstance(reply, Error) and reply.code is ErrorCode.busy:
-                told = reply
-        assert told is not None and "over 200 messages a second" in told.message
+        with broker_thread(heartbeat_s=5.0, rate_per_s=200, burst=100) as (broker, _):
+            flood = ctx.socket(zmq.DEALER)
+            flood.setsockopt(zmq.ROUTING_ID, b"flood")
+            flood.connect(broker.router_endpoint)
+            for i in range(2000):  # far over 100 at once and 200 a second
+                flood.send_multipart(codec.encode(Envelope(Heartbeat(), "flood", "broker", i)))
+            deadline = time.monotonic() + 10
+            while broker.stats.throttled < 1500 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert broker.stats.throttled >= 1500
+            told = None
+            while flood.poll(1000):
+                reply = codec.decode(flood.recv_multipart()).msg
+                if isinstance(reply, Error) and reply.code is ErrorCode.busy:
+                    told = reply
+            assert told is not None and "over 200 messages a second" in told.message
 
-        async def other_peer() -> bool:
-            async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=5.0) as client:
-                return client.registered.is_set()
+            async def other_peer() -> bool:
+                async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=5.0) as client:
+                    return client.registered.is_set()
 
-        assert asyncio.run(other_peer())  # its own allowance: in at once
-        flood.close(linger=0)
+            assert asyncio.run(other_peer())  # its own allowance: in at once
+            flood.close(linger=0)
     finally:
-        broker.stop()
-        thread.join(30)
         ctx.term()
 
 
 def test_only_the_scheduler_and_runners_publish_their_own_events() -> None:
     from actors.messages import JobEvent, Progress, Role
 
-    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=5.0)
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-
-    async def go() -> dict[str, str]:
+    async def go(broker: Broker) -> dict[str, str]:
         from actors.actor import Actor, RemoteError
 
         outcomes = {}
@@ -176,11 +167,8 @@ def test_only_the_scheduler_and_runners_publish_their_own_events() -> None:
                 await peer.close(drain_timeout=0)
         return outcomes
 
-    try:
-        outcomes = asyncio.run(go())
-    finally:
-        broker.stop()
-        thread.join(30)
+    with broker_thread(heartbeat_s=5.0) as (broker, _):
+        outcomes = asyncio.run(go(broker))
     assert outcomes["runner"] == "published"
     assert outcomes["frontend"] == "a frontend may not publish 'job_event' on 'job/j1/state'"
     assert outcomes["runner-as-scheduler"].startswith("a runner may not publish 'job_event'")

@@ -14,7 +14,6 @@ import enum
 import functools
 import os
 import re
-import threading
 import time
 import tracemalloc
 import types
@@ -35,8 +34,7 @@ import broker as broker_module
 from actors import codec, messages
 from actors.codec import MAGIC, DecodeError, Envelope
 from actors.messages import Capabilities, Error, Heartbeat, Hello, JobSpec, Role, Welcome, Wire
-from broker import Broker
-from tests.conftest import run
+from tests.conftest import broker_thread, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -582,79 +580,67 @@ def test_a_peer_that_never_reads_cannot_stall_the_broker(monkeypatch):
     senders to the second that it is busy, and keeps routing for everyone else. (It used to block
     in a send, for good, for every peer.)"""
     monkeypatch.setattr(broker_module, "HWM", 20)  # the real 100 000 takes longer to fill, not differently
-    b = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=5.0)
-    thread = threading.Thread(target=b.serve, daemon=True)
-    thread.start()
     ctx = zmq.Context()
     try:
-        flood = 20_000  # far beyond its queues and the kernel's buffers
-        sink = _dealer(ctx, b.router_endpoint, reads=False)
-        for _ in range(flood):
-            sink.send_multipart([MAGIC, b"\xc1"])
-        assert _until(lambda: b.stats.rejected >= flood, 30), f"stalled after {b.stats.rejected} of {flood}"
+        with broker_thread(heartbeat_s=5.0) as (b, thread):
+            flood = 20_000  # far beyond its queues and the kernel's buffers
+            sink = _dealer(ctx, b.router_endpoint, reads=False)
+            for _ in range(flood):
+                sink.send_multipart([MAGIC, b"\xc1"])
+            assert _until(lambda: b.stats.rejected >= flood, 30), f"stalled after {b.stats.rejected} of {flood}"
 
-        a = _dealer(ctx, b.router_endpoint, "a")
-        deaf = _dealer(ctx, b.router_endpoint, "deaf", reads=False)
-        assert _until(lambda: b"deaf" in b.peers, 10)
-        for i in range(flood):
-            a.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "a", "deaf", i))))
-        busy = codec.decode(a.recv_multipart()).msg
-        assert isinstance(busy, Error) and busy.code.value == "busy" and "deaf" in busy.message
+            a = _dealer(ctx, b.router_endpoint, "a")
+            deaf = _dealer(ctx, b.router_endpoint, "deaf", reads=False)
+            assert _until(lambda: b"deaf" in b.peers, 10)
+            for i in range(flood):
+                a.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "a", "deaf", i))))
+            busy = codec.decode(a.recv_multipart()).msg
+            assert isinstance(busy, Error) and busy.code.value == "busy" and "deaf" in busy.message
 
-        c = _dealer(ctx, b.router_endpoint, "c")
-        c.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "c", "a", 1))))
-        while True:  # a's queue holds more busy replies first
-            got = codec.decode(a.recv_multipart())
-            if got.src == "c":
-                break
-        assert isinstance(got.msg, Heartbeat)
-        for sock in (sink, a, deaf, c):
-            sock.close()
+            c = _dealer(ctx, b.router_endpoint, "c")
+            c.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "c", "a", 1))))
+            while True:  # a's queue holds more busy replies first
+                got = codec.decode(a.recv_multipart())
+                if got.src == "c":
+                    break
+            assert isinstance(got.msg, Heartbeat)
+            for sock in (sink, a, deaf, c):
+                sock.close()
     finally:
-        b.stop()
-        thread.join(30)  # a busy CI machine may still be working through the backlog
         ctx.term()
-    assert not thread.is_alive()
+    assert not thread.is_alive()  # stopped within 30 s, whatever backlog a busy machine still had
 
 
 def test_only_the_broker_may_announce_peers():
     """PeerUp and PeerDown steer the scheduler (a runner to use, one gone): a peer that sends them
     is refused, and the scheduler never sees them. The barrage above found a phantom runner this way."""
-    b = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=5.0)
-    thread = threading.Thread(target=b.serve, daemon=True)
-    thread.start()
     ctx = zmq.Context()
     try:
-        scheduler = _dealer(ctx, b.router_endpoint, "scheduler", role=Role.scheduler)
-        liar = _dealer(ctx, b.router_endpoint, "liar")
-        up = codec.decode(scheduler.recv_multipart()).msg  # the broker's own word on the newcomer
-        assert isinstance(up, messages.PeerUp) and up.name == "liar" and up.role is Role.frontend
-        lies = [messages.PeerUp(name="runner-ghost", role=Role.runner, capabilities=Capabilities(pid=2)),
-                messages.PeerDown(name="runner-real", role=Role.runner, reason="made up"),
-                Welcome(heartbeat_s=0.01)]
-        for i, lie in enumerate(lies, 1):
-            liar.send_multipart(as_bytes(codec.encode(Envelope(lie, "liar", "scheduler", i))))
-            refusal = codec.decode(liar.recv_multipart())
-            assert isinstance(refusal.msg, Error) and refusal.msg.code.value == "bad_request"
-            assert refusal.corr == i and lie.kind in refusal.msg.message
-        liar.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "liar", "scheduler", 9))))
-        assert isinstance(codec.decode(scheduler.recv_multipart()).msg, Heartbeat)  # nothing came before it
-        for sock in (scheduler, liar):
-            sock.close()
+        with broker_thread(heartbeat_s=5.0) as (b, _):
+            scheduler = _dealer(ctx, b.router_endpoint, "scheduler", role=Role.scheduler)
+            liar = _dealer(ctx, b.router_endpoint, "liar")
+            up = codec.decode(scheduler.recv_multipart()).msg  # the broker's own word on the newcomer
+            assert isinstance(up, messages.PeerUp) and up.name == "liar" and up.role is Role.frontend
+            lies = [messages.PeerUp(name="runner-ghost", role=Role.runner, capabilities=Capabilities(pid=2)),
+                    messages.PeerDown(name="runner-real", role=Role.runner, reason="made up"),
+                    Welcome(heartbeat_s=0.01)]
+            for i, lie in enumerate(lies, 1):
+                liar.send_multipart(as_bytes(codec.encode(Envelope(lie, "liar", "scheduler", i))))
+                refusal = codec.decode(liar.recv_multipart())
+                assert isinstance(refusal.msg, Error) and refusal.msg.code.value == "bad_request"
+                assert refusal.corr == i and lie.kind in refusal.msg.message
+            liar.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "liar", "scheduler", 9))))
+            assert isinstance(codec.decode(scheduler.recv_multipart()).msg, Heartbeat)  # nothing came before it
+            for sock in (scheduler, liar):
+                sock.close()
     finally:
-        b.stop()
-        thread.join(10)
         ctx.term()
 
 
 @pytest.fixture
 def thread_broker():
-    b = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=2.0)
-    thread = threading.Thread(target=b.serve, daemon=True)
-    thread.start()
-    yield b
-    b.stop()
-    thread.join(10)
+    with broker_thread(heartbeat_s=2.0) as (b, _):
+        yield b
 
 
 @pytest.mark.parametrize("name", ["broker", "a b", "x" * 129, "ñame", "#job/x/state", "tab\there"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 
 import pytest
 
@@ -32,7 +31,7 @@ from actors.scheduler import Scheduler
 from atelier.config import Config
 from broker import Broker
 from frontends.client import AtelierClient
-from tests.conftest import run
+from tests.conftest import broker_thread, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,15 +86,11 @@ class StandInLoader(Actor):
 
 @pytest.fixture
 def system(tmp_path):
-    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=0.2)
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
     # One job per batch: these tests are about the other rules (batching has tests of its own).
     config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2},
                                     "scheduler": {"max_batch": 1}})
-    yield broker, config
-    broker.stop()
-    thread.join(5)
+    with broker_thread(heartbeat_s=0.2) as (broker, _):
+        yield broker, config
 
 
 @contextlib.asynccontextmanager

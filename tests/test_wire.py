@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -27,6 +26,7 @@ from actors.messages import (
     Welcome,
 )
 from broker import Broker
+from tests.conftest import broker_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,12 +84,8 @@ def test_bad_field_is_named():
 
 @pytest.fixture
 def broker():
-    b = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat_s=0.1)
-    thread = threading.Thread(target=b.serve, daemon=True)
-    thread.start()
-    yield b
-    b.stop()
-    thread.join(5)
+    with broker_thread(heartbeat_s=0.1) as (b, _):
+        yield b
 
 
 class Peer:
