@@ -221,12 +221,9 @@ class AtelierClient(Actor):
         comes in through ``on_result``, as if sent, and shows once."""
         async def fetch(job_id: str) -> None:
             try:
-                reply = await self.ask(SCHEDULER, GetResult(job_id=job_id))
+                await self.fetch_result(job_id)
             except (RemoteError, asyncio.TimeoutError) as exc:
                 log.info("could not fetch the result of %s yet: %s", job_id, exc)
-                return
-            if isinstance(reply, JobResult):
-                await self.on_result(reply, None)
 
         for job_id in job_ids:
             task = asyncio.ensure_future(fetch(job_id))

@@ -17,10 +17,11 @@ scheduler has forgotten it from memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,22 +187,15 @@ class Journal:
                               (user, idempotency_key)).fetchone()
         return JobRecord.model_validate_json(row[0]) if row else None
 
-    def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self.db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
         self.db.execute("BEGIN")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
 
 def _mark(record: JobRecord) -> tuple:
