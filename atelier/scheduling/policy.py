@@ -263,15 +263,13 @@ class Policy:
                           message=f"{spec.user} has {mine} jobs queued, the most one person may; "
                                   "try again when some have run")
         spec = admission.resolve(spec, inputs, self.config, self._rng)
-        record = JobRecord(spec=spec, state=JobState.queued, submitted_at=now)
-        entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
-        job = Job(record, client, BatchKey.of(spec), entry, inputs, idempotency_key=idempotency_key)
-        self._remember(job)
+        job = self._remember(JobRecord(spec=spec, state=JobState.queued, submitted_at=now), client, inputs,
+                             idempotency_key)
         if spec.session is not None:
             self.sessions[(spec.user, spec.session)] = spec.id
             if replaced is not None:
                 self._supersede(replaced, job, now)
-        self.queue.push(entry)
+        self.queue.push(job.entry)
         self._fresh.append(job)
         return job
 
@@ -282,9 +280,7 @@ class Policy:
         it: call in submit order. One that was running runs again (the same seed, the same images),
         with its attempts so far counted."""
         spec = record.spec
-        entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
-        job = Job(record, client, BatchKey.of(spec), entry, inputs, idempotency_key=idempotency_key)
-        self._remember(job)
+        job = self._remember(record, client, inputs, idempotency_key)
         if record.state.terminal:
             job.inputs = None
             self._finished.append(job.id)
@@ -296,14 +292,20 @@ class Policy:
             JobState.queued, None, None, None, None)
         if spec.session is not None:
             self.sessions[(spec.user, spec.session)] = spec.id
-        self.queue.push(entry)
+        self.queue.push(job.entry)
         self._fresh.append(job)
         return job
 
-    def _remember(self, job: Job) -> None:
+    def _remember(self, record: JobRecord, client: str, inputs: JobInputs | None,
+                  idempotency_key: str | None) -> Job:
+        """A job held from now on, with its place in the queue's order (not yet in the queue)."""
+        spec = record.spec
+        entry = Entry(spec.id, spec.user, PRIORITY_CLASS[spec.priority], self._cost(spec), next(self._seq))
+        job = Job(record, client, BatchKey.of(spec), entry, inputs, idempotency_key=idempotency_key)
         self.jobs[job.id] = job
-        if job.idempotency_key is not None:
-            self.keys[(job.spec.user, job.idempotency_key)] = job.id
+        if idempotency_key is not None:
+            self.keys[(spec.user, idempotency_key)] = job.id
+        return job
 
     def cancel(self, job_id: str, now: float) -> Job:
         job = self.job(job_id)
@@ -380,8 +382,7 @@ class Policy:
             if self._stopping(job):
                 self.effects.append(StopRunning(runner.name, job_id, self._stop_reason(job)))
                 continue
-            job.record.attempts -= 1
-            self._requeue(job, f"runner {runner.name} did not have it after reconnecting")
+            self._requeue(job, f"runner {runner.name} did not have it after reconnecting", started=False)
         if caps.active_batch and caps.active_batch not in self.batches:
             self._reclaim(runner, caps.active_batch, caps.active_jobs, now)
 
@@ -468,8 +469,7 @@ class Policy:
             elif outcome.cancelled or job.cancel_requested:
                 self._finish(job, JobState.cancelled, outcome.reason, now)
             elif refused:
-                job.record.attempts -= 1  # counted at dispatch, never started
-                self._requeue(job, outcome.reason)
+                self._requeue(job, outcome.reason, started=False)
             elif outcome.retryable and job.record.attempts < self.settings.max_attempts:
                 self._requeue(job, outcome.reason)
             else:
@@ -827,8 +827,12 @@ class Policy:
         job.record.position = None
         job.announced_position = None
 
-    def _requeue(self, job: Job, reason: str) -> None:
+    def _requeue(self, job: Job, reason: str, *, started: bool = True) -> None:
+        """Back to the front of its owner's queue. ``started=False``: the runner never began it, so
+        the attempt counted at dispatch is taken back."""
         record = job.record
+        if not started:
+            record.attempts -= 1
         record.state = JobState.queued
         record.runner = None
         record.batch_id = None
