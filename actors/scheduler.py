@@ -331,9 +331,8 @@ class Scheduler(Actor):
     def _write(self, effects: list) -> None:
         """Journals the transitions among ``effects`` before any of them is sent: what a frontend or
         runner hears of has been written."""
+        # Every transition is announced (a dispatched job's too), so these are all of them.
         records = [effect.job.record for effect in effects if isinstance(effect, Announce | Deliver)]
-        records += [self.policy.jobs[spec.id].record for effect in effects if isinstance(effect, Dispatch)
-                    for spec, _, _ in effect.items if spec.id in self.policy.jobs]
         outputs = {effect.job.id: effect.outputs for effect in effects if isinstance(effect, Deliver)}
         try:
             self.journal.update(records, outputs)
