@@ -33,7 +33,6 @@ from actors.messages import (
     BatchItem,
     BatchUpdate,
     CancelJob,
-    Capabilities,
     ClusterStatus,
     Draining,
     Error,
@@ -80,7 +79,7 @@ from atelier.scheduling.policy import (
 log = logging.getLogger("atelier.scheduler")
 
 REFRESH_S = 1.0  # how often queued jobs' positions and ETAs are brought up to date
-RUNNER_STATE_TIMEOUT_S = 1.0  # a runner's event loop is free while it works: it answers in milliseconds
+RUNNER_STATE_TIMEOUT_S = 10.0  # a starting runner (importing torch) may take seconds to answer
 PRUNE_S = 3600.0  # how often ended jobs older than journal_keep_days leave the journal
 
 
@@ -96,6 +95,7 @@ class Scheduler(Actor):
         self.loaders: dict[str, LoaderState] = {}  # by node, for status
         self._wake: asyncio.TimerHandle | None = None
         self._sending = asyncio.Lock()  # effects go out in the order the policy decided them
+        self._syncing: set[asyncio.Task] = set()  # runners being asked what they run (kept referenced)
         self.journal = Journal(config.journal_path)
         self._restore()
 
@@ -131,18 +131,27 @@ class Scheduler(Actor):
         if msg.role is Role.runner:
             if msg.name not in self.policy.runners:
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
-            self.policy.runner_up(msg.name, await self._runner_state(msg.name, msg.capabilities), self.clock())
+            self.policy.runner_up(msg.name, msg.capabilities, self.clock())
             await self._schedule()
+            # Asked aside, after what was just sent to it: the mailbox does not wait on a runner
+            # still starting (importing torch), and the answer covers everything sent before.
+            sync = asyncio.create_task(self._sync_runner(msg.name), name=f"{self.name}-sync-{msg.name}")
+            self._syncing.add(sync)
+            sync.add_done_callback(self._syncing.discard)
 
-    async def _runner_state(self, runner: str, said: Capabilities) -> Capabilities:
-        """The runner's capabilities now (which batch it is running, if any), asked of it; what it
-        said in its Hello if it does not answer at once."""
+    async def _sync_runner(self, name: str) -> None:
+        """Asks a joining runner what it runs now: the capabilities of its Hello, which the broker's
+        PeerUp carries, may be from before a batch began or ended (or was lost with a broker)."""
+        runner = self.policy.runners.get(name)
+        asked_during = runner.batch.id if runner is not None and runner.batch else None
         try:
-            state = await self.ask(runner, GetRunnerState(), timeout=RUNNER_STATE_TIMEOUT_S)
+            state = await self.ask(name, GetRunnerState(), timeout=RUNNER_STATE_TIMEOUT_S)
         except (asyncio.TimeoutError, RemoteError) as exc:
-            log.warning("runner %s did not say what it is running (%s); going by its Hello", runner, exc)
-            return said
-        return state.capabilities if isinstance(state, RunnerState) else said
+            log.warning("runner %s did not say what it is running (%s); going by its Hello", name, exc)
+            return
+        if isinstance(state, RunnerState):
+            self.policy.runner_state(name, state.capabilities, asked_during, self.clock())
+            await self._schedule()
 
     @handles(PeerDown)
     async def on_peer_down(self, msg: PeerDown, env: Envelope) -> None:

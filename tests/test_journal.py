@@ -292,3 +292,18 @@ def test_a_job_the_journal_cannot_keep_is_not_accepted(tmp_path: Path, monkeypat
         refused, status = run(go(), timeout=30)
     assert refused.error.code is ErrorCode.internal and "cannot record jobs" in refused.error.message
     assert status.queued == [] and not status.counts.get("queued")  # nothing taken that a restart would lose
+
+
+def test_a_runners_answer_overtaken_by_a_newer_batch_changes_nothing(tmp_path: Path) -> None:
+    from actors.messages import Capabilities
+
+    policy = Policy(Config.model_validate({"home": str(tmp_path)}))
+    idle = Capabilities(pid=1, node="n1", device="cpu")
+    policy.runner_up("r1", idle, 1.0)  # asked now, while it has nothing of ours
+    job = policy.submit(_record().spec, "fe", 1.0)
+    policy.schedule(1.0)
+    sent = next(e for e in policy.drain() if isinstance(e, Dispatch))
+    policy.runner_state("r1", idle, None, 1.1)  # "idle": said before the batch reached it
+    assert job.record.state is JobState.assigned and policy.runners["r1"].batch.id == sent.batch.id
+    policy.runner_state("r1", idle, sent.batch.id, 1.2)  # "idle" though asked after: the batch was lost
+    assert job.record.state is JobState.queued and job.record.attempts == 0

@@ -340,9 +340,7 @@ class Policy:
         known = self.runners.get(name)
         if known is not None:
             # It registered again (the broker restarted) and says what it runs now.
-            known.capabilities = caps
-            if known.batch is not None and known.batch.id != caps.active_batch:
-                self._lost_batch(known, caps, now)
+            self._reconcile(known, caps, now)
             return
         runner = Runner(name, caps, dict(caps.resident))
         self.runners[name] = runner
@@ -368,6 +366,20 @@ class Policy:
                 self.queue.take(job.id)
             self._set_running(job, runner.name, batch_id, JobState.running)
             self.effects.append(Announce(job))
+
+    def runner_state(self, name: str, caps: Capabilities, asked_during: str | None, now: float) -> None:
+        """What a runner said it runs, asked when it joined (``asked_during``: the batch it had here
+        then). An answer overtaken by a newer batch is out of date and changes nothing."""
+        runner = self.runners.get(name)
+        if runner is not None and (runner.batch.id if runner.batch else None) == asked_during:
+            self._reconcile(runner, caps, now)
+
+    def _reconcile(self, runner: Runner, caps: Capabilities, now: float) -> None:
+        runner.capabilities = caps
+        if runner.batch is not None and runner.batch.id != caps.active_batch:
+            self._lost_batch(runner, caps, now)
+        elif runner.batch is None and caps.active_jobs:
+            self._reclaim(runner, caps.active_batch or self._new_id(), caps.active_jobs, now)
 
     def _lost_batch(self, runner: Runner, caps: Capabilities, now: float) -> None:
         """The runner is not running the batch it was given: the RunBatch was lost with a broker that
