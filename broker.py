@@ -31,21 +31,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from actors import codec, keys
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
 from actors.keys import BrokerKeys
-from actors.messages import (
-    MESSAGE_ADAPTER,
-    Capabilities,
-    Error,
-    ErrorCode,
-    Goodbye,
-    Heartbeat,
-    Hello,
-    Name,
-    PeerDown,
-    PeerUp,
-    Role,
-    Welcome,
-    Wire,
-)
+from actors.messages import MESSAGE_ADAPTER, Error, Goodbye, Heartbeat, Hello, PeerDown, PeerUp, Role, Welcome
+from atelier.jobs import Capabilities, ErrorCode, Name, Wire
 from atelier.runtime import READY_PREFIX
 
 log = logging.getLogger("atelier.broker")

@@ -33,17 +33,8 @@ import zmq.asyncio
 from actors import codec
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
 from actors.keys import PeerKeys
-from actors.messages import (
-    Capabilities,
-    Error,
-    ErrorCode,
-    Goodbye,
-    Heartbeat,
-    Hello,
-    Role,
-    Welcome,
-    Wire,
-)
+from actors.messages import Error, Goodbye, Heartbeat, Hello, Role, Welcome
+from atelier.jobs import Capabilities, ErrorCode, Wire
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import msgpack
 from pydantic import ValidationError
 
-from actors.messages import MESSAGE_ADAPTER, JobEvent, Preview, Progress, Wire
+from actors.messages import MESSAGE_ADAPTER, JobEvent, Preview, Progress
+from atelier.jobs import Wire
 
 MAGIC = b"ATL1"
 PUBLISH = "#"

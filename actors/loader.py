@@ -30,9 +30,10 @@ from pathlib import Path
 from actors import keys
 from actors.actor import Actor, handles, run_actor
 from actors.codec import SCHEDULER, Envelope
-from actors.messages import Capabilities, Error, ErrorCode, LoaderState, Preload, Release, Role, Stage, Staged
+from actors.messages import Error, LoaderState, Preload, Release, Role, Stage, Staged
 from atelier import sources, staging
 from atelier.config import Config, load_config
+from atelier.jobs import Capabilities, ErrorCode
 
 log = logging.getLogger("atelier.loader")
 

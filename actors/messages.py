@@ -1,73 +1,41 @@
-"""Every type that crosses a process boundary in atelier, and nothing else.
+"""Every envelope that crosses a process boundary in atelier, and nothing else.
 
 Each message is a pydantic model with a literal ``kind``; ``Message`` is the
 discriminated union of all of them. ``extra="forbid"`` everywhere: a field we do
 not know is a bug or an attack, never something to carry along silently.
 
-Bytes never travel inside the msgpack head: a ``Blob`` field is handed to the
-codec (``actors/codec.py``) through the serialisation context and travels as an
+The records the envelopes carry (JobSpec, JobRecord, Artifact, …) are the library's, in
+``atelier/jobs.py``. Bytes never travel inside the msgpack head: a ``Blob`` field is handed to
+the codec (``actors/codec.py``) through the serialisation context and travels as an
 out-of-band frame, referenced from the head by index.
 """
 
 from __future__ import annotations
 
-import base64
 import enum
-import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    PlainValidator,
-    SerializationInfo,
-    TypeAdapter,
-    WithJsonSchema,
-    field_validator,
+from pydantic import Field, TypeAdapter
+
+from atelier.jobs import (
+    Artifact,
+    Blob,
+    Capabilities,
+    ErrorCode,
+    JobDone,
+    JobFailed,
+    JobId,
+    JobInputs,
+    JobKind,
+    JobRecord,
+    JobSpec,
+    JobState,
+    Name,
+    RunTiming,
+    SchedulerStats,
+    StagedFile,
+    Wire,
 )
-
-# --------------------------------------------------------------------------- #
-# Building blocks
-
-
-def _validate_blob(value: Any) -> bytes | memoryview:
-    # memoryview is accepted as is: received frames above 64 KiB are not copied.
-    if isinstance(value, (bytes, memoryview)):
-        return value
-    if isinstance(value, bytearray):
-        return bytes(value)
-    raise ValueError(f"expected bytes, got {type(value).__name__}")
-
-
-def _serialize_blob(value: bytes | memoryview, info: SerializationInfo) -> Any:
-    context = info.context
-    if context is not None and "blob" in context:
-        return context["blob"](value)  # the codec turns it into a frame reference
-    if info.mode_is_json():
-        return base64.b64encode(value).decode("ascii")
-    return value
-
-
-Blob = Annotated[
-    Any,
-    PlainValidator(_validate_blob),
-    PlainSerializer(_serialize_blob),
-    WithJsonSchema({"type": "string", "format": "binary"}),
-]
-
-Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
-JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
-# The images a job may start from (JobInputs' fields), and the files a job's outputs may be.
-InputName = Literal["image", "mask", "control_image", "ip_adapter_image"]
-OutputFormat = Literal["png", "webp", "mp4", "gif", "wav", "flac"]
-MAX_INPUT_BYTES = 32 << 20  # one input image, encoded
-
-
-class Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=False)
 
 
 class Role(str, enum.Enum):
@@ -77,175 +45,8 @@ class Role(str, enum.Enum):
     frontend = "frontend"
 
 
-class JobState(str, enum.Enum):
-    queued = "queued"
-    assigned = "assigned"
-    loading = "loading"
-    running = "running"
-    done = "done"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.done, JobState.failed, JobState.cancelled)
-
-
-class JobKind(str, enum.Enum):
-    txt2img = "txt2img"
-    img2img = "img2img"
-    img2vid = "img2vid"
-    txt2vid = "txt2vid"
-    txt2audio = "txt2audio"
-    upscale = "upscale"
-    train = "train"
-
-    @classmethod
-    def default_for(cls, kinds: "list[JobKind]", *, from_image: bool) -> "JobKind | None":
-        """What a frontend asks of a model when the user did not say: from a prompt alone an image, else
-        a video, else a sound; from an image an edit, else an upscale, else a video. None: it cannot."""
-        preferred = (cls.img2img, cls.upscale, cls.img2vid) if from_image else (cls.txt2img, cls.txt2vid,
-                                                                               cls.txt2audio)
-        return next((kind for kind in preferred if kind in kinds), None)
-
-
-class Priority(str, enum.Enum):
-    live = "live"
-    interactive = "interactive"
-    batch = "batch"
-
-
-class ErrorCode(str, enum.Enum):
-    bad_request = "bad_request"  # the message decoded but a field is wrong
-    malformed = "malformed"  # the frames did not decode at all
-    too_large = "too_large"
-    unknown_model = "unknown_model"
-    unknown_job = "unknown_job"
-    unroutable = "unroutable"  # no registered peer by that name
-    not_registered = "not_registered"  # say Hello first
-    unsupported = "unsupported"  # the receiver has no handler for this kind
-    busy = "busy"
-    queue_full = "queue_full"
-    internal = "internal"
-
-
-# --------------------------------------------------------------------------- #
-# Jobs
-
-
-class JobSpec(Wire):
-    """What a person asks for. Size, steps and guidance left empty take the model's defaults."""
-
-    id: JobId = Field(default_factory=lambda: uuid.uuid4().hex)
-    kind: JobKind = JobKind.txt2img
-    model: Name
-    prompt: str = Field(max_length=4000)
-    negative_prompt: str | None = Field(default=None, max_length=4000)
-    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
-    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
-    steps: int | None = Field(default=None, ge=1, le=500)
-    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    count: int = Field(default=1, ge=1, le=16)
-    # img2img (with a mask: inpainting): how far from the input image; 1 ignores it.
-    strength: float | None = Field(default=None, gt=0, le=1)
-    frames: int | None = Field(default=None, ge=1, le=256)  # video: frames to make
-    fps: int | None = Field(default=None, ge=1, le=60)  # video: frames a second in the file
-    duration_s: float | None = Field(default=None, gt=0, le=300)  # audio: seconds to make
-    output_format: OutputFormat | None = None  # default: png, mp4 or wav, by what the model makes
-    # LoRAs of the model's catalog entry to apply, with their scales (switching them reloads nothing).
-    loras: dict[Name, Annotated[float, Field(ge=-4, le=4)]] = Field(default_factory=dict, max_length=8)
-    # ControlNet of the model's catalog entry that reads the job's control_image, and how strongly
-    # (default 1; 0 ignores it). IP-Adapter: how strongly the ip_adapter_image steers (default 1).
-    controlnet: Name | None = None
-    controlnet_scale: float | None = Field(default=None, ge=0, le=2)
-    ip_adapter_scale: float | None = Field(default=None, ge=0, le=2)
-    # Preview images every step, on the job's events: off saves the work for a caller who does not look.
-    previews: bool = True
-    # Which JobInputs the submit carried: set by the scheduler from the inputs themselves.
-    inputs: list[InputName] = Field(default_factory=list, max_length=4)
-    user: str = Field(default="anonymous", min_length=1, max_length=128)
-    priority: Priority = Priority.interactive
-    # A live session (images as the user types): a newer job of the same user and session
-    # replaces this one if it is still queued, and stops it at its next step if it is running.
-    session: SessionId | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be empty")
-        return value
-
-
-class JobInputs(Wire):
-    """The images a job starts from, each an encoded file (PNG, JPEG, WebP) sent as its own frame."""
-
-    image: Blob | None = None  # img2img, inpainting, image to video, upscaling: the source
-    mask: Blob | None = None  # inpainting: white where the image is painted anew
-    control_image: Blob | None = None  # ControlNet's condition (edges, depth, pose…)
-    ip_adapter_image: Blob | None = None  # IP-Adapter: an image prompt
-
-    @field_validator("image", "mask", "control_image", "ip_adapter_image")
-    @classmethod
-    def _bounded(cls, value: Any) -> Any:
-        if value is not None and len(value) > MAX_INPUT_BYTES:
-            raise ValueError(f"{len(value):,} bytes; an input image may have {MAX_INPUT_BYTES:,} at most")
-        return value
-
-    def names(self) -> list[str]:
-        return [name for name in ("image", "mask", "control_image", "ip_adapter_image")
-                if getattr(self, name) is not None]
-
-
-class Artifact(Wire):
-    """One encoded output (an image, a video, a sound) of a finished job."""
-
-    media_type: str
-    data: Blob
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    frames: int | None = None  # video
-    fps: float | None = None  # video
-    duration_s: float | None = None  # video and audio
-    sample_rate: int | None = None  # audio
-    uri: str | None = None  # where the artifact store kept it, once stored
-
-
-class JobRecord(Wire):
-    """The scheduler's view of one job: what was asked and where it stands."""
-
-    spec: JobSpec
-    state: JobState
-    reason: str | None = None
-    attempts: int = 0
-    runner: str | None = None
-    position: int | None = None  # 0-based place in the queue while queued
-    eta_s: float | None = None  # expected seconds from the last update until it is done, from measured step times
-    batch_id: str | None = None  # the pipeline call it ran in, shared with the jobs batched with it
-    submitted_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    artifacts: list[str] = Field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- #
 # Registration and liveness (peer <-> broker)
-
-
-class Capabilities(Wire):
-    pid: int
-    host: str = ""
-    node: str | None = None
-    device: str | None = None  # "cpu", "cuda:0"
-    device_name: str | None = None
-    families: list[str] = Field(default_factory=list)
-    resident: dict[str, int] = Field(default_factory=dict)  # models loaded and ready, with their bytes
-    # The batch a runner is working on when it (re)registers, so a scheduler that thought
-    # it dead takes the jobs back instead of running them twice.
-    active_batch: str | None = None
-    active_jobs: list[JobId] = Field(default_factory=list)
 
 
 class Hello(Wire):
@@ -372,27 +173,6 @@ class Preload(Wire):
     models: list[Name]
 
 
-class ModelStats(Wire):
-    """What one model has cost since the scheduler started (monotonic counters, for /metrics)."""
-
-    loads: dict[str, int] = Field(default_factory=dict)  # by where from: staged, disk
-    load_seconds: float = 0.0
-    batches: int = 0
-    images: int = 0
-    steps: int = 0  # denoising steps of whole batches
-    step_seconds: float = 0.0
-
-
-class SchedulerStats(Wire):
-    """Counters since the scheduler started: jobs that ended, by state, and how long they took."""
-
-    finished: dict[str, int] = Field(default_factory=dict)  # by final state
-    job_seconds_buckets: list[float] = Field(default_factory=list)  # upper bounds
-    job_seconds_counts: list[int] = Field(default_factory=list)  # cumulative, one per bucket, then +Inf
-    job_seconds_sum: float = 0.0
-    models: dict[str, ModelStats] = Field(default_factory=dict)
-
-
 class ClusterStatus(Wire):
     kind: Literal["cluster_status"] = "cluster_status"
     runners: list[RunnerStatus]
@@ -487,32 +267,6 @@ class BatchUpdate(Wire):
     state: Literal[JobState.loading, JobState.running]
 
 
-class JobDone(Wire):
-    kind: Literal["job_done"] = "job_done"
-    job_id: JobId
-    outputs: list[Artifact]
-    elapsed_s: float
-
-
-class JobFailed(Wire):
-    kind: Literal["job_failed"] = "job_failed"
-    job_id: JobId
-    reason: str
-    cancelled: bool = False
-    retryable: bool = False  # True when the job itself is fine and another try may succeed
-
-
-class RunTiming(Wire):
-    """What a batch cost, measured by the runner: the scheduler's estimates learn from it."""
-
-    loaded_from: Literal["resident", "staged", "disk"] = "resident"
-    stage_wait_s: float = 0.0  # waiting for the loader to stage the weights (0 when they were staged already)
-    load_s: float = 0.0  # building the pipeline and moving it to the device, after that
-    images: int = 0
-    steps: int = 0  # denoising steps actually run (fewer when stopped early)
-    step_s: float | None = None  # mean seconds per step of the whole batch
-
-
 class BatchDone(Wire):
     """The outcome of every job of a batch; the runner is free again (runner -> scheduler)."""
 
@@ -550,15 +304,6 @@ class RunnerState(Wire):
 class Stage(Wire):
     kind: Literal["stage"] = "stage"
     model: Name
-
-
-class StagedFile(Wire):
-    """Where one weight file lies inside a staged segment."""
-
-    component: str
-    name: str
-    offset: int = Field(ge=0)
-    length: int = Field(ge=0)
 
 
 class Staged(Wire):

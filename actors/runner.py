@@ -32,18 +32,11 @@ from actors.actor import Actor, RemoteError, handles, run_actor
 from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
-    Artifact,
     BatchDone,
     BatchItem,
     BatchUpdate,
-    Capabilities,
     Draining,
-    ErrorCode,
     GetRunnerState,
-    JobDone,
-    JobFailed,
-    JobSpec,
-    JobState,
     Ok,
     Preview,
     Progress,
@@ -51,7 +44,6 @@ from actors.messages import (
     Role,
     RunBatch,
     RunnerState,
-    RunTiming,
     Stage,
     Staged,
     StopJob,
@@ -59,6 +51,7 @@ from actors.messages import (
 from atelier import media, sources, staging
 from atelier.config import Config, load_config
 from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, accel, get_family, loras, vae
+from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
 
 log = logging.getLogger("atelier.runner")

@@ -28,7 +28,6 @@ from actors.codec import BROKER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
-    Artifact,
     BatchDone,
     BatchItem,
     BatchUpdate,
@@ -36,7 +35,6 @@ from actors.messages import (
     ClusterStatus,
     Draining,
     Error,
-    ErrorCode,
     GetJob,
     GetModels,
     GetResult,
@@ -44,7 +42,6 @@ from actors.messages import (
     GetStatus,
     JobEvent,
     JobInfo,
-    JobKind,
     JobList,
     JobResult,
     ListJobs,
@@ -64,6 +61,7 @@ from actors.messages import (
 )
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config, load_config
+from atelier.jobs import Artifact, ErrorCode, JobKind
 from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import (
     Announce,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import unquote, urlparse
 
-from actors.messages import Artifact
+from atelier.jobs import Artifact
 
 _EXTENSIONS = {"image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg", "video/mp4": ".mp4",
                "image/gif": ".gif", "audio/wav": ".wav", "audio/flac": ".flac"}

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from actors.messages import Name
 from atelier.families import FAMILY_LIMITS, FamilyLimits
+from atelier.jobs import Name
 
 CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"

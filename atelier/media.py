@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from actors.messages import Artifact, JobSpec
+from atelier.jobs import Artifact, JobSpec
 
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif",
                "wav": "audio/wav", "flac": "audio/flac"}

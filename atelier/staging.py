@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from actors.messages import StagedFile
+from atelier.jobs import StagedFile
 
 ALIGN = 64  # every file starts on a cache line, so every tensor is aligned for its dtype
 CHECKPOINT = "checkpoint"  # the component a single-file checkpoint is staged as: it holds them all

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from overhead import System, percentile  # noqa: E402
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import ErrorCode, JobSpec, JobState, Priority  # noqa: E402
+from atelier.jobs import ErrorCode, JobSpec, JobState, Priority  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 ROLES = {  # a role, and the module its process runs (`python -m ...`)

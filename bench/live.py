@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import overhead  # noqa: E402
 
-from actors.messages import JobResult, JobSpec, JobState, Priority  # noqa: E402
+from actors.messages import JobResult  # noqa: E402
+from atelier.jobs import JobSpec, JobState, Priority  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 TEXT = "a lighthouse on a cliff at dusk, oil painting"

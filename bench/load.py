@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import overhead  # noqa: E402
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import ErrorCode, JobSpec, JobState  # noqa: E402
+from atelier.jobs import ErrorCode, JobSpec, JobState  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 STEP_S = 0.01  # one step of "work" per job: about 50-80 jobs/s through the one runner at most

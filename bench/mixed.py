@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import overhead  # noqa: E402
 
-from actors.messages import JobRecord, JobSpec, JobState  # noqa: E402
+from atelier.jobs import JobRecord, JobSpec, JobState  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 SEED = 7

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: the atelier modu
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
-from actors.messages import JobRecord, JobSpec, JobState  # noqa: E402
+from atelier.jobs import JobRecord, JobSpec, JobState  # noqa: E402
 from atelier.runtime import READY_PREFIX  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 

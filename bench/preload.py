@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import overhead  # noqa: E402
 from model_switch import cached_model, default_cache  # noqa: E402
 
-from actors.messages import JobRecord, JobSpec, JobState  # noqa: E402
+from atelier.jobs import JobRecord, JobSpec, JobState  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 MODELS = ("preload-a", "preload-b")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import overhead  # noqa: E402
 
-from actors.messages import JobSpec, JobState  # noqa: E402
+from atelier.jobs import JobSpec, JobState  # noqa: E402
 from frontends.client import AtelierClient  # noqa: E402
 
 MODEL = "tiny-sd"

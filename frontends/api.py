@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.messages import JobInputs, JobRecord, JobSpec, Name
+from atelier.jobs import JobInputs, JobRecord, JobSpec, Name
 
 INPUTS = ("image", "mask", "control_image", "ip_adapter_image")
 # A prompt needs one character that is not white space, as JobSpec's validator reads it (str.strip):

@@ -25,7 +25,7 @@ from atelier.runtime import READY_PREFIX
 from atelier.supervisor import ChildSpec, Supervisor
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
-    from actors.messages import JobInputs
+    from atelier.jobs import JobInputs
 
 
 def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
@@ -165,9 +165,10 @@ async def _generate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from actors.actor import RemoteError
-    from actors.messages import JobEvent, JobResult, JobSpec, JobState
+    from actors.messages import JobEvent, JobResult
     from actors.messages import Progress as StepProgress
     from atelier.artifacts import extension_for
+    from atelier.jobs import JobSpec, JobState
 
     console = Console(stderr=True)
     config = load_config(args.config)
@@ -241,7 +242,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 def _inputs(args: argparse.Namespace) -> JobInputs | None:
     """The files --image, --mask, --control-image and --ip-adapter-image name, read; None when there are none."""
-    from actors.messages import JobInputs
+    from atelier.jobs import JobInputs
 
     found = {}
     for name in ("image", "mask", "control_image", "ip_adapter_image"):  # JobInputs' fields, and the options' dests
@@ -258,7 +259,7 @@ async def _default_kind(client, model: str, *, from_image: bool) -> str:
     """What to ask of ``model`` when --kind is not given: an image from a prompt (else a video, else a
     sound); from an --image, an edit (else an upscale, else a video). An unknown model is left to the
     scheduler, whose refusal lists the models there are."""
-    from actors.messages import JobKind
+    from atelier.jobs import JobKind
 
     info = next((m for m in await client.models() if m.name == model), None)
     if info is None:
@@ -367,7 +368,7 @@ def _login() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from actors.messages import JobKind
+    from atelier.jobs import JobKind
 
     parser = argparse.ArgumentParser(prog="atelier", description="Serve diffusion models to many people at once.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -33,11 +33,8 @@ from actors.messages import (
     GetStatus,
     JobEvent,
     JobInfo,
-    JobInputs,
     JobList,
-    JobRecord,
     JobResult,
-    JobSpec,
     ListJobs,
     ModelInfo,
     Models,
@@ -46,6 +43,7 @@ from actors.messages import (
     Role,
     Submit,
 )
+from atelier.jobs import JobInputs, JobRecord, JobSpec
 
 log = logging.getLogger("atelier.client")
 

@@ -51,17 +51,9 @@ from discord import app_commands
 from pydantic import ValidationError
 
 from actors.actor import RemoteError
-from actors.messages import (
-    JobInputs,
-    JobKind,
-    JobRecord,
-    JobResult,
-    JobSpec,
-    JobState,
-    ModelInfo,
-    Priority,
-)
+from actors.messages import JobResult, ModelInfo
 from atelier.config import DiscordConfig, load_config
+from atelier.jobs import JobInputs, JobKind, JobRecord, JobSpec, JobState, Priority
 from atelier.runtime import run, setup_logging
 from frontends.client import AtelierClient, Event
 from frontends.discord_views import (

@@ -14,19 +14,10 @@ from pathlib import Path
 
 import discord
 
-from actors.messages import (
-    MAX_INPUT_BYTES,
-    JobEvent,
-    JobKind,
-    JobResult,
-    JobSpec,
-    JobState,
-    ModelInfo,
-    Preview,
-    Progress,
-)
+from actors.messages import JobEvent, JobResult, ModelInfo, Preview, Progress
 from atelier.artifacts import extension_for
 from atelier.config import DiscordConfig
+from atelier.jobs import MAX_INPUT_BYTES, JobKind, JobSpec, JobState
 from frontends.client import Event
 
 TOKEN_ENV = "DISCORD_TOKEN"

@@ -40,20 +40,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
 from actors.keys import for_peer
-from actors.messages import (
-    ErrorCode,
-    JobEvent,
-    JobId,
-    JobInputs,
-    JobKind,
-    JobRecord,
-    JobResult,
-    JobSpec,
-    Preview,
-    Progress,
-)
+from actors.messages import JobEvent, JobResult, Preview, Progress
 from atelier.artifacts import media_type_for
 from atelier.config import Config, HttpConfig, load_config
+from atelier.jobs import ErrorCode, JobId, JobInputs, JobKind, JobRecord, JobSpec
 from frontends import api, metrics
 from frontends.client import AtelierClient
 

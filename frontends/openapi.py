@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from actors.messages import JobId
+from atelier.jobs import JobId
 from frontends import api
 
 _REF = "#/components/schemas/{model}"

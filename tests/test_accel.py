@@ -20,11 +20,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.messages import JobSpec, JobState  # noqa: E402
 from actors.runner import module_bytes  # noqa: E402
 from atelier import tiny_models  # noqa: E402
 from atelier.config import ModelEntry  # noqa: E402
 from atelier.families import GenerateRequest, accel, get_family, loras  # noqa: E402
+from atelier.jobs import JobSpec, JobState
 from tests.conftest import Cluster, run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)

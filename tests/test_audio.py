@@ -16,9 +16,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import JobResult, JobSpec, JobState, Preview, Progress  # noqa: E402
+from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.jobs import JobSpec, JobState
 from atelier.media import Audio  # noqa: E402
 from atelier.preview import encode_jpeg  # noqa: E402
 from atelier.tiny.audio import AUDIOLDM2_RATE, STABLE_AUDIO_LATENTS, STABLE_AUDIO_RATE  # noqa: E402

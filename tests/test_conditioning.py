@@ -21,10 +21,11 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import JobInputs, JobResult, JobSpec, JobState  # noqa: E402
+from actors.messages import JobResult
 from actors.runner import module_bytes  # noqa: E402
 from atelier import tiny_models  # noqa: E402
 from atelier.families import GenerateRequest, get_family  # noqa: E402
+from atelier.jobs import JobInputs, JobSpec, JobState
 from atelier.tiny.conditioning import build_tiny_controlnet, build_tiny_ip_adapter  # noqa: E402
 from tests.conftest import Cluster, run  # noqa: E402
 

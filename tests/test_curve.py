@@ -13,8 +13,9 @@ import zmq
 
 from actors import codec, keys
 from actors.codec import Envelope
-from actors.messages import Error, ErrorCode, GetStatus, Heartbeat, JobSpec, JobState
+from actors.messages import Error, GetStatus, Heartbeat
 from atelier.config import Config
+from atelier.jobs import ErrorCode, JobSpec, JobState
 from broker import Broker
 from frontends.client import AtelierClient
 from tests.conftest import ROOT, Cluster, broker_thread, run

@@ -26,9 +26,10 @@ import pytest
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 from PIL import Image
 
-from actors.messages import Artifact, JobEvent, JobInputs, JobRecord, JobResult, JobSpec, JobState, Preview, Progress
+from actors.messages import JobEvent, JobResult, Preview, Progress
 from atelier.config import DiscordConfig
 from atelier.families.costmodel import write_model
+from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
 from frontends.client import AtelierClient
 from frontends.discord_bot import AtelierBot, Reply, main
 from frontends.discord_views import (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.messages import JobInputs, JobSpec
+from atelier.jobs import JobInputs, JobSpec
 from tests.conftest import Cluster, run
 
 pytestmark = pytest.mark.timeout(180)

@@ -33,7 +33,8 @@ from pydantic.fields import FieldInfo
 import broker as broker_module
 from actors import codec, messages
 from actors.codec import MAGIC, DecodeError, Envelope
-from actors.messages import Capabilities, Error, Heartbeat, Hello, JobSpec, Role, Welcome, Wire
+from actors.messages import Error, Heartbeat, Hello, Role, Welcome
+from atelier.jobs import Capabilities, JobSpec, Wire
 from tests.conftest import broker_thread, run
 
 pytestmark = pytest.mark.timeout(120)

@@ -20,11 +20,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 gguf = pytest.importorskip("gguf")
 
-from actors.messages import JobSpec, JobState  # noqa: E402
 from actors.runner import module_bytes  # noqa: E402
 from atelier import sources, staging  # noqa: E402
 from atelier.config import ModelEntry, builtin_models  # noqa: E402
 from atelier.families import GenerateRequest, accel, get_family  # noqa: E402
+from atelier.jobs import JobSpec, JobState  # noqa: E402
 from atelier.tiny.gguf import write_gguf  # noqa: E402
 from atelier.tiny_models import ensure_builtin  # noqa: E402
 from tests.conftest import run  # noqa: E402

@@ -397,7 +397,7 @@ def test_automatic1111_txt2img_models_progress_and_refusals(web):
 
 
 def test_the_openapi_document_matches_what_the_server_accepts(web):
-    from actors.messages import JobSpec
+    from atelier.jobs import JobSpec
 
     async def go():
         async with aiohttp.ClientSession() as http:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from actors.messages import Artifact, JobInputs, JobRecord, JobResult, JobSpec, JobState
+from actors.messages import JobResult
 from atelier.config import Config
+from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
 from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import Announce, Dispatch, Policy
 from tests.conftest import Cluster, run
@@ -116,7 +117,7 @@ def test_a_restored_policy_queues_again_in_order_and_remembers_the_ended(tmp_pat
     assert policy.submit(retry, "fe", 11.0, idempotency_key="k-other").id == retry.id  # a new key: a new job
 
     # A runner that still had the job when the scheduler restarted reports it done: taken as it is.
-    from actors.messages import Capabilities, JobDone, RunTiming
+    from atelier.jobs import Capabilities, JobDone, RunTiming
 
     policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 12.0)
     policy.drain()
@@ -127,7 +128,7 @@ def test_a_restored_policy_queues_again_in_order_and_remembers_the_ended(tmp_pat
 
 
 def test_restored_jobs_are_announced_and_dispatched(tmp_path: Path) -> None:
-    from actors.messages import Capabilities
+    from atelier.jobs import Capabilities
 
     policy = Policy(Config.model_validate({"home": str(tmp_path)}))
     record = _record()
@@ -141,7 +142,7 @@ def test_restored_jobs_are_announced_and_dispatched(tmp_path: Path) -> None:
 
 
 def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_for(tmp_path: Path) -> None:
-    from actors.messages import Capabilities, JobDone, JobFailed, RunTiming
+    from atelier.jobs import Capabilities, JobDone, JobFailed, RunTiming
 
     policy = Policy(Config.model_validate({"home": str(tmp_path), "scheduler": {"max_attempts": 1}}))
     before, new = _record("running when the scheduler died"), _record("new")
@@ -247,7 +248,7 @@ def test_an_idempotency_key_makes_one_job_across_a_restart(restarting: Cluster) 
 
 
 def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path: Path) -> None:
-    from actors.messages import Capabilities, JobDone, RunTiming
+    from atelier.jobs import Capabilities, JobDone, RunTiming
 
     policy = Policy(Config.model_validate({"home": str(tmp_path), "scheduler": {"max_attempts": 1}}))
     policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 1.0)
@@ -272,7 +273,7 @@ def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path:
 
 def test_a_job_the_journal_cannot_keep_is_not_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from actors.actor import RemoteError
-    from actors.messages import ErrorCode
+    from atelier.jobs import ErrorCode
     from tests.conftest import broker_thread
     from tests.test_scheduler import scheduler_and_client
 
@@ -295,7 +296,7 @@ def test_a_job_the_journal_cannot_keep_is_not_accepted(tmp_path: Path, monkeypat
 
 
 def test_a_runners_answer_overtaken_by_a_newer_batch_changes_nothing(tmp_path: Path) -> None:
-    from actors.messages import Capabilities
+    from atelier.jobs import Capabilities
 
     policy = Policy(Config.model_validate({"home": str(tmp_path)}))
     idle = Capabilities(pid=1, node="n1", device="cpu")

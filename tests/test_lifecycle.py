@@ -53,7 +53,7 @@ def test_killed_supervisor_takes_its_children_along(atelier_home):
 
 
 def test_peers_register_again_after_the_broker_restarts(atelier_home):
-    from actors.messages import JobSpec, JobState
+    from atelier.jobs import JobSpec, JobState
     from tests.conftest import run
 
     cluster = Cluster(atelier_home).start()

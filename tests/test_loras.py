@@ -15,9 +15,10 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import JobResult, JobSpec, JobState  # noqa: E402
+from actors.messages import JobResult
 from atelier import tiny_models  # noqa: E402
 from atelier.families import GenerateRequest, get_family, loras  # noqa: E402
+from atelier.jobs import JobSpec, JobState
 from tests.conftest import Cluster, run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)

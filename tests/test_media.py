@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.messages import JobSpec
+from atelier.jobs import JobSpec
 from atelier.media import Audio, Video, encode
 
 SPEC = JobSpec(model="m", prompt="a lighthouse", width=64, height=48, steps=2, guidance=1.0, seed=7)

@@ -17,9 +17,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from PIL import Image  # noqa: E402
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import JobInputs, JobKind, JobResult, JobSpec, JobState, Preview, Progress  # noqa: E402
+from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.jobs import JobInputs, JobKind, JobSpec, JobState
 from atelier.tiny_models import BUILTIN, ensure_builtin  # noqa: E402
 from tests.conftest import run  # noqa: E402
 

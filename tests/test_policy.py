@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.messages import Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, Priority, RunTiming
 from atelier.config import Config
+from atelier.jobs import Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, Priority, RunTiming
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry, FairQueue
 from atelier.scheduling.policy import Announce, Deliver, Dispatch, Policy, PreloadModels, Refused, StopRunning
@@ -472,7 +472,7 @@ def _png(width: int, height: int) -> bytes:
     (dict(kind="img2img"), {"image": b"not an image"}, "image"),
 ])
 def test_admission_refuses_what_the_model_cannot_take_naming_the_field(tmp_path, changes, inputs, field):
-    from actors.messages import JobInputs
+    from atelier.jobs import JobInputs
 
     policy = make_policy(tmp_path)
     blobs = {name: (_png(64, 64) if value is True else value) for name, value in inputs.items()}
@@ -483,7 +483,7 @@ def test_admission_refuses_what_the_model_cannot_take_naming_the_field(tmp_path,
 
 
 def test_admission_fills_in_what_a_job_left_open(tmp_path):
-    from actors.messages import JobInputs
+    from atelier.jobs import JobInputs
 
     policy = make_policy(tmp_path)
     plain = policy.submit(job(), "c", 0.0)

@@ -13,22 +13,10 @@ import pytest
 
 from actors.actor import Actor, handles
 from actors.codec import Envelope
-from actors.messages import (
-    Artifact,
-    BatchDone,
-    Capabilities,
-    JobDone,
-    JobEvent,
-    JobSpec,
-    JobState,
-    LoaderState,
-    Preload,
-    Role,
-    RunBatch,
-    StopJob,
-)
+from actors.messages import BatchDone, JobEvent, LoaderState, Preload, Role, RunBatch, StopJob
 from actors.scheduler import Scheduler
 from atelier.config import Config
+from atelier.jobs import Artifact, Capabilities, JobDone, JobSpec, JobState
 from broker import Broker
 from frontends.client import AtelierClient
 from tests.conftest import broker_thread, run

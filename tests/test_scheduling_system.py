@@ -11,8 +11,9 @@ import asyncio
 
 import pytest
 
-from actors.messages import JobEvent, JobSpec, JobState, Priority
+from actors.messages import JobEvent
 from atelier.families.costmodel import write_model
+from atelier.jobs import JobSpec, JobState, Priority
 from tests.conftest import Cluster, run
 
 pytestmark = pytest.mark.timeout(180)

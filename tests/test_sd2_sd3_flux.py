@@ -16,10 +16,11 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import JobInputs, JobResult, JobSpec, JobState, Preview, Progress  # noqa: E402
+from actors.messages import JobResult, Preview, Progress
 from atelier import staging, tiny_models  # noqa: E402
 from atelier.config import load_config  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.jobs import JobInputs, JobSpec, JobState
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB  # noqa: E402
 from atelier.scheduling import admission  # noqa: E402
 from tests.conftest import run  # noqa: E402

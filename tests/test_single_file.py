@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.messages import JobSpec, JobState
 from atelier import sources, staging
 from atelier.config import ModelEntry
 from atelier.families import get_family
+from atelier.jobs import JobSpec, JobState
 from atelier.tiny_models import build_tiny_sdxl, ensure_builtin, save_single_file
 from tests.conftest import Cluster, run
 

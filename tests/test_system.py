@@ -15,7 +15,8 @@ import zmq.asyncio
 from PIL import Image
 
 from actors.actor import RemoteError
-from actors.messages import ErrorCode, JobEvent, JobResult, JobSpec, JobState, Preview, Progress
+from actors.messages import JobEvent, JobResult, Preview, Progress
+from atelier.jobs import ErrorCode, JobSpec, JobState
 from tests.conftest import run
 
 pytestmark = pytest.mark.timeout(240)

@@ -22,11 +22,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline  # noqa: E402
 
-from actors.messages import JobSpec, JobState, Preview  # noqa: E402
+from actors.messages import Preview
 from actors.runner import PreviewMaker  # noqa: E402
 from atelier import sources, staging, tiny_models  # noqa: E402
 from atelier.config import ModelEntry  # noqa: E402
 from atelier.families import GenerateRequest, get_family, vae  # noqa: E402
+from atelier.jobs import JobSpec, JobState
 from atelier.preview import CPU_DECODE_SIDE, MAX_PREVIEW_SIDE, DecoderPreview, encode_jpeg  # noqa: E402
 from atelier.tiny.previews import build_tiny_taesd  # noqa: E402
 from tests.conftest import Cluster, run  # noqa: E402

@@ -15,9 +15,10 @@ from PIL import Image, ImageSequence
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub
 
 from actors.actor import RemoteError  # noqa: E402
-from actors.messages import JobInputs, JobKind, JobResult, JobSpec, JobState, Preview, Progress  # noqa: E402
+from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.jobs import JobInputs, JobKind, JobSpec, JobState
 from atelier.media import Video  # noqa: E402
 from atelier.tiny_models import BUILTIN, ensure_builtin  # noqa: E402
 from tests.conftest import run  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.messages import JobSpec, JobState
+from atelier.jobs import JobSpec, JobState
 from tests.conftest import Cluster, run
 
 pytestmark = pytest.mark.timeout(180)

@@ -11,20 +11,8 @@ import zmq
 
 from actors import codec
 from actors.codec import DecodeError, Envelope
-from actors.messages import (
-    Capabilities,
-    Error,
-    ErrorCode,
-    Heartbeat,
-    Hello,
-    JobSpec,
-    PeerDown,
-    PeerUp,
-    Preview,
-    Role,
-    Submit,
-    Welcome,
-)
+from actors.messages import Error, Heartbeat, Hello, PeerDown, PeerUp, Preview, Role, Submit, Welcome
+from atelier.jobs import Capabilities, ErrorCode, JobSpec
 from broker import Broker
 from tests.conftest import broker_thread
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import io
 import random
 
-from actors.messages import ErrorCode, JobInputs, JobKind, JobSpec
 from atelier.config import Config
 from atelier.families import FamilyLimits
+from atelier.jobs import ErrorCode, JobInputs, JobKind, JobSpec
 
 # The inputs each kind needs, and those it may take besides.
 NEEDS = {JobKind.img2img: {"image"}, JobKind.img2vid: {"image"}, JobKind.upscale: {"image"}}

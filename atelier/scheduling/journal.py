@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.messages import Artifact, JobInputs, JobRecord
+from atelier.jobs import Artifact, JobInputs, JobRecord
 
 log = logging.getLogger("atelier.journal")
 

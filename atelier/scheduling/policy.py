@@ -43,7 +43,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.messages import (
+from atelier.config import Config
+from atelier.families import FAMILY_LIMITS
+from atelier.jobs import (
     Capabilities,
     ErrorCode,
     JobDone,
@@ -57,8 +59,6 @@ from actors.messages import (
     RunTiming,
     SchedulerStats,
 )
-from atelier.config import Config
-from atelier.families import FAMILY_LIMITS
 from atelier.scheduling import admission
 from atelier.scheduling.admission import Refused
 from atelier.scheduling.estimates import Estimates
