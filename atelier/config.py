@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from atelier.families import FAMILY_LIMITS, FamilyLimits
 from atelier.jobs import Name
+from atelier.registry import FAMILIES, FamilyLimits
+from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer
 
 CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"
@@ -64,11 +65,12 @@ class ModelEntry(Strict):
     # Names as jobs and /v1/models carry them: checked here, so a bad one fails the config's load
     # rather than every listing of the models.
     loras: dict[Name, str] = Field(default_factory=dict)
-    # Speed and memory, for any diffusers family (atelier/families/accel.py; README "Model families").
-    quantize: Literal["int8", "int8-dynamic", "fp8", "int4"] | None = None  # the denoiser's weights (torchao)
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
-    offload: Literal["model", "sequential"] | None = None  # weights in RAM, on the GPU only while they run
-    cache: Literal["first_block", "taylorseer", "deepcache"] | None = None  # reuse work between steps
+    # Speed and memory, for any diffusers family (atelier/tuning.py, atelier/families/accel.py; README
+    # "Model families").
+    quantize: Quantize | None = None  # the denoiser's weights (torchao)
+    compile: bool | CompileMode = False
+    offload: Offload | None = None  # weights in RAM, on the GPU only while they run
+    cache: Cache | None = None  # reuse work between steps
     cache_threshold: float | None = Field(default=None, gt=0, le=10)  # first_block: change that still skips
     cache_interval: int | None = Field(default=None, ge=1, le=100)  # taylorseer, deepcache: steps per full one
     # ControlNets a job may choose (JobSpec.controlnet), by name: diffusers ControlNetModel folders.
@@ -91,27 +93,19 @@ class ModelEntry(Strict):
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str) -> str:
-        if value not in FAMILY_LIMITS:
-            raise ValueError(f"unknown family {value!r}; known: {', '.join(sorted(FAMILY_LIMITS))}")
+        if value not in FAMILIES:
+            raise ValueError(f"unknown family {value!r}; known: {', '.join(sorted(FAMILIES))}")
         return value
 
     @model_validator(mode="after")
-    def _accel_settings(self) -> "ModelEntry":
-        from atelier.families import accel  # torch-free
-
-        accel.check(self)  # which of quantize, compile, offload and cache go together
-        return self
-
-    @model_validator(mode="after")
-    def _gguf_transformer(self) -> "ModelEntry":
-        from atelier.families import gguf  # torch-free
-
-        gguf.check(self)
+    def _tuning(self) -> "ModelEntry":
+        check_cache(self.cache, self.cache_threshold, self.cache_interval)
+        check_gguf_transformer(self.family, self.transformer, self.quantize)
         return self
 
     @property
     def limits(self) -> FamilyLimits:
-        base = FAMILY_LIMITS[self.family]
+        base = FAMILIES[self.family].limits
         overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
                                                    "default_height", "default_steps",
                                                    "default_guidance", "default_duration_s", "max_duration_s",
