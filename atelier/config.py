@@ -20,6 +20,8 @@ from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, c
 
 CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"
+# The built-in tiny models' catalog, shipped with the package and read as a user's atelier.toml is.
+BUILTIN_CATALOG = Path(__file__).with_name("builtin.toml")
 
 
 def default_home() -> Path:
@@ -115,51 +117,8 @@ class ModelEntry(Strict):
 
 
 def builtin_models() -> dict[str, ModelEntry]:
-    tiny = dict(default_width=64, default_height=64, default_steps=4, max_width=512, max_height=512)
-    return {
-        "tiny-sd": ModelEntry(family="sd1", source="builtin:tiny-sd", dtype="float32",
-                              description="tiny random-weight SD 1.5-shaped model", **tiny),
-        "tiny-sdxl": ModelEntry(family="sdxl", source="builtin:tiny-sdxl", dtype="float32",
-                                description="tiny random-weight SDXL-shaped model", **tiny),
-        "tiny-pixart-alpha": ModelEntry(family="pixart-alpha", source="builtin:tiny-pixart-alpha", dtype="float32",
-                                        description="tiny random-weight PixArt-α-shaped model", **tiny),
-        "tiny-pixart-sigma": ModelEntry(family="pixart-sigma", source="builtin:tiny-pixart-sigma", dtype="float32",
-                                        description="tiny random-weight PixArt-Σ-shaped model", **tiny),
-        "tiny-hunyuan-dit": ModelEntry(family="hunyuan-dit", source="builtin:tiny-hunyuan-dit", dtype="float32",
-                                       description="tiny random-weight HunyuanDiT-shaped model", **tiny),
-        "tiny-sd2": ModelEntry(family="sd2", source="builtin:tiny-sd2", dtype="float32",
-                               description="tiny random-weight SD 2.x-shaped model (v-prediction)", **tiny),
-        "tiny-sd3": ModelEntry(family="sd3", source="builtin:tiny-sd3", dtype="float32",
-                               description="tiny random-weight SD 3-shaped model (CLIP-L, CLIP-G, T5)", **tiny),
-        "tiny-flux": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
-                                description="tiny random-weight FLUX.1-dev-shaped model", **tiny),
-        "tiny-flux-gguf": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
-                                     transformer="builtin:tiny-flux-Q8_0.gguf",
-                                     description="tiny-flux with its transformer from a Q8_0 GGUF file", **tiny),
-        "tiny-stable-audio": ModelEntry(family="stable-audio", source="builtin:tiny-stable-audio", dtype="float32",
-                                        description="tiny random-weight Stable Audio Open-shaped model "
-                                                    "(44.1 kHz stereo, 2 s at most)",
-                                        default_steps=4, default_duration_s=1.0, max_duration_s=2.0),
-        "tiny-audioldm2": ModelEntry(family="audioldm2", source="builtin:tiny-audioldm2", dtype="float32",
-                                     description="tiny random-weight AudioLDM 2-shaped model (16 kHz mono)",
-                                     default_steps=4, default_duration_s=1.0, max_duration_s=4.0),
-        "tiny-sd-upscaler": ModelEntry(family="sd-upscaler", source="builtin:tiny-sd-upscaler", dtype="float32",
-                                       description="tiny random-weight SD x4 upscaler-shaped model (input up to "
-                                                   "128 px, output 4x)",
-                                       default_width=32, default_height=32, default_steps=4, max_width=128,
-                                       max_height=128),
-        "tiny-svd": ModelEntry(family="svd", source="builtin:tiny-svd", dtype="float32",
-                               description="tiny random-weight Stable Video Diffusion-shaped model (image to video)",
-                               default_width=64, default_height=64, default_steps=4, max_width=256, max_height=256,
-                               default_frames=4, max_frames=8),
-        "tiny-animatediff": ModelEntry(family="animatediff", source="builtin:tiny-animatediff", dtype="float32",
-                                       description="tiny random-weight AnimateDiff-shaped model (text to video)",
-                                       default_width=64, default_height=64, default_steps=4, max_width=256,
-                                       max_height=256, default_frames=4, max_frames=16),
-        "noop": ModelEntry(family="noop", source="builtin:noop",
-                           description="does no diffusion: measures atelier's own cost",
-                           default_steps=1),
-    }
+    """The built-in tiny models' entries (``BUILTIN_CATALOG``), fresh on every call."""
+    return read_config(BUILTIN_CATALOG).models
 
 
 class BrokerConfig(Strict):
@@ -300,6 +259,11 @@ def load_config(path: str | Path | None = None) -> Config:
         candidate = "atelier.toml"
     if candidate is None:
         return Config()
-    with open(candidate, "rb") as f:
+    return read_config(candidate)
+
+
+def read_config(path: str | Path) -> Config:
+    """The config in the TOML file at ``path``."""
+    with open(path, "rb") as f:
         data = tomllib.load(f)
     return Config.model_validate(data)
