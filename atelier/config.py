@@ -14,11 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from atelier.families import FAMILY_LIMITS, FamilyLimits
 from atelier.jobs import Name
+from atelier.registry import FAMILIES, FamilyLimits
+from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer
 
 CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"
+# The built-in tiny models' catalog, shipped with the package and read as a user's atelier.toml is.
+BUILTIN_CATALOG = Path(__file__).with_name("builtin.toml")
 
 
 def default_home() -> Path:
@@ -64,11 +67,12 @@ class ModelEntry(Strict):
     # Names as jobs and /v1/models carry them: checked here, so a bad one fails the config's load
     # rather than every listing of the models.
     loras: dict[Name, str] = Field(default_factory=dict)
-    # Speed and memory, for any diffusers family (atelier/families/accel.py; README "Model families").
-    quantize: Literal["int8", "int8-dynamic", "fp8", "int4"] | None = None  # the denoiser's weights (torchao)
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
-    offload: Literal["model", "sequential"] | None = None  # weights in RAM, on the GPU only while they run
-    cache: Literal["first_block", "taylorseer", "deepcache"] | None = None  # reuse work between steps
+    # Speed and memory, for any diffusers family (atelier/tuning.py, atelier/families/accel.py; README
+    # "Model families").
+    quantize: Quantize | None = None  # the denoiser's weights (torchao)
+    compile: bool | CompileMode = False
+    offload: Offload | None = None  # weights in RAM, on the GPU only while they run
+    cache: Cache | None = None  # reuse work between steps
     cache_threshold: float | None = Field(default=None, gt=0, le=10)  # first_block: change that still skips
     cache_interval: int | None = Field(default=None, ge=1, le=100)  # taylorseer, deepcache: steps per full one
     # ControlNets a job may choose (JobSpec.controlnet), by name: diffusers ControlNetModel folders.
@@ -91,27 +95,19 @@ class ModelEntry(Strict):
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str) -> str:
-        if value not in FAMILY_LIMITS:
-            raise ValueError(f"unknown family {value!r}; known: {', '.join(sorted(FAMILY_LIMITS))}")
+        if value not in FAMILIES:
+            raise ValueError(f"unknown family {value!r}; known: {', '.join(sorted(FAMILIES))}")
         return value
 
     @model_validator(mode="after")
-    def _accel_settings(self) -> "ModelEntry":
-        from atelier.families import accel  # torch-free
-
-        accel.check(self)  # which of quantize, compile, offload and cache go together
-        return self
-
-    @model_validator(mode="after")
-    def _gguf_transformer(self) -> "ModelEntry":
-        from atelier.families import gguf  # torch-free
-
-        gguf.check(self)
+    def _tuning(self) -> "ModelEntry":
+        check_cache(self.cache, self.cache_threshold, self.cache_interval)
+        check_gguf_transformer(self.family, self.transformer, self.quantize)
         return self
 
     @property
     def limits(self) -> FamilyLimits:
-        base = FAMILY_LIMITS[self.family]
+        base = FAMILIES[self.family].limits
         overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
                                                    "default_height", "default_steps",
                                                    "default_guidance", "default_duration_s", "max_duration_s",
@@ -121,51 +117,8 @@ class ModelEntry(Strict):
 
 
 def builtin_models() -> dict[str, ModelEntry]:
-    tiny = dict(default_width=64, default_height=64, default_steps=4, max_width=512, max_height=512)
-    return {
-        "tiny-sd": ModelEntry(family="sd1", source="builtin:tiny-sd", dtype="float32",
-                              description="tiny random-weight SD 1.5-shaped model", **tiny),
-        "tiny-sdxl": ModelEntry(family="sdxl", source="builtin:tiny-sdxl", dtype="float32",
-                                description="tiny random-weight SDXL-shaped model", **tiny),
-        "tiny-pixart-alpha": ModelEntry(family="pixart-alpha", source="builtin:tiny-pixart-alpha", dtype="float32",
-                                        description="tiny random-weight PixArt-α-shaped model", **tiny),
-        "tiny-pixart-sigma": ModelEntry(family="pixart-sigma", source="builtin:tiny-pixart-sigma", dtype="float32",
-                                        description="tiny random-weight PixArt-Σ-shaped model", **tiny),
-        "tiny-hunyuan-dit": ModelEntry(family="hunyuan-dit", source="builtin:tiny-hunyuan-dit", dtype="float32",
-                                       description="tiny random-weight HunyuanDiT-shaped model", **tiny),
-        "tiny-sd2": ModelEntry(family="sd2", source="builtin:tiny-sd2", dtype="float32",
-                               description="tiny random-weight SD 2.x-shaped model (v-prediction)", **tiny),
-        "tiny-sd3": ModelEntry(family="sd3", source="builtin:tiny-sd3", dtype="float32",
-                               description="tiny random-weight SD 3-shaped model (CLIP-L, CLIP-G, T5)", **tiny),
-        "tiny-flux": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
-                                description="tiny random-weight FLUX.1-dev-shaped model", **tiny),
-        "tiny-flux-gguf": ModelEntry(family="flux", source="builtin:tiny-flux", dtype="float32",
-                                     transformer="builtin:tiny-flux-Q8_0.gguf",
-                                     description="tiny-flux with its transformer from a Q8_0 GGUF file", **tiny),
-        "tiny-stable-audio": ModelEntry(family="stable-audio", source="builtin:tiny-stable-audio", dtype="float32",
-                                        description="tiny random-weight Stable Audio Open-shaped model "
-                                                    "(44.1 kHz stereo, 2 s at most)",
-                                        default_steps=4, default_duration_s=1.0, max_duration_s=2.0),
-        "tiny-audioldm2": ModelEntry(family="audioldm2", source="builtin:tiny-audioldm2", dtype="float32",
-                                     description="tiny random-weight AudioLDM 2-shaped model (16 kHz mono)",
-                                     default_steps=4, default_duration_s=1.0, max_duration_s=4.0),
-        "tiny-sd-upscaler": ModelEntry(family="sd-upscaler", source="builtin:tiny-sd-upscaler", dtype="float32",
-                                       description="tiny random-weight SD x4 upscaler-shaped model (input up to "
-                                                   "128 px, output 4x)",
-                                       default_width=32, default_height=32, default_steps=4, max_width=128,
-                                       max_height=128),
-        "tiny-svd": ModelEntry(family="svd", source="builtin:tiny-svd", dtype="float32",
-                               description="tiny random-weight Stable Video Diffusion-shaped model (image to video)",
-                               default_width=64, default_height=64, default_steps=4, max_width=256, max_height=256,
-                               default_frames=4, max_frames=8),
-        "tiny-animatediff": ModelEntry(family="animatediff", source="builtin:tiny-animatediff", dtype="float32",
-                                       description="tiny random-weight AnimateDiff-shaped model (text to video)",
-                                       default_width=64, default_height=64, default_steps=4, max_width=256,
-                                       max_height=256, default_frames=4, max_frames=16),
-        "noop": ModelEntry(family="noop", source="builtin:noop",
-                           description="does no diffusion: measures atelier's own cost",
-                           default_steps=1),
-    }
+    """The built-in tiny models' entries (``BUILTIN_CATALOG``), fresh on every call."""
+    return read_config(BUILTIN_CATALOG).models
 
 
 class BrokerConfig(Strict):
@@ -306,6 +259,11 @@ def load_config(path: str | Path | None = None) -> Config:
         candidate = "atelier.toml"
     if candidate is None:
         return Config()
-    with open(candidate, "rb") as f:
+    return read_config(candidate)
+
+
+def read_config(path: str | Path) -> Config:
+    """The config in the TOML file at ``path``."""
+    with open(path, "rb") as f:
         data = tomllib.load(f)
     return Config.model_validate(data)

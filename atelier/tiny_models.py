@@ -19,28 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Builtin model name -> family name (see atelier.families).
-BUILTIN: dict[str, str] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl",
-                           "tiny-sd-upscaler": "sd-upscaler", "tiny-svd": "svd", "tiny-animatediff": "animatediff",
-                           "tiny-stable-audio": "stable-audio", "tiny-audioldm2": "audioldm2",
-                           "tiny-pixart-alpha": "pixart-alpha", "tiny-pixart-sigma": "pixart-sigma",
-                           "tiny-hunyuan-dit": "hunyuan-dit",
-                           "tiny-sd2": "sd2", "tiny-sd3": "sd3", "tiny-flux": "flux"}
-# Builtin model name -> the function that writes it, as "module:function" (imported on first use:
-# builders need torch and diffusers) or the function itself.
-_BUILDERS: dict[str, Any] = {"tiny-sd": "atelier.tiny_models:build_tiny_sd",
-                             "tiny-sd-upscaler": "atelier.tiny.video:build_tiny_sd_upscaler",
-                             "tiny-svd": "atelier.tiny.video:build_tiny_svd",
-                             "tiny-animatediff": "atelier.tiny.video:build_tiny_animatediff",
-                             "tiny-stable-audio": "atelier.tiny.audio:build_tiny_stable_audio",
-                             "tiny-audioldm2": "atelier.tiny.audio:build_tiny_audioldm2",
-                             "tiny-sdxl": "atelier.tiny_models:build_tiny_sdxl",
-                             "tiny-pixart-alpha": "atelier.tiny.pixart_hunyuan:build_tiny_pixart_alpha",
-                             "tiny-pixart-sigma": "atelier.tiny.pixart_hunyuan:build_tiny_pixart_sigma",
-                             "tiny-hunyuan-dit": "atelier.tiny.pixart_hunyuan:build_tiny_hunyuan_dit",
-                             "tiny-sd2": "atelier.tiny.sd2_sd3_flux:build_tiny_sd2",
-                             "tiny-sd3": "atelier.tiny.sd2_sd3_flux:build_tiny_sd3",
-                             "tiny-flux": "atelier.tiny.sd2_sd3_flux:build_tiny_flux"}
+from atelier.registry import FAMILIES
+
+# Builtin model name -> its family, and -> the "module:function" that writes it (atelier/registry.py)
+# or, in tests, the function itself.
+BUILTIN: dict[str, str] = {spec.tiny_model: name for name, spec in FAMILIES.items() if spec.tiny_model}
+_BUILDERS: dict[str, Any] = {spec.tiny_model: spec.tiny_builder for spec in FAMILIES.values() if spec.tiny_model}
 
 # Written by save_pretrained; because a finished model is moved into place in a
 # single rename, its presence means the folder is complete.

@@ -12,7 +12,8 @@ on the model's denoiser (its ``unet`` or ``transformer``):
 Before every pipeline call the runner calls ``before_call``: caches keep state between steps, which
 must never leak from one generation into the next (another batch size, a cancelled call).
 
-Torch-free at import (the config validates entries with ``check``); the libraries load on use.
+Torch-free at import; the libraries load on use. The settings' values and which of them go together
+are the config's to check (atelier/tuning.py); what is checked here needs the model or the device.
 """
 
 from __future__ import annotations
@@ -25,38 +26,18 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from atelier.tuning import CACHES, TRANSFORMER_CACHES
+
 if TYPE_CHECKING:
     import torch
 
     from atelier.config import ModelEntry
-
-QUANTIZE = ("int8", "int8-dynamic", "fp8", "int4")
-OFFLOAD = ("model", "sequential")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Caches for transformer denoisers (diffusers' hooks) and for UNets (DeepCache).
-TRANSFORMER_CACHES = ("first_block", "taylorseer")
-UNET_CACHES = ("deepcache",)
-CACHES = TRANSFORMER_CACHES + UNET_CACHES
 
 # The attention modules of a transformer's blocks, whose outputs TaylorSeer predicts on its cached steps.
 _ATTENTIONS = r"(transformer_blocks|single_transformer_blocks|blocks)\.\d+\.attn\d?"
 
 # What resets a loaded model's cache before a pipeline call.
 _RESETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def check(entry: ModelEntry) -> None:
-    """The settings' rules that need no model: values, and which go together. A ValueError names them."""
-    if entry.quantize is not None and entry.quantize not in QUANTIZE:
-        raise ValueError(f"quantize {entry.quantize!r} is not one of {', '.join(QUANTIZE)}")
-    if entry.offload is not None and entry.offload not in OFFLOAD:
-        raise ValueError(f"offload {entry.offload!r} is not one of {', '.join(OFFLOAD)}")
-    if entry.cache is not None and entry.cache not in CACHES:
-        raise ValueError(f"cache {entry.cache!r} is not one of {', '.join(CACHES)}")
-    if entry.cache_threshold is not None and entry.cache != "first_block":
-        raise ValueError("cache_threshold goes with cache = \"first_block\"")
-    if entry.cache_interval is not None and entry.cache not in ("taylorseer", "deepcache"):
-        raise ValueError("cache_interval goes with cache = \"taylorseer\" or \"deepcache\"")
 
 
 def load_device(entry: ModelEntry, device: str) -> str:
@@ -71,7 +52,6 @@ def load_device(entry: ModelEntry, device: str) -> str:
 
 def apply(pipe: Any, entry: ModelEntry, device: str) -> None:
     """Turns on the entry's settings on a loaded pipeline (on ``load_device``); ``device`` is the runner's."""
-    check(entry)
     if not (entry.quantize or entry.cache or entry.offload or entry.compile):
         return
     name = f"{entry.family} model"
@@ -87,8 +67,6 @@ def apply(pipe: Any, entry: ModelEntry, device: str) -> None:
         pipe.enable_sequential_cpu_offload(device=device)
     if entry.compile:
         mode = "default" if entry.compile is True else entry.compile
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile {mode!r} is not true or one of {', '.join(COMPILE_MODES)}")
         if not device.startswith("cuda") and not _cxx_compiler():
             raise ValueError("compile on the CPU needs a C++ compiler (g++ or clang++; $CXX) on this host")
         # In place: the pipeline keeps the same module object, compiled on its first call.

@@ -28,32 +28,6 @@ StepCallback = Callable[[int, int, "torch.Tensor | None"], None]
 
 
 @dataclass(frozen=True)
-class FamilyLimits:
-    max_width: int
-    max_height: int
-    default_width: int
-    default_height: int
-    default_steps: int
-    default_guidance: float
-    max_count: int
-    # Images in one pipeline call, by default, on a GPU and on the CPU (a model's catalog entry
-    # may say otherwise). Small models leave a GPU idle at batch 1, so batching pays there.
-    max_batch: int = 1
-    max_batch_cpu: int = 1
-    # What it makes from what (JobKind values: plain strings keep this module free of the wire
-    # types), and whether an img2img job may bring a mask (inpainting).
-    kinds: frozenset[str] = frozenset({"txt2img"})
-    media: str = "image"  # image, video or audio
-    inpaint: bool = False
-    # Video and audio: defaults and bounds of what a job may ask for.
-    default_frames: int | None = None
-    max_frames: int | None = None
-    default_fps: int | None = None
-    default_duration_s: float | None = None
-    max_duration_s: float | None = None
-
-
-@dataclass(frozen=True)
 class GenerateRequest:
     """One pipeline call: one entry per image in ``prompts``, ``negative_prompts`` and ``seeds``.
 

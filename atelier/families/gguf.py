@@ -16,7 +16,8 @@ offset inside the segment: the header (names, types, shapes, offsets; kilobytes)
 file on disk and must equal the staged bytes' (else the file was replaced since, and is read from
 disk), and the data is taken from the segment.
 
-Torch-free at import: the config checks entries with ``check``.
+Torch-free at import. Which families take a GGUF transformer, and with what, is the config's to check
+(atelier/tuning.py); what is checked here needs the file.
 """
 
 from __future__ import annotations
@@ -25,37 +26,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atelier.tuning import GGUF_FAMILIES as FAMILIES
+
 if TYPE_CHECKING:
     import torch
 
-    from atelier.config import ModelEntry
-
 log = logging.getLogger("atelier.gguf")
 
-SUFFIX = ".gguf"
 MAGIC = b"GGUF"
-# Family -> the transformer class diffusers reads from a GGUF file.
-FAMILIES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
-# Families whose denoiser is a transformer that diffusers has no single-file (so no GGUF) loader for.
-_UNREADABLE = frozenset({"pixart-alpha", "pixart-sigma", "hunyuan-dit", "stable-audio"})
-
-
-def check(entry: ModelEntry) -> None:
-    """The rules that need no file: a ValueError names the field."""
-    if entry.transformer is None:
-        return
-    if not entry.transformer.lower().endswith(SUFFIX):
-        raise ValueError(f"transformer {entry.transformer!r} is not a .gguf file; it takes a GGUF-quantized "
-                         "transformer (flux1-dev-Q8_0.gguf, say); other weights belong in `source`")
-    if entry.family in _UNREADABLE:
-        raise ValueError(f"transformer: diffusers cannot read a {entry.family} transformer from GGUF; "
-                         f"a GGUF transformer is for the families {', '.join(sorted(FAMILIES))}")
-    if entry.family not in FAMILIES:
-        raise ValueError(f"transformer: family {entry.family!r} has no transformer a GGUF file could replace; "
-                         f"it is for the families {', '.join(sorted(FAMILIES))}")
-    if entry.quantize is not None:
-        raise ValueError(f"transformer: a GGUF transformer is quantized already; remove quantize = "
-                         f"{entry.quantize!r} (it applies to a float transformer)")
 
 
 def check_file(path: Path) -> str | None:

@@ -18,12 +18,10 @@ from typing import Any
 
 from atelier.config import ModelEntry
 from atelier.families import FAMILY_LIMITS, get_family
+from atelier.registry import FAMILIES
 
-# Families whose step latents are in their VAE's latent space, with a picture's (channels, h, w) in
-# them (a video's: one frame): what a TAESD decodes. The upscaler's latents are its own 4x VAE's (no
-# TAESD exists for it), and sound has no picture.
-PREVIEW_DECODER_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "sd3", "flux", "pixart-alpha", "pixart-sigma",
-                                      "hunyuan-dit", "svd", "animatediff"})
+# Families whose step latents a TAESD decodes (the registry's preview_decoder).
+PREVIEW_DECODER_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if spec.preview_decoder)
 # The pipeline's VAE and an override must agree on these, or latents and sizes would not fit.
 _VAE_SHAPE = ("in_channels", "out_channels", "latent_channels")
 

@@ -14,15 +14,14 @@ import io
 import random
 
 from atelier.config import Config
-from atelier.families import FamilyLimits
 from atelier.jobs import ErrorCode, JobInputs, JobKind, JobSpec
+from atelier.registry import FamilyLimits
 
 # The inputs each kind needs, and those it may take besides.
 NEEDS = {JobKind.img2img: {"image"}, JobKind.img2vid: {"image"}, JobKind.upscale: {"image"}}
 MAY_TAKE = {JobKind.img2img: {"mask"}}
 # Inputs any kind may bring, if the model's catalog entry has what reads them (_check_conditioning).
 CONDITIONING_INPUTS = {"control_image", "ip_adapter_image"}
-FORMATS = {"image": ("png", "webp"), "video": ("mp4", "webp", "gif"), "audio": ("wav", "flac")}
 DEFAULT_STRENGTH = 0.75
 
 
@@ -109,7 +108,7 @@ def _check_media(spec: JobSpec, lim: FamilyLimits, what: str) -> None:
     if spec.duration_s is not None and lim.max_duration_s is not None and spec.duration_s > lim.max_duration_s:
         raise _bad("duration_s", f"duration_s {spec.duration_s} is above {spec.model}'s limit of "
                                  f"{lim.max_duration_s}")
-    formats = FORMATS[lim.media]
+    formats = lim.formats
     if spec.output_format is not None and spec.output_format not in formats:
         raise _bad("output_format", f"output_format {spec.output_format!r}: {what} makes {lim.media}; "
                                     f"choose {', '.join(formats)}")
@@ -136,7 +135,7 @@ def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random
         "frames": spec.frames or (lim.default_frames if video else None),
         "fps": spec.fps or (lim.default_fps if video else None),
         "duration_s": spec.duration_s or (lim.default_duration_s if audio else None),
-        "output_format": spec.output_format or FORMATS[lim.media][0],
+        "output_format": spec.output_format or lim.formats[0],
         "inputs": inputs.names() if inputs is not None else [],
         "loras": dict(sorted(spec.loras.items())),  # one order: the same choice batches together
         "controlnet_scale": 1.0 if spec.controlnet is not None and spec.controlnet_scale is None else
