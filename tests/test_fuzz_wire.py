@@ -34,6 +34,7 @@ import broker as broker_module
 from actors import codec, messages
 from actors.codec import MAGIC, DecodeError, Envelope
 from actors.messages import Error, Heartbeat, Hello, Role, Welcome
+from atelier import jobs
 from atelier.jobs import Capabilities, JobSpec, Wire
 from tests.conftest import broker_thread, run
 
@@ -63,7 +64,7 @@ def _constraints(metadata: list[Any]) -> dict[str, Any]:
         if isinstance(item, FieldInfo):  # Annotated[str, Field(...)] nested inside a list or dict
             found.update(_constraints(item.metadata))
             continue
-        if isinstance(item, PlainValidator) and item.func is messages._validate_blob:
+        if isinstance(item, PlainValidator) and item.func is jobs._validate_blob:
             found["blob"] = True
         for key in ("ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of", "pattern"):
             value = getattr(item, key, None)
@@ -376,7 +377,7 @@ def test_crafted_frames_fail_fast_and_small_with_a_decode_error(name):
 
 
 def test_an_input_image_over_the_cap_is_refused_naming_the_field():
-    image = bytes(messages.MAX_INPUT_BYTES + 1)
+    image = bytes(jobs.MAX_INPUT_BYTES + 1)
     frames = [MAGIC, msgpack.packb(["submit", 9, None, "cli", "scheduler", {
         "job": {"model": "m", "prompt": "p"}, "inputs": {"image": msgpack.ExtType(1, b"\x00\x00")}}]), image]
     with pytest.raises(DecodeError) as caught:
