@@ -680,6 +680,9 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
     class Asker(Actor):
         role = Role.frontend
 
+    def status_of(queued: str) -> messages.ClusterStatus:
+        return messages.ClusterStatus(runners=[], queued=[queued], counts={})
+
     async def go():
         ctx = zmq.asyncio.Context()
         peers = {}
@@ -698,12 +701,13 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
         def forged(msg: Wire, corr: int | None) -> list[bytes]:
             return as_bytes(codec.encode(Envelope(msg, "mallory", "asker", 99, corr)))
 
-        await peers["mallory"].send_multipart(forged(messages.Goodbye(reason="forged"), question.id))
+        # Replies of the type asked for: only who sent them tells the forged one from the real one.
+        await peers["mallory"].send_multipart(forged(status_of("forged"), question.id))
         await peers["mallory"].send_multipart(forged(Error(code="not_registered", message="say hello"), None))
         await asyncio.sleep(0.3)
         still_waiting, registering = not asking.done(), asker._registering
         await peers["slow"].send_multipart(as_bytes(codec.encode(
-            Envelope(messages.Goodbye(reason="from slow"), "slow", "asker", 1, question.id))))
+            Envelope(status_of("from-slow"), "slow", "asker", 1, question.id))))
         answer = await asking
         await asker.close(drain_timeout=1)
         for sock in peers.values():
@@ -713,7 +717,7 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
 
     still_waiting, registering, answer = run(go(), timeout=30)
     assert still_waiting and registering is None
-    assert answer == messages.Goodbye(reason="from slow")
+    assert answer == status_of("from-slow")
 
 
 def test_what_a_peer_sends_cannot_forge_a_line_in_the_brokers_log(thread_broker, caplog):
