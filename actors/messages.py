@@ -108,7 +108,7 @@ def reply_types(message: type) -> tuple[type[Wire], ...]:
         for base in getattr(klass, "__orig_bases__", ()):
             if get_origin(base) is AnsweredBy:
                 (reply,) = get_args(base)
-                if isinstance(reply, ForwardRef):
+                if isinstance(reply, ForwardRef):  # names of messages of this module
                     return tuple(globals()[name.strip()] for name in reply.__forward_arg__.split("|"))
                 return get_args(reply) or (reply,)
     return ()
