@@ -31,7 +31,20 @@ from zmq.auth.thread import ThreadAuthenticator
 from actors import codec, keys
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
 from actors.keys import BrokerKeys
-from actors.messages import MESSAGE_ADAPTER, Error, Goodbye, Heartbeat, Hello, PeerDown, PeerUp, Role, Welcome
+from actors.messages import (
+    MESSAGE_ADAPTER,
+    MESSAGES,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    PeerDown,
+    PeerUp,
+    Role,
+    Via,
+    Welcome,
+    kind_of,
+)
 from atelier.jobs import Capabilities, ErrorCode, Name, Wire
 from atelier.runtime import READY_PREFIX
 
@@ -42,12 +55,11 @@ KEYS_RELOAD_S = 5.0  # how often the authorized keys are read again
 MAX_FRAME_BYTES = 512 << 20
 # What only the broker says. The scheduler acts on PeerUp and PeerDown (a runner to use, one gone),
 # so a peer that sent them would add a phantom runner or take a real one away.
-BROKER_ONLY = frozenset(m.model_fields["kind"].default for m in (Welcome, PeerUp, PeerDown))
+BROKER_ONLY = frozenset(kind_of(m) for m in MESSAGES if m.route.sent_by == (BROKER,))
 NAMES = TypeAdapter(Name)
 # Who publishes which event, on which topic (codec.topic_of): a frontend or a loader that did would
 # put words in the scheduler's or a runner's mouth, on every subscriber's screen.
-PUBLISHERS = {"job_event": (Role.scheduler, "state"), "progress": (Role.runner, "progress"),
-              "preview": (Role.runner, "preview")}
+PUBLISHERS = {kind_of(m): (m.route.sent_by[0], m.route.topic) for m in MESSAGES if m.route.via is Via.event}
 
 
 @dataclass

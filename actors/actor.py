@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable, ClassVar
+from typing import Any, Awaitable, Callable, ClassVar, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -33,7 +33,7 @@ import zmq.asyncio
 from actors import codec
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
 from actors.keys import PeerKeys
-from actors.messages import Error, Goodbye, Heartbeat, Hello, Role, Welcome
+from actors.messages import AnsweredBy, Error, Goodbye, Heartbeat, Hello, Role, kind_of, reply_types
 from atelier.jobs import Capabilities, ErrorCode, Wire
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ Handler = Callable[[Any, Any, Envelope], Awaitable[Wire | None]]
 HWM = 100_000  # messages, per socket direction; a burst of jobs must not block senders
 _RESEND: Any = object()  # an ask's answer when the broker it went through was replaced: send it again
 MISSED_HEARTBEATS = 3
+Reply = TypeVar("Reply")
 
 
 def handles(*types: type[Wire]):
@@ -60,6 +61,16 @@ class RemoteError(Exception):
     def __init__(self, error: Error):
         super().__init__(f"{error.code.value}: {error.message}")
         self.error = error
+
+
+class UnexpectedReply(Exception):
+    """The peer answered an ``ask`` with a message its protocol does not answer it with."""
+
+    def __init__(self, asked: str, msg: Wire, reply: Wire):
+        expected = " or ".join(kind_of(t) for t in reply_types(type(msg))) or "nothing (it is not asked)"
+        super().__init__(f"{asked} answered {kind_of(type(msg))} with {kind_of(type(reply))}; "
+                         f"the protocol answers it with {expected}")
+        self.reply = reply
 
 
 class Actor:
@@ -179,23 +190,27 @@ class Actor:
         await self._sock.send_multipart(frames, copy=False)
         return msg_id
 
-    async def ask(self, dst: str, msg: Wire, timeout: float = 10.0) -> Wire:
-        """Sends ``msg`` and waits for the reply; an Error reply raises RemoteError.
+    async def ask(self, dst: str, msg: AnsweredBy[Reply], timeout: float = 10.0) -> Reply:
+        """Sends ``msg`` and waits for the reply its type declares; an Error reply raises RemoteError,
+        a reply of another type UnexpectedReply.
 
         A broker that restarted refuses us (``not_registered``) without routing the
         message, so it is safe to send it once more after registering again.
         """
-        reply = await self._ask_once(dst, msg, timeout)
+        message = cast(Wire, msg)  # every AnsweredBy is a Wire too
+        reply = await self._ask_once(dst, message, timeout)
         if reply is _RESEND:  # sent to a broker that died: the new one never saw it
-            reply = await self._resend(dst, msg, timeout)
+            reply = await self._resend(dst, message, timeout)
         if isinstance(reply, Error) and reply.code is ErrorCode.not_registered and not isinstance(msg, Hello):
             self._reregister()
             assert self.registered is not None
             await asyncio.wait_for(self.registered.wait(), timeout)
-            reply = await self._ask_once(dst, msg, timeout)
+            reply = await self._ask_once(dst, message, timeout)
         if isinstance(reply, Error):
             raise RemoteError(reply)
-        return reply
+        if not isinstance(reply, reply_types(type(message))):
+            raise UnexpectedReply(dst, message, reply)
+        return cast(Reply, reply)
 
     async def _resend(self, dst: str, msg: Wire, timeout: float) -> Wire:
         """Sends an ask again after the broker was replaced. Peers register with the new broker in
@@ -272,18 +287,17 @@ class Actor:
         while True:
             hello = Hello(role=self.role, incarnation=self.incarnation, capabilities=self.capabilities())
             try:
-                reply = await self.ask(BROKER, hello, timeout=max(self.heartbeat_s * 2, 1.0))
-            except (asyncio.TimeoutError, RemoteError) as exc:
+                welcome = await self.ask(BROKER, hello, timeout=max(self.heartbeat_s * 2, 1.0))
+            except (asyncio.TimeoutError, RemoteError, UnexpectedReply) as exc:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name}: no answer from the broker at {self.router}") from exc
                 log.info("%s: broker not answering (%s); retrying in %.1fs", self.name, exc or "timeout", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if isinstance(reply, Welcome):
-                self.heartbeat_s = reply.heartbeat_s
-                self.registered.set()
-                return
+            self.heartbeat_s = welcome.heartbeat_s
+            self.registered.set()
+            return
 
     def _reregister(self) -> None:
         if self.registered is not None:

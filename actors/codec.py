@@ -19,12 +19,12 @@ from typing import Any, Sequence
 import msgpack
 from pydantic import ValidationError
 
-from actors.messages import MESSAGE_ADAPTER, JobEvent, Preview, Progress
+from actors.messages import BROKER as BROKER  # the broker's name, for the peers that address it
+from actors.messages import MESSAGE_ADAPTER
 from atelier.jobs import Wire
 
 MAGIC = b"ATL1"
 PUBLISH = "#"
-BROKER = "broker"
 SCHEDULER = "scheduler"
 
 BLOB_EXT = 1
@@ -155,14 +155,11 @@ def _field_errors(exc: ValidationError, kind: str) -> list[tuple[str, str]]:
 
 
 def topic_of(msg: Wire) -> str:
-    """The XPUB topic of an event; subscribers filter by prefix (``job/<id>/``)."""
-    if isinstance(msg, JobEvent):
-        return f"job/{msg.job_id}/state"
-    if isinstance(msg, Progress):
-        return f"job/{msg.job_id}/progress"
-    if isinstance(msg, Preview):
-        return f"job/{msg.job_id}/preview"
-    raise TypeError(f"{type(msg).__name__} is not an event")
+    """The XPUB topic of an event, as its route declares it; subscribers filter by prefix (``job/<id>/``)."""
+    route = getattr(msg, "route", None)
+    if route is None or route.topic is None:
+        raise TypeError(f"{type(msg).__name__} is not an event")
+    return f"job/{msg.job_id}/{route.topic}"  # type: ignore[attr-defined]  # every event is a job's
 
 
 def _buffer(frame: Any) -> Any:

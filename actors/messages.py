@@ -1,8 +1,14 @@
-"""Every envelope that crosses a process boundary in atelier, and nothing else.
+"""Every envelope that crosses a process boundary in atelier and the protocol they make up, nothing else.
 
 Each message is a pydantic model with a literal ``kind``; ``Message`` is the
 discriminated union of all of them. ``extra="forbid"`` everywhere: a field we do
 not know is a bug or an attack, never something to carry along silently.
+
+Each message also declares its place in the protocol: its ``route`` (who sends it, who
+receives it, how it travels, an event's topic) and, for one that is asked, its reply type
+(its ``AnsweredBy[...]`` base; an ``Error`` may answer any ask). The broker's and the
+codec's tables are derived from these, and ``Actor.ask`` returns the declared type.
+``python -m actors.messages`` prints the whole protocol.
 
 The records the envelopes carry (JobSpec, JobRecord, Artifact, …) are the library's, in
 ``atelier/jobs.py``. Bytes never travel inside the msgpack head: a ``Blob`` field is handed to
@@ -13,7 +19,9 @@ out-of-band frame, referenced from the head by index.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal, Union
+import functools
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Final, ForwardRef, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import Field, TypeAdapter
 
@@ -46,11 +54,77 @@ class Role(str, enum.Enum):
 
 
 # --------------------------------------------------------------------------- #
+# The protocol's declarations
+
+
+BROKER: Final = "broker"  # the broker's name on the wire: a party to the protocol, never a peer's role
+PEERS = tuple(Role)
+Party = Role | Literal["broker"]
+
+
+class Via(enum.Enum):
+    """How a message reaches its receiver, and so who deals with it there."""
+
+    handler = "handler"  # the receiving actor's handler for it: a tell, or an ask the handler answers
+    answer = "answer"  # only in answer to an ask: the asker's receive loop hands it to the waiting ask
+    event = "event"  # published on the broker's XPUB as job/<id>/<topic>; receivers subscribe
+    link = "link"  # registration and liveness: the broker's and the actor base's own
+
+
+@dataclass(frozen=True, init=False)
+class Route:
+    """Who sends a message, who receives it, how it travels and, for an event, its topic."""
+
+    sent_by: tuple[Party, ...]
+    to: tuple[Party, ...]
+    via: Via
+    topic: str | None
+
+    def __init__(self, sent_by: Party | tuple[Party, ...], to: Party | tuple[Party, ...], via: Via = Via.handler,
+                 topic: str | None = None):
+        object.__setattr__(self, "sent_by", sent_by if isinstance(sent_by, tuple) else (sent_by,))
+        object.__setattr__(self, "to", to if isinstance(to, tuple) else (to,))
+        object.__setattr__(self, "via", via)
+        object.__setattr__(self, "topic", topic)
+        # The broker knows an event's publisher as one role and one topic.
+        if (via is Via.event) != (topic is not None and len(self.sent_by) == 1):
+            raise ValueError(f"an event, and only an event, has a topic and one publisher: {self}")
+
+
+Reply = TypeVar("Reply")
+
+
+class AnsweredBy(Generic[Reply]):
+    """The base of a message that is asked: ``class Stage(Wire, AnsweredBy["Staged"])``. The reply is
+    named as a string, ``"A | B"`` for either, since it is mostly defined further down."""
+
+    __slots__ = ()
+
+
+@functools.cache
+def reply_types(message: type) -> tuple[type[Wire], ...]:
+    """What the receiver of ``message`` answers it with (besides an Error); () for one not asked."""
+    for klass in message.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            if get_origin(base) is AnsweredBy:
+                (reply,) = get_args(base)
+                if isinstance(reply, ForwardRef):  # names of messages of this module
+                    return tuple(globals()[name.strip()] for name in reply.__forward_arg__.split("|"))
+                return get_args(reply) or (reply,)
+    return ()
+
+
+def kind_of(message: type[Wire]) -> str:
+    return message.model_fields["kind"].default
+
+
+# --------------------------------------------------------------------------- #
 # Registration and liveness (peer <-> broker)
 
 
-class Hello(Wire):
+class Hello(Wire, AnsweredBy["Welcome"]):
     kind: Literal["hello"] = "hello"
+    route: ClassVar[Route] = Route(PEERS, BROKER, Via.link)
     role: Role
     # A new random value per process start: the broker tells a restart (new
     # incarnation, so the old one is dead) from a reconnect (same incarnation).
@@ -60,20 +134,24 @@ class Hello(Wire):
 
 class Welcome(Wire):
     kind: Literal["welcome"] = "welcome"
+    route: ClassVar[Route] = Route(BROKER, PEERS, Via.answer)
     heartbeat_s: float
 
 
 class Heartbeat(Wire):
     kind: Literal["heartbeat"] = "heartbeat"
+    route: ClassVar[Route] = Route((BROKER, *PEERS), (BROKER, *PEERS), Via.link)
 
 
 class Goodbye(Wire):
     kind: Literal["goodbye"] = "goodbye"
+    route: ClassVar[Route] = Route(PEERS, BROKER, Via.link)
     reason: str = "shutdown"
 
 
 class PeerUp(Wire):
     kind: Literal["peer_up"] = "peer_up"
+    route: ClassVar[Route] = Route(BROKER, Role.scheduler)
     name: Name
     role: Role
     capabilities: Capabilities
@@ -81,6 +159,7 @@ class PeerUp(Wire):
 
 class PeerDown(Wire):
     kind: Literal["peer_down"] = "peer_down"
+    route: ClassVar[Route] = Route(BROKER, Role.scheduler)
     name: Name
     role: Role
     reason: str
@@ -88,6 +167,9 @@ class PeerDown(Wire):
 
 class Error(Wire):
     kind: Literal["error"] = "error"
+    # The answer any ask may get in place of its reply; the broker also sends one unasked (to a peer
+    # over its rate, or one it does not know), which the actor base takes.
+    route: ClassVar[Route] = Route((BROKER, *PEERS), PEERS, Via.answer)
     code: ErrorCode
     message: str
     field: str | None = None
@@ -96,14 +178,16 @@ class Error(Wire):
 
 class Ok(Wire):
     kind: Literal["ok"] = "ok"
+    route: ClassVar[Route] = Route((Role.scheduler, Role.runner), (Role.runner, Role.scheduler), Via.answer)
 
 
 # --------------------------------------------------------------------------- #
 # Frontend <-> scheduler
 
 
-class Submit(Wire):
+class Submit(Wire, AnsweredBy["Accepted"]):
     kind: Literal["submit"] = "submit"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
     job: JobSpec
     inputs: JobInputs | None = None
     # A client that retries a submit (after a timeout, a reconnect, a restart) with the same key gets
@@ -113,35 +197,41 @@ class Submit(Wire):
 
 class Accepted(Wire):
     kind: Literal["accepted"] = "accepted"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
     job: JobRecord
 
 
-class CancelJob(Wire):
+class CancelJob(Wire, AnsweredBy["JobInfo"]):
     kind: Literal["cancel_job"] = "cancel_job"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
     job_id: JobId
 
 
-class GetJob(Wire):
+class GetJob(Wire, AnsweredBy["JobInfo"]):
     kind: Literal["get_job"] = "get_job"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
     job_id: JobId
 
 
-class GetResult(Wire):
+class GetResult(Wire, AnsweredBy["JobResult | JobInfo"]):
     """The final word on a job again, with its outputs read back from the artifact store: for a
     frontend that was away (restarting, reconnecting) when the JobResult was sent. Answered with
     the JobResult once the job has ended, with JobInfo before."""
 
     kind: Literal["get_result"] = "get_result"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
     job_id: JobId
 
 
 class JobInfo(Wire):
     kind: Literal["job_info"] = "job_info"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
     job: JobRecord
 
 
-class GetStatus(Wire):
+class GetStatus(Wire, AnsweredBy["ClusterStatus"]):
     kind: Literal["get_status"] = "get_status"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
 
 
 class RunnerStatus(Wire):
@@ -154,6 +244,7 @@ class Release(Wire):
     """A runner has built its model from a staged segment: the loader may evict it (runner -> loader)."""
 
     kind: Literal["release"] = "release"
+    route: ClassVar[Route] = Route(Role.runner, Role.loader)
     model: Name
 
 
@@ -161,6 +252,7 @@ class LoaderState(Wire):
     """What a node's loader holds staged (loader -> scheduler, after every change)."""
 
     kind: Literal["loader_state"] = "loader_state"
+    route: ClassVar[Route] = Route(Role.loader, Role.scheduler)
     node: str
     budget_bytes: int
     staged: dict[str, int]  # model -> bytes
@@ -170,11 +262,13 @@ class Preload(Wire):
     """Stage these models now: jobs for them are coming to this node (scheduler -> loader)."""
 
     kind: Literal["preload"] = "preload"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.loader)
     models: list[Name]
 
 
 class ClusterStatus(Wire):
     kind: Literal["cluster_status"] = "cluster_status"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
     runners: list[RunnerStatus]
     loaders: list[LoaderState] = Field(default_factory=list)
     queued: list[JobId]
@@ -182,21 +276,24 @@ class ClusterStatus(Wire):
     stats: SchedulerStats = Field(default_factory=SchedulerStats)
 
 
-class ListJobs(Wire):
+class ListJobs(Wire, AnsweredBy["JobList"]):
     """A user's jobs that the scheduler remembers, newest first."""
 
     kind: Literal["list_jobs"] = "list_jobs"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
     user: str = Field(min_length=1, max_length=128)
     limit: int = Field(default=100, ge=1, le=1000)
 
 
 class JobList(Wire):
     kind: Literal["job_list"] = "job_list"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
     jobs: list[JobRecord]
 
 
-class GetModels(Wire):
+class GetModels(Wire, AnsweredBy["Models"]):
     kind: Literal["get_models"] = "get_models"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
 
 
 class ModelInfo(Wire):
@@ -226,6 +323,7 @@ class ModelInfo(Wire):
 
 class Models(Wire):
     kind: Literal["models"] = "models"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
     models: list[ModelInfo]
 
 
@@ -233,6 +331,7 @@ class JobResult(Wire):
     """The final word on a job, sent to the submitting frontend over the routed path."""
 
     kind: Literal["job_result"] = "job_result"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend)
     job: JobRecord
     outputs: list[Artifact] = Field(default_factory=list)
 
@@ -251,26 +350,31 @@ class RunBatch(Wire):
     """Jobs that share one pipeline call: same model, kind, size, steps, guidance (scheduler -> runner)."""
 
     kind: Literal["run_batch"] = "run_batch"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
     batch_id: JobId
     items: list[BatchItem] = Field(min_length=1, max_length=1024)
 
 
-class StopJob(Wire):
+class StopJob(Wire, AnsweredBy["Ok"]):
     kind: Literal["stop_job"] = "stop_job"
+    # Told, not asked: the scheduler does not wait for the runner's Ok.
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
     job_id: JobId
     reason: str
 
 
 class BatchUpdate(Wire):
     kind: Literal["batch_update"] = "batch_update"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
     batch_id: JobId
     state: Literal[JobState.loading, JobState.running]
 
 
-class BatchDone(Wire):
+class BatchDone(Wire, AnsweredBy["Ok"]):
     """The outcome of every job of a batch; the runner is free again (runner -> scheduler)."""
 
     kind: Literal["batch_done"] = "batch_done"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
     batch_id: JobId
     outcomes: list[Annotated[Union[JobDone, JobFailed], Field(discriminator="kind")]]
     resident: dict[str, int]
@@ -287,27 +391,32 @@ class Draining(Wire):
     """A runner that is shutting down: give it nothing more (runner -> scheduler)."""
 
     kind: Literal["draining"] = "draining"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
 
 
-class GetRunnerState(Wire):
+class GetRunnerState(Wire, AnsweredBy["RunnerState"]):
     """What a runner holds and runs now (scheduler -> runner, when it joins): the broker's PeerUp
     carries its capabilities as of its Hello, which may be from before a batch began or ended."""
 
     kind: Literal["get_runner_state"] = "get_runner_state"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
 
 
 class RunnerState(Wire):
     kind: Literal["runner_state"] = "runner_state"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler, Via.answer)
     capabilities: Capabilities
 
 
-class Stage(Wire):
+class Stage(Wire, AnsweredBy["Staged"]):
     kind: Literal["stage"] = "stage"
+    route: ClassVar[Route] = Route(Role.runner, Role.loader)
     model: Name
 
 
 class Staged(Wire):
     kind: Literal["staged"] = "staged"
+    route: ClassVar[Route] = Route(Role.loader, Role.runner, Via.answer)
     model: Name
     path: str  # the model's folder on this host ("" for a family that needs none)
     bytes: int
@@ -321,6 +430,7 @@ class Staged(Wire):
 
 class JobEvent(Wire):
     kind: Literal["job_event"] = "job_event"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.event, topic="state")
     job_id: JobId
     state: JobState
     reason: str | None = None
@@ -333,6 +443,7 @@ class JobEvent(Wire):
 
 class Progress(Wire):
     kind: Literal["progress"] = "progress"
+    route: ClassVar[Route] = Route(Role.runner, Role.frontend, Via.event, topic="progress")
     job_id: JobId
     step: int
     total: int
@@ -342,6 +453,7 @@ class Progress(Wire):
 
 class Preview(Wire):
     kind: Literal["preview"] = "preview"
+    route: ClassVar[Route] = Route(Role.runner, Role.frontend, Via.event, topic="preview")
     job_id: JobId
     step: int
     media_type: str = "image/jpeg"
@@ -393,3 +505,27 @@ Message = Annotated[
 ]
 
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+MESSAGES = get_args(get_args(Message)[0])
+
+
+def protocol_table() -> str:
+    """Every message with its route and reply, one a line, in columns."""
+
+    def names(parties: tuple[Party, ...]) -> str:
+        if set(PEERS) <= set(parties):
+            return ", ".join([*(p for p in parties if p not in PEERS), "peers"])
+        return ", ".join(getattr(p, "value", p) for p in parties)
+
+    rows = [("kind", "from", "to", "via", "reply", "topic")]
+    for message in MESSAGES:
+        route = message.route
+        rows.append((kind_of(message), names(route.sent_by), names(route.to), route.via.value,
+                     " | ".join(kind_of(reply) for reply in reply_types(message)) or "-",
+                     f"job/<id>/{route.topic}" if route.topic else "-"))
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+if __name__ == "__main__":
+    print(protocol_table())

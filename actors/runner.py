@@ -420,9 +420,7 @@ class Runner(Actor):
         deadline = time.monotonic() + STAGE_TIMEOUT_S
         while True:
             try:
-                staged = await self.ask(loader_name(self.node), Stage(model=model), timeout=STAGE_POLL_S)
-                assert isinstance(staged, Staged)
-                return staged
+                return await self.ask(loader_name(self.node), Stage(model=model), timeout=STAGE_POLL_S)
             except asyncio.TimeoutError:
                 if time.monotonic() < deadline:
                     continue

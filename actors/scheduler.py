@@ -23,7 +23,7 @@ import sqlite3
 import time
 
 from actors import keys
-from actors.actor import Actor, RemoteError, handles, run_actor
+from actors.actor import Actor, RemoteError, UnexpectedReply, handles, run_actor
 from actors.codec import BROKER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
@@ -54,7 +54,6 @@ from actors.messages import (
     Preload,
     Role,
     RunBatch,
-    RunnerState,
     RunnerStatus,
     StopJob,
     Submit,
@@ -144,12 +143,11 @@ class Scheduler(Actor):
         asked_during = runner.batch.id if runner is not None and runner.batch else None
         try:
             state = await self.ask(name, GetRunnerState(), timeout=RUNNER_STATE_TIMEOUT_S)
-        except (asyncio.TimeoutError, RemoteError) as exc:
+        except (asyncio.TimeoutError, RemoteError, UnexpectedReply) as exc:
             log.warning("runner %s did not say what it is running (%s); going by its Hello", name, exc)
             return
-        if isinstance(state, RunnerState):
-            self.policy.runner_state(name, state.capabilities, asked_during, self.clock())
-            await self._schedule()
+        self.policy.runner_state(name, state.capabilities, asked_during, self.clock())
+        await self._schedule()
 
     @handles(PeerDown)
     async def on_peer_down(self, msg: PeerDown, env: Envelope) -> None:

@@ -24,7 +24,6 @@ from actors import codec
 from actors.actor import Actor, RemoteError, handles
 from actors.codec import SCHEDULER, DecodeError, Envelope
 from actors.messages import (
-    Accepted,
     CancelJob,
     ClusterStatus,
     GetJob,
@@ -32,12 +31,9 @@ from actors.messages import (
     GetResult,
     GetStatus,
     JobEvent,
-    JobInfo,
-    JobList,
     JobResult,
     ListJobs,
     ModelInfo,
-    Models,
     Preview,
     Progress,
     Role,
@@ -130,7 +126,6 @@ class AtelierClient(Actor):
         except BaseException:
             self._unwatch(spec.id)
             raise
-        assert isinstance(accepted, Accepted)
         if accepted.job.spec.id != spec.id:  # the job an earlier submit with this idempotency key made
             self._unwatch(spec.id)
             if accepted.job.spec.id not in self._watches:
@@ -174,28 +169,23 @@ class AtelierClient(Actor):
 
     async def cancel(self, job_id: str) -> JobRecord:
         info = await self.ask(SCHEDULER, CancelJob(job_id=job_id))
-        assert isinstance(info, JobInfo)
         return info.job
 
     async def job(self, job_id: str) -> JobRecord:
         info = await self.ask(SCHEDULER, GetJob(job_id=job_id))
-        assert isinstance(info, JobInfo)
         return info.job
 
     async def jobs_of(self, user: str, limit: int = 100) -> list[JobRecord]:
         """The user's jobs the scheduler still remembers, newest first."""
         listed = await self.ask(SCHEDULER, ListJobs(user=user, limit=limit))
-        assert isinstance(listed, JobList)
         return listed.jobs
 
     async def status(self) -> ClusterStatus:
         status = await self.ask(SCHEDULER, GetStatus())
-        assert isinstance(status, ClusterStatus)
         return status
 
     async def models(self) -> list[ModelInfo]:
         models = await self.ask(SCHEDULER, GetModels())
-        assert isinstance(models, Models)
         return models.models
 
     # -- plumbing ------------------------------------------------------------ #

@@ -34,6 +34,7 @@ import broker as broker_module
 from actors import codec, messages
 from actors.codec import MAGIC, DecodeError, Envelope
 from actors.messages import Error, Heartbeat, Hello, Role, Welcome
+from atelier import jobs
 from atelier.jobs import Capabilities, JobSpec, Wire
 from tests.conftest import broker_thread, run
 
@@ -63,7 +64,7 @@ def _constraints(metadata: list[Any]) -> dict[str, Any]:
         if isinstance(item, FieldInfo):  # Annotated[str, Field(...)] nested inside a list or dict
             found.update(_constraints(item.metadata))
             continue
-        if isinstance(item, PlainValidator) and item.func is messages._validate_blob:
+        if isinstance(item, PlainValidator) and item.func is jobs._validate_blob:
             found["blob"] = True
         for key in ("ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of", "pattern"):
             value = getattr(item, key, None)
@@ -376,7 +377,7 @@ def test_crafted_frames_fail_fast_and_small_with_a_decode_error(name):
 
 
 def test_an_input_image_over_the_cap_is_refused_naming_the_field():
-    image = bytes(messages.MAX_INPUT_BYTES + 1)
+    image = bytes(jobs.MAX_INPUT_BYTES + 1)
     frames = [MAGIC, msgpack.packb(["submit", 9, None, "cli", "scheduler", {
         "job": {"model": "m", "prompt": "p"}, "inputs": {"image": msgpack.ExtType(1, b"\x00\x00")}}]), image]
     with pytest.raises(DecodeError) as caught:
@@ -679,6 +680,9 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
     class Asker(Actor):
         role = Role.frontend
 
+    def status_of(queued: str) -> messages.ClusterStatus:
+        return messages.ClusterStatus(runners=[], queued=[queued], counts={})
+
     async def go():
         ctx = zmq.asyncio.Context()
         peers = {}
@@ -697,12 +701,13 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
         def forged(msg: Wire, corr: int | None) -> list[bytes]:
             return as_bytes(codec.encode(Envelope(msg, "mallory", "asker", 99, corr)))
 
-        await peers["mallory"].send_multipart(forged(messages.Goodbye(reason="forged"), question.id))
+        # Replies of the type asked for: only who sent them tells the forged one from the real one.
+        await peers["mallory"].send_multipart(forged(status_of("forged"), question.id))
         await peers["mallory"].send_multipart(forged(Error(code="not_registered", message="say hello"), None))
         await asyncio.sleep(0.3)
         still_waiting, registering = not asking.done(), asker._registering
         await peers["slow"].send_multipart(as_bytes(codec.encode(
-            Envelope(messages.Goodbye(reason="from slow"), "slow", "asker", 1, question.id))))
+            Envelope(status_of("from-slow"), "slow", "asker", 1, question.id))))
         answer = await asking
         await asker.close(drain_timeout=1)
         for sock in peers.values():
@@ -712,7 +717,7 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
 
     still_waiting, registering, answer = run(go(), timeout=30)
     assert still_waiting and registering is None
-    assert answer == messages.Goodbye(reason="from slow")
+    assert answer == status_of("from-slow")
 
 
 def test_what_a_peer_sends_cannot_forge_a_line_in_the_brokers_log(thread_broker, caplog):
