@@ -10,7 +10,7 @@ owners' queues; generation is seeded, so a retry makes the same images. After
 ``max_attempts`` a job fails with the reason.
 
 Every accepted job and each of its transitions is written to the journal
-(``atelier/scheduling/journal.py``) before anyone hears of it; a restarted scheduler reads it
+(``actors/journal.py``) before anyone hears of it; a restarted scheduler reads it
 back and carries on with the jobs that had not ended.
 """
 
@@ -25,6 +25,7 @@ import time
 from actors import keys
 from actors.actor import Actor, RemoteError, handles, run_actor
 from actors.codec import BROKER, Envelope
+from actors.journal import Journal, JournalError
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
@@ -62,7 +63,6 @@ from actors.messages import (
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config, load_config
 from atelier.jobs import Artifact, ErrorCode, JobKind
-from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import (
     Announce,
     Deliver,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from actors.journal import Journal, JournalError
 from actors.messages import JobResult
 from atelier.config import Config
 from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
-from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import Announce, Dispatch, Policy
 from tests.conftest import Cluster, run
 
