@@ -517,3 +517,17 @@ def test_a_withdrawn_submit_leaves_no_trace(tmp_path):
     assert again is not taken_back and again.state is JobState.queued  # the key is free again
     with pytest.raises(ValueError):
         policy.withdraw(kept.id)  # announced already: only a cancel takes it back now
+
+
+def test_a_record_is_a_snapshot_that_later_transitions_leave_alone(tmp_path):
+    from pydantic import ValidationError
+
+    policy = make_policy(tmp_path)
+    policy.runner_up("r1", gpu("r1"), 0.0)
+    queued = policy.submit(job(), "c", 0.0)
+    before = queued.record(0.0)
+    assert queued.record(0.0) == before  # reading it changes nothing
+    policy.schedule(0.0)
+    assert before.state is JobState.queued and queued.record(0.5).state is JobState.assigned
+    with pytest.raises(ValidationError):
+        before.state = JobState.done  # wire records are frozen
