@@ -126,9 +126,7 @@ class Loader(Actor):
         self._prefix = f"{self._node_prefix}{os.getpid()}-"
 
     def capabilities(self) -> Capabilities:
-        caps = super().capabilities()
-        caps.node = self.node
-        return caps
+        return super().capabilities().model_copy(update={"node": self.node})
 
     async def on_start(self) -> None:
         self._remove_orphans()

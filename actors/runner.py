@@ -23,9 +23,9 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from actors import keys
 from actors.actor import Actor, RemoteError, handles, run_actor
@@ -94,6 +94,22 @@ class ActiveBatch:
                 self.cancel.set()
 
 
+@dataclass
+class BatchTiming:
+    """What a batch costs, measured as it runs (the load and each step write here): the wire's
+    RunTiming is frozen, so the report is made from this once the batch has ended."""
+
+    images: int
+    loaded_from: Literal["resident", "staged", "disk"] = "resident"
+    stage_wait_s: float = 0.0
+    load_s: float = 0.0
+    steps: int = 0
+    step_s: float | None = None
+
+    def report(self) -> RunTiming:
+        return RunTiming(**asdict(self))
+
+
 class Runner(Actor):
     role = Role.runner
 
@@ -112,16 +128,11 @@ class Runner(Actor):
         self.device_name = _device_name(device)  # once: on a GPU it needs torch and CUDA
 
     def capabilities(self) -> Capabilities:
-        caps = super().capabilities()
-        caps.node = self.node
-        caps.device = self.device
-        caps.device_name = self.device_name
-        caps.families = sorted(FAMILY_LIMITS)
-        caps.resident = dict(self.resident_bytes)
+        mine = dict(node=self.node, device=self.device, device_name=self.device_name, families=sorted(FAMILY_LIMITS),
+                    resident=dict(self.resident_bytes))
         if self.active is not None:
-            caps.active_batch = self.active.id
-            caps.active_jobs = [spec.id for spec in self.active.specs]
-        return caps
+            mine.update(active_batch=self.active.id, active_jobs=[spec.id for spec in self.active.specs])
+        return super().capabilities().model_copy(update=mine)
 
     async def on_start(self) -> None:
         # Import torch and diffusers now, in the worker, so the first job does not pay for it
@@ -207,7 +218,7 @@ class Runner(Actor):
         specs = batch.specs
         first = specs[0]
         loop = asyncio.get_running_loop()
-        timing = RunTiming(images=sum(spec.count for spec in specs))
+        timing = BatchTiming(images=sum(spec.count for spec in specs))
         try:
             resident = self.pipelines.get(first.model)
             if resident is None:
@@ -257,7 +268,7 @@ class Runner(Actor):
         if self.config.node.resident_models == 0:
             self._unload_all()
         await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes, resident=self.resident_bytes,
-                                                timing=timing))
+                                                timing=timing.report()))
 
     @staticmethod
     def _stopped_outcome(batch: ActiveBatch, spec: JobSpec) -> JobFailed:
@@ -289,7 +300,7 @@ class Runner(Actor):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _step_reporter(self, batch: ActiveBatch, family, timing: RunTiming):
+    def _step_reporter(self, batch: ActiveBatch, family, timing: BatchTiming):
         """The per-step callback; it runs in the worker thread, between denoising steps."""
         started = time.monotonic()
         self.previews.drop_others({spec.id for spec in batch.specs})  # an ended job's preview is of no use
@@ -320,7 +331,7 @@ class Runner(Actor):
 
         return on_step
 
-    async def _load(self, model: str, timing: RunTiming) -> Any:
+    async def _load(self, model: str, timing: BatchTiming) -> Any:
         entry = self.config.models[model]
         asked = time.monotonic()
         staged = await self._stage(model)

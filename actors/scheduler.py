@@ -10,7 +10,7 @@ owners' queues; generation is seeded, so a retry makes the same images. After
 ``max_attempts`` a job fails with the reason.
 
 Every accepted job and each of its transitions is written to the journal
-(``atelier/scheduling/journal.py``) before anyone hears of it; a restarted scheduler reads it
+(``actors/journal.py``) before anyone hears of it; a restarted scheduler reads it
 back and carries on with the jobs that had not ended.
 """
 
@@ -25,6 +25,7 @@ import time
 from actors import keys
 from actors.actor import Actor, RemoteError, UnexpectedReply, handles, run_actor
 from actors.codec import BROKER, Envelope
+from actors.journal import Journal, JournalError
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
@@ -60,13 +61,12 @@ from actors.messages import (
 )
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config, load_config
-from atelier.jobs import Artifact, ErrorCode, JobKind
-from atelier.scheduling.journal import Journal, JournalError
+from atelier.jobs import Artifact, ErrorCode, JobKind, JobRecord
 from atelier.scheduling.policy import (
     Announce,
     Deliver,
     Dispatch,
-    Job,
+    Effect,
     Policy,
     PreloadModels,
     Refused,
@@ -103,13 +103,12 @@ class Scheduler(Actor):
         self.journal.prune(now - self.config.scheduler.journal_keep_days * 86400)
         for kept in self.journal.finished(self.config.scheduler.remember_finished):
             self.policy.restore(kept.record, kept.client, None, kept.idempotency_key, now)
-        unfinished = self.journal.unfinished()
-        for kept in unfinished:
-            self.policy.restore(kept.record, kept.client, kept.inputs, kept.idempotency_key, now)
-        if unfinished:
-            log.info("journal %s: %d jobs that had not ended are queued again", self.journal.path, len(unfinished))
+        requeued = [self.policy.restore(kept.record, kept.client, kept.inputs, kept.idempotency_key, now)
+                    for kept in self.journal.unfinished()]
+        if requeued:
+            log.info("journal %s: %d jobs that had not ended are queued again", self.journal.path, len(requeued))
             # Written now: their new state (queued, no runner) must not wait for the first event.
-            self.journal.update(job.record for job in self.policy.jobs.values() if job.live)
+            self.journal.update(job.record(now) for job in requeued)
 
     async def on_start(self) -> None:
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name=f"{self.name}-refresh"))
@@ -126,7 +125,7 @@ class Scheduler(Actor):
         if env.src != BROKER:  # only the broker knows who joined (it also refuses to route these)
             return
         if msg.role is Role.runner:
-            if msg.name not in self.policy.runners:
+            if not self.policy.has_runner(msg.name):
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
             self.policy.runner_up(msg.name, msg.capabilities, self.clock())
             await self._schedule()
@@ -139,8 +138,7 @@ class Scheduler(Actor):
     async def _sync_runner(self, name: str) -> None:
         """Asks a joining runner what it runs now: the capabilities of its Hello, which the broker's
         PeerUp carries, may be from before a batch began or ended (or was lost with a broker)."""
-        runner = self.policy.runners.get(name)
-        asked_during = runner.batch.id if runner is not None and runner.batch else None
+        asked_during = self.policy.runner_batch(name)
         try:
             state = await self.ask(name, GetRunnerState(), timeout=RUNNER_STATE_TIMEOUT_S)
         except (asyncio.TimeoutError, RemoteError, UnexpectedReply) as exc:
@@ -158,7 +156,7 @@ class Scheduler(Actor):
                 del self.loaders[node]
                 self.policy.loader_down(node)
         elif msg.role is Role.runner:
-            if msg.name in self.policy.runners:
+            if self.policy.has_runner(msg.name):
                 log.warning("runner %s is gone (%s)", msg.name, msg.reason)
             self.policy.runner_down(msg.name, msg.reason, self.clock())
             await self._schedule()
@@ -174,27 +172,25 @@ class Scheduler(Actor):
     async def on_submit(self, msg: Submit, env: Envelope) -> Accepted | Error:
         now = self.clock()
         key = msg.idempotency_key
-        if key is not None and (msg.job.user, key) not in self.policy.keys:
+        if key is not None and self.policy.by_key(msg.job.user, key) is None:
             earlier = self.journal.by_key(msg.job.user, key)  # a job long ended, forgotten from memory
             if earlier is not None:
                 return Accepted(job=earlier)
-        known = self.policy.jobs.get(msg.job.id)
+        known = self.policy.find(msg.job.id)
         try:
             job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key)
         except Refused as refused:
             return _error(refused)
         if job is not known and job.id == msg.job.id:
             try:
-                self.journal.add(job.record, env.src, key, msg.inputs)
+                self.journal.add(job.record(now), env.src, key, msg.inputs)
             except sqlite3.Error as exc:
                 # Not written, not accepted: taking a job that a restart would lose breaks the promise.
-                self.policy.cancel(job.id, now)
-                # Its end is not news to anyone: the submitter hears "not accepted" below.
-                self.policy.effects = [e for e in self.policy.effects if getattr(e, "job", None) is not job]
+                self.policy.withdraw(job.id)
                 log.error("journal: cannot write job %s: %s", job.id, exc)
                 return Error(code=ErrorCode.internal, message=f"the scheduler cannot record jobs right now ({exc})")
         await self._schedule()
-        return Accepted(job=self.policy.record(job, now))
+        return Accepted(job=job.record(now))
 
     @handles(CancelJob)
     async def on_cancel(self, msg: CancelJob, env: Envelope) -> JobInfo | Error:
@@ -204,7 +200,7 @@ class Scheduler(Actor):
         except Refused as refused:
             return _error(refused)
         await self._schedule()
-        return JobInfo(job=self.policy.record(job, now))
+        return JobInfo(job=job.record(now))
 
     @handles(GetJob)
     async def on_get_job(self, msg: GetJob, env: Envelope) -> JobInfo | Error:
@@ -213,14 +209,14 @@ class Scheduler(Actor):
         except Refused as refused:
             earlier = self.journal.get(msg.job_id)  # ended long ago: only the journal still has it
             return JobInfo(job=earlier) if earlier is not None else _error(refused)
-        return JobInfo(job=self.policy.record(job, self.clock()))
+        return JobInfo(job=job.record(self.clock()))
 
     @handles(GetResult)
     async def on_get_result(self, msg: GetResult, env: Envelope) -> JobResult | JobInfo | Error:
-        job = self.policy.jobs.get(msg.job_id)
+        job = self.policy.find(msg.job_id)
         if job is not None and job.live:
-            return JobInfo(job=self.policy.record(job, self.clock()))
-        record = job.record if job is not None else self.journal.get(msg.job_id)
+            return JobInfo(job=job.record(self.clock()))
+        record = job.record(self.clock()) if job is not None else self.journal.get(msg.job_id)
         if record is None:
             return Error(code=ErrorCode.unknown_job, field="job_id", message=f"no job {msg.job_id!r} in the journal")
         described = self.journal.outputs(msg.job_id)
@@ -238,19 +234,15 @@ class Scheduler(Actor):
 
     @handles(GetStatus)
     async def on_status(self, msg: GetStatus, env: Envelope) -> ClusterStatus:
-        counts: dict[str, int] = {}
-        for job in self.policy.jobs.values():
-            counts[job.record.state.value] = counts.get(job.record.state.value, 0) + 1
-        runners = [RunnerStatus(name=r.name, job=r.batch.jobs[0] if r.batch and r.batch.jobs else None,
-                                capabilities=r.capabilities.model_copy(update={"resident": r.resident}))
-                   for r in self.policy.runners.values()]
-        return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=counts,
-                             queued=[e.id for e in self.policy.queue.order()], stats=self.policy.stats)
+        status = self.policy.status()
+        runners = [RunnerStatus(name=r.name, job=r.job, capabilities=r.capabilities) for r in status.runners]
+        return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=status.counts,
+                             queued=status.queued, stats=status.stats)
 
     @handles(ListJobs)
     async def on_list_jobs(self, msg: ListJobs, env: Envelope) -> JobList:
         now = self.clock()
-        return JobList(jobs=[self.policy.record(job, now) for job in self.policy.jobs_of(msg.user, msg.limit)])
+        return JobList(jobs=[job.record(now) for job in self.policy.jobs_of(msg.user, msg.limit)])
 
     @handles(GetModels)
     async def on_models(self, msg: GetModels, env: Envelope) -> Models:
@@ -289,19 +281,20 @@ class Scheduler(Actor):
         if done:
             stored = await asyncio.to_thread(self._store, done)
             now = self.clock()
-            for (job, outcome), uris in zip(done, stored, strict=True):
-                self.policy.complete(job, uris, tuple(outcome.outputs), now)
+            for (job, _), (uris, outputs) in zip(done, stored, strict=True):
+                self.policy.complete(job, uris, outputs, now)
             await self._apply()
         return Ok()  # the runner may forget the outcomes now
 
-    def _store(self, done: list) -> list[list[str]]:
-        """Writes every done job's outputs (one trip to a thread per batch) and notes where they went."""
+    def _store(self, done: list) -> list[tuple[list[str], tuple[Artifact, ...]]]:
+        """Writes every done job's outputs (one trip to a thread per batch): where they went, and
+        the outputs that say so."""
         stored = []
         for job, outcome in done:
             uris = self.store.put_all(job.id, outcome.outputs)
-            for artifact, uri in zip(outcome.outputs, uris, strict=True):
-                artifact.uri = uri
-            stored.append(uris)
+            outputs = tuple(artifact.model_copy(update={"uri": uri})
+                            for artifact, uri in zip(outcome.outputs, uris, strict=True))
+            stored.append((uris, outputs))
         return stored
 
     # -- effects ------------------------------------------------------------- #
@@ -316,15 +309,17 @@ class Scheduler(Actor):
         async with self._sending:
             await self._carry_out(self.policy.drain())
 
-    async def _carry_out(self, effects: list) -> None:
+    async def _carry_out(self, effects: list[Effect]) -> None:
         now = self.clock()
-        self._write(effects)
-        for effect in effects:
+        # Each job as it stands now, once: what is written is what goes out.
+        records = [effect.job.record(now) if isinstance(effect, Announce | Deliver) else None for effect in effects]
+        self._write(effects, records)
+        for effect, record in zip(effects, records, strict=True):
             if isinstance(effect, Announce):
-                await self._announce(effect.job, now)
+                await self._announce(record)
             elif isinstance(effect, Deliver):
-                await self._announce(effect.job, now)
-                await self.send(effect.job.client, JobResult(job=effect.job.record, outputs=list(effect.outputs)))
+                await self._announce(record)
+                await self.send(effect.job.client, JobResult(job=record, outputs=list(effect.outputs)))
             elif isinstance(effect, Dispatch):
                 items = [BatchItem(job=spec, attempt=attempt, inputs=inputs) for spec, attempt, inputs in effect.items]
                 await self.send(effect.batch.runner, RunBatch(batch_id=effect.batch.id, items=items))
@@ -333,19 +328,18 @@ class Scheduler(Actor):
             elif isinstance(effect, PreloadModels):
                 await self.send(loader_name(effect.node), Preload(models=list(effect.models)))
 
-    def _write(self, effects: list) -> None:
+    def _write(self, effects: list[Effect], records: list[JobRecord | None]) -> None:
         """Journals the transitions among ``effects`` before any of them is sent: what a frontend or
         runner hears of has been written."""
         # Every transition is announced (a dispatched job's too), so these are all of them.
-        records = [effect.job.record for effect in effects if isinstance(effect, Announce | Deliver)]
+        written = [record for record in records if record is not None]
         outputs = {effect.job.id: effect.outputs for effect in effects if isinstance(effect, Deliver)}
         try:
-            self.journal.update(records, outputs)
+            self.journal.update(written, outputs)
         except sqlite3.Error:  # serving goes on; a restart now would redo these transitions
-            log.exception("journal: cannot write %d job transitions", len(records))
+            log.exception("journal: cannot write %d job transitions", len(written))
 
-    async def _announce(self, job: Job, now: float) -> None:
-        r = self.policy.record(job, now)
+    async def _announce(self, r: JobRecord) -> None:
         await self.publish(JobEvent(job_id=r.spec.id, state=r.state, reason=r.reason, position=r.position,
                                     eta_s=r.eta_s, runner=r.runner, attempt=r.attempts, batch_id=r.batch_id))
 

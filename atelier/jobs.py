@@ -74,7 +74,7 @@ MAX_INPUT_BYTES = 32 << 20  # one input image, encoded
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
 class JobState(str, enum.Enum):

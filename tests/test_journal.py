@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from actors.journal import Journal, JournalError
 from actors.messages import JobResult
 from atelier.config import Config
 from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
-from atelier.scheduling.journal import Journal, JournalError
 from atelier.scheduling.policy import Announce, Dispatch, Policy
 from tests.conftest import Cluster, run
 
@@ -39,13 +39,13 @@ def test_jobs_and_their_inputs_come_back_in_submit_order(tmp_path: Path) -> None
     for i, record in enumerate(records):
         journal.add(record, f"client-{i}", f"key-{i}" if i == 2 else None,
                     JobInputs(image=b"\x89PNG-" + bytes([i])) if i == 1 else None)
-    records[3].state, records[3].finished_at = JobState.done, time.time()
-    records[3].artifacts = ["file:///x-0.png"]
-    records[0].state, records[0].runner, records[0].attempts = JobState.running, "runner-a", 1
+    records[3] = records[3].model_copy(update={"state": JobState.done, "finished_at": time.time(),
+                                               "artifacts": ["file:///x-0.png"]})
+    records[0] = records[0].model_copy(update={"state": JobState.running, "runner": "runner-a", "attempts": 1})
     assert journal.update(records) == 2  # only the two that changed
     live = [records[i] for i in (0, 1, 2, 4)]
     assert journal.update(live) == 0  # nothing new: not written again
-    records[4].position, records[4].eta_s = 7, 3.5
+    live[3] = records[4].model_copy(update={"position": 7, "eta_s": 3.5})
     assert journal.update(live) == 0  # a new position or ETA is not a transition
     journal.close()
 
@@ -66,8 +66,8 @@ def test_an_ended_jobs_inputs_go_and_old_ends_are_pruned(tmp_path: Path) -> None
     old, new = _record("old"), _record("new")
     for record in (old, new):
         journal.add(record, "c", None, JobInputs(image=b"img"))
-    old.state, old.finished_at = JobState.failed, 1000.0
-    new.state, new.finished_at = JobState.done, time.time()
+    old = old.model_copy(update={"state": JobState.failed, "finished_at": 1000.0})
+    new = new.model_copy(update={"state": JobState.done, "finished_at": time.time()})
     journal.update([old, new], {new.spec.id: [Artifact(media_type="image/png", data=b"x", width=8, height=8,
                                                        seed=3, uri="file:///a.png")]})
     assert journal.db.execute("SELECT count(*) FROM inputs").fetchone()[0] == 0
@@ -103,14 +103,15 @@ def test_a_restored_policy_queues_again_in_order_and_remembers_the_ended(tmp_pat
     config = Config.model_validate({"home": str(tmp_path)})
     policy = Policy(config)
     done, running, queued = _record("done"), _record("running"), _record("queued", user="bob")
-    done.state, done.finished_at = JobState.done, 5.0
-    running.state, running.runner, running.attempts = JobState.running, "r1", 1
+    done = done.model_copy(update={"state": JobState.done, "finished_at": 5.0})
+    running = running.model_copy(update={"state": JobState.running, "runner": "r1", "attempts": 1})
     for record in (done, running, queued):
         policy.restore(record, "fe", None, "k-" + record.spec.prompt, now=10.0)
-    assert [e.id for e in policy.queue.order()] == [running.spec.id, queued.spec.id]
-    assert running.state is JobState.queued and running.runner is None and running.attempts == 1
-    assert "scheduler restarted while it was running" in running.reason
-    assert policy.job(done.spec.id).record.state is JobState.done
+    assert policy.queued() == [running.spec.id, queued.spec.id]
+    again = policy.job(running.spec.id)
+    assert again.state is JobState.queued and again.runner is None and again.attempts == 1
+    assert "scheduler restarted while it was running" in again.reason
+    assert policy.job(done.spec.id).state is JobState.done
     # The same idempotency key finds the job, whichever id the retry carries.
     retry = JobSpec(model="tiny-sd", prompt="running", user="ann", width=64, height=64, steps=2)
     assert policy.submit(retry, "another-frontend", 11.0, idempotency_key="k-running").id == running.spec.id
@@ -124,7 +125,7 @@ def test_a_restored_policy_queues_again_in_order_and_remembers_the_ended(tmp_pat
     outcome = JobDone(job_id=running.spec.id, outputs=[], elapsed_s=1.0)
     taken = policy.batch_done("r1", "batch-before-the-restart", [outcome], {}, RunTiming(), 13.0)
     assert [job.id for job, _ in taken] == [running.spec.id]
-    assert running.spec.id not in [e.id for e in policy.queue.order()]
+    assert running.spec.id not in policy.queued()
 
 
 def test_restored_jobs_are_announced_and_dispatched(tmp_path: Path) -> None:
@@ -157,10 +158,10 @@ def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_fo
                       active=("old", [before.spec.id]))
     # No attempt counted (max_attempts 1 would have failed them), and the runner is busy with its old
     # batch, which now holds the restored job: nothing is dispatched to it until that ends.
-    assert all(policy.job(spec.id).record.attempts == 0 for spec, _, _ in dispatch.items
+    assert all(policy.job(spec.id).attempts == 0 for spec, _, _ in dispatch.items
                if spec.id != before.spec.id)
-    assert policy.job(before.spec.id).record.state is JobState.running
-    assert policy.job(new.spec.id).record.state is JobState.queued
+    assert policy.job(before.spec.id).state is JobState.running
+    assert policy.job(new.spec.id).state is JobState.queued
     policy.schedule(3.0)
     assert not [e for e in policy.drain() if isinstance(e, Dispatch)]
     done = policy.batch_done("r1", "old", [JobDone(job_id=before.spec.id, outputs=[], elapsed_s=1.0)], {},
@@ -257,8 +258,8 @@ def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path:
     sent = next(e for e in policy.drain() if isinstance(e, Dispatch))
     # The broker died with the RunBatch in it; the runner registers again, running nothing.
     policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 2.0)
-    assert job.record.state is JobState.queued and job.record.attempts == 0
-    assert "did not have it after reconnecting" in job.record.reason
+    assert job.state is JobState.queued and job.attempts == 0
+    assert "did not have it after reconnecting" in job.reason
     policy.schedule(2.0)
     again = next(e for e in policy.drain() if isinstance(e, Dispatch))
     assert again.batch.id != sent.batch.id and again.items[0][0].id == job.id
@@ -266,7 +267,7 @@ def test_a_batch_lost_with_the_broker_goes_back_to_the_queue_uncounted(tmp_path:
     for done, _ in policy.batch_done("r1", again.batch.id, [JobDone(job_id=job.id, outputs=[], elapsed_s=1.0)], {},
                                      RunTiming(), 3.0):
         policy.complete(done, [], (), 3.0)
-    assert job.record.state is JobState.done
+    assert job.state is JobState.done
     assert policy.batch_done("r1", sent.batch.id, [JobDone(job_id=job.id, outputs=[], elapsed_s=1.0)], {},
                              RunTiming(), 3.5) == []
 
@@ -305,6 +306,6 @@ def test_a_runners_answer_overtaken_by_a_newer_batch_changes_nothing(tmp_path: P
     policy.schedule(1.0)
     sent = next(e for e in policy.drain() if isinstance(e, Dispatch))
     policy.runner_state("r1", idle, None, 1.1)  # "idle": said before the batch reached it
-    assert job.record.state is JobState.assigned and policy.runners["r1"].batch.id == sent.batch.id
+    assert job.state is JobState.assigned and policy.runner_batch("r1") == sent.batch.id
     policy.runner_state("r1", idle, sent.batch.id, 1.2)  # "idle" though asked after: the batch was lost
-    assert job.record.state is JobState.queued and job.record.attempts == 0
+    assert job.state is JobState.queued and job.attempts == 0

@@ -75,8 +75,8 @@ def test_jobs_that_queue_while_the_runner_is_busy_run_as_one_batch_each_with_its
     (batch,) = dispatches(policy)
     assert batch_ids(batch) == [j.id for j in same]  # three users, one pipeline call
     assert [spec.seed for spec, *_ in batch.items] == [10, 11, 12]
-    assert other_size.record.state is JobState.queued  # a different size cannot share the call
-    assert all(j.record.batch_id == batch.batch.id for j in same)
+    assert other_size.state is JobState.queued  # a different size cannot share the call
+    assert all(j.batch_id == batch.batch.id for j in same)
 
 
 def test_a_batch_stops_at_the_models_size_and_a_big_job_runs_alone(tmp_path):
@@ -105,7 +105,7 @@ def test_a_batch_grows_only_as_far_as_measured_step_times_show_it_pays(tmp_path)
     policy.runner_draining("r1")
     for i in range(8):
         policy.submit(job(prompt=f"p{i}"), "c", 0.0)
-    policy.runners["r1"].draining = False
+    policy.state.runners["r1"].draining = False
 
     def next_batch_size(now: float) -> int:
         policy.schedule(now)
@@ -168,7 +168,7 @@ def test_a_job_waits_for_a_busy_runner_with_its_model_when_loading_elsewhere_is_
     waiting = policy.submit(job(prompt="next", **big), "c", 0.1)
     policy.schedule(0.1)
     assert dispatches(policy) == []  # r2 is idle, but a 30 s load is worse than waiting 4 s for r1
-    assert waiting.record.position == 0 and waiting.finish_at == pytest.approx(8.0)
+    assert waiting.position == 0 and waiting.finish_at == pytest.approx(8.0)
 
     # Staged on r2's node, the switch costs 0.5 s and r2 takes the job at once.
     policy.loader_state("n2", {"tiny-sd": 10})
@@ -187,14 +187,14 @@ def test_a_popular_model_spreads_to_a_second_runner_only_once_its_queue_is_longe
         policy.runner_up("r2", gpu("r2"), 0.0)
         specs = [policy.submit(job(prompt=f"p{i}", width=512, height=512), "c", 0.0) for i in range(jobs)]
         policy.schedule(0.0)
-        started = [(d.batch.runner, specs.index(policy.jobs[batch_ids(d)[0]])) for d in dispatches(policy)]
+        started = [(d.batch.runner, specs.index(policy.job(batch_ids(d)[0]))) for d in dispatches(policy)]
         return started, specs
 
     few, _ = started_with(3)
     assert few == [("r1", 0)]  # r1 finishes all three (12 s) before r2 could finish one (14 s)
     many, specs = started_with(6)
     assert many == [("r1", 0), ("r2", 3)]  # the fourth would end at 16 s on r1, 14 s on r2
-    assert [specs[i].record.position for i in (1, 2, 4, 5)] == [0, 1, 2, 3]
+    assert [specs[i].position for i in (1, 2, 4, 5)] == [0, 1, 2, 3]
 
 
 def test_the_next_batches_models_are_preloaded_on_the_node_that_will_run_them(tmp_path):
@@ -250,7 +250,7 @@ def test_a_burst_does_not_hold_back_another_users_single_job(tmp_path):
     policy.schedule(0.1)
     (first,) = dispatches(policy)
     assert batch_ids(first) == [burst[0].id]
-    assert single.record.position == 0  # next, not 100th
+    assert single.position == 0  # next, not 100th
     finish(policy, first, 1.0)
     policy.schedule(1.0)
     (second,) = dispatches(policy)
@@ -284,7 +284,7 @@ def test_live_goes_before_interactive_before_batch(tmp_path):
     low = policy.submit(job(priority=Priority.batch, prompt="low"), "c", 0.0)
     mid = policy.submit(job(priority=Priority.interactive, prompt="mid"), "c", 0.0)
     top = policy.submit(job(priority=Priority.live, prompt="top"), "c", 0.0)
-    assert [e.id for e in policy.queue.order()] == [top.id, mid.id, low.id]
+    assert policy.queued() == [top.id, mid.id, low.id]
 
 
 def test_per_user_limits_and_a_bounded_queue_refuse_with_a_retry_hint(tmp_path):
@@ -338,24 +338,24 @@ def test_a_newer_prompt_replaces_the_queued_one_and_stops_the_running_one(tmp_pa
     effects = policy.drain()
     # The queued one is replaced at once: the session keeps one pending job.
     assert [e.job.id for e in effects if isinstance(e, Deliver)] == [second.id]
-    assert second.record.state is JobState.cancelled and "superseded" in second.record.reason
-    assert [e.id for e in policy.queue.order()] == [third.id]
+    assert second.state is JobState.cancelled and "superseded" in second.reason
+    assert policy.queued() == [third.id]
 
     # The stopped job's images came back anyway (it finished before the stop): not delivered as done.
     finish(policy, running, 0.3)
-    assert first.record.state is JobState.cancelled and "superseded" in first.record.reason
+    assert first.state is JobState.cancelled and "superseded" in first.reason
     policy.schedule(0.3)
     (next_batch,) = dispatches(policy)
     assert batch_ids(next_batch) == [third.id]
     finish(policy, next_batch, 0.5)
-    assert third.record.state is JobState.done
+    assert third.state is JobState.done
 
 
 def test_another_users_session_of_the_same_name_is_left_alone(tmp_path):
     policy = make_policy(tmp_path)
     a = policy.submit(job(session="s1", user="ann"), "c", 0.0)
     policy.submit(job(session="s1", user="bob"), "c", 0.0)
-    assert a.record.state is JobState.queued
+    assert a.state is JobState.queued
 
 
 def test_cancelling_one_job_of_a_batch_ends_it_at_once_and_the_rest_go_on(tmp_path):
@@ -369,13 +369,13 @@ def test_cancelling_one_job_of_a_batch_ends_it_at_once_and_the_rest_go_on(tmp_pa
     policy.cancel(a.id, 0.1)
     effects = policy.drain()
     assert StopRunning("r1", a.id, "cancelled") in effects
-    assert a.record.state is JobState.cancelled
+    assert a.state is JobState.cancelled
     policy.cancel(b.id, 0.2)  # the last of its batch: the runner's report ends it
-    assert b.record.state is JobState.assigned
+    assert b.state is JobState.assigned
     outcomes = [JobFailed(job_id=a.id, reason="cancelled", cancelled=True),
                 JobFailed(job_id=b.id, reason="cancelled", cancelled=True)]
     policy.batch_done("r1", batch.batch.id, outcomes, {}, RunTiming(), 0.3)
-    assert b.record.state is JobState.cancelled
+    assert b.state is JobState.cancelled
 
 
 # --------------------------------------------------------------------------- #
@@ -392,15 +392,15 @@ def test_queued_jobs_get_positions_and_etas_from_measured_step_times(tmp_path):
     queued = [policy.submit(job(prompt=f"p{i}"), "c", 1.0) for i in range(3)]
     policy.schedule(1.0)
     dispatches(policy)
-    assert [j.record.position for j in queued[1:]] == [0, 1]
-    etas = [policy.record(j, 1.0).eta_s for j in queued]
+    assert [j.position for j in queued[1:]] == [0, 1]
+    etas = [j.record(1.0).eta_s for j in queued]
     assert etas == pytest.approx([2.0, 4.0, 6.0])
     announced = [e for e in policy.drain() if isinstance(e, Announce)]
     assert announced == []  # already drained with the dispatches
     policy.submit(job(prompt="late"), "c", 1.5)
     policy.schedule(1.5)
     fresh = [e.job for e in policy.drain() if isinstance(e, Announce)]
-    assert len(fresh) == 1 and fresh[0].record.position == 2
+    assert len(fresh) == 1 and fresh[0].position == 2
 
 
 def test_a_dead_runners_jobs_go_back_to_the_front_and_fail_after_three_attempts(tmp_path):
@@ -413,8 +413,8 @@ def test_a_dead_runners_jobs_go_back_to_the_front_and_fail_after_three_attempts(
         (d,) = dispatches(policy)
         assert batch_ids(d) == [victim.id] and d.items[0][1] == attempt
         policy.runner_down("r1", "silent", attempt + 0.5)
-    assert victim.record.state is JobState.failed and "gave up after 3 attempts" in victim.record.reason
-    assert later.record.state is JobState.queued
+    assert victim.state is JobState.failed and "gave up after 3 attempts" in victim.reason
+    assert later.state is JobState.queued
 
 
 def test_the_fifo_baseline_keeps_arrival_order_and_batches_only_consecutive_jobs(tmp_path):
@@ -424,8 +424,8 @@ def test_the_fifo_baseline_keeps_arrival_order_and_batches_only_consecutive_jobs
     a = [policy.submit(job(prompt=f"a{i}", user="ann"), "c", 0.0) for i in range(2)]
     x = policy.submit(job("tiny-sdxl", user="bob", priority=Priority.live), "c", 0.0)
     b = policy.submit(job(prompt="b", user="bob"), "c", 0.0)
-    assert [e.id for e in policy.queue.order()] == [a[0].id, a[1].id, x.id, b.id]  # no priorities, no turns
-    policy.runners["r1"].draining = False
+    assert policy.queued() == [a[0].id, a[1].id, x.id, b.id]  # no priorities, no turns
+    policy.state.runners["r1"].draining = False
     policy.schedule(0.0)
     (d,) = dispatches(policy)
     assert batch_ids(d) == [a[0].id, a[1].id]  # b is compatible but not consecutive
@@ -499,3 +499,35 @@ def test_admission_fills_in_what_a_job_left_open(tmp_path):
     # … and jobs with and without a mask do not share a pipeline call.
     assert edited.key != huge.key
     assert policy.submit(job(output_format="webp"), "c", 0.0).spec.output_format == "webp"
+
+
+def test_a_withdrawn_submit_leaves_no_trace(tmp_path):
+    policy = make_policy(tmp_path)
+    policy.runner_up("r1", gpu("r1"), 0.0)
+    kept = policy.submit(job(prompt="kept"), "c", 0.0)
+    taken_back = policy.submit(job(prompt="taken back"), "c", 0.0, idempotency_key="k1")
+    policy.withdraw(taken_back.id)
+    assert policy.find(taken_back.id) is None and policy.queued() == [kept.id]
+    policy.schedule(0.0)
+    effects = policy.drain()
+    assert all(getattr(e, "job", None) is not taken_back for e in effects)
+    assert [batch_ids(d) for d in effects if isinstance(d, Dispatch)] == [[kept.id]]
+    assert policy.status().counts == {"assigned": 1}  # neither queued nor counted as cancelled
+    again = policy.submit(job(prompt="taken back"), "c", 0.1, idempotency_key="k1")
+    assert again is not taken_back and again.state is JobState.queued  # the key is free again
+    with pytest.raises(ValueError):
+        policy.withdraw(kept.id)  # announced already: only a cancel takes it back now
+
+
+def test_a_record_is_a_snapshot_that_later_transitions_leave_alone(tmp_path):
+    from pydantic import ValidationError
+
+    policy = make_policy(tmp_path)
+    policy.runner_up("r1", gpu("r1"), 0.0)
+    queued = policy.submit(job(), "c", 0.0)
+    before = queued.record(0.0)
+    assert queued.record(0.0) == before  # reading it changes nothing
+    policy.schedule(0.0)
+    assert before.state is JobState.queued and queued.record(0.5).state is JobState.assigned
+    with pytest.raises(ValidationError):
+        before.state = JobState.done  # wire records are frozen

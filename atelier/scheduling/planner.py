@@ -1,0 +1,268 @@
+"""The plan: which queued jobs start now, where, in which batches, and when the rest are expected.
+
+A pure function of the policy's state (``plan``): it reads the queue, the runners and what the
+loaders staged, and returns what to start, where each other job stands in line and when it is
+expected to end, and what to preload; the policy carries it out. The rules it applies:
+
+- Batching: a job starts together with the queued jobs that can share its pipeline call (the
+  same ``BatchKey``), wherever they stand in the queue, up to the model's batch size on that
+  runner, and only as far as measured step times show a bigger batch pays. No runner waits for
+  a batch to fill unless ``batch_wait_s`` says so.
+- Placement: walking the queue in order, each batch goes to the runner where it is expected to
+  *finish* first: when that runner is free, plus loading the model there (nothing if resident,
+  a memory copy if its node has it staged, a disk read otherwise), plus the run. So a job waits
+  for a busy runner that holds its model when loading it elsewhere would take longer, and a
+  rare model still gets its turn in queue order.
+- Preloading: a batch planned for later on a runner that does not hold its model tells that
+  node's loader to stage it now.
+- The FIFO baseline (``policy = "fifo"``): the head goes to the runner free first, and a batch
+  takes only the consecutive compatible jobs at the head.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from atelier.config import Config
+from atelier.families import FAMILY_LIMITS
+from atelier.scheduling.estimates import Estimates
+from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State
+
+
+@dataclass(frozen=True)
+class Start:
+    """A batch to dispatch now."""
+
+    runner: Runner
+    jobs: tuple[Job, ...]
+    images: int
+    finish: float  # expected end, absolute
+
+
+@dataclass(frozen=True)
+class Place:
+    """A queued job's place in line and expected end (None: it cannot be planned yet)."""
+
+    job: Job
+    position: int
+    finish_at: float | None
+
+
+@dataclass
+class Plan:
+    starts: list[Start]
+    places: list[Place]
+    preloads: dict[str, tuple[str, ...]]  # by node: models its loader is to stage now, in plan order
+    wake_at: float | None  # a batch waits for company until then
+    planned: list[Job]  # the plan window, in queue order
+    next_position: int  # the first position after the window's jobs
+    free_at: dict[str, float]  # by runner: when it is expected to be free, once the window has run
+
+
+def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner], now: float) -> Plan:
+    """Plans the first ``plan_window`` queued jobs on the ``usable`` runners."""
+    settings = config.scheduler
+    fair = settings.policy == "fair"
+    order = [state.jobs[e.id] for e in state.queue.order(settings.plan_window)]
+    free_at: dict[str, float] = {}
+    holds: dict[str, set[str]] = {}
+    for r in usable:
+        free_at[r.name] = now if r.batch is None else max(now, r.batch.started + r.batch.expected_s)
+        holds[r.name] = _staying(r)
+    idle = {r.name for r in usable if r.batch is None}
+    limit_per_user = settings.max_running_per_user
+    running = _running_by_user(state) if limit_per_user else Counter()
+    compatible: dict[BatchKey, list[Job]] = defaultdict(list)
+    for job in order:
+        compatible[job.key].append(job)
+    taken: set[str] = set()
+    wanted: dict[str, list[str]] = defaultdict(list)  # by node: models to preload, in plan order
+    starts: list[Start] = []
+    places: list[Place] = []
+    wake_at: float | None = None
+    position = 0
+    for index, job in enumerate(order):
+        if job.id in taken:
+            continue
+        spec = job.spec
+        family = config.models[spec.model].family
+        able = [r for r in usable if r.accepts(family)]
+        if not able or (limit_per_user is not None and running[spec.user] >= limit_per_user):
+            # Nowhere to run, or its owner has all the jobs running they may: it waits, and
+            # holds no runner in the plan; the next event that changes that replans it.
+            places.append(Place(job, position, None))
+            position += 1
+            continue
+        runner = min(able, key=lambda r: _placement(job, r, free_at, holds, state, estimates, fair, now))
+        immediate = runner.name in idle
+        peers = compatible[job.key] if fair else order[index:]
+        members = _fill(job, runner, peers, taken, running if immediate else None, config, estimates)
+        taken.update(m.id for m in members)
+        images = sum(m.spec.count for m in members)
+        load = _load_s(spec.model, runner, holds, state, estimates)
+        finish = free_at[runner.name] + load + estimates.run_s(spec.model, runner.device_name, width=spec.width,
+                                                               height=spec.height, images=images, steps=spec.steps)
+        until = _waits_until(members, images, runner, config, estimates, now) if immediate else None
+        if until is not None:
+            # Waiting for company: the runner stays free for other work meanwhile.
+            wake_at = until if wake_at is None else min(wake_at, until)
+            for member in members:
+                places.append(Place(member, position, finish + wake_at - now))
+                position += 1
+            continue
+        if immediate:
+            starts.append(Start(runner, tuple(members), images, finish))
+            idle.discard(runner.name)
+            for member in members:
+                running[member.spec.user] += 1
+        else:
+            for member in members:
+                places.append(Place(member, position, finish))
+                position += 1
+            if spec.model not in holds[runner.name] and runner.node is not None:
+                wanted[runner.node].append(spec.model)
+        free_at[runner.name] = finish
+        holds[runner.name].add(spec.model)
+    preloads = _preloads(state, wanted) if settings.preload else {}
+    return Plan(starts, places, preloads, wake_at, order, position, free_at)
+
+
+def place_rest(state: State, estimates: Estimates, planned: Plan, usable: list[Runner]) -> list[Place]:
+    """Jobs past the plan window, once its starts have left the queue: their place in line, and an
+    ETA from the mean rate of the runners."""
+    if len(state.queue) <= len(planned.planned):
+        return []
+    seen = {j.id for j in planned.planned}
+    start = max(planned.free_at.values())
+    runner = usable[0]
+    backlog = 0.0
+    position = planned.next_position
+    places = []
+    for entry in state.queue.order():
+        if entry.id in seen:
+            continue
+        spec = state.jobs[entry.id].spec
+        backlog += estimates.run_s(spec.model, runner.device_name, width=spec.width, height=spec.height,
+                                   images=spec.count, steps=spec.steps)
+        places.append(Place(state.jobs[entry.id], position, start + backlog / len(usable)))
+        position += 1
+    return places
+
+
+def batch_run_s(state: State, estimates: Estimates, batch: Batch, runner: Runner) -> float:
+    """How long the batch runs on the runner, its model loaded."""
+    first = state.jobs.get(batch.jobs[0]) if batch.jobs else None
+    if first is None:
+        return 0.0
+    spec = first.spec
+    return estimates.run_s(batch.model, runner.device_name, width=spec.width, height=spec.height,
+                           images=batch.images, steps=spec.steps)
+
+
+def _placement(job: Job, runner: Runner, free_at: dict[str, float], holds: dict[str, set[str]], state: State,
+               estimates: Estimates, fair: bool, now: float) -> tuple:
+    """Sort key of a runner for a job: the runner free first (FIFO), or where it finishes first (fair)."""
+    spec = job.spec
+    has_model = spec.model in holds[runner.name]
+    if not fair:
+        return (free_at[runner.name], not has_model, runner.name)
+    finish = free_at[runner.name] + _load_s(spec.model, runner, holds, state, estimates) + estimates.run_s(
+        spec.model, runner.device_name, width=spec.width, height=spec.height, images=spec.count, steps=spec.steps)
+    # Ties: the runner that has the model, then an idle one, then the one holding fewest models
+    # (loading there evicts least, and models spread over the devices).
+    return (round(finish, 6), not has_model, free_at[runner.name] > now, len(holds[runner.name]), runner.name)
+
+
+def _fill(head: Job, runner: Runner, peers: list[Job], taken: set[str], running: Counter | None, config: Config,
+          estimates: Estimates) -> list[Job]:
+    """The head job and the queued jobs that share its pipeline call, in queue order, up to the
+    runner's batch size (a job is never split: one bigger than the batch size runs alone).
+    ``running``: per-user running counts to respect, when the batch starts now."""
+    settings = config.scheduler
+    limit = max(_useful_batch(head, runner, config, estimates), head.spec.count)
+    members, images = [head], head.spec.count
+    limit_per_user = settings.max_running_per_user
+    added: Counter[str] = Counter({head.spec.user: 1})
+    for peer in peers:
+        if images >= limit:
+            break
+        if peer is head or peer.id in taken:
+            continue
+        if peer.key != head.key:
+            if settings.policy == "fair":
+                continue
+            break  # the FIFO baseline batches only the consecutive run of compatible jobs
+        if images + peer.spec.count > limit:
+            continue
+        if running is not None and limit_per_user is not None \
+                and running[peer.spec.user] + added[peer.spec.user] >= limit_per_user:
+            continue
+        members.append(peer)
+        images += peer.spec.count
+        added[peer.spec.user] += 1
+    return members
+
+
+def _waits_until(members: list[Job], images: int, runner: Runner, config: Config, estimates: Estimates,
+                 now: float) -> float | None:
+    """With batch_wait_s, a batch short of its size waits that long (from its oldest job) for company."""
+    wait = config.scheduler.batch_wait_s
+    if not wait or images >= _useful_batch(members[0], runner, config, estimates):
+        return None
+    until = min(m.submitted_at for m in members) + wait
+    return until if until > now else None
+
+
+def _useful_batch(job: Job, runner: Runner, config: Config, estimates: Estimates) -> int:
+    spec = job.spec
+    return estimates.useful_batch(spec.model, runner.device_name, spec.width * spec.height,
+                                  max_images(config, spec.model, runner), config.scheduler.batch_min_gain)
+
+
+def max_images(config: Config, model: str, runner: Runner) -> int:
+    """The most images of ``model`` one pipeline call on ``runner`` may make."""
+    entry = config.models[model]
+    limits = FAMILY_LIMITS[entry.family]
+    size = entry.max_batch or (limits.max_batch if runner.on_gpu else limits.max_batch_cpu)
+    if config.scheduler.max_batch is not None:
+        size = min(size, config.scheduler.max_batch)
+    return size
+
+
+def _preloads(state: State, wanted: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """Of the models wanted on each node, those its loader has neither staged nor been asked for."""
+    preloads = {}
+    for node, models in wanted.items():
+        if node not in state.staged:
+            continue  # no loader reported on that node: nobody to ask
+        asked = state.asked.get(node, set())
+        fresh = []
+        for model in models:
+            if model not in state.staged[node] and model not in asked and model not in fresh:
+                fresh.append(model)
+        if fresh:
+            preloads[node] = tuple(fresh)
+    return preloads
+
+
+def _staying(runner: Runner) -> set[str]:
+    """Models sure to be on the runner when it is next free. A busy runner loading another
+    model may evict what it holds; the one it runs now stays."""
+    if runner.batch is None or runner.batch.model in runner.resident:
+        return set(runner.resident)
+    return {runner.batch.model}
+
+
+def _load_s(model: str, runner: Runner, holds: dict[str, set[str]], state: State, estimates: Estimates) -> float:
+    if model in holds[runner.name]:
+        return 0.0
+    node = runner.node
+    if node is not None and (model in state.staged.get(node, {}) or model in state.asked.get(node, ())):
+        return estimates.load_s(model, "staged")
+    return estimates.load_s(model, "disk")
+
+
+def _running_by_user(state: State) -> Counter[str]:
+    return Counter(state.jobs[j].spec.user for b in state.batches.values() for j in b.jobs
+                   if j in state.jobs and state.jobs[j].live)

@@ -1,0 +1,328 @@
+"""What the scheduling policy holds, and the transitions of a job that every rule shares.
+
+The policy's state is its own: plain dataclasses it changes in place. The wire records
+(``atelier/jobs.py``) are frozen; a ``JobRecord`` is made from a ``Job`` on demand, as a
+snapshot (``Job.record``), and the counters become a ``SchedulerStats`` the same way.
+
+A transition (``State.finish``, ``requeue``, ``stop``, …) changes the state and appends the
+*effects* the scheduler actor is to carry out: announce a job's state, deliver its result,
+run a batch, stop a job, preload models. No sockets and no clock: time is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from atelier.config import SchedulerConfig
+from atelier.jobs import (
+    Capabilities,
+    JobInputs,
+    JobRecord,
+    JobSpec,
+    JobState,
+    ModelStats,
+    Priority,
+    RunTiming,
+    SchedulerStats,
+)
+from atelier.scheduling.fairqueue import Entry, FairQueue
+
+PRIORITY_CLASS = {Priority.live: 0, Priority.interactive: 1, Priority.batch: 2}
+# What may differ between the jobs of one pipeline call: everything per image or about the job.
+# Any other field (and any field added later) must match, which is the safe default.
+PER_JOB_FIELDS = frozenset({"id", "prompt", "negative_prompt", "seed", "count", "user", "priority", "session",
+                            "previews"})
+JOB_SECONDS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)  # submit to end, for /metrics
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What jobs must have in common to share one pipeline call."""
+
+    model: str
+    fields: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> BatchKey:
+        shared = spec.model_dump(exclude=set(PER_JOB_FIELDS), mode="json")
+        return cls(spec.model, tuple(sorted((k, repr(v)) for k, v in shared.items())))
+
+
+@dataclass(eq=False)
+class Job:
+    """One job as the policy holds it: where it stands, and what the policy needs to move it on."""
+
+    spec: JobSpec
+    client: str  # the frontend that submitted it: where the result goes
+    key: BatchKey
+    entry: Entry  # its place in the queue's order
+    submitted_at: float
+    state: JobState = JobState.queued
+    reason: str | None = None
+    attempts: int = 0
+    runner: str | None = None
+    batch_id: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    artifacts: list[str] = field(default_factory=list)
+    position: int | None = None  # 0-based place in the plan while queued
+    finish_at: float | None = None  # expected end, absolute; a record's eta_s is derived from it
+    inputs: JobInputs | None = None  # kept until it ends: a retry needs them again
+    idempotency_key: str | None = None
+    cancel_requested: bool = False
+    superseded_by: str | None = None
+    announced_position: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def live(self) -> bool:
+        return not self.state.terminal
+
+    @property
+    def stopping(self) -> bool:
+        return self.cancel_requested or self.superseded_by is not None
+
+    @property
+    def stop_reason(self) -> str:
+        if self.superseded_by is not None:
+            return f"superseded by a newer prompt (job {self.superseded_by})"
+        return "cancelled"
+
+    def record(self, now: float) -> JobRecord:
+        """The job as the wire shows it, with its ETA as seconds from ``now``."""
+        eta = None if self.finish_at is None else round(max(0.0, self.finish_at - now), 3)
+        return JobRecord(spec=self.spec, state=self.state, reason=self.reason, attempts=self.attempts,
+                         runner=self.runner, position=self.position, eta_s=eta, batch_id=self.batch_id,
+                         submitted_at=self.submitted_at, started_at=self.started_at,
+                         finished_at=self.finished_at, artifacts=list(self.artifacts))
+
+
+@dataclass
+class Batch:
+    id: str
+    runner: str
+    model: str
+    jobs: list[str]
+    images: int
+    started: float
+    expected_s: float  # load + run, as estimated at dispatch
+
+
+@dataclass
+class Runner:
+    name: str
+    capabilities: Capabilities  # as it last registered or said
+    resident: dict[str, int] = field(default_factory=dict)  # as it last reported
+    draining: bool = False  # shutting down: finishes or hands back its batch, takes no new one
+    batch: Batch | None = None
+
+    @property
+    def node(self) -> str | None:
+        return self.capabilities.node
+
+    @property
+    def device(self) -> str:
+        return self.capabilities.device or "cpu"
+
+    @property
+    def device_name(self) -> str:
+        """What its step times are measured on: runners with the same device name share estimates."""
+        return self.capabilities.device_name or self.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def accepts(self, family: str) -> bool:
+        return not self.capabilities.families or family in self.capabilities.families
+
+
+# --------------------------------------------------------------------------- #
+# Effects: what the actor is asked to do, in order
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Publish the job's current state (a JobEvent)."""
+
+    job: Job
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """The job has ended: publish its state and send its result to its client."""
+
+    job: Job
+    outputs: tuple = ()
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Send the batch to its runner."""
+
+    batch: Batch
+    items: tuple[tuple[JobSpec, int, JobInputs | None], ...]  # (spec, attempt, inputs)
+
+
+@dataclass(frozen=True)
+class StopRunning:
+    """Ask a runner to stop a job at its next step."""
+
+    runner: str
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PreloadModels:
+    """Ask a node's loader to stage these models now."""
+
+    node: str
+    models: tuple[str, ...]
+
+
+Effect = Announce | Deliver | Dispatch | StopRunning | PreloadModels
+
+
+# --------------------------------------------------------------------------- #
+# Counters
+
+
+@dataclass
+class ModelCounters:
+    loads: Counter[str] = field(default_factory=Counter)  # by where from: staged, disk
+    load_seconds: float = 0.0
+    batches: int = 0
+    images: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+
+
+@dataclass
+class Counters:
+    """What the scheduler has done since it started (monotonic, for /metrics)."""
+
+    finished: Counter[str] = field(default_factory=Counter)  # by final state
+    job_seconds_counts: list[int] = field(default_factory=lambda: [0] * (len(JOB_SECONDS_BUCKETS) + 1))
+    job_seconds_sum: float = 0.0
+    models: dict[str, ModelCounters] = field(default_factory=dict)
+
+    def count_finished(self, state: JobState, seconds: float) -> None:
+        self.finished[state.value] += 1
+        self.job_seconds_sum += seconds
+        for i, bound in enumerate([*JOB_SECONDS_BUCKETS, float("inf")]):
+            if seconds <= bound:
+                self.job_seconds_counts[i] += 1
+
+    def count_batch(self, model: str, timing: RunTiming) -> None:
+        counters = self.models.setdefault(model, ModelCounters())
+        counters.batches += 1
+        counters.images += timing.images
+        counters.steps += timing.steps
+        counters.step_seconds += (timing.step_s or 0.0) * timing.steps
+        if timing.loaded_from != "resident":
+            counters.loads[timing.loaded_from] += 1
+            counters.load_seconds += timing.stage_wait_s + timing.load_s
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            finished=dict(self.finished), job_seconds_buckets=list(JOB_SECONDS_BUCKETS),
+            job_seconds_counts=list(self.job_seconds_counts), job_seconds_sum=self.job_seconds_sum,
+            models={model: ModelStats(loads=dict(c.loads), load_seconds=c.load_seconds, batches=c.batches,
+                                      images=c.images, steps=c.steps, step_seconds=c.step_seconds)
+                    for model, c in self.models.items()})
+
+
+# --------------------------------------------------------------------------- #
+
+
+class State:
+    """The jobs, the runners, their batches and what each node's loader has staged, with the
+    transitions a job goes through whichever rule moves it."""
+
+    def __init__(self, settings: SchedulerConfig):
+        self.settings = settings
+        self.queue = FairQueue(fair=settings.policy == "fair")
+        self.jobs: dict[str, Job] = {}
+        self.runners: dict[str, Runner] = {}
+        self.batches: dict[str, Batch] = {}
+        self.staged: dict[str, dict[str, int]] = {}  # by node: what its loader reported staged
+        self.asked: dict[str, set[str]] = {}  # by node: preloads asked for, not yet reported staged
+        self.sessions: dict[tuple[str, str], str] = {}  # (user, session) -> its newest job
+        self.keys: dict[tuple[str, str], str] = {}  # (user, idempotency key) -> its job
+        self.effects: list[Effect] = []
+        self.counters = Counters()
+        self.finished: deque[str] = deque()  # ended jobs still held, oldest first
+
+    def job_on(self, job_id: str, runner: str) -> Job | None:
+        """The job, if ``runner`` is (still) the one running it; late words from an old runner are ignored."""
+        job = self.jobs.get(job_id)
+        if job is None or job.runner != runner or not job.live:
+            return None
+        return job
+
+    def set_running(self, job: Job, runner: str, batch_id: str, state: JobState) -> None:
+        job.state = state
+        job.runner = runner
+        job.batch_id = batch_id
+        job.position = None
+        job.announced_position = None
+
+    def requeue(self, job: Job, reason: str, *, started: bool = True) -> None:
+        """Back to the front of its owner's queue. ``started=False``: the runner never began it, so
+        the attempt counted at dispatch is taken back."""
+        if not started:
+            job.attempts -= 1
+        job.state = JobState.queued
+        job.runner = None
+        job.batch_id = None
+        job.reason = reason
+        job.finish_at = None
+        self.queue.refund(job.entry)
+        self.queue.push(job.entry, front=True)  # it waited its turn already
+        self.effects.append(Announce(job))
+
+    def stop(self, job: Job, reason: str, now: float) -> None:
+        """Stops a job that a runner has. If the rest of its batch goes on, the job ends now (the
+        runner drops its images); if it was all the batch had, the runner stops at its next step
+        and its report ends the job, so the runner is known to be free."""
+        if job.runner is None:
+            return
+        self.effects.append(StopRunning(job.runner, job.id, reason))
+        batch = self.batches.get(job.batch_id or "")
+        if batch is not None and any(j != job.id and self.jobs.get(j) is not None and self.jobs[j].live
+                                     and not self.jobs[j].stopping for j in batch.jobs):
+            self.finish(job, JobState.cancelled, reason, now)
+
+    def finish(self, job: Job, state: JobState, reason: str | None, now: float, outputs: tuple = ()) -> None:
+        job.state = state
+        job.reason = reason
+        job.finished_at = now
+        job.position = None
+        job.finish_at = None
+        job.inputs = None  # no attempt comes after an end
+        self.counters.count_finished(state, now - job.submitted_at)
+        self.effects.append(Deliver(job, outputs))
+        self.remember_finished(job)
+
+    def remember_finished(self, job: Job) -> None:
+        """Ended jobs beyond ``remember_finished`` leave memory (the journal still has them)."""
+        self.finished.append(job.id)
+        while len(self.finished) > self.settings.remember_finished:
+            forgotten = self.jobs.pop(self.finished.popleft(), None)
+            if forgotten is not None:
+                self.forget(forgotten)
+
+    def forget(self, job: Job) -> None:
+        """Drops what points to a job that has left ``jobs``."""
+        if job.spec.session is not None:
+            key = (job.spec.user, job.spec.session)
+            if self.sessions.get(key) == job.id:
+                del self.sessions[key]
+        if job.idempotency_key is not None:
+            self.keys.pop((job.spec.user, job.idempotency_key), None)
