@@ -16,11 +16,12 @@ broker does nothing but move frames, and that is fastest without an event loop.
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import logging
-import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -45,8 +46,9 @@ from actors.messages import (
     Welcome,
     kind_of,
 )
+from atelier.config import Config
 from atelier.jobs import Capabilities, ErrorCode, Name, Wire
-from atelier.runtime import READY_PREFIX
+from atelier.runtime import READY_PREFIX, Failure, process_main, process_parser
 
 log = logging.getLogger("atelier.broker")
 
@@ -138,21 +140,24 @@ class Broker:
         self.peers: dict[bytes, Peer] = {}
         self.stats = BrokerStats()
         self._ids = itertools.count(1)
-        self._running = True
+        self._stopped = threading.Event()
 
     # -- lifecycle --------------------------------------------------------- #
 
-    def stop(self, *_: object) -> None:
-        self._running = False  # signal handlers only set a flag
+    def stop(self) -> None:
+        self._stopped.set()
 
-    def serve(self) -> None:
+    def serve(self, until: threading.Event | None = None) -> None:
+        """Routes until ``stop()``, or until ``until`` is set (the process's signal flag)."""
+        if until is not None:
+            self._stopped = until
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
         tick = self.heartbeat_s / 4
         next_tick = time.monotonic() + tick
         try:
-            while self._running:
+            while not self._stopped.is_set():
                 timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
                 ready = dict(poller.poll(timeout_ms))
                 if self.router in ready:
@@ -179,7 +184,7 @@ class Broker:
     def _drain_router(self) -> None:
         # Take everything that is waiting before polling again: one poll per burst, not per message.
         for _ in range(10_000):
-            if not self._running:
+            if self._stopped.is_set():
                 return  # stopping: what is still queued is not ours to route any more
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -410,33 +415,31 @@ def _is_name(text: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    from atelier.config import load_config
-    from atelier.runtime import setup_logging
-
-    parser = argparse.ArgumentParser(prog="atelier broker", description="Run the atelier broker.")
-    parser.add_argument("--config", help="atelier.toml (default: built-in settings)")
-    parser.add_argument("--router", help="ROUTER endpoint to bind, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument("--pub", help="XPUB endpoint to bind, e.g. tcp://127.0.0.1:5556")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, "broker")
-    config = load_config(args.config)
+def serve(args: argparse.Namespace, config: Config, stop: threading.Event) -> None:
     try:
         broker = Broker(args.router or config.broker.router, args.pub or config.broker.pub,
                         heartbeat_s=config.broker.heartbeat_s, keys=keys.for_broker(config),
                         rate_per_s=config.broker.peer_rate_per_s, burst=config.broker.peer_burst)
-    except (ValueError, keys.CurveKeyError, zmq.ZMQError) as exc:
-        log.error("broker: %s", exc)
-        return 2
-    signal.signal(signal.SIGINT, broker.stop)
-    signal.signal(signal.SIGTERM, broker.stop)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise  # process_main says which address, and what to do
+        raise Failure(f"cannot bind: {exc}", 2) from None
+    except (ValueError, keys.CurveKeyError) as exc:
+        raise Failure(str(exc), 2) from None
     # The ready line: a supervisor reads the real endpoints (port 0 binds) from it.
     print(READY_PREFIX + json.dumps({"router": broker.router_endpoint, "pub": broker.pub_endpoint}),
           flush=True)
     log.info("broker: routing on %s, publishing on %s", broker.router_endpoint, broker.pub_endpoint)
-    broker.serve()
-    return 0
+    broker.serve(until=stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = process_parser("atelier broker", "Run the atelier broker.",
+                            router="ROUTER endpoint to bind, e.g. tcp://127.0.0.1:5555",
+                            pub="XPUB endpoint to bind, e.g. tcp://127.0.0.1:5556")
+    return process_main(parser, serve, argv, log_name="broker",
+                        other_address="choose free ports with --router and --pub (or [broker] router and pub "
+                                      "in the config)")
 
 
 if __name__ == "__main__":

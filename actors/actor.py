@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
@@ -35,6 +34,7 @@ from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
 from actors.keys import PeerKeys
 from actors.messages import AnsweredBy, Error, Goodbye, Heartbeat, Hello, Role, kind_of, reply_types
 from atelier.jobs import Capabilities, ErrorCode, Wire
+from atelier.runtime import Failure, TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,14 @@ class UnexpectedReply(Exception):
         self.reply = reply
 
 
+class NoBroker(Failure, TimeoutError):
+    """No broker answered at the actor's router address: atelier is not up there (or not yet)."""
+
+    def __init__(self, router: str):
+        super().__init__(f"no atelier broker answers at {router}: start atelier with `atelier up`, or give "
+                         "the address of a running one with --router (or [broker] router in the config)", 3)
+
+
 class Actor:
     role: ClassVar[Role]
     _handlers: ClassVar[dict[type, Handler]] = {}
@@ -101,8 +109,7 @@ class Actor:
         self._mailbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._last_sent = 0.0
         self._last_heard = 0.0
-        self._stop: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks = TaskSet(name)
         self._registering: asyncio.Future | None = None
         self.registered: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -130,30 +137,20 @@ class Actor:
     async def start(self, timeout: float = 30.0) -> None:
         """Connects, registers with the broker (ready handshake) and starts the loops."""
         self.loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         self.registered = asyncio.Event()
         self._open_socket()
-        self._tasks = [asyncio.create_task(self._receive_loop(), name=f"{self.name}-recv"),
-                       asyncio.create_task(self._liveness_loop(), name=f"{self.name}-live")]
+        self._tasks.spawn(self._receive_loop(), "recv")
+        self._tasks.spawn(self._liveness_loop(), "live")
         await self._register(timeout)
         await self.on_start()
-        self._tasks.append(asyncio.create_task(self._mailbox_loop(), name=f"{self.name}-mailbox"))
+        self._tasks.spawn(self._mailbox_loop(), "mailbox")
 
-    async def run(self, *, install_signals: bool = True) -> None:
-        """Runs until SIGINT/SIGTERM or ``stop()``, then shuts down cleanly."""
-        if install_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                # The handler only sets a flag; the shutdown itself runs in the main task.
-                loop.add_signal_handler(sig, self.stop)
+    async def run(self, stop: asyncio.Event) -> None:
+        """A process's life as this actor: starts, runs until ``stop`` is set (the process's signal flag,
+        see atelier.runtime.process_main), then shuts down cleanly."""
         await self.start()
-        assert self._stop is not None
-        await self._stop.wait()
+        await stop.wait()
         await self.close()
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
 
     async def close(self, drain_timeout: float = 10.0) -> None:
         """Drain, stop, say goodbye, close the socket, then the context."""
@@ -166,11 +163,7 @@ class Actor:
         with contextlib.suppress(Exception):
             # Bounded: with no connection (a broker that refused our key) the send would wait for ever.
             await asyncio.wait_for(self.send(BROKER, Goodbye()), 1.0)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await self._tasks.cancel_all()
         for _, fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
@@ -260,8 +253,7 @@ class Actor:
         self.send_threadsafe(PUBLISH + codec.topic_of(event), event)
 
     def _spawn_send(self, dst: str, msg: Wire) -> None:
-        task = asyncio.ensure_future(self.send(dst, msg))
-        task.add_done_callback(_log_task_error)
+        self._tasks.spawn(self.send(dst, msg), "send")
 
     # -- loops ------------------------------------------------------------- #
 
@@ -290,7 +282,7 @@ class Actor:
                 welcome = await self.ask(BROKER, hello, timeout=max(self.heartbeat_s * 2, 1.0))
             except (asyncio.TimeoutError, RemoteError, UnexpectedReply) as exc:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name}: no answer from the broker at {self.router}") from exc
+                    raise NoBroker(self.router) from exc
                 log.info("%s: broker not answering (%s); retrying in %.1fs", self.name, exc or "timeout", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -303,8 +295,7 @@ class Actor:
         if self.registered is not None:
             self.registered.clear()  # now, so nobody mistakes the old registration for a new one
         if self._registering is None or self._registering.done():
-            self._registering = asyncio.ensure_future(self._register_again())
-            self._registering.add_done_callback(_log_task_error)
+            self._registering = self._tasks.spawn(self._register_again(), "register")
 
     async def _register_again(self) -> None:
         await self._register(None)
@@ -393,15 +384,3 @@ class Actor:
             if now - self._last_sent >= self.heartbeat_s:
                 with contextlib.suppress(zmq.ZMQError):
                     await self.send(BROKER, Heartbeat())
-
-
-def _log_task_error(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task failed", exc_info=task.exception())
-
-
-def run_actor(actor: Actor) -> None:
-    """Process entry point: runs the actor on uvloop until a signal stops it."""
-    from atelier.runtime import run
-
-    run(actor.run())

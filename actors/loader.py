@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors import keys
-from actors.actor import Actor, handles, run_actor
+from actors.actor import Actor, handles
 from actors.codec import SCHEDULER, Envelope
 from actors.messages import Error, LoaderState, Preload, Release, Role, Stage, Staged
 from atelier import sources, staging
-from atelier.config import Config, load_config
+from atelier.config import Config
 from atelier.jobs import Capabilities, ErrorCode
+from atelier.runtime import process_main, process_parser
 
 log = logging.getLogger("atelier.loader")
 
@@ -134,7 +135,7 @@ class Loader(Actor):
         # should not wait for it.
         await self._report()
         if self.config.default_model in self.config.models:
-            self._start_staging(self.config.default_model)
+            self._start_staging(self.config.default_model).add_done_callback(_log_preload_failure)
 
     async def _report(self) -> None:
         """Tells the scheduler what is staged here, for routing, preloading and ``atelier status``."""
@@ -171,14 +172,14 @@ class Loader(Actor):
     def _start_staging(self, model: str) -> asyncio.Task[Staged]:
         task = self._staging.get(model)
         if task is None:
-            task = asyncio.create_task(self._stage(model))
+            task = self._tasks.spawn(self._stage(model), f"stage-{model}", log_failure=False)  # the askers answer
             self._staging[model] = task
             task.add_done_callback(lambda _: self._staging.pop(model, None))
         return task
 
     @handles(Stage)
     async def on_stage(self, msg: Stage, env: Envelope) -> None:
-        asyncio.create_task(self._answer(env, self._start_staging(msg.model)))
+        self._tasks.spawn(self._answer(env, self._start_staging(msg.model)), "answer-stage")
 
     async def _answer(self, env: Envelope, task: asyncio.Task[Staged]) -> None:
         try:
@@ -252,20 +253,14 @@ def loader_name(node: str) -> str:
     return f"loader-{node}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from atelier.runtime import quiet_model_libraries, setup_logging
+async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
+    await Loader(config, args.router or config.broker.router, node=args.node, keys=keys.for_peer(config)).run(stop)
 
-    parser = argparse.ArgumentParser(prog="atelier loader", description="Run a node's loader.")
-    parser.add_argument("--config")
-    parser.add_argument("--router")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = process_parser("atelier loader", "Run a node's loader.")
     parser.add_argument("--node", default=socket.gethostname())
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, f"loader-{args.node}")
-    quiet_model_libraries()
-    config = load_config(args.config)
-    run_actor(Loader(config, args.router or config.broker.router, node=args.node, keys=keys.for_peer(config)))
-    return 0
+    return process_main(parser, serve, argv, log_name=lambda args: loader_name(args.node), loads_models=True)
 
 
 if __name__ == "__main__":

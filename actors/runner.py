@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from actors import keys
-from actors.actor import Actor, RemoteError, handles, run_actor
+from actors.actor import Actor, RemoteError, handles
 from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
 from actors.messages import (
@@ -49,10 +49,11 @@ from actors.messages import (
     StopJob,
 )
 from atelier import media, sources, staging
-from atelier.config import Config, load_config
+from atelier.config import Config
 from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, accel, get_family, loras, vae
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
+from atelier.runtime import process_main, process_parser
 
 log = logging.getLogger("atelier.runner")
 
@@ -141,8 +142,7 @@ class Runner(Actor):
         if default is not None:
             self._worker.submit(get_family, default.family)
         if self.config.node.step_timeout_s:
-            self._tasks.append(asyncio.create_task(self._watchdog(self.config.node.step_timeout_s),
-                                                   name=f"{self.name}-watchdog"))
+            self._tasks.spawn(self._watchdog(self.config.node.step_timeout_s), "watchdog")
 
     async def _watchdog(self, timeout: float) -> None:
         """Ends this process when the batch in hand makes no step for ``timeout`` seconds. A stuck
@@ -184,10 +184,10 @@ class Runner(Actor):
             refused = BatchDone(batch_id=msg.batch_id, outcomes=outcomes, resident=self.resident_bytes, refused=True,
                                 active_batch=busy.id if busy else None,
                                 active_jobs=[spec.id for spec in busy.specs] if busy else [])
-            asyncio.create_task(self._report(env.src, refused))
+            self._tasks.spawn(self._report(env.src, refused), "refuse")
             return
         self.active = ActiveBatch(msg.batch_id, list(msg.items))
-        self._execution = asyncio.create_task(self._execute(self.active, env.src))
+        self._execution = self._tasks.spawn(self._execute(self.active, env.src), f"batch-{msg.batch_id}")
 
     @handles(GetRunnerState)
     async def on_get_state(self, msg: GetRunnerState, env: Envelope) -> RunnerState:
@@ -603,26 +603,22 @@ def _is_cuda_oom(exc: Exception) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from atelier.runtime import quiet_model_libraries, setup_logging
+async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
+    await Runner(config, args.router or config.broker.router, node=args.node, device=args.device,
+                 keys=keys.for_peer(config)).run(stop)
 
-    parser = argparse.ArgumentParser(prog="atelier runner", description="Run one runner (one device).")
-    parser.add_argument("--config")
-    parser.add_argument("--router")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = process_parser("atelier runner", "Run one runner (one device).")
     parser.add_argument("--node", default=socket.gethostname())
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, runner_name(args.node, args.device))
-    quiet_model_libraries()
-    config = load_config(args.config)
-    run_actor(Runner(config, args.router or config.broker.router, node=args.node, device=args.device,
-                     keys=keys.for_peer(config)))
+    code = process_main(parser, serve, argv, log_name=lambda args: runner_name(args.node, args.device),
+                        loads_models=True)
     # The job in hand was handed back during the drain; what may still run in the worker is an
     # import or an abandoned pipeline call, and waiting for it (as interpreter exit would) only
     # delays the node's shutdown.
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sqlite3
 import time
 
 from actors import keys
-from actors.actor import Actor, RemoteError, UnexpectedReply, handles, run_actor
+from actors.actor import Actor, RemoteError, UnexpectedReply, handles
 from actors.codec import BROKER, Envelope
 from actors.journal import Journal, JournalError
 from actors.loader import loader_name
@@ -60,8 +60,9 @@ from actors.messages import (
     Submit,
 )
 from atelier.artifacts import ArtifactStore
-from atelier.config import Config, load_config
+from atelier.config import Config
 from atelier.jobs import Artifact, ErrorCode, JobKind, JobRecord
+from atelier.runtime import Failure, process_main, process_parser
 from atelier.scheduling.policy import (
     Announce,
     Deliver,
@@ -92,7 +93,6 @@ class Scheduler(Actor):
         self.loaders: dict[str, LoaderState] = {}  # by node, for status
         self._wake: asyncio.TimerHandle | None = None
         self._sending = asyncio.Lock()  # effects go out in the order the policy decided them
-        self._syncing: set[asyncio.Task] = set()  # runners being asked what they run (kept referenced)
         self.journal = Journal(config.journal_path)
         self._restore()
 
@@ -111,8 +111,8 @@ class Scheduler(Actor):
             self.journal.update(job.record(now) for job in requeued)
 
     async def on_start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._refresh_loop(), name=f"{self.name}-refresh"))
-        self._tasks.append(asyncio.create_task(self._prune_loop(), name=f"{self.name}-prune"))
+        self._tasks.spawn(self._refresh_loop(), "refresh")
+        self._tasks.spawn(self._prune_loop(), "prune")
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -131,9 +131,7 @@ class Scheduler(Actor):
             await self._schedule()
             # Asked aside, after what was just sent to it: the mailbox does not wait on a runner
             # still starting (importing torch), and the answer covers everything sent before.
-            sync = asyncio.create_task(self._sync_runner(msg.name), name=f"{self.name}-sync-{msg.name}")
-            self._syncing.add(sync)
-            sync.add_done_callback(self._syncing.discard)
+            self._tasks.spawn(self._sync_runner(msg.name), f"sync-{msg.name}")
 
     async def _sync_runner(self, name: str) -> None:
         """Asks a joining runner what it runs now: the capabilities of its Hello, which the broker's
@@ -353,8 +351,7 @@ class Scheduler(Actor):
             self._wake = asyncio.get_running_loop().call_later(delay, self._post_wake)
 
     def _post_wake(self) -> None:
-        task = asyncio.ensure_future(self._schedule())
-        task.add_done_callback(lambda t: t.exception() and log.error("wake-up failed", exc_info=t.exception()))
+        self._tasks.spawn(self._schedule(), "wake")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -381,26 +378,20 @@ def _error(refused: Refused) -> Error:
                  retry_after_s=refused.retry_after_s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from atelier.runtime import setup_logging
-
-    parser = argparse.ArgumentParser(prog="atelier scheduler", description="Run the atelier scheduler.")
-    parser.add_argument("--config")
-    parser.add_argument("--router", help="the broker's ROUTER endpoint")
-    parser.add_argument("--journal", help="the job journal's file, in place of the config's")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, "scheduler")
-    config = load_config(args.config)
+async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
     if args.journal:
         config.scheduler.journal = args.journal
     try:
         scheduler = Scheduler(config, args.router or config.broker.router, keys=keys.for_peer(config))
     except (JournalError, keys.CurveKeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    run_actor(scheduler)
-    return 0
+        raise Failure(str(exc), 2) from None
+    await scheduler.run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = process_parser("atelier scheduler", "Run the atelier scheduler.")
+    parser.add_argument("--journal", help="the job journal's file, in place of the config's")
+    return process_main(parser, serve, argv, log_name="scheduler")
 
 
 if __name__ == "__main__":

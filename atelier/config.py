@@ -252,11 +252,18 @@ class Config(Strict):
         return self.home / "models"
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Reads ``path``, else ``$ATELIER_CONFIG``, else ``./atelier.toml``; built-in defaults if none."""
+def config_file(path: str | Path | None = None) -> str | Path | None:
+    """The file ``load_config(path)`` reads: ``path``, else ``$ATELIER_CONFIG``, else ``./atelier.toml``
+    where there is one; None for the built-in settings."""
     candidate = path or os.environ.get(CONFIG_ENV)
     if candidate is None and Path("atelier.toml").is_file():
         candidate = "atelier.toml"
+    return candidate
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Reads ``path``, else ``$ATELIER_CONFIG``, else ``./atelier.toml``; built-in defaults if none."""
+    candidate = config_file(path)
     if candidate is None:
         return Config()
     return read_config(candidate)

@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from atelier.runtime import READY_PREFIX, die_with_parent
+from atelier.runtime import READY_PREFIX, Failure, TaskSet, die_with_parent
 
 log = logging.getLogger("atelier.supervisor")
-
 
 
 @dataclass
@@ -40,19 +39,26 @@ class Child:
     restarts: int = 0
 
 
+class ChildExited(Exception):
+    """A child ended before saying it was ready; the argument is its exit status."""
+
+
 class Supervisor:
     def __init__(self, *, grace_s: float = 10.0, max_backoff_s: float = 30.0):
         self.grace_s = grace_s
         self.max_backoff_s = max_backoff_s
         self.children: dict[str, Child] = {}
-        self._watchers: list[asyncio.Task] = []
+        self._watchers = TaskSet("supervisor")
+        # Readers of children's stdout: they end with it, and must read to the end (a child blocked on
+        # a full pipe would not stop).
+        self._readers = TaskSet("supervisor")
         self._stopping = False
         self.on_restart: Callable[[Child], None] | None = None
 
     async def start(self, spec: ChildSpec, ready_timeout: float = 60.0) -> Child:
         child = await self._spawn(spec, ready_timeout)
         self.children[spec.name] = child
-        self._watchers.append(asyncio.create_task(self._watch(spec.name)))
+        self._watchers.spawn(self._watch(spec.name), f"watch-{spec.name}")
         return child
 
     async def _spawn(self, spec: ChildSpec, ready_timeout: float) -> Child:
@@ -64,11 +70,13 @@ class Supervisor:
             assert process.stdout is not None
             try:
                 child.ready_line = await asyncio.wait_for(self._read_ready(process), ready_timeout)
-            except (asyncio.TimeoutError, EOFError) as exc:
+            except (asyncio.TimeoutError, ChildExited) as exc:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                raise RuntimeError(f"{spec.name} did not report ready: {exc or 'timeout'}") from None
-            asyncio.create_task(self._forward(process.stdout))
+                said = f"it exited with status {exc}" if isinstance(exc, ChildExited) else \
+                    f"it did not say it was ready within {ready_timeout:.0f}s"
+                raise Failure(f"{spec.name} did not start: {said} (its log, above, says why)") from None
+            self._readers.spawn(self._forward(process.stdout), f"forward-{spec.name}")
         log.info("started %s (pid %d)", spec.name, process.pid)
         return child
 
@@ -78,7 +86,7 @@ class Supervisor:
         while True:
             line = await process.stdout.readline()
             if not line:
-                raise EOFError(f"exited with {await process.wait()}")
+                raise ChildExited(await process.wait())
             text = line.decode(errors="replace").rstrip("\n")
             if text.startswith(READY_PREFIX):
                 return text[len(READY_PREFIX):]
@@ -118,14 +126,13 @@ class Supervisor:
             if self.on_restart is not None:
                 self.on_restart(fresh)
 
-    async def stop(self, order: list[str] | None = None) -> None:
-        """SIGTERM every child (in ``order`` first), wait up to the grace period, then SIGKILL."""
+    async def stop(self) -> None:
+        """SIGTERM each child in the reverse order of starting (a part stops before what it needs: runners
+        hand their jobs back while the loader and the scheduler are still there), waiting up to the grace
+        period for each, then SIGKILL."""
         self._stopping = True
-        for task in self._watchers:
-            task.cancel()
-        names = order or list(self.children)
-        names += [n for n in self.children if n not in names]
-        for name in names:
+        await self._watchers.cancel_all()
+        for name in reversed(self.children):
             child = self.children.get(name)
             if child is None or child.process.returncode is not None:
                 continue

@@ -13,16 +13,16 @@ import asyncio
 import contextlib
 import getpass
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from atelier.config import Config, load_config
-from atelier.runtime import READY_PREFIX
-from atelier.supervisor import ChildSpec, Supervisor
+from atelier import topology
+from atelier.config import Config
+from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
+from atelier.supervisor import Supervisor
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs
@@ -36,63 +36,37 @@ def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
 # atelier up
 
 
-async def _up(args: argparse.Namespace) -> int:
+async def _up(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> int:
     from rich.console import Console
 
-
     console = Console(stderr=True)
-    config = load_config(args.config)
     router, pub = _endpoints(args, config)
-    py = sys.executable
-    common = ["--log-level", args.log_level] + (["--config", args.config] if args.config else [])
+    http = None if not config.http.enabled or args.http == "off" else (
+        args.http or f"{config.http.host}:{config.http.port}")
+    place = topology.Place(router=router, pub=pub, config_path=args.config, log_level=args.log_level,
+                           journal=args.journal, devices=args.devices.split(",") if args.devices else [],
+                           listen=http)
     supervisor = Supervisor()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    broker = await supervisor.start(ChildSpec("broker", [py, "-m", "broker", "--router", router, "--pub", pub,
-                                                         *common], wait_ready=True))
-    bound = json.loads(broker.ready_line or "{}")
-    router, pub = bound["router"], bound["pub"]
-    # A restarted broker must come back where the others look for it (matters with port 0).
-    broker.spec.argv = [py, "-m", "broker", "--router", router, "--pub", pub, *common]
-    journal = ["--journal", args.journal] if args.journal else []
-    await supervisor.start(ChildSpec("scheduler", [py, "-m", "actors.scheduler", "--router", router, *journal,
-                                                   *common]))
-    node_argv = [py, "-m", "gpu_node", "--router", router, *common]
-    if args.devices:
-        node_argv += ["--devices", args.devices]
-    await supervisor.start(ChildSpec("node", node_argv))
-    http_url = None
-    if config.http.enabled and args.http != "off":
-        listen = args.http or f"{config.http.host}:{config.http.port}"
-        http = await supervisor.start(ChildSpec("http", [py, "-m", "frontends.http", "--router", router, "--pub", pub,
-                                                         "--listen", listen, *common], wait_ready=True))
-        http_url = json.loads(http.ready_line or "{}")["url"]
-        # A restart must come back on the port the page was opened on (matters with port 0).
-        bound = f"{listen.rpartition(':')[0]}:{http_url.rpartition(':')[2]}"
-        http.spec.argv[http.spec.argv.index("--listen") + 1] = bound
-
     try:
-        status = await _wait_for_runners(router, pub, timeout=args.ready_timeout, stop=stop, config=config)
-    except (TimeoutError, asyncio.TimeoutError) as exc:
-        console.print(f"[red]atelier did not come up: {exc}[/red]")
-        await supervisor.stop(order=["http", "node", "scheduler", "broker"])
-        return 1
-    if status is not None:
-        console.print(f"[bold green]atelier is up[/bold green]\n"
-                      f"  broker   {router}  (events on {pub})\n"
-                      f"  runners  {', '.join(f'{r.name} ({r.capabilities.device})' for r in status.runners)}\n"
-                      f"  models   {', '.join(config.models)}\n"
-                      + (f"  web      {http_url}  (HTTP API, OpenAI and AUTOMATIC1111 APIs, /metrics)\n"
-                         if http_url else "") +
-                      f"  try:     atelier generate \"a lighthouse\" --router {router} --pub {pub}\n"
-                      f"  Ctrl-C stops everything.")
-        print(READY_PREFIX + json.dumps({"router": router, "pub": pub, "http": http_url}), flush=True)
-        await stop.wait()
-    console.print("stopping atelier…")
-    await supervisor.stop(order=["http", "node", "scheduler", "broker"])
+        await topology.start(supervisor, topology.UP, place)
+        status = await _wait_for_runners(place.router, place.pub, timeout=args.ready_timeout, stop=stop,
+                                         config=config)
+        if status is not None:
+            router, pub = place.router, place.pub
+            console.print(f"[bold green]atelier is up[/bold green]\n"
+                          f"  broker   {router}  (events on {pub})\n"
+                          f"  runners  {', '.join(f'{r.name} ({r.capabilities.device})' for r in status.runners)}\n"
+                          f"  models   {', '.join(config.models)}\n"
+                          + (f"  web      {place.http_url}  (HTTP API, OpenAI and AUTOMATIC1111 APIs, /metrics)\n"
+                             if place.http_url else "") +
+                          f"  try:     atelier generate \"a lighthouse\" --router {router} --pub {pub}\n"
+                          f"  Ctrl-C stops everything.")
+            print(READY_PREFIX + json.dumps({"router": router, "pub": pub, "http": place.http_url}), flush=True)
+            await stop.wait()
+    finally:
+        if supervisor.children:
+            console.print("stopping atelier…")
+        await supervisor.stop()
     return 0
 
 
@@ -114,17 +88,22 @@ async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyn
                 await asyncio.sleep(0.2)
         return None
 
-    return await asyncio.wait_for(poll(), timeout)
+    try:
+        return await asyncio.wait_for(poll(), timeout)
+    except Failure:
+        raise
+    except TimeoutError:
+        raise Failure(f"atelier did not come up: no runner joined within {timeout:.0f}s (the log above may say "
+                      "why; --ready-timeout waits longer)") from None
 
 
 # --------------------------------------------------------------------------- #
 # atelier generate / status / cancel / models
 
 
-async def _keys(args: argparse.Namespace) -> int:
+async def _keys(args: argparse.Namespace, config: Config) -> int:
     from actors.keys import folder_of, make
 
-    config = load_config(args.config)
     folder = Path(args.dir).expanduser() if args.dir else folder_of(config)
     try:
         written = make(folder, args.name)
@@ -139,28 +118,44 @@ async def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-class NotRunning(Exception):
-    """No broker answered: atelier is not up at that address."""
-
-
 @contextlib.asynccontextmanager
 async def _connect(router: str, pub: str, config: Config, timeout: float = 5.0):
+    """A client of the atelier at ``router``; no broker or no scheduler there is a Failure that says so."""
+    from actors.actor import RemoteError
     from actors.keys import for_peer
     from frontends.client import AtelierClient
 
     client = AtelierClient(router, pub, keys=for_peer(config))
     try:
-        await client.start(timeout=timeout)
+        await client.start(timeout=timeout)  # NoBroker: nothing answers there
     except TimeoutError:
         await client.close(drain_timeout=0)
-        raise NotRunning(f"no atelier broker answered at {router}; start one with `atelier up`") from None
+        raise
     try:
         yield client
+    except RemoteError as exc:
+        if not _unroutable(exc):
+            raise
+        raise Failure(f"no scheduler answers at {router}: a broker runs there, but no scheduler has joined it. "
+                      f"Start atelier with `atelier up` (or a scheduler with `atelier scheduler --router "
+                      f"{router}`), or pass --router to reach another", 3) from None
+    except Failure:
+        raise
+    except TimeoutError:
+        raise Failure(f"the scheduler at {router} did not answer in time: it may be overloaded or stuck "
+                      "(`atelier status` shows it, its log says why)", 3) from None
     finally:
         await client.close()
 
 
-async def _generate(args: argparse.Namespace) -> int:
+def _unroutable(exc) -> bool:
+    """A refusal from the broker that no scheduler is there to ask, rather than from the scheduler."""
+    from atelier.jobs import ErrorCode
+
+    return exc.error.code is ErrorCode.unroutable
+
+
+async def _generate(args: argparse.Namespace, config: Config) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -171,7 +166,6 @@ async def _generate(args: argparse.Namespace) -> int:
     from atelier.jobs import JobSpec, JobState
 
     console = Console(stderr=True)
-    config = load_config(args.config)
     if (args.mask or args.strength is not None) and not args.image:
         console.print("[red]error:[/red] --mask and --strength go with --image")
         return 2
@@ -203,14 +197,13 @@ async def _generate(args: argparse.Namespace) -> int:
             console.print(f"[red]error:[/red] {exc}")
             return 2
         except RemoteError as exc:
+            if _unroutable(exc):
+                raise  # _connect says there is no scheduler
             # Most refusals name their field already ("loras: …"): say it once.
             field = exc.error.field
             named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
             console.print(f"[red]error:[/red] {named}{exc.error.message}")
             return 2
-        except asyncio.TimeoutError:
-            console.print(f"[red]error:[/red] no scheduler answered at {router}; is atelier up?")
-            return 3
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         result: JobResult | None = None
@@ -290,12 +283,10 @@ def _describe(event) -> str:
     return words
 
 
-async def _status(args: argparse.Namespace) -> int:
+async def _status(args: argparse.Namespace, config: Config) -> int:
     from rich.console import Console
     from rich.table import Table
 
-
-    config = load_config(args.config)
     async with _connect(*_endpoints(args, config), config) as client:
         status = await client.status()
     table = Table(title="runners")
@@ -328,14 +319,15 @@ def _sizes(models: dict[str, int]) -> str:
     return ", ".join(f"{name} ({_mib(size)})" for name, size in models.items()) or "-"
 
 
-async def _cancel(args: argparse.Namespace) -> int:
+async def _cancel(args: argparse.Namespace, config: Config) -> int:
     from actors.actor import RemoteError
 
-    config = load_config(args.config)
     async with _connect(*_endpoints(args, config), config) as client:
         try:
             record = await client.cancel(args.job)
         except RemoteError as exc:
+            if _unroutable(exc):
+                raise  # _connect says there is no scheduler
             print(f"error: {exc.error.message}", file=sys.stderr)
             return 1
     print(f"{args.job}: {record.state.value}" + (" (stopping at its next step)" if not record.state.terminal
@@ -343,9 +335,7 @@ async def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _models(args: argparse.Namespace) -> int:
-
-    config = load_config(args.config)
+async def _models(args: argparse.Namespace, config: Config) -> int:
     async with _connect(*_endpoints(args, config), config) as client:
         models = await client.models()
     for m in models:
@@ -375,12 +365,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str, *, connects: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="atelier.toml (default: ./atelier.toml, else built-in settings)")
-        p.add_argument("--log-level", default="WARNING" if name != "up" else "INFO")
-        if connects:
-            p.add_argument("--router", help="the broker's ROUTER endpoint (default from the config)")
-            p.add_argument("--pub", help="the broker's XPUB endpoint (default from the config)")
-        return p
+        return add_common_options(p, log_level="WARNING" if name != "up" else "INFO",
+                                  router="the broker's ROUTER endpoint (default from the config)" if connects else None,
+                                  pub="the broker's XPUB endpoint (default from the config)" if connects else None)
 
     up = command("up", "start broker, scheduler and a node on this machine")
     up.add_argument("--devices", help="comma-separated devices for the node (default: every GPU, else cpu)")
@@ -473,19 +460,28 @@ def main(argv: list[str] | None = None) -> int:
         import gpu_node
 
         return gpu_node.main(argv[1:])
-    args = _parser().parse_args(argv)
-    from atelier.runtime import run, setup_logging
+    return process_main(_parser(), _command, argv, log_name=lambda args: "up" if args.command == "up" else None,
+                        other_address="choose other ports with --router and --pub (or [broker] router and "
+                                      "pub in the config)")
 
-    setup_logging(args.log_level, args.command if args.command == "up" else None)
-    handler = {"up": _up, "generate": _generate, "status": _status, "cancel": _cancel, "models": _models,
-               "keys": _keys}
-    try:
-        return run(handler[args.command](args))
-    except NotRunning as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
+
+async def _command(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> int:
+    if args.command == "up":
+        return await _up(args, config, stop)
+    # Ctrl-C only set ``stop``: end the command then (cancelled, ``generate`` cancels its job too).
+    command = asyncio.create_task(COMMANDS[args.command](args, config))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({command, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if command.done():
+        return command.result()
+    command.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await command
+    return INTERRUPTED
+
+
+COMMANDS = {"generate": _generate, "status": _status, "cancel": _cancel, "models": _models, "keys": _keys}
 
 
 if __name__ == "__main__":

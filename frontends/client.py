@@ -71,7 +71,6 @@ class AtelierClient(Actor):
         self._sub: zmq.asyncio.Socket | None = None
         self._watches: dict[str, _Watch] = {}
         self._results: OrderedDict[str, JobResult] = OrderedDict()
-        self._fetching: set[asyncio.Future] = set()  # results being asked for again (kept referenced)
 
     async def __aenter__(self) -> "AtelierClient":
         await self.start()
@@ -87,8 +86,8 @@ class AtelierClient(Actor):
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._sub.connect(self.pub)
         await super().start(timeout)
-        self._tasks.append(asyncio.create_task(self._event_loop(), name=f"{self.name}-events"))
-        self._tasks.append(asyncio.create_task(self._resync_loop(), name=f"{self.name}-resync"))
+        self._tasks.spawn(self._event_loop(), "events")
+        self._tasks.spawn(self._resync_loop(), "resync")
 
     async def close(self, drain_timeout: float = 2.0) -> None:
         if self._sub is not None:
@@ -214,9 +213,7 @@ class AtelierClient(Actor):
                 log.info("could not fetch the result of %s yet: %s", job_id, exc)
 
         for job_id in job_ids:
-            task = asyncio.ensure_future(fetch(job_id))
-            self._fetching.add(task)
-            task.add_done_callback(self._fetching.discard)
+            self._tasks.spawn(fetch(job_id), f"fetch-{job_id}")
 
     async def fetch_result(self, job_id: str) -> JobResult | None:
         """The job's result from the scheduler (shown through the job's watch if it has not been),

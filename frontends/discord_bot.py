@@ -34,10 +34,8 @@ import logging
 import os
 import random
 import re
-import signal
 import sys
 import time
-import tomllib
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -52,9 +50,9 @@ from pydantic import ValidationError
 
 from actors.actor import RemoteError
 from actors.messages import JobResult, ModelInfo
-from atelier.config import DiscordConfig, load_config
+from atelier.config import Config, DiscordConfig
 from atelier.jobs import JobInputs, JobKind, JobRecord, JobSpec, JobState, Priority
-from atelier.runtime import run, setup_logging
+from atelier.runtime import Failure, TaskSet, process_main, process_parser
 from frontends.client import AtelierClient, Event
 from frontends.discord_views import (
     IMAGE_OPTIONS,
@@ -383,7 +381,7 @@ class AtelierBot(discord.Client):
         self.sessions: dict[tuple[int, int], LiveSession] = {}
         self._models: list[ModelInfo] = []
         self._models_at = -1e9
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet("discord")
         self._register_commands()
 
     # -- lifecycle ----------------------------------------------------------- #
@@ -413,8 +411,7 @@ class AtelierBot(discord.Client):
             log.warning("stopping: cancelling %d job(s) not yet delivered to Discord: %s", len(undelivered),
                         ", ".join(undelivered))
             await asyncio.gather(*(self._cancel_quietly(job_id) for job_id in undelivered))
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.cancel_all()
         for session in self.sessions.values():
             if session.painter is not None:
                 session.painter.cancel()
@@ -427,10 +424,7 @@ class AtelierBot(discord.Client):
             log.warning("could not cancel job %s: %s", job_id, exc)
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro, name)
 
     # -- who may ------------------------------------------------------------- #
 
@@ -611,7 +605,7 @@ class AtelierBot(discord.Client):
         reply = Reply(self, interaction)
         await reply.open(self._render(card))  # within Discord's 3 s, before anything that may wait
         self.jobs[spec.id] = card
-        self._spawn(self._follow(card, reply), f"discord-job-{spec.id}")
+        self._spawn(self._follow(card, reply), f"job-{spec.id}")
 
     @staticmethod
     def _attachments_refusal(attachments: dict[str, discord.Attachment]) -> str | None:
@@ -725,7 +719,7 @@ class AtelierBot(discord.Client):
         if session.idle is not None:
             session.idle.cancel()
         await self._show_canvas(session, interaction, from_canvas)
-        self._spawn(self._follow_live(session, spec), f"discord-live-{spec.id}")
+        self._spawn(self._follow_live(session, spec), f"live-{spec.id}")
 
     async def _show_canvas(self, session: LiveSession, interaction: discord.Interaction, from_canvas: bool) -> None:
         message = interaction.message.id if from_canvas and interaction.message else None
@@ -737,7 +731,7 @@ class AtelierBot(discord.Client):
         if session.painter is not None:  # the canvas moves: the old one says so and keeps no picture
             old = session.painter
             old.render = moved_frame
-            self._spawn(old.finish(must_land=False), "discord-live-retire")
+            self._spawn(old.finish(must_land=False), "live-retire")
         if message is not None:
             await interaction.response.defer()
             session.reply = Reply(self, interaction, message_id=message)
@@ -775,7 +769,7 @@ class AtelierBot(discord.Client):
             card.display.apply(result, self.clock())
             if canvas.apply(spec.id, result, self.clock()):
                 session.painter.touch(must_land=True)  # the newest prompt's image must reach the canvas
-                session.idle = self._spawn(self._end_live_later(session), "discord-live-idle")
+                session.idle = self._spawn(self._end_live_later(session), "live-idle")
         finally:
             self._remember(card)
 
@@ -917,21 +911,23 @@ def _config_problem(config) -> str | None:
     return None
 
 
-async def _serve(config, router: str, pub: str, token: str) -> int:
+async def _serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> int:
     from actors.keys import for_peer
 
-    atelier = AtelierClient(router, pub, keys=for_peer(config))
+    token = find_token(os.environ, Path.cwd())
+    if token is None:
+        raise Failure(f"no Discord bot token: set {TOKEN_ENV} in the environment or in a .env file here "
+                      "(the README's 'Discord' section says where to get one)", 2)
+    if (problem := _config_problem(config)) is not None:
+        raise Failure(problem, 2)
+    atelier = AtelierClient(args.router or config.broker.router, args.pub or config.broker.pub,
+                            keys=for_peer(config))
     try:
         await atelier.start(timeout=30)
-    except TimeoutError:
+    except TimeoutError:  # no broker answered: process_main says so
         await atelier.close(drain_timeout=0)
-        log.error("no atelier broker answered at %s; start one with `atelier up`", router)
-        return 3
+        raise
     bot = AtelierBot(atelier, config.discord, default_model=config.default_model)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     running = asyncio.create_task(bot.start(token), name="discord-gateway")
     stopping = asyncio.create_task(stop.wait(), name="discord-stop")
     await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -954,30 +950,9 @@ async def _serve(config, router: str, pub: str, token: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="atelier discord", description="Serve atelier on Discord.")
-    parser.add_argument("--config", help="atelier.toml (default: ./atelier.toml, else built-in settings)")
-    parser.add_argument("--router", help="the broker's ROUTER endpoint (default from the config)")
-    parser.add_argument("--pub", help="the broker's XPUB endpoint (default from the config)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.log_level, "discord")
-    token = find_token(os.environ, Path.cwd())
-    if token is None:
-        print(f"error: no Discord bot token: set {TOKEN_ENV} in the environment or in a .env file here "
-              "(the README's 'Discord' section says where to get one)", file=sys.stderr)
-        return 2
-    try:
-        config = load_config(args.config)
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-        print(f"error: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    if (problem := _config_problem(config)) is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        return run(_serve(config, args.router or config.broker.router, args.pub or config.broker.pub, token))
-    except KeyboardInterrupt:
-        return 130
+    parser = process_parser("atelier discord", "Serve atelier on Discord.",
+                            pub="the broker's XPUB endpoint (default from the config)")
+    return process_main(parser, _serve, argv, log_name="discord")
 
 
 if __name__ == "__main__":

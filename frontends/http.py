@@ -24,7 +24,6 @@ import hmac
 import json
 import logging
 import re
-import signal
 import time
 import uuid
 from collections import OrderedDict
@@ -42,8 +41,9 @@ from actors.actor import RemoteError
 from actors.keys import for_peer
 from actors.messages import JobEvent, JobResult, Preview, Progress
 from atelier.artifacts import media_type_for
-from atelier.config import Config, HttpConfig, load_config
+from atelier.config import Config, HttpConfig
 from atelier.jobs import ErrorCode, JobId, JobInputs, JobKind, JobRecord, JobSpec
+from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, process_parser
 from frontends import api, metrics
 from frontends.client import AtelierClient
 
@@ -139,15 +139,13 @@ class JobStreams:
     def __init__(self, client: AtelierClient):
         self.client = client
         self._jobs: OrderedDict[str, _Followed] = OrderedDict()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet("http-follow")
 
     def follow(self, job_id: str, *, own: bool) -> _Followed:
         followed = self._jobs.get(job_id)
         if followed is None:
             followed = self._jobs[job_id] = _Followed(own)
-            task = asyncio.create_task(self._read(job_id, followed))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._read(job_id, followed), f"follow-{job_id}")
             while len(self._jobs) > self.KEEP:
                 oldest, gone = next(iter(self._jobs.items()))
                 if not gone.ended:
@@ -198,8 +196,7 @@ class JobStreams:
                 queue.put_nowait(None)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.cancel_all()
 
 
 class AccessLog(AbstractAccessLogger):
@@ -661,7 +658,7 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
                 ready: Callable[[str], Awaitable[None]] | None = None, stop: asyncio.Event | None = None) -> None:
     """Runs the HTTP server until ``stop`` is set."""
     if host not in LOOPBACK and not config.http.tokens:
-        raise SystemExit(f"refusing to serve HTTP on {host}: beyond this machine, [http] tokens are required")
+        raise Failure(f"refusing to serve HTTP on {host}: beyond this machine, [http] tokens are required", 2)
     client = AtelierClient(router, pub, name=f"http-{uuid.uuid4().hex[:8]}", keys=for_peer(config))
     await client.start()
     server = HttpServer(config, client, base_url="")
@@ -681,36 +678,25 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
         await client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from atelier.runtime import READY_PREFIX, run, setup_logging
-
-    parser = argparse.ArgumentParser(prog="atelier http", description="Serve atelier's HTTP API and web page.")
-    parser.add_argument("--config")
-    parser.add_argument("--router", help="the broker's ROUTER endpoint")
-    parser.add_argument("--pub", help="the broker's XPUB endpoint")
-    parser.add_argument("--listen", help="HOST:PORT (default from the config: 127.0.0.1:8080)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, "http")
-    config = load_config(args.config)
+async def _serve_process(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
     host, port = config.http.host, config.http.port
     if args.listen:
         host, _, port_text = args.listen.rpartition(":")
         port = int(port_text)
-    stop = asyncio.Event()
 
     async def ready(url: str) -> None:
         print(READY_PREFIX + json.dumps({"url": url}), flush=True)
 
-    async def main_task() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, args.router or config.broker.router, args.pub or config.broker.pub, host, port,
-                    ready, stop)
+    await serve(config, args.router or config.broker.router, args.pub or config.broker.pub, host, port, ready, stop)
 
-    run(main_task())
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    parser = process_parser("atelier http", "Serve atelier's HTTP API and web page.",
+                            pub="the broker's XPUB endpoint (default from the config)")
+    parser.add_argument("--listen", help="HOST:PORT (default from the config: 127.0.0.1:8080)")
+    return process_main(parser, _serve_process, argv, log_name="http",
+                        other_address="choose another with --listen (atelier up: --http), or [http] port in "
+                                      "the config")
 
 
 if __name__ == "__main__":
