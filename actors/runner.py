@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ from actors.messages import (
 )
 from atelier import media, sources, staging
 from atelier.config import Config, load_config
-from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, accel, get_family, loras, vae
+from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
 
@@ -66,7 +67,7 @@ STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: 
 
 @dataclass
 class ResidentModel:
-    pipe: Any
+    model: LoadedModel
     bytes: int
 
 
@@ -212,24 +213,19 @@ class Runner(Actor):
             resident = self.pipelines.get(first.model)
             if resident is None:
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
-                pipe = await self._load(first.model, timing)
+                model = await self._load(first.model, timing)
             else:
-                pipe = resident.pipe
+                model = resident.model
                 self.pipelines.move_to_end(first.model)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
             batch.progress_at = time.monotonic()
-            entry = self.config.models[first.model]
 
             def work() -> list[list[Artifact]]:
                 # One trip to the worker per batch, not one per stage: each trip costs two thread
                 # wake-ups, which is most of a short job's cost. Decoding the input images and
                 # encoding the outputs are CPU work too: here, off the event loop.
-                family = get_family(entry.family)
-                reporter = self._step_reporter(batch, vae.previewer(pipe, family), timing)
-                request = batch_request(batch.items)
-                loras.use_loras(pipe, request.loras, entry.loras)
-                accel.before_call(pipe)  # a cache starts each call afresh
-                items = family.generate(pipe, request, reporter)
+                reporter = self._step_reporter(batch, model.previewer, timing)
+                items = model.generate(batch_request(batch.items), reporter)
                 outputs, start = [], 0
                 for spec in specs:
                     mine = items[start:start + spec.count]
@@ -320,33 +316,20 @@ class Runner(Actor):
 
         return on_step
 
-    async def _load(self, model: str, timing: RunTiming) -> Any:
+    async def _load(self, model: str, timing: RunTiming) -> LoadedModel:
         entry = self.config.models[model]
         asked = time.monotonic()
         staged = await self._stage(model)
         timing.stage_wait_s = time.monotonic() - asked
-        path = Path(staged.path) if staged.path else None
-        dtype = entry.dtype
-        if dtype == "auto":
-            dtype = "float32" if self.device == "cpu" else "float16"
+        request = LoadRequest.for_entry(entry, Path(staged.path) if staged.path else None, device=self.device,
+                                        model_cache=self.config.model_cache)
 
-        def load() -> Any:
+        def load() -> LoadedModel:
             family = get_family(entry.family)  # the first call imports torch: keep it off the loop
             started = time.monotonic()
-            # With offload the model stays on the CPU (accel hands the GPU its parts as they run).
-            device = accel.load_device(entry, self.device)
-            weights, pinned = self._map_staged(staged, device)
+            weights, pinned = self._map_staged(staged, request.load_device)
             try:
-                # A GGUF transformer (sd3, flux): staged, its bytes are in weights; else read from its file.
-                gguf = ({"transformer": sources.transformer_file(entry, self.config.model_cache)}
-                        if entry.transformer else {})
-                pipe = family.load(path, device=device, dtype_name=dtype, options=entry.options,
-                                   weights=weights, config=sources.config_folder(entry), variant=entry.variant,
-                                   **gguf)
-                vae.load_vaes(pipe, entry)  # the catalog's VAE override and preview decoder, read from disk
-                loras.load_loras(pipe, entry.loras)
-                family.load_conditioning(pipe, entry.controlnets, entry.ip_adapter, entry.ip_adapter_encoder)
-                accel.apply(pipe, entry, self.device)  # quantize, cache, offload, compile: once all is there
+                loaded = family.load(replace(request, weights=weights))
             finally:
                 if pinned is not None:
                     staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
@@ -354,23 +337,20 @@ class Runner(Actor):
             timing.load_s = time.monotonic() - started
             log.info("%s: loaded %s from %s in %.2fs", self.name, model,
                      "staged memory" if weights is not None else "disk", timing.load_s)
-            return pipe
+            return loaded
 
         # Room first, by the staged size (the loaded size is close to it): two models that
         # cannot share the device must never be on it at once.
         # An offloaded model's whole size is in RAM, not on the device: its share is known once loaded.
         self._make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True)
         try:
-            pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
+            loaded = await asyncio.get_running_loop().run_in_executor(self._worker, load)
         finally:
             if staged.segment:
                 await self.send(loader_name(self.node), Release(model=model))
-        family = get_family(entry.family)
-        on_device = (accel.offloaded_bytes(pipe, entry.offload) if entry.offload else
-                     module_bytes(pipe, [*family.held_modules(pipe), *vae.held_modules(pipe)]))
-        self.pipelines[model] = ResidentModel(pipe, on_device)
+        self.pipelines[model] = ResidentModel(loaded, loaded.device_bytes())
         self._make_room(model, 0, keep_slot=False)
-        return pipe
+        return loaded
 
     @property
     def resident_bytes(self) -> dict[str, int]:
@@ -551,22 +531,6 @@ def _decode(data: Any, spec: JobSpec, mode: str, *, resize: bool = True) -> Any:
     if resize and image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
     return image
-
-
-def module_bytes(pipe: Any, extra: list[Any] | tuple = ()) -> int:
-    """Bytes of every parameter and buffer of a pipeline's modules and of ``extra`` modules it keeps
-    beside them (0 for one without modules), or the size a pipeline declares (the cost model stands in
-    for weights it does not hold). A tensor two modules share counts once."""
-    if hasattr(pipe, "nbytes"):
-        return int(pipe.nbytes)
-    seen: set[int] = set()
-    total = 0
-    for component in [*getattr(pipe, "components", {}).values(), *extra]:
-        for tensor in [*getattr(component, "parameters", list)(), *getattr(component, "buffers", list)()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += accel.tensor_bytes(tensor)  # a quantized tensor by what it holds
-    return total
 
 
 def default_device_budget(device: str) -> int:
