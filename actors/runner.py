@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +53,7 @@ from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_f
 from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
+from atelier.resident import DeviceBudgetError, ResidentSet
 
 log = logging.getLogger("atelier.runner")
 
@@ -63,12 +63,6 @@ PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is mo
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
-
-
-@dataclass
-class ResidentModel:
-    model: LoadedModel
-    bytes: int
 
 
 @dataclass
@@ -103,8 +97,8 @@ class Runner(Actor):
         self.config = config
         self.node = node
         self.device = device
-        self.pipelines: OrderedDict[str, ResidentModel] = OrderedDict()  # least recently used first
-        self.budget = config.node.device_budget_bytes or default_device_budget(device)
+        self.models = ResidentSet(config.node.device_budget_bytes or default_device_budget(device),
+                                  config.node.resident_models, device=device)
         self.active: ActiveBatch | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
@@ -210,13 +204,10 @@ class Runner(Actor):
         loop = asyncio.get_running_loop()
         timing = RunTiming(images=sum(spec.count for spec in specs))
         try:
-            resident = self.pipelines.get(first.model)
-            if resident is None:
+            model = self.models.get(first.model)
+            if model is None:
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
                 model = await self._load(first.model, timing)
-            else:
-                model = resident.model
-                self.pipelines.move_to_end(first.model)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
             batch.progress_at = time.monotonic()
 
@@ -342,37 +333,23 @@ class Runner(Actor):
         # Room first, by the staged size (the loaded size is close to it): two models that
         # cannot share the device must never be on it at once.
         # An offloaded model's whole size is in RAM, not on the device: its share is known once loaded.
-        self._make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True)
+        self._evicted(model, self.models.make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True))
         try:
             loaded = await asyncio.get_running_loop().run_in_executor(self._worker, load)
         finally:
             if staged.segment:
                 await self.send(loader_name(self.node), Release(model=model))
-        self.pipelines[model] = ResidentModel(loaded, loaded.device_bytes())
-        self._make_room(model, 0, keep_slot=False)
+        self._evicted(model, self.models.add(model, loaded, loaded.device_bytes()))
         return loaded
 
     @property
     def resident_bytes(self) -> dict[str, int]:
-        return {name: r.bytes for name, r in self.pipelines.items()}
+        return self.models.bytes
 
-    def _make_room(self, model: str, incoming: int, *, keep_slot: bool) -> None:
-        """Evicts least recently used models until ``incoming`` more bytes (and, with ``keep_slot``,
-        one more model) fit the device budget. A model alone larger than the budget is an error."""
-        if incoming > self.budget:
-            raise sources.ModelSourceError(f"model {model} needs {incoming:,} bytes on {self.device}, "
-                                           f"more than its budget of {self.budget:,} bytes")
-        most = self.config.node.resident_models - (1 if keep_slot else 0)
-
-        def over() -> bool:
-            used = sum(r.bytes for r in self.pipelines.values()) + incoming
-            return used > self.budget or len(self.pipelines) > most
-
-        for name in [n for n in self.pipelines if n != model]:  # oldest first
-            if not over():
-                break
-            del self.pipelines[name]
+    def _evicted(self, model: str, names: list[str]) -> None:
+        for name in names:
             log.info("%s: evicted %s to make room for %s", self.name, name, model)
+        if names:
             self._free_memory()
 
     def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
@@ -422,20 +399,16 @@ class Runner(Actor):
     def _explain(self, exc: Exception) -> tuple[str, bool]:
         """A reason a person can act on, and whether another attempt may succeed."""
         if _is_cuda_oom(exc):
-            # Keep only the newest model: the others' memory may be what this job needs.
-            freed = len(self.pipelines) > 1
-            while len(self.pipelines) > 1:
-                self.pipelines.popitem(last=False)
+            freed = bool(self.models.keep_newest())
             self._free_memory()
             return f"out of GPU memory on {self.device}: {exc}; try a smaller size or count", freed
-        if isinstance(exc, sources.ModelSourceError):
+        if isinstance(exc, (sources.ModelSourceError, DeviceBudgetError)):
             return str(exc), False
         return f"{type(exc).__name__}: {exc}", False
 
     def _unload_all(self) -> None:
         """resident_models = 0: nothing stays loaded between batches."""
-        if self.pipelines:
-            self.pipelines.clear()
+        if self.models.clear():
             self._free_memory()
 
     def _free_memory(self) -> None:
