@@ -68,7 +68,7 @@ class _DiTFamily(Family):
     def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
         if req.kind != "txt2img" or req.images:
             raise ValueError(f"family {self.name!r} does txt2img only, not {req.kind}")
-        pipe, settings = model.pipe, model.settings
+        pipe, settings = model.pipe, model.settings or _Settings()  # a model of a pipeline alone has none
         # Binning makes its own sizes and resizes back to the one asked for; otherwise the latents must
         # be whole patches.
         width, height = (req.width, req.height) if settings.binning else (_up(req.width), _up(req.height))

@@ -77,7 +77,7 @@ class _FlowFamily(Family):
                       num_images_per_prompt=1, generator=generators, width=req.width, height=req.height,
                       output_type="pil", callback_on_step_end=on_step_end,
                       callback_on_step_end_tensor_inputs=["latents"], **self._prompt_extras(req),
-                      **model.settings)
+                      **(model.settings or {}))  # a model of a pipeline alone has none
         if req.masks:  # inpainting: the image, repainted where the mask is white
             result = _variant(model, AutoPipelineForInpainting)(
                 image=list(req.images), mask_image=list(req.masks), strength=req.strength, **common)
