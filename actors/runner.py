@@ -21,9 +21,8 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,9 +49,11 @@ from actors.messages import (
 )
 from atelier import media, sources, staging
 from atelier.config import Config
-from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, accel, get_family, loras, vae
+from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
+from atelier.resident import DeviceBudgetError, ResidentSet
 from atelier.runtime import process_main, process_parser
 
 log = logging.getLogger("atelier.runner")
@@ -63,12 +64,6 @@ PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is mo
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
-
-
-@dataclass
-class ResidentModel:
-    pipe: Any
-    bytes: int
 
 
 @dataclass
@@ -119,8 +114,8 @@ class Runner(Actor):
         self.config = config
         self.node = node
         self.device = device
-        self.pipelines: OrderedDict[str, ResidentModel] = OrderedDict()  # least recently used first
-        self.budget = config.node.device_budget_bytes or default_device_budget(device)
+        self.models = ResidentSet(config.node.device_budget_bytes or default_device_budget(device),
+                                  config.node.resident_models, device=device)
         self.active: ActiveBatch | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
@@ -220,27 +215,19 @@ class Runner(Actor):
         loop = asyncio.get_running_loop()
         timing = BatchTiming(images=sum(spec.count for spec in specs))
         try:
-            resident = self.pipelines.get(first.model)
-            if resident is None:
+            model = self.models.get(first.model)
+            if model is None:
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
-                pipe = await self._load(first.model, timing)
-            else:
-                pipe = resident.pipe
-                self.pipelines.move_to_end(first.model)
+                model = await self._load(first.model, timing)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
             batch.progress_at = time.monotonic()
-            entry = self.config.models[first.model]
 
             def work() -> list[list[Artifact]]:
                 # One trip to the worker per batch, not one per stage: each trip costs two thread
                 # wake-ups, which is most of a short job's cost. Decoding the input images and
                 # encoding the outputs are CPU work too: here, off the event loop.
-                family = get_family(entry.family)
-                reporter = self._step_reporter(batch, vae.previewer(pipe, family), timing)
-                request = batch_request(batch.items)
-                loras.use_loras(pipe, request.loras, entry.loras)
-                accel.before_call(pipe)  # a cache starts each call afresh
-                items = family.generate(pipe, request, reporter)
+                reporter = self._step_reporter(batch, model.previewer, timing)
+                items = model.generate(batch_request(batch.items), reporter)
                 outputs, start = [], 0
                 for spec in specs:
                     mine = items[start:start + spec.count]
@@ -300,7 +287,7 @@ class Runner(Actor):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _step_reporter(self, batch: ActiveBatch, family, timing: BatchTiming):
+    def _step_reporter(self, batch: ActiveBatch, previewer, timing: BatchTiming):
         """The per-step callback; it runs in the worker thread, between denoising steps."""
         started = time.monotonic()
         self.previews.drop_others({spec.id for spec in batch.specs})  # an ended job's preview is of no use
@@ -327,37 +314,24 @@ class Runner(Actor):
                                                  elapsed_s=now - batch.started, eta_s=per_step * (total - step)))
                 if latents is not None and spec.previews:
                     # Only a copy of this image's latents here; the picture is made on the preview thread.
-                    self.previews.offer(spec.id, step, family, latents[index].detach().clone())
+                    self.previews.offer(spec.id, step, previewer, latents[index].detach().clone())
 
         return on_step
 
-    async def _load(self, model: str, timing: BatchTiming) -> Any:
+    async def _load(self, model: str, timing: BatchTiming) -> LoadedModel:
         entry = self.config.models[model]
         asked = time.monotonic()
         staged = await self._stage(model)
         timing.stage_wait_s = time.monotonic() - asked
-        path = Path(staged.path) if staged.path else None
-        dtype = entry.dtype
-        if dtype == "auto":
-            dtype = "float32" if self.device == "cpu" else "float16"
+        request = LoadRequest.for_entry(entry, Path(staged.path) if staged.path else None, device=self.device,
+                                        model_cache=self.config.model_cache)
 
-        def load() -> Any:
+        def load() -> LoadedModel:
             family = get_family(entry.family)  # the first call imports torch: keep it off the loop
             started = time.monotonic()
-            # With offload the model stays on the CPU (accel hands the GPU its parts as they run).
-            device = accel.load_device(entry, self.device)
-            weights, pinned = self._map_staged(staged, device)
+            weights, pinned = self._map_staged(staged, request.load_device)
             try:
-                # A GGUF transformer (sd3, flux): staged, its bytes are in weights; else read from its file.
-                gguf = ({"transformer": sources.transformer_file(entry, self.config.model_cache)}
-                        if entry.transformer else {})
-                pipe = family.load(path, device=device, dtype_name=dtype, options=entry.options,
-                                   weights=weights, config=sources.config_folder(entry), variant=entry.variant,
-                                   **gguf)
-                vae.load_vaes(pipe, entry)  # the catalog's VAE override and preview decoder, read from disk
-                loras.load_loras(pipe, entry.loras)
-                family.load_conditioning(pipe, entry.controlnets, entry.ip_adapter, entry.ip_adapter_encoder)
-                accel.apply(pipe, entry, self.device)  # quantize, cache, offload, compile: once all is there
+                loaded = family.load(replace(request, weights=weights))
             finally:
                 if pinned is not None:
                     staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
@@ -365,45 +339,28 @@ class Runner(Actor):
             timing.load_s = time.monotonic() - started
             log.info("%s: loaded %s from %s in %.2fs", self.name, model,
                      "staged memory" if weights is not None else "disk", timing.load_s)
-            return pipe
+            return loaded
 
         # Room first, by the staged size (the loaded size is close to it): two models that
         # cannot share the device must never be on it at once.
         # An offloaded model's whole size is in RAM, not on the device: its share is known once loaded.
-        self._make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True)
+        self._evicted(model, self.models.make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True))
         try:
-            pipe = await asyncio.get_running_loop().run_in_executor(self._worker, load)
+            loaded = await asyncio.get_running_loop().run_in_executor(self._worker, load)
         finally:
             if staged.segment:
                 await self.send(loader_name(self.node), Release(model=model))
-        family = get_family(entry.family)
-        on_device = (accel.offloaded_bytes(pipe, entry.offload) if entry.offload else
-                     module_bytes(pipe, [*family.held_modules(pipe), *vae.held_modules(pipe)]))
-        self.pipelines[model] = ResidentModel(pipe, on_device)
-        self._make_room(model, 0, keep_slot=False)
-        return pipe
+        self._evicted(model, self.models.add(model, loaded, loaded.device_bytes()))
+        return loaded
 
     @property
     def resident_bytes(self) -> dict[str, int]:
-        return {name: r.bytes for name, r in self.pipelines.items()}
+        return self.models.bytes
 
-    def _make_room(self, model: str, incoming: int, *, keep_slot: bool) -> None:
-        """Evicts least recently used models until ``incoming`` more bytes (and, with ``keep_slot``,
-        one more model) fit the device budget. A model alone larger than the budget is an error."""
-        if incoming > self.budget:
-            raise sources.ModelSourceError(f"model {model} needs {incoming:,} bytes on {self.device}, "
-                                           f"more than its budget of {self.budget:,} bytes")
-        most = self.config.node.resident_models - (1 if keep_slot else 0)
-
-        def over() -> bool:
-            used = sum(r.bytes for r in self.pipelines.values()) + incoming
-            return used > self.budget or len(self.pipelines) > most
-
-        for name in [n for n in self.pipelines if n != model]:  # oldest first
-            if not over():
-                break
-            del self.pipelines[name]
+    def _evicted(self, model: str, names: list[str]) -> None:
+        for name in names:
             log.info("%s: evicted %s to make room for %s", self.name, name, model)
+        if names:
             self._free_memory()
 
     def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
@@ -451,20 +408,16 @@ class Runner(Actor):
     def _explain(self, exc: Exception) -> tuple[str, bool]:
         """A reason a person can act on, and whether another attempt may succeed."""
         if _is_cuda_oom(exc):
-            # Keep only the newest model: the others' memory may be what this job needs.
-            freed = len(self.pipelines) > 1
-            while len(self.pipelines) > 1:
-                self.pipelines.popitem(last=False)
+            freed = bool(self.models.keep_newest())
             self._free_memory()
             return f"out of GPU memory on {self.device}: {exc}; try a smaller size or count", freed
-        if isinstance(exc, sources.ModelSourceError):
+        if isinstance(exc, (sources.ModelSourceError, DeviceBudgetError)):
             return str(exc), False
         return f"{type(exc).__name__}: {exc}", False
 
     def _unload_all(self) -> None:
         """resident_models = 0: nothing stays loaded between batches."""
-        if self.pipelines:
-            self.pipelines.clear()
+        if self.models.clear():
             self._free_memory()
 
     def _free_memory(self) -> None:
@@ -560,22 +513,6 @@ def _decode(data: Any, spec: JobSpec, mode: str, *, resize: bool = True) -> Any:
     if resize and image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
     return image
-
-
-def module_bytes(pipe: Any, extra: list[Any] | tuple = ()) -> int:
-    """Bytes of every parameter and buffer of a pipeline's modules and of ``extra`` modules it keeps
-    beside them (0 for one without modules), or the size a pipeline declares (the cost model stands in
-    for weights it does not hold). A tensor two modules share counts once."""
-    if hasattr(pipe, "nbytes"):
-        return int(pipe.nbytes)
-    seen: set[int] = set()
-    total = 0
-    for component in [*getattr(pipe, "components", {}).values(), *extra]:
-        for tensor in [*getattr(component, "parameters", list)(), *getattr(component, "buffers", list)()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += accel.tensor_bytes(tensor)  # a quantized tensor by what it holds
-    return total
 
 
 def default_device_budget(device: str) -> int:

@@ -20,10 +20,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.runner import module_bytes  # noqa: E402
 from atelier import tiny_models  # noqa: E402
 from atelier.config import ModelEntry  # noqa: E402
-from atelier.families import GenerateRequest, accel, get_family, loras  # noqa: E402
+from atelier.families import GenerateRequest, accel, get_family  # noqa: E402
+from atelier.families.accel import module_bytes  # noqa: E402
+from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from tests.conftest import Cluster, run  # noqa: E402
 
@@ -54,20 +55,17 @@ def reference(models: dict[str, Path]) -> Any:
     return image
 
 
-def _load(models: dict[str, Path], name: str, device: str = "cpu", **settings: Any) -> Any:
+def _load(models: dict[str, Path], name: str, device: str = "cpu", **settings: Any) -> LoadedModel:
     family = tiny_models.BUILTIN[name]
-    entry = _entry(family, **settings)
-    pipe = get_family(family).load(models[name], device=accel.load_device(entry, device))
-    accel.apply(pipe, entry, device)
-    return pipe
+    return get_family(family).load(LoadRequest(models[name], device=device, entry=_entry(family, **settings)))
 
 
-def _images(name: str, pipe: Any, *, count: int = 1) -> list[np.ndarray]:
+def _images(name: str, model: LoadedModel, *, count: int = 1,
+            loras: tuple[tuple[str, float], ...] = ()) -> list[np.ndarray]:
     """A generation as the runner makes it (the cache reset first), as arrays of 0..255."""
-    accel.before_call(pipe)
     request = GenerateRequest.single(prompt="a lighthouse", negative_prompt=None, width=64, height=48, steps=4,
-                                     guidance=5.0, seed=7, count=count)
-    images = get_family(tiny_models.BUILTIN[name]).generate(pipe, request, lambda *_: None)
+                                     guidance=5.0, seed=7, count=count, loras=loras)
+    images = model.generate(request, lambda *_: None)
     assert [image.size for image in images] == [(64, 48)] * count
     return [np.asarray(image).astype(int) for image in images]
 
@@ -92,30 +90,29 @@ def test_catalog_settings_are_checked_when_read() -> None:
 
 def test_int8_quantizes_the_unet_and_keeps_loras_working(models: dict[str, Path], reference: Any,
                                                          tmp_path: Path) -> None:
-    plain = get_family("sd1").load(models["tiny-sd"], device="cpu")
+    plain = get_family("sd1").load(LoadRequest(models["tiny-sd"], device="cpu"))
     lora = tiny_models.build_tiny_lora(models["tiny-sd"], tmp_path / "ink", seed=1)
 
-    pipe = get_family("sd1").load(models["tiny-sd"], device="cpu")
-    loras.load_loras(pipe, {"ink": str(lora)})  # the runner's order: LoRAs, then accel
-    accel.apply(pipe, _entry("sd1", quantize="int8"), "cpu")
+    # The loading's order: LoRAs, then accel.
+    model = _load(models, "tiny-sd", quantize="int8", loras={"ink": str(lora)})
     weights = Counter(type(module.weight).__name__ + (" (LoRA)" if "lora_" in name else "")
-                      for name, module in pipe.unet.named_modules() if isinstance(module, torch.nn.Linear))
+                      for name, module in model.pipe.unet.named_modules() if isinstance(module, torch.nn.Linear))
     assert weights["Int8Tensor"] == 50 and weights["Parameter (LoRA)"] > 0 and weights["Parameter"] == 0
-    assert module_bytes(pipe) < module_bytes(plain) - 1_000_000  # the int8 weights take a quarter of the bytes
+    # the int8 weights take a quarter of the bytes
+    assert module_bytes(model.pipe) < module_bytes(plain.pipe) - 1_000_000
 
-    loras.use_loras(pipe, (), ["ink"])
-    quantized = _images("tiny-sd", pipe)[0]
+    quantized = _images("tiny-sd", model)[0]
     _close_but_not_equal(quantized, reference("tiny-sd"))
-    loras.use_loras(pipe, (("ink", 1.0),), ["ink"])
-    assert np.abs(_images("tiny-sd", pipe)[0] - quantized).mean() > 8  # the LoRA still changes the picture
+    # the LoRA still changes the picture
+    assert np.abs(_images("tiny-sd", model, loras=(("ink", 1.0),))[0] - quantized).mean() > 8
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int8-dynamic"])
 def test_other_quantizations_run_on_the_cpu(models: dict[str, Path], reference: Any, kind: str) -> None:
-    pipe = _load(models, "tiny-pixart-alpha", quantize=kind)
-    assert {type(m.weight).__name__ for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear)} == \
+    model = _load(models, "tiny-pixart-alpha", quantize=kind)
+    assert {type(m.weight).__name__ for m in model.pipe.transformer.modules() if isinstance(m, torch.nn.Linear)} == \
         {"Float8Tensor" if kind == "fp8" else "Int8Tensor"}
-    _close_but_not_equal(_images("tiny-pixart-alpha", pipe)[0], reference("tiny-pixart-alpha"))
+    _close_but_not_equal(_images("tiny-pixart-alpha", model)[0], reference("tiny-pixart-alpha"))
 
 
 def test_what_needs_cuda_or_a_denoiser_is_refused_on_the_cpu(models: dict[str, Path]) -> None:
@@ -123,9 +120,8 @@ def test_what_needs_cuda_or_a_denoiser_is_refused_on_the_cpu(models: dict[str, P
         accel.load_device(_entry("sd1", offload="model"), "cpu")
     with pytest.raises(ValueError, match="int4\" needs a CUDA device"):
         _load(models, "tiny-sd", quantize="int4")
-    noop = get_family("noop").load(None, device="cpu")
     with pytest.raises(ValueError, match="no denoiser"):
-        accel.apply(noop, _entry("noop", cache="first_block"), "cpu")
+        get_family("noop").load(LoadRequest(None, device="cpu", entry=_entry("noop", cache="first_block")))
 
 
 def _count_calls(module: torch.nn.Module, suffix: str) -> Counter:
@@ -146,16 +142,16 @@ def _count_calls(module: torch.nn.Module, suffix: str) -> Counter:
 ])
 def test_a_cache_skips_work_and_each_call_starts_afresh(models: dict[str, Path], reference: Any, name: str,
                                                         settings: dict[str, Any]) -> None:
-    pipe = _load(models, name, **settings)
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    model = _load(models, name, **settings)
+    denoiser = getattr(model.pipe, "transformer", None) or model.pipe.unet
     calls = _count_calls(denoiser, "resnets.0.conv1" if settings["cache"] == "deepcache" else ".to_q")
-    cached = _images(name, pipe)[0]
+    cached = _images(name, model)[0]
     # Every step ran the denoiser, but some of its blocks ran on fewer than the four.
     assert calls and max(calls.values()) <= 4 and min(calls.values()) < 4
     _close_but_not_equal(cached, reference(name))
     # A call with another batch size in between, then the first call again: the cache kept nothing across.
-    _images(name, pipe, count=2)
-    assert np.array_equal(_images(name, pipe)[0], cached)
+    _images(name, model, count=2)
+    assert np.array_equal(_images(name, model)[0], cached)
 
 
 @pytest.mark.parametrize("name, settings, message", [
@@ -173,9 +169,9 @@ def test_a_cache_that_does_not_fit_the_model_fails_its_load(models: dict[str, Pa
 def test_compile_wraps_the_denoiser(models: dict[str, Path]) -> None:
     # Compiling happens on the first call: a minute and more for the tiny SD on this CPU, so the
     # generation itself is the gpu test's; here, that the denoiser is set to compile in place.
-    pipe = _load(models, "tiny-pixart-alpha", compile="max-autotune-no-cudagraphs")
-    assert pipe.transformer._compiled_call_impl is not None
-    assert _load(models, "tiny-pixart-alpha").transformer._compiled_call_impl is None
+    model = _load(models, "tiny-pixart-alpha", compile="max-autotune-no-cudagraphs")
+    assert model.pipe.transformer._compiled_call_impl is not None
+    assert _load(models, "tiny-pixart-alpha").pipe.transformer._compiled_call_impl is None
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------- #
@@ -185,22 +181,21 @@ def test_compile_wraps_the_denoiser(models: dict[str, Path]) -> None:
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offload_keeps_the_weights_in_ram(models: dict[str, Path], offload: str) -> None:
     on_gpu = _images("tiny-sd", _load(models, "tiny-sd", device="cuda"))[0]
-    pipe = _load(models, "tiny-sd", device="cuda", offload=offload)
-    assert np.abs(_images("tiny-sd", pipe)[0] - on_gpu).mean() < 8
-    assert pipe.unet.device.type in ("cpu", "meta")  # between calls, nothing of it stays on the GPU
-    assert 0 < accel.offloaded_bytes(pipe, offload) < module_bytes(pipe)
+    model = _load(models, "tiny-sd", device="cuda", offload=offload)
+    assert np.abs(_images("tiny-sd", model)[0] - on_gpu).mean() < 8
+    assert model.pipe.unet.device.type in ("cpu", "meta")  # between calls, nothing of it stays on the GPU
+    assert 0 < accel.offloaded_bytes(model.pipe, offload) < module_bytes(model.pipe)
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_int4_and_compile_on_cuda(models: dict[str, Path]) -> None:
     family = get_family("sd1")
-    plain = _images("tiny-sd", family.load(models["tiny-sd"], device="cuda", dtype_name="bfloat16"))[0]
+    plain = _images("tiny-sd", family.load(LoadRequest(models["tiny-sd"], device="cuda", dtype_name="bfloat16")))[0]
     entry = _entry("sd1", dtype="bfloat16", quantize="int4", compile=True)
-    pipe = family.load(models["tiny-sd"], device="cuda", dtype_name="bfloat16")
-    accel.apply(pipe, entry, "cuda")
-    assert any("Int4" in type(m.weight).__name__ for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear))
-    assert np.abs(_images("tiny-sd", pipe)[0] - plain).mean() < 8
+    model = family.load(LoadRequest(models["tiny-sd"], device="cuda", dtype_name="bfloat16", entry=entry))
+    assert any("Int4" in type(m.weight).__name__ for m in model.pipe.unet.modules() if isinstance(m, torch.nn.Linear))
+    assert np.abs(_images("tiny-sd", model)[0] - plain).mean() < 8
 
 
 # -- through atelier ------------------------------------------------------------------------------------- #

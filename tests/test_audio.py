@@ -19,6 +19,7 @@ from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from atelier.media import Audio  # noqa: E402
 from atelier.preview import encode_jpeg  # noqa: E402
@@ -56,13 +57,13 @@ def model(request: pytest.FixtureRequest, atelier_home: Path) -> tuple[str, Path
     name = request.param
     folder = ensure_builtin(name, atelier_home / "models")
     family = get_family(SOUNDS[name][0])
-    return name, folder, family, family.load(folder, device="cpu")
+    return name, folder, family, family.load(LoadRequest(folder, device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def stable_audio(atelier_home: Path) -> tuple[Any, Any]:
     family = get_family("stable-audio")
-    return family, family.load(ensure_builtin("tiny-stable-audio", atelier_home / "models"), device="cpu")
+    return family, family.load(LoadRequest(ensure_builtin("tiny-stable-audio", atelier_home / "models"), device="cpu"))
 
 
 def test_sounds_have_the_asked_duration_at_the_models_rate(model: tuple[str, Path, Any, Any]) -> None:
@@ -121,7 +122,7 @@ def test_stable_audio_batch_of_jobs_with_and_without_negative_prompts(stable_aud
 
 def test_audioldm2_batch_of_jobs_keeps_each_sounds_prompt_and_seed(atelier_home: Path) -> None:
     family = get_family("audioldm2")
-    pipe = family.load(ensure_builtin("tiny-audioldm2", atelier_home / "models"), device="cpu")
+    pipe = family.load(LoadRequest(ensure_builtin("tiny-audioldm2", atelier_home / "models"), device="cpu"))
     rain = _samples(family.generate(pipe, _request(seed=7), _ignore_steps))
     bells = _samples(family.generate(pipe, GenerateRequest.single(
         prompt="church bells far away", negative_prompt="hiss", width=8, height=8, steps=3, guidance=7.0, seed=100,
@@ -153,10 +154,10 @@ def test_audioldm2_checkpoint_with_a_bare_gpt2_model_loads_and_makes_the_same_so
     (bare / "model_index.json").write_text(json.dumps(index))
 
     family = get_family("audioldm2")
-    wrapped = family.load(bare, device="cpu")
-    assert type(wrapped.language_model).__name__ == "GPT2LMHeadModel"
+    wrapped = family.load(LoadRequest(bare, device="cpu"))
+    assert type(wrapped.pipe.language_model).__name__ == "GPT2LMHeadModel"
     request = _request(seed=5, count=1)
-    expected = _samples(family.generate(family.load(folder, device="cpu"), request, _ignore_steps))
+    expected = _samples(family.generate(family.load(LoadRequest(folder, device="cpu")), request, _ignore_steps))
     assert _samples(family.generate(wrapped, request, _ignore_steps))[0].tobytes() == expected[0].tobytes()
 
 
@@ -167,7 +168,7 @@ def test_staged_weights_give_the_same_sound_bit_for_bit(model: tuple[str, Path, 
     segment = staging.SHM_ROOT / f"atelier-test-audio-{tmp_path.name}"
     try:
         table = staging.stage(folder, segment)
-        staged = family.load(folder, device="cpu", weights=staging.state_dicts(staging.map_segment(segment), table))
+        staged = family.load(LoadRequest(folder, weights=staging.state_dicts(staging.map_segment(segment), table)))
     finally:
         segment.unlink(missing_ok=True)
     request = _request(seed=11, negative_prompt="hiss")
@@ -193,7 +194,7 @@ def test_cancel_from_step_callback_propagates(model: tuple[str, Path, Any, Any])
 def test_unknown_options_are_refused(model: tuple[str, Path, Any, Any]) -> None:
     _, folder, family, _ = model
     with pytest.raises(ValueError, match="vae_tiling"):
-        family.load(folder, device="cpu", options={"vae_tiling": True})
+        family.load(LoadRequest(folder, device="cpu", options={"vae_tiling": True}))
 
 
 def test_stable_audio_refuses_a_duration_past_its_window(stable_audio: tuple[Any, Any]) -> None:

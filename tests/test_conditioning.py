@@ -22,9 +22,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult
-from actors.runner import module_bytes  # noqa: E402
 from atelier import tiny_models  # noqa: E402
+from atelier.config import ModelEntry  # noqa: E402
 from atelier.families import GenerateRequest, get_family  # noqa: E402
+from atelier.families.accel import module_bytes  # noqa: E402
+from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobSpec, JobState
 from atelier.tiny.conditioning import build_tiny_controlnet, build_tiny_ip_adapter  # noqa: E402
 from tests.conftest import Cluster, run  # noqa: E402
@@ -65,19 +67,19 @@ class Steps:
         self.seen.append((step, total))
 
 
-def _images(family: str, pipe: Any, *, prompt: str = "a red cube", count: int = 1, steps: Steps | None = None,
+def _images(family: str, model: LoadedModel, *, prompt: str = "a red cube", count: int = 1, steps: Steps | None = None,
             **inputs: Any) -> list[bytes]:
     request = GenerateRequest.single(prompt=prompt, negative_prompt=None, width=64, height=64, steps=3,
                                      guidance=5.0, seed=7, count=count, **inputs)
-    return [image.tobytes() for image in get_family(family).generate(pipe, request, steps or Steps())]
+    return [image.tobytes() for image in get_family(family).generate(model, request, steps or Steps())]
 
 
-def _load(family: str, model: Path, *, controlnets: dict[str, Path] | None = None, ip_adapter: Path | None = None,
-          **options: Any) -> Any:
-    pipe = get_family(family).load(model, device="cpu", options=options)
-    get_family(family).load_conditioning(pipe, {k: str(v) for k, v in (controlnets or {}).items()},
-                                         str(ip_adapter) if ip_adapter else None, None)
-    return pipe
+def _load(family: str, folder: Path, *, controlnets: dict[str, Path] | None = None, ip_adapter: Path | None = None,
+          **options: Any) -> LoadedModel:
+    entry = ModelEntry(family=family, source=str(folder), options=options,
+                       controlnets={k: str(v) for k, v in (controlnets or {}).items()},
+                       ip_adapter=str(ip_adapter) if ip_adapter else None)
+    return get_family(family).load(LoadRequest(folder, device="cpu", options=options, entry=entry))
 
 
 # --------------------------------------------------------------------------- #
@@ -86,81 +88,81 @@ def _load(family: str, model: Path, *, controlnets: dict[str, Path] | None = Non
 
 def test_controlnets_steer_the_image_and_switch_without_reloading(files: dict[str, Path]) -> None:
     base = _images("sd1", _load("sd1", files["sd"]))
-    pipe = _load("sd1", files["sd"], controlnets={"canny": files["canny"], "depth": files["depth"]})
-    unet = pipe.unet
-    assert _images("sd1", pipe) == base  # ControlNets loaded, none chosen: the model as it was
+    model = _load("sd1", files["sd"], controlnets={"canny": files["canny"], "depth": files["depth"]})
+    unet = model.pipe.unet
+    assert _images("sd1", model) == base  # ControlNets loaded, none chosen: the model as it was
     edges = _picture(1)
-    canny = _images("sd1", pipe, controlnet="canny", control_image=edges)
+    canny = _images("sd1", model, controlnet="canny", control_image=edges)
     assert canny != base
-    assert _images("sd1", pipe, controlnet="canny", control_image=edges) == canny  # same seed, same pixels
-    assert _images("sd1", pipe, controlnet="canny", control_image=edges, controlnet_scale=0.0) == base
-    assert _images("sd1", pipe, controlnet="canny", control_image=_picture(2)) not in (base, canny)
-    depth = _images("sd1", pipe, controlnet="depth", control_image=edges)
+    assert _images("sd1", model, controlnet="canny", control_image=edges) == canny  # same seed, same pixels
+    assert _images("sd1", model, controlnet="canny", control_image=edges, controlnet_scale=0.0) == base
+    assert _images("sd1", model, controlnet="canny", control_image=_picture(2)) not in (base, canny)
+    depth = _images("sd1", model, controlnet="depth", control_image=edges)
     assert depth not in (base, canny)
-    assert _images("sd1", pipe, controlnet="canny", control_image=edges) == canny  # back again, exactly
-    assert pipe.unet is unet  # every ControlNet pipeline runs the one loaded UNet
+    assert _images("sd1", model, controlnet="canny", control_image=edges) == canny  # back again, exactly
+    assert model.pipe.unet is unet  # every ControlNet pipeline runs the one loaded UNet
     # The device budget counts the ControlNets beside the model, each once.
-    held = get_family("sd1").held_modules(pipe)
+    held = model.held_modules
     controlnet_bytes = sum(p.numel() * p.element_size() for net in held for p in net.parameters())
     assert len(held) == 2 and controlnet_bytes > 0
-    assert module_bytes(pipe, held + held) == module_bytes(pipe) + controlnet_bytes
+    assert module_bytes(model.pipe, held + held) == module_bytes(model.pipe) + controlnet_bytes
 
     # img2img with a control image: the ControlNet still counts.
     start = dict(image=_picture(5), strength=0.8)
-    plain = _images("sd1", pipe, **start)
-    assert _images("sd1", pipe, controlnet="canny", control_image=edges, **start) != plain
+    plain = _images("sd1", model, **start)
+    assert _images("sd1", model, controlnet="canny", control_image=edges, **start) != plain
 
 
 def test_an_ip_adapter_image_steers_and_jobs_without_one_are_untouched(files: dict[str, Path]) -> None:
     plain_model = _load("sd1", files["sd"])
     base, pair = _images("sd1", plain_model), _images("sd1", plain_model, count=2)
-    pipe = _load("sd1", files["sd"], ip_adapter=files["ip"])
-    assert pipe.image_encoder is not None
-    assert _images("sd1", pipe, count=2) == pair  # no image prompt: the model without its IP-Adapter
+    model = _load("sd1", files["sd"], ip_adapter=files["ip"])
+    assert model.pipe.image_encoder is not None
+    assert _images("sd1", model, count=2) == pair  # no image prompt: the model without its IP-Adapter
     first, second = _picture(1, 48), _picture(2, 48)
-    steered = _images("sd1", pipe, ip_adapter_image=first)
+    steered = _images("sd1", model, ip_adapter_image=first)
     assert steered != base
-    assert _images("sd1", pipe, ip_adapter_image=first) == steered  # same seed, same pixels
-    assert _images("sd1", pipe, ip_adapter_image=first, ip_adapter_scale=0.0) == base
-    assert _images("sd1", pipe, ip_adapter_image=first, ip_adapter_scale=0.5) not in (base, steered)
-    other = _images("sd1", pipe, ip_adapter_image=second)
+    assert _images("sd1", model, ip_adapter_image=first) == steered  # same seed, same pixels
+    assert _images("sd1", model, ip_adapter_image=first, ip_adapter_scale=0.0) == base
+    assert _images("sd1", model, ip_adapter_image=first, ip_adapter_scale=0.5) not in (base, steered)
+    other = _images("sd1", model, ip_adapter_image=second)
     assert other != steered
-    assert _images("sd1", pipe, count=2) == pair  # and off again after a job with one
+    assert _images("sd1", model, count=2) == pair  # and off again after a job with one
 
     # Two jobs with different image prompts in one batch: each image as its job alone would make it,
     # the steps reported as those of one call.
     request = GenerateRequest(prompts=("a red cube",) * 2, negative_prompts=(None, None), seeds=(7, 7), width=64,
                               height=64, steps=3, guidance=5.0, ip_adapter_images=(first, second))
     steps = Steps()
-    batch = [image.tobytes() for image in get_family("sd1").generate(pipe, request, steps)]
+    batch = [image.tobytes() for image in get_family("sd1").generate(model, request, steps)]
     assert batch == [steered[0], other[0]]
     assert steps.seen == [(i, 6) for i in range(1, 7)]
 
 
 def test_weighted_prompts_with_compel(files: dict[str, Path]) -> None:
     plain_model = _load("sd1", files["sd"])
-    pipe = _load("sd1", files["sd"], prompt_weighting=True)
-    plain = _images("sd1", pipe, prompt="a red cube")
+    model = _load("sd1", files["sd"], prompt_weighting=True)
+    plain = _images("sd1", model, prompt="a red cube")
     assert plain == _images("sd1", plain_model, prompt="a red cube")  # no weights: diffusers' own encoding
-    stronger = _images("sd1", pipe, prompt="a (red:1.5) cube")  # A1111's syntax
+    stronger = _images("sd1", model, prompt="a (red:1.5) cube")  # A1111's syntax
     assert stronger != plain
-    assert _images("sd1", pipe, prompt="a (red)1.5 cube") == stronger  # compel's own
-    assert _images("sd1", pipe, prompt="a red++ cube") not in (plain, stronger)
-    assert _images("sd1", pipe, prompt="a (red:1.0) cube") == plain  # weight 1 is no weight, exactly
+    assert _images("sd1", model, prompt="a (red)1.5 cube") == stronger  # compel's own
+    assert _images("sd1", model, prompt="a red++ cube") not in (plain, stronger)
+    assert _images("sd1", model, prompt="a (red:1.0) cube") == plain  # weight 1 is no weight, exactly
     # Without the option the syntax is only text.
     assert _images("sd1", plain_model, prompt="a (red:1.5) cube") != stronger
 
 
 def test_sdxl_takes_controlnets_ip_adapters_and_weighted_prompts(files: dict[str, Path]) -> None:
-    pipe = _load("sdxl", files["sdxl"], controlnets={"canny": files["xl-canny"]}, ip_adapter=files["xl-ip"],
+    model = _load("sdxl", files["sdxl"], controlnets={"canny": files["xl-canny"]}, ip_adapter=files["xl-ip"],
                  prompt_weighting=True)
-    base = _images("sdxl", pipe)
+    base = _images("sdxl", model)
     assert base == _images("sdxl", _load("sdxl", files["sdxl"]))  # both encoders and pooled, as diffusers
-    assert _images("sdxl", pipe, prompt="a (red:1.5) cube") != base
-    canny = _images("sdxl", pipe, controlnet="canny", control_image=_picture(1))
+    assert _images("sdxl", model, prompt="a (red:1.5) cube") != base
+    canny = _images("sdxl", model, controlnet="canny", control_image=_picture(1))
     assert canny != base
-    assert _images("sdxl", pipe, controlnet="canny", control_image=_picture(1), controlnet_scale=0.0) == base
-    both = _images("sdxl", pipe, controlnet="canny", control_image=_picture(1), ip_adapter_image=_picture(2, 48))
+    assert _images("sdxl", model, controlnet="canny", control_image=_picture(1), controlnet_scale=0.0) == base
+    both = _images("sdxl", model, controlnet="canny", control_image=_picture(1), ip_adapter_image=_picture(2, 48))
     assert both not in (base, canny)
 
 
@@ -178,7 +180,7 @@ def test_what_cannot_be_loaded_is_refused_by_name(files: dict[str, Path], tmp_pa
     with pytest.raises(ValueError, match="attention_slicing"):
         _load("sd1", files["sd"], ip_adapter=files["ip"], attention_slicing=True)
     with pytest.raises(ValueError, match="prompt_weighting is true or false"):
-        get_family("sd1").load(files["sd"], device="cpu", options={"prompt_weighting": "yes"})
+        get_family("sd1").load(LoadRequest(files["sd"], device="cpu", options={"prompt_weighting": "yes"}))
     with pytest.raises(ValueError, match="family 'pixart-alpha' takes no controlnets"):
         get_family("pixart-alpha").load_conditioning(None, {"canny": str(files["canny"])}, None, None)
 

@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from atelier import tiny_models  # noqa: E402
 from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.preview import encode_jpeg  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ IMAGE_MODELS = sorted(name for name, family in tiny_models.BUILTIN.items()
 def loaded(request: pytest.FixtureRequest, model_cache: Path) -> tuple[Any, Any]:
     name = request.param
     family = get_family(tiny_models.BUILTIN[name])
-    pipe = family.load(tiny_models.ensure_builtin(name, model_cache), device="cpu")
+    pipe = family.load(LoadRequest(tiny_models.ensure_builtin(name, model_cache), device="cpu"))
     return family, pipe
 
 
@@ -139,7 +140,7 @@ def test_cancel_from_step_callback_propagates(loaded: tuple[Any, Any]) -> None:
 def test_broken_model_fails_in_generate_not_load(tmp_path: Path) -> None:
     path = tiny_models.build_tiny_sd(tmp_path / "broken", text_max_positions=8)
     family = get_family("sd1")
-    pipe = family.load(path, device="cpu")
+    pipe = family.load(LoadRequest(path, device="cpu"))
     with pytest.raises(Exception, match="max_position_embeddings"):
         family.generate(pipe, _request(count=1), _ignore_steps)
 
@@ -196,7 +197,7 @@ def test_builds_are_deterministic(tmp_path: Path) -> None:
 
 def test_noop_family() -> None:
     family = get_family("noop")
-    pipe = family.load(None, device="cpu", options={"step_s": 0.0})
+    pipe = family.load(LoadRequest(None, device="cpu", options={"step_s": 0.0}))
     steps: list[tuple[int, int, Any]] = []
     images = family.generate(pipe, _request(steps=3, count=2), lambda *a: steps.append(a))
 
@@ -226,10 +227,11 @@ def test_the_cost_model_sleeps_its_profiles_times_and_declares_its_size(tmp_path
     folder = write_model(tmp_path / "sdxl-h100", COSTS, time_scale=0.1)
     family = get_family("costmodel")
     started = time.monotonic()
-    from_disk = family.load(folder, device="cpu")
+    model = family.load(LoadRequest(folder, device="cpu"))
+    from_disk = model.pipe
     disk_s = time.monotonic() - started
     started = time.monotonic()
-    family.load(folder, device="cpu", weights={"stand_in": {}})
+    family.load(LoadRequest(folder, device="cpu", weights={"stand_in": {}}))
     staged_s = time.monotonic() - started
     assert disk_s >= 0.5 > staged_s >= 0.05  # 5 s and 0.5 s at a tenth of the time
     assert from_disk.nbytes == 7_000_000_000
@@ -242,7 +244,7 @@ def test_the_cost_model_sleeps_its_profiles_times_and_declares_its_size(tmp_path
     request = GenerateRequest(prompts=("a", "b"), negative_prompts=(None, None), seeds=(1, 2), width=64,
                               height=64, steps=5, guidance=1.0)
     started = time.monotonic()
-    images = family.generate(from_disk, request, lambda i, n, lat: steps.append(i))
+    images = family.generate(model, request, lambda i, n, lat: steps.append(i))
     assert time.monotonic() - started >= 5 * 0.0012
     assert steps == [1, 2, 3, 4, 5] and [im.size for im in images] == [(64, 64)] * 2
     assert images[0].getpixel((0, 0)) != images[1].getpixel((0, 0))

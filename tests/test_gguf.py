@@ -20,10 +20,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 gguf = pytest.importorskip("gguf")
 
-from actors.runner import module_bytes  # noqa: E402
 from atelier import sources, staging  # noqa: E402
 from atelier.config import ModelEntry, builtin_models  # noqa: E402
 from atelier.families import GenerateRequest, accel, get_family  # noqa: E402
+from atelier.families.accel import module_bytes  # noqa: E402
+from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState  # noqa: E402
 from atelier.tiny.gguf import write_gguf  # noqa: E402
 from atelier.tiny_models import ensure_builtin  # noqa: E402
@@ -61,13 +62,14 @@ def files(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[s
 def flux_pipes(builtin: tuple[Path, Path]) -> tuple[Any, Any]:
     """tiny-flux with its transformer from the built-in Q8_0 file, and as it is (float32)."""
     folder, file = builtin
-    return get_family(FLUX).load(folder, device="cpu", transformer=file), get_family(FLUX).load(folder, device="cpu")
+    return (get_family(FLUX).load(LoadRequest(folder, device="cpu", transformer=file)).pipe,
+            get_family(FLUX).load(LoadRequest(folder, device="cpu")).pipe)
 
 
 def _image(pipe: Any, family: str, seed: int, prompt: str = "a red cube", steps: int = 2) -> np.ndarray:
     request = GenerateRequest.single(prompt=prompt, negative_prompt=None, width=64, height=96, steps=steps,
                                      guidance=3.5, seed=seed, count=1)
-    (image,) = get_family(family).generate(pipe, request, lambda *_: None)
+    (image,) = get_family(family).generate(LoadedModel(pipe, get_family(family)), request, lambda *_: None)
     assert image.size == (64, 96)
     return np.asarray(image, dtype=np.int16)
 
@@ -99,8 +101,8 @@ def test_a_gguf_transformer_loads_quantized_and_its_images_are_close_to_the_floa
         quantized, full = flux_pipes
     else:
         folder, file = files[family, quant]
-        quantized = get_family(family).load(folder, device="cpu", transformer=file)
-        full = flux_pipes[1] if family == FLUX else get_family(family).load(folder, device="cpu")
+        quantized = get_family(family).load(LoadRequest(folder, device="cpu", transformer=file)).pipe
+        full = flux_pipes[1] if family == FLUX else get_family(family).load(LoadRequest(folder, device="cpu")).pipe
 
     weight = quantized.transformer.transformer_blocks[0].attn.to_q.weight
     assert type(weight).__name__ == "GGUFParameter" and str(weight.dtype) == "torch.uint8"  # the blocks, as bytes
@@ -142,8 +144,8 @@ def test_staged_it_is_the_gguf_bytes_in_place_of_the_float_transformer_and_the_s
     lean = shutil.copytree(folder, tmp_path / "lean", ignore=lambda where, names: [
         n for n in names if Path(where).name == "transformer" and n.endswith(".safetensors")])
     adapter = get_family(FLUX)
-    staged = adapter.load(lean, device="cpu", weights=staging.state_dicts(mapping, table), transformer=file)
-    from_disk = adapter.load(lean, device="cpu", transformer=file)
+    staged = adapter.load(LoadRequest(lean, weights=staging.state_dicts(mapping, table), transformer=file)).pipe
+    from_disk = adapter.load(LoadRequest(lean, device="cpu", transformer=file)).pipe
     assert type(staged.transformer.x_embedder.weight).__name__ == "GGUFParameter"
     assert _image(staged, FLUX, 3).tobytes() == _image(from_disk, FLUX, 3).tobytes()
 
@@ -151,7 +153,7 @@ def test_staged_it_is_the_gguf_bytes_in_place_of_the_float_transformer_and_the_s
     # now, never the staged bytes through its new offsets.
     changed = tmp_path / file.name
     write_gguf(folder, changed, "Q4_0")
-    again = adapter.load(lean, device="cpu", weights=staging.state_dicts(mapping, table), transformer=changed)
+    again = adapter.load(LoadRequest(lean, weights=staging.state_dicts(mapping, table), transformer=changed)).pipe
     assert again.transformer.x_embedder.weight.quant_type.name == "Q4_0"
 
 
@@ -184,7 +186,7 @@ def test_a_gguf_that_does_not_fit_the_models_transformer_is_refused(builtin, fil
     sd3_folder, _ = files["sd3", "Q8_0"]
     with pytest.raises(ValueError, match=r"transformer: tiny-flux-Q8_0.gguf is not a sd3 transformer of this "
                                          r"model's shape \(missing: pos_embed"):
-        get_family("sd3").load(sd3_folder, device="cpu", transformer=file)
+        get_family("sd3").load(LoadRequest(sd3_folder, device="cpu", transformer=file))
 
     # Names of neither layout: diffusers' converter from the original one finds nothing it knows.
     foreign = tmp_path / "foreign.gguf"
@@ -196,7 +198,7 @@ def test_a_gguf_that_does_not_fit_the_models_transformer_is_refused(builtin, fil
     writer.close()
     with pytest.raises(ValueError, match="transformer: foreign.gguf is not a flux transformer .*neither "
                                          "diffusers' layout nor the original one"):
-        get_family(FLUX).load(folder, device="cpu", transformer=foreign)
+        get_family(FLUX).load(LoadRequest(folder, device="cpu", transformer=foreign))
 
     # A FLUX folder whose transformer has one more single block than the file holds.
     bigger = tmp_path / "bigger"
@@ -205,7 +207,7 @@ def test_a_gguf_that_does_not_fit_the_models_transformer_is_refused(builtin, fil
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_single_layers": 3}))
     with pytest.raises(ValueError, match=r"transformer: .* is not a flux transformer .*missing: "
                                          r"single_transformer_blocks\.2\."):
-        get_family(FLUX).load(bigger, device="cpu", transformer=file)
+        get_family(FLUX).load(LoadRequest(bigger, device="cpu", transformer=file))
 
 
 def test_a_flux1_file_in_the_original_layout_fits_on_shapes_alone() -> None:

@@ -17,7 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult
 from atelier import tiny_models  # noqa: E402
-from atelier.families import GenerateRequest, get_family, loras  # noqa: E402
+from atelier.config import ModelEntry  # noqa: E402
+from atelier.families import GenerateRequest, get_family  # noqa: E402
+from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from tests.conftest import Cluster, run  # noqa: E402
 
@@ -37,17 +39,22 @@ def files(atelier_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
             "moss": tiny_models.build_tiny_lora(model, folder / "moss", seed=2)}
 
 
-def _image(pipe: Any, chosen: tuple[tuple[str, float], ...], available: list[str]) -> bytes:
-    loras.use_loras(pipe, chosen, available)
+def _image(model: LoadedModel, chosen: tuple[tuple[str, float], ...], available: list[str]) -> bytes:
+    assert list(model.loras) == available
     request = GenerateRequest.single(prompt="a lighthouse", negative_prompt=None, width=64, height=64, steps=3,
                                      guidance=5.0, seed=7, count=1, loras=chosen)
-    return get_family("sd1").generate(pipe, request, _quiet)[0].tobytes()
+    return model.generate(request, _quiet)[0].tobytes()  # the chosen LoRAs switched on first
+
+
+def _with_loras(model: Path, loras: dict[str, str]) -> LoadRequest:
+    return LoadRequest(model, device="cpu", entry=ModelEntry(family="sd1", source=str(model), loras=loras))
 
 
 def test_a_lora_changes_the_image_and_switching_is_exact(files: dict[str, Path]) -> None:
-    base = _image(get_family("sd1").load(files["model"], device="cpu"), (), [])
-    pipe = get_family("sd1").load(files["model"], device="cpu")
-    loras.load_loras(pipe, {"ink": str(files["ink"]), "moss": str(files["moss"].parent)})  # a file, a folder
+    base = _image(get_family("sd1").load(LoadRequest(files["model"], device="cpu")), (), [])
+    # a file, a folder
+    pipe = get_family("sd1").load(_with_loras(files["model"], {"ink": str(files["ink"]),
+                                                                "moss": str(files["moss"].parent)}))
     names = ["ink", "moss"]
 
     assert _image(pipe, (), names) == base  # loaded but not chosen: the model as it was
@@ -65,13 +72,12 @@ def test_a_lora_changes_the_image_and_switching_is_exact(files: dict[str, Path])
 
 
 def test_loras_that_cannot_be_loaded_are_refused_with_their_name(files: dict[str, Path], tmp_path: Path) -> None:
-    pipe = get_family("sd1").load(files["model"], device="cpu")
     with pytest.raises(FileNotFoundError, match="LoRA gone"):
-        loras.load_loras(pipe, {"gone": str(tmp_path / "nowhere.safetensors")})
+        get_family("sd1").load(_with_loras(files["model"], {"gone": str(tmp_path / "nowhere.safetensors")}))
     pickled = tmp_path / "lora.ckpt"
     pickled.write_bytes(b"not read")
     with pytest.raises(ValueError, match="not a .safetensors file"):
-        loras.load_loras(pipe, {"old": str(pickled)})
+        get_family("sd1").load(_with_loras(files["model"], {"old": str(pickled)}))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobKind, JobSpec, JobState
 from atelier.tiny_models import BUILTIN, ensure_builtin  # noqa: E402
 from tests.conftest import run  # noqa: E402
@@ -53,7 +54,7 @@ def pipelines(models: Path) -> Any:
         if name not in cache:
             path = ensure_builtin(name, models)
             family = get_family(BUILTIN[name])
-            cache[name] = family, family.load(path, device="cpu"), path
+            cache[name] = family, family.load(LoadRequest(path, device="cpu")), path
         return cache[name]
 
     return get
@@ -89,7 +90,7 @@ def test_a_staged_load_gives_the_same_images_bit_for_bit(loaded: tuple[Any, Any,
     try:
         table = staging.stage(path, segment)
         assert {"transformer", "vae", "text_encoder"} <= {f.component for f in table}
-        staged = family.load(path, device="cpu", weights=staging.state_dicts(staging.map_segment(segment), table))
+        staged = family.load(LoadRequest(path, weights=staging.state_dicts(staging.map_segment(segment), table)))
     finally:
         segment.unlink(missing_ok=True)
     request = _request(seed=11, steps=2, prompt="a lighthouse")
@@ -108,13 +109,13 @@ def test_a_staged_float16_load_keeps_what_from_pretrained_keeps_in_float32(model
     segment = staging.SHM_ROOT / f"atelier-test-{tmp_path.name}"
     try:
         table = staging.stage(path, segment)
-        staged = family.load(path, device="cpu", dtype_name="float16",
-                             weights=staging.state_dicts(staging.map_segment(segment), table))
+        staged = family.load(LoadRequest(path, device="cpu", dtype_name="float16",
+                                         weights=staging.state_dicts(staging.map_segment(segment), table)))
     finally:
         segment.unlink(missing_ok=True)
-    disk = family.load(path, device="cpu", dtype_name="float16")
-    kept = {n for n, p in disk.text_encoder.named_parameters() if p.dtype == torch.float32}
-    assert kept and kept == {n for n, p in staged.text_encoder.named_parameters() if p.dtype == torch.float32}
+    disk = family.load(LoadRequest(path, device="cpu", dtype_name="float16"))
+    kept = {n for n, p in disk.pipe.text_encoder.named_parameters() if p.dtype == torch.float32}
+    assert kept and kept == {n for n, p in staged.pipe.text_encoder.named_parameters() if p.dtype == torch.float32}
 
 
 def test_a_cancel_from_the_step_callback_propagates(loaded: tuple[Any, Any, Path]) -> None:
@@ -142,11 +143,11 @@ def test_pixart_bins_the_resolution_of_a_model_that_has_a_table(tmp_path: Path) 
     family = get_family("pixart-alpha")
     shapes: dict[bool, tuple[int, ...]] = {}
     for binning in (True, False):
-        pipe = family.load(path, device="cpu", options={"resolution_binning": binning})
+        pipe = family.load(LoadRequest(path, device="cpu", options={"resolution_binning": binning}))
         images = family.generate(pipe, _request(count=1, width=64, height=48),
                                  lambda i, n, lat, b=binning: shapes.__setitem__(b, tuple(lat.shape)))
         assert images[0].size == (64, 48)
-    binned = pipe.image_processor.classify_height_width_bin(48, 64, ratios=ASPECT_RATIO_256_BIN)
+    binned = pipe.pipe.image_processor.classify_height_width_bin(48, 64, ratios=ASPECT_RATIO_256_BIN)
     assert min(binned) >= 128  # a size of the table, far from the one asked
     assert shapes[True] == (1, 4, binned[0] // 8, binned[1] // 8)
     assert shapes[False] == (1, 4, 6, 8)
@@ -160,7 +161,7 @@ def test_pixart_bins_the_resolution_of_a_model_that_has_a_table(tmp_path: Path) 
 def test_options_are_checked_at_load(models: Path, family_name: str, options: dict, message: str) -> None:
     path = ensure_builtin(f"tiny-{family_name}", models)
     with pytest.raises(ValueError, match=message):
-        get_family(family_name).load(path, device="cpu", options=options)
+        get_family(family_name).load(LoadRequest(path, device="cpu", options=options))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bs4") is not None and importlib.util.find_spec("ftfy") is not None,
@@ -168,7 +169,7 @@ def test_options_are_checked_at_load(models: Path, family_name: str, options: di
 def test_caption_cleaning_without_its_packages_is_refused_at_load(models: Path) -> None:
     path = ensure_builtin("tiny-pixart-alpha", models)
     with pytest.raises(ValueError, match="clean_caption.*(beautifulsoup4|ftfy)"):
-        get_family("pixart-alpha").load(path, device="cpu", options={"clean_caption": True})
+        get_family("pixart-alpha").load(LoadRequest(path, device="cpu", options={"clean_caption": True}))
 
 
 def test_one_step(pipelines: Any) -> None:
@@ -183,8 +184,8 @@ def test_one_step(pipelines: Any) -> None:
 
 def test_hunyuan_reads_chinese_prompts(pipelines: Any) -> None:
     family, pipe, _ = pipelines("tiny-hunyuan-dit")
-    ids = pipe.tokenizer("一个宇航员在骑马").input_ids
-    assert pipe.tokenizer.unk_token_id not in ids and len(ids) == 8 + 2  # a token a character, [CLS] and [SEP]
+    ids = pipe.pipe.tokenizer("一个宇航员在骑马").input_ids
+    assert pipe.pipe.tokenizer.unk_token_id not in ids and len(ids) == 8 + 2  # a token a character, [CLS] and [SEP]
     english, chinese = (family.generate(pipe, _request(count=1, prompt=p), _ignore)[0]
                         for p in ("an astronaut riding a horse", "一个宇航员在骑马"))
     assert english.tobytes() != chinese.tobytes()

@@ -20,6 +20,7 @@ from actors.messages import JobResult, Preview, Progress
 from atelier import staging, tiny_models  # noqa: E402
 from atelier.config import load_config  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobSpec, JobState
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB  # noqa: E402
 from atelier.scheduling import admission  # noqa: E402
@@ -54,7 +55,7 @@ def folders(atelier_home: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def loaded(folders: dict[str, Path]) -> dict[str, Any]:
-    return {family: get_family(family).load(folder, device="cpu") for family, folder in folders.items()}
+    return {family: get_family(family).load(LoadRequest(folder, device="cpu")) for family, folder in folders.items()}
 
 
 @pytest.mark.parametrize("family_name", MODELS)
@@ -107,7 +108,7 @@ def test_staged_load_gives_the_same_pixels_as_from_pretrained(loaded: dict[str, 
         table = staging.stage(folders[family_name], segment)
         weights = staging.state_dicts(staging.map_segment(segment), table)
         family = get_family(family_name)
-        staged = family.load(folders[family_name], device="cpu", weights=weights)
+        staged = family.load(LoadRequest(folders[family_name], device="cpu", weights=weights))
         assert _pixels(family.generate(staged, _request(), _quiet)) == \
             _pixels(family.generate(loaded[family_name], _request(), _quiet))
     finally:
@@ -129,7 +130,7 @@ def test_cancel_from_the_step_callback_propagates(loaded: dict[str, Any], family
 
 
 def test_sd2_is_v_prediction_with_an_open_clip_style_text_encoder(loaded: dict[str, Any]) -> None:
-    pipe = loaded["sd2"]
+    pipe = loaded["sd2"].pipe
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP's; OpenAI CLIP's is quick_gelu
     assert pipe.unet.config.use_linear_projection
@@ -137,7 +138,7 @@ def test_sd2_is_v_prediction_with_an_open_clip_style_text_encoder(loaded: dict[s
 
 def test_flux_guidance_is_the_distilled_embedding_and_ignores_negative_prompts(loaded: dict[str, Any]) -> None:
     flux, pipe = get_family("flux"), loaded["flux"]
-    assert pipe.transformer.config.guidance_embeds  # dev-style
+    assert pipe.pipe.transformer.config.guidance_embeds  # dev-style
     base = _pixels(flux.generate(pipe, _request(count=1, guidance=3.5), _quiet))
     assert base == _pixels(flux.generate(pipe, _request(count=1, guidance=3.5, negative="something else"), _quiet))
     assert base != _pixels(flux.generate(pipe, _request(count=1, guidance=1.0), _quiet))
@@ -158,11 +159,11 @@ def test_sizes_off_the_16_pixel_grid_are_refused_by_name(loaded: dict[str, Any],
 def test_options_are_checked_and_max_sequence_length_applies(folders: dict[str, Path]) -> None:
     flux = get_family("flux")
     with pytest.raises(ValueError, match="attention_slicing"):
-        flux.load(folders["flux"], device="cpu", options={"attention_slicing": True})
+        flux.load(LoadRequest(folders["flux"], device="cpu", options={"attention_slicing": True}))
     with pytest.raises(ValueError, match="max_sequence_length"):
-        get_family("sd3").load(folders["sd3"], device="cpu", options={"max_sequence_length": 4096})
-    short = flux.load(folders["flux"], device="cpu", options={"max_sequence_length": 16, "vae_tiling": True})
-    assert short.vae.use_tiling
+        get_family("sd3").load(LoadRequest(folders["sd3"], device="cpu", options={"max_sequence_length": 4096}))
+    short = flux.load(LoadRequest(folders["flux"], options={"max_sequence_length": 16, "vae_tiling": True}))
+    assert short.pipe.vae.use_tiling
     assert len(flux.generate(short, _request(count=1), _quiet)) == 1
 
 
@@ -206,7 +207,7 @@ def test_turbo_is_a_catalog_entry_one_step_without_guidance(tmp_path: Path, atel
                              random.Random(0))
     assert (spec.steps, spec.guidance, spec.width, spec.height) == (1, 0.0, 64, 64)
     family = get_family(entry.family)
-    pipe = family.load(sources.resolve(model, entry, atelier_home / "models"), device="cpu")
+    pipe = family.load(LoadRequest(sources.resolve(model, entry, atelier_home / "models"), device="cpu"))
     steps: list[tuple[int, int]] = []
     request = GenerateRequest.single(prompt=spec.prompt, negative_prompt=spec.negative_prompt, width=spec.width,
                                      height=spec.height, steps=spec.steps, guidance=spec.guidance, seed=spec.seed)

@@ -10,6 +10,7 @@ import pytest
 from atelier import sources, staging
 from atelier.config import ModelEntry
 from atelier.families import get_family
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from atelier.tiny_models import build_tiny_sdxl, ensure_builtin, save_single_file
 from tests.conftest import Cluster, run
@@ -32,10 +33,10 @@ def checkpoints(atelier_home, tmp_path_factory) -> dict[str, tuple[Path, Path, P
     return out
 
 
-def image_bytes(pipe) -> bytes:
+def image_bytes(model) -> bytes:
     import torch
 
-    result = pipe(prompt="a lighthouse", negative_prompt="fog", width=64, height=64, num_inference_steps=2,
+    result = model.pipe(prompt="a lighthouse", negative_prompt="fog", width=64, height=64, num_inference_steps=2,
                   guidance_scale=7.5, generator=torch.Generator().manual_seed(11), output_type="np")
     return result.images.tobytes()
 
@@ -45,8 +46,8 @@ def test_a_single_file_gives_the_same_image_as_its_folder(checkpoints, family):
     # Proves the tests' LDM writer right: diffusers converts its names back to the same weights.
     folder, single, configs = checkpoints[family]
     adapter = get_family(family)
-    from_folder = adapter.load(folder, device="cpu")
-    from_file = adapter.load(single, device="cpu", config=configs)
+    from_folder = adapter.load(LoadRequest(folder, device="cpu"))
+    from_file = adapter.load(LoadRequest(single, device="cpu", config=configs))
     assert image_bytes(from_file) == image_bytes(from_folder)
 
 
@@ -61,10 +62,10 @@ def test_a_staged_single_file_gives_the_disk_image_bit_for_bit(checkpoints, fami
         assert [(f.component, f.name, f.length) for f in table] == [
             (staging.CHECKPOINT, single.name, single.stat().st_size)]
         adapter = get_family(family)
-        from_disk = adapter.load(single, device="cpu", config=configs)
+        from_disk = adapter.load(LoadRequest(single, device="cpu", config=configs))
         gone = tmp_path / "gone.safetensors"  # the staged build must not read the file
         weights = staging.state_dicts(staging.map_segment(segment), table)
-        from_staged = adapter.load(gone, device="cpu", config=configs, weights=weights)
+        from_staged = adapter.load(LoadRequest(gone, device="cpu", config=configs, weights=weights))
     finally:
         segment.unlink(missing_ok=True)
     assert image_bytes(from_staged) == image_bytes(from_disk)
@@ -110,7 +111,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_the_reason(checkpoints,
         sources.resolve("m", entry(checkpoints["sdxl"][1], config=str(configs)), tmp_path)
     # Past those checks, a file that does not fit its configs still names both.
     with pytest.raises(sources.ModelSourceError, match="does not fit the configs"):
-        get_family("sdxl").load(checkpoints["sd1"][1], device="cpu", config=checkpoints["sdxl"][2])
+        get_family("sdxl").load(LoadRequest(checkpoints["sd1"][1], device="cpu", config=checkpoints["sdxl"][2]))
 
 
 def test_single_file_models_serve_jobs_and_a_bad_one_fails_alone(checkpoints, atelier_home, tmp_path):

@@ -13,6 +13,7 @@ from actors.loader import LEASE_S, BudgetError, StagedSet
 from actors.messages import Staged
 from atelier import staging
 from atelier.families import GenerateRequest, get_family
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.tiny_models import ensure_builtin
 
 pytestmark = [pytest.mark.timeout(120),
@@ -36,8 +37,8 @@ def test_staged_model_gives_the_same_image_bit_for_bit(tiny_sd, segment):
     assert {f.component for f in table} == {"unet", "vae", "text_encoder"}
     weights = staging.state_dicts(staging.map_segment(segment), table)
     family = get_family("sd1")
-    staged = family.load(tiny_sd, device="cpu", weights=weights)
-    disk = family.load(tiny_sd, device="cpu")
+    staged = family.load(LoadRequest(tiny_sd, device="cpu", weights=weights))
+    disk = family.load(LoadRequest(tiny_sd, device="cpu"))
     request = GenerateRequest.single(prompt="a lighthouse", negative_prompt="fog", width=64, height=64, steps=3,
                               guidance=7.5, seed=11, count=2)
     from_staged = family.generate(staged, request, lambda *_: None)

@@ -27,6 +27,7 @@ from actors.runner import PreviewMaker  # noqa: E402
 from atelier import sources, staging, tiny_models  # noqa: E402
 from atelier.config import ModelEntry  # noqa: E402
 from atelier.families import GenerateRequest, get_family, vae  # noqa: E402
+from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from atelier.preview import CPU_DECODE_SIDE, MAX_PREVIEW_SIDE, DecoderPreview, encode_jpeg  # noqa: E402
 from atelier.tiny.previews import build_tiny_taesd  # noqa: E402
@@ -44,6 +45,12 @@ def _quiet(*_: Any) -> None:
 
 def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def _with(folder: Path, family: str = "sd1", options: dict[str, Any] | None = None, **extras: str) -> LoadRequest:
+    """The request of a model loaded as its catalog entry says: with its ``vae`` or ``preview_decoder``."""
+    entry = ModelEntry(family=family, source=str(folder), options=options or {}, **extras)
+    return LoadRequest(folder, device="cpu", options=options or {}, entry=entry)
 
 
 def _other_vae(model: Path, folder: Path, *, seed: int, **changes: Any) -> Path:
@@ -78,29 +85,28 @@ def files(atelier_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 def test_a_vae_override_decodes_as_diffusers_would_with_that_vae(files: dict[str, Path]) -> None:
     family = get_family("sd1")
-    plain = family.generate(family.load(files["model"], device="cpu"), REQUEST, _quiet)[0]
-    pipe = family.load(files["model"], device="cpu", options={"vae_tiling": True})
-    vae.load_vaes(pipe, ModelEntry(family="sd1", source=str(files["model"]), vae=str(files["other-vae"])))
-    assert pipe.vae.use_tiling  # the family's option holds for the new VAE (64 px fit one tile: no change)
-    overridden = family.generate(pipe, REQUEST, _quiet)[0]
+    plain = family.generate(family.load(LoadRequest(files["model"], device="cpu")), REQUEST, _quiet)[0]
+    model = family.load(_with(files["model"], options={"vae_tiling": True}, vae=str(files["other-vae"])))
+    assert model.pipe.vae.use_tiling  # the family's option holds for the new VAE (64 px fit one tile: no change)
+    overridden = family.generate(model, REQUEST, _quiet)[0]
     # What diffusers itself makes with that VAE passed in: the same image, bit for bit.
     reference = StableDiffusionPipeline.from_pretrained(files["model"], local_files_only=True,
                                                         vae=AutoencoderKL.from_pretrained(files["other-vae"]))
     reference.set_progress_bar_config(disable=True)
-    expected = family.generate(reference, REQUEST, _quiet)[0]
+    expected = family.generate(LoadedModel(reference, family), REQUEST, _quiet)[0]
     assert overridden.tobytes() == expected.tobytes()
     assert np.abs(_pixels(overridden) - _pixels(plain)).mean() > 5  # the override really decodes
 
 
 def test_a_vae_that_does_not_fit_is_refused_naming_why(files: dict[str, Path], atelier_home: Path) -> None:
-    pipe = get_family("sd1").load(files["model"], device="cpu")
+    pipe = get_family("sd1").load(LoadRequest(files["model"], device="cpu")).pipe
     with pytest.raises(ValueError, match="vae: .* its latent_channels differ"):
         vae.replace_vae(pipe, files["wide-vae"], family="sd1")
     with pytest.raises(ValueError, match="holds a AutoencoderTiny, not an AutoencoderKL"):
         vae.replace_vae(pipe, files["taesd"], family="sd1")
     with pytest.raises(ValueError, match="no config.json"):
         vae.replace_vae(pipe, files["model"], family="sd1")
-    svd = get_family("svd").load(tiny_models.ensure_builtin("tiny-svd", atelier_home / "models"), device="cpu")
+    svd = get_family("svd").load(LoadRequest(tiny_models.ensure_builtin("tiny-svd", atelier_home / "models"))).pipe
     with pytest.raises(ValueError, match="decodes with AutoencoderKLTemporalDecoder, not an AutoencoderKL"):
         vae.replace_vae(svd, files["other-vae"], family="svd")
     with pytest.raises(ValueError, match="makes sound"):  # before anything of the pipeline is looked at
@@ -115,10 +121,10 @@ def _state(pipe: Any) -> dict[str, torch.Tensor]:
             for key, value in part.state_dict().items()}
 
 
-def _staged(folder: Path, variant: str | None, segment: Path) -> Any:
+def _staged(folder: Path, variant: str | None, segment: Path) -> LoadedModel:
     table = staging.stage(folder, segment, variant)
     weights = staging.state_dicts(staging.map_segment(segment), table)
-    return get_family("sd1").load(folder, device="cpu", weights=weights)
+    return get_family("sd1").load(LoadRequest(folder, device="cpu", weights=weights))
 
 
 @pytest.mark.skipif(staging.SHM_ROOT is None, reason="needs /dev/shm")
@@ -130,9 +136,9 @@ def test_a_staged_variant_is_from_pretrained_variant_bit_for_bit(files: dict[str
     segment = staging.SHM_ROOT / f"atelier-test-variant-{tmp_path.name}"
     try:
         staged = _staged(folder, "fp16", segment)
-        disk = get_family("sd1").load(folder, device="cpu", variant="fp16")
+        disk = get_family("sd1").load(LoadRequest(folder, device="cpu", variant="fp16"))
         diffusers_own = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", local_files_only=True)
-        staged_state, disk_state = _state(staged), _state(disk)
+        staged_state, disk_state = _state(staged.pipe), _state(disk.pipe)
         assert staged_state.keys() == disk_state.keys() == _state(diffusers_own).keys()
         assert all(torch.equal(staged_state[k], disk_state[k]) for k in staged_state)
         assert all(torch.equal(disk_state[k], v) for k, v in _state(diffusers_own).items())
@@ -145,8 +151,8 @@ def test_a_staged_variant_is_from_pretrained_variant_bit_for_bit(files: dict[str
         (folder / "text_encoder" / "model.fp16.safetensors").rename(tmp_path / "aside.safetensors")
         try:
             assert ("text_encoder", folder / "text_encoder" / "model.safetensors") in staging.plan(folder, "fp16")
-            mixed = _state(_staged(folder, "fp16", segment))
-            disk_state = _state(get_family("sd1").load(folder, device="cpu", variant="fp16"))
+            mixed = _state(_staged(folder, "fp16", segment).pipe)
+            disk_state = _state(get_family("sd1").load(LoadRequest(folder, device="cpu", variant="fp16")).pipe)
             assert all(torch.equal(value, disk_state[key]) for key, value in mixed.items())
         finally:
             (tmp_path / "aside.safetensors").rename(folder / "text_encoder" / "model.fp16.safetensors")
@@ -179,14 +185,14 @@ def _expected_rgb(taesd: Path, latents: torch.Tensor) -> np.ndarray:
 
 def test_previews_are_the_decoders_output(files: dict[str, Path]) -> None:
     family = get_family("sd1")
-    pipe = family.load(files["model"], device="cpu")
-    vae.load_vaes(pipe, ModelEntry(family="sd1", source=str(files["model"]), preview_decoder=str(files["taesd"])))
-    previewer = vae.previewer(pipe, family)
+    model = family.load(_with(files["model"], preview_decoder=str(files["taesd"])))
+    previewer = model.previewer
     assert previewer is not family
-    assert vae.held_modules(pipe) == [previewer.decoder]  # counted in the device budget with the model
+    assert model.held_modules == [previewer.decoder]  # counted in the device budget with the model
     seen: list[torch.Tensor] = []
-    image = family.generate(pipe, REQUEST, lambda i, n, latents: seen.append(latents.clone()))[0]
-    assert image.tobytes() == family.generate(family.load(files["model"], device="cpu"), REQUEST, _quiet)[0].tobytes()
+    image = family.generate(model, REQUEST, lambda i, n, latents: seen.append(latents.clone()))[0]
+    plain = family.load(LoadRequest(files["model"], device="cpu"))
+    assert image.tobytes() == family.generate(plain, REQUEST, _quiet)[0].tobytes()
 
     rgb = previewer.preview(seen[-1], 0)
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8  # the image's size: 8x the latents
@@ -208,27 +214,25 @@ def test_a_videos_preview_decodes_its_first_frame(model: str, files: dict[str, P
     folder = tiny_models.ensure_builtin(model, atelier_home / "models")
     name = tiny_models.BUILTIN[model]
     family = get_family(name)
-    pipe = family.load(folder, device="cpu")
-    vae.load_vaes(pipe, ModelEntry(family=name, source=str(folder), preview_decoder=str(files["taesd"])))
+    model = family.load(_with(folder, name, preview_decoder=str(files["taesd"])))
     seen: list[torch.Tensor] = []
     extra = {"image": Image.new("RGB", (64, 48), (200, 90, 30))} if name == "svd" else {}
     request = GenerateRequest.single(prompt="a lighthouse", negative_prompt=None, width=64, height=48, steps=2,
                                      guidance=2.0, seed=3, count=2, frames=3, fps=7, **extra)
-    family.generate(pipe, request, lambda i, n, latents: seen.append(latents.clone()))
+    family.generate(model, request, lambda i, n, latents: seen.append(latents.clone()))
     first_frame = seen[-1][1, 0] if name == "svd" else seen[-1][1, :, 0]  # (videos, frames, C…) or (videos, C, frames…)
-    rgb = vae.previewer(pipe, family).preview(seen[-1], 1)
+    rgb = model.previewer.preview(seen[-1], 1)
     assert rgb.shape == (48, 64, 3)
     assert np.array_equal(rgb, _expected_rgb(files["taesd"], first_frame))
 
 
 def test_the_runners_preview_thread_publishes_the_decoders_picture(files: dict[str, Path]) -> None:
-    pipe = get_family("sd1").load(files["model"], device="cpu")
-    vae.load_vaes(pipe, ModelEntry(family="sd1", source=str(files["model"]), preview_decoder=str(files["taesd"])))
+    model = get_family("sd1").load(_with(files["model"], preview_decoder=str(files["taesd"])))
     published: list[Preview] = []
     done = threading.Event()
     maker = PreviewMaker(lambda message: (published.append(message), done.set()))
     latents = torch.randn(4, 8, 12)
-    maker.offer("job-1", 3, vae.previewer(pipe, get_family("sd1")), latents)
+    maker.offer("job-1", 3, model.previewer, latents)
     assert done.wait(30)
     preview = published[0]
     assert (preview.job_id, preview.step, preview.width, preview.height) == ("job-1", 3, 96, 64)
@@ -236,7 +240,7 @@ def test_the_runners_preview_thread_publishes_the_decoders_picture(files: dict[s
 
 
 def test_a_preview_decoder_that_does_not_fit_is_refused(files: dict[str, Path], atelier_home: Path) -> None:
-    pipe = get_family("sd1").load(files["model"], device="cpu")
+    pipe = get_family("sd1").load(LoadRequest(files["model"], device="cpu")).pipe
     with pytest.raises(ValueError, match="decodes 16-channel latents, this model makes 4"):
         vae.preview_decoder(pipe, files["taesd16"], family="sd1")
     with pytest.raises(ValueError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
@@ -295,7 +299,7 @@ def test_vaes_variants_and_decoded_previews_through_atelier(vae_cluster: Cluster
 
     # The variant's files were staged and read (they hold another VAE: far from the plain model's image).
     assert results["loads"] == {"staged": 1}
-    reference = get_family("sd1").load(files["variant"], device="cpu", variant="fp16")
+    reference = get_family("sd1").load(LoadRequest(files["variant"], device="cpu", variant="fp16"))
     expected = _pixels(get_family("sd1").generate(reference, REQUEST, _quiet)[0])
     assert np.abs(image("fp16") - expected).mean() < 1.0
     assert np.abs(image("fp16") - image("plain")).mean() > 5

@@ -18,6 +18,7 @@ from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
 from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobKind, JobSpec, JobState
 from atelier.media import Video  # noqa: E402
 from atelier.tiny_models import BUILTIN, ensure_builtin  # noqa: E402
@@ -80,7 +81,7 @@ def loaded(models: Path) -> dict[str, tuple[Any, Any, Path]]:
     for model in MODELS:
         family = get_family(BUILTIN[model])
         path = ensure_builtin(model, models)
-        out[model] = family, family.load(path, device="cpu"), path
+        out[model] = family, family.load(LoadRequest(path, device="cpu")), path
     return out
 
 
@@ -128,7 +129,7 @@ def test_animatediff_makes_one_video_per_seed_from_the_prompt(loaded) -> None:
     assert latents.shape == (2, 4, 3, 6, 8)  # (videos, channels, frames, h, w)
     assert family.preview(latents, 1).shape == (48, 64, 3)
     assert videos[0].frames[0].tobytes() != videos[0].frames[-1].tobytes()
-    assert pipe.motion_adapter is None  # merged into the UNet, not kept twice
+    assert pipe.pipe.motion_adapter is None  # merged into the UNet, not kept twice
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -173,7 +174,7 @@ def segment(tmp_path: Path):
 def test_staged_weights_give_the_same_output_bit_for_bit(loaded, model: str, segment: Path) -> None:
     family, from_disk, path = loaded[model]
     table = staging.stage(path, segment)
-    staged = family.load(path, device="cpu", weights=staging.state_dicts(staging.map_segment(segment), table))
+    staged = family.load(LoadRequest(path, weights=staging.state_dicts(staging.map_segment(segment), table)))
     request = _request(model, count=1, steps=2)
     assert _pixels(family.generate(staged, request, _ignore)[0]) == _pixels(family.generate(from_disk, request,
                                                                                              _ignore)[0])
@@ -184,15 +185,15 @@ def test_animatediff_from_an_sd15_folder_and_a_motion_adapter(loaded, models: Pa
     family, merged, folder = loaded["tiny-animatediff"]
     sd15 = ensure_builtin("tiny-sd", models)
     options = {"motion_adapter": str(folder / "motion_adapter")}
-    from_disk = family.load(sd15, device="cpu", options=options)
+    from_disk = family.load(LoadRequest(sd15, device="cpu", options=options))
     table = staging.stage(sd15, segment)
-    staged = family.load(sd15, device="cpu", options=options,
-                         weights=staging.state_dicts(staging.map_segment(segment), table))
+    staged = family.load(LoadRequest(sd15, device="cpu", options=options,
+                                     weights=staging.state_dicts(staging.map_segment(segment), table)))
 
     # tiny-animatediff was built from tiny-sd's UNet: merging its adapter into tiny-sd gives its UNet back
-    expected = merged.unet.state_dict()
-    for pipe in (from_disk, staged):
-        assert type(pipe.unet) is type(merged.unet) and pipe.motion_adapter is None
+    expected = merged.pipe.unet.state_dict()
+    for pipe in (from_disk.pipe, staged.pipe):
+        assert type(pipe.unet) is type(merged.pipe.unet) and pipe.motion_adapter is None
         weights = pipe.unet.state_dict()
         assert weights.keys() == expected.keys() and all(weights[k].equal(expected[k]) for k in expected)
     request = _request("tiny-animatediff", count=1, steps=2)
@@ -200,18 +201,19 @@ def test_animatediff_from_an_sd15_folder_and_a_motion_adapter(loaded, models: Pa
                                                                                              _ignore)[0])
 
     with pytest.raises(ValueError, match="motion_adapter"):
-        family.load(sd15, device="cpu")  # an SD 1.5 folder alone makes no video
+        family.load(LoadRequest(sd15, device="cpu"))  # an SD 1.5 folder alone makes no video
 
 
 def test_options_change_the_output_and_bad_ones_are_refused_by_name(loaded) -> None:
     upscaler, pipe, folder = loaded["tiny-sd-upscaler"]
-    noisy = upscaler.load(folder, device="cpu", options={"noise_level": 300})
+    noisy = upscaler.load(LoadRequest(folder, device="cpu", options={"noise_level": 300}))
     request = _request("tiny-sd-upscaler", count=1, steps=2)
     assert _pixels(upscaler.generate(noisy, request, _ignore)[0]) != _pixels(upscaler.generate(pipe, request,
                                                                                                 _ignore)[0])
     svd, _, svd_folder = loaded["tiny-svd"]
-    calm = svd.load(svd_folder, device="cpu", options={"motion_bucket_id": 1, "decode_chunk_size": 1,
-                                                        "noise_aug_strength": 0.0, "min_guidance_scale": 1.5})
+    calm = svd.load(LoadRequest(svd_folder, device="cpu", options={"motion_bucket_id": 1, "decode_chunk_size": 1,
+                                                                   "noise_aug_strength": 0.0,
+                                                                   "min_guidance_scale": 1.5}))
     assert len(svd.generate(calm, _request("tiny-svd", count=1, steps=1), _ignore)[0].frames) == 3
 
     for family, path, options, named in (
@@ -222,9 +224,9 @@ def test_options_change_the_output_and_bad_ones_are_refused_by_name(loaded) -> N
         (get_family("animatediff"), folder, {"motion_adapter": "/nowhere"}, "motion_adapter"),
     ):
         with pytest.raises(ValueError, match=named):
-            family.load(path, device="cpu", options=options)
+            family.load(LoadRequest(path, device="cpu", options=options))
     with pytest.raises(ValueError, match="single-file"):
-        svd.load(svd_folder, device="cpu", config=svd_folder)
+        svd.load(LoadRequest(svd_folder, device="cpu", config=svd_folder))
 
 
 @pytest.mark.parametrize("model", ["tiny-sd-upscaler", "tiny-svd"])

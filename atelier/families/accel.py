@@ -1,6 +1,6 @@
 """Speed and memory settings of a catalog entry, the same way for every diffusers family.
 
-The runner loads a model (``family.load``), its LoRAs, then ``apply`` turns on what the entry asks,
+``Family.load`` builds a model, its LoRAs and conditioning, then ``apply`` turns on what the entry asks,
 on the model's denoiser (its ``unet`` or ``transformer``):
 
 - ``quantize``: its linear layers' weights in int8, int8 with int8 activations, fp8 or int4 (torchao);
@@ -9,8 +9,8 @@ on the model's denoiser (its ``unet`` or ``transformer``):
 - ``offload``: the weights stay in RAM and move to the GPU a model (or a layer) at a time;
 - ``compile``: torch.compile of the denoiser.
 
-Before every pipeline call the runner calls ``before_call``: caches keep state between steps, which
-must never leak from one generation into the next (another batch size, a cancelled call).
+Before every pipeline call ``LoadedModel.before_call`` resets the cache: caches keep state between steps,
+which must never leak from one generation into the next (another batch size, a cancelled call).
 
 Torch-free at import; the libraries load on use. The settings' values and which of them go together
 are the config's to check (atelier/tuning.py); what is checked here needs the model or the device.
@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +31,10 @@ if TYPE_CHECKING:
     import torch
 
     from atelier.config import ModelEntry
+    from atelier.families.loaded import LoadedModel
 
 # The attention modules of a transformer's blocks, whose outputs TaylorSeer predicts on its cached steps.
 _ATTENTIONS = r"(transformer_blocks|single_transformer_blocks|blocks)\.\d+\.attn\d?"
-
-# What resets a loaded model's cache before a pipeline call.
-_RESETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def load_device(entry: ModelEntry, device: str) -> str:
@@ -50,34 +47,29 @@ def load_device(entry: ModelEntry, device: str) -> str:
     return "cpu"
 
 
-def apply(pipe: Any, entry: ModelEntry, device: str) -> None:
-    """Turns on the entry's settings on a loaded pipeline (on ``load_device``); ``device`` is the runner's."""
+def apply(model: LoadedModel, entry: ModelEntry, device: str) -> None:
+    """Turns on the entry's settings on a loaded model (on ``load_device``); ``device`` is the runner's."""
     if not (entry.quantize or entry.cache or entry.offload or entry.compile):
         return
+    pipe = model.pipe
     name = f"{entry.family} model"
     denoiser = _denoiser(pipe, name) if entry.quantize or entry.cache or entry.compile else None
     if entry.quantize:
         quantize(denoiser, entry.quantize, device)
     if entry.cache:
-        _RESETS[pipe] = enable_cache(pipe, denoiser, entry.cache, threshold=entry.cache_threshold,
-                                     interval=entry.cache_interval)
+        model.reset_cache = enable_cache(pipe, denoiser, entry.cache, threshold=entry.cache_threshold,
+                                         interval=entry.cache_interval)
     if entry.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif entry.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+    model.offload = entry.offload
     if entry.compile:
         mode = "default" if entry.compile is True else entry.compile
         if not device.startswith("cuda") and not _cxx_compiler():
             raise ValueError("compile on the CPU needs a C++ compiler (g++ or clang++; $CXX) on this host")
         # In place: the pipeline keeps the same module object, compiled on its first call.
         denoiser.compile(mode=None if mode == "default" else mode)
-
-
-def before_call(pipe: Any) -> None:
-    """Forgets what a cache kept from the last pipeline call: the next call starts afresh."""
-    reset = _RESETS.get(pipe)
-    if reset is not None:
-        reset()
 
 
 # -- quantization ------------------------------------------------------------------------------------ #
@@ -124,7 +116,7 @@ def quantize(denoiser: torch.nn.Module, kind: str, device: str) -> None:
 
 def enable_cache(pipe: Any, denoiser: torch.nn.Module, kind: str, *, threshold: float | None = None,
                  interval: int | None = None) -> Callable[[], None]:
-    """Turns a cache on; returns what resets it between pipeline calls."""
+    """Turns a cache on; returns what resets it before each pipeline call (``LoadedModel.before_call``)."""
     from diffusers import ModelMixin, UNet2DConditionModel
 
     unet = hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")
@@ -207,15 +199,11 @@ def _deepcache(pipe: Any, interval: int) -> Callable[[], None]:
     # Branch 0: only the outermost blocks run on a cached step, the rest comes from the last full one.
     helper.set_params(cache_interval=interval, cache_branch_id=0)
     helper.enable()
-    # The UNet's wrapped blocks keep the helper alive; a strong reference here would keep the pipeline
-    # alive too (the helper holds it), past its eviction.
-    ref = weakref.ref(helper)
 
     def reset() -> None:
         # The helper counts steps from the first it saw and keeps the last outputs; a new call restarts both.
-        if (live := ref()) is not None:
-            live.start_timestep = None
-            live.cached_output = {}
+        helper.start_timestep = None
+        helper.cached_output = {}
 
     return reset
 
@@ -228,6 +216,22 @@ def tensor_bytes(tensor: Any) -> int:
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
+
+
+def module_bytes(pipe: Any, extra: list[Any] | tuple = ()) -> int:
+    """Bytes of every parameter and buffer of a pipeline's modules and of ``extra`` modules it keeps
+    beside them (0 for one without modules), or the size a pipeline declares (the cost model stands in
+    for weights it does not hold). A tensor two modules share counts once."""
+    if hasattr(pipe, "nbytes"):
+        return int(pipe.nbytes)
+    seen: set[int] = set()
+    total = 0
+    for component in [*getattr(pipe, "components", {}).values(), *extra]:
+        for tensor in [*getattr(component, "parameters", list)(), *getattr(component, "buffers", list)()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor_bytes(tensor)  # a quantized tensor by what it holds
+    return total
 
 
 def offloaded_bytes(pipe: Any, offload: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ from diffusers import AudioLDM2Pipeline, DiffusionPipeline, StableAudioPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.families.loading import load_folder, torch_dtype
 from atelier.media import Audio
 
@@ -28,23 +28,15 @@ class _AudioFamily(Family):
     # Nothing to tune yet: any option is a mistake, and says so.
     options: frozenset[str] = frozenset()
 
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-    ) -> DiffusionPipeline:
-        torch_dtype(dtype_name)  # an unknown name fails before any reading
-        unknown = set(options or {}) - self.options
+    def build(self, request: LoadRequest) -> LoadedModel:
+        torch_dtype(request.dtype_name)  # an unknown name fails before any reading
+        unknown = set(request.options) - self.options
         if unknown:
             raise ValueError(f"unknown options for family {self.name!r}: {sorted(unknown)}")
-        return load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant, prepare=self._prepare)
+        return LoadedModel(load_folder(self.name, self.pipeline_class, request.path, device=request.load_device,
+                                       dtype_name=request.dtype_name, weights=request.weights,
+                                       config=request.config, variant=request.variant, prepare=self._prepare),
+                           self)
 
     def _prepare(self, pipe: DiffusionPipeline) -> None:
         """Fits a loaded pipeline for generate (on the CPU, before any upload)."""
@@ -57,7 +49,8 @@ class StableAudioFamily(_AudioFamily):
     name = "stable-audio"
     pipeline_class = StableAudioPipeline
 
-    def generate(self, pipe: StableAudioPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Audio]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Audio]:
+        pipe: StableAudioPipeline = model.pipe
         groups = _conditionings(req)
         total = req.steps * len(groups)
         batch_latents: list[torch.Tensor] = []  # the whole batch's, once a second call makes it partial
@@ -95,7 +88,8 @@ class AudioLDM2Family(_AudioFamily):
     def _prepare(self, pipe: AudioLDM2Pipeline) -> None:
         pipe.language_model = _with_generation_helpers(pipe.language_model)
 
-    def generate(self, pipe: AudioLDM2Pipeline, req: GenerateRequest, on_step: StepCallback) -> list[Audio]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Audio]:
+        pipe: AudioLDM2Pipeline = model.pipe
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
 
         def callback(index: int, t: Any, latents: torch.Tensor) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from atelier.families.loaded import LoadedModel, LoadRequest
 
 if TYPE_CHECKING:
     import numpy
@@ -90,51 +91,45 @@ class GenerateRequest:
 class Family(ABC):
     """Builds, runs and previews one family of models.
 
-    Adapters hold no per-model state (that lives in the object ``load``
-    returns), so one instance can serve every model of its family.
+    Adapters hold no per-model state (that lives in the ``LoadedModel``
+    ``load`` returns), so one instance can serve every model of its family.
     """
 
     name: str
 
+    def load(self, request: LoadRequest) -> LoadedModel:
+        """The model ``request`` asks for, with everything its catalog entry loads beside the pipeline, in
+        the order each needs the one before: the family's pipeline, the entry's VAEs, LoRAs, ControlNets
+        and IP-Adapter, then quantize, cache, offload and compile, once all of it is there."""
+        from atelier.families import accel, loras, vae  # they import the config, which imports this package
+
+        model = self.build(request)
+        entry = request.entry
+        if entry is not None:
+            vae.load_vaes(model, entry)  # read from disk, not staged with the model
+            loras.load_loras(model, entry.loras)
+            self.load_conditioning(model, entry.controlnets, entry.ip_adapter, entry.ip_adapter_encoder)
+            accel.apply(model, entry, request.device)
+        return model
+
     @abstractmethod
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-    ) -> Any:
-        """Load the model at ``path`` onto ``device``; returns the pipeline object.
+    def build(self, request: LoadRequest) -> LoadedModel:
+        """The family's own part of ``load``: the pipeline at ``request.path`` on ``request.load_device``, and
+        the settings its options give (see ``LoadRequest`` for the rest of what it says)."""
 
-        ``weights`` (component -> state dict, e.g. views of a staged segment) replaces
-        reading the weight files; configs, tokenizers and schedulers still come from ``path``.
-        With ``config``, ``path`` is a single-file checkpoint (staged as the one component
-        ``staging.CHECKPOINT``) and ``config`` the diffusers folder its pipeline's configs,
-        tokenizers and schedulers come from. ``variant`` (e.g. "fp16") reads a folder's weight files
-        of that variant, as from_pretrained's ``variant=``; staged ``weights`` follow the same rule.
-        """
-
-    def load_conditioning(self, pipe: Any, controlnets: dict[str, str], ip_adapter: str | None,
+    def load_conditioning(self, model: LoadedModel, controlnets: dict[str, str], ip_adapter: str | None,
                           ip_adapter_encoder: str | None) -> None:
         """Loads a catalog entry's ControlNets (name -> folder) and IP-Adapter (file, and its image
-        encoder's folder) into a loaded pipeline. Only the UNet families take them."""
+        encoder's folder) into a loaded model. Only the UNet families take them."""
         if controlnets or ip_adapter or ip_adapter_encoder:
             raise ValueError(f"family {self.name!r} takes no controlnets or ip_adapter: remove them from "
                              "the model's catalog entry")
 
-    def held_modules(self, pipe: Any) -> list[Any]:
-        """Modules a loaded model keeps beside its pipeline's components (ControlNets, say): its
-        device budget counts them too."""
-        return []
-
     @abstractmethod
-    def generate(self, pipe: Any, req: GenerateRequest, on_step: StepCallback) -> list[Any]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Any]:
         """Run one request, calling ``on_step`` after every denoising step; one item per seed, in order:
-        a PIL image, or an ``atelier.media.Video`` or ``Audio``."""
+        a PIL image, or an ``atelier.media.Video`` or ``Audio``. ``LoadedModel.generate`` prepares the
+        model for the call first."""
 
     def preview_latents(self, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
         """The (channels, h, w) latents of the picture a preview of image ``index`` shows: a video's

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.staging import STAND_IN
 
 COSTS = "costmodel.json"
@@ -60,36 +61,28 @@ class CostModelPipeline:
 class CostModelFamily(Family):
     name = "costmodel"
 
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-    ) -> CostModelPipeline:
+    def build(self, request: LoadRequest) -> LoadedModel:
+        path, options = request.path, request.options
         if path is None or not (path / COSTS).is_file():
             raise ValueError(f"{path} is not a cost-model folder (no {COSTS})")
         if options:
             raise ValueError(f"unknown options for family 'costmodel': {sorted(options)}")
-        if variant is not None:
+        if request.variant is not None:
             raise ValueError("family 'costmodel' reads no weight files: a variant does not apply")
         costs = json.loads((path / COSTS).read_text())
         scale = float(costs["time_scale"])
         # Weights that come staged were read from the disk by the loader already: a memory copy.
-        time.sleep(scale * (costs["staged_load_s"] if weights is not None else costs["disk_load_s"]))
-        return CostModelPipeline(
+        time.sleep(scale * (costs["staged_load_s"] if request.weights is not None else costs["disk_load_s"]))
+        return LoadedModel(CostModelPipeline(
             nbytes=int(costs["bytes"]),
             step_s={int(res) ** 2: [scale * t for t in row] for res, row in costs["step_s"].items()},
             batches=list(costs["batches"]),
             decode_s=scale * float(costs.get("vae_decode_s", 0.0)),
             native_pixels=int(costs["native_resolution"]) ** 2,
-        )
+        ), self)
 
-    def generate(self, pipe: CostModelPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
+        pipe: CostModelPipeline = model.pipe
         pixels = req.width * req.height
         per_step = pipe.seconds_per_step(pixels, req.count)
         deadline = time.monotonic()

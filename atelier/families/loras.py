@@ -2,18 +2,22 @@
 
 A catalog entry's ``loras`` (name -> file) are all loaded into the pipeline with the model, as
 named adapters, and turned off; a job chooses some with their scales (``JobSpec.loras``) and the
-runner only switches adapters before the call, so changing LoRAs never reloads the base model.
+model only switches adapters before the call (``LoadedModel.before_call``), so changing LoRAs never
+reloads the base model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from atelier.families.loaded import LoadedModel
 
 
-def load_loras(pipe: Any, loras: dict[str, str]) -> None:
+def load_loras(model: LoadedModel, loras: dict[str, str]) -> None:
     """Loads every LoRA of the model's catalog entry as a named adapter, all off until a job asks."""
+    pipe = model.pipe
     if loras and not hasattr(pipe, "load_lora_weights"):
         raise ValueError(f"{type(pipe).__name__} takes no LoRAs: remove loras from the model's catalog entry")
     for name, source in loras.items():
@@ -27,16 +31,18 @@ def load_loras(pipe: Any, loras: dict[str, str]) -> None:
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
         else:
             pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
+        model.loras += (name,)
     if loras:
         pipe.disable_lora()
 
 
-def use_loras(pipe: Any, chosen: tuple[tuple[str, float], ...], available: Iterable[str]) -> None:
-    """Switches the adapters for one call: the chosen ones at their scales, the others off."""
-    if not list(available):
+def use_loras(model: LoadedModel, chosen: tuple[tuple[str, float], ...]) -> None:
+    """Switches the model's adapters for one call: the chosen ones at their scales, the others off."""
+    if not model.loras:
         return
+    model.active_loras = chosen
     if not chosen:
-        pipe.disable_lora()  # not merely at weight 0: their layers then cost nothing
+        model.pipe.disable_lora()  # not merely at weight 0: their layers then cost nothing
         return
-    pipe.enable_lora()
-    pipe.set_adapters([name for name, _ in chosen], [float(scale) for _, scale in chosen])
+    model.pipe.enable_lora()
+    model.pipe.set_adapters([name for name, _ in chosen], [float(scale) for _, scale in chosen])

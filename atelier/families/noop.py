@@ -13,13 +13,13 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 
 _PREVIEW_SIDE = 8
 
@@ -33,20 +33,10 @@ class NoopPipeline:
 class NoopFamily(Family):
     name = "noop"
 
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-    ) -> NoopPipeline:
-        if variant is not None:
+    def build(self, request: LoadRequest) -> LoadedModel:
+        if request.variant is not None:
             raise ValueError("family 'noop' reads no weight files: a variant does not apply")
-        options = options or {}
+        options = request.options
         unknown = set(options) - {"step_s", "hang_after_steps"}
         if unknown:
             raise ValueError(f"unknown options for family 'noop': {sorted(unknown)}")
@@ -56,9 +46,10 @@ class NoopFamily(Family):
         hang = options.get("hang_after_steps")
         if hang is not None and (isinstance(hang, bool) or not isinstance(hang, int) or hang < 0):
             raise ValueError(f"hang_after_steps must be a whole number >= 0, got {hang!r}")
-        return NoopPipeline(step_s=step_s, hang_after_steps=hang)
+        return LoadedModel(NoopPipeline(step_s=step_s, hang_after_steps=hang), self)
 
-    def generate(self, pipe: NoopPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
+        pipe: NoopPipeline = model.pipe
         for step in range(1, req.steps + 1):
             if pipe.hang_after_steps is not None and step > pipe.hang_after_steps:
                 threading.Event().wait()  # forever: only the process ending ends it

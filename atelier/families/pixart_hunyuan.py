@@ -9,9 +9,7 @@ asked for (PixArt's resolution binning, where a model has it, resizes to the siz
 from __future__ import annotations
 
 import importlib.util
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, HunyuanDiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.families.loading import load_folder
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
 
@@ -33,12 +32,10 @@ _ONE_STEP_SCHEDULERS = frozenset({"LCMScheduler", "TCDScheduler", "SCMScheduler"
 
 @dataclass(frozen=True)
 class _Settings:
+    """A loaded model's settings from its options."""
+
     binning: bool = False
     clean_caption: bool = False
-
-
-# A loaded pipeline's settings from its options (the pipeline object is what the runner keeps).
-_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _DiTFamily(Family):
@@ -46,18 +43,8 @@ class _DiTFamily(Family):
     latent_rgb: LatentRGB
     options: frozenset[str] = _COMMON_OPTIONS
 
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-    ) -> DiffusionPipeline:
-        options = options or {}
+    def build(self, request: LoadRequest) -> LoadedModel:
+        options = dict(request.options)
         unknown = set(options) - self.options
         if unknown:
             raise ValueError(f"unknown options for family {self.name!r}: {sorted(unknown)}; "
@@ -66,22 +53,22 @@ class _DiTFamily(Family):
             if not isinstance(value, bool):
                 raise ValueError(f"option {name!r} of family {self.name!r} is true or false, not {value!r}")
 
-        pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant)
+        pipe = load_folder(self.name, self.pipeline_class, request.path, device=request.load_device,
+                           dtype_name=request.dtype_name, weights=request.weights, config=request.config,
+                           variant=request.variant)
         if options.get("vae_tiling"):
             pipe.vae.enable_tiling()
         if options.get("vae_slicing"):
             pipe.vae.enable_slicing()
-        _SETTINGS[pipe] = self._settings(pipe, options)
-        return pipe
+        return LoadedModel(pipe, self, settings=self._settings(pipe, options))
 
     def _settings(self, pipe: DiffusionPipeline, options: dict[str, Any]) -> _Settings:
         return _Settings()
 
-    def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
         if req.kind != "txt2img" or req.images:
             raise ValueError(f"family {self.name!r} does txt2img only, not {req.kind}")
-        settings = _SETTINGS.get(pipe, _Settings())
+        pipe, settings = model.pipe, model.settings or _Settings()  # a model of a pipeline alone has none
         # Binning makes its own sizes and resizes back to the one asked for; otherwise the latents must
         # be whole patches.
         width, height = (req.width, req.height) if settings.binning else (_up(req.width), _up(req.height))

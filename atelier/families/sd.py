@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from atelier.families import options as unet_options
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.families.loading import load_folder, ready, torch_dtype
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
 from atelier.sources import ModelSourceError
@@ -37,48 +37,35 @@ class _StableDiffusionFamily(Family):
     pipeline_class: type[DiffusionPipeline]
     latent_rgb: LatentRGB
 
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-    ) -> DiffusionPipeline:
+    def build(self, request: LoadRequest) -> LoadedModel:
+        path, config = request.path, request.config
         if path is None:
             raise ValueError(f"family {self.name!r} needs a model path")
-        dtype = torch_dtype(dtype_name)  # an unknown name fails before any reading
-        options = options or {}
+        dtype = torch_dtype(request.dtype_name)  # an unknown name fails before any reading
+        options = dict(request.options)
         unet_options.check(self.name, options, unet_options.UNET_OPTIONS)
 
+        weights = dict(request.weights) if request.weights is not None else None
         if config is not None:
-            pipe = ready(self._from_single_file(path, config, dtype, weights), device)
+            pipe = ready(self._from_single_file(path, config, dtype, weights), request.load_device)
         else:
-            pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
-                               weights=weights, config=None, variant=variant)
+            pipe = load_folder(self.name, self.pipeline_class, path, device=request.load_device,
+                               dtype_name=request.dtype_name, weights=weights, config=None, variant=request.variant)
         unet_options.apply(pipe, options)
-        if options.get("prompt_weighting"):
-            _state(pipe).compel = _compel(pipe)
-        return pipe
+        # With prompt_weighting, compel (CompelForSD or CompelForSDXL) reads the prompts.
+        return LoadedModel(pipe, self, settings=_compel(pipe) if options.get("prompt_weighting") else None)
 
-    def load_conditioning(self, pipe: DiffusionPipeline, controlnets: dict[str, str], ip_adapter: str | None,
+    def load_conditioning(self, model: LoadedModel, controlnets: dict[str, str], ip_adapter: str | None,
                           ip_adapter_encoder: str | None) -> None:
         """Loads the catalog entry's ControlNets beside the model and its IP-Adapter into it (turned off
         until a job brings an image), so that jobs choose among them without reloading anything."""
-        state = _state(pipe)
         for name, source in controlnets.items():
-            state.controlnets[name] = _load_controlnet(pipe, name, Path(source).expanduser())
+            model.controlnets[name] = _load_controlnet(model.pipe, name, Path(source).expanduser())
         if ip_adapter_encoder is not None and ip_adapter is None:
             raise ValueError("ip_adapter_encoder: the model's catalog entry names no ip_adapter to go with it")
         if ip_adapter is not None:
-            _load_ip_adapter(pipe, state, Path(ip_adapter).expanduser(),
-                             Path(ip_adapter_encoder).expanduser() if ip_adapter_encoder else None)
-
-    def held_modules(self, pipe: DiffusionPipeline) -> list[Any]:
-        return list(_state(pipe).controlnets.values())
+            model.ip_adapter = _load_ip_adapter(model.pipe, Path(ip_adapter).expanduser(),
+                                                Path(ip_adapter_encoder).expanduser() if ip_adapter_encoder else None)
 
     def _from_single_file(self, path: Path, config: Path, dtype: torch.dtype,
                           weights: dict[str, dict[str, Any]] | None) -> DiffusionPipeline:
@@ -97,32 +84,31 @@ class _StableDiffusionFamily(Family):
             raise ModelSourceError(f"{path.name} does not fit the configs in {config}: "
                                    f"{type(exc).__name__}: {exc}") from exc
 
-    def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
         if req.images and int(req.steps * (req.strength or 1.0)) < 1:
             # Starting from an image runs int(steps * strength) steps; with none (a 1-step turbo model
             # at strength 0.75, say) diffusers fails on an empty tensor deep inside.
             raise ValueError(f"strength {req.strength} of {req.steps} steps leaves no step to run: "
                              "ask for more steps or a higher strength (steps x strength >= 1)")
-        state = _state(pipe)
-        if req.controlnet is not None and req.controlnet not in state.controlnets:
+        if req.controlnet is not None and req.controlnet not in model.controlnets:
             raise ValueError(f"controlnet {req.controlnet!r} is not one of this model's: "
-                             f"{', '.join(sorted(state.controlnets)) or 'none'}")
-        if req.ip_adapter_images and state.ip_processors is None:
+                             f"{', '.join(sorted(model.controlnets)) or 'none'}")
+        if req.ip_adapter_images and model.ip_adapter is None:
             raise ValueError("ip_adapter_image: this model has no ip_adapter in its catalog entry")
         parts = _ip_adapter_parts(req)
         if len(parts) == 1:
-            return self._call(pipe, state, req, on_step)
+            return self._call(model, req, on_step)
         # diffusers gives a whole call one IP-Adapter image: jobs of a batch with different ones take a
         # call each, reported to the runner as one call of all their steps.
         outputs: list[PIL.Image.Image] = []
         shared: dict[str, torch.Tensor] = {}
         for k, (start, stop) in enumerate(parts):
             sub = replace(req, **{name: getattr(req, name)[start:stop] for name in _PER_IMAGE if getattr(req, name)})
-            outputs += self._call(pipe, state, sub, _part_steps(on_step, k, len(parts), start, req.count, shared))
+            outputs += self._call(model, sub, _part_steps(on_step, k, len(parts), start, req.count, shared))
         return outputs
 
-    def _call(self, pipe: DiffusionPipeline, state: _Conditioning, req: GenerateRequest,
-              on_step: StepCallback) -> list[PIL.Image.Image]:
+    def _call(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+        pipe = model.pipe
         # One generator per image: an image's noise depends on its own seed, not on its batch.
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
 
@@ -135,27 +121,27 @@ class _StableDiffusionFamily(Family):
 
         # One prompt per image (a batch mixes jobs). Exceptions from on_step (JobCancelled) propagate:
         # diffusers does not catch around the callback.
-        common = dict(**_prompts(state, req), num_inference_steps=req.steps, guidance_scale=req.guidance,
+        common = dict(**_prompts(model.settings, req), num_inference_steps=req.steps, guidance_scale=req.guidance,
                       num_images_per_prompt=1, generator=generators, output_type="pil",
                       callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
         # At scale 0 the IP-Adapter is off, not merely weighted 0: exactly the image without, and no cost.
         image_prompt = bool(req.ip_adapter_images) and req.ip_adapter_scale > 0
-        _use_ip_adapter(pipe, state, req.ip_adapter_scale if image_prompt else None)
+        _use_ip_adapter(pipe, model.ip_adapter, req.ip_adapter_scale if image_prompt else None)
         if image_prompt:  # one image for the call (generate splits a batch that has several)
             common["ip_adapter_image"] = req.ip_adapter_images[0]
         control: dict[str, Any] = {}
         if req.controlnet is not None:  # the control image per output image, and how much it counts
             control = dict(control_image=list(req.control_images), controlnet_conditioning_scale=req.controlnet_scale)
         if req.masks:  # inpainting: the image, repainted where the mask is white
-            result = _variant(pipe, AutoPipelineForInpainting, req.controlnet)(
+            result = _variant(model, AutoPipelineForInpainting, req.controlnet)(
                 image=list(req.images), mask_image=list(req.masks), strength=req.strength, width=req.width,
                 height=req.height, **control, **common)
         elif req.images:  # img2img: the image's size is the output's (the runner resized it to the job's)
-            result = _variant(pipe, AutoPipelineForImage2Image, req.controlnet)(
+            result = _variant(model, AutoPipelineForImage2Image, req.controlnet)(
                 image=list(req.images), strength=req.strength, **control, **common)
         elif control:  # text to image, its ControlNet pipeline calling the control image its image
             control["image"] = control.pop("control_image")
-            result = _variant(pipe, AutoPipelineForText2Image, req.controlnet)(
+            result = _variant(model, AutoPipelineForText2Image, req.controlnet)(
                 width=req.width, height=req.height, **control, **common)
         else:
             result = pipe(width=req.width, height=req.height, **common)
@@ -184,16 +170,13 @@ class SDXLFamily(_StableDiffusionFamily):
     latent_rgb = SDXL_LATENT_RGB
 
 
-# A loaded model's img2img and inpainting pipelines, and those with each of its ControlNets: the same
-# modules in another pipeline class, made once per model (from_pipe shares the weights, it copies none).
-_VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _variant(pipe: DiffusionPipeline, auto: Any, controlnet: str | None = None) -> DiffusionPipeline:
-    variants = _VARIANTS.setdefault(pipe, {})
+def _variant(model: LoadedModel, auto: Any, controlnet: str | None = None) -> DiffusionPipeline:
+    """The model's img2img or inpainting pipeline, or one with a ControlNet: the same modules in another
+    pipeline class, made once per model (from_pipe shares the weights, it copies none)."""
+    variants = model.variants
     if (auto, controlnet) not in variants:
-        extra = {"controlnet": _state(pipe).controlnets[controlnet]} if controlnet is not None else {}
-        variant = variants[auto, controlnet] = auto.from_pipe(pipe, **extra)
+        extra = {"controlnet": model.controlnets[controlnet]} if controlnet is not None else {}
+        variant = variants[auto, controlnet] = auto.from_pipe(model.pipe, **extra)
         variant.set_progress_bar_config(disable=True)
     return variants[auto, controlnet]
 
@@ -202,26 +185,18 @@ def _variant(pipe: DiffusionPipeline, auto: Any, controlnet: str | None = None) 
 # Conditioning: ControlNets, the IP-Adapter, weighted prompts.
 
 
-@dataclass
-class _Conditioning:
-    """What a loaded model holds beside its pipeline's own modules."""
+@dataclass(frozen=True)
+class _IPAdapter:
+    """The UNet's attention with the IP-Adapter and without it, and its image projection: a UNet with
+    the IP-Adapter in cannot run without an image, so a call without one switches back."""
 
-    controlnets: dict[str, ControlNetModel] = field(default_factory=dict)
-    # The UNet's attention with the IP-Adapter and without it, and its image projection: a UNet with
-    # the IP-Adapter in cannot run without an image, so a call without one switches back.
-    ip_processors: dict[str, Any] | None = None
-    plain_processors: dict[str, Any] | None = None
-    ip_projection: Any = None
-    compel: Any = None  # compel's CompelForSD or CompelForSDXL, with prompt_weighting
+    ip_processors: dict[str, Any]
+    plain_processors: dict[str, Any]
+    projection: Any
 
 
-_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # GenerateRequest's fields with one entry per image: what a part of a request takes its share of.
 _PER_IMAGE = ("prompts", "negative_prompts", "seeds", "images", "masks", "control_images", "ip_adapter_images")
-
-
-def _state(pipe: DiffusionPipeline) -> _Conditioning:
-    return _STATE.setdefault(pipe, _Conditioning())
 
 
 def _load_controlnet(pipe: DiffusionPipeline, name: str, folder: Path) -> ControlNetModel:
@@ -238,7 +213,7 @@ def _load_controlnet(pipe: DiffusionPipeline, name: str, folder: Path) -> Contro
     return controlnet.to(pipe.device)
 
 
-def _load_ip_adapter(pipe: DiffusionPipeline, state: _Conditioning, file: Path, encoder: Path | None) -> None:
+def _load_ip_adapter(pipe: DiffusionPipeline, file: Path, encoder: Path | None) -> _IPAdapter:
     from diffusers.models.attention_processor import SlicedAttnProcessor
     from transformers import CLIPVisionModelWithProjection
 
@@ -256,31 +231,32 @@ def _load_ip_adapter(pipe: DiffusionPipeline, state: _Conditioning, file: Path, 
                                                                   use_safetensors=True, local_files_only=True)
     # Registered before load_ip_adapter, which then reads only the adapter's own weights.
     pipe.register_modules(image_encoder=image_encoder.to(pipe.device))
-    state.plain_processors = dict(pipe.unet.attn_processors)
+    plain_processors = dict(pipe.unet.attn_processors)
     try:
         pipe.load_ip_adapter(str(file.parent), subfolder="", weight_name=file.name, image_encoder_folder=None,
                              local_files_only=True)
-        state.ip_processors = dict(pipe.unet.attn_processors)
-        state.ip_projection = pipe.unet.encoder_hid_proj
+        adapter = _IPAdapter(ip_processors=dict(pipe.unet.attn_processors), plain_processors=plain_processors,
+                             projection=pipe.unet.encoder_hid_proj)
         with torch.no_grad():  # one blank image through encoder and projection: that they fit each other
             embeds = pipe.prepare_ip_adapter_image_embeds(PIL.Image.new("RGB", (64, 64)), None, pipe.device, 1,
                                                           False)
-            state.ip_projection(embeds)
+            adapter.projection(embeds)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ValueError(f"ip_adapter: {file.name} does not fit this model or its image encoder {encoder}: "
                          f"{type(exc).__name__}: {exc}") from None
-    _use_ip_adapter(pipe, state, None)
+    _use_ip_adapter(pipe, adapter, None)
+    return adapter
 
 
-def _use_ip_adapter(pipe: DiffusionPipeline, state: _Conditioning, scale: float | None) -> None:
+def _use_ip_adapter(pipe: DiffusionPipeline, adapter: _IPAdapter | None, scale: float | None) -> None:
     """The IP-Adapter on at ``scale`` for a call with an image prompt, or off (None): the UNet as it was."""
-    if state.ip_processors is None:
+    if adapter is None:
         return
     on = scale is not None
     unet = pipe.unet
     # set_attn_processor takes the processors out of the dict it is given: it gets a copy.
-    unet.set_attn_processor(dict(state.ip_processors if on else state.plain_processors))
-    unet.encoder_hid_proj = state.ip_projection if on else None
+    unet.set_attn_processor(dict(adapter.ip_processors if on else adapter.plain_processors))
+    unet.encoder_hid_proj = adapter.projection if on else None
     unet.config.encoder_hid_dim_type = "ip_image_proj" if on else None  # as diffusers' own loader sets it
     if on:
         pipe.set_ip_adapter_scale(scale)
@@ -327,13 +303,13 @@ def _compel(pipe: DiffusionPipeline) -> Any:
     return CompelForSDXL(pipe) if isinstance(pipe, StableDiffusionXLPipeline) else CompelForSD(pipe)
 
 
-def _prompts(state: _Conditioning, req: GenerateRequest) -> dict[str, Any]:
-    """The call's prompts (diffusers' own "" for no negative prompt), or with prompt_weighting their
-    embeddings, weighted by compel."""
+def _prompts(compel: Any, req: GenerateRequest) -> dict[str, Any]:
+    """The call's prompts (diffusers' own "" for no negative prompt), or with prompt_weighting (a
+    ``compel``) their embeddings, weighted by compel."""
     negatives = [n or "" for n in req.negative_prompts]
-    if state.compel is None:
+    if compel is None:
         return {"prompt": list(req.prompts), "negative_prompt": negatives}
-    conditioning = state.compel([_compel_syntax(p) for p in req.prompts],
+    conditioning = compel([_compel_syntax(p) for p in req.prompts],
                                 negative_prompt=[_compel_syntax(n) for n in negatives])
     embeds = {"prompt_embeds": conditioning.embeds, "negative_prompt_embeds": conditioning.negative_embeds}
     if conditioning.pooled_embeds is not None:  # SDXL

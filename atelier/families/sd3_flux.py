@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import weakref
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ from diffusers import (
 
 from atelier.families import gguf
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.families.loading import load_folder, torch_dtype
 from atelier.families.sd import _variant
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB, LatentRGB, latents_to_rgb
@@ -28,29 +27,16 @@ from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB, LatentRGB, latents_
 # (and cut) to; FLUX.1-schnell was trained with 256 where dev has 512, and fewer are cheaper.
 _OPTIONS = frozenset({"vae_tiling", "max_sequence_length"})
 
-# A loaded model's settings from its options: the runner holds the pipeline itself, so they ride beside it.
-_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 class _FlowFamily(Family):
     pipeline_class: type[DiffusionPipeline]
     latent_rgb: LatentRGB
 
-    def load(
-        self,
-        path: Path | None,
-        *,
-        device: str,
-        dtype_name: str = "float32",
-        options: dict[str, Any] | None = None,
-        weights: dict[str, dict[str, Any]] | None = None,
-        config: Path | None = None,
-        variant: str | None = None,
-        transformer: Path | None = None,
-    ) -> DiffusionPipeline:
-        """``transformer``: a GGUF file the transformer is read from (quantized) in place of the folder's;
-        staged, its bytes are ``weights["transformer"]``."""
-        options = dict(options or {})
+    def build(self, request: LoadRequest) -> LoadedModel:
+        """``request.transformer``: a GGUF file the transformer is read from (quantized) in place of the
+        folder's; staged, its bytes are ``weights["transformer"]``."""
+        options = dict(request.options)
+        path, weights = request.path, request.weights
         unknown = set(options) - _OPTIONS
         if unknown:
             raise ValueError(f"unknown options for family {self.name!r}: {sorted(unknown)}")
@@ -59,19 +45,20 @@ class _FlowFamily(Family):
             settings["max_sequence_length"] = _sequence_length(options["max_sequence_length"])
 
         parts = {}
-        if transformer is not None and path is not None:
-            weights = dict(weights) if weights is not None else None
+        weights = dict(weights) if weights is not None else None
+        if request.transformer is not None and path is not None:
             staged = weights.pop("transformer", None) if weights is not None else None
-            parts["transformer"] = gguf.load_transformer(self.name, path, transformer, staged,
-                                                         torch_dtype(dtype_name))
-        pipe = load_folder(self.name, self.pipeline_class, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant, **parts)
+            parts["transformer"] = gguf.load_transformer(self.name, path, request.transformer, staged,
+                                                         torch_dtype(request.dtype_name))
+        pipe = load_folder(self.name, self.pipeline_class, path, device=request.load_device,
+                           dtype_name=request.dtype_name, weights=weights, config=request.config,
+                           variant=request.variant, **parts)
         if options.get("vae_tiling"):
             pipe.vae.enable_tiling()
-        _SETTINGS[pipe] = settings
-        return pipe
+        return LoadedModel(pipe, self, settings=settings)  # the pipeline call's extra arguments
 
-    def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
+        pipe = model.pipe
         multiple = self._size_multiple(pipe)
         for name, value in (("width", req.width), ("height", req.height)):
             if value % multiple:
@@ -90,13 +77,13 @@ class _FlowFamily(Family):
                       num_images_per_prompt=1, generator=generators, width=req.width, height=req.height,
                       output_type="pil", callback_on_step_end=on_step_end,
                       callback_on_step_end_tensor_inputs=["latents"], **self._prompt_extras(req),
-                      **_SETTINGS.get(pipe, {}))
+                      **(model.settings or {}))  # a model of a pipeline alone has none
         if req.masks:  # inpainting: the image, repainted where the mask is white
-            result = _variant(pipe, AutoPipelineForInpainting)(
+            result = _variant(model, AutoPipelineForInpainting)(
                 image=list(req.images), mask_image=list(req.masks), strength=req.strength, **common)
         elif req.images:
-            result = _variant(pipe, AutoPipelineForImage2Image)(image=list(req.images), strength=req.strength,
-                                                                 **common)
+            result = _variant(model, AutoPipelineForImage2Image)(image=list(req.images), strength=req.strength,
+                                                                  **common)
         else:
             result = pipe(**common)
         return list(result.images)

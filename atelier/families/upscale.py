@@ -7,7 +7,6 @@ the image that comes back is four times as wide and as high.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from diffusers import StableDiffusionUpscalePipeline
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.families.loading import Check, checked_options, load_folder, switch, whole
 from atelier.preview import MAX_PREVIEW_SIDE, SD15_LATENT_RGB, latents_to_rgb
 
@@ -33,12 +33,11 @@ class SDUpscalerFamily(Family):
         "vae_tiling": switch,  # decode the big output in tiles: far less memory at 2048 px
     }
 
-    def load(self, path: Path | None, *, device: str, dtype_name: str = "float32",
-             options: dict[str, Any] | None = None, weights: dict[str, dict[str, Any]] | None = None,
-             config: Path | None = None, variant: str | None = None) -> StableDiffusionUpscalePipeline:
-        settings = checked_options(self.name, options, self.checks)
-        pipe = load_folder(self.name, StableDiffusionUpscalePipeline, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant)
+    def build(self, request: LoadRequest) -> LoadedModel:
+        settings = checked_options(self.name, request.options, self.checks)
+        pipe = load_folder(self.name, StableDiffusionUpscalePipeline, request.path, device=request.load_device,
+                           dtype_name=request.dtype_name, weights=request.weights, config=request.config,
+                           variant=request.variant)
         noise_level = settings.get("noise_level", DEFAULT_NOISE_LEVEL)
         if noise_level > pipe.config.max_noise_level:
             raise ValueError(f"option 'noise_level' of family {self.name!r}: {noise_level} is above this model's "
@@ -47,13 +46,12 @@ class SDUpscalerFamily(Family):
             pipe.enable_attention_slicing()
         if settings.get("vae_tiling"):
             pipe.vae.enable_tiling()
-        pipe.atelier_noise_level = noise_level
-        return pipe
+        return LoadedModel(pipe, self, settings=noise_level)
 
-    def generate(self, pipe: StableDiffusionUpscalePipeline, req: GenerateRequest,
-                 on_step: StepCallback) -> list[PIL.Image.Image]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
         if not req.images:
             raise ValueError("sd-upscaler upscales an image, and the request has none")
+        pipe: StableDiffusionUpscalePipeline = model.pipe
         # One generator per image: an image's noise depends on its own seed, not on its batch.
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
 
@@ -64,7 +62,7 @@ class SDUpscalerFamily(Family):
 
         result = pipe(prompt=list(req.prompts), negative_prompt=[n or "" for n in req.negative_prompts],
                       image=list(req.images), num_inference_steps=req.steps, guidance_scale=req.guidance,
-                      noise_level=pipe.atelier_noise_level, generator=generators, output_type="pil",
+                      noise_level=model.settings, generator=generators, output_type="pil",
                       callback=on_progress, callback_steps=1)
         return list(result.images)
 

@@ -7,18 +7,20 @@ place of the family's linear projection.
 
 Both are read from disk when the model loads, after the family has built the pipeline; they are
 not staged with it (a VAE is some 160 MB, a TAESD 5 MB: small beside the model, and read once per
-load). Torch and diffusers are imported inside the functions: the runner imports this module before
-it has loaded any model.
+load). Torch and diffusers are imported inside the functions, when a model loads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atelier.config import ModelEntry
 from atelier.families import FAMILY_LIMITS, get_family
 from atelier.registry import FAMILIES
+
+if TYPE_CHECKING:
+    from atelier.families.loaded import LoadedModel
 
 # Families whose step latents a TAESD decodes (the registry's preview_decoder).
 PREVIEW_DECODER_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if spec.preview_decoder)
@@ -26,24 +28,14 @@ PREVIEW_DECODER_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if 
 _VAE_SHAPE = ("in_channels", "out_channels", "latent_channels")
 
 
-def load_vaes(pipe: Any, entry: ModelEntry) -> None:
-    """Applies the entry's ``vae`` and ``preview_decoder`` to a freshly loaded pipeline; a ValueError
+def load_vaes(model: LoadedModel, entry: ModelEntry) -> None:
+    """Applies the entry's ``vae`` and ``preview_decoder`` to a freshly loaded model; a ValueError
     names what does not fit."""
     if entry.vae is not None:
-        replace_vae(pipe, Path(entry.vae).expanduser(), family=entry.family)
+        replace_vae(model.pipe, Path(entry.vae).expanduser(), family=entry.family)
     if entry.preview_decoder is not None:
-        pipe.atelier_preview = preview_decoder(pipe, Path(entry.preview_decoder).expanduser(), family=entry.family)
-
-
-def held_modules(pipe: Any) -> list[Any]:
-    """The preview decoder, which sits on the model's device beside its pipeline."""
-    preview = getattr(pipe, "atelier_preview", None)
-    return [preview.decoder] if preview is not None else []
-
-
-def previewer(pipe: Any, family: Any) -> Any:
-    """What the runner's preview thread calls ``.preview(latents, index)`` on: the model's decoder, or its family."""
-    return getattr(pipe, "atelier_preview", None) or family
+        model.preview_decoder = preview_decoder(model.pipe, Path(entry.preview_decoder).expanduser(),
+                                                family=entry.family)
 
 
 def replace_vae(pipe: Any, folder: Path, *, family: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter, StableVideoDiffusionPipeline
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
+from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.families.loading import Check, checked_options, folder, load_folder, number, torch_dtype, whole
 from atelier.media import Video
 from atelier.preview import SD15_LATENT_RGB, latents_to_rgb
@@ -61,20 +62,19 @@ class SVDFamily(_VideoFamily):
         "min_guidance_scale": number(0.0, 50.0),
     }
 
-    def load(self, path: Path | None, *, device: str, dtype_name: str = "float32",
-             options: dict[str, Any] | None = None, weights: dict[str, dict[str, Any]] | None = None,
-             config: Path | None = None, variant: str | None = None) -> DiffusionPipeline:
-        settings = checked_options(self.name, options, self.checks)
-        pipe = load_folder(self.name, StableVideoDiffusionPipeline, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant)
-        pipe.atelier_settings = settings
-        return pipe
+    def build(self, request: LoadRequest) -> LoadedModel:
+        settings = checked_options(self.name, request.options, self.checks)
+        pipe = load_folder(self.name, StableVideoDiffusionPipeline, request.path, device=request.load_device,
+                           dtype_name=request.dtype_name, weights=request.weights, config=request.config,
+                           variant=request.variant)
+        return LoadedModel(pipe, self, settings=settings)  # the pipeline call's extra arguments
 
-    def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Video]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Video]:
         if not req.images:
             raise ValueError("svd makes a video from an image, and the request has none")
+        pipe = model.pipe
         frames, fps = self._frames_and_fps(req)
-        settings = dict(pipe.atelier_settings)
+        settings = dict(model.settings)
         # Below 1 on both ends, no guidance at all; above the last frame's, the ramp would run backwards.
         low = min(settings.pop("min_guidance_scale", 1.0), req.guidance)
         result = pipe(image=list(req.images), height=req.height, width=req.width, num_frames=frames,
@@ -105,33 +105,33 @@ class AnimateDiffFamily(_VideoFamily):
         "motion_adapter": folder,
     }
 
-    def load(self, path: Path | None, *, device: str, dtype_name: str = "float32",
-             options: dict[str, Any] | None = None, weights: dict[str, dict[str, Any]] | None = None,
-             config: Path | None = None, variant: str | None = None) -> DiffusionPipeline:
-        settings = checked_options(self.name, options, self.checks)
+    def build(self, request: LoadRequest) -> LoadedModel:
+        path = request.path
+        settings = checked_options(self.name, request.options, self.checks)
         adapter_folder = settings.pop("motion_adapter", None)
         if adapter_folder is not None:
-            adapter = MotionAdapter.from_pretrained(adapter_folder, dtype=torch_dtype(dtype_name),
+            adapter = MotionAdapter.from_pretrained(adapter_folder, dtype=torch_dtype(request.dtype_name),
                                                     local_files_only=True)
         elif path is not None and _class_name(path) not in (None, AnimateDiffPipeline.__name__):
             raise ValueError(f"{path} holds a {_class_name(path)}, not an AnimateDiff model: give the folder of "
                              "its motion adapter as options.motion_adapter")
         else:
             adapter = None
-        pipe = load_folder(self.name, AnimateDiffPipeline, path, device=device, dtype_name=dtype_name,
-                           weights=weights, config=config, variant=variant, motion_adapter=adapter)
+        pipe = load_folder(self.name, AnimateDiffPipeline, path, device=request.load_device,
+                           dtype_name=request.dtype_name, weights=request.weights, config=request.config,
+                           variant=request.variant, motion_adapter=adapter)
         # Merged, the UNet holds the motion modules: the adapter on its own would be the weights twice over.
         pipe.register_modules(motion_adapter=None)
-        pipe.atelier_settings = settings
-        return pipe
+        return LoadedModel(pipe, self, settings=settings)  # the pipeline call's extra arguments
 
-    def generate(self, pipe: DiffusionPipeline, req: GenerateRequest, on_step: StepCallback) -> list[Video]:
+    def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Video]:
+        pipe = model.pipe
         frames, fps = self._frames_and_fps(req)
         result = pipe(prompt=list(req.prompts), negative_prompt=[n or "" for n in req.negative_prompts],
                       num_frames=frames, height=req.height, width=req.width, num_inference_steps=req.steps,
                       guidance_scale=req.guidance, generator=_generators(pipe, req), output_type="pil",
                       callback_on_step_end=_reporter(on_step), callback_on_step_end_tensor_inputs=["latents"],
-                      **pipe.atelier_settings)
+                      **model.settings)
         return [Video(frames=list(video), fps=fps) for video in result.frames]
 
     def preview_latents(self, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
