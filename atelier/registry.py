@@ -19,6 +19,9 @@ FORMATS: dict[str, tuple[str, ...]] = {"image": ("png", "webp"), "video": ("mp4"
                                        "audio": ("wav", "flac")}
 
 _EDITS = frozenset({"txt2img", "img2img"})
+# Where the UNet families' single-file checkpoints keep their UNet and VAE.
+_LDM_UNET = ("model.diffusion_model.",)
+_LDM_VAE = ("first_stage_model.", "vae.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +68,10 @@ class FamilySpec:
     # The diffusers class that reads its transformer from a GGUF file (a catalog entry's
     # ``transformer``); None where diffusers has no single-file loader for it.
     gguf_transformer: str | None = None
+    # A single .safetensors checkpoint in the original (LDM) layout, as A1111 and ComfyUI users have
+    # them: each part diffusers' single-file loader converts, and the key prefixes it reads it from
+    # (a file with nothing under one of them is not this family's). Empty: folders only.
+    single_file_parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Its built-in tiny random-weight model ("builtin:<name>" in a catalog), and the "module:function"
     # that writes it (imported on first use: builders need torch and diffusers).
     tiny_model: str | None = None
@@ -86,9 +93,14 @@ _ROWS = (
                limits=FamilyLimits(default_steps=30, default_guidance=7.5, max_width=1024, max_height=1024,
                                    default_width=512, default_height=512, max_count=8, max_batch=8,
                                    max_batch_cpu=4, kinds=_EDITS, inpaint=True),
+               single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
+                                  ("text encoder", ("cond_stage_model.transformer.",))),
                tiny_model="tiny-sd", tiny_builder="atelier.tiny_models:build_tiny_sd"),
     FamilySpec(name="sdxl", adapter="atelier.families.sd:SDXLFamily", denoiser="unet",
                limits=FamilyLimits(default_steps=30, default_guidance=5.0, kinds=_EDITS, inpaint=True),
+               single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
+                                  ("first text encoder", ("conditioner.embedders.0.",)),
+                                  ("second text encoder", ("conditioner.embedders.1.",))),
                tiny_model="tiny-sdxl", tiny_builder="atelier.tiny_models:build_tiny_sdxl"),
     # SD 2.x: 768 px (the v-prediction models; the 512 px base ones set their size in the catalog).
     FamilySpec(name="sd2", adapter="atelier.families.sd:SD2Family", denoiser="unet",

@@ -15,21 +15,15 @@ from pathlib import Path
 
 from atelier import hub, staging
 from atelier.config import ModelEntry
+from atelier.registry import FAMILIES
 from atelier.tiny_models import BUILTIN, ensure_builtin
 
 BUILTIN_PREFIX = "builtin:"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
 _MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 
-# Key prefixes diffusers' single-file loader converts each part of a family's checkpoint from:
-# a file with nothing under one of them is not that family's checkpoint.
-_LDM_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sd1": {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.", "vae."),
-            "text encoder": ("cond_stage_model.transformer.",)},
-    "sdxl": {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.", "vae."),
-             "first text encoder": ("conditioner.embedders.0.",),
-             "second text encoder": ("conditioner.embedders.1.",)},
-}
+# A family's single-file parts (their key prefixes), for the families that load from one file.
+_LDM_PARTS = {name: dict(spec.single_file_parts) for name, spec in FAMILIES.items() if spec.single_file_parts}
 
 
 class ModelSourceError(Exception):
