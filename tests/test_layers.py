@@ -79,7 +79,7 @@ def upward_imports() -> list[str]:
         mine = layer_of(here)
         assert mine is not None, f"{here} has no layer: add it to LAYERS"
         for line, target in imported(ast.parse(path.read_text(), str(path)), here):
-            if not target.split(".")[0] in PACKAGES:
+            if target.split(".")[0] not in PACKAGES:
                 continue
             theirs = layer_of(target)
             if theirs is not None and theirs > mine:
