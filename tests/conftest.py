@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -68,6 +69,42 @@ def broker_thread(**settings) -> Iterator[tuple["Broker", threading.Thread]]:  #
     finally:
         b.stop()
         thread.join(30)
+
+
+T = TypeVar("T")
+
+
+def eventually(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               ignoring: tuple[type[BaseException], ...] = ()) -> T:
+    """``predicate()``'s first truthy value, asked every ``interval`` seconds; AssertionError after
+    ``timeout``. The exceptions in ``ignoring`` mean "not yet" (a process still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except ignoring:
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not seen within {timeout} s: {predicate!r} last gave {value!r}")
+        time.sleep(interval)
+
+
+async def eventually_async(predicate: Callable[[], Awaitable[T]], timeout: float = 30.0, interval: float = 0.05,
+                           ignoring: tuple[type[BaseException], ...] = ()) -> T:
+    """``eventually`` for a coroutine function, sleeping without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = await predicate()
+        except ignoring:
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not seen within {timeout} s: {predicate!r} last gave {value!r}")
+        await asyncio.sleep(interval)
 
 
 def run(coro, timeout: float = 120.0):
@@ -171,9 +208,50 @@ def cluster(atelier_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def builtin_cluster(atelier_home):
-    """One atelier with the built-in catalog only (a tiny model of every family), for the whole
-    session: each family's end-to-end test runs on it rather than starting an atelier of its own."""
-    c = Cluster(atelier_home).start()
+def shared_files(atelier_home, tmp_path_factory) -> dict:
+    """The files behind the shared atelier's catalog (tests/catalog.py), made once for the session."""
+    from atelier.tiny_models import ensure_builtin
+    from tests import catalog
+
+    folder = tmp_path_factory.mktemp("shared")
+    for name in ("tiny-sd", "tiny-pixart-alpha"):
+        ensure_builtin(name, atelier_home / "models")
+    return {"loras": catalog.lora_files(atelier_home, folder / "loras"),
+            "vaes": catalog.vae_files(atelier_home, folder / "vaes"),
+            "single-sd": catalog.single_file(folder, ensure_builtin("tiny-sd", atelier_home / "models"), "sd1")}
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(atelier_home, shared_files, tmp_path_factory):
+    """One atelier for the whole session: the built-in catalog (a tiny model of every family) and the
+    entries of tests/catalog.py. Tests that run jobs on it and neither stop its processes nor need
+    settings of their own use it rather than starting an atelier each; they run on their own jobs,
+    users and models, never on what the others left."""
+    from tests import catalog
+
+    folder = tmp_path_factory.mktemp("shared-catalog")
+    config = folder / "atelier.toml"
+    config.write_text(catalog.shared_catalog(atelier_home, folder, shared_files))
+    c = Cluster(atelier_home, config).start()
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(atelier_home):
+    """``get(name)``: a built-in tiny model loaded on the CPU once for the session, as (its family,
+    the pipeline, its folder), from the session's model cache (the cluster's too, so each is built
+    once). Tests only run these pipelines; one that needs other load options loads its own."""
+    from atelier.families import get_family
+    from atelier.tiny_models import BUILTIN, ensure_builtin
+
+    loaded: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in loaded:
+            path = ensure_builtin(name, atelier_home / "models")
+            family = get_family(BUILTIN[name])
+            loaded[name] = family, family.load(path, device="cpu"), path
+        return loaded[name]
+
+    return get

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster
-from tests.test_frontends_conditioning import guided_sd, png
+from tests.test_frontends_conditioning import png
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -60,19 +60,12 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def atelier(atelier_home, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("web")
-    config = folder / "atelier.toml"
-    # The default rates: live typing has a limit of its own (live_per_minute), not the user's jobs'.
-    # missing-sd names a checkpoint that is not there: its jobs fail, with the reason. guided-sd has
-    # ControlNets and an IP-Adapter.
-    config.write_text(f'[models.missing-sd]\nfamily = "sd1"\n'
-                      f'source = "{folder / "nowhere"}"\ndefault_width = 64\ndefault_height = 64\n'
-                      + guided_sd(atelier_home))
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
+@pytest.fixture
+def atelier(shared_cluster):
+    """The session's shared atelier, at the default rates: live typing has a limit of its own
+    (live_per_minute), not the user's jobs'. missing-sd names a checkpoint that is not there: its jobs
+    fail, with the reason. guided-sd has ControlNets and an IP-Adapter (tests/catalog.py)."""
+    return shared_cluster
 
 
 @pytest.fixture
