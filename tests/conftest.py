@@ -74,6 +74,15 @@ def broker_thread(**settings) -> Iterator[tuple["Broker", threading.Thread]]:  #
 T = TypeVar("T")
 
 
+def _settled(value, deadline: float, predicate) -> bool:
+    """Whether polling ends: on a truthy value, or with an AssertionError past the deadline."""
+    if value:
+        return True
+    if time.monotonic() >= deadline:
+        raise AssertionError(f"not seen in time: {predicate!r} last gave {value!r}")
+    return False
+
+
 def eventually(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
                ignoring: tuple[type[BaseException], ...] = ()) -> T:
     """``predicate()``'s first truthy value, asked every ``interval`` seconds; AssertionError after
@@ -84,10 +93,8 @@ def eventually(predicate: Callable[[], T], timeout: float = 30.0, interval: floa
             value = predicate()
         except ignoring:
             value = None
-        if value:
+        if _settled(value, deadline, predicate):
             return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not seen within {timeout} s: {predicate!r} last gave {value!r}")
         time.sleep(interval)
 
 
@@ -100,10 +107,8 @@ async def eventually_async(predicate: Callable[[], Awaitable[T]], timeout: float
             value = await predicate()
         except ignoring:
             value = None
-        if value:
+        if _settled(value, deadline, predicate):
             return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not seen within {timeout} s: {predicate!r} last gave {value!r}")
         await asyncio.sleep(interval)
 
 
