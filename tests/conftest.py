@@ -213,30 +213,45 @@ def cluster(atelier_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shared_files(atelier_home, tmp_path_factory) -> dict:
-    """The files behind the shared atelier's catalog (tests/catalog.py), made once for the session."""
-    from atelier.tiny_models import ensure_builtin
+def lora_files(atelier_home, tmp_path_factory) -> dict[str, Path]:
+    """The shared atelier's lora-sd: the tiny SD and two LoRAs (ink, moss)."""
     from tests import catalog
 
-    folder = tmp_path_factory.mktemp("shared")
-    for name in ("tiny-sd", "tiny-pixart-alpha"):
-        ensure_builtin(name, atelier_home / "models")
-    return {"loras": catalog.lora_files(atelier_home, folder / "loras"),
-            "vaes": catalog.vae_files(atelier_home, folder / "vaes"),
-            "single-sd": catalog.single_file(folder, ensure_builtin("tiny-sd", atelier_home / "models"), "sd1")}
+    return catalog.lora_files(atelier_home, tmp_path_factory.mktemp("loras"))
 
 
 @pytest.fixture(scope="session")
-def shared_cluster(atelier_home, shared_files, tmp_path_factory):
+def vae_files(atelier_home, tmp_path_factory) -> dict[str, Path]:
+    """The shared atelier's styled-sd, fp16-sd, no-fp16-sd and misfit-sd: VAEs, an fp16 variant, TAESDs."""
+    from tests import catalog
+
+    return catalog.vae_files(atelier_home, tmp_path_factory.mktemp("vaes"))
+
+
+@pytest.fixture(scope="session")
+def single_sd_files(atelier_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The shared atelier's single-sd: (the tiny SD's folder, it as one file, a folder of its configs)."""
+    from atelier.tiny_models import ensure_builtin
+    from tests import catalog
+
+    return catalog.single_file(tmp_path_factory.mktemp("single-sd"), ensure_builtin("tiny-sd", atelier_home / "models"),
+                               "sd1")
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(atelier_home, lora_files, vae_files, single_sd_files, tmp_path_factory):
     """One atelier for the whole session: the built-in catalog (a tiny model of every family) and the
     entries of tests/catalog.py. Tests that run jobs on it and neither stop its processes nor need
     settings of their own use it rather than starting an atelier each; they run on their own jobs,
     users and models, never on what the others left."""
+    from atelier.tiny_models import ensure_builtin
     from tests import catalog
 
+    ensure_builtin("tiny-pixart-alpha", atelier_home / "models")  # named by its path in the catalog
     folder = tmp_path_factory.mktemp("shared-catalog")
     config = folder / "atelier.toml"
-    config.write_text(catalog.shared_catalog(atelier_home, folder, shared_files))
+    config.write_text(catalog.shared_catalog(atelier_home, folder, {"loras": lora_files, "vaes": vae_files,
+                                                                    "single-sd": single_sd_files}))
     c = Cluster(atelier_home, config).start()
     yield c
     c.stop()

@@ -62,7 +62,7 @@ async def until_done(http: aiohttp.ClientSession, url: str, job_id: str, token: 
             view = await response.json()
         return view if view["state"] in ("done", "failed", "cancelled") else None
 
-    return await eventually_async(ended, timeout=60)
+    return await eventually_async(ended, timeout=90)
 
 
 def png(data: bytes) -> Image.Image:
@@ -357,7 +357,7 @@ def test_automatic1111_txt2img_models_progress_and_refusals(web):
                     progress = await response.json()
                 return progress if progress["progress"] > 0 and progress["current_image"] else None
 
-            progress = await eventually_async(showing_the_long_job, timeout=40)
+            progress = await eventually_async(showing_the_long_job, timeout=60)
             async with http.post(f"{web.http}/sdapi/v1/interrupt", headers=auth(BEN)) as response:
                 assert response.status == 200
             interrupted = await long

@@ -28,8 +28,8 @@ def _quiet(*_: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(shared_files) -> dict[str, Path]:
-    return shared_files["loras"]  # those of the shared atelier's lora-sd
+def files(lora_files) -> dict[str, Path]:
+    return lora_files  # those of the shared atelier's lora-sd
 
 
 def _image(pipe: Any, chosen: tuple[tuple[str, float], ...], available: list[str]) -> bytes:

@@ -98,6 +98,7 @@ async def _collect(client, job_id: str) -> list:
 
 async def _until_running(client, *job_ids: str) -> None:
     async def all_running() -> bool:
-        return all((await client.job(job_id)).state is JobState.running for job_id in job_ids)
+        records = [await client.job(job_id) for job_id in job_ids]
+        return all(r.state is JobState.running for r in records)
 
-    await eventually_async(all_running, timeout=20)
+    await eventually_async(all_running, timeout=30)

@@ -18,12 +18,12 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(shared_files, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+def checkpoints(single_sd_files, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
     """family -> (diffusers folder, the same model as one file, a folder of its configs without weights)."""
     root = tmp_path_factory.mktemp("single")
     # diffusers tells SDXL's two text encoders apart by width, as the real ones differ
     sdxl = build_tiny_sdxl(root / "sdxl", second_text_width=48)
-    return {"sd1": shared_files["single-sd"], "sdxl": single_file(root, sdxl, "sdxl")}  # the shared atelier's sd1
+    return {"sd1": single_sd_files, "sdxl": single_file(root, sdxl, "sdxl")}  # the shared atelier's sd1
 
 
 def image_bytes(pipe) -> bytes:

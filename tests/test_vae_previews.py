@@ -45,8 +45,8 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def files(shared_files) -> dict[str, Path]:
-    return shared_files["vaes"]  # those of the shared atelier's styled-sd, fp16-sd, no-fp16-sd and misfit-sd
+def files(vae_files) -> dict[str, Path]:
+    return vae_files  # those of the shared atelier's styled-sd, fp16-sd, no-fp16-sd and misfit-sd
 
 
 # -- the VAE override ------------------------------------------------------------------------------ #
