@@ -95,15 +95,15 @@ def single_file(folder: Path, model: Path, name: str) -> tuple[Path, Path, Path]
     return model, save_single_file(model, folder / f"{name}.safetensors"), configs
 
 
-def shared_catalog(home: Path, folder: Path, files: dict[str, Any]) -> str:
+def shared_catalog(home: Path, folder: Path, *, loras: dict[str, Path], vaes: dict[str, Path],
+                   single_sd: tuple[Path, Path, Path]) -> str:
     """The catalog (TOML) that the shared atelier serves beside the built-in models. Names are unique
     across modules; the frontends' tests count on guided-sd being the only model with ControlNets, and
     their /models listings on missing-sd and guided-sd coming first (Discord shows 2000 characters)."""
     from atelier.families.costmodel import write_model
 
     models = home / "models"
-    loras, vaes = files["loras"], files["vaes"]
-    _, single, configs = files["single-sd"]
+    _, single, configs = single_sd
     noise = folder / "noise.safetensors"
     noise.write_bytes(b"\xff" * 4096)
     steps2, steps3, steps4 = (f"{SMALL}default_steps = {n}\n" for n in (2, 3, 4))

@@ -250,8 +250,8 @@ def shared_cluster(atelier_home, lora_files, vae_files, single_sd_files, tmp_pat
     ensure_builtin("tiny-pixart-alpha", atelier_home / "models")  # named by its path in the catalog
     folder = tmp_path_factory.mktemp("shared-catalog")
     config = folder / "atelier.toml"
-    config.write_text(catalog.shared_catalog(atelier_home, folder, {"loras": lora_files, "vaes": vae_files,
-                                                                    "single-sd": single_sd_files}))
+    config.write_text(catalog.shared_catalog(atelier_home, folder, loras=lora_files, vaes=vae_files,
+                                             single_sd=single_sd_files))
     c = Cluster(atelier_home, config).start()
     yield c
     c.stop()
