@@ -186,6 +186,19 @@ class Cluster:
             self._stderr.close()
 
 
+# What the first test on the shared atelier also waits for: its catalog's files being made and it starting,
+# the work that each module's own atelier did in its first test before.
+SHARED_START_S = 300
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = next((item for item in items if "shared_cluster" in item.fixturenames), None)
+    if first is not None:
+        marker = first.get_closest_marker("timeout")
+        bound = float(marker.args[0] if marker and marker.args else first.config.getini("timeout"))
+        first.add_marker(pytest.mark.timeout(bound + SHARED_START_S), append=False)
+
+
 @pytest.fixture(scope="session")
 def atelier_home(tmp_path_factory) -> Path:
     """One home for the whole session, so the tiny models are generated once."""
