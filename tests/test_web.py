@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.catalog import guided_sd
 from tests.conftest import Cluster
 from tests.test_frontends_conditioning import png
 
@@ -60,12 +61,19 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def atelier(shared_cluster):
-    """The session's shared atelier, at the default rates: live typing has a limit of its own
-    (live_per_minute), not the user's jobs'. missing-sd names a checkpoint that is not there: its jobs
-    fail, with the reason. guided-sd has ControlNets and an IP-Adapter (tests/catalog.py)."""
-    return shared_cluster
+@pytest.fixture(scope="module")
+def atelier(atelier_home, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("web")
+    config = folder / "atelier.toml"
+    # The default rates: live typing has a limit of its own (live_per_minute), not the user's jobs'.
+    # missing-sd names a checkpoint that is not there: its jobs fail, with the reason. guided-sd has
+    # ControlNets and an IP-Adapter.
+    config.write_text(f'[models.missing-sd]\nfamily = "sd1"\n'
+                      f'source = "{folder / "nowhere"}"\ndefault_width = 64\ndefault_height = 64\n'
+                      + guided_sd(atelier_home))
+    cluster = Cluster(atelier_home, config).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -193,7 +201,6 @@ def test_a_failed_job_shows_its_reason(page, atelier):
 
 def test_live_mode_shows_the_last_typed_prompt(page, atelier):
     text = "a red boat"
-    restored = [j for j in jobs_of(atelier) if j["spec"]["priority"] != "live"]  # what the page will list
     page.goto(atelier.http + "/")
     expect(page.get_by_label("Model")).to_have_value("tiny-sd")
     # Enough steps that each job is still running when the next key comes: the scheduler supersedes it.
@@ -220,9 +227,8 @@ def test_live_mode_shows_the_last_typed_prompt(page, atelier):
     live = [job for job in jobs_of(atelier) if job["spec"]["priority"] == "live"]
     assert live[0]["spec"]["prompt"] == text and live[0]["state"] == "done"
     assert any("superseded" in (job["reason"] or "") for job in live), live  # the typing did supersede
-    # Live jobs stay out of the job list: it holds the other tests' jobs, which the page restored, and no more
-    # (counted before the typing: the shared atelier may hold more than the newest 100 the page reads).
-    assert page.locator("#jobs li").count() == len(restored)
+    # Live jobs stay out of the job list: it holds the other tests' jobs, which the page restored, and no more.
+    assert page.locator("#jobs li").count() == len([j for j in jobs_of(atelier) if j["spec"]["priority"] != "live"])
 
     if os.environ.get("ATELIER_WEB_SCREENSHOT"):
         save_screenshot(page, os.environ["ATELIER_WEB_SCREENSHOT"])
