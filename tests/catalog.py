@@ -35,7 +35,7 @@ def guided_sd_files(home: Path) -> dict[str, Path]:
 
 def guided_sd(home: Path) -> str:
     """The catalog entry (TOML) of "guided-sd", the one model with ControlNets and an IP-Adapter, and
-    prompt weighting; the frontends' tests and tests/test_conditioning.py use it."""
+    prompt weighting: the shared atelier's, and test_web's own atelier's."""
     files = guided_sd_files(home)
     return (f'[models.guided-sd]\nfamily = "sd1"\nsource = "{files["sd"]}"\n{SMALL}default_steps = 3\n'
             f'controlnets = {{ canny = "{files["canny"]}", depth = "{files["depth"]}" }}\n'
@@ -108,7 +108,7 @@ def shared_catalog(home: Path, folder: Path, *, loras: dict[str, Path], vaes: di
     noise.write_bytes(b"\xff" * 4096)
     steps2, steps3, steps4 = (f"{SMALL}default_steps = {n}\n" for n in (2, 3, 4))
     return (
-        # The frontends' (test_discord, test_web, test_frontends_conditioning) and test_conditioning's
+        # test_discord's, test_frontends_conditioning's and test_conditioning's
         f'[models.missing-sd]\nfamily = "sd1"\nsource = "{folder / "nowhere"}"\n{steps2}'
         + guided_sd(home)
         + f'[models.cm]\nfamily = "costmodel"\nsource = "{write_model(folder / "cm", CM_PROFILE)}"\n'
