@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install browser up test bench
+.PHONY: install browser up lint test bench
 install: $(STAMP)
 
 # The web page's tests drive a real browser: Debian's chromium, since Playwright's own browser
@@ -26,6 +26,9 @@ browser:
 
 up: $(STAMP)
 	$(VENV)/bin/atelier up
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -68,6 +69,47 @@ def broker_thread(**settings) -> Iterator[tuple["Broker", threading.Thread]]:  #
     finally:
         b.stop()
         thread.join(30)
+
+
+T = TypeVar("T")
+
+
+def _settled(value, deadline: float, predicate) -> bool:
+    """Whether polling ends: on a truthy value, or with an AssertionError past the deadline."""
+    if value:
+        return True
+    if time.monotonic() >= deadline:
+        raise AssertionError(f"not seen in time: {predicate!r} last gave {value!r}")
+    return False
+
+
+def eventually(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               ignoring: tuple[type[BaseException], ...] = ()) -> T:
+    """``predicate()``'s first truthy value, asked every ``interval`` seconds; AssertionError after
+    ``timeout``. The exceptions in ``ignoring`` mean "not yet" (a process still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except ignoring:
+            value = None
+        if _settled(value, deadline, predicate):
+            return value
+        time.sleep(interval)
+
+
+async def eventually_async(predicate: Callable[[], Awaitable[T]], timeout: float = 30.0, interval: float = 0.05,
+                           ignoring: tuple[type[BaseException], ...] = ()) -> T:
+    """``eventually`` for a coroutine function, sleeping without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = await predicate()
+        except ignoring:
+            value = None
+        if _settled(value, deadline, predicate):
+            return value
+        await asyncio.sleep(interval)
 
 
 def run(coro, timeout: float = 120.0):
@@ -144,6 +186,19 @@ class Cluster:
             self._stderr.close()
 
 
+# What the first test on the shared atelier also waits for: its catalog's files being made and it starting,
+# the work that each module's own atelier did in its first test before.
+SHARED_START_S = 300
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = next((item for item in items if "shared_cluster" in item.fixturenames), None)
+    if first is not None:
+        marker = first.get_closest_marker("timeout")
+        bound = float(marker.args[0] if marker and marker.args else first.config.getini("timeout"))
+        first.add_marker(pytest.mark.timeout(bound + SHARED_START_S), append=False)
+
+
 @pytest.fixture(scope="session")
 def atelier_home(tmp_path_factory) -> Path:
     """One home for the whole session, so the tiny models are generated once."""
@@ -171,9 +226,66 @@ def cluster(atelier_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def builtin_cluster(atelier_home):
-    """One atelier with the built-in catalog only (a tiny model of every family), for the whole
-    session: each family's end-to-end test runs on it rather than starting an atelier of its own."""
-    c = Cluster(atelier_home).start()
+def lora_files(atelier_home, tmp_path_factory) -> dict[str, Path]:
+    """The shared atelier's lora-sd: the tiny SD and two LoRAs (ink, moss)."""
+    from tests import catalog
+
+    return catalog.lora_files(atelier_home, tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="session")
+def vae_files(atelier_home, tmp_path_factory) -> dict[str, Path]:
+    """The shared atelier's styled-sd, fp16-sd, no-fp16-sd and misfit-sd: VAEs, an fp16 variant, TAESDs."""
+    from tests import catalog
+
+    return catalog.vae_files(atelier_home, tmp_path_factory.mktemp("vaes"))
+
+
+@pytest.fixture(scope="session")
+def single_sd_files(atelier_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The shared atelier's single-sd: (the tiny SD's folder, it as one file, a folder of its configs)."""
+    from atelier.tiny_models import ensure_builtin
+    from tests import catalog
+
+    return catalog.single_file(tmp_path_factory.mktemp("single-sd"), ensure_builtin("tiny-sd", atelier_home / "models"),
+                               "sd1")
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(atelier_home, lora_files, vae_files, single_sd_files, tmp_path_factory):
+    """One atelier for the whole session: the built-in catalog (a tiny model of every family) and the
+    entries of tests/catalog.py. Tests that run jobs on it and neither stop its processes nor need
+    settings of their own use it rather than starting an atelier each; they run on their own jobs,
+    users and models, never on what the others left."""
+    from atelier.tiny_models import ensure_builtin
+    from tests import catalog
+
+    ensure_builtin("tiny-pixart-alpha", atelier_home / "models")  # named by its path in the catalog
+    folder = tmp_path_factory.mktemp("shared-catalog")
+    config = folder / "atelier.toml"
+    config.write_text(catalog.shared_catalog(atelier_home, folder, loras=lora_files, vaes=vae_files,
+                                             single_sd=single_sd_files))
+    c = Cluster(atelier_home, config).start()
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(atelier_home):
+    """``get(name)``: a built-in tiny model loaded on the CPU once for the session, as (its family,
+    the loaded model, its folder), from the session's model cache (the cluster's too, so each is built
+    once). Tests only run these models; one that needs other load options loads its own."""
+    from atelier.families import get_family
+    from atelier.families.loaded import LoadRequest
+    from atelier.tiny_models import BUILTIN, ensure_builtin
+
+    loaded: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in loaded:
+            path = ensure_builtin(name, atelier_home / "models")
+            family = get_family(BUILTIN[name])
+            loaded[name] = family, family.load(LoadRequest(path, device="cpu")), path
+        return loaded[name]
+
+    return get

@@ -200,23 +200,9 @@ def test_int4_and_compile_on_cuda(models: dict[str, Path]) -> None:
 
 # -- through atelier ------------------------------------------------------------------------------------- #
 
-@pytest.fixture(scope="module")
-def accel_cluster(atelier_home: Path, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    config = tmp_path_factory.mktemp("accel-catalog") / "atelier.toml"
-    small = "default_width = 64\ndefault_height = 64\ndefault_steps = 4\n"
-    config.write_text(f'[models.quick-sd]\nfamily = "sd1"\nsource = "{models["tiny-sd"]}"\n{small}'
-                      'quantize = "int8"\ncache = "deepcache"\ncache_interval = 2\n'
-                      f'[models.wrong-cache]\nfamily = "pixart-alpha"\nsource = "{models["tiny-pixart-alpha"]}"\n'
-                      f'{small}cache = "deepcache"\n'
-                      f'[models.offloaded]\nfamily = "sd1"\nsource = "{models["tiny-sd"]}"\n{small}offload = "model"\n')
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
-
-
-def test_settings_apply_through_atelier(accel_cluster: Cluster) -> None:
+def test_settings_apply_through_atelier(shared_cluster: Cluster) -> None:
     async def go() -> list[Any]:
-        async with accel_cluster.client() as client:
+        async with shared_cluster.client() as client:
             results = []
             for model in ("quick-sd", "quick-sd", "wrong-cache", "offloaded"):
                 record = await client.submit(JobSpec(model=model, prompt="a lighthouse", seed=7))

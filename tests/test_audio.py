@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
-from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families import GenerateRequest, get_family  # noqa: E402
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from atelier.media import Audio  # noqa: E402
@@ -53,17 +53,15 @@ SOUNDS = {
 
 
 @pytest.fixture(scope="module", params=sorted(SOUNDS))
-def model(request: pytest.FixtureRequest, atelier_home: Path) -> tuple[str, Path, Any, Any]:
-    name = request.param
-    folder = ensure_builtin(name, atelier_home / "models")
-    family = get_family(SOUNDS[name][0])
-    return name, folder, family, family.load(LoadRequest(folder, device="cpu"))
+def model(request: pytest.FixtureRequest, tiny_model) -> tuple[str, Path, Any, Any]:
+    family, pipe, folder = tiny_model(request.param)
+    return request.param, folder, family, pipe
 
 
 @pytest.fixture(scope="module")
-def stable_audio(atelier_home: Path) -> tuple[Any, Any]:
-    family = get_family("stable-audio")
-    return family, family.load(LoadRequest(ensure_builtin("tiny-stable-audio", atelier_home / "models"), device="cpu"))
+def stable_audio(tiny_model) -> tuple[Any, Any]:
+    family, pipe, _ = tiny_model("tiny-stable-audio")
+    return family, pipe
 
 
 def test_sounds_have_the_asked_duration_at_the_models_rate(model: tuple[str, Path, Any, Any]) -> None:
@@ -98,42 +96,6 @@ def test_same_seed_same_sound(model: tuple[str, Path, Any, Any]) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     np.testing.assert_allclose(first[1], other[0], atol=1e-4)  # image 1 of seed 7 is seed 8's image 0
     assert not np.allclose(first[0], first[1], atol=1e-3)
-
-
-def test_stable_audio_batch_of_jobs_with_and_without_negative_prompts(stable_audio: tuple[Any, Any]) -> None:
-    # Without a negative prompt the unconditional half is zeros, with one it is that text: a batch
-    # of both must still give each sound as its job alone makes it.
-    family, pipe = stable_audio
-    plain = _samples(family.generate(pipe, _request(seed=7), _ignore_steps))
-    negative = _samples(family.generate(pipe, _request(seed=100, count=1, negative_prompt="wind"), _ignore_steps))
-    batch = GenerateRequest(prompts=("rain on a tin roof",) * 3, negative_prompts=(None, "wind", None),
-                            seeds=(7, 100, 8), width=8, height=8, steps=3, guidance=7.0, kind="txt2audio",
-                            duration_s=1.0)
-    steps: list[tuple[int, int, tuple[int, ...]]] = []
-    together = _samples(family.generate(pipe, batch, lambda i, n, lat: steps.append((i, n, tuple(lat.shape)))))
-
-    for alone, batched in zip([plain[0], negative[0], plain[1]], together, strict=True):
-        np.testing.assert_allclose(batched, alone, atol=1e-4)
-    assert not np.allclose(negative[0], together[0], atol=1e-2)
-    # Two pipeline calls, counted as one run of steps, with the whole batch's latents for previews.
-    assert [(i, n) for i, n, _ in steps] == [(i, 6) for i in range(1, 7)]
-    assert {shape for _, _, shape in steps} == {(3, 8, STABLE_AUDIO_LATENTS)}
-
-
-def test_audioldm2_batch_of_jobs_keeps_each_sounds_prompt_and_seed(atelier_home: Path) -> None:
-    family = get_family("audioldm2")
-    pipe = family.load(LoadRequest(ensure_builtin("tiny-audioldm2", atelier_home / "models"), device="cpu"))
-    rain = _samples(family.generate(pipe, _request(seed=7), _ignore_steps))
-    bells = _samples(family.generate(pipe, GenerateRequest.single(
-        prompt="church bells far away", negative_prompt="hiss", width=8, height=8, steps=3, guidance=7.0, seed=100,
-        kind="txt2audio", duration_s=1.0), _ignore_steps))
-    batch = GenerateRequest(prompts=("rain on a tin roof", "rain on a tin roof", "church bells far away"),
-                            negative_prompts=(None, None, "hiss"), seeds=(7, 8, 100), width=8, height=8, steps=3,
-                            guidance=7.0, kind="txt2audio", duration_s=1.0)
-    together = _samples(family.generate(pipe, batch, _ignore_steps))
-
-    for alone, batched in zip([*rain, *bells], together, strict=True):
-        np.testing.assert_allclose(batched, alone, atol=1e-4)
 
 
 def test_audioldm2_checkpoint_with_a_bare_gpt2_model_loads_and_makes_the_same_sound(atelier_home: Path,
@@ -177,20 +139,6 @@ def test_staged_weights_give_the_same_sound_bit_for_bit(model: tuple[str, Path, 
     assert [a.tobytes() for a in from_staged] == [a.tobytes() for a in from_disk]
 
 
-def test_cancel_from_step_callback_propagates(model: tuple[str, Path, Any, Any]) -> None:
-    _, _, family, pipe = model
-    seen: list[int] = []
-
-    def on_step(i: int, n: int, latents: Any) -> None:
-        seen.append(i)
-        if i == 2:
-            raise JobCancelled()
-
-    with pytest.raises(JobCancelled):
-        family.generate(pipe, _request(steps=5, count=1), on_step)
-    assert seen == [1, 2]
-
-
 def test_unknown_options_are_refused(model: tuple[str, Path, Any, Any]) -> None:
     _, folder, family, _ = model
     with pytest.raises(ValueError, match="vae_tiling"):
@@ -228,11 +176,11 @@ CATALOG = {"tiny-stable-audio": (1.0, 2.0, 2, STABLE_AUDIO_RATE), "tiny-audioldm
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))
-def test_through_atelier_wav_flac_and_refusals(builtin_cluster, name: str) -> None:
+def test_through_atelier_wav_flac_and_refusals(shared_cluster, name: str) -> None:
     default_s, longest_s, channels, rate = CATALOG[name]
 
     async def go():
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             spec = JobSpec(model=name, kind="txt2audio", prompt="a lighthouse foghorn", seed=3)
             await client.submit(spec)
             events = [event async for event in client.events(spec.id, timeout=120)]

@@ -28,7 +28,6 @@ from PIL import Image
 
 from actors.messages import JobEvent, JobResult, Preview, Progress
 from atelier.config import DiscordConfig
-from atelier.families.costmodel import write_model
 from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
 from frontends.client import AtelierClient
 from frontends.discord_bot import AtelierBot, Reply, main
@@ -45,7 +44,7 @@ from frontends.discord_views import (
     status_line,
 )
 from tests.conftest import Cluster, run
-from tests.test_frontends_conditioning import guided_sd, png
+from tests.test_frontends_conditioning import png
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -448,28 +447,11 @@ def _role(role_id: int, name: str, position: int) -> dict:
 # A running atelier, and a bot logged in to the fake Discord
 
 
-# A cost-model model sleeps its steps instead of computing them (atelier/families/costmodel.py): jobs of a
-# known length however busy the CPU is. It makes no previews; tiny-sd does, for the tests that need them.
-CM_PROFILE = {"bytes": 1_000_000, "disk_load_s": 0.05, "staged_load_s": 0.01, "stage_s": 0.01,
-              "default_resolution": 64, "step_s": {"64": [0.02, 0.02, 0.02, 0.02]}, "vae_decode_s": 0.0}
-CM_STEP_S = 0.02
-
-
-@pytest.fixture(scope="module")
-def atelier(atelier_home, tmp_path_factory):
-    """atelier with its built-in models, a cost-model one ("cm"), one whose weights are nowhere, and one
-    with ControlNets and an IP-Adapter ("guided-sd")."""
-    folder = tmp_path_factory.mktemp("discord")
-    cm = write_model(folder / "cm", CM_PROFILE)
-    config = folder / "atelier.toml"
-    config.write_text(f'[models.missing-sd]\nfamily = "sd1"\nsource = "{folder / "nowhere"}"\n'
-                      "default_width = 64\ndefault_height = 64\ndefault_steps = 2\n"
-                      f'[models.cm]\nfamily = "costmodel"\nsource = "{cm}"\n'
-                      "default_width = 64\ndefault_height = 64\ndefault_steps = 10\nmax_width = 256\n"
-                      "max_height = 256\n" + guided_sd(atelier_home))
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
+@pytest.fixture
+def atelier(shared_cluster):
+    """The session's shared atelier: its built-in models, a cost-model one ("cm", tests/catalog.py), one whose
+    weights are nowhere ("missing-sd"), and one with ControlNets and an IP-Adapter ("guided-sd")."""
+    return shared_cluster
 
 
 async def tiny_sd_steps(client: AtelierClient, seconds: float, count: int) -> int:

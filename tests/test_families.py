@@ -17,7 +17,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from atelier import tiny_models  # noqa: E402
-from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families import FAMILY_LIMITS, GenerateRequest, get_family  # noqa: E402
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.preview import encode_jpeg  # noqa: E402
 
@@ -52,10 +52,8 @@ IMAGE_MODELS = sorted(name for name, family in tiny_models.BUILTIN.items()
 
 
 @pytest.fixture(scope="module", params=IMAGE_MODELS)
-def loaded(request: pytest.FixtureRequest, model_cache: Path) -> tuple[Any, Any]:
-    name = request.param
-    family = get_family(tiny_models.BUILTIN[name])
-    pipe = family.load(LoadRequest(tiny_models.ensure_builtin(name, model_cache), device="cpu"))
+def loaded(request: pytest.FixtureRequest, tiny_model) -> tuple[Any, Any]:
+    family, pipe, _ = tiny_model(request.param)
     return family, pipe
 
 
@@ -102,39 +100,6 @@ def test_same_seed_same_pixels(loaded: tuple[Any, Any]) -> None:
     assert not np.array_equal(first[0], other[0])
     # Per-image seeds: the images of one batch differ from each other too.
     assert not np.array_equal(first[0], first[1])
-
-
-def test_a_batch_of_several_jobs_keeps_each_images_prompt_and_seed(loaded: tuple[Any, Any]) -> None:
-    family, pipe = loaded
-    common = dict(width=64, height=64, steps=2, guidance=5.0)
-    cube = family.generate(pipe, GenerateRequest.single(prompt="a red cube", negative_prompt=None, seed=7,
-                                                         count=2, **common), _ignore_steps)
-    sphere = family.generate(pipe, GenerateRequest.single(prompt="a blue sphere", negative_prompt="blurry",
-                                                           seed=100, **common), _ignore_steps)
-    batch = GenerateRequest(prompts=("a red cube", "a red cube", "a blue sphere"),
-                            negative_prompts=(None, None, "blurry"), seeds=(7, 8, 100), **common)
-    together = family.generate(pipe, batch, _ignore_steps)
-
-    assert len(together) == 3
-    for alone, batched in zip([*cube, *sphere], together, strict=True):
-        # The same image; a bigger batch only changes float rounding (at most a level or two).
-        difference = np.abs(np.asarray(alone, dtype=int) - np.asarray(batched, dtype=int))
-        assert difference.max() <= 2
-    assert np.abs(np.asarray(together[0], dtype=int) - np.asarray(together[2], dtype=int)).mean() > 5
-
-
-def test_cancel_from_step_callback_propagates(loaded: tuple[Any, Any]) -> None:
-    family, pipe = loaded
-    seen: list[int] = []
-
-    def on_step(i: int, n: int, latents: Any) -> None:
-        seen.append(i)
-        if i == 2:
-            raise JobCancelled()
-
-    with pytest.raises(JobCancelled):
-        family.generate(pipe, _request(steps=5, count=1), on_step)
-    assert seen == [1, 2]
 
 
 def test_broken_model_fails_in_generate_not_load(tmp_path: Path) -> None:

@@ -1,40 +1,19 @@
 """ControlNets and IP-Adapters from the frontends: the CLI here; the web page in test_web.py and
-Discord in test_discord.py, whose ateliers list the same model (``guided_sd``).
+Discord in test_discord.py, all on the shared atelier's "guided-sd" (tests/catalog.py).
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from atelier.jobs import JobInputs, JobSpec
-from tests.conftest import Cluster, run
+from tests.conftest import run
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def guided_sd(home: Path) -> str:
-    """The catalog entry (TOML) of "guided-sd": the tiny SD 1.5 with two ControlNets (canny, depth) and an
-    IP-Adapter, built once per home so that every module's atelier may list it."""
-    from atelier import tiny_models
-    from atelier.tiny.conditioning import build_tiny_controlnet, build_tiny_ip_adapter
-
-    sd = tiny_models.ensure_builtin("tiny-sd", home / "models")
-    folder = home / "guided-sd"
-    ip_adapter = folder / "ip-adapter" / "ip-adapter.safetensors"
-    if not (folder / "built").is_file():
-        build_tiny_controlnet(sd, folder / "canny", seed=1)
-        build_tiny_controlnet(sd, folder / "depth", seed=2)
-        ip_adapter = build_tiny_ip_adapter(sd, folder / "ip-adapter", seed=3)
-        (folder / "built").touch()
-    return (f'[models.guided-sd]\nfamily = "sd1"\nsource = "{sd}"\n'
-            "default_width = 64\ndefault_height = 64\ndefault_steps = 3\n"
-            f'controlnets = {{ canny = "{folder / "canny"}", depth = "{folder / "depth"}" }}\n'
-            f'ip_adapter = "{ip_adapter}"\n')
 
 
 def png(seed: int, size: int = 64) -> bytes:
@@ -45,27 +24,17 @@ def png(seed: int, size: int = 64) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def guided(atelier_home, tmp_path_factory):
-    config = tmp_path_factory.mktemp("frontends-conditioning") / "atelier.toml"
-    # A node name of its own: a node's loader clears that node's staged segments, and another atelier may run beside.
-    config.write_text('[node]\nname = "frontends-conditioning"\n\n' + guided_sd(atelier_home))
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
-
-
-def test_the_cli_sends_a_control_image_and_a_reference_image(guided, tmp_path):
+def test_the_cli_sends_a_control_image_and_a_reference_image(shared_cluster, tmp_path):
     edges, look = tmp_path / "edges.png", tmp_path / "look.png"
     edges.write_bytes(png(1))
     look.write_bytes(png(2, 48))
-    listed = guided.cli("models")
+    listed = shared_cluster.cli("models")
     assert listed.returncode == 0, listed.stderr
     line = next(line for line in listed.stdout.splitlines() if line.startswith("guided-sd "))
     assert line.endswith("; ControlNets: canny, depth; IP-Adapter")
     assert "ControlNet" not in next(line for line in listed.stdout.splitlines() if line.startswith("tiny-sd "))
 
-    made = guided.cli("generate", "a red cube", "--model", "guided-sd", "--seed", "7", "--controlnet", "canny",
+    made = shared_cluster.cli("generate", "a red cube", "--model", "guided-sd", "--seed", "7", "--controlnet", "canny",
                       "--control-image", str(edges), "--controlnet-scale", "0.5", "--ip-adapter-image", str(look),
                       "--ip-adapter-scale", "0.8", "-o", str(tmp_path / "out"))
     assert made.returncode == 0, made.stderr
@@ -79,20 +48,21 @@ def test_the_cli_sends_a_control_image_and_a_reference_image(guided, tmp_path):
     async def directly() -> bytes:
         spec = JobSpec(model="guided-sd", prompt="a red cube", seed=7, controlnet="canny", controlnet_scale=0.5,
                        ip_adapter_scale=0.8)
-        async with guided.client() as client:
+        async with shared_cluster.client() as client:
             record = await client.submit(spec, inputs=JobInputs(control_image=png(1), ip_adapter_image=png(2, 48)))
             return bytes((await client.wait(record.spec.id, timeout=120)).outputs[0].data)
 
     assert Image.open(io.BytesIO(run(directly(), timeout=150))).tobytes() == pixels
 
 
-def test_the_cli_refuses_a_control_image_without_a_controlnet_and_a_missing_file(guided, tmp_path):
+def test_the_cli_refuses_a_control_image_without_a_controlnet_and_a_missing_file(shared_cluster, tmp_path):
     edges = tmp_path / "edges.png"
     edges.write_bytes(png(1))
-    unread = guided.cli("generate", "x", "--model", "guided-sd", "--control-image", str(edges))
+    unread = shared_cluster.cli("generate", "x", "--model", "guided-sd", "--control-image", str(edges))
     said = " ".join(unread.stderr.split())  # as the terminal wraps it
     assert unread.returncode == 2
     assert said == "error: controlnet: a control_image needs a controlnet to read it (it has: canny, depth)"
-    missing = guided.cli("generate", "x", "--model", "guided-sd", "--ip-adapter-image", str(tmp_path / "gone.png"))
+    missing = shared_cluster.cli("generate", "x", "--model", "guided-sd", "--ip-adapter-image",
+                                 str(tmp_path / "gone.png"))
     said = " ".join(missing.stderr.split())
     assert missing.returncode == 2 and f"error: --ip-adapter-image {tmp_path / 'gone.png'}: No such file" in said

@@ -36,7 +36,7 @@ from actors.codec import MAGIC, DecodeError, Envelope
 from actors.messages import Error, Heartbeat, Hello, Role, Welcome
 from atelier import jobs
 from atelier.jobs import Capabilities, JobSpec, Wire
-from tests.conftest import broker_thread, run
+from tests.conftest import broker_thread, eventually, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -475,13 +475,13 @@ def _broker_pid(log_text: str) -> int:
     return int(found[-1])  # the cluster is shared: an earlier test may have restarted it
 
 
-def test_the_broker_serves_a_valid_client_through_a_barrage(builtin_cluster):
+def test_the_broker_serves_a_valid_client_through_a_barrage(shared_cluster):
     """A registered peer and an anonymous one send a few hundred hostile messages while a client
     keeps submitting noop jobs and asking for the status: every one of its requests succeeds, the
     broker answers the garbage with errors, and no process dies or logs a crash."""
     name = f"fuzz-{uuid.uuid4().hex[:8]}"
     barrage: list[list[bytes]] = []
-    log_before = builtin_cluster.log.read_text(errors="replace")
+    log_before = shared_cluster.log.read_text(errors="replace")
     broker_pid = _broker_pid(log_before)
 
     async def fuzz(ctx: zmq.asyncio.Context) -> int:
@@ -490,7 +490,7 @@ def test_the_broker_serves_a_valid_client_through_a_barrage(builtin_cluster):
         anonymous = ctx.socket(zmq.DEALER)
         for sock in (registered, anonymous):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(builtin_cluster.router)
+            sock.connect(shared_cluster.router)
         await registered.send_multipart(_hello(name))
         assert isinstance(codec.decode(await asyncio.wait_for(registered.recv_multipart(), 10)).msg, Welcome)
         errors = 0
@@ -510,7 +510,7 @@ def test_the_broker_serves_a_valid_client_through_a_barrage(builtin_cluster):
 
     async def serve_a_client(started: asyncio.Event, done: asyncio.Event) -> list[str]:
         outcomes = []
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             # A first job before the barrage: the runner's cold start (importing torch) is not what is measured.
             await client.generate(JobSpec(model="noop", prompt="warm up", steps=1, previews=False), timeout=60)
             started.set()
@@ -543,7 +543,7 @@ def test_the_broker_serves_a_valid_client_through_a_barrage(builtin_cluster):
     assert len(outcomes) >= 3 and set(outcomes) == {"done/1"}, outcomes
     assert errors >= len(barrage) // 4  # the garbage was answered, not swallowed
     os.kill(broker_pid, 0)  # the same broker process, alive
-    new = builtin_cluster.log.read_text(errors="replace")[len(log_before):]
+    new = shared_cluster.log.read_text(errors="replace")[len(log_before):]
     assert "started broker" not in new
     assert "failed to handle a message" not in new and "Traceback" not in new, new[-3000:]
     assert not re.search(r"exited with|restarting| joined \(", new), new[-3000:]  # no death, no phantom runner
@@ -567,15 +567,6 @@ def _dealer(ctx: zmq.Context, endpoint: str, name: str | None = None, *, reads: 
     return sock
 
 
-def _until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_a_peer_that_never_reads_cannot_stall_the_broker(monkeypatch):
     """Peers that never read fill their queues: one flooding garbage (its error replies pile up),
     one being sent to. The broker must not block on either: it drops replies to the first, tells
@@ -589,11 +580,11 @@ def test_a_peer_that_never_reads_cannot_stall_the_broker(monkeypatch):
             sink = _dealer(ctx, b.router_endpoint, reads=False)
             for _ in range(flood):
                 sink.send_multipart([MAGIC, b"\xc1"])
-            assert _until(lambda: b.stats.rejected >= flood, 30), f"stalled after {b.stats.rejected} of {flood}"
+            eventually(lambda: b.stats.rejected >= flood, timeout=30)  # else it stalled
 
             a = _dealer(ctx, b.router_endpoint, "a")
             deaf = _dealer(ctx, b.router_endpoint, "deaf", reads=False)
-            assert _until(lambda: b"deaf" in b.peers, 10)
+            eventually(lambda: b"deaf" in b.peers, timeout=10)
             for i in range(flood):
                 a.send_multipart(as_bytes(codec.encode(Envelope(Heartbeat(), "a", "deaf", i))))
             busy = codec.decode(a.recv_multipart()).msg
@@ -704,7 +695,11 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
         # Replies of the type asked for: only who sent them tells the forged one from the real one.
         await peers["mallory"].send_multipart(forged(status_of("forged"), question.id))
         await peers["mallory"].send_multipart(forged(Error(code="not_registered", message="say hello"), None))
-        await asyncio.sleep(0.3)
+        # A request after the forgeries, on the same socket: the asker reads in order, so its answer
+        # (an asker handles no GetStatus) means both forgeries were read; it is the first thing back.
+        await peers["mallory"].send_multipart(as_bytes(codec.encode(
+            Envelope(messages.GetStatus(), "mallory", "asker", 100))))
+        round_trip = codec.decode(await asyncio.wait_for(peers["mallory"].recv_multipart(), 10))
         still_waiting, registering = not asking.done(), asker._registering
         await peers["slow"].send_multipart(as_bytes(codec.encode(
             Envelope(status_of("from-slow"), "slow", "asker", 1, question.id))))
@@ -713,9 +708,10 @@ def test_an_actor_takes_a_reply_only_from_whom_it_asked(thread_broker):
         for sock in peers.values():
             sock.close()
         ctx.term()
-        return still_waiting, registering, answer
+        return round_trip, still_waiting, registering, answer
 
-    still_waiting, registering, answer = run(go(), timeout=30)
+    round_trip, still_waiting, registering, answer = run(go(), timeout=30)
+    assert round_trip.src == "asker" and round_trip.corr == 100 and isinstance(round_trip.msg, Error)
     assert still_waiting and registering is None
     assert answer == status_of("from-slow")
 

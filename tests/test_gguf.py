@@ -253,12 +253,12 @@ def test_a_flux1_file_in_the_original_layout_fits_on_shapes_alone() -> None:
         check_fits(FLUX, FluxTransformer2DModel, config, original, file)
 
 
-def test_end_to_end_the_user_gets_the_image_and_the_runner_holds_the_quantized_size(builtin_cluster, builtin,
+def test_end_to_end_the_user_gets_the_image_and_the_runner_holds_the_quantized_size(shared_cluster, builtin,
                                                                                   flux_pipes) -> None:
     spec = JobSpec(model="tiny-flux-gguf", prompt="a lighthouse", width=64, height=96, steps=3, guidance=3.5, seed=5)
 
     async def go() -> tuple[Any, Any]:
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             await client.submit(spec)
             result = [e async for e in client.events(spec.id, timeout=120)][-1]
             return result, await client.status()

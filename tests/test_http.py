@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, Cluster, run
+from tests.conftest import ROOT, Cluster, eventually_async, run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,13 +57,12 @@ def tiny(**kw) -> dict:
 
 
 async def until_done(http: aiohttp.ClientSession, url: str, job_id: str, token: str = ANA) -> dict:
-    for _ in range(600):
+    async def ended() -> dict | None:
         async with http.get(f"{url}/v1/jobs/{job_id}", headers=auth(token)) as response:
             view = await response.json()
-        if view["state"] in ("done", "failed", "cancelled"):
-            return view
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{job_id} did not end: {view}")
+        return view if view["state"] in ("done", "failed", "cancelled") else None
+
+    return await eventually_async(ended, timeout=90)
 
 
 def png(data: bytes) -> Image.Image:
@@ -353,13 +352,12 @@ def test_automatic1111_txt2img_models_progress_and_refusals(web):
             # A long job in the background; /progress shows it while it runs.
             long = asyncio.create_task(http.post(f"{web.http}/sdapi/v1/txt2img", headers=auth(BEN),
                                                  json={**body, "steps": 200, "batch_size": 1}))
-            progress = None
-            for _ in range(400):
+            async def showing_the_long_job() -> dict | None:
                 async with http.get(f"{web.http}/sdapi/v1/progress", headers=auth(BEN)) as response:
                     progress = await response.json()
-                if progress["progress"] > 0 and progress["current_image"]:
-                    break
-                await asyncio.sleep(0.05)
+                return progress if progress["progress"] > 0 and progress["current_image"] else None
+
+            progress = await eventually_async(showing_the_long_job, timeout=60)
             async with http.post(f"{web.http}/sdapi/v1/interrupt", headers=auth(BEN)) as response:
                 assert response.status == 200
             interrupted = await long

@@ -19,7 +19,7 @@ from actors.messages import JobResult
 from atelier.config import Config
 from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
 from atelier.scheduling.policy import Announce, Dispatch, Policy
-from tests.conftest import Cluster, run
+from tests.conftest import Cluster, eventually, eventually_async, run
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -175,16 +175,11 @@ def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_fo
 
 
 def _wait_new_pid(cluster: Cluster, role: bytes, old: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pid = cluster.pid_of(role)
-            if pid != old:
-                return pid
-        except LookupError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{role!r} was not restarted")
+    def restarted() -> int | None:
+        pid = cluster.pid_of(role)
+        return pid if pid != old else None
+
+    return eventually(restarted, timeout=timeout, interval=0.1, ignoring=(LookupError,))  # none while it restarts
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +198,10 @@ def test_a_killed_scheduler_loses_no_job(restarting: Cluster) -> None:
             for spec in specs:
                 await client.submit(spec, events=False)
             # Kill it while the first jobs run and the rest wait in its queue.
-            while (await client.job(specs[0].id)).state is not JobState.running:
-                await asyncio.sleep(0.05)
+            async def first_running() -> bool:
+                return (await client.job(specs[0].id)).state is JobState.running
+
+            await eventually_async(first_running, timeout=120)
             old = restarting.pid_of(b"actors.scheduler")
             os.kill(old, signal.SIGKILL)
             await asyncio.to_thread(_wait_new_pid, restarting, b"actors.scheduler", old)
@@ -232,12 +229,9 @@ def test_an_idempotency_key_makes_one_job_across_a_restart(restarting: Cluster) 
         # A new client (a restarted frontend) retries with the same key: it gets the first job,
         # ended, and its result with its image, fetched from the store.
         async with restarting.client() as again:
-            for _ in range(100):
-                try:
-                    second = await again.submit(JobSpec(**spec), idempotency_key="order-17", events=False, timeout=2)
-                    break
-                except Exception:  # the scheduler is still starting
-                    await asyncio.sleep(0.2)
+            second = await eventually_async(  # the scheduler may still be starting: its refusals mean not yet
+                lambda: again.submit(JobSpec(**spec), idempotency_key="order-17", events=False, timeout=2),
+                timeout=60, interval=0.2, ignoring=(Exception,))
             fetched = await again.wait(second.spec.id, timeout=30)
         return first, second, result, fetched
 

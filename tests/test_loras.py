@@ -16,9 +16,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult
-from atelier import tiny_models  # noqa: E402
 from atelier.config import ModelEntry  # noqa: E402
-from atelier.families import GenerateRequest, get_family  # noqa: E402
+from atelier.families import (  # noqa: E402
+    GenerateRequest,
+    get_family,  # noqa: E402
+)
 from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from tests.conftest import Cluster, run  # noqa: E402
@@ -31,12 +33,8 @@ def _quiet(*_: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(atelier_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    model = tiny_models.ensure_builtin("tiny-sd", atelier_home / "models")
-    folder = tmp_path_factory.mktemp("loras")
-    return {"model": model,
-            "ink": tiny_models.build_tiny_lora(model, folder / "ink", seed=1),
-            "moss": tiny_models.build_tiny_lora(model, folder / "moss", seed=2)}
+def files(lora_files) -> dict[str, Path]:
+    return lora_files  # those of the shared atelier's lora-sd
 
 
 def _image(model: LoadedModel, chosen: tuple[tuple[str, float], ...], available: list[str]) -> bytes:
@@ -80,28 +78,17 @@ def test_loras_that_cannot_be_loaded_are_refused_with_their_name(files: dict[str
         get_family("sd1").load(_with_loras(files["model"], {"old": str(pickled)}))
 
 
-@pytest.fixture(scope="module")
-def lora_cluster(atelier_home: Path, files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    config = tmp_path_factory.mktemp("lora-catalog") / "atelier.toml"
-    config.write_text(f'[models.styled-sd]\nfamily = "sd1"\nsource = "{files["model"]}"\n'
-                      'default_width = 64\ndefault_height = 64\ndefault_steps = 3\n'
-                      f'loras = {{ ink = "{files["ink"]}", moss = "{files["moss"]}" }}\n')
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
-
-
-def test_jobs_choose_loras_through_atelier(lora_cluster: Cluster) -> None:
+def test_jobs_choose_loras_through_atelier(shared_cluster: Cluster) -> None:
     def spec(**loras: float) -> JobSpec:
-        return JobSpec(model="styled-sd", prompt="a lighthouse", seed=7, loras=loras)
+        return JobSpec(model="lora-sd", prompt="a lighthouse", seed=7, loras=loras)
 
     async def go() -> tuple[list[JobResult], dict[str, int], RemoteError, RemoteError]:
-        async with lora_cluster.client() as client:
+        async with shared_cluster.client() as client:
             results = []
             for job in (spec(), spec(ink=1.0), spec(moss=0.8, ink=1.0), spec(), spec(ink=1.0)):
                 record = await client.submit(job)
                 results.append(await client.wait(record.spec.id, timeout=120))
-            loads = (await client.status()).stats.models["styled-sd"].loads
+            loads = (await client.status()).stats.models["lora-sd"].loads
             with pytest.raises(RemoteError) as unknown:
                 await client.submit(spec(sparkle=1.0))
             with pytest.raises(RemoteError) as elsewhere:

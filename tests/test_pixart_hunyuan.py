@@ -19,10 +19,10 @@ from PIL import Image  # noqa: E402
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
-from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families import GenerateRequest, get_family  # noqa: E402
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobKind, JobSpec, JobState
-from atelier.tiny_models import BUILTIN, ensure_builtin  # noqa: E402
+from atelier.tiny_models import ensure_builtin  # noqa: E402
 from tests.conftest import run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,24 +45,9 @@ def models(atelier_home: Path) -> Path:
     return atelier_home / "models"  # where the session's atelier keeps them too: each is built once
 
 
-@pytest.fixture(scope="module")
-def pipelines(models: Path) -> Any:
-    """Loads each tiny model once for the module: (its family, the pipeline, its folder)."""
-    cache: dict[str, tuple[Any, Any, Path]] = {}
-
-    def get(name: str) -> tuple[Any, Any, Path]:
-        if name not in cache:
-            path = ensure_builtin(name, models)
-            family = get_family(BUILTIN[name])
-            cache[name] = family, family.load(LoadRequest(path, device="cpu")), path
-        return cache[name]
-
-    return get
-
-
 @pytest.fixture(params=MODELS)
-def loaded(request: pytest.FixtureRequest, pipelines: Any) -> tuple[Any, Any, Path]:
-    return pipelines(request.param)
+def loaded(request: pytest.FixtureRequest, tiny_model: Any) -> tuple[Any, Any, Path]:
+    return tiny_model(request.param)
 
 
 def test_images_come_at_the_size_asked_with_steps_previews_and_seeds(loaded: tuple[Any, Any, Path]) -> None:
@@ -118,20 +103,6 @@ def test_a_staged_float16_load_keeps_what_from_pretrained_keeps_in_float32(model
     assert kept and kept == {n for n, p in staged.pipe.text_encoder.named_parameters() if p.dtype == torch.float32}
 
 
-def test_a_cancel_from_the_step_callback_propagates(loaded: tuple[Any, Any, Path]) -> None:
-    family, pipe, _ = loaded
-    seen: list[int] = []
-
-    def on_step(i: int, n: int, latents: Any) -> None:
-        seen.append(i)
-        if i == 2:
-            raise JobCancelled()
-
-    with pytest.raises(JobCancelled):
-        family.generate(pipe, _request(steps=5, count=1), on_step)
-    assert seen == [1, 2]
-
-
 def test_pixart_bins_the_resolution_of_a_model_that_has_a_table(tmp_path: Path) -> None:
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN
 
@@ -172,18 +143,18 @@ def test_caption_cleaning_without_its_packages_is_refused_at_load(models: Path) 
         get_family("pixart-alpha").load(LoadRequest(path, device="cpu", options={"clean_caption": True}))
 
 
-def test_one_step(pipelines: Any) -> None:
+def test_one_step(tiny_model: Any) -> None:
     # PixArt-α's pipeline takes a one-step result from the scheduler's x0 prediction, which DPM-Solver
     # does not return: refused by name, not an IndexError from inside diffusers. PixArt-Σ has no such path.
-    alpha, alpha_pipe, _ = pipelines("tiny-pixart-alpha")
+    alpha, alpha_pipe, _ = tiny_model("tiny-pixart-alpha")
     with pytest.raises(ValueError, match="steps"):
         alpha.generate(alpha_pipe, _request(steps=1, count=1), _ignore)
-    sigma, sigma_pipe, _ = pipelines("tiny-pixart-sigma")
+    sigma, sigma_pipe, _ = tiny_model("tiny-pixart-sigma")
     assert sigma.generate(sigma_pipe, _request(steps=1, count=1), _ignore)[0].size == (64, 64)
 
 
-def test_hunyuan_reads_chinese_prompts(pipelines: Any) -> None:
-    family, pipe, _ = pipelines("tiny-hunyuan-dit")
+def test_hunyuan_reads_chinese_prompts(tiny_model: Any) -> None:
+    family, pipe, _ = tiny_model("tiny-hunyuan-dit")
     ids = pipe.pipe.tokenizer("一个宇航员在骑马").input_ids
     assert pipe.pipe.tokenizer.unk_token_id not in ids and len(ids) == 8 + 2  # a token a character, [CLS] and [SEP]
     english, chinese = (family.generate(pipe, _request(count=1, prompt=p), _ignore)[0]
@@ -200,11 +171,11 @@ def test_hunyuan_reads_chinese_prompts(pipelines: Any) -> None:
     ("tiny-pixart-sigma", dict(frames=8), "frames", "makes image, not video"),
     ("tiny-hunyuan-dit", dict(count=5), "count", "limit of 4"),
 ])
-def test_a_job_end_to_end(builtin_cluster, model: str, bad: dict, field: str, says: str) -> None:
+def test_a_job_end_to_end(shared_cluster, model: str, bad: dict, field: str, says: str) -> None:
     spec = JobSpec(model=model, prompt="a lighthouse at dusk", width=72, height=40, steps=3, seed=5, count=2)
 
     async def go():
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             await client.submit(spec)
             events = [event async for event in client.events(spec.id, timeout=150)]
             refused = JobSpec(**{**spec.model_dump(exclude={"id"}), **bad})

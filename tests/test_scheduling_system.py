@@ -14,7 +14,7 @@ import pytest
 from actors.messages import JobEvent
 from atelier.families.costmodel import write_model
 from atelier.jobs import JobSpec, JobState, Priority
-from tests.conftest import Cluster, run
+from tests.conftest import Cluster, eventually_async, run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -97,9 +97,8 @@ async def _collect(client, job_id: str) -> list:
 
 
 async def _until_running(client, *job_ids: str) -> None:
-    for _ in range(200):
+    async def all_running() -> bool:
         records = [await client.job(job_id) for job_id in job_ids]
-        if all(r.state is JobState.running for r in records):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not running: {records}")
+        return all(r.state is JobState.running for r in records)
+
+    await eventually_async(all_running, timeout=30)

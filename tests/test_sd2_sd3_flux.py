@@ -19,7 +19,7 @@ from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging, tiny_models  # noqa: E402
 from atelier.config import load_config  # noqa: E402
-from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families import GenerateRequest, get_family  # noqa: E402
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobSpec, JobState
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB  # noqa: E402
@@ -54,8 +54,8 @@ def folders(atelier_home: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def loaded(folders: dict[str, Path]) -> dict[str, Any]:
-    return {family: get_family(family).load(LoadRequest(folder, device="cpu")) for family, folder in folders.items()}
+def loaded(tiny_model) -> dict[str, Any]:
+    return {family: tiny_model(name)[1] for family, name in MODELS.items()}
 
 
 @pytest.mark.parametrize("family_name", MODELS)
@@ -113,20 +113,6 @@ def test_staged_load_gives_the_same_pixels_as_from_pretrained(loaded: dict[str, 
             _pixels(family.generate(loaded[family_name], _request(), _quiet))
     finally:
         segment.unlink(missing_ok=True)
-
-
-@pytest.mark.parametrize("family_name", MODELS)
-def test_cancel_from_the_step_callback_propagates(loaded: dict[str, Any], family_name: str) -> None:
-    seen: list[int] = []
-
-    def on_step(i: int, n: int, latents: Any) -> None:
-        seen.append(i)
-        if i == 2:
-            raise JobCancelled()
-
-    with pytest.raises(JobCancelled):
-        get_family(family_name).generate(loaded[family_name], _request(count=1, steps=5), on_step)
-    assert seen == [1, 2]
 
 
 def test_sd2_is_v_prediction_with_an_open_clip_style_text_encoder(loaded: dict[str, Any]) -> None:
@@ -254,7 +240,7 @@ def _images(result: JobResult) -> list[Image.Image]:
 
 
 @pytest.mark.parametrize("family_name", MODELS)
-def test_end_to_end(builtin_cluster: Any, family_name: str) -> None:
+def test_end_to_end(shared_cluster: Any, family_name: str) -> None:
     model = MODELS[family_name]
     txt2img = JobSpec(model=model, prompt="a lighthouse", width=64, height=96, steps=3, seed=5, count=2)
     img2img = JobSpec(model=model, prompt="a lighthouse", kind="img2img", strength=0.5, steps=4, seed=5)
@@ -263,7 +249,7 @@ def test_end_to_end(builtin_cluster: Any, family_name: str) -> None:
            "flux": (JobSpec(model=model, prompt="x", kind="img2img"), "image")}[family_name]
 
     async def go() -> tuple[list[Any], list[Any], RemoteError]:
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             made = await _job(client, txt2img)
             edited = await _job(client, img2img, JobInputs(image=_png(80, 48)))
             with pytest.raises(RemoteError) as refused:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,25 +11,20 @@ from atelier.config import ModelEntry
 from atelier.families import get_family
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
-from atelier.tiny_models import build_tiny_sdxl, ensure_builtin, save_single_file
-from tests.conftest import Cluster, run
+from atelier.tiny_models import build_tiny_sdxl
+from tests.catalog import single_file
+from tests.conftest import run
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(atelier_home, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+def checkpoints(single_sd_files, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
     """family -> (diffusers folder, the same model as one file, a folder of its configs without weights)."""
     root = tmp_path_factory.mktemp("single")
-    folders = {"sd1": ensure_builtin("tiny-sd", atelier_home / "models"),
-               # diffusers tells SDXL's two text encoders apart by width, as the real ones differ
-               "sdxl": build_tiny_sdxl(root / "sdxl", second_text_width=48)}
-    out = {}
-    for family, folder in folders.items():
-        configs = root / f"{family}-configs"
-        shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("*.safetensors"))
-        out[family] = folder, save_single_file(folder, root / f"{family}.safetensors"), configs
-    return out
+    # diffusers tells SDXL's two text encoders apart by width, as the real ones differ
+    sdxl = build_tiny_sdxl(root / "sdxl", second_text_width=48)
+    return {"sd1": single_sd_files, "sdxl": single_file(root, sdxl, "sdxl")}  # the shared atelier's sd1
 
 
 def image_bytes(model) -> bytes:
@@ -114,26 +108,16 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_the_reason(checkpoints,
         get_family("sdxl").load(LoadRequest(checkpoints["sd1"][1], device="cpu", config=checkpoints["sdxl"][2]))
 
 
-def test_single_file_models_serve_jobs_and_a_bad_one_fails_alone(checkpoints, atelier_home, tmp_path):
-    _, single, configs = checkpoints["sd1"]
-    noise = tmp_path / "noise.safetensors"
-    noise.write_bytes(b"\xff" * 4096)
-    small = "default_width = 64\ndefault_height = 64\ndefault_steps = 2\n"
-    config = tmp_path / "atelier.toml"
-    config.write_text(f'[models.single-sd]\nfamily = "sd1"\nsource = "{single}"\nconfig = "{configs}"\n{small}'
-                      f'[models.noise-sd]\nfamily = "sd1"\nsource = "{noise}"\nconfig = "{configs}"\n{small}')
-    cluster = Cluster(atelier_home, config).start()
-    try:
-        async def go():
-            async with cluster.client() as client:
-                bad = await client.generate(JobSpec(model="noise-sd", prompt="x", seed=1), timeout=120)
-                good = await client.generate(JobSpec(model="single-sd", prompt="x", seed=1), timeout=120)
-                return bad, good
+def test_single_file_models_serve_jobs_and_a_bad_one_fails_alone(shared_cluster):
+    # The shared atelier's single-sd is checkpoints["sd1"]'s file; its noise-sd a file of noise with the same configs.
+    async def go():
+        async with shared_cluster.client() as client:
+            bad = await client.generate(JobSpec(model="noise-sd", prompt="x", seed=1), timeout=120)
+            good = await client.generate(JobSpec(model="single-sd", prompt="x", seed=1), timeout=120)
+            return bad, good
 
-        bad, good = run(go())
-    finally:
-        cluster.stop()
+    bad, good = run(go())
     assert bad.job.state is JobState.failed and "not a readable safetensors file" in bad.job.reason, bad.job.reason
     assert good.job.state is JobState.done, good.job.reason
     if staging.SHM_ROOT is not None:
-        assert "loaded single-sd from staged memory" in cluster.log.read_text()
+        assert "loaded single-sd from staged memory" in shared_cluster.log.read_text()

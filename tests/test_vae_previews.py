@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from atelier.families import GenerateRequest, get_family, vae  # noqa: E402
 from atelier.families.loaded import LoadedModel, LoadRequest  # noqa: E402
 from atelier.jobs import JobSpec, JobState
 from atelier.preview import CPU_DECODE_SIDE, MAX_PREVIEW_SIDE, DecoderPreview, encode_jpeg  # noqa: E402
-from atelier.tiny.previews import build_tiny_taesd  # noqa: E402
 from tests.conftest import Cluster, run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -53,31 +51,9 @@ def _with(folder: Path, family: str = "sd1", options: dict[str, Any] | None = No
     return LoadRequest(folder, device="cpu", options=options or {}, entry=entry)
 
 
-def _other_vae(model: Path, folder: Path, *, seed: int, **changes: Any) -> Path:
-    """An AutoencoderKL shaped like ``model``'s (or changed), with other random weights: a different decoder."""
-    config = {**AutoencoderKL.load_config(model / "vae"), **changes}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        AutoencoderKL.from_config(config).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def files(atelier_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    model = tiny_models.ensure_builtin("tiny-sd", atelier_home / "models")
-    folder = tmp_path_factory.mktemp("vaes")
-    other = _other_vae(model, folder / "other-vae", seed=1)
-    # A folder as hub repos hold them: the plain files and an fp16 variant. Its fp16 files are those of
-    # another model (the other VAE), so that reading the wrong files shows in the image, not in a rounding.
-    variant = folder / "variant-sd"
-    shutil.copytree(model, variant)
-    fp16 = StableDiffusionPipeline.from_pretrained(variant, vae=AutoencoderKL.from_pretrained(other),
-                                                   local_files_only=True).to(torch.float16)
-    fp16.save_pretrained(variant, safe_serialization=True, variant="fp16")
-    return {"model": model, "other-vae": other, "variant": variant,
-            "wide-vae": _other_vae(model, folder / "wide-vae", seed=2, latent_channels=16),
-            "taesd": build_tiny_taesd(folder / "taesd"),
-            "taesd16": build_tiny_taesd(folder / "taesd16", latent_channels=16)}
+def files(vae_files) -> dict[str, Path]:
+    return vae_files  # those of the shared atelier's styled-sd, fp16-sd, no-fp16-sd and misfit-sd
 
 
 # -- the VAE override ------------------------------------------------------------------------------ #
@@ -253,25 +229,10 @@ def test_a_preview_decoder_that_does_not_fit_is_refused(files: dict[str, Path], 
 # -- through atelier ------------------------------------------------------------------------------ #
 
 
-@pytest.fixture(scope="module")
-def vae_cluster(atelier_home: Path, files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    small = "default_width = 64\ndefault_height = 64\ndefault_steps = 3\n"
-    config = tmp_path_factory.mktemp("vae-catalog") / "atelier.toml"
-    config.write_text(
-        f'[models.styled-sd]\nfamily = "sd1"\nsource = "{files["model"]}"\n{small}'
-        f'vae = "{files["other-vae"]}"\npreview_decoder = "{files["taesd"]}"\n'
-        f'[models.fp16-sd]\nfamily = "sd1"\nsource = "{files["variant"]}"\nvariant = "fp16"\n{small}'
-        f'[models.no-fp16-sd]\nfamily = "sd1"\nsource = "{files["model"]}"\nvariant = "fp16"\n{small}'
-        f'[models.misfit-sd]\nfamily = "sd1"\nsource = "{files["model"]}"\nvae = "{files["wide-vae"]}"\n{small}')
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
-
-
-def test_vaes_variants_and_decoded_previews_through_atelier(vae_cluster: Cluster, files: dict[str, Path]) -> None:
+def test_vaes_variants_and_decoded_previews_through_atelier(shared_cluster: Cluster, files: dict[str, Path]) -> None:
     async def go() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        async with vae_cluster.client() as client:
+        async with shared_cluster.client() as client:
             for name, model, previews in (("styled", "styled-sd", True), ("styled-quiet", "styled-sd", False),
                                           ("plain", "tiny-sd", False), ("fp16", "fp16-sd", False),
                                           ("no-fp16", "no-fp16-sd", False), ("misfit", "misfit-sd", False)):

@@ -17,11 +17,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub
 from actors.actor import RemoteError  # noqa: E402
 from actors.messages import JobResult, Preview, Progress
 from atelier import staging  # noqa: E402
-from atelier.families import GenerateRequest, JobCancelled, get_family  # noqa: E402
+from atelier.families import GenerateRequest, get_family  # noqa: E402
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.jobs import JobInputs, JobKind, JobSpec, JobState
 from atelier.media import Video  # noqa: E402
-from atelier.tiny_models import BUILTIN, ensure_builtin  # noqa: E402
+from atelier.tiny_models import ensure_builtin  # noqa: E402
 from tests.conftest import run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,14 +75,9 @@ def models(atelier_home: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(models: Path) -> dict[str, tuple[Any, Any, Path]]:
+def loaded(tiny_model) -> dict[str, tuple[Any, Any, Path]]:
     """Each tiny model, loaded once for the module: (family, pipeline, folder)."""
-    out = {}
-    for model in MODELS:
-        family = get_family(BUILTIN[model])
-        path = ensure_builtin(model, models)
-        out[model] = family, family.load(LoadRequest(path, device="cpu")), path
-    return out
+    return {model: tiny_model(model) for model in MODELS}
 
 
 # --------------------------------------------------------------------------- #
@@ -144,21 +139,6 @@ def test_a_seed_gives_the_same_output_and_other_seeds_others(loaded, model: str)
     # Seed 8 alone is the batch's second: a batch of another size changes only float rounding (a level).
     assert np.abs(alone[0] - first[1]).max() <= 2
     assert np.abs(other[0] - first[0]).mean() > 1 and np.abs(first[1] - first[0]).mean() > 1
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_a_cancel_from_the_step_callback_propagates(loaded, model: str) -> None:
-    family, pipe, _ = loaded[model]
-    seen: list[int] = []
-
-    def on_step(i: int, n: int, latents: Any) -> None:
-        seen.append(i)
-        if i == 2:
-            raise JobCancelled()
-
-    with pytest.raises(JobCancelled):
-        family.generate(pipe, _request(model, count=1, steps=5), on_step)
-    assert seen == [1, 2]
 
 
 @pytest.fixture
@@ -286,11 +266,11 @@ def _field(error: Any) -> str:
     return (error.field or "").split(".")[-1]
 
 
-def test_upscale_end_to_end_a_png_four_times_the_input(builtin_cluster) -> None:
+def test_upscale_end_to_end_a_png_four_times_the_input(shared_cluster) -> None:
     spec = JobSpec(model="tiny-sd-upscaler", kind=JobKind.upscale, prompt="a lighthouse", steps=3, seed=4, count=2)
 
     async def go():
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             events = await _run_job(client, spec, JobInputs(image=_png(40, 24)))
             missing = await _refusal(client, JobSpec(model="tiny-sd-upscaler", kind=JobKind.upscale, prompt="x"))
             wrong_kind = await _refusal(client, JobSpec(model="tiny-sd-upscaler", prompt="x"))
@@ -307,12 +287,12 @@ def test_upscale_end_to_end_a_png_four_times_the_input(builtin_cluster) -> None:
     assert _field(wrong_kind) == "kind" and "upscale" in wrong_kind.message
 
 
-def test_svd_end_to_end_mp4_and_gif_with_their_frames_and_rate(builtin_cluster) -> None:
+def test_svd_end_to_end_mp4_and_gif_with_their_frames_and_rate(shared_cluster) -> None:
     image = JobInputs(image=_png(64, 48))
     spec = JobSpec(model="tiny-svd", kind=JobKind.img2vid, prompt="waves", steps=2, seed=3)
 
     async def go():
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             events = await _run_job(client, spec, image)
             gif = await _run_job(client, JobSpec(model="tiny-svd", kind=JobKind.img2vid, prompt="waves", steps=2,
                                                  frames=5, fps=10, output_format="gif"), image)
@@ -332,12 +312,12 @@ def test_svd_end_to_end_mp4_and_gif_with_their_frames_and_rate(builtin_cluster) 
     assert _field(no_image) == "image"
 
 
-def test_animatediff_end_to_end_mp4_and_webp_with_their_frames_and_rate(builtin_cluster) -> None:
+def test_animatediff_end_to_end_mp4_and_webp_with_their_frames_and_rate(shared_cluster) -> None:
     spec = JobSpec(model="tiny-animatediff", kind=JobKind.txt2vid, prompt="a lighthouse", width=72, height=40,
                    steps=2, frames=6, fps=12, seed=8)
 
     async def go():
-        async with builtin_cluster.client() as client:
+        async with shared_cluster.client() as client:
             events = await _run_job(client, spec)
             webp = await _run_job(client, JobSpec(**{**spec.model_dump(exclude={"id"}), "output_format": "webp",
                                                      "frames": 3, "fps": 4}))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.catalog import guided_sd
 from tests.conftest import Cluster
-from tests.test_frontends_conditioning import guided_sd, png
+from tests.test_frontends_conditioning import png
 
 try:
     from playwright.sync_api import expect, sync_playwright

@@ -14,7 +14,7 @@ from actors.codec import DecodeError, Envelope
 from actors.messages import Error, Heartbeat, Hello, PeerDown, PeerUp, Preview, Role, Submit, Welcome
 from atelier.jobs import Capabilities, ErrorCode, JobSpec
 from broker import Broker
-from tests.conftest import broker_thread
+from tests.conftest import broker_thread, eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -146,13 +146,16 @@ def test_silent_peer_is_declared_dead_to_the_scheduler(broker):
     # The scheduler heartbeats every 20 ms, so it stays alive; the runner says nothing more.
     poller = zmq.Poller()
     poller.register(scheduler.sock, zmq.POLLIN)
-    env = None
-    while time.monotonic() - started < 10:
+
+    def peer_down() -> Envelope | None:
         scheduler.send("broker", Heartbeat())
         if poller.poll(20):
             env = scheduler.recv(skip_heartbeats=False)
             if isinstance(env.msg, PeerDown):
-                break
+                return env
+        return None
+
+    env = eventually(peer_down, timeout=10, interval=0)
     waited = time.monotonic() - started
     assert env is not None and isinstance(env.msg, PeerDown), env
     assert env.msg.name == "runner-x" and "silent" in env.msg.reason
