@@ -49,7 +49,10 @@ async def _up(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> 
     supervisor = Supervisor()
     try:
         await topology.start(supervisor, topology.UP, place)
-        status = await _wait_for_runners(place.router, place.pub, timeout=args.ready_timeout, stop=stop,
+        # Ready means every runner this machine was told to start has joined (when the node finds its
+        # devices itself, the first one): a user's first status or job then sees them all.
+        runners = len(place.devices or config.node.devices or []) or 1
+        status = await _wait_for_runners(place.router, place.pub, runners, timeout=args.ready_timeout, stop=stop,
                                          config=config)
         if status is not None:
             router, pub = place.router, place.pub
@@ -70,8 +73,9 @@ async def _up(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> 
     return 0
 
 
-async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyncio.Event, config: Config):
-    """Returns the cluster status once a runner has registered, None if stopped first."""
+async def _wait_for_runners(router: str, pub: str, runners: int, *, timeout: float, stop: asyncio.Event,
+                            config: Config):
+    """Returns the cluster status once ``runners`` runners have registered, None if stopped first."""
     from actors.actor import RemoteError
     from actors.keys import for_peer
     from frontends.client import AtelierClient
@@ -81,7 +85,7 @@ async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyn
             while not stop.is_set():
                 try:
                     status = await client.status()
-                    if status.runners:
+                    if len(status.runners) >= runners:
                         return status
                 except (RemoteError, asyncio.TimeoutError):
                     pass  # the scheduler is still starting
@@ -93,8 +97,8 @@ async def _wait_for_runners(router: str, pub: str, *, timeout: float, stop: asyn
     except Failure:
         raise
     except TimeoutError:
-        raise Failure(f"atelier did not come up: no runner joined within {timeout:.0f}s (the log above may say "
-                      "why; --ready-timeout waits longer)") from None
+        raise Failure(f"atelier did not come up: {runners} runner(s) did not join within {timeout:.0f}s (the log "
+                      "above may say why; --ready-timeout waits longer)") from None
 
 
 # --------------------------------------------------------------------------- #
