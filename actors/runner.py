@@ -49,10 +49,11 @@ from actors.messages import (
 )
 from atelier import media, sources, staging
 from atelier.config import Config
-from atelier.families import FAMILY_LIMITS, GenerateRequest, JobCancelled, get_family
+from atelier.families import GenerateRequest, JobCancelled, get_family
 from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
+from atelier.registry import FAMILY_LIMITS
 from atelier.resident import DeviceBudgetError, ResidentSet
 from atelier.runtime import process_main, process_parser
 

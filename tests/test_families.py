@@ -17,9 +17,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from atelier import tiny_models  # noqa: E402
-from atelier.families import FAMILY_LIMITS, GenerateRequest, get_family  # noqa: E402
+from atelier.families import GenerateRequest, get_family  # noqa: E402
 from atelier.families.loaded import LoadRequest  # noqa: E402
 from atelier.preview import encode_jpeg  # noqa: E402
+from atelier.registry import FAMILY_LIMITS  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

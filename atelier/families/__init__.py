@@ -1,8 +1,8 @@
 """Model family adapters, loaded lazily.
 
-Importing this package must not import torch or diffusers: its callers read a family's limits
-through it, and only workers load an adapter (get_family), which is when the heavy imports happen.
-What each family is, and which adapter is its, is the table in atelier/registry.py.
+Importing this package must not import torch or diffusers: only workers load an adapter
+(get_family), which is when the heavy imports happen. What each family is (its limits, media,
+which adapter is its) is the table in atelier/registry.py, which everyone else reads it from.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import importlib
 from functools import cache
 
 from atelier.families.base import Family, GenerateRequest, JobCancelled, StepCallback
-from atelier.registry import FAMILIES, FAMILY_LIMITS, FamilyLimits
+from atelier.registry import FAMILIES
 
 __all__ = [
-    "FAMILY_LIMITS",
     "Family",
-    "FamilyLimits",
     "GenerateRequest",
     "JobCancelled",
     "StepCallback",

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.config import ModelEntry
-from atelier.families import FAMILY_LIMITS, get_family
-from atelier.registry import FAMILIES
+from atelier.families import get_family
+from atelier.registry import FAMILIES, FAMILY_LIMITS
 
 if TYPE_CHECKING:
     from atelier.families.loaded import LoadedModel

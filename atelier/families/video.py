@@ -44,7 +44,7 @@ def _class_name(path: Path) -> str | None:
 
 class _VideoFamily(Family):
     def _frames_and_fps(self, req: GenerateRequest) -> tuple[int, int]:
-        from atelier.families import FAMILY_LIMITS
+        from atelier.registry import FAMILY_LIMITS
 
         limits = FAMILY_LIMITS[self.name]
         return req.frames or limits.default_frames or 1, req.fps or limits.default_fps or 8

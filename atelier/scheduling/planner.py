@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from atelier.config import Config
-from atelier.families import FAMILY_LIMITS
+from atelier.registry import FAMILY_LIMITS
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State
 
