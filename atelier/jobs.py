@@ -126,6 +126,8 @@ class ErrorCode(str, enum.Enum):
     unsupported = "unsupported"  # the receiver has no handler for this kind
     busy = "busy"
     queue_full = "queue_full"
+    conflict = "conflict"  # the id names a job that exists already, or someone else's
+    forbidden = "forbidden"  # the sender may not send this (its role or name does not allow it)
     internal = "internal"
 
 

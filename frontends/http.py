@@ -81,7 +81,8 @@ class Problem(Exception):
 
 # Statuses for the scheduler's refusals: what the caller did wrong, or when to come back.
 _STATUS = {ErrorCode.bad_request: 422, ErrorCode.unknown_model: 422, ErrorCode.too_large: 413,
-           ErrorCode.unknown_job: 404, ErrorCode.queue_full: 429, ErrorCode.busy: 503}
+           ErrorCode.unknown_job: 404, ErrorCode.queue_full: 429, ErrorCode.busy: 503,
+           ErrorCode.conflict: 409, ErrorCode.forbidden: 403}
 
 
 def _from_remote(exc: RemoteError) -> Problem:
