@@ -8,7 +8,7 @@ from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own
 
 ``/generate`` answers with one message that shows the job's state, percent, elapsed time, ETA
 and latest preview, edited at most once a second, then the images, with buttons: Again (new
-seeds) and, while it runs, Cancel (its owner only). For a model with ControlNets it takes a
+seeds) and, while it runs, Cancel (its owner's, or an admin's). For a model with ControlNets it takes a
 ``control_image`` and the ``controlnet`` that reads it; for one with an IP-Adapter, a
 ``reference_image`` (an image as a prompt); each with its scale. (Upscale needs jobs that start
 from an image, which /generate does not offer yet.)
@@ -20,6 +20,12 @@ is a new job of that session at the ``live`` priority, so atelier drops or stops
 replaces. The canvas is the message of the latest ``/live``; it shows the newest prompt with its
 own preview or image, or else the last finished image labelled with the prompt it was made from,
 never a replaced prompt's picture.
+
+Who sees which job: ``/queue``, ``/cancel`` and its autocomplete show and take a member's own jobs
+only (the queue's length is everyone's); members with one of ``admin_roles`` or in ``admin_users``
+see and cancel every job the bot follows. Outputs go up to the upload limit Discord gives each
+interaction, all files together; those left out (the largest first) are linked through the HTTP
+API's ``public_url`` where one is set.
 
 The decisions (who may, how often, what a message says and shows) are small pure pieces in
 ``frontends/discord_views.py``; this module is the discord.py glue that calls them.
