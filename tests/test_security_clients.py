@@ -17,7 +17,7 @@ from atelier.jobs import Artifact, ErrorCode, JobRecord, JobSpec, JobState
 from frontends import client as client_module
 from frontends.client import RESYNC_BATCH, AtelierClient
 from frontends.discord_bot import FILES_REFUSED
-from frontends.discord_views import JobCard, JobDisplay, render_job, status_line
+from frontends.discord_views import JobCard, JobDisplay, is_admin, render_job, status_line
 from tests.conftest import run
 from tests.test_discord import (
     ADA,
@@ -125,7 +125,7 @@ def test_m7_the_bot_keeps_no_output_bytes_of_a_delivered_job_and_again_still_wor
 
 
 def test_l5_a_reconnect_asks_for_watched_results_a_bounded_batch_at_a_time(shared_cluster, monkeypatch):
-    monkeypatch.setattr(client_module, "RECONNECT_JITTER_S", 0.05)
+    monkeypatch.setattr(client_module, "RECONNECT_JITTER_S", 0.05)  # the batches, not the pauses, are tested
     watched = 3 * RESYNC_BATCH
 
     async def scenario():
@@ -336,8 +336,6 @@ def test_roles_the_cli_lists_the_users_own_jobs_unless_asked_for_all(shared_clus
 def test_roles_discord_admins_are_named_in_the_config():
     assert DiscordConfig().admin_roles == [] and DiscordConfig().admin_users == []
     settings = DiscordConfig(admin_users=[ADA], admin_roles=[ADMINS])
-    from frontends.discord_views import is_admin
-
     assert is_admin(settings, user_id=ADA, role_ids=[])
     assert is_admin(settings, user_id=BOB, role_ids=[ROLE, ADMINS])
     assert not is_admin(settings, user_id=BOB, role_ids=[ROLE])
