@@ -215,6 +215,9 @@ class DiscordConfig(Strict):
     guilds: list[int] = Field(default_factory=list)
     channels: list[int] = Field(default_factory=list)
     roles: list[int] = Field(default_factory=list)
+    # Admins may see and cancel every job the bot follows; everyone else, only their own.
+    admin_roles: list[int] = Field(default_factory=list)
+    admin_users: list[int] = Field(default_factory=list)
     default_model: str | None = None  # default: the catalog's default_model
     max_count: int = Field(default=4, ge=1, le=10)  # images per job; a Discord message holds 10
 

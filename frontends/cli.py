@@ -2,7 +2,7 @@
 
     atelier up                      broker, scheduler and a node on this machine
     atelier generate "a lighthouse" submit over ZeroMQ, show progress, write the images
-    atelier status | models | cancel JOB
+    atelier status [--user NAME | --all] | models | cancel JOB
     atelier broker | scheduler | node --router tcp://HOST:5555   each part on its own
 """
 
@@ -23,6 +23,7 @@ from atelier import topology
 from atelier.config import Config
 from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
 from atelier.supervisor import Supervisor
+from frontends.public import scrub
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs
@@ -206,7 +207,7 @@ async def _generate(args: argparse.Namespace, config: Config) -> int:
             # Most refusals name their field already ("loras: …"): say it once.
             field = exc.error.field
             named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
-            console.print(f"[red]error:[/red] {named}{exc.error.message}")
+            console.print(f"[red]error:[/red] {named}{scrub(exc.error.message)}")
             return 2
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
@@ -227,7 +228,7 @@ async def _generate(args: argparse.Namespace, config: Config) -> int:
                 return 1
         assert result is not None
         if result.job.state is not JobState.done:
-            console.print(f"[red]job {spec.id} {result.job.state.value}:[/red] {result.job.reason}")
+            console.print(f"[red]job {spec.id} {result.job.state.value}:[/red] {scrub(result.job.reason or '')}")
             return 1
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, artifact in enumerate(result.outputs):
@@ -293,12 +294,16 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
 
     async with _connect(*_endpoints(args, config), config) as client:
         status = await client.status()
+        mine = [] if args.all else await client.jobs_of(args.user, limit=JOBS_SHOWN)
+    # Everyone's job ids are for --all: by default a person sees their own jobs and how busy the rest is.
+    shown = {record.spec.id for record in mine}
     table = Table(title="runners")
     for column in ("node", "runner", "device", "job", "resident on the device"):
         table.add_column(column)
     for runner in sorted(status.runners, key=lambda r: (r.capabilities.node or "", r.name)):
         caps = runner.capabilities
-        table.add_row(caps.node or "-", runner.name, caps.device_name or caps.device or "-", runner.job or "idle",
+        job = "idle" if not runner.job else runner.job if args.all or runner.job in shown else "busy"
+        table.add_row(caps.node or "-", runner.name, caps.device_name or caps.device or "-", job,
                       _sizes(caps.resident))
     staged = Table(title="staged in shared memory")
     for column in ("node", "models", "used / budget"):
@@ -310,9 +315,21 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     console.print(table)
     console.print(staged)
     console.print(f"queue: {len(status.queued)} job(s)"
-                  + (f" — next: {', '.join(status.queued[:5])}" if status.queued else ""))
+                  + (f" — next: {', '.join(status.queued[:5])}" if args.all and status.queued else ""))
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(status.counts.items())) or "none yet"))
+    if not args.all:
+        jobs = Table(title=f"jobs of {args.user} (newest first; --all for the whole queue)")
+        jobs.add_column("job", no_wrap=True)  # an id cut in two cannot be pasted into `atelier cancel`
+        for column in ("state", "model", "prompt"):
+            jobs.add_column(column)
+        for record in mine:
+            prompt = " ".join(record.spec.prompt.split())[:60]
+            jobs.add_row(record.spec.id, record.state.value, record.spec.model, prompt)
+        console.print(jobs if mine else f"{args.user} has no jobs the scheduler remembers")
     return 0
+
+
+JOBS_SHOWN = 20  # of the user's jobs, newest first
 
 
 def _mib(size: int) -> str:
@@ -332,7 +349,7 @@ async def _cancel(args: argparse.Namespace, config: Config) -> int:
         except RemoteError as exc:
             if _unroutable(exc):
                 raise  # _connect says there is no scheduler
-            print(f"error: {exc.error.message}", file=sys.stderr)
+            print(f"error: {scrub(exc.error.message)}", file=sys.stderr)
             return 1
     print(f"{args.job}: {record.state.value}" + (" (stopping at its next step)" if not record.state.terminal
                                                   else ""))
@@ -424,7 +441,11 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--name", default="peer", help="the peers' key pair to make and authorize (default: peer)")
     keys.add_argument("--dir", help="the keys folder (default: [broker] keys, else <home>/keys)")
 
-    command("status", "show nodes, runners, resident models and the queue")
+    status = command("status", "show nodes, runners, resident models, the queue and your jobs")
+    whose = status.add_mutually_exclusive_group()
+    whose.add_argument("--user", default=_login(), help="whose jobs to list (default: your login)")
+    whose.add_argument("--all", action="store_true", help="every job id: the queue's and the runners' (the operator's "
+                                                          "view), rather than one user's jobs")
     command("models", "list the models in the catalog")
     cancel = command("cancel", "cancel a job")
     cancel.add_argument("job")

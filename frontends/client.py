@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from actors.codec import SCHEDULER, DecodeError, Envelope
 from actors.messages import (
     CancelJob,
     ClusterStatus,
+    Error,
     GetJob,
     GetModels,
     GetResult,
@@ -39,15 +41,20 @@ from actors.messages import (
     Role,
     Submit,
 )
-from atelier.jobs import JobInputs, JobRecord, JobSpec
+from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec
 
 log = logging.getLogger("atelier.client")
 
 KEEP_RESULTS = 1000
+# Results carry every output's bytes (videos, many large PNGs): the cache is bounded by their size too.
+KEEP_RESULT_BYTES = 256 << 20
 # A job watched this long with no result is asked after (its JobResult may have been dropped on the
 # way: a peer restarting, a full queue); at most RESYNC_BATCH of them each time, the oldest first.
 RESYNC_S = 15.0
 RESYNC_BATCH = 64
+# After a reconnect every watched job is asked after, RESYNC_BATCH at a time, each batch after a random
+# pause of up to this long: many clients coming back at once do not all ask the scheduler together.
+RECONNECT_JITTER_S = 1.0
 
 Event = JobEvent | Progress | Preview | JobResult
 
@@ -56,21 +63,40 @@ __all__ = ["AtelierClient", "RemoteError", "Event"]
 
 @dataclass
 class _Watch:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     result: asyncio.Future | None = None
+    # What came since the job was watched, for its first reader; every later reader gets its own queue
+    # from the moment it starts reading, so several readers of one job each see its events and result.
+    backlog: asyncio.Queue | None = field(default_factory=asyncio.Queue)
+    readers: list[asyncio.Queue] = field(default_factory=list)
     subscribed: bool = False
     checked: float = field(default_factory=time.monotonic)  # when it was last known to be in hand or asked after
+
+    def put(self, item: Event) -> None:
+        for queue in self.readers if self.backlog is None else [self.backlog, *self.readers]:
+            queue.put_nowait(item)
+
+    def reader(self) -> asyncio.Queue:
+        queue, self.backlog = self.backlog or asyncio.Queue(), None
+        self.readers.append(queue)
+        return queue
+
+
+def _size(result: JobResult) -> int:
+    return sum(len(output.data) for output in result.outputs)
 
 
 class AtelierClient(Actor):
     role = Role.frontend
 
-    def __init__(self, router: str, pub: str, *, name: str | None = None, heartbeat_s: float = 1.0, **kwargs):
+    def __init__(self, router: str, pub: str, *, name: str | None = None, heartbeat_s: float = 1.0,
+                 keep_result_bytes: int = KEEP_RESULT_BYTES, **kwargs):
         super().__init__(name or f"client-{uuid.uuid4().hex[:12]}", router, heartbeat_s=heartbeat_s, **kwargs)
         self.pub = pub
+        self.keep_result_bytes = keep_result_bytes
         self._sub: zmq.asyncio.Socket | None = None
         self._watches: dict[str, _Watch] = {}
         self._results: OrderedDict[str, JobResult] = OrderedDict()
+        self._result_bytes = 0
 
     async def __aenter__(self) -> "AtelierClient":
         await self.start()
@@ -110,8 +136,16 @@ class AtelierClient(Actor):
         retry never makes a second job. ``idempotency_key`` extends that to retries from anywhere (a
         restarted client, another frontend process): the same user and key get the same job, even
         one that ended long ago. The returned record's job id is then that job's.
+
+        A job id this client already watches (another caller's job, say) keeps its watch whatever
+        this submit's fate: a refused submit never takes another job's events or result away. A job
+        of another user is never this caller's: that answer is refused here too, with ``conflict``.
         """
-        self._watch(spec.id, subscribe=events)
+        watched = self._watches.get(spec.id)
+        if watched is None:
+            self._watch(spec.id, subscribe=events)
+        elif events and not watched.subscribed:
+            self._subscribe(spec.id, watched)
         try:
             for attempt in range(attempts):
                 try:
@@ -123,27 +157,42 @@ class AtelierClient(Actor):
                         raise
                     log.warning("no answer to submitting %s; sending it again", spec.id)
         except BaseException:
-            self._unwatch(spec.id)
+            if watched is None:
+                self._unwatch(spec.id)
             raise
-        if accepted.job.spec.id != spec.id:  # the job an earlier submit with this idempotency key made
-            self._unwatch(spec.id)
-            if accepted.job.spec.id not in self._watches:
-                self._watch_known(accepted.job.spec.id, subscribe=events)  # it may have ended already
-        return accepted.job
+        job = accepted.job
+        if job.spec.user != spec.user:
+            # A scheduler that answers a known id with its job, whoever asks: that is another user's.
+            if watched is None:
+                self._unwatch(spec.id)
+            raise RemoteError(Error(code=ErrorCode.conflict, field="id",
+                                    message=f"job id {spec.id!r} is taken; leave the id out to get a new one"))
+        if job.spec.id != spec.id:  # the job an earlier submit with this idempotency key made
+            if watched is None:
+                self._unwatch(spec.id)
+            if job.spec.id not in self._watches and job.spec.id not in self._results:
+                self._watch_known(job.spec.id, subscribe=events)  # it may have ended already
+        return job
 
     async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
-        """Yields the job's events in arrival order, ending with its JobResult (one consumer per job)."""
+        """Yields the job's events in arrival order, ending with its JobResult. The first reader also
+        gets what came since the submit; a later one, what comes from when it starts."""
         if job_id in self._results:
             yield self._results[job_id]
             return
         watch = self._watches.get(job_id) or self._watch_known(job_id)
         if not watch.subscribed:
             self._subscribe(job_id, watch)  # late: events already sent are gone, the result is not
-        while True:
-            item = await asyncio.wait_for(watch.queue.get(), timeout)
-            yield item
-            if isinstance(item, JobResult):
-                return
+        queue = watch.reader()
+        try:
+            while True:
+                item = await asyncio.wait_for(queue.get(), timeout)
+                yield item
+                if isinstance(item, JobResult):
+                    return
+        finally:
+            with contextlib.suppress(ValueError):
+                watch.readers.remove(queue)
 
     async def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
         if job_id in self._results:
@@ -206,14 +255,14 @@ class AtelierClient(Actor):
     def _catch_up(self, job_ids: list[str]) -> None:
         """Asks the scheduler for the results of jobs that may have ended unseen; each one that has
         comes in through ``on_result``, as if sent, and shows once."""
-        async def fetch(job_id: str) -> None:
-            try:
-                await self.fetch_result(job_id)
-            except (RemoteError, asyncio.TimeoutError) as exc:
-                log.info("could not fetch the result of %s yet: %s", job_id, exc)
-
         for job_id in job_ids:
-            self._tasks.spawn(fetch(job_id), f"fetch-{job_id}")
+            self._tasks.spawn(self._fetch_quietly(job_id), f"fetch-{job_id}")
+
+    async def _fetch_quietly(self, job_id: str) -> None:
+        try:
+            await self.fetch_result(job_id)
+        except (RemoteError, asyncio.TimeoutError) as exc:
+            log.info("could not fetch the result of %s yet: %s", job_id, exc)
 
     async def fetch_result(self, job_id: str) -> JobResult | None:
         """The job's result from the scheduler (shown through the job's watch if it has not been),
@@ -236,7 +285,17 @@ class AtelierClient(Actor):
 
     async def on_reconnect(self) -> None:
         # A JobResult sent while the broker was restarting is gone; the scheduler still has it.
-        self._catch_up(list(self._watches))
+        self._tasks.spawn(self._resync_all(list(self._watches)), "resync-all")
+
+    async def _resync_all(self, job_ids: list[str]) -> None:
+        """Asks after every job in ``job_ids`` that is still watched, a bounded batch at a time."""
+        for start in range(0, len(job_ids), RESYNC_BATCH):
+            await asyncio.sleep(random.uniform(0, RECONNECT_JITTER_S))
+            batch = [job_id for job_id in job_ids[start:start + RESYNC_BATCH] if job_id in self._watches]
+            now = time.monotonic()
+            for job_id in batch:
+                self._watches[job_id].checked = now
+            await asyncio.gather(*(self._fetch_quietly(job_id) for job_id in batch))
 
     def _subscribe(self, job_id: str, watch: _Watch) -> None:
         assert self._sub is not None
@@ -254,20 +313,28 @@ class AtelierClient(Actor):
         job_id = msg.job.spec.id
         if env is not None and env.src != SCHEDULER:
             return  # another peer's word on a job is not a result
-        if job_id in self._results:
-            return  # sent again (delivery is at least once) or fetched as well: shown once
-        # Kept for a while, so a caller that starts waiting late still gets it.
-        self._results[job_id] = msg
-        while len(self._results) > KEEP_RESULTS:
-            self._results.popitem(last=False)
-        # The job's story ends here: its consumers hold the watch, nobody needs the topic.
+        if job_id not in self._results:
+            self._keep(job_id, msg)
+        # The job's story ends here: its consumers hold the watch, nobody needs the topic. A result
+        # sent again (delivery is at least once) or fetched as well finds no watch: shown once. One
+        # that does was watched anew since (a retried submit of an ended job): it is its first.
         watch = self._watches.get(job_id)
         self._unwatch(job_id)
         if watch is None:
             return
-        watch.queue.put_nowait(msg)
+        watch.put(msg)
         if watch.result is not None and not watch.result.done():
             watch.result.set_result(msg)
+
+    def _keep(self, job_id: str, result: JobResult) -> None:
+        """Kept for a while, so a caller that starts waiting late still gets it: the newest ones, within
+        KEEP_RESULTS and ``keep_result_bytes`` (the newest always, however large)."""
+        self._results[job_id] = result
+        self._result_bytes += _size(result)
+        while len(self._results) > 1 and (len(self._results) > KEEP_RESULTS
+                                          or self._result_bytes > self.keep_result_bytes):
+            _, dropped = self._results.popitem(last=False)
+            self._result_bytes -= _size(dropped)
 
     async def _event_loop(self) -> None:
         assert self._sub is not None
@@ -281,5 +348,5 @@ class AtelierClient(Actor):
             watch = self._watches.get(getattr(event, "job_id", ""))
             if watch is not None:
                 watch.checked = time.monotonic()  # alive and heard of: no need to ask after it
-                watch.queue.put_nowait(event)
+                watch.put(event)
 

@@ -8,7 +8,7 @@ from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own
 
 ``/generate`` answers with one message that shows the job's state, percent, elapsed time, ETA
 and latest preview, edited at most once a second, then the images, with buttons: Again (new
-seeds) and, while it runs, Cancel (its owner only). For a model with ControlNets it takes a
+seeds) and, while it runs, Cancel (its owner's, or an admin's). For a model with ControlNets it takes a
 ``control_image`` and the ``controlnet`` that reads it; for one with an IP-Adapter, a
 ``reference_image`` (an image as a prompt); each with its scale. (Upscale needs jobs that start
 from an image, which /generate does not offer yet.)
@@ -20,6 +20,12 @@ is a new job of that session at the ``live`` priority, so atelier drops or stops
 replaces. The canvas is the message of the latest ``/live``; it shows the newest prompt with its
 own preview or image, or else the last finished image labelled with the prompt it was made from,
 never a replaced prompt's picture.
+
+Who sees which job: ``/queue``, ``/cancel`` and its autocomplete show and take a member's own jobs
+only (the queue's length is everyone's); members with one of ``admin_roles`` or in ``admin_users``
+see and cancel every job the bot follows. Outputs go up to the upload limit Discord gives each
+interaction, all files together; those left out (the largest first) are linked through the HTTP
+API's ``public_url`` where one is set.
 
 The decisions (who may, how often, what a message says and shows) are small pure pieces in
 ``frontends/discord_views.py``; this module is the discord.py glue that calls them.
@@ -57,6 +63,7 @@ from frontends.client import AtelierClient, Event
 from frontends.discord_views import (
     IMAGE_OPTIONS,
     TOKEN_ENV,
+    UPLOAD_BYTES,
     ButtonSpec,
     Frame,
     JobCard,
@@ -68,6 +75,7 @@ from frontends.discord_views import (
     attachment_refusal,
     conditioning_refusal,
     find_token,
+    is_admin,
     moved_frame,
     quote,
     rate_refusal,
@@ -76,13 +84,14 @@ from frontends.discord_views import (
     status_line,
     text_kind,
 )
+from frontends.public import scrub
 
 log = logging.getLogger("atelier.discord")
 
 MIN_EDIT_INTERVAL_S = 1.0  # Discord throttles edits; a reply changes at most this often
 LIVE_IDLE_S = 15 * 60  # a live session with no new prompt for this long ends
 SILENCE_S = 60.0  # no event for this long: ask the scheduler where the job stands
-KEEP_FINISHED = 1000  # finished jobs remembered for Again
+KEEP_FINISHED = 1000  # finished jobs remembered for Again (their spec and attachment references, no outputs)
 
 
 # --------------------------------------------------------------------------- #
@@ -91,6 +100,8 @@ KEEP_FINISHED = 1000  # finished jobs remembered for Again
 
 _DISCORD_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 _DEAD_TOKEN_CODES = {50027, 10015}  # invalid webhook token, unknown webhook
+_REJECTED = {400, 413}  # Discord refused what a message carries (too large files, say): sending it again is no use
+FILES_REFUSED = "-# Discord would not take this message's files, so they are left out."
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _OPTION_OF = {field: option for option, field in IMAGE_OPTIONS.items()}  # JobInputs field -> /generate's option
 
@@ -181,6 +192,14 @@ class Reply:
     async def edit(self, frame: Frame) -> bool:
         """One try at showing ``frame``; False if Discord did not take it."""
         try:
+            return await self._edit(frame)
+        except _Rejected as exc:
+            log.warning("Discord refused an edit of message %s: %s", self.message_id, exc)
+            return False
+
+    async def _edit(self, frame: Frame) -> bool:
+        """``edit``, raising _Rejected where Discord refused the frame itself."""
+        try:
             if self._webhook_usable():
                 try:
                     await asyncio.wait_for(self.interaction.edit_original_response(**self._kwargs(frame)),
@@ -199,10 +218,18 @@ class Reply:
             await asyncio.wait_for(message.edit(**self._kwargs(frame)), self.retry.call_timeout_s)
             self._shown(frame)
             return True
-        except _DISCORD_ERRORS as exc:
-            (log.warning if not self._warned else log.debug)("editing message %s failed: %r", self.message_id, exc)
-            self._warned = True
+        except discord.HTTPException as exc:
+            if exc.status in _REJECTED:
+                raise _Rejected(exc.text or exc.status) from None
+            self._failed(exc)
             return False
+        except _DISCORD_ERRORS as exc:
+            self._failed(exc)
+            return False
+
+    def _failed(self, exc: Exception) -> None:
+        (log.warning if not self._warned else log.debug)("editing message %s failed: %r", self.message_id, exc)
+        self._warned = True
 
     def _shown(self, frame: Frame) -> None:
         self._images_sent = _images_key(frame.images)
@@ -223,6 +250,11 @@ class Reply:
             kwargs["allowed_mentions"] = discord.AllowedMentions(users=[discord.Object(frame.notify)])
         try:
             message = await asyncio.wait_for(channel.send(**kwargs), self.retry.call_timeout_s)
+        except discord.HTTPException as exc:
+            if exc.status in _REJECTED:
+                raise _Rejected(exc.text or exc.status) from None
+            log.warning("posting to channel %s failed: %r", self.channel_id, exc)
+            return False
         except _DISCORD_ERRORS as exc:
             log.warning("posting to channel %s failed: %r", self.channel_id, exc)
             return False
@@ -233,11 +265,26 @@ class Reply:
         return True
 
     async def deliver(self, frame: Frame) -> bool:
-        """Shows ``frame`` whatever it takes: edits with backoff, then new messages with backoff."""
+        """Shows ``frame`` whatever it takes: edits with backoff, then new messages with backoff. A frame
+        Discord refuses (its files too large, say) is shown at once without its files, saying so."""
+        try:
+            return await self._deliver(frame)
+        except _Rejected as exc:
+            log.warning("Discord refused message %s with %d file(s): %s", self.message_id, len(frame.images), exc)
+        if frame.images:
+            try:
+                return await self._deliver(Frame(f"{frame.content}\n{FILES_REFUSED}", [], frame.buttons,
+                                                 frame.notify))
+            except _Rejected as exc:
+                log.warning("Discord refused message %s without its files too: %s", self.message_id, exc)
+        log.error("Discord would not show: %s", frame.content[:300])
+        return False
+
+    async def _deliver(self, frame: Frame) -> bool:
         if self.message_id is not None:
             for delay in (0.0, *self.retry.edit_delays_s):
                 await asyncio.sleep(delay)
-                if await self.edit(frame):
+                if await self._edit(frame):
                     return True
         for delay in (0.0, *self.retry.post_delays_s):
             await asyncio.sleep(delay)
@@ -327,10 +374,6 @@ class LiveSession:
     painter: Painter | None = None
     idle: asyncio.Task | None = None
 
-    @property
-    def key(self) -> str:
-        return f"{self.canvas.owner}:{self.canvas.channel}"
-
 
 class AtelierTree(app_commands.CommandTree):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
@@ -360,7 +403,7 @@ class AtelierBot(discord.Client):
 
     def __init__(self, atelier: AtelierClient, settings: DiscordConfig, *, default_model: str,
                  retry: RetryPolicy | None = None, sync_commands: bool = True,
-                 clock: Callable[[], float] = time.monotonic, **options):
+                 clock: Callable[[], float] = time.monotonic, public_url: str | None = None, **options):
         # The bot speaks no voice: discord.py's warnings about missing voice libraries are only noise.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         options.setdefault("intents", discord.Intents.default())
@@ -371,6 +414,7 @@ class AtelierBot(discord.Client):
         self.settings = settings
         self.default_model = settings.default_model or default_model
         self.retry = retry or RetryPolicy()
+        self.public_url = public_url  # the HTTP API's, for links to outputs too large to upload
         self.sync_commands = sync_commands
         self.clock = clock
         self.tree = AtelierTree(self)
@@ -431,8 +475,16 @@ class AtelierBot(discord.Client):
     def refusal(self, interaction: discord.Interaction) -> str | None:
         channel = interaction.channel
         channels = [c for c in (interaction.channel_id, getattr(channel, "parent_id", None)) if c]
-        roles = [role.id for role in getattr(interaction.user, "roles", ())]
-        return access_refusal(self.settings, guild_id=interaction.guild_id, channel_ids=channels, role_ids=roles)
+        return access_refusal(self.settings, guild_id=interaction.guild_id, channel_ids=channels,
+                              role_ids=_role_ids(interaction))
+
+    def admin(self, interaction: discord.Interaction) -> bool:
+        return is_admin(self.settings, user_id=interaction.user.id, role_ids=_role_ids(interaction))
+
+    def _visible(self, interaction: discord.Interaction) -> list[JobCard]:
+        """The active jobs this member may see and cancel: their own, or everyone's for an admin."""
+        admin = self.admin(interaction)
+        return [c for c in self.jobs.values() if admin or c.owner == interaction.user.id]
 
     def _rate_refusal(self, user_id: int, *, live: bool = False) -> str | None:
         limiter = self.live_rate if live else self.job_rate
@@ -484,7 +536,7 @@ class AtelierBot(discord.Client):
                 for name in (model.controlnets if model else []) if needle in name.lower()][:25]
 
     async def _complete_job(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        mine = [c for c in self.jobs.values() if c.owner == interaction.user.id and current in c.spec.id]
+        mine = [c for c in self._visible(interaction) if current in c.spec.id]
         return [app_commands.Choice(name=f"{c.spec.id[:8]} {' '.join(c.spec.prompt.split())}"[:100], value=c.spec.id)
                 for c in reversed(mine)][:25]
 
@@ -595,13 +647,13 @@ class AtelierBot(discord.Client):
             spec = JobSpec(**{**params, "model": params.get("model") or self.default_model,
                               "user": f"discord:{user}", "priority": Priority.interactive})
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
-            await self._say(interaction, f"Can't submit that: {problems}")
+            await self._say(interaction, f"Can't submit that: {_problems(exc)}")
             return
         if (refusal := self._rate_refusal(user)) is not None:
             await self._say(interaction, refusal)
             return
-        card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()), attachments=attachments)
+        card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()), attachments=attachments,
+                       upload_bytes=_upload_bytes(interaction))
         reply = Reply(self, interaction)
         await reply.open(self._render(card))  # within Discord's 3 s, before anything that may wait
         self.jobs[spec.id] = card
@@ -622,12 +674,12 @@ class AtelierBot(discord.Client):
             try:
                 read[field] = await asyncio.wait_for(attachment.read(), self.retry.call_timeout_s)
             except _DISCORD_ERRORS as exc:
-                raise _Unreadable(f"could not read the {_OPTION_OF[field]} from Discord ({exc}); attach it again") \
-                    from None
+                log.warning("reading the %s of job %s failed: %r", field, card.spec.id, exc)
+                raise _Unreadable(f"could not read the {_OPTION_OF[field]} from Discord; attach it again") from None
         return JobInputs(**read)
 
     def _render(self, card: JobCard) -> Frame:
-        return render_job(card, self.clock())
+        return render_job(card, self.clock(), public_url=self.public_url)
 
     async def _follow(self, card: JobCard, reply: Reply) -> None:
         spec = card.spec
@@ -637,7 +689,7 @@ class AtelierBot(discord.Client):
                 await self.atelier.submit(spec, inputs=await self._inputs(card))
             except _Unreadable as exc:
                 card.refused = str(exc)
-            except RemoteError as exc:
+            except RemoteError as exc:  # the view takes any path out of it
                 card.refused = (f"{exc.error.field}: " if exc.error.field else "") + exc.error.message
             except asyncio.TimeoutError:
                 card.refused = "atelier did not answer; try again in a moment"
@@ -655,6 +707,7 @@ class AtelierBot(discord.Client):
 
     def _remember(self, card: JobCard) -> None:
         self.jobs.pop(card.spec.id, None)
+        card.delivered()
         self.finished[card.spec.id] = card
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
@@ -702,18 +755,24 @@ class AtelierBot(discord.Client):
         if not prompt.strip():
             await self._say(interaction, "The prompt is empty.")
             return
+        session = self.sessions.get((user, channel))
+        if session is not None:
+            model, steps = model or session.model, steps or session.steps
+        model = model or self.default_model
+        seed = session.seed if session else random.randrange(2**32)
+        try:
+            spec = JobSpec(model=model, prompt=prompt, steps=steps, seed=seed, user=f"discord:{user}",
+                           priority=Priority.live, session=f"{user}:{channel}")
+        except ValidationError as exc:  # the session, if any, goes on as it was
+            await self._say(interaction, f"Can't submit that: {_problems(exc)}")
+            return
         if (refusal := self._rate_refusal(user, live=True)) is not None:
             await self._say(interaction, refusal)
             return
-        session = self.sessions.get((user, channel))
         if session is None:
-            session = LiveSession(canvas=LiveCanvas(owner=user, channel=channel), model=model or self.default_model,
-                                  seed=random.randrange(2**32), steps=steps)
+            session = LiveSession(canvas=LiveCanvas(owner=user, channel=channel), model=model, seed=seed, steps=steps)
             self.sessions[(user, channel)] = session
-        elif model or steps:
-            session.model, session.steps = model or session.model, steps or session.steps
-        spec = JobSpec(model=session.model, prompt=prompt, steps=session.steps, seed=session.seed,
-                       user=f"discord:{user}", priority=Priority.live, session=session.key)
+        session.model, session.steps = model, steps
         # Before the submit: from now on the replaced job's events are ignored, whatever their timing.
         session.canvas.submitted(spec.id, prompt, self.clock())
         if session.idle is not None:
@@ -796,7 +855,9 @@ class AtelierBot(discord.Client):
             await self._say(interaction, refusal)
             return
         user = interaction.user.id
-        if button.action in ("cancel", "edit", "stop") and user != button.owner:
+        # An admin may stop anyone's job or live session, but edits only their own prompts.
+        owner_only = ("edit",) if self.admin(interaction) else ("cancel", "edit", "stop")
+        if button.action in owner_only and user != button.owner:
             what = "job" if button.action == "cancel" else "live session"
             await self._say(interaction, f"Only <@{button.owner}> can do that to their {what}.")
             return
@@ -817,7 +878,7 @@ class AtelierBot(discord.Client):
             await interaction.response.send_modal(PromptBox(self, last))
         elif button.action == "stop":
             await interaction.response.defer()
-            session = self.sessions.get((user, int(button.ref)))
+            session = self.sessions.get((button.owner, int(button.ref)))
             if session is not None:
                 await self._end_live(session)
 
@@ -828,7 +889,8 @@ class AtelierBot(discord.Client):
         status = await self.atelier.status()
         running = sum(status.counts.get(s, 0) for s in ("assigned", "loading", "running"))
         lines = [f"**Queue:** {len(status.queued)} waiting, {running} running."]
-        mine = [c for c in self.jobs.values() if c.owner == interaction.user.id]
+        mine = self._visible(interaction)  # counts are everyone's; job ids and prompts only one's own
+        admin = self.admin(interaction)
         now = self.clock()
         for card in mine:
             try:
@@ -840,9 +902,10 @@ class AtelierBot(discord.Client):
                     card.display.position = record.position
                 if record.eta_s is not None:
                     card.display.eta_s, card.display.eta_at = record.eta_s, now
-            lines.append(f"`{card.spec.id[:8]}` {quote(card.spec.prompt)} — {status_line(card.display, now)}")
+            whose = f"<@{card.owner}> " if admin else ""
+            lines.append(f"`{card.spec.id[:8]}` {whose}{quote(card.spec.prompt)} — {status_line(card.display, now)}")
         if not mine:
-            lines.append("You have no jobs in atelier right now.")
+            lines.append("You have no jobs in atelier right now." if not admin else "The bot follows no job now.")
         await interaction.followup.send("\n".join(lines), ephemeral=True)
 
     async def cancel(self, interaction: discord.Interaction, job: str | None) -> None:
@@ -857,7 +920,10 @@ class AtelierBot(discord.Client):
             if not _JOB_ID.match(job):
                 await self._say(interaction, f"There is no job `{discord.utils.escape_markdown(job[:64])}`.")
                 return
-            matches = [i for i in (*self.jobs, *self.finished) if i.startswith(job)] or [job]
+            admin = self.admin(interaction)
+            # A prefix names only a job one may cancel: it must not tell whose ids begin how.
+            matches = [c.spec.id for c in (*self.jobs.values(), *self.finished.values())
+                       if c.spec.id.startswith(job) and (admin or c.owner == user)] or [job]
             job_id = matches[0]
             card = self.jobs.get(job_id) or self.finished.get(job_id)
             owner = card.owner if card else None
@@ -869,7 +935,7 @@ class AtelierBot(discord.Client):
                     return
                 owner = int(record.spec.user.removeprefix("discord:")) if record.spec.user.startswith(
                     "discord:") and record.spec.user[8:].isdigit() else None
-            if owner != user:
+            if owner != user and not admin:
                 await self._say(interaction, "That job isn't yours to cancel.")
                 return
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -880,7 +946,7 @@ class AtelierBot(discord.Client):
         try:
             record = await self.atelier.cancel(job_id)
         except RemoteError as exc:
-            return f"Could not cancel `{job_id[:8]}`: {exc.error.message}"
+            return f"Could not cancel `{job_id[:8]}`: {scrub(exc.error.message)}"
         if record.state.terminal and record.state is not JobState.cancelled:
             return f"`{job_id[:8]}` had already {record.state.value}."
         return f"Cancelled `{job_id[:8]}`" + ("" if record.state.terminal else " (it stops at its next step).")
@@ -888,6 +954,26 @@ class AtelierBot(discord.Client):
 
 class _Unreadable(Exception):
     """An attached image could not be read from Discord."""
+
+
+class _Rejected(Exception):
+    """Discord refused what a message carries (HTTP 400 or 413): the same again would be refused too."""
+
+
+def _problems(exc: ValidationError) -> str:
+    """What pydantic found wrong, one field after the other, without the values themselves."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+
+
+def _role_ids(interaction: discord.Interaction) -> list[int]:
+    return [role.id for role in getattr(interaction.user, "roles", ())]
+
+
+def _upload_bytes(interaction: discord.Interaction) -> int:
+    """What a message answering ``interaction`` may carry in files: the least Discord and the server allow."""
+    limits = [getattr(interaction, "filesize_limit", None),
+              interaction.guild.filesize_limit if interaction.guild is not None else None]
+    return min((limit for limit in limits if limit), default=UPLOAD_BYTES)
 
 
 def _prompts_in(content: str) -> Iterable[str]:
@@ -927,7 +1013,8 @@ async def _serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) 
     except TimeoutError:  # no broker answered: process_main says so
         await atelier.close(drain_timeout=0)
         raise
-    bot = AtelierBot(atelier, config.discord, default_model=config.default_model)
+    bot = AtelierBot(atelier, config.discord, default_model=config.default_model,
+                     public_url=config.http.public_url)
     running = asyncio.create_task(bot.start(token), name="discord-gateway")
     stopping = asyncio.create_task(stop.wait(), name="discord-stop")
     await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,9 +19,11 @@ from atelier.artifacts import extension_for
 from atelier.config import DiscordConfig
 from atelier.jobs import MAX_INPUT_BYTES, JobKind, JobSpec, JobState
 from frontends.client import Event
+from frontends.public import scrub
 
 TOKEN_ENV = "DISCORD_TOKEN"
 PROMPT_SHOWN = 300  # characters of a prompt a message quotes
+UPLOAD_BYTES = 10 << 20  # what a message may carry where Discord says no other limit (no server's)
 
 
 def parse_dotenv(text: str) -> dict[str, str]:
@@ -67,6 +69,11 @@ def access_refusal(settings: DiscordConfig, *, guild_id: int | None, channel_ids
     if settings.roles and not set(role_ids) & set(settings.roles):
         return "You need one of the roles allowed to use atelier here."
     return None
+
+
+def is_admin(settings: DiscordConfig, *, user_id: int, role_ids: Iterable[int]) -> bool:
+    """Whether this member may see and cancel everyone's jobs."""
+    return user_id in settings.admin_users or bool(set(role_ids) & set(settings.admin_roles))
 
 
 class RateLimiter:
@@ -176,9 +183,9 @@ def status_line(job: JobDisplay, now: float) -> str:
     if job.state is JobState.done:
         return f"done in {duration(elapsed)}"
     if job.state is JobState.failed:
-        return f"failed: {job.reason or 'no reason given'}"
+        return f"failed: {scrub(job.reason or 'no reason given')}"
     if job.state is JobState.cancelled:
-        return "cancelled" + (f": {job.reason}" if job.reason else "")
+        return "cancelled" + (f": {scrub(job.reason)}" if job.reason else "")
     if job.state is JobState.queued:
         words = "queued" + (f" #{job.position + 1}" if job.position is not None else "")
     elif job.state is JobState.running:
@@ -229,6 +236,13 @@ class JobCard:
     # Its input images (JobInputs field -> the Discord attachment), read when it is submitted: Again reads
     # them anew rather than the bot keeping every finished job's images in memory.
     attachments: dict[str, discord.Attachment] = field(default_factory=dict)
+    upload_bytes: int = UPLOAD_BYTES  # what its message may carry in files, all together
+
+    def delivered(self) -> None:
+        """Keeps only what Again and /cancel need: the outputs and the preview were shown already."""
+        if self.result is not None and self.result.outputs:
+            self.result = self.result.model_copy(update={"outputs": []})
+        self.display.preview = None
 
     @property
     def active(self) -> bool:
@@ -286,7 +300,18 @@ def text_kind(model: ModelInfo) -> JobKind | None:
     return JobKind.default_for(model.kinds, from_image=False)
 
 
-def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame:
+def _fitting(sizes: list[int], budget: int) -> set[int]:
+    """The indexes of the files that fit in ``budget`` together, leaving out the largest first."""
+    kept: set[int] = set()
+    for index in sorted(range(len(sizes)), key=lambda i: sizes[i]):
+        if sizes[index] > budget:
+            break
+        kept.add(index)
+        budget -= sizes[index]
+    return kept
+
+
+def render_job(card: JobCard, now: float, *, public_url: str | None = None) -> Frame:
     spec, job = card.spec, card.display
     # A sound's width and height are only its family's placeholders.
     size = f" · {spec.width}×{spec.height}" if spec.width and spec.height and spec.kind != JobKind.txt2audio else ""
@@ -295,7 +320,7 @@ def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame
         (" · reference image" if "ip_adapter_image" in card.attachments else "")
     lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}{shaped}"]
     if card.refused is not None:
-        return Frame("\n".join(lines + [f"refused: {card.refused}"]), notify=card.owner)
+        return Frame("\n".join(lines + [f"refused: {scrub(card.refused)}"]), notify=card.owner)
     images: list[tuple[str, bytes]] = []
     buttons: list[ButtonSpec] = []
     status = status_line(job, now)
@@ -304,12 +329,14 @@ def render_job(card: JobCard, now: float, *, max_bytes: int = 10 << 20) -> Frame
         seeds = [a.seed for a in outputs if a.seed is not None]
         if seeds:
             status += " · seed" + ("s " if len(seeds) > 1 else " ") + ", ".join(map(str, seeds))
-        for index, artifact in enumerate(outputs):
-            data = bytes(artifact.data)
-            if len(data) <= max_bytes:
-                images.append((f"atelier-{spec.id}-{index}{extension_for(artifact.media_type)}", data))
-            else:
-                status += f"\noutput {index + 1} is too large for Discord; it is kept at {artifact.uri or 'atelier'}"
+        names = [f"{spec.id}-{index}{extension_for(a.media_type)}" for index, a in enumerate(outputs)]
+        kept = _fitting([len(a.data) for a in outputs], card.upload_bytes)
+        images = [(f"atelier-{names[i]}", bytes(outputs[i].data)) for i in range(len(outputs)) if i in kept]
+        left_out = [i for i in range(len(outputs)) if i not in kept]
+        if left_out:
+            status += (f"\n{len(left_out)} of {len(outputs)} outputs are too large for Discord here; "
+                       + (" ".join(f"<{public_url.rstrip('/')}/v1/artifacts/{names[i]}>" for i in left_out)
+                          if public_url else "atelier keeps them"))
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary"))
     elif job.state.terminal:
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again"))
@@ -369,7 +396,7 @@ def render_live(canvas: LiveCanvas, now: float) -> Frame:
         buttons = [ButtonSpec("edit", ref, canvas.owner, "New prompt", "primary"),
                    ButtonSpec("stop", ref, canvas.owner, "Stop", "danger")]
         if canvas.refused is not None:
-            lines.append(f"refused: {canvas.refused}")
+            lines.append(f"refused: {scrub(canvas.refused)}")
         elif canvas.job is not None:
             lines.append(status_line(canvas.job, now))
     images: list[tuple[str, bytes]] = []

@@ -43,6 +43,7 @@ from frontends.discord_views import (
     render_live,
     status_line,
 )
+from frontends.public import scrub
 from tests.conftest import Cluster, run
 from tests.test_frontends_conditioning import png
 
@@ -703,7 +704,9 @@ def test_a_failed_or_refused_job_shows_why(atelier):
 
     broken, unknown, bad, live, record = go(scenario())
     assert record.state is JobState.failed and record.reason
-    assert f"failed: {record.reason}" in broken.content and broken.labels == ["Again"] and not broken.files
+    # The reason names the missing folder; the channel is told that it is missing, not where (L6).
+    assert f"failed: {scrub(record.reason)}" in broken.content and broken.labels == ["Again"] and not broken.files
+    assert "/nowhere" in record.reason and "/nowhere" not in broken.content
     assert "refused: model:" in unknown.content and "no-such-model" in unknown.content and not unknown.buttons
     assert bad.ephemeral and bad.content.startswith("Can't submit that: width:") and "multiple of 8" in bad.content
     assert "«a ruin»" in live.content and "refused: model:" in live.content and not live.files
