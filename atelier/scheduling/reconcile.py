@@ -62,6 +62,27 @@ def runner_down(state: State, name: str, reason: str, now: float) -> None:
             state.requeue(job, why)
 
 
+def dispatch_refused(state: State, runner: str, batch_id: str, reason: str, now: float) -> None:
+    """A RunBatch that never reached its runner (the broker or the runner refused the message: too
+    large, a full queue): the runner is free, and the jobs go back with the attempt counted, so a
+    refusal that repeats ends in a failure with the reason rather than a loop."""
+    batch = state.batches.pop(batch_id, None)
+    r = state.runners.get(runner)
+    if r is not None and r.batch is not None and r.batch.id == batch_id:
+        r.batch = None
+    for job_id in batch.jobs if batch else ():
+        job = state.job_on(job_id, runner)
+        if job is None:
+            continue
+        why = f"the batch could not be sent to {runner}: {reason}"
+        if job.stopping:
+            state.finish(job, JobState.cancelled, job.stop_reason, now)
+        elif job.attempts >= state.settings.max_attempts:
+            state.finish(job, JobState.failed, f"{why}; gave up after {job.attempts} attempts", now)
+        else:
+            state.requeue(job, why)
+
+
 def batch_done(state: State, runner: str, batch_id: str, outcomes: Iterable[JobDone | JobFailed],
                resident: dict[str, int], now: float, *, refused: bool,
                active: tuple[str, list[str]] | None) -> list[tuple[Job, JobDone]]:
