@@ -40,7 +40,7 @@ from atelier.jobs import (
 )
 from atelier.scheduling import planner
 from atelier.scheduling.estimates import Estimates
-from atelier.scheduling.policy import Dispatch, Policy
+from atelier.scheduling.policy import Dispatch, Policy, Refused
 from frontends.client import AtelierClient
 from tests.conftest import ROOT, broker_thread, eventually_async, run
 from tests.test_scheduler import StandInRunner, scheduler_and_client, scheduler_with_client
@@ -94,10 +94,10 @@ def test_h1_the_policy_checks_the_user_before_anything_reads_the_spec(tmp_path: 
     policy = Policy(_config(tmp_path))
     bob = policy.submit(JobSpec(model="noop", prompt="bob's", user="bob"), "fe", 1.0)
     # Not a valid job at all (an unknown model): still the id conflict, not an admission message.
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(Refused) as refused:
         policy.submit(JobSpec(id=bob.id, model="no-such-model", prompt="x", user="ana"), "fe", 2.0)
     assert refused.value.code is ErrorCode.conflict
-    with pytest.raises(Exception) as other_frontend:
+    with pytest.raises(Refused) as other_frontend:
         policy.submit(JobSpec(id=bob.id, model="noop", prompt="x", user="bob"), "another-fe", 2.0)
     assert other_frontend.value.code is ErrorCode.conflict
     assert policy.submit(JobSpec(id=bob.id, model="noop", prompt="bob's", user="bob"), "fe", 2.0) is bob
