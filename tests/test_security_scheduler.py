@@ -493,3 +493,39 @@ def test_m2_queued_inputs_wait_on_disk_and_reach_the_runner_at_dispatch(tmp_path
         (inputs, counted), item = run(go(), timeout=60)
     assert inputs is None and counted == len(image)  # counted against the budget, not held
     assert item.job.id == spec.id and bytes(item.inputs.image) == image
+
+
+class GpuStandIn(StandInRunner):
+    def capabilities(self) -> Capabilities:
+        return Capabilities(pid=os.getpid(), node="n1", device="cuda:0")
+
+
+def test_l4_a_batch_too_large_for_one_message_is_not_sent_and_frees_the_runner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if the planner's estimate were wrong: 200 long prompts in one RunBatch, a head of about 1.7 MB.
+    monkeypatch.setattr(planner, "MAX_HEAD_BYTES", 1 << 30)
+    monkeypatch.setattr(planner, "MAX_BLOBS", 1 << 30)
+    config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2},
+                                    "scheduler": {"max_attempts": 1}, "default_model": "wide",
+                                    "models": {"wide": {"family": "noop", "source": "none", "max_batch": 1024}}})
+    specs = [JobSpec(model="wide", prompt="x" * 4000, negative_prompt="y" * 4000, seed=i) for i in range(200)]
+
+    async def go():
+        async with scheduler_with_client(broker, config) as (scheduler, client):
+            for images in (1, 1024):
+                scheduler.policy.estimates.observe_step("wide", "cuda:0", 64 * 64, images, 1e-6)
+            for spec in specs:
+                await _submit(client, spec)
+            runner = GpuStandIn("runner-g", broker.router_endpoint)
+            await runner.start()
+            try:
+                last = await client.wait(specs[-1].id, timeout=30)
+                await asyncio.sleep(0.5)
+                return last, runner.batches.qsize(), await client.status()
+            finally:
+                await runner.close()
+
+    with broker_thread(heartbeat_s=0.2) as (broker, _):
+        last, received, status = run(go(), timeout=90)
+    assert last.job.state is JobState.failed and "above what one message may carry" in last.job.reason
+    assert received == 0 and [r.job for r in status.runners] == [None]
