@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,7 +92,9 @@ class Journal:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             # isolation_level=None: transactions are begun and ended here, explicitly.
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5)
+            # check_same_thread off: a submit with large inputs is written from a worker thread, its
+            # transaction serialised with the others by _lock.
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5, check_same_thread=False)
             # The write lock, once taken, is held until the process ends (or dies: the OS drops it),
             # so a second scheduler on the same file fails here rather than each requeueing the
             # other's jobs.
@@ -118,6 +121,7 @@ class Journal:
         # What was last written of each job that has not ended: a transition rewrites the row, a
         # position or ETA update (many a second) does not.
         self._written: dict[str, tuple] = {}
+        self._lock = threading.Lock()  # one transaction at a time, whichever thread begins it
 
     def close(self) -> None:
         self.db.close()
@@ -268,13 +272,14 @@ class Journal:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -73,6 +73,7 @@ from atelier.scheduling.policy import (
     PreloadModels,
     Refused,
     StopRunning,
+    input_bytes,
 )
 
 log = logging.getLogger("atelier.scheduler")
@@ -80,6 +81,7 @@ log = logging.getLogger("atelier.scheduler")
 REFRESH_S = 1.0  # how often queued jobs' positions and ETAs are brought up to date
 RUNNER_STATE_TIMEOUT_S = 10.0  # a starting runner (importing torch) may take seconds to answer
 PRUNE_S = 3600.0  # how often ended jobs older than journal_keep_days leave the journal
+JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1 MiB: ~20 ms)
 DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
 
 
@@ -195,14 +197,14 @@ class Scheduler(Actor):
                 return earlier
         known = self.policy.find(msg.job.id)
         try:
-            job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key)
+            # Held, not queued, until written: nothing plans or announces a job a crash could lose.
+            job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key, hold=True)
         except Refused as refused:
             return _error(refused)
         if job is not known and job.id == msg.job.id:
             try:
                 # Committed before the answer: a scheduler killed right after it still has the job.
-                self.journal.add(job.record(now), env.src, key, msg.inputs)
-                self.policy.spill_inputs(job.id)  # the journal has them; read back at dispatch
+                await self._journal_add(job.record(now), env.src, key, msg.inputs)
             except DuplicateJob as exc:
                 self.policy.withdraw(job.id)
                 return Error(code=ErrorCode.conflict, field="id", message=f"{exc}; submit without an id for a new one")
@@ -211,8 +213,18 @@ class Scheduler(Actor):
                 self.policy.withdraw(job.id)
                 log.error("journal: cannot write job %s: %s", job.id, exc)
                 return Error(code=ErrorCode.internal, message=f"the scheduler cannot record jobs right now ({exc})")
+            self.policy.admit(job.id, now)
+            self.policy.spill_inputs(job.id)  # the journal has them; read back at dispatch
         await self._schedule()
         return Accepted(job=job.record(now))
+
+    async def _journal_add(self, record: JobRecord, client: str, key: str | None, inputs: JobInputs | None) -> None:
+        """Writes a new job; large inputs off the event loop (32 MiB take most of a second to write,
+        which would stall every other message and heartbeat)."""
+        if input_bytes(inputs) >= JOURNAL_OFF_LOOP_BYTES:
+            await asyncio.to_thread(self.journal.add, record, client, key, inputs)
+        else:
+            self.journal.add(record, client, key, inputs)
 
     def _journaled(self, msg: Submit, client: str) -> Accepted | Error | None:
         """A submit of a job the policy has forgotten but the journal has: the same user's retry gets it

@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -472,12 +473,23 @@ def test_l4_a_refused_dispatch_requeues_its_jobs_and_frees_the_runner(tmp_path: 
     assert [r.job for r in status.runners] == [None]  # not busy for ever with a batch it never had
 
 
-def test_m2_queued_inputs_wait_on_disk_and_reach_the_runner_at_dispatch(tmp_path: Path) -> None:
+def test_m2_queued_inputs_wait_on_disk_and_reach_the_runner_at_dispatch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _config(tmp_path)
-    image = _png(128, noise=True)
+    image = _png(720, noise=True)  # above a MiB: written off the event loop
     spec = JobSpec(model="tiny-sd", kind="img2img", prompt="p", user="bob")
+    writes = []
+    add = Journal.add
+
+    def watched_add(journal, record, *args):
+        queued = spec.id in scheduler.policy.queued()
+        writes.append((threading.current_thread() is threading.main_thread(), queued))
+        add(journal, record, *args)
+
+    monkeypatch.setattr(Journal, "add", watched_add)
 
     async def go():
+        nonlocal scheduler
         async with scheduler_with_client(broker, config) as (scheduler, client):
             await _submit(client, spec, JobInputs(image=image))
             held = scheduler.policy.find(spec.id)
@@ -489,8 +501,10 @@ def test_m2_queued_inputs_wait_on_disk_and_reach_the_runner_at_dispatch(tmp_path
             finally:
                 await runner.close()
 
+    scheduler = None
     with broker_thread(heartbeat_s=0.2) as (broker, _):
         (inputs, counted), item = run(go(), timeout=60)
+    assert len(image) > 1 << 20 and writes == [(False, False)]  # in a thread, the job not yet queued
     assert inputs is None and counted == len(image)  # counted against the budget, not held
     assert item.job.id == spec.id and bytes(item.inputs.image) == image
 

@@ -65,7 +65,7 @@ from atelier.scheduling.state import (
 )
 
 __all__ = ["Announce", "Deliver", "Dispatch", "Effect", "Job", "Policy", "PreloadModels", "Refused", "RunnerView",
-           "Status", "StopRunning"]
+           "Status", "StopRunning", "input_bytes"]
 
 ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a refresh, from the front
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
@@ -110,6 +110,7 @@ class Policy:
         self.state = State(self.settings)
         self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._fresh: list[Job] = []  # submitted, not yet announced
+        self._held: set[str] = set()  # submitted with hold: not queued until admitted
         self._next_plan = float("-inf")  # while all runners are busy, no new plan before this
         self._seq = itertools.count()
         self._new_id = new_id
@@ -162,9 +163,11 @@ class Policy:
     # -- frontends ------------------------------------------------------------- #
 
     def submit(self, spec: JobSpec, client: str, now: float, inputs: JobInputs | None = None,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None, *, hold: bool = False) -> Job:
         """Queues a job (announced by the next ``schedule``); raises Refused. A submit with the
-        idempotency key of a job of the same user that is still remembered returns that job."""
+        idempotency key of a job of the same user that is still remembered returns that job.
+        ``hold``: the job is accepted but not queued until ``admit`` (or ``withdraw``), so that
+        nothing plans, announces or dispatches it while the caller writes it down."""
         state = self.state
         known = state.jobs.get(spec.id)
         if known is not None:
@@ -194,23 +197,39 @@ class Policy:
         spec = admission.resolve(spec, inputs, self.config, self._rng)
         job = self._remember(spec, now, client, inputs, idempotency_key)
         state.hold_inputs(job, inputs)
+        if hold:
+            self._held.add(job.id)
+        else:
+            self._admit(job, now)
+        return job
+
+    def admit(self, job_id: str, now: float) -> None:
+        """Queues a job that ``submit`` was told to hold."""
+        self._held.remove(job_id)
+        self._admit(self.state.jobs[job_id], now)
+
+    def _admit(self, job: Job, now: float) -> None:
+        spec = job.spec
         if spec.session is not None:
-            state.sessions[(spec.user, spec.session)] = spec.id
+            replaced = self._session_job(spec)
+            self.state.sessions[(spec.user, spec.session)] = spec.id
             if replaced is not None:
                 self._supersede(replaced, job, now)
-        state.queue.push(job.entry)
+        self.state.queue.push(job.entry)
         self._fresh.append(job)
-        return job
 
     def withdraw(self, job_id: str) -> None:
         """Takes back a submit that cannot be kept (the journal could not write it): the job is
-        forgotten as if it had never been submitted, and nothing is said of it. Only a job not yet
-        announced (no ``schedule`` since its submit) can be withdrawn."""
+        forgotten as if it had never been submitted, and nothing is said of it. Only a job held or
+        not yet announced (no ``schedule`` since its submit) can be withdrawn."""
         job = self.job(job_id)
-        if job not in self._fresh:
+        if job.id in self._held:
+            self._held.remove(job.id)
+        elif job in self._fresh:
+            self._fresh.remove(job)
+            self.state.queue.remove(job_id)
+        else:
             raise ValueError(f"job {job_id} has been announced already; cancel it instead")
-        self._fresh.remove(job)
-        self.state.queue.remove(job_id)
         del self.state.jobs[job_id]
         self.state.release_inputs(job)
         self.state.forget(job)
