@@ -12,7 +12,12 @@ survives the process dying at any moment (``synchronous = NORMAL``: a power cut 
 last transactions, a killed process never does). The file is locked for one scheduler:
 a second one pointed at it is refused at start rather than interleaving with the first.
 Idempotency keys live here too, so a client's retried submit finds its job even once the
-scheduler has forgotten it from memory.
+scheduler has forgotten it from memory; and a job id is never given out twice, whatever the
+scheduler remembers (``add`` refuses one the journal has).
+
+A restart always comes up, whatever the file holds: a row this version can no longer read is
+moved to the ``quarantine`` table with the reason, for a person to look at; one whose inputs no
+longer validate comes back marked ``unusable``, and the scheduler fails it with the reason.
 """
 
 from __future__ import annotations
