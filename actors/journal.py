@@ -12,7 +12,12 @@ survives the process dying at any moment (``synchronous = NORMAL``: a power cut 
 last transactions, a killed process never does). The file is locked for one scheduler:
 a second one pointed at it is refused at start rather than interleaving with the first.
 Idempotency keys live here too, so a client's retried submit finds its job even once the
-scheduler has forgotten it from memory.
+scheduler has forgotten it from memory; and a job id is never given out twice, whatever the
+scheduler remembers (``add`` refuses one the journal has).
+
+A restart always comes up, whatever the file holds: a row this version can no longer read is
+moved to the ``quarantine`` table with the reason, for a person to look at; one whose inputs no
+longer validate comes back marked ``unusable``, and the scheduler fails it with the reason.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from atelier.jobs import Artifact, JobInputs, JobRecord
 
@@ -50,12 +59,23 @@ CREATE TABLE IF NOT EXISTS inputs (
     data BLOB NOT NULL,
     PRIMARY KEY (job_id, name)
 );
+CREATE TABLE IF NOT EXISTS quarantine (      -- rows a restart could no longer read, kept for a person to look at
+    id TEXT NOT NULL,
+    user TEXT,
+    record TEXT,
+    reason TEXT NOT NULL,
+    quarantined_at REAL NOT NULL
+);
 """
 _INPUT_NAMES = ("image", "mask", "control_image", "ip_adapter_image")
 
 
 class JournalError(Exception):
     """The journal cannot be opened: locked by another scheduler, unreadable, or of a newer version."""
+
+
+class DuplicateJob(Exception):
+    """A job of this id is in the journal already (ended long ago, perhaps): ids are never reused."""
 
 
 @dataclass
@@ -66,6 +86,8 @@ class Restored:
     client: str
     idempotency_key: str | None
     inputs: JobInputs | None
+    # Why its inputs could not be read back (e.g. above a limit tightened since): it cannot run again.
+    unusable: str | None = None
 
 
 class Journal:
@@ -75,7 +97,9 @@ class Journal:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             # isolation_level=None: transactions are begun and ended here, explicitly.
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5)
+            # check_same_thread off: a submit with large inputs is written from a worker thread, its
+            # transaction serialised with the others by _lock.
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5, check_same_thread=False)
             # The write lock, once taken, is held until the process ends (or dies: the OS drops it),
             # so a second scheduler on the same file fails here rather than each requeueing the
             # other's jobs.
@@ -102,6 +126,7 @@ class Journal:
         # What was last written of each job that has not ended: a transition rewrites the row, a
         # position or ETA update (many a second) does not.
         self._written: dict[str, tuple] = {}
+        self._lock = threading.Lock()  # one transaction at a time, whichever thread begins it
 
     def close(self) -> None:
         self.db.close()
@@ -111,16 +136,26 @@ class Journal:
     def add(self, record: JobRecord, client: str, idempotency_key: str | None, inputs: JobInputs | None) -> None:
         """A newly accepted job, with its input images, in one transaction."""
         spec = record.spec
+        try:
+            self._insert(record, client, idempotency_key, inputs)
+        except sqlite3.IntegrityError as exc:
+            if "jobs.id" not in str(exc):
+                raise
+            raise DuplicateJob(f"a job with id {spec.id!r} exists already") from None
+        self._written[spec.id] = _mark(record)
+
+    def _insert(self, record: JobRecord, client: str, idempotency_key: str | None, inputs: JobInputs | None) -> None:
+        spec = record.spec
         with self._transaction():
+            # A plain INSERT: an id that exists is refused, never merged into the older job's row.
             self.db.execute(
-                "INSERT OR IGNORE INTO jobs (id, user, idempotency_key, client, state, record, submitted_at)"
+                "INSERT INTO jobs (id, user, idempotency_key, client, state, record, submitted_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (spec.id, spec.user, idempotency_key, client, record.state.value, record.model_dump_json(),
                  record.submitted_at))
             for name in inputs.names() if inputs is not None else ():
                 self.db.execute("INSERT OR REPLACE INTO inputs (job_id, name, data) VALUES (?, ?, ?)",
                                 (spec.id, name, bytes(getattr(inputs, name))))
-        self._written[spec.id] = _mark(record)
 
     def update(self, records: Iterable[JobRecord], outputs: Mapping[str, Sequence[Artifact]] | None = None) -> int:
         """Writes the jobs whose state changed since last written; returns how many. ``outputs``: a done
@@ -153,29 +188,82 @@ class Journal:
             cursor = self.db.execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (before,))
         return cursor.rowcount
 
+    def artifacts_before(self, before: float) -> list[str]:
+        """The artifact URIs of the jobs ``prune(before)`` forgets: their files go with them."""
+        rows = self.db.execute("SELECT outputs FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+                               " AND outputs IS NOT NULL", (before,)).fetchall()
+        uris = []
+        for (outputs,) in rows:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                uris += [meta["uri"] for meta in json.loads(outputs) if meta.get("uri")]
+        return uris
+
+    def quarantine(self, job_id: str, reason: str) -> None:
+        """Moves a row that can no longer be read out of the way: a restart must always come up."""
+        log.warning("journal: job %s cannot be restored (%s); moved to the quarantine table", job_id, reason)
+        with self._transaction():
+            self.db.execute("INSERT INTO quarantine (id, user, record, reason, quarantined_at)"
+                            " SELECT id, user, record, ?, ? FROM jobs WHERE id = ?", (reason, time.time(), job_id))
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self._written.pop(job_id, None)
+
     # -- reads ------------------------------------------------------------------- #
 
     def unfinished(self) -> list[Restored]:
-        """Jobs that had not ended, in the order they were submitted."""
+        """Jobs that had not ended, in the order they were submitted (see ``each_unfinished``)."""
+        return list(self.each_unfinished())
+
+    def each_unfinished(self) -> Iterator[Restored]:
+        """Jobs that had not ended, in the order they were submitted, one at a time: their inputs are
+        read as each is taken, not all at once. A row that no longer parses is quarantined; one whose
+        inputs no longer validate comes back ``unusable``, to be failed."""
         rows = self.db.execute("SELECT record, client, idempotency_key, id FROM jobs WHERE finished_at IS NULL"
                                " ORDER BY rowid").fetchall()
-        restored = []
         for record, client, key, job_id in rows:
-            inputs = dict(self.db.execute("SELECT name, data FROM inputs WHERE job_id = ?", (job_id,)).fetchall())
-            parsed = JobRecord.model_validate_json(record)
-            restored.append(Restored(parsed, client, key, JobInputs(**inputs) if inputs else None))
+            parsed = self._parse(job_id, record)
+            if parsed is None:
+                continue
+            inputs, unusable = None, None
+            stored = dict(self.db.execute("SELECT name, data FROM inputs WHERE job_id = ?", (job_id,)).fetchall())
+            try:
+                inputs = JobInputs(**stored) if stored else None
+            except ValidationError as exc:
+                unusable = f"its input images are no longer accepted: {_first_error(exc)}"
             self._written[job_id] = _mark(parsed)
-        return restored
+            yield Restored(parsed, client, key, inputs, unusable)
 
     def finished(self, limit: int) -> list[Restored]:
-        """The ``limit`` jobs that ended last, oldest first."""
-        rows = self.db.execute("SELECT record, client, idempotency_key FROM jobs WHERE finished_at IS NOT NULL"
+        """The ``limit`` jobs that ended last, oldest first (unreadable rows quarantined)."""
+        rows = self.db.execute("SELECT record, client, idempotency_key, id FROM jobs WHERE finished_at IS NOT NULL"
                                " ORDER BY finished_at DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
-        return [Restored(JobRecord.model_validate_json(r), c, k, None) for r, c, k in reversed(rows)]
+        parsed = [(self._parse(job_id, r), c, k) for r, c, k, job_id in reversed(rows)]
+        return [Restored(record, c, k, None) for record, c, k in parsed if record is not None]
+
+    def _parse(self, job_id: str, record: str) -> JobRecord | None:
+        try:
+            return JobRecord.model_validate_json(record)
+        except ValidationError as exc:
+            self.quarantine(job_id, f"its record no longer parses: {_first_error(exc)}")
+            return None
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return JobRecord.model_validate_json(row[0]) if row else None
+        if not row:
+            return None
+        try:
+            return JobRecord.model_validate_json(row[0])
+        except ValidationError:  # quarantined at the next restart; until then, as if gone
+            return None
+
+    def inputs(self, job_id: str) -> JobInputs | None:
+        """A job's input images, read when it is dispatched: they are not held in memory till then."""
+        stored = dict(self.db.execute("SELECT name, data FROM inputs WHERE job_id = ?", (job_id,)).fetchall())
+        return JobInputs(**stored) if stored else None
+
+    def submitter(self, job_id: str) -> tuple[str, str] | None:
+        """(user, client) of a journaled job: a retry is the same user's, from the same frontend."""
+        row = self.db.execute("SELECT user, client FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def outputs(self, job_id: str) -> list[dict]:
         """A done job's artifacts as ``update`` described them (each an Artifact's fields but ``data``)."""
@@ -189,13 +277,20 @@ class Journal:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 def _mark(record: JobRecord) -> tuple:

@@ -275,7 +275,10 @@ class Runner(Actor):
                 await self.ask(scheduler, outcome, timeout=10.0)
                 return
             except RemoteError as exc:
-                if exc.error.code is not ErrorCode.unroutable:  # it heard us and refused: retrying won't help
+                # Unroutable: restarting. Busy: its queue is full. Internal: it failed to take them
+                # (a store error, say) and may not next time. Anything else is a refusal of these
+                # very outcomes, which sending them again would not change.
+                if exc.error.code not in (ErrorCode.unroutable, ErrorCode.busy, ErrorCode.internal):
                     log.error("the scheduler refused the outcome of batch %s: %s", outcome.batch_id, exc)
                     return
                 problem = str(exc)

@@ -22,10 +22,10 @@ import logging
 import sqlite3
 import time
 
-from actors import keys
+from actors import codec, keys
 from actors.actor import Actor, RemoteError, UnexpectedReply, handles
 from actors.codec import BROKER, Envelope
-from actors.journal import Journal, JournalError
+from actors.journal import DuplicateJob, Journal, JournalError, Restored
 from actors.loader import loader_name
 from actors.messages import (
     Accepted,
@@ -61,17 +61,19 @@ from actors.messages import (
 )
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config
-from atelier.jobs import Artifact, ErrorCode, JobKind, JobRecord
+from atelier.jobs import Artifact, ErrorCode, JobDone, JobFailed, JobInputs, JobKind, JobRecord, JobState
 from atelier.runtime import Failure, process_main, process_parser
 from atelier.scheduling.policy import (
     Announce,
     Deliver,
     Dispatch,
     Effect,
+    Job,
     Policy,
     PreloadModels,
     Refused,
     StopRunning,
+    input_bytes,
 )
 
 log = logging.getLogger("atelier.scheduler")
@@ -79,6 +81,8 @@ log = logging.getLogger("atelier.scheduler")
 REFRESH_S = 1.0  # how often queued jobs' positions and ETAs are brought up to date
 RUNNER_STATE_TIMEOUT_S = 10.0  # a starting runner (importing torch) may take seconds to answer
 PRUNE_S = 3600.0  # how often ended jobs older than journal_keep_days leave the journal
+JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1 MiB: ~20 ms)
+DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
 
 
 class Scheduler(Actor):
@@ -88,7 +92,7 @@ class Scheduler(Actor):
         super().__init__(name, router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.policy = Policy(config)
-        self.store = ArtifactStore(config.artifact_dir)
+        self.store = ArtifactStore(config.artifact_dir, min_free_bytes=config.scheduler.min_free_bytes)
         self.clock = clock
         self.loaders: dict[str, LoaderState] = {}  # by node, for status
         self._wake: asyncio.TimerHandle | None = None
@@ -98,17 +102,34 @@ class Scheduler(Actor):
 
     def _restore(self) -> None:
         """Takes back what the journal holds: the last ended jobs, to answer for them, then every job
-        that had not ended, queued again in the order it was submitted."""
+        that had not ended, queued again in the order it was submitted. Row by row: a row that cannot
+        be read is quarantined, a job that can no longer run fails with the reason, and the scheduler
+        comes up whatever the journal holds."""
         now = self.clock()
-        self.journal.prune(now - self.config.scheduler.journal_keep_days * 86400)
+        self._prune(now)
         for kept in self.journal.finished(self.config.scheduler.remember_finished):
-            self.policy.restore(kept.record, kept.client, None, kept.idempotency_key, now)
-        requeued = [self.policy.restore(kept.record, kept.client, kept.inputs, kept.idempotency_key, now)
-                    for kept in self.journal.unfinished()]
-        if requeued:
-            log.info("journal %s: %d jobs that had not ended are queued again", self.journal.path, len(requeued))
-            # Written now: their new state (queued, no runner) must not wait for the first event.
-            self.journal.update(job.record(now) for job in requeued)
+            self._restore_one(kept, now)
+        restored = [job for kept in self.journal.each_unfinished()
+                    if (job := self._restore_one(kept, now)) is not None]
+        failed = [job for job in restored if job.state is JobState.failed]
+        for job in failed:
+            log.warning("journal: job %s cannot run any more: %s", job.id, job.reason)
+        if len(restored) > len(failed):
+            log.info("journal %s: %d jobs that had not ended are queued again", self.journal.path,
+                     len(restored) - len(failed))
+        if restored:
+            # Written now: their new state (queued, no runner; or failed) must not wait for the first event.
+            self.journal.update(job.record(now) for job in restored)
+
+    def _restore_one(self, kept: Restored, now: float) -> Job | None:
+        try:
+            job = self.policy.restore(kept.record, kept.client, None if kept.record.state.terminal else kept.inputs,
+                                      kept.idempotency_key, now, unusable=kept.unusable)
+        except Exception as exc:  # a record this version cannot take back in any form: out of the way
+            self.journal.quarantine(kept.record.spec.id, f"it could not be restored: {type(exc).__name__}: {exc}")
+            return None
+        self.policy.spill_inputs(job.id)  # one job's inputs in memory at a time, however long the queue
+        return job
 
     async def on_start(self) -> None:
         self._tasks.spawn(self._refresh_loop(), "refresh")
@@ -170,25 +191,58 @@ class Scheduler(Actor):
     async def on_submit(self, msg: Submit, env: Envelope) -> Accepted | Error:
         now = self.clock()
         key = msg.idempotency_key
-        if key is not None and self.policy.by_key(msg.job.user, key) is None:
-            earlier = self.journal.by_key(msg.job.user, key)  # a job long ended, forgotten from memory
+        if self.policy.find(msg.job.id) is None:
+            earlier = self._journaled(msg, env.src)  # a job long ended, forgotten from memory
             if earlier is not None:
-                return Accepted(job=earlier)
+                return earlier
         known = self.policy.find(msg.job.id)
         try:
-            job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key)
+            # Held, not queued, until written: nothing plans or announces a job a crash could lose.
+            job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key, hold=True)
         except Refused as refused:
             return _error(refused)
         if job is not known and job.id == msg.job.id:
             try:
-                self.journal.add(job.record(now), env.src, key, msg.inputs)
+                # Committed before the answer: a scheduler killed right after it still has the job.
+                await self._journal_add(job.record(now), env.src, key, msg.inputs)
+            except DuplicateJob as exc:
+                self.policy.withdraw(job.id)
+                return Error(code=ErrorCode.conflict, field="id", message=f"{exc}; submit without an id for a new one")
             except sqlite3.Error as exc:
                 # Not written, not accepted: taking a job that a restart would lose breaks the promise.
                 self.policy.withdraw(job.id)
                 log.error("journal: cannot write job %s: %s", job.id, exc)
                 return Error(code=ErrorCode.internal, message=f"the scheduler cannot record jobs right now ({exc})")
+            self.policy.admit(job.id, now)
+            self.policy.spill_inputs(job.id)  # the journal has them; read back at dispatch
         await self._schedule()
         return Accepted(job=job.record(now))
+
+    async def _journal_add(self, record: JobRecord, client: str, key: str | None, inputs: JobInputs | None) -> None:
+        """Writes a new job; large inputs off the event loop (32 MiB take most of a second to write,
+        which would stall every other message and heartbeat)."""
+        if input_bytes(inputs) >= JOURNAL_OFF_LOOP_BYTES:
+            await asyncio.to_thread(self.journal.add, record, client, key, inputs)
+        else:
+            self.journal.add(record, client, key, inputs)
+
+    def _journaled(self, msg: Submit, client: str) -> Accepted | Error | None:
+        """A submit of a job the policy has forgotten but the journal has: the same user's retry gets it
+        back (by its idempotency key, or its id from the same frontend); anyone else's id is refused,
+        saying nothing of that job."""
+        spec, key = msg.job, msg.idempotency_key
+        if key is not None and self.policy.by_key(spec.user, key) is None:
+            earlier = self.journal.by_key(spec.user, key)
+            if earlier is not None:
+                return Accepted(job=earlier)
+        submitter = self.journal.submitter(spec.id)
+        if submitter is None:
+            return None
+        earlier = self.journal.get(spec.id) if submitter == (spec.user, client) else None
+        if earlier is not None:
+            return Accepted(job=earlier)
+        return Error(code=ErrorCode.conflict, field="id",
+                     message=f"job id {spec.id!r} is taken; submit without an id for a new one")
 
     @handles(CancelJob)
     async def on_cancel(self, msg: CancelJob, env: Envelope) -> JobInfo | Error:
@@ -272,27 +326,42 @@ class Scheduler(Actor):
 
     @handles(BatchDone)
     async def on_batch_done(self, msg: BatchDone, env: Envelope) -> Ok:
-        done = self.policy.batch_done(env.src, msg.batch_id, msg.outcomes, msg.resident, msg.timing, self.clock(),
-                                      refused=msg.refused, active=(msg.active_batch, msg.active_jobs)
-                                      if msg.active_batch else None)
-        await self._schedule()  # the runner is free: give it work before writing artifacts
-        if done:
-            stored = await asyncio.to_thread(self._store, done)
-            now = self.clock()
-            for (job, _), (uris, outputs) in zip(done, stored, strict=True):
-                self.policy.complete(job, uris, outputs, now)
-            await self._apply()
+        # The outputs are stored before any job is settled: a store that fails (a full disk, a folder
+        # not writable) turns those jobs' outcomes into failures the policy requeues or ends with the
+        # reason, so no job is ever left running on a batch that no longer exists.
+        live = {o.job_id for o in msg.outcomes if (job := self.policy.find(o.job_id)) is not None and job.live}
+        outcomes = await asyncio.to_thread(self._store, msg.outcomes, live)
+        now = self.clock()
+        done = self.policy.batch_done(env.src, msg.batch_id, [outcome for outcome, _ in outcomes], msg.resident,
+                                      msg.timing, now, refused=msg.refused,
+                                      active=(msg.active_batch, msg.active_jobs) if msg.active_batch else None)
+        stored = {outcome.job_id: where for outcome, where in outcomes if where is not None}
+        for job, outcome in done:
+            uris, outputs = stored.get(outcome.job_id, ([], ()))
+            self.policy.complete(job, uris, outputs, now)
+        await self._schedule()
         return Ok()  # the runner may forget the outcomes now
 
-    def _store(self, done: list) -> list[tuple[list[str], tuple[Artifact, ...]]]:
-        """Writes every done job's outputs (one trip to a thread per batch): where they went, and
-        the outputs that say so."""
-        stored = []
-        for job, outcome in done:
-            uris = self.store.put_all(job.id, outcome.outputs)
+    def _store(self, outcomes: list[JobDone | JobFailed],
+               live: set[str]) -> list[tuple[JobDone | JobFailed, tuple | None]]:
+        """Writes the outputs of every done job of ``live`` (one trip to a thread per batch): each
+        outcome with where its outputs went, or turned into a retryable failure that says why not."""
+        stored: list[tuple[JobDone | JobFailed, tuple | None]] = []
+        for outcome in outcomes:
+            if not isinstance(outcome, JobDone) or outcome.job_id not in live:
+                stored.append((outcome, None))  # the policy settles (or ignores) it as it is
+                continue
+            try:
+                uris = self.store.put_all(outcome.job_id, outcome.outputs)
+            except OSError as exc:
+                log.error("artifacts: cannot store the outputs of job %s: %s", outcome.job_id, exc)
+                # The reason is public: what went wrong, not where (the log has the path).
+                reason = f"its outputs could not be stored in the artifact folder: {exc.strerror or type(exc).__name__}"
+                stored.append((JobFailed(job_id=outcome.job_id, reason=reason, retryable=True), None))
+                continue
             outputs = tuple(artifact.model_copy(update={"uri": uri})
                             for artifact, uri in zip(outcome.outputs, uris, strict=True))
-            stored.append((uris, outputs))
+            stored.append((outcome, (uris, outputs)))
         return stored
 
     # -- effects ------------------------------------------------------------- #
@@ -319,8 +388,11 @@ class Scheduler(Actor):
                 await self._announce(record)
                 await self.send(effect.job.client, JobResult(job=record, outputs=list(effect.outputs)))
             elif isinstance(effect, Dispatch):
-                items = [BatchItem(job=spec, attempt=attempt, inputs=inputs) for spec, attempt, inputs in effect.items]
-                await self.send(effect.batch.runner, RunBatch(batch_id=effect.batch.id, items=items))
+                # Inputs come off the disk now, not held in memory while the job waited.
+                items = [BatchItem(job=spec, attempt=attempt,
+                                   inputs=inputs if inputs is not None else self._inputs(spec.id))
+                         for spec, attempt, inputs in effect.items]
+                await self._send_batch(effect.batch.runner, RunBatch(batch_id=effect.batch.id, items=items))
             elif isinstance(effect, StopRunning):
                 await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason))
             elif isinstance(effect, PreloadModels):
@@ -336,6 +408,45 @@ class Scheduler(Actor):
             self.journal.update(written, outputs)
         except sqlite3.Error:  # serving goes on; a restart now would redo these transitions
             log.exception("journal: cannot write %d job transitions", len(written))
+
+    def _inputs(self, job_id: str) -> JobInputs | None:
+        try:
+            return self.journal.inputs(job_id)
+        except sqlite3.Error:  # its runner fails it as missing an input, which names the cause
+            log.exception("journal: cannot read the inputs of job %s", job_id)
+            return None
+
+    async def _send_batch(self, runner: str, msg: RunBatch) -> None:
+        """Told, not asked (the runner's answer is its BatchDone, minutes later), but watched for a
+        refusal on the way: the broker's (too large, the runner's queue full, gone) or the runner's
+        (undecodable). Either comes back correlated to this message, and means the runner never got
+        the batch: without this the runner would count as busy with it for ever."""
+        msg_id = next(self._ids)
+        frames = codec.encode(Envelope(msg, self.name, runner, msg_id, None))
+        if len(frames) - 2 > codec.MAX_FRAMES or len(frames[1]) > codec.MAX_HEAD_BYTES:
+            # The broker would refuse it without saying which message it was: refused here instead.
+            too_large = Error(code=ErrorCode.too_large, message=f"{len(frames) - 2} blobs and a head of "
+                              f"{len(frames[1])} bytes, above what one message may carry")
+            self._tasks.spawn(self._dispatch_refused(runner, msg.batch_id, too_large), "refused")
+            return
+        refusal = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = (runner, refusal)  # the receive loop hands a reply to this message here
+
+        def refused(future: asyncio.Future) -> None:
+            self._pending.pop(msg_id, None)
+            if not future.cancelled() and isinstance(future.result(), Error):
+                self._tasks.spawn(self._dispatch_refused(runner, msg.batch_id, future.result()), "refused")
+
+        refusal.add_done_callback(refused)
+        asyncio.get_running_loop().call_later(DISPATCH_WATCH_S, refusal.cancel)
+        assert self._sock is not None, "actor is not started"
+        await self._sock.send_multipart(frames, copy=False)
+
+    async def _dispatch_refused(self, runner: str, batch_id: str, error: Error) -> None:
+        log.warning("batch %s did not reach %s (%s: %s); its jobs go back to the queue", batch_id, runner,
+                    error.code.value, error.message)
+        self.policy.dispatch_refused(runner, batch_id, f"{error.code.value}: {error.message}", self.clock())
+        await self._schedule()
 
     async def _announce(self, r: JobRecord) -> None:
         await self.publish(JobEvent(job_id=r.spec.id, state=r.state, reason=r.reason, position=r.position,
@@ -368,9 +479,20 @@ class Scheduler(Actor):
         while True:
             await asyncio.sleep(PRUNE_S)
             try:
-                self.journal.prune(self.clock() - self.config.scheduler.journal_keep_days * 86400)
-            except sqlite3.Error:
+                uris = self._prune(self.clock(), delete=False)
+                await asyncio.to_thread(self.store.delete, uris)
+            except (sqlite3.Error, OSError):
                 log.exception("journal: pruning ended jobs failed")
+
+    def _prune(self, now: float, *, delete: bool = True) -> list[str]:
+        """Forgets jobs ended more than journal_keep_days ago; their artifacts go with them (deleted
+        here unless ``delete`` is off: then the caller deletes the URIs returned)."""
+        before = now - self.config.scheduler.journal_keep_days * 86400
+        uris = self.journal.artifacts_before(before)
+        self.journal.prune(before)
+        if delete:
+            self.store.delete(uris)
+        return uris
 
 
 def _error(refused: Refused) -> Error:

@@ -145,6 +145,14 @@ class SchedulerConfig(Strict):
     max_queue: int = Field(default=10_000, ge=1)
     max_queued_per_user: int = Field(default=1_000, ge=1)
     max_running_per_user: int | None = Field(default=None, ge=1)  # jobs in pipeline calls at once
+    # Bytes of input images held for jobs not yet ended, per user and in all: beyond them a submit
+    # is refused with queue_full and a hint of when to retry, so one person's uploads cannot
+    # exhaust the scheduler's memory or disk.
+    max_input_bytes_per_user: int = Field(default=512 << 20, ge=0)
+    max_input_bytes: int = Field(default=4 << 30, ge=0)
+    # An artifact folder with less free space than this takes no more outputs: their jobs go back to
+    # the queue (or fail, after max_attempts) with the reason, rather than a half-written file.
+    min_free_bytes: int = Field(default=256 << 20, ge=0)
     # Caps every model's batch (images per pipeline call); 1 turns batching off.
     max_batch: int | None = Field(default=None, ge=1)
     # Within that cap, a batch grows only while measured step times show each doubling saving at

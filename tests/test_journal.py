@@ -132,14 +132,16 @@ def test_restored_jobs_are_announced_and_dispatched(tmp_path: Path) -> None:
     from atelier.jobs import Capabilities
 
     policy = Policy(Config.model_validate({"home": str(tmp_path)}))
-    record = _record()
-    policy.restore(record, "fe", JobInputs(image=b"png"), None, now=1.0)
+    record = _record(kind="img2img")  # restored jobs pass admission again: a real image, of a kind that takes one
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    policy.restore(record, "fe", JobInputs(image=png.getvalue()), None, now=1.0)
     policy.runner_up("r1", Capabilities(pid=1, node="n1", device="cpu"), 2.0)
     policy.schedule(2.0)
     effects = policy.drain()
     dispatch = next(e for e in effects if isinstance(e, Dispatch))
     assert any(isinstance(e, Announce) and e.job.id == record.spec.id for e in effects)
-    assert dispatch.items[0][0].id == record.spec.id and dispatch.items[0][2] == JobInputs(image=b"png")
+    assert dispatch.items[0][0].id == record.spec.id and dispatch.items[0][2] == JobInputs(image=png.getvalue())
 
 
 def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_for(tmp_path: Path) -> None:

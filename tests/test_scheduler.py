@@ -82,14 +82,20 @@ def system(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def scheduler_and_client(broker: Broker, config: Config):
+async def scheduler_with_client(broker: Broker, config: Config):
     scheduler = Scheduler(config, broker.router_endpoint)
     await scheduler.start()
     try:
         async with AtelierClient(broker.router_endpoint, broker.pub_endpoint, heartbeat_s=0.2) as client:
-            yield client
+            yield scheduler, client
     finally:
         await scheduler.close()
+
+
+@contextlib.asynccontextmanager
+async def scheduler_and_client(broker: Broker, config: Config):
+    async with scheduler_with_client(broker, config) as (_, client):
+        yield client
 
 
 def noop_job(**kw) -> JobSpec:

@@ -29,6 +29,13 @@ from atelier.registry import FAMILY_LIMITS
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State
 
+# One message carries at most this many blob frames and this big a head (actors/codec.py's
+# MAX_FRAMES and MAX_HEAD_BYTES; a test checks they agree): a batch must fit both in its RunBatch
+# and in its BatchDone, or the broker refuses it and no runner ever sees it. Half the head's cap:
+# the estimate per job is rough.
+MAX_BLOBS = 64
+MAX_HEAD_BYTES = (1 << 20) // 2
+
 
 @dataclass(frozen=True)
 class Start:
@@ -182,6 +189,7 @@ def _fill(head: Job, runner: Runner, peers: list[Job], taken: set[str], running:
     settings = config.scheduler
     limit = max(_useful_batch(head, runner, config, estimates), head.spec.count)
     members, images = [head], head.spec.count
+    blobs, head_bytes = _blobs(head), _head_bytes(head)
     limit_per_user = settings.max_running_per_user
     added: Counter[str] = Counter({head.spec.user: 1})
     for peer in peers:
@@ -195,13 +203,28 @@ def _fill(head: Job, runner: Runner, peers: list[Job], taken: set[str], running:
             break  # the FIFO baseline batches only the consecutive run of compatible jobs
         if images + peer.spec.count > limit:
             continue
+        if blobs + _blobs(peer) > MAX_BLOBS or head_bytes + _head_bytes(peer) > MAX_HEAD_BYTES:
+            continue  # it would not fit in one message: it goes in the next batch
         if running is not None and limit_per_user is not None \
                 and running[peer.spec.user] + added[peer.spec.user] >= limit_per_user:
             continue
         members.append(peer)
         images += peer.spec.count
+        blobs += _blobs(peer)
+        head_bytes += _head_bytes(peer)
         added[peer.spec.user] += 1
     return members
+
+
+def _blobs(job: Job) -> int:
+    """Frames the job takes in its RunBatch (its input images) or in its BatchDone (one per image)."""
+    return max(job.spec.count, job.input_count)
+
+
+def _head_bytes(job: Job) -> int:
+    """A generous bound on what the job's spec adds to a message's head: its texts and the rest."""
+    spec = job.spec
+    return 2048 + 4 * (len(spec.prompt) + len(spec.negative_prompt or "")) + 256 * len(spec.loras)
 
 
 def _waits_until(members: list[Job], images: int, runner: Runner, config: Config, estimates: Estimates,

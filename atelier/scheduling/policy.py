@@ -61,15 +61,28 @@ from atelier.scheduling.state import (
     Runner,
     State,
     StopRunning,
+    input_bytes,
 )
 
 __all__ = ["Announce", "Deliver", "Dispatch", "Effect", "Job", "Policy", "PreloadModels", "Refused", "RunnerView",
-           "Status", "StopRunning"]
+           "Status", "StopRunning", "input_bytes"]
 
 ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a refresh, from the front
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
 # enough, and a burst of submits then costs one plan, not one each.
 REPLAN_BUSY_S = 0.05
+MIB = 1 << 20
+
+
+def _cannot_run(spec: JobSpec, inputs: JobInputs | None, config: Config) -> str | None:
+    """Why a job accepted before a restart can no longer run here, in words a person can act on."""
+    if spec.model not in config.models:
+        return f"model {spec.model!r} is no longer in the catalog"
+    try:
+        admission.check(spec, inputs, config)
+    except Refused as refused:
+        return refused.message
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class Policy:
         self.state = State(self.settings)
         self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._fresh: list[Job] = []  # submitted, not yet announced
+        self._held: set[str] = set()  # submitted with hold: not queued until admitted
         self._next_plan = float("-inf")  # while all runners are busy, no new plan before this
         self._seq = itertools.count()
         self._new_id = new_id
@@ -149,20 +163,27 @@ class Policy:
     # -- frontends ------------------------------------------------------------- #
 
     def submit(self, spec: JobSpec, client: str, now: float, inputs: JobInputs | None = None,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None, *, hold: bool = False) -> Job:
         """Queues a job (announced by the next ``schedule``); raises Refused. A submit with the
-        idempotency key of a job of the same user that is still remembered returns that job."""
+        idempotency key of a job of the same user that is still remembered returns that job.
+        ``hold``: the job is accepted but not queued until ``admit`` (or ``withdraw``), so that
+        nothing plans, announces or dispatches it while the caller writes it down."""
         state = self.state
+        known = state.jobs.get(spec.id)
+        if known is not None:
+            # Before anything else reads the spec: an id is not proof of anything, so another
+            # user's job is neither returned nor described, only refused.
+            if known.spec.user == spec.user and known.client == client:
+                return known  # a retry of a submit whose answer was lost
+            raise Refused(ErrorCode.conflict, f"job id {spec.id!r} is taken; submit without an id for a new one",
+                          field="id")
         if idempotency_key is not None:
             known = self.by_key(spec.user, idempotency_key)
             if known is not None:
                 return known
-        known = state.jobs.get(spec.id)
-        if known is not None:
-            if known.client == client:
-                return known  # a retry of a submit whose answer was lost
-            raise Refused(ErrorCode.bad_request, f"job id {spec.id!r} already exists", field="id")
         admission.check(spec, inputs, self.config)
+        size = input_bytes(inputs)
+        self._check_input_budget(spec.user, size, now)
         replaced = self._session_job(spec)
         frees = 1 if replaced is not None and replaced.state is JobState.queued else 0
         if len(state.queue) - frees >= self.settings.max_queue:
@@ -175,34 +196,62 @@ class Policy:
                                   "try again when some have run")
         spec = admission.resolve(spec, inputs, self.config, self._rng)
         job = self._remember(spec, now, client, inputs, idempotency_key)
+        state.hold_inputs(job, inputs)
+        if hold:
+            self._held.add(job.id)
+        else:
+            self._admit(job, now)
+        return job
+
+    def admit(self, job_id: str, now: float) -> None:
+        """Queues a job that ``submit`` was told to hold."""
+        self._held.remove(job_id)
+        self._admit(self.state.jobs[job_id], now)
+
+    def _admit(self, job: Job, now: float) -> None:
+        spec = job.spec
         if spec.session is not None:
-            state.sessions[(spec.user, spec.session)] = spec.id
+            replaced = self._session_job(spec)
+            self.state.sessions[(spec.user, spec.session)] = spec.id
             if replaced is not None:
                 self._supersede(replaced, job, now)
-        state.queue.push(job.entry)
+        self.state.queue.push(job.entry)
         self._fresh.append(job)
-        return job
 
     def withdraw(self, job_id: str) -> None:
         """Takes back a submit that cannot be kept (the journal could not write it): the job is
-        forgotten as if it had never been submitted, and nothing is said of it. Only a job not yet
-        announced (no ``schedule`` since its submit) can be withdrawn."""
+        forgotten as if it had never been submitted, and nothing is said of it. Only a job held or
+        not yet announced (no ``schedule`` since its submit) can be withdrawn."""
         job = self.job(job_id)
-        if job not in self._fresh:
+        if job.id in self._held:
+            self._held.remove(job.id)
+        elif job in self._fresh:
+            self._fresh.remove(job)
+            self.state.queue.remove(job_id)
+        else:
             raise ValueError(f"job {job_id} has been announced already; cancel it instead")
-        self._fresh.remove(job)
-        self.state.queue.remove(job_id)
         del self.state.jobs[job_id]
+        self.state.release_inputs(job)
         self.state.forget(job)
 
+    def spill_inputs(self, job_id: str) -> None:
+        """The caller keeps the job's input images (on disk) and hands them to its dispatch: the
+        policy forgets the bytes, and a ``Dispatch`` carries None for them."""
+        job = self.state.jobs.get(job_id)
+        if job is not None:
+            job.inputs = None
+
     def restore(self, record: JobRecord, client: str, inputs: JobInputs | None, idempotency_key: str | None,
-                now: float) -> Job:
+                now: float, *, unusable: str | None = None) -> Job:
         """A job read back from the journal after a restart. One that had ended is remembered as it
-        was (its result is not sent again); any other is queued again, behind those restored before
-        it: call in submit order. One that was running runs again (the same seed, the same images),
-        with its attempts so far counted."""
+        was (its result is not sent again), whether or not its model is still in the catalog; any
+        other is queued again, behind those restored before it: call in submit order. One that was
+        running runs again (the same seed, the same images), with its attempts so far counted. One
+        that can no longer run (its model left the catalog, its inputs or settings are above limits
+        tightened since, or ``unusable`` says why) fails now with the reason, and the rest go on."""
         spec = record.spec
         ended = record.state.terminal
+        why_not = None if ended else unusable or _cannot_run(spec, inputs, self.config)
         job = self._remember(spec, record.submitted_at, client, None if ended else inputs, idempotency_key,
                              state=record.state, reason=record.reason, attempts=record.attempts,
                              runner=record.runner, batch_id=record.batch_id, position=record.position,
@@ -211,6 +260,10 @@ class Policy:
         if ended:
             self.state.remember_finished(job)
             return job
+        if why_not is not None:
+            self.state.finish(job, JobState.failed, f"cannot run after a restart: {why_not}", now)
+            return job
+        self.state.hold_inputs(job, inputs)
         if record.state is not JobState.queued:
             job.reason = f"requeued: the scheduler restarted while it was {record.state.value}"
         job.state, job.runner, job.batch_id, job.position = JobState.queued, None, None, None
@@ -316,6 +369,10 @@ class Policy:
         return reconcile.batch_done(self.state, runner, batch_id, outcomes, resident, now, refused=refused,
                                     active=active)
 
+    def dispatch_refused(self, runner: str, batch_id: str, reason: str, now: float) -> None:
+        """The batch's RunBatch was refused on its way (see ``reconcile.dispatch_refused``)."""
+        reconcile.dispatch_refused(self.state, runner, batch_id, reason, now)
+
     def complete(self, job: Job, artifacts: list[str], outputs: tuple, now: float) -> None:
         if not job.live:
             return
@@ -409,10 +466,30 @@ class Policy:
     def _cost(self, spec: JobSpec) -> float:
         """What starting a job charges its owner's fair share: the device seconds it is expected to
         take alone, so a FLUX image costs more turns than an SD 1.5 one of the same size."""
-        family = self.config.models[spec.model].family
+        entry = self.config.models.get(spec.model)
+        if entry is None:  # an ended job of a model since removed: it will never be charged
+            return 0.0
+        family = entry.family
         runner = next((r for r in self.state.runners.values() if r.accepts(family)), None)
         return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
                                     height=spec.height, images=spec.count, steps=spec.steps)
+
+    def _check_input_budget(self, user: str, size: int, now: float) -> None:
+        """Input images are held until their job ends: a bound per user and in all, like the queue's."""
+        if not size:
+            return
+        held = self.state.input_bytes
+        mine, per_user = held[user], self.settings.max_input_bytes_per_user
+        if mine + size > per_user:
+            raise Refused(ErrorCode.queue_full, field="inputs", retry_after_s=self._retry_hint(now, user),
+                          message=f"{user}'s queued jobs hold {mine / MIB:.0f} MiB of input images and this one "
+                                  f"{size / MIB:.1f} MiB, above the {per_user / MIB:.0f} MiB one person may; "
+                                  "try again when some have run")
+        total, limit = sum(held.values()), self.settings.max_input_bytes
+        if total + size > limit:
+            raise Refused(ErrorCode.queue_full, field="inputs", retry_after_s=self._retry_hint(now),
+                          message=f"queued jobs hold {total / MIB:.0f} MiB of input images, near the "
+                                  f"{limit / MIB:.0f} MiB the scheduler takes; try again later")
 
     def _retry_hint(self, now: float, user: str | None = None) -> float:
         """Seconds until a slot is likely to free: the soonest expected end of a running (or the

@@ -49,11 +49,27 @@ def runner_down(state: State, name: str, reason: str, now: float) -> None:
     if runner is None or runner.batch is None:
         return
     batch = state.batches.pop(runner.batch.id, None)
+    _give_back(state, batch, name, f"runner {name} died while running this job ({reason})", now)
+
+
+def dispatch_refused(state: State, runner: str, batch_id: str, reason: str, now: float) -> None:
+    """A RunBatch that never reached its runner (the broker or the runner refused the message: too
+    large, a full queue): the runner is free, and the jobs go back with the attempt counted, so a
+    refusal that repeats ends in a failure with the reason rather than a loop."""
+    batch = state.batches.pop(batch_id, None)
+    r = state.runners.get(runner)
+    if r is not None and r.batch is not None and r.batch.id == batch_id:
+        r.batch = None
+    _give_back(state, batch, runner, f"the batch could not be sent to {runner}: {reason}", now)
+
+
+def _give_back(state: State, batch: Batch | None, runner: str, why: str, now: float) -> None:
+    """The jobs of a batch that will not end on its runner go back to the front of the queue, up to
+    ``max_attempts``; a stopping one ends cancelled."""
     for job_id in batch.jobs if batch else ():
-        job = state.job_on(job_id, name)
+        job = state.job_on(job_id, runner)
         if job is None:
             continue
-        why = f"runner {name} died while running this job ({reason})"
         if job.stopping:
             state.finish(job, JobState.cancelled, job.stop_reason, now)
         elif job.attempts >= state.settings.max_attempts:

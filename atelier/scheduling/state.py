@@ -37,6 +37,10 @@ PER_JOB_FIELDS = frozenset({"id", "prompt", "negative_prompt", "seed", "count", 
 JOB_SECONDS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)  # submit to end, for /metrics
 
 
+def input_bytes(inputs: JobInputs | None) -> int:
+    return sum(len(getattr(inputs, name)) for name in inputs.names()) if inputs is not None else 0
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """What jobs must have in common to share one pipeline call."""
@@ -70,6 +74,8 @@ class Job:
     position: int | None = None  # 0-based place in the plan while queued
     finish_at: float | None = None  # expected end, absolute; a record's eta_s is derived from it
     inputs: JobInputs | None = None  # kept until it ends: a retry needs them again
+    input_bytes: int = 0  # what its inputs count against the byte budgets, until it ends
+    input_count: int = 0  # how many input images it has, held here or (``inputs`` None) elsewhere
     idempotency_key: str | None = None
     cancel_requested: bool = False
     superseded_by: str | None = None
@@ -166,7 +172,8 @@ class Dispatch:
     """Send the batch to its runner."""
 
     batch: Batch
-    items: tuple[tuple[JobSpec, int, JobInputs | None], ...]  # (spec, attempt, inputs)
+    # (spec, attempt, inputs); inputs None also where the policy was told to forget them (spill_inputs)
+    items: tuple[tuple[JobSpec, int, JobInputs | None], ...]
 
 
 @dataclass(frozen=True)
@@ -255,6 +262,7 @@ class State:
         self.asked: dict[str, set[str]] = {}  # by node: preloads asked for, not yet reported staged
         self.sessions: dict[tuple[str, str], str] = {}  # (user, session) -> its newest job
         self.keys: dict[tuple[str, str], str] = {}  # (user, idempotency key) -> its job
+        self.input_bytes: Counter[str] = Counter()  # by user: input bytes of jobs not yet ended
         self.effects: list[Effect] = []
         self.counters = Counters()
         self.finished: deque[str] = deque()  # ended jobs still held, oldest first
@@ -306,9 +314,20 @@ class State:
         job.position = None
         job.finish_at = None
         job.inputs = None  # no attempt comes after an end
+        self.release_inputs(job)
         self.counters.count_finished(state, now - job.submitted_at)
         self.effects.append(Deliver(job, outputs))
         self.remember_finished(job)
+
+    def hold_inputs(self, job: Job, inputs: JobInputs | None) -> None:
+        job.input_bytes, job.input_count = input_bytes(inputs), len(inputs.names()) if inputs is not None else 0
+        self.input_bytes[job.spec.user] += job.input_bytes
+
+    def release_inputs(self, job: Job) -> None:
+        self.input_bytes[job.spec.user] -= job.input_bytes
+        if self.input_bytes[job.spec.user] <= 0:
+            del self.input_bytes[job.spec.user]
+        job.input_bytes = 0
 
     def remember_finished(self, job: Job) -> None:
         """Ended jobs beyond ``remember_finished`` leave memory (the journal still has them)."""
