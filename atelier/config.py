@@ -202,8 +202,9 @@ class HttpConfig(Strict):
     enabled: bool = True  # `atelier up` starts it
     host: str = "127.0.0.1"  # anything but loopback needs tokens
     port: int = Field(default=8080, ge=0, le=65535)
-    # Bearer tokens, each naming the user its jobs count for. None: anyone on this machine may
-    # submit, as the user their request names (or "anonymous").
+    # Bearer tokens, each naming the user its jobs count for. None (loopback only): anyone on this
+    # machine may submit, as the user their request names (or "anonymous"), which also names whose
+    # rate limit and queue cap apply, and sees every job as an admin does.
     tokens: list[HttpToken] = Field(default_factory=list)
     rate_per_minute: int = Field(default=30, ge=1)  # jobs a user may submit per minute
     live_per_minute: int = Field(default=600, ge=1)  # prompts of live sessions (each replaces the last)
