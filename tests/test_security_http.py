@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import pytest
@@ -26,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from tests.conftest import ROOT, Cluster, eventually_async, run
+from tests.test_web import browser  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -603,3 +605,33 @@ def test_l8_rate_buckets_and_live_sessions_stay_bounded():
             sessions.use(f"user-{i}", f"tab-{j}")
     assert len(sessions._open) <= LiveSessions.MAX_USERS
     assert all(len(open_) <= 2 for open_ in sessions._open.values())
+
+
+# --------------------------------------------------------------------------- #
+# Last in the module: from its first use to the module's end, the browser holds this thread's event loop.
+
+
+def test_h1_the_web_page_shows_a_user_nothing_of_anothers(guarded, browser):  # noqa: F811
+    from tests.test_web import JOB_MS, WAIT_MS, expect
+
+    async def jobs():
+        async with aiohttp.ClientSession() as http:
+            for token, prompt in ((ANA, "ana's private garden"), (BOB, "bob's own boat")):
+                job = await submit(http, guarded.http, token, prompt=prompt)
+                await until(http, guarded.http, job["spec"]["id"], token, ENDED)
+
+    with ThreadPoolExecutor(1) as thread:  # Playwright's sync API holds this thread's event loop
+        thread.submit(run, jobs()).result()
+    context = browser.new_context()
+    context.set_default_timeout(WAIT_MS)
+    context.add_init_script(f"localStorage.setItem('atelier.token', '{BOB}')")  # bob's page, his token kept
+    try:
+        page = context.new_page()
+        page.goto(guarded.http + "/")
+        expect(page.locator("#jobs li").filter(has_text="bob's own boat").first).to_contain_text("Done",
+                                                                                               timeout=JOB_MS)
+        expect(page.locator("#gallery .tile").first).to_have_attribute("data-prompt", "bob's own boat")
+        text = page.content()
+    finally:
+        context.close()
+    assert "private garden" not in text
