@@ -223,7 +223,7 @@ def test_h1_a1111_progress_and_interrupt_are_per_user(guarded):
             async def running() -> dict | None:
                 async with http.get(f"{url}/sdapi/v1/progress", headers=auth(ANA)) as response:
                     progress = await response.json()
-                return progress if progress["progress"] > 0 else None
+                return progress if progress["progress"] > 0 and progress["current_image"] else None
 
             anas = await eventually_async(running, timeout=60)
             async with http.get(f"{url}/sdapi/v1/progress", headers=auth(BOB)) as response:
