@@ -200,18 +200,30 @@ class HttpToken(Strict):
     token: SecretStr = Field(min_length=16)
     user: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
     rate_per_minute: int | None = Field(default=None, ge=1)  # this user's own limit
+    # An admin sees and cancels every job, lists the whole queue and the runners' jobs; a user only their own.
+    role: Literal["user", "admin"] = "user"
+    # priority "live" jumps every other queue: a permission the operator grants (admins always have it).
+    live: bool = False
 
 
 class HttpConfig(Strict):
     enabled: bool = True  # `atelier up` starts it
     host: str = "127.0.0.1"  # anything but loopback needs tokens
     port: int = Field(default=8080, ge=0, le=65535)
-    # Bearer tokens, each naming the user its jobs count for. None: anyone on this machine may
-    # submit, as the user their request names (or "anonymous").
+    # Bearer tokens, each naming the user its jobs count for. None (loopback only): anyone on this
+    # machine may submit, as the user their request names (or "anonymous"), which also names whose
+    # rate limit and queue cap apply, and sees every job as an admin does.
     tokens: list[HttpToken] = Field(default_factory=list)
     rate_per_minute: int = Field(default=30, ge=1)  # jobs a user may submit per minute
     live_per_minute: int = Field(default=600, ge=1)  # prompts of live sessions (each replaces the last)
     public_url: str | None = None  # where artifact URLs point (default: the address it listens on)
+    # Live sessions a user keeps at once: a new one takes the place of the one used longest ago, and its
+    # first prompt counts as an ordinary job (so fresh sessions cannot buy the live rate).
+    max_live_sessions: int = Field(default=2, ge=1)
+    # Event streams and waiting OpenAI/A1111 calls held open: per user (admins are bound only by the
+    # total) and in all.
+    max_streams_per_user: int = Field(default=8, ge=1)
+    max_streams: int = Field(default=512, ge=1)
 
 
 class DiscordConfig(Strict):

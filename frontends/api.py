@@ -13,11 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from atelier.jobs import JobInputs, JobRecord, JobSpec, Name
+from atelier.jobs import JobId, JobInputs, JobRecord, JobSpec, Name
 
 INPUTS = ("image", "mask", "control_image", "ip_adapter_image")
 # A prompt needs one character that is not white space, as JobSpec's validator reads it (str.strip):
@@ -44,6 +45,9 @@ class JobRequest(JobSpec):
 
     Inside atelier the images travel as frames of their own; JSON has no other way to carry them."""
 
+    # The server assigns it: a request that names one is refused (an Idempotency-Key makes retries safe).
+    id: JobId = Field(default_factory=lambda: uuid.uuid4().hex, json_schema_extra={"readOnly": True},
+                      description="assigned by the server; a request that sets it is refused")
     prompt: str = _prompt()  # JobSpec's own, with its not-blank rule where the document shows it
     image: str | None = Field(default=None, description="img2img and the like: the source image, base64")
     mask: str | None = Field(default=None, description="inpainting: white where to paint, base64")

@@ -10,7 +10,10 @@ scheduler, so the HTTP server holds no queue and no job state of its own beyond 
   (``/sdapi/v1/txt2img``, ``img2img``, ``sd-models``, ``progress``, ``interrupt``), answered in
   those APIs' own shapes, so existing clients work unchanged.
 - Bearer tokens from the config name the user a request acts for (atelier's fair share is per
-  user); a bind beyond loopback refuses to start without them. Jobs are rate limited per user.
+  user) and their role: a user sees only their own jobs, artifacts and streams; an admin sees and
+  cancels all. A bind beyond loopback refuses to start without tokens. Jobs are rate limited per user.
+  With no tokens (loopback only) the one local user is admin-equivalent, and the Host, Origin and
+  Content-Type checks keep other sites' pages out.
 - ``/metrics`` (Prometheus), ``/openapi.json`` (generated from the same pydantic models that
   validate the requests), and the web page at ``/``.
 """
@@ -26,8 +29,9 @@ import logging
 import re
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +43,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
 from actors.keys import for_peer
-from actors.messages import JobEvent, JobResult, Preview, Progress
+from actors.messages import ClusterStatus, JobEvent, JobResult, Preview, Progress
 from atelier.artifacts import media_type_for
 from atelier.config import Config, HttpConfig
-from atelier.jobs import ErrorCode, JobId, JobInputs, JobKind, JobRecord, JobSpec
+from atelier.jobs import ErrorCode, JobId, JobInputs, JobKind, JobRecord, JobSpec, Priority
 from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, process_parser
 from frontends import api, metrics
 from frontends.client import AtelierClient
@@ -53,7 +57,15 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 SYNC_TIMEOUT_S = 600.0  # the OpenAI and A1111 calls wait for their images this long at most
 KEEPALIVE_S = 15.0  # an SSE comment this often, so proxies keep an idle stream open
-ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_-]+-\d+\.[a-z0-9]+$")
+WRITE_TIMEOUT_S = 30.0  # an event stream whose reader takes no bytes this long is dropped
+STATUS_TTL_S = 1.0  # /v1/nodes and /metrics share one ClusterStatus this long: a flood asks the scheduler once
+JSON_BODY_BYTES = 1 << 20  # a body that is only JSON settings
+IMAGE_BODY_BYTES = 64 << 20  # a body that carries input images in base64
+IMAGE_ROUTES = {"/v1/jobs", "/sdapi/v1/img2img"}
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+MAX_JSON_DEPTH = 32  # deeper than any body of these APIs; json and pydantic would recurse on it
+WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+ARTIFACT_NAME = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-(?P<index>\d{1,6})\.[a-z0-9]{1,8}$")
 OPENAI_MODEL_NAMES = re.compile(r"^(dall-e|gpt-image)")  # OpenAI's own models: they mean "the default"
 JOB_IDS = TypeAdapter(JobId)
 
@@ -87,7 +99,11 @@ _STATUS = {ErrorCode.bad_request: 422, ErrorCode.unknown_model: 422, ErrorCode.t
 
 def _from_remote(exc: RemoteError) -> Problem:
     error = exc.error
-    return Problem(_STATUS.get(error.code, 502), error.code.value, error.message, field=error.field,
+    if error.code not in _STATUS:  # the scheduler's own failure: its text may hold paths and internals
+        log.warning("the scheduler failed a request: %s: %s", error.code.value, error.message)
+        return Problem(502, error.code.value, "the scheduler could not serve this request; the operator's log "
+                                              "has the details", retry_after_s=error.retry_after_s)
+    return Problem(_STATUS[error.code], error.code.value, error.message, field=error.field,
                    retry_after_s=error.retry_after_s)
 
 
@@ -97,31 +113,112 @@ class Caller:
     authenticated: bool  # a token named the user (else the request did, or nobody)
     rate_per_minute: int
     live_per_minute: int
+    admin: bool = False  # sees and cancels every job; with no tokens, the local user is one
+    live: bool = False  # may submit priority "live"
 
 
 class RateLimiter:
-    """A token bucket per user: ``rate`` jobs a minute, in a burst of up to as many."""
+    """A token bucket per user: ``rate`` jobs a minute, in a burst of up to as many.
+
+    A bucket that has filled up again is what a new one would be, so it is forgotten; and at most
+    ``MAX_BUCKETS`` are kept (the least recently used go first), however many names requests bring.
+    """
+
+    MAX_BUCKETS = 10_000
+    SWEEP_S = 60.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, when)
+        self._buckets: OrderedDict[str, tuple[float, float, int]] = OrderedDict()  # user -> (tokens, when, rate)
+        self._swept = clock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def take(self, user: str, rate_per_minute: int) -> float:
         """Takes one job's worth; returns 0, or the seconds until one is there (nothing taken)."""
         now = self.clock()
-        tokens, then = self._buckets.get(user, (float(rate_per_minute), now))
-        tokens = min(float(rate_per_minute), tokens + (now - then) * rate_per_minute / 60.0)
+        tokens = self._tokens(self._buckets.pop(user, None), rate_per_minute, now)
+        wait = 0.0
         if tokens < 1.0:
-            self._buckets[user] = (tokens, now)
-            return (1.0 - tokens) * 60.0 / rate_per_minute
-        self._buckets[user] = (tokens - 1.0, now)
-        return 0.0
+            wait = (1.0 - tokens) * 60.0 / rate_per_minute
+        else:
+            tokens -= 1.0
+        self._buckets[user] = (tokens, now, rate_per_minute)
+        self._sweep(now)
+        return wait
+
+    @staticmethod
+    def _tokens(bucket: tuple[float, float, int] | None, rate_per_minute: int, now: float) -> float:
+        if bucket is None:
+            return float(rate_per_minute)
+        tokens, then, _ = bucket
+        return min(float(rate_per_minute), tokens + (now - then) * rate_per_minute / 60.0)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < self.SWEEP_S and len(self._buckets) <= self.MAX_BUCKETS:
+            return
+        self._swept = now
+        for user, bucket in list(self._buckets.items()):
+            if self._tokens(bucket, bucket[2], now) >= bucket[2]:
+                del self._buckets[user]
+        while len(self._buckets) > self.MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+
+
+class LiveSessions:
+    """The live sessions each user has open, the most recently used last: at most ``limit`` each.
+
+    A new session takes the place of the one used longest ago (a tab closed without a word leaves
+    its session behind); so that a fresh session per prompt cannot buy the live rate, the caller
+    counts a new session's first prompt as an ordinary job."""
+
+    MAX_USERS = RateLimiter.MAX_BUCKETS
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
+
+    def is_open(self, user: str, session: str) -> bool:
+        return session in self._open.get(user, ())
+
+    def use(self, user: str, session: str) -> None:
+        sessions = self._open.pop(user, None) or OrderedDict()
+        self._open[user] = sessions
+        sessions.pop(session, None)
+        sessions[session] = None
+        while len(sessions) > self.limit:
+            sessions.popitem(last=False)
+        while len(self._open) > self.MAX_USERS:
+            self._open.popitem(last=False)
+
+
+class _Listener:
+    """One stream's events not yet written: at most the newest of each kind (a state, a progress, a
+    preview), then the end. A reader that falls behind skips stale frames instead of pinning them, and
+    the fan-out never waits for it."""
+
+    def __init__(self):
+        self._pending: list[Any] = []
+        self._ready = asyncio.Event()
+
+    def put(self, event: Any) -> None:
+        if event is not None:
+            self._pending = [e for e in self._pending if e is None or type(e) is not type(event)]
+        self._pending.append(event)
+        self._ready.set()
+
+    async def get(self) -> Any:
+        while not self._pending:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._pending.pop(0)
 
 
 @dataclass
 class _Followed:
     own: bool  # submitted here: its JobResult comes to us, after its last JobEvent
-    listeners: set[asyncio.Queue] = field(default_factory=set)
+    listeners: set[_Listener] = field(default_factory=set)
     state: JobEvent | None = None
     progress: Progress | None = None
     preview: Preview | None = None
@@ -147,29 +244,28 @@ class JobStreams:
         if followed is None:
             followed = self._jobs[job_id] = _Followed(own)
             self._tasks.spawn(self._read(job_id, followed), f"follow-{job_id}")
-            while len(self._jobs) > self.KEEP:
-                oldest, gone = next(iter(self._jobs.items()))
-                if not gone.ended:
-                    break
-                del self._jobs[oldest]
+            if len(self._jobs) > self.KEEP:
+                # The oldest ended ones go, past any still running: one long job must not hold the rest.
+                for old in [j for j, f in self._jobs.items() if f.ended][: len(self._jobs) - self.KEEP]:
+                    del self._jobs[old]
         return followed
 
     def latest(self, job_id: str) -> _Followed | None:
         return self._jobs.get(job_id)
 
-    def subscribe(self, job_id: str, *, own: bool) -> asyncio.Queue:
-        """A queue of the job's events from now on, after its latest progress and preview; None ends it."""
+    def subscribe(self, job_id: str, *, own: bool) -> _Listener:
+        """The job's events from now on, after its latest progress and preview; None ends them."""
         followed = self.follow(job_id, own=own)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = _Listener()
         for event in (followed.progress, followed.preview):
             if event is not None:
-                queue.put_nowait(event)
+                queue.put(event)
         if followed.ended:
-            queue.put_nowait(None)
+            queue.put(None)
         followed.listeners.add(queue)
         return queue
 
-    def unsubscribe(self, job_id: str, queue: asyncio.Queue) -> None:
+    def unsubscribe(self, job_id: str, queue: _Listener) -> None:
         followed = self._jobs.get(job_id)
         if followed is not None:
             followed.listeners.discard(queue)
@@ -184,7 +280,7 @@ class JobStreams:
                 elif isinstance(event, Preview):
                     followed.preview = event
                 for queue in followed.listeners:
-                    queue.put_nowait(event)
+                    queue.put(event)
                 # Another frontend's job: its result goes there; its last state is its end here.
                 if isinstance(event, JobEvent) and event.state.terminal and not followed.own:
                     self.client.forget(job_id)
@@ -194,7 +290,7 @@ class JobStreams:
         finally:
             followed.ended = True
             for queue in followed.listeners:
-                queue.put_nowait(None)
+                queue.put(None)
 
     async def close(self) -> None:
         await self._tasks.cancel_all()
@@ -209,21 +305,26 @@ class AccessLog(AbstractAccessLogger):
 
 
 class HttpServer:
-    def __init__(self, config: Config, client: AtelierClient, *, base_url: str):
+    def __init__(self, config: Config, client: AtelierClient, *, base_url: str, host: str | None = None):
         self.config = config
         self.settings: HttpConfig = config.http
         self.client = client
         self.base_url = base_url.rstrip("/")
         self.streams = JobStreams(client)
         self.limiter = RateLimiter()
+        self.sessions = LiveSessions(self.settings.max_live_sessions)
         self.metrics = metrics.HttpMetrics()
         self._submitted: OrderedDict[str, None] = OrderedDict()  # job ids submitted here, newest last
         self._a1111_current: dict[str, str] = {}  # user -> their latest /sdapi job, for /progress
         self._tokens = [(t.token.get_secret_value().encode(), t) for t in self.settings.tokens]
+        self._hosts = _answered_hosts(host if host is not None else self.settings.host, self.settings.public_url)
+        self._held: Counter[str] = Counter()  # user -> event streams and synchronous calls open
+        self._status: asyncio.Future | None = None
+        self._status_at = 0.0
         self.app = self._build()
 
     def _build(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 20)
+        app = web.Application(middlewares=[self._errors, self._guard, self._auth], client_max_size=IMAGE_BODY_BYTES)
         get, post, delete = web.get, web.post, web.delete
         app.add_routes([
             get("/", self.page), get("/openapi.json", self.openapi), get("/metrics", self.prometheus),
@@ -263,6 +364,10 @@ class HttpServer:
                                                      retry_after_s=5.0))
         except RemoteError as exc:
             response = self._render(request, _from_remote(exc))
+        except Exception:  # a bug: said in the API's shape, the details only in the log
+            log.exception("%s %s failed", request.method, request.path)
+            response = self._render(request, Problem(500, "internal", "the server failed on this request; the "
+                                                                      "operator's log has the details"))
         resource = request.match_info.route.resource
         self.metrics.observe(request.method, resource.canonical if resource else "unmatched", response.status,
                              time.monotonic() - started)
@@ -291,19 +396,52 @@ class HttpServer:
         return _json(body, status=status, headers=headers)
 
     @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Keeps other sites' pages out, token or not: a Host this server answers to (else DNS
+        rebinding lets a page read the answers), no state change asked by another site's page, JSON
+        bodies sent as JSON (a form or text/plain POST is one any page may send without asking), and a
+        body no larger than its route needs."""
+        host = _hostname(request.headers.get("Host", ""))
+        if self._hosts is not None and host not in self._hosts:
+            raise Problem(421, "misdirected_request", f"this server does not answer to the host {host!r}: use its "
+                                                      "own address (or set [http] public_url)")
+        if request.method in UNSAFE_METHODS:
+            origin = request.headers.get("Origin")
+            if origin is not None and not self._same_site(origin, request.headers.get("Host", "")):
+                raise Problem(403, "cross_origin", f"a request from the page of {origin} may not change anything "
+                                                   "here")
+            if request.body_exists and request.content_type != "application/json":
+                raise Problem(415, "unsupported_media_type", f"send the body as JSON, with Content-Type: "
+                                                             f"application/json (not {request.content_type})")
+        limit = IMAGE_BODY_BYTES if request.path in IMAGE_ROUTES else JSON_BODY_BYTES
+        if request.content_length is not None and request.content_length > limit:
+            raise Problem(413, "too_large", f"a body on {request.path} may be at most {limit >> 20} MiB")
+        return await handler(request.clone(client_max_size=limit))
+
+    def _same_site(self, origin: str, host: str) -> bool:
+        """Whether a browser's Origin is this server's own page: as the browser reached it, or its public_url."""
+        netloc = urlparse(origin).netloc.lower()
+        public = urlparse(self.settings.public_url or "").netloc.lower()
+        return bool(netloc) and netloc in (host.lower(), public)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
-        """Names the caller. With tokens configured, the APIs need one; the page, its files,
-        /openapi.json and /metrics do not (the page asks for the token itself)."""
-        guarded = request.path.startswith(("/v1/", "/sdapi/"))
+        """Names the caller. With tokens configured, the APIs and /metrics need one; the page, its
+        files and /openapi.json do not (the page asks for the token itself)."""
+        guarded = request.path.startswith(("/v1/", "/sdapi/")) or request.path == "/metrics"
         request["caller"] = self._caller(request, guarded)
         return await handler(request)
 
     def _caller(self, request: web.Request, guarded: bool) -> Caller:
-        header = request.headers.get("Authorization", "")
-        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else None
+        if not self._tokens:  # loopback only: the one local user, whose page the guard keeps others' from
+            return Caller("anonymous", False, self.settings.rate_per_minute, self.settings.live_per_minute,
+                          admin=True, live=True)
         anonymous = Caller("anonymous", False, self.settings.rate_per_minute, self.settings.live_per_minute)
-        if not self._tokens:
-            return anonymous
+        header = request.headers.get("Authorization", "")
+        try:
+            given = header[7:].strip().encode() if header[:7].lower() == "bearer " else None
+        except UnicodeEncodeError:  # bytes that are not UTF-8: no token of ours
+            raise Problem(401, "unauthorized", "that bearer token is not one of this server's") from None
         if given is None:
             if guarded:
                 raise Problem(401, "unauthorized", "this server needs a bearer token (Authorization: Bearer …)")
@@ -316,12 +454,16 @@ class HttpServer:
         if found is None:
             raise Problem(401, "unauthorized", "that bearer token is not one of this server's")
         return Caller(found.user, True, found.rate_per_minute or self.settings.rate_per_minute,
-                      self.settings.live_per_minute)
+                      self.settings.live_per_minute, admin=found.role == "admin",
+                      live=found.live or found.role == "admin")
 
     # -- native API ----------------------------------------------------------- #
 
     async def create_job(self, request: web.Request) -> web.Response:
         body = _parse(api.JobRequest, await _body(request))
+        if "id" in body.model_fields_set:  # else a known id would answer with, and watch, whoever's job it is
+            raise Problem(422, "bad_request", "id: the server assigns job ids; to retry a submit safely, send "
+                                              "an Idempotency-Key header", field="id")
         try:
             spec, inputs = body.split()
         except ValueError as exc:
@@ -336,8 +478,30 @@ class HttpServer:
         return _json(self._view(record), status=202)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        records = await self.client.jobs_of(request["caller"].user, limit=_int(request, "limit", 100, 1, 1000))
+        """The caller's jobs; an admin's ``?user=NAME``, someone else's, and ``?all=1``, the whole queue."""
+        caller: Caller = request["caller"]
+        limit = _int(request, "limit", 100, 1, 1000)
+        user = request.query.get("user", caller.user)
+        everyone = _flag(request, "all")
+        if (everyone or user != caller.user) and not caller.admin:
+            raise Problem(403, "forbidden", f"only an admin may list other users' jobs; your token acts for "
+                                            f"{caller.user}", field="all" if everyone else "user")
+        if not 0 < len(user) <= 128:
+            raise Problem(422, "bad_request", "user: 1 to 128 characters", field="user")
+        records = await (self._queue(limit) if everyone else self.client.jobs_of(user, limit=limit))
         return web.json_response({"jobs": [json.loads(self._view(r).model_dump_json()) for r in records]})
+
+    async def _queue(self, limit: int) -> list[JobRecord]:
+        """The jobs on the runners, then those queued in their order: the whole queue, as an admin sees it."""
+        status = await self.client.status()
+        ids = [job for r in status.runners for job in r.capabilities.active_jobs or ([r.job] if r.job else [])]
+        ids = list(dict.fromkeys(ids + status.queued))[:limit]
+        found = await asyncio.gather(*(self.client.job(job_id) for job_id in ids), return_exceptions=True)
+        for outcome in found:  # a job that ended and was forgotten in between is left out; anything else is said
+            if isinstance(outcome, BaseException) and not (isinstance(outcome, RemoteError)
+                                                           and outcome.error.code is ErrorCode.unknown_job):
+                raise outcome
+        return [record for record in found if isinstance(record, JobRecord)]
 
     async def get_job(self, request: web.Request) -> web.Response:
         return _json(self._view(await self._mine(request)))
@@ -349,10 +513,23 @@ class HttpServer:
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``state``, ``progress``, ``preview`` (a data URL), then ``result``."""
         record = await self._mine(request)
+        with self._hold(request["caller"]):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                   "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            try:
+                await self._stream(response, record)
+            except asyncio.TimeoutError:  # the reader stopped reading: its connection goes, nothing waits on it
+                log.info("dropping the event stream of %s: its reader took nothing for %.0f s", record.spec.id,
+                         WRITE_TIMEOUT_S)
+                if request.transport is not None:
+                    request.transport.close()
+            except (ConnectionError, RemoteError) as exc:  # the headers are out: the stream can only end
+                log.info("the event stream of %s ended early: %s", record.spec.id, exc)
+            return response
+
+    async def _stream(self, response: web.StreamResponse, record: JobRecord) -> None:
         job_id = record.spec.id
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Accel-Buffering": "no"})
-        await response.prepare(request)
         await _sse(response, "state", _state_of(record))
         if not record.state.terminal:
             queue = self.streams.subscribe(job_id, own=job_id in self._submitted)
@@ -361,7 +538,7 @@ class HttpServer:
                     try:
                         event = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                     except asyncio.TimeoutError:
-                        await response.write(b": keep-alive\n\n")
+                        await _write(response, b": keep-alive\n\n")
                         continue
                     if event is None or isinstance(event, JobResult):
                         break
@@ -370,7 +547,24 @@ class HttpServer:
                 self.streams.unsubscribe(job_id, queue)
             record = await self.client.job(job_id)
         await _sse(response, "result", json.loads(self._view(record).model_dump_json()))
-        return response
+
+    @contextmanager
+    def _hold(self, caller: Caller) -> Iterator[None]:
+        """Counts a request held open (an event stream, a synchronous call) against the caps."""
+        held, total = self._held[caller.user], sum(self._held.values())
+        if total >= self.settings.max_streams:
+            raise Problem(503, "busy", f"this server holds {total} event streams and waiting calls, its most; "
+                                       "try again soon", retry_after_s=5.0)
+        if held >= self.settings.max_streams_per_user and not caller.admin:
+            raise Problem(429, "too_many_streams", f"{caller.user} has {held} event streams and waiting calls "
+                                                   f"open, the most a user may; close one first", retry_after_s=5.0)
+        self._held[caller.user] += 1
+        try:
+            yield
+        finally:
+            self._held[caller.user] -= 1
+            if not self._held[caller.user]:
+                del self._held[caller.user]
 
     async def models(self, request: web.Request) -> web.Response:
         listed = [api.ModelEntry(id=m.name, **m.model_dump(mode="json", exclude={"name"}))
@@ -378,24 +572,41 @@ class HttpServer:
         return _json(api.ModelList(data=listed))
 
     async def nodes(self, request: web.Request) -> web.Response:
-        status = await self.client.status()
+        """The runners and loaders; to a user without the jobs on them, the processes' ids or hosts (which
+        would name other users' jobs), only whether each is busy."""
+        status = await self._cluster_status()
+        admin = request["caller"].admin
+        hidden = {"job": True, "capabilities": {"pid", "host", "active_batch", "active_jobs"}}
+        runners = [r.model_dump(mode="json") if admin else
+                   {**r.model_dump(mode="json", exclude=hidden), "busy": bool(r.job or r.capabilities.active_jobs)}
+                   for r in status.runners]
         return web.json_response({
-            "runners": [json.loads(r.model_dump_json()) for r in status.runners],
-            "loaders": [json.loads(s.model_dump_json()) for s in status.loaders],
+            "runners": runners, "loaders": [json.loads(s.model_dump_json()) for s in status.loaders],
             "queued": len(status.queued), "jobs": status.counts})
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if not ARTIFACT_NAME.fullmatch(name):
-            raise Problem(404, "not_found", f"no artifact {name!r}")
+        match = ARTIFACT_NAME.fullmatch(name)
+        if match is None:
+            raise Problem(404, "not_found", f"no artifact {name!r}: a name is <job id>-<n>.<extension>")
+        job_id, index = match["job"], int(match["index"])
+        caller: Caller = request["caller"]
+        if not caller.admin:
+            try:
+                owner = (await self.client.job(job_id)).spec.user
+            except RemoteError as exc:
+                if exc.error.code is not ErrorCode.unknown_job:
+                    raise
+                raise Problem(404, "not_found", f"no artifact {name!r} (its job is gone)") from None
+            if owner != caller.user:
+                raise Problem(403, "forbidden", f"artifact {name} is not {caller.user}'s")
         path = self.config.artifact_dir / name
         if path.is_file():
             return web.FileResponse(path, headers={"Content-Type": media_type_for(name)})
         # Kept by another host's scheduler: this server still has what it received for its own jobs.
-        job_id, index = name.rsplit(".", 1)[0].rsplit("-", 1)
         result = self.client.result(job_id)
-        if result is not None and int(index) < len(result.outputs):
-            output = result.outputs[int(index)]
+        if result is not None and index < len(result.outputs):
+            output = result.outputs[index]
             return web.Response(body=bytes(output.data), content_type=output.media_type)
         raise Problem(404, "not_found", f"no artifact {name!r} (gone, or kept on another host)")
 
@@ -482,7 +693,8 @@ class HttpServer:
                       field="sd_model_checkpoint")
 
     async def a1111_models(self, request: web.Request) -> web.Response:
-        listed = [api.A1111Model(title=m.name, model_name=m.name, filename=self.config.models[m.name].source)
+        # The name, not the catalog's source: that is a path on the server, or a hub repository.
+        listed = [api.A1111Model(title=m.name, model_name=m.name, filename=m.name)
                   for m in await self.client.models() if m.name in self.config.models]
         return web.json_response([m.model_dump() for m in listed])
 
@@ -531,8 +743,18 @@ class HttpServer:
         return web.json_response(document(self.base_url))
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        status = await self.client.status()
+        status = await self._cluster_status()
         return web.Response(body=self.metrics.render(status), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    def _cluster_status(self) -> Awaitable[ClusterStatus]:
+        """The scheduler's status, asked at most once every STATUS_TTL_S and shared by every request meanwhile:
+        a flood of /metrics or /v1/nodes costs the scheduler one question a second."""
+        asked = self._status
+        stale = time.monotonic() - self._status_at > STATUS_TTL_S
+        if asked is None or (asked.done() and (stale or asked.cancelled() or asked.exception() is not None)):
+            self._status_at = time.monotonic()
+            asked = self._status = asyncio.ensure_future(self.client.status())
+        return asyncio.shield(asked)
 
     # -- helpers --------------------------------------------------------------- #
 
@@ -546,15 +768,22 @@ class HttpServer:
 
     async def _submit(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None, *,
                       idempotency_key: str | None = None) -> JobRecord:
+        if spec.priority is Priority.live and not caller.live:
+            raise Problem(403, "forbidden", f"{caller.user} may not submit live jobs (they go before everyone "
+                                            "else's): the operator grants that with live = true on the token",
+                          field="priority")
         # A live session's prompts replace each other, so they queue nothing: they have a bucket of
-        # their own, sized for typing, and do not use up the user's jobs.
-        live = spec.session is not None
+        # their own, sized for typing, and do not use up the user's jobs. A session not yet open is
+        # an ordinary job, so a fresh session per prompt buys nothing.
+        live = spec.session is not None and self.sessions.is_open(spec.user, spec.session)
         rate = caller.live_per_minute if live else caller.rate_per_minute
         wait = self.limiter.take(f"{spec.user}/live" if live else spec.user, rate)
         if wait:
             what = "live prompts" if live else "jobs"
             raise Problem(429, "rate_limited", f"{spec.user} may submit {rate} {what} a minute; "
                                                f"try again in {wait:.0f} s", retry_after_s=wait)
+        if spec.session is not None:
+            self.sessions.use(spec.user, spec.session)
         try:
             # With a key, a client's retry (after a timeout, or after this server restarted) gets the job
             # the first try made: its id is then that job's.
@@ -569,12 +798,14 @@ class HttpServer:
 
     async def _generate(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobResult:
         """Submits and waits for the images (the OpenAI and A1111 calls are synchronous)."""
-        await self._submit(spec, caller, inputs)
-        try:
-            result = await self.client.wait(spec.id, timeout=SYNC_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            await self.client.cancel(spec.id)
-            raise Problem(504, "timeout", f"no images after {SYNC_TIMEOUT_S:.0f} s; the job was cancelled") from None
+        with self._hold(caller):
+            await self._submit(spec, caller, inputs)
+            try:
+                result = await self.client.wait(spec.id, timeout=SYNC_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                await self.client.cancel(spec.id)
+                raise Problem(504, "timeout", f"no images after {SYNC_TIMEOUT_S:.0f} s; the job was cancelled") \
+                    from None
         if result.job.state.value != "done":
             raise Problem(422 if result.job.state.value == "failed" else 409, result.job.state.value,
                           f"the job {result.job.state.value}: {result.job.reason}")
@@ -589,7 +820,7 @@ class HttpServer:
                           field="job_id") from None
         record = await self.client.job(job_id)
         caller: Caller = request["caller"]
-        if caller.authenticated and record.spec.user != caller.user:
+        if not caller.admin and record.spec.user != caller.user:
             raise Problem(403, "forbidden", f"job {record.spec.id} is not {caller.user}'s")
         return record
 
@@ -606,10 +837,55 @@ class HttpServer:
 
 
 async def _body(request: web.Request) -> Any:
+    too_deep = Problem(400, "bad_request", f"the body nests deeper than {MAX_JSON_DEPTH} levels; no field of "
+                                           "this API does")
     try:
-        return await request.json()
+        body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise Problem(400, "bad_request", "the body must be JSON") from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON nests, counted without recursion (which a crafted body would exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                todo.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("1", "true", "0", "false"):
+        raise Problem(422, "bad_request", f"{name} must be true or false", field=name)
+    return value in ("1", "true")
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port or an IPv6 address's brackets."""
+    try:
+        return (urlparse(f"//{host}").hostname or "").rstrip(".")
+    except ValueError:
+        return host
+
+
+def _answered_hosts(host: str, public_url: str | None) -> set[str] | None:
+    """The names a request's Host may carry. None where any may: a server on every address is reached by
+    names it cannot know, and needs tokens there, which another site's page does not have."""
+    if host in WILDCARD_HOSTS:
+        return None
+    names = set(LOOPBACK) | {_hostname(host)}
+    if public_url:
+        names.add(_hostname(urlparse(public_url).netloc))
+    return names - {""}
 
 
 def _parse(model: type[BaseModel], data: Any) -> Any:
@@ -649,7 +925,12 @@ def _event_json(event: JobEvent | Progress | Preview) -> dict[str, Any]:
 
 
 async def _sse(response: web.StreamResponse, name: str, data: dict[str, Any]) -> None:
-    await response.write(f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
+    await _write(response, f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Writes, or raises TimeoutError where the reader has taken nothing for WRITE_TIMEOUT_S."""
+    await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- #
@@ -660,9 +941,12 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
     """Runs the HTTP server until ``stop`` is set."""
     if host not in LOOPBACK and not config.http.tokens:
         raise Failure(f"refusing to serve HTTP on {host}: beyond this machine, [http] tokens are required", 2)
+    if config.http.tokens and _in_clear(host, config.http.public_url):
+        log.warning("tokens travel in clear over plain HTTP beyond this machine: put a TLS proxy in front "
+                    "(Caddy, nginx) and set [http] public_url to its https:// address")
     client = AtelierClient(router, pub, name=f"http-{uuid.uuid4().hex[:8]}", keys=for_peer(config))
     await client.start()
-    server = HttpServer(config, client, base_url="")
+    server = HttpServer(config, client, base_url="", host=host)
     runner = web.AppRunner(server.app, access_log_class=AccessLog)
     try:
         await runner.setup()
@@ -677,6 +961,13 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
     finally:
         await runner.cleanup()
         await client.close()
+
+
+def _in_clear(host: str, public_url: str | None) -> bool:
+    """Whether requests reach this server from beyond loopback over plain HTTP."""
+    if public_url is not None:
+        return urlparse(public_url).scheme == "http" and _hostname(urlparse(public_url).netloc) not in LOOPBACK
+    return host not in LOOPBACK
 
 
 async def _serve_process(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:

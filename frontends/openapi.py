@@ -35,9 +35,13 @@ def _answer(description: str, model: type[BaseModel] | None = None, *, media: st
 
 def _errors(model: type[BaseModel], *codes: int) -> dict[str, Any]:
     words = {400: "Not JSON, or a bad value (OpenAI's status)", 401: "No or unknown bearer token",
-             403: "Another user's job", 404: "No such job or model", 409: "The job was cancelled: no images",
-             413: "An input image over the size cap", 422: "A field is wrong: the error names it",
-             429: "Rate limited or queue full: see Retry-After", 503: "The scheduler did not answer",
+             403: "Another user's job, a permission the token lacks, or a change asked by another site's page",
+             404: "No such job or model", 409: "The job was cancelled: no images",
+             413: "A body over the route's cap (1 MiB; 64 MiB where images travel), or an input image over the "
+                  "size cap",
+             415: "A body not sent as application/json", 422: "A field is wrong: the error names it",
+             429: "Rate limited, queue full, or too many streams open: see Retry-After",
+             503: "The scheduler did not answer, or the server holds its most streams",
              504: "No images in time: the job was cancelled"}
     return {str(code): _answer(words[code], model) for code in codes}
 
@@ -57,6 +61,7 @@ def _schemas() -> dict[str, Any]:
 
 def document(base_url: str) -> dict[str, Any]:
     native = (401, 403, 404, 422, 429, 503)
+    posted = (403, 413, 415)  # the guard's: another site's page, a body too large, not JSON
     synchronous = (409, 429, 503, 504)  # the OpenAI and A1111 calls wait for the job: it may be cancelled
     paths = {
         "/v1/jobs": {
@@ -66,19 +71,24 @@ def document(base_url: str) -> dict[str, Any]:
                                      "schema": {"type": "string", "minLength": 1, "maxLength": 200,
                                                 "pattern": "^[\\x21-\\x7e]+$"}}],
                      "responses": {"202": _answer("Queued", api.JobView),
-                                   **_errors(api.ApiError, 400, 413, *native)}},
-            "get": {"summary": "The caller's jobs, newest first",
+                                   **_errors(api.ApiError, 400, *posted, *native)}},
+            "get": {"summary": "The caller's jobs, newest first (an admin's: any user's, or the whole queue)",
                     "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                                               "maximum": 1000}}],
+                                                                               "maximum": 1000}},
+                                   {"name": "user", "in": "query", "description": "admins: this user's jobs",
+                                    "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+                                   {"name": "all", "in": "query", "description": "admins: the jobs running and "
+                                    "queued, in their order", "schema": {"type": "boolean"}}],
                     "responses": {"200": _answer("Jobs", schema={"type": "object", "properties": {
                         "jobs": {"type": "array", "items": _ref(api.JobView)}}}),
-                        **_errors(api.ApiError, 401, 422)}},
+                        **_errors(api.ApiError, 401, 403, 422, 503)}},
         },
         "/v1/jobs/{job_id}": {
             "get": {"summary": "A job", "parameters": [_JOB_ID],
                     "responses": {"200": _answer("The job", api.JobView), **_errors(api.ApiError, *native)}},
             "delete": {"summary": "Cancel a job (a running one stops at its next step)", "parameters": [_JOB_ID],
-                       "responses": {"200": _answer("The job", api.JobView), **_errors(api.ApiError, *native)}},
+                       "responses": {"200": _answer("The job", api.JobView),
+                                     **_errors(api.ApiError, *native)}},
         },
         "/v1/jobs/{job_id}/events": {
             "get": {"summary": "Server-Sent Events: state, progress, preview (a data URL), then result",
@@ -88,7 +98,7 @@ def document(base_url: str) -> dict[str, Any]:
         },
         "/v1/models": {"get": {"summary": "The catalog (OpenAI's model list, with atelier's fields)",
                                "responses": {"200": _answer("Models", api.ModelList), **_errors(api.ApiError, 401)}}},
-        "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue",
+        "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue (the jobs on the runners: admins)",
                               "responses": {"200": _answer("Nodes", schema={"type": "object"}),
                                             **_errors(api.ApiError, 401)}}},
         "/v1/artifacts/{name}": {
@@ -96,22 +106,22 @@ def document(base_url: str) -> dict[str, Any]:
                                                                   "schema": {"type": "string"}}],
                     "responses": {"200": _answer("The file", media="image/png", schema={"type": "string",
                                                                                         "format": "binary"}),
-                                  **_errors(api.ApiError, 401, 404)}},
+                                  **_errors(api.ApiError, 401, 403, 404)}},
         },
         "/v1/images/generations": {
             "post": {"summary": "OpenAI: create images", "requestBody": _body(api.OpenAIImageRequest),
                      "responses": {"200": _answer("Images", api.OpenAIImagesResponse),
-                                   **_errors(api.OpenAIError, 400, 401, 403, 404, *synchronous)}},
+                                   **_errors(api.OpenAIError, 400, 401, 403, 404, 413, 415, *synchronous)}},
         },
         "/sdapi/v1/txt2img": {
             "post": {"summary": "AUTOMATIC1111: text to image", "requestBody": _body(api.A1111Txt2Img),
                      "responses": {"200": _answer("Images", api.A1111Images),
-                                   **_errors(api.A1111Error, 400, 401, 404, 422, *synchronous)}},
+                                   **_errors(api.A1111Error, 400, 401, 404, 422, *posted, *synchronous)}},
         },
         "/sdapi/v1/img2img": {
             "post": {"summary": "AUTOMATIC1111: image to image", "requestBody": _body(api.A1111Img2Img),
                      "responses": {"200": _answer("Images", api.A1111Images),
-                                   **_errors(api.A1111Error, 400, 401, 404, 413, 422, *synchronous)}},
+                                   **_errors(api.A1111Error, 400, 401, 404, 422, *posted, *synchronous)}},
         },
         "/sdapi/v1/sd-models": {"get": {"summary": "AUTOMATIC1111: the models", "responses": {
             "200": _answer("Models", schema={"type": "array", "items": _ref(api.A1111Model)}),
@@ -123,9 +133,10 @@ def document(base_url: str) -> dict[str, Any]:
                                                      **_errors(api.A1111Error, 401, 422)}}},
         "/sdapi/v1/interrupt": {"post": {"summary": "AUTOMATIC1111: cancel the caller's latest job",
                                          "responses": {"200": _answer("Done", schema={"type": "object"}),
-                                                       **_errors(api.A1111Error, 401)}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                             "responses": {"200": _answer("Metrics", media="text/plain", schema={"type": "string"})}}},
+                                                       **_errors(api.A1111Error, 401, *posted)}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (with tokens configured, any token may read them)",
+                             "responses": {"200": _answer("Metrics", media="text/plain", schema={"type": "string"}),
+                                           **_errors(api.ApiError, 401)}}},
     }
     return {
         "openapi": "3.1.0",

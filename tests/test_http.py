@@ -42,6 +42,7 @@ user = "ben"
 token = "{SLOW}"
 user = "slow"
 rate_per_minute = 2
+live = true
 """)
     cluster = Cluster(atelier_home, config).start()
     yield cluster
@@ -197,7 +198,8 @@ def test_auth_failures_are_401_and_403(web):
                 out["wrong"] = response.status
             async with http.post(f"{web.http}/v1/jobs", json=tiny(user="ben"), headers=auth(ANA)) as response:
                 out["as someone else"] = response.status
-            async with http.post(f"{web.http}/v1/jobs", data=b"{not json", headers=auth(ANA)) as response:
+            async with http.post(f"{web.http}/v1/jobs", data=b"{not json",
+                                 headers={**auth(ANA), "Content-Type": "application/json"}) as response:
                 out["not json"] = response.status
             return out
 
@@ -212,11 +214,15 @@ def test_rate_limit_and_full_queue_are_429_with_retry_after(web):
     async def go():
         async with aiohttp.ClientSession() as http:
             statuses = []
-            for _ in range(3):
+            # A new live session's first prompt is an ordinary job (so fresh sessions buy nothing)...
+            async with http.post(f"{web.http}/v1/jobs", json=tiny(prompt="a", session="tab", priority="live"),
+                                 headers=auth(SLOW)) as response:
+                statuses.append((response.status, None))
+            for _ in range(2):
                 async with http.post(f"{web.http}/v1/jobs", json=tiny(), headers=auth(SLOW)) as response:
                     statuses.append((response.status, response.headers.get("Retry-After")))
-            # Live prompts replace each other: they have a limit of their own, not the user's jobs'.
-            for prompt in ("a", "a b", "a b c"):
+            # ...then its prompts, which replace each other, have a limit of their own, not the user's jobs'.
+            for prompt in ("a b", "a b c"):
                 async with http.post(f"{web.http}/v1/jobs", json=tiny(prompt=prompt, session="tab", priority="live"),
                                      headers=auth(SLOW)) as response:
                     statuses.append((response.status, None))
@@ -235,7 +241,7 @@ def test_rate_limit_and_full_queue_are_429_with_retry_after(web):
             return statuses, refusal
 
     statuses, refusal = run(go())
-    assert [s for s, _ in statuses] == [202, 202, 429, 202, 202, 202]
+    assert [s for s, _ in statuses] == [202, 202, 429, 202, 202]
     assert int(statuses[2][1]) >= 1
     assert refusal is not None and int(refusal[0]) >= 1
     assert refusal[1]["error"]["code"] == "queue_full" and "ben has 3 jobs queued" in refusal[1]["error"]["message"]
@@ -428,7 +434,7 @@ def test_metrics_cover_queue_jobs_times_loads_and_memory(web):
             async with http.post(f"{web.http}/v1/jobs", json=tiny(), headers=auth(ANA)) as response:
                 job_id = (await response.json())["spec"]["id"]
             await until_done(http, web.http, job_id)
-            async with http.get(f"{web.http}/metrics") as response:
+            async with http.get(f"{web.http}/metrics", headers=auth(ANA)) as response:
                 return response.headers["Content-Type"], await response.text()
 
     content_type, text = run(go())
