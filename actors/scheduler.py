@@ -63,6 +63,7 @@ from atelier.artifacts import ArtifactStore
 from atelier.config import Config
 from atelier.jobs import Artifact, ErrorCode, JobKind, JobRecord
 from atelier.runtime import Failure, process_main, process_parser
+from atelier.scheduling import admission
 from atelier.scheduling.policy import (
     Announce,
     Deliver,
@@ -174,6 +175,12 @@ class Scheduler(Actor):
             earlier = self.journal.by_key(msg.job.user, key)  # a job long ended, forgotten from memory
             if earlier is not None:
                 return Accepted(job=earlier)
+        if msg.inputs is not None:
+            try:
+                # Every pixel, off the loop (the mailbox waits: one image decodes at a time).
+                await asyncio.to_thread(admission.check_images, msg.inputs, self.config)
+            except Refused as refused:
+                return _error(refused)
         known = self.policy.find(msg.job.id)
         try:
             job = self.policy.submit(msg.job, env.src, now, msg.inputs, idempotency_key=key)
