@@ -5,6 +5,7 @@ thread so the event loop stays free to heartbeat, publish progress and hear a ca
 step publishes, for each job of the batch, ``Progress`` and a ``Preview`` (a linear
 latent-to-RGB projection of its first image, or its model's ``preview_decoder``'s picture; JPEG,
 at most 256 px). Any exception inside a batch fails its jobs with the reason; the runner goes on.
+A job whose input images do not decode fails alone: the rest of its batch runs without it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import io
 import itertools
 import logging
 import os
@@ -223,27 +223,38 @@ class Runner(Actor):
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
             batch.progress_at = time.monotonic()
 
-            def work() -> list[list[Artifact]]:
+            def work() -> tuple[dict[str, list[Artifact]], dict[str, str]]:
                 # One trip to the worker per batch, not one per stage: each trip costs two thread
                 # wake-ups, which is most of a short job's cost. Decoding the input images and
                 # encoding the outputs are CPU work too: here, off the event loop.
-                reporter = self._step_reporter(batch, model.previewer, timing)
-                items = model.generate(batch_request(batch.items), reporter)
-                outputs, start = [], 0
+                decoded, refused = decode_inputs(batch.items, self.config.input_pixel_budget)
                 for spec in specs:
+                    problem = None if spec.id in refused else model.unreadable([spec.prompt, spec.negative_prompt])
+                    if problem is not None:
+                        refused[spec.id] = problem
+                runnable = [item for item in batch.items if item.job.id not in refused]
+                outputs: dict[str, list[Artifact]] = {}
+                if not runnable:
+                    return outputs, refused
+                reporter = self._step_reporter(batch, [item.job for item in runnable], model.previewer, timing)
+                items = model.generate(batch_request(runnable, decoded), reporter)
+                start = 0
+                for spec in (item.job for item in runnable):
                     mine = items[start:start + spec.count]
                     start += spec.count
-                    outputs.append([] if spec.id in batch.stopped else
-                                   [media.encode(item, spec, spec.seed + i) for i, item in enumerate(mine)])
-                return outputs
+                    outputs[spec.id] = [] if spec.id in batch.stopped else \
+                        [media.encode(item, spec, spec.seed + i) for i, item in enumerate(mine)]
+                return outputs, refused
 
-            per_job = await loop.run_in_executor(self._worker, work)
+            per_job, refused = await loop.run_in_executor(self._worker, work)
             outcomes: list[JobDone | JobFailed] = []
-            for spec, outputs in zip(specs, per_job, strict=True):
+            for spec in specs:
                 if spec.id in batch.stopped:
                     outcomes.append(JobFailed(job_id=spec.id, reason=batch.stopped[spec.id], cancelled=True))
+                elif spec.id in refused:  # its own input or prompt: another attempt reads it no better
+                    outcomes.append(JobFailed(job_id=spec.id, reason=refused[spec.id]))
                 else:
-                    outcomes.append(JobDone(job_id=spec.id, outputs=outputs,
+                    outcomes.append(JobDone(job_id=spec.id, outputs=per_job[spec.id],
                                             elapsed_s=time.monotonic() - batch.started))
         except JobCancelled:
             outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
@@ -291,12 +302,13 @@ class Runner(Actor):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _step_reporter(self, batch: ActiveBatch, previewer, timing: BatchTiming):
-        """The per-step callback; it runs in the worker thread, between denoising steps."""
+    def _step_reporter(self, batch: ActiveBatch, specs: list[JobSpec], previewer, timing: BatchTiming):
+        """The per-step callback of the pipeline call that makes ``specs`` (the batch's jobs whose
+        inputs decoded); it runs in the worker thread, between denoising steps."""
         started = time.monotonic()
-        self.previews.drop_others({spec.id for spec in batch.specs})  # an ended job's preview is of no use
+        self.previews.drop_others({spec.id for spec in specs})  # an ended job's preview is of no use
         # Where each job's first image sits in the batch: its preview is of that one.
-        first_image = [0, *itertools.accumulate(spec.count for spec in batch.specs)][:-1]
+        first_image = [0, *itertools.accumulate(spec.count for spec in specs)][:-1]
         last_preview = -PREVIEW_INTERVAL_S
 
         def on_step(step: int, total: int, latents) -> None:
@@ -311,7 +323,7 @@ class Runner(Actor):
                 latents = None  # too soon after the last one (the last step always shows)
             else:
                 last_preview = now
-            for spec, index in zip(batch.specs, first_image, strict=True):
+            for spec, index in zip(specs, first_image, strict=True):
                 if spec.id in batch.stopped:
                     continue  # its owner has moved on: no more of its progress
                 self.publish_threadsafe(Progress(job_id=spec.id, step=step, total=total,
@@ -480,28 +492,44 @@ class PreviewMaker:
                 time.sleep(spent * (1 / PREVIEW_CPU_SHARE - 1))
 
 
-def batch_request(items: list[BatchItem]) -> GenerateRequest:
+def decode_inputs(items: list[BatchItem], max_pixels: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Each job's input images, decoded and at its size (by job id, then input name); and the jobs
+    whose images do not decode, with the reason. Such a job fails alone: the others of its batch run
+    without it (admission decoded every image already; this is for one that passed it some other way)."""
+    decoded: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    for item in items:
+        try:
+            decoded[item.job.id] = {
+                # An IP-Adapter's image is a prompt, not a canvas: its encoder crops and sizes it itself.
+                name: _decode(data, item.job, name, mode, max_pixels, resize=name != "ip_adapter_image")
+                for name, mode in _INPUT_MODES.items()
+                if item.inputs is not None and (data := getattr(item.inputs, name))}
+        except media.InputImageError as exc:
+            refused[item.job.id] = str(exc)
+    return decoded, refused
+
+
+def batch_request(items: list[BatchItem], decoded: dict[str, dict[str, Any]]) -> GenerateRequest:
     """One pipeline call for a batch: every image in job order, each with its own prompt and seed,
-    and, for a job that starts from an image, that image (and mask, and control image) at the job's size."""
+    and, for a job that starts from an image, that image (and mask, and control image) at the job's
+    size, from ``decoded`` (``decode_inputs``)."""
     specs = [item.job for item in items]
     first = specs[0]
-    decoded: dict[str, list[Any]] = {name: [] for name in _INPUT_MODES}
-    for item in items:
-        for name, mode in _INPUT_MODES.items():
-            data = getattr(item.inputs, name) if item.inputs is not None else None
-            if data:  # one decoded image, the same object for each of the job's outputs
-                # An IP-Adapter's image is a prompt, not a canvas: its encoder crops and sizes it itself.
-                decoded[name] += [_decode(data, item.job, mode, resize=name != "ip_adapter_image")] * item.job.count
+    inputs: dict[str, list[Any]] = {name: [] for name in _INPUT_MODES}
+    for spec in specs:
+        for name, image in decoded.get(spec.id, {}).items():
+            inputs[name] += [image] * spec.count  # one decoded image, the same object for each of the job's outputs
     return GenerateRequest(
         prompts=tuple(spec.prompt for spec in specs for _ in range(spec.count)),
         negative_prompts=tuple(spec.negative_prompt for spec in specs for _ in range(spec.count)),
         seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
         width=first.width, height=first.height, steps=first.steps, guidance=first.guidance, kind=first.kind.value,
-        images=tuple(decoded["image"]), masks=tuple(decoded["mask"]), strength=first.strength, frames=first.frames,
+        images=tuple(inputs["image"]), masks=tuple(inputs["mask"]), strength=first.strength, frames=first.frames,
         fps=first.fps, duration_s=first.duration_s, loras=tuple(first.loras.items()),
-        controlnet=first.controlnet, control_images=tuple(decoded["control_image"]),
+        controlnet=first.controlnet, control_images=tuple(inputs["control_image"]),
         controlnet_scale=1.0 if first.controlnet_scale is None else first.controlnet_scale,
-        ip_adapter_images=tuple(decoded["ip_adapter_image"]),
+        ip_adapter_images=tuple(inputs["ip_adapter_image"]),
         ip_adapter_scale=1.0 if first.ip_adapter_scale is None else first.ip_adapter_scale)
 
 
@@ -509,10 +537,10 @@ def batch_request(items: list[BatchItem]) -> GenerateRequest:
 _INPUT_MODES = {"image": "RGB", "mask": "L", "control_image": "RGB", "ip_adapter_image": "RGB"}
 
 
-def _decode(data: Any, spec: JobSpec, mode: str, *, resize: bool = True) -> Any:
+def _decode(data: Any, spec: JobSpec, name: str, mode: str, max_pixels: int, *, resize: bool = True) -> Any:
     from PIL import Image
 
-    with Image.open(io.BytesIO(bytes(data))) as image:
+    with media.open_input(data, name, max_pixels) as image:
         image = image.convert(mode)
     if resize and image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)

@@ -63,6 +63,7 @@ from atelier.artifacts import ArtifactStore
 from atelier.config import Config
 from atelier.jobs import Artifact, ErrorCode, JobDone, JobFailed, JobInputs, JobKind, JobRecord, JobState
 from atelier.runtime import Failure, process_main, process_parser
+from atelier.scheduling import admission
 from atelier.scheduling.policy import (
     Announce,
     Deliver,
@@ -195,6 +196,12 @@ class Scheduler(Actor):
             earlier = self._journaled(msg, env.src)  # a job long ended, forgotten from memory
             if earlier is not None:
                 return earlier
+        if msg.inputs is not None:
+            try:
+                # Every pixel, off the loop (the mailbox waits: one image decodes at a time).
+                await asyncio.to_thread(admission.check_images, msg.inputs, self.config)
+            except Refused as refused:
+                return _error(refused)
         known = self.policy.find(msg.job.id)
         try:
             # Held, not queued, until written: nothing plans or announces a job a crash could lose.

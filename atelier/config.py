@@ -53,6 +53,9 @@ class ModelEntry(Strict):
     default_width: int | None = Field(default=None, ge=8, multiple_of=8)
     default_height: int | None = Field(default=None, ge=8, multiple_of=8)
     default_steps: int | None = Field(default=None, ge=1, le=500)
+    # Steps a job may ask for at most (default: the family's, 150 for most): a 1-step turbo model
+    # says 8 here, so that no one spends the GPU's time on 500 steps it does not need.
+    max_steps: int | None = Field(default=None, ge=1, le=500)
     default_guidance: float | None = Field(default=None, ge=0, le=50)
     # Sound: a checkpoint's own lengths where they differ from its family's (a shorter-context model).
     default_duration_s: float | None = Field(default=None, gt=0, le=300)
@@ -91,6 +94,10 @@ class ModelEntry(Strict):
     # A GGUF file (city96's FLUX.1 and SD3 quantizations: flux1-dev-Q8_0.gguf, …) the transformer is read
     # from, quantized, in place of the folder's; the rest comes from `source` (atelier/families/gguf.py).
     transformer: str | None = None
+    # A hub id source's revision: a commit hash (40 hex digits) pins what runs, so that a push to the
+    # repository changes nothing here until this line does; a branch or tag name follows it.
+    # Default: the repository's main branch.
+    revision: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[\w.-]+$")
 
     @field_validator("family")
     @classmethod
@@ -103,13 +110,17 @@ class ModelEntry(Strict):
     def _tuning(self) -> "ModelEntry":
         check_cache(self.cache, self.cache_threshold, self.cache_interval)
         check_gguf_transformer(self.family, self.transformer, self.quantize)
+        limits = self.limits
+        if limits.default_steps > limits.max_steps:
+            raise ValueError(f"default_steps {limits.default_steps} is above max_steps {limits.max_steps}; "
+                             "raise max_steps or lower default_steps")
         return self
 
     @property
     def limits(self) -> FamilyLimits:
         base = FAMILIES[self.family].limits
         overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
-                                                   "default_height", "default_steps",
+                                                   "default_height", "default_steps", "max_steps",
                                                    "default_guidance", "default_duration_s", "max_duration_s",
                                                    "default_frames", "max_frames", "default_fps")
                      if getattr(self, k) is not None}
@@ -245,8 +256,12 @@ class DiscordConfig(Strict):
 class Config(Strict):
     home: Path = Field(default_factory=default_home)
     artifacts: Path | None = None  # defaults to <home>/artifacts
-    builtin_models: bool = True
-    default_model: str = "tiny-sd"
+    # The built-in tiny models (and noop) beside the catalog's own: true, false, or, unset, only when
+    # the config has no models of its own (so that `atelier up` with no file serves something, and a
+    # production catalog does not also offer toy models nobody asked for).
+    builtin_models: bool | None = None
+    # Default: tiny-sd where the built-ins are in, else the first model of the catalog.
+    default_model: str = ""
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
@@ -256,11 +271,21 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _merge_builtins(self) -> "Config":
-        if self.builtin_models:
+        if self.builtin_models or (self.builtin_models is None and not self.models):
             self.models = {**builtin_models(), **self.models}
+        if not self.default_model and self.models:
+            self.default_model = "tiny-sd" if "tiny-sd" in self.models else next(iter(self.models))
         if self.models and self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not in the catalog")
         return self
+
+    @property
+    def input_pixel_budget(self) -> int:
+        """Pixels an input image may have: four times the catalog's largest output (room for a photo
+        that is scaled down), and never less than a 4096x4096 picture (a phone's 12 Mpx photo fits)."""
+        largest = max((entry.limits.max_width * entry.limits.max_height for entry in self.models.values()),
+                      default=0)
+        return max(4 * largest, 4096 * 4096)
 
     @property
     def artifact_dir(self) -> Path:

@@ -6,6 +6,9 @@ job's output format: PNG (with the generation's parameters in a text chunk, wher
 look for them) or WebP for images; MP4 (H.264), animated WebP or GIF for video; WAV or FLAC for
 sound. Video and FLAC go through PyAV (FFmpeg's codecs); the rest through Pillow and the
 standard library.
+
+A job's input images come in as encoded bytes from anyone: ``open_input`` is the one door they are
+decoded through, at admission and again on the runner.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from atelier.jobs import Artifact, JobSpec
+
+# The formats an input image may be in: what browsers, phones and Discord send. Pillow reads dozens
+# more, some through code no one audits for hostile files (EPS runs Ghostscript, if it is installed).
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "mp4": "video/mp4", "gif": "image/gif",
                "wav": "audio/wav", "flac": "audio/flac"}
@@ -44,6 +51,44 @@ class Audio:
     @property
     def duration_s(self) -> float:
         return self.channels_first.shape[1] / self.sample_rate
+
+
+class InputImageError(ValueError):
+    """An input image atelier will not decode, with a reason its sender can act on; ``too_large``
+    when it is its size (not its bytes) that is refused."""
+
+    def __init__(self, message: str, *, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def open_input(data: bytes, name: str, max_pixels: int, *, decode: bool = True) -> Image.Image:
+    """An input image, fully decoded (``decode``), or only its header read: the size and format are
+    checked before any pixel is, so that a small file that declares a huge picture costs nothing."""
+    try:
+        image = Image.open(io.BytesIO(bytes(data)), formats=INPUT_FORMATS)
+    except Image.DecompressionBombError:  # not an OSError: Pillow's own cap, far above ours
+        raise InputImageError(f"{name}: the image is larger than {max_pixels} pixels", too_large=True) from None
+    except Exception as exc:  # crafted bytes make decoders raise all kinds (OSError, SyntaxError, ...)
+        raise InputImageError(f"{name}: not a PNG, JPEG or WebP image ({_reason(exc)})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise InputImageError(f"{name}: {width}x{height} is more than the {max_pixels} pixels an input image "
+                              "may have; scale it down", too_large=True)
+    if decode:
+        try:
+            image.load()  # every pixel: a truncated or corrupt file fails here, not in a batch
+        except Exception as exc:
+            image.close()
+            raise InputImageError(f"{name}: the {image.format} image is damaged or cut short "
+                                  f"({_reason(exc)})") from None
+    return image
+
+
+def _reason(exc: Exception) -> str:
+    # Pillow's messages name no path here (the bytes came from memory), but they can be long.
+    return str(exc)[:200] or type(exc).__name__
 
 
 def encode(item: Any, spec: JobSpec, seed: int) -> Artifact:

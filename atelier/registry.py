@@ -34,6 +34,9 @@ class FamilyLimits:
     default_width: int = 1024
     default_height: int = 1024
     max_count: int = 4
+    # Steps a job may ask for: well above any sampler's useful count (a model's catalog entry may say
+    # fewer, a turbo model's 8, say).
+    max_steps: int = 150
     # Images in one pipeline call, by default, on a GPU and on the CPU (a model's catalog entry
     # may say otherwise). Small models leave a GPU idle at batch 1, so batching pays there.
     max_batch: int = 4
@@ -143,7 +146,8 @@ _ROWS = (
     # guidance 3.5 as its model card runs it. Its UNet is convolutional: any length runs, the cost
     # growing with it, and well past its training window the sound wanders.
     FamilySpec(name="audioldm2", adapter="atelier.families.audio:AudioLDM2Family", denoiser="unet",
-               limits=_sound(default_steps=200, default_guidance=3.5, default_duration_s=10.24, max_duration_s=30.0),
+               limits=_sound(default_steps=200, default_guidance=3.5, default_duration_s=10.24, max_duration_s=30.0,
+                             max_steps=400),
                preview_decoder=False,
                tiny_model="tiny-audioldm2", tiny_builder="atelier.tiny.audio:build_tiny_audioldm2"),
     # The SD x4 upscaler: width and height are the input's (up to 512 px, a 2048 px output); the output
@@ -172,15 +176,16 @@ _ROWS = (
                tiny_model="tiny-animatediff", tiny_builder="atelier.tiny.video:build_tiny_animatediff"),
     # No diffusion at all: atelier's own cost (its catalog entry needs no weights).
     FamilySpec(name="noop", adapter="atelier.families.noop:NoopFamily", denoiser=None, preview_decoder=False,
-               limits=FamilyLimits(default_steps=4, default_guidance=0.0, max_width=4096, max_height=4096,
-                                   default_width=64, default_height=64, max_count=64, max_batch=64,
-                                   max_batch_cpu=64)),
+               # Sizes a test or a benchmark needs, and no more: its images are real, in the runner's memory.
+               limits=FamilyLimits(default_steps=4, default_guidance=0.0, max_width=1024, max_height=1024,
+                                   default_width=64, default_height=64, max_count=16, max_batch=64,
+                                   max_batch_cpu=64, max_steps=500)),
     # A GPU's costs without the GPU (benchmarks of the scheduling): sizes as a real model's, and its CPU
     # batch a GPU's, since it stands in for a GPU wherever its runner is.
     FamilySpec(name="costmodel", adapter="atelier.families.costmodel:CostModelFamily", denoiser=None,
                preview_decoder=False,
                limits=FamilyLimits(default_steps=30, default_guidance=5.0, max_count=8, max_batch=8,
-                                   max_batch_cpu=8)),
+                                   max_batch_cpu=8, max_steps=500)),
 )
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in _ROWS}

@@ -9,8 +9,6 @@ person can act on: nothing here downloads behind anyone's back.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from atelier import hub, staging
@@ -20,7 +18,6 @@ from atelier.tiny_models import BUILTIN, ensure_builtin
 
 BUILTIN_PREFIX = "builtin:"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
-_MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 
 # A family's single-file parts (their key prefixes), for the families that load from one file.
 _LDM_PARTS = {name: dict(spec.single_file_parts) for name, spec in FAMILIES.items() if spec.single_file_parts}
@@ -41,6 +38,11 @@ def resolve(name: str, entry: ModelEntry, cache_dir: Path, *, downloads: bool = 
     elif entry.config is not None:
         raise ModelSourceError(f"model {name}: `config` is only for a single-file source; "
                                f"the diffusers folder {path} has its own configs")
+    else:
+        _check_no_pickles(name, path)
+    if entry.revision is not None and not hub.is_hub_id(entry.source):
+        raise ModelSourceError(f"model {name}: `revision` picks a hub repository's commit; {entry.source} "
+                               "is not a hub id")
     if entry.variant is not None:
         _check_variant(name, entry.variant, path)
     if entry.transformer is not None:
@@ -101,7 +103,7 @@ def _locate(name: str, entry: ModelEntry, cache_dir: Path, downloads: bool) -> P
         return path
     if hub.is_hub_id(source):
         try:
-            return hub.snapshot(source, downloads=downloads, variant=entry.variant)
+            return hub.snapshot(source, downloads=downloads, revision=entry.revision, variant=entry.variant)
         except hub.HubError as exc:
             raise ModelSourceError(f"model {name}: {exc}") from None
     raise ModelSourceError(f"model {name}: {source} does not exist on this host")
@@ -136,6 +138,17 @@ def _check_single_file(name: str, entry: ModelEntry, path: Path) -> None:
                                f"(LDM) layout: it has no weights for the {', '.join(missing)}{hint}")
 
 
+def _check_no_pickles(name: str, path: Path) -> None:
+    """Refuses a diffusers folder with a component whose weights are only pickles (.bin, .ckpt, ...):
+    from_pretrained would unpickle them, and unpickling can run any code."""
+    for sub in sorted(path / component for component in staging.model_components(path)):
+        files = [f for f in sub.iterdir() if f.is_file()] if sub.is_dir() else []
+        if any(f.suffix in PICKLE_SUFFIXES for f in files) and not any(f.suffix == ".safetensors" for f in files):
+            raise ModelSourceError(f"model {name}: {sub.name} has only pickle weights ({sub.name}/*.bin), and "
+                                   "atelier never loads pickle (unpickling can run any code); convert them to "
+                                   ".safetensors")
+
+
 def _check_variant(name: str, variant: str, path: Path) -> None:
     """Refuses a variant the folder has no files of, as from_pretrained would, but naming the model."""
     if path.is_file():
@@ -151,20 +164,13 @@ def _has(keys: list[str], prefixes: tuple[str, ...]) -> bool:
 
 
 def _safetensors_keys(name: str, path: Path) -> list[str]:
-    """The tensor names in a safetensors file's header (the header alone is read)."""
-    damaged = ModelSourceError(f"model {name}: {path.name} is not a readable safetensors file "
-                               "(damaged, cut short, or something else under that name)")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise damaged
-        (length,) = struct.unpack("<Q", head)
-        if length > min(path.stat().st_size - 8, _MAX_HEADER):
-            raise damaged
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:  # not JSON, or not UTF-8
-            raise damaged from None
-    if not isinstance(header, dict):
-        raise damaged
-    return [k for k in header if k != "__metadata__"]
+    """The tensor names in a safetensors file's header (the header alone is read, and checked)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            length = staging.header_length(f.read(8), size)
+            tensors = staging.parse_header(f.read(length), size - 8 - length)
+    except staging.StagingError as exc:
+        raise ModelSourceError(f"model {name}: {path.name} is not a readable safetensors file "
+                               f"(damaged, cut short, or something else under that name: {exc})") from None
+    return list(tensors)

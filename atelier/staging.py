@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import math
 import mmap
 import os
 import re
@@ -30,6 +31,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +71,7 @@ def plan(folder: Path, variant: str | None = None, transformer: Path | None = No
         raise StagingError(f"{folder} has no weight files of the variant {variant!r} "
                            f"(such as unet/diffusion_pytorch_model.{variant}.safetensors)")
     files = []
-    for component, value in _model_index(folder).items():
-        if component.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
+    for component in model_components(folder):
         sub = folder / component
         if not sub.is_dir() or (component == "transformer" and transformer is not None):
             continue
@@ -86,6 +86,12 @@ def plan(folder: Path, variant: str | None = None, transformer: Path | None = No
     if not files:
         raise StagingError(f"{folder} has no safetensors weights to stage")
     return files
+
+
+def model_components(folder: Path) -> list[str]:
+    """The components a diffusers folder's model_index.json lists (each a subfolder of it, if it has files)."""
+    return [component for component, value in _model_index(folder).items()
+            if not component.startswith("_") and isinstance(value, list) and value[0] is not None]
 
 
 def variant_components(folder: Path, variant: str | None) -> set[str]:
@@ -212,30 +218,93 @@ def state_dicts(mapping: mmap.mmap, table: Iterable[StagedFile]) -> dict[str, di
             out[entry.component] = {GGUF_FILE: torch.frombuffer(mapping, dtype=torch.uint8, count=entry.length,
                                                                 offset=entry.offset)}
             continue
-        (header_len,) = struct.unpack_from("<Q", mapping, entry.offset)
-        if header_len > entry.length - 8:
-            raise StagingError(f"{entry.component}/{entry.name}: header runs past the end of the file")
-        header = json.loads(mapping[entry.offset + 8:entry.offset + 8 + header_len])
-        data = entry.offset + 8 + header_len
+        where = f"{entry.component}/{entry.name}"
+        if entry.offset < 0 or entry.length < 0 or entry.offset + entry.length > len(mapping):
+            raise StagingError(f"{where}: lies outside the segment")
+        try:
+            length = header_length(mapping[entry.offset:entry.offset + 8], entry.length)
+            header = parse_header(mapping[entry.offset + 8:entry.offset + 8 + length], entry.length - 8 - length)
+        except StagingError as exc:
+            raise StagingError(f"{where}: {exc}") from None
+        data = entry.offset + 8 + length
         tensors = out.setdefault(entry.component, {})
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             import torch  # here, not above: a stand-in holds no tensors, and its runner needs no torch
 
-            dtype = _TORCH_DTYPES.get(info["dtype"])
+            dtype = _TORCH_DTYPES.get(info.dtype)
             if dtype is None:
-                raise StagingError(f"{entry.component}/{entry.name}: unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            if data + end > entry.offset + entry.length:
-                raise StagingError(f"{entry.component}/{entry.name}: {name} runs past the end of the file")
-            shape = info["shape"]
-            if end == begin:
-                tensors[name] = torch.empty(shape, dtype=dtype)
+                raise StagingError(f"{where}: unsupported dtype {info.dtype} (this torch has no such type)")
+            if info.begin == info.end:
+                tensors[name] = torch.empty(info.shape, dtype=dtype)
                 continue
-            count = (end - begin) // dtype.itemsize
-            tensors[name] = torch.frombuffer(mapping, dtype=dtype, count=count, offset=data + begin).view(shape)
+            count = (info.end - info.begin) // dtype.itemsize
+            tensors[name] = torch.frombuffer(mapping, dtype=dtype, count=count,
+                                             offset=data + info.begin).view(info.shape)
     return out
+
+
+# --------------------------------------------------------------------------- #
+# safetensors headers: the one reader of them (staging, and sources' check of a single file)
+
+MAX_HEADER = 100 << 20  # safetensors' own limit on a header
+# The dtypes safetensors names that atelier reads: torch's name for each, and its bytes per element.
+DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+          "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+          "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # bytes, from the start of the data (after the header)
+    end: int
+
+
+def header_length(head: bytes, file_size: int) -> int:
+    """The header's length, from a safetensors file's first 8 bytes; refused past the file or the cap."""
+    if len(head) < 8:
+        raise StagingError("shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", head)
+    if length > min(file_size - 8, MAX_HEADER):
+        raise StagingError(f"a header of {length} bytes runs past the end of the file or the "
+                           f"{MAX_HEADER >> 20} MiB cap")
+    return length
+
+
+def parse_header(raw: bytes, data_size: int) -> dict[str, TensorInfo]:
+    """A safetensors header's tensors, each checked: a known dtype, a shape of whole numbers, and bytes
+    that lie within the ``data_size`` bytes after the header and hold exactly that shape."""
+    try:
+        header = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        raise StagingError("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise StagingError("the header is not a table of tensors")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise StagingError(f"{name}: not a tensor's entry (dtype, shape, data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPES:
+            raise StagingError(f"{name}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_whole(n) for n in shape):
+            raise StagingError(f"{name}: shape {shape!r} is not a list of whole numbers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets):
+            raise StagingError(f"{name}: data_offsets {offsets!r} are not two whole numbers")
+        begin, end = offsets
+        if not begin <= end <= data_size:
+            raise StagingError(f"{name}: bytes {begin}..{end} are not within the file's {data_size} bytes of data")
+        if end - begin != math.prod(shape) * DTYPES[dtype][1]:
+            raise StagingError(f"{name}: {end - begin} bytes do not hold a {dtype} tensor of shape {shape}")
+        tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
+    return tensors
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: Any = None,
@@ -393,10 +462,7 @@ def _read_into(path: Path, target: memoryview) -> None:
 def _torch_dtypes() -> dict[str, Any]:
     import torch
 
-    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-    return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+    return {k: getattr(torch, name) for k, (name, _) in DTYPES.items() if hasattr(torch, name)}
 
 
 class _LazyDtypes(dict):

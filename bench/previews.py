@@ -47,7 +47,8 @@ def decoder_catalog(folder: Path) -> Path:
 
     taesd = build_tiny_taesd(folder / "taesd", full_size=True)
     config = folder / "atelier.toml"
-    config.write_text(f'default_model = "{DECODER_MODEL}"\n[models.{DECODER_MODEL}]\nfamily = "sd1"\n'
+    config.write_text(f'builtin_models = true\ndefault_model = "{DECODER_MODEL}"\n'
+                      f'[models.{DECODER_MODEL}]\nfamily = "sd1"\n'
                       f'source = "builtin:tiny-sd"\npreview_decoder = "{taesd}"\n')
     return config
 

@@ -108,6 +108,7 @@ def shared_catalog(home: Path, folder: Path, *, loras: dict[str, Path], vaes: di
     noise.write_bytes(b"\xff" * 4096)
     steps2, steps3, steps4 = (f"{SMALL}default_steps = {n}\n" for n in (2, 3, 4))
     return (
+        "builtin_models = true\n"  # beside a catalog of its own, the built-ins are in only when asked for
         # test_discord's, test_frontends_conditioning's and test_conditioning's
         f'[models.missing-sd]\nfamily = "sd1"\nsource = "{folder / "nowhere"}"\n{steps2}'
         + guided_sd(home)

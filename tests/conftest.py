@@ -217,7 +217,7 @@ def cluster(atelier_home, tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     config = folder / "atelier.toml"
     small = "default_width = 64\ndefault_height = 64\ndefault_steps = 2\n"
-    config.write_text(f'[models.broken-sd]\nfamily = "sd1"\nsource = "{broken}"\n{small}'
+    config.write_text(f'builtin_models = true\n[models.broken-sd]\nfamily = "sd1"\nsource = "{broken}"\n{small}'
                       f'[models.truncated-sd]\nfamily = "sd1"\nsource = "{truncated}"\n{small}'
                       f'[models.missing-sd]\nfamily = "sd1"\nsource = "{folder / "nowhere"}"\n{small}')
     c = Cluster(atelier_home, config).start()

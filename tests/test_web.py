@@ -68,7 +68,7 @@ def atelier(atelier_home, tmp_path_factory):
     # The default rates: live typing has a limit of its own (live_per_minute), not the user's jobs'.
     # missing-sd names a checkpoint that is not there: its jobs fail, with the reason. guided-sd has
     # ControlNets and an IP-Adapter.
-    config.write_text(f'[models.missing-sd]\nfamily = "sd1"\n'
+    config.write_text(f'builtin_models = true\n[models.missing-sd]\nfamily = "sd1"\n'
                       f'source = "{folder / "nowhere"}"\ndefault_width = 64\ndefault_height = 64\n'
                       + guided_sd(atelier_home))
     cluster = Cluster(atelier_home, config).start()

@@ -125,6 +125,11 @@ class Family(ABC):
             raise ValueError(f"family {self.name!r} takes no controlnets or ip_adapter: remove them from "
                              "the model's catalog entry")
 
+    def unreadable_prompt(self, model: LoadedModel, prompt: str) -> str | None:
+        """Why ``model`` cannot read ``prompt`` (a syntax it parses, broken), or None. Asked of each
+        job before its batch's call, so that such a job fails alone, not every job it shares the call with."""
+        return None
+
     @abstractmethod
     def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Any]:
         """Run one request, calling ``on_step`` after every denoising step; one item per seed, in order:

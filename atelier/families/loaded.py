@@ -116,6 +116,14 @@ class LoadedModel:
         if self.reset_cache is not None:
             self.reset_cache()
 
+    def unreadable(self, prompts: list[str | None]) -> str | None:
+        """Why one of a job's prompts cannot be read by this model (``Family.unreadable_prompt``), or None."""
+        for prompt in prompts:
+            problem = self.family.unreadable_prompt(self, prompt) if prompt else None
+            if problem is not None:
+                return problem
+        return None
+
     def generate(self, request: GenerateRequest, on_step: StepCallback) -> list[Any]:
         """One pipeline call (``Family.generate``), prepared by ``before_call``."""
         self.before_call(request)

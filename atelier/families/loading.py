@@ -111,9 +111,10 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
             pipe.register_modules(**{name: None})
     else:
         # local_files_only: a path that is not a local folder must fail here, never be mistaken for a hub
-        # repo id and trigger a download.
+        # repo id and trigger a download. use_safetensors: a component with only pickled (.bin) weights
+        # is refused, never unpickled (sources.resolve says so first, naming the component).
         pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant,
-                                              **components)
+                                              use_safetensors=True, **components)
     if prepare is not None:
         prepare(pipe)
     return ready(pipe, device)

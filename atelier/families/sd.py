@@ -55,6 +55,19 @@ class _StableDiffusionFamily(Family):
         # With prompt_weighting, compel (CompelForSD or CompelForSDXL) reads the prompts.
         return LoadedModel(pipe, self, settings=_compel(pipe) if options.get("prompt_weighting") else None)
 
+    def unreadable_prompt(self, model: LoadedModel, prompt: str) -> str | None:
+        if model.settings is None:  # no prompt_weighting: a prompt is only text
+            return None
+        from compel.prompt_parser import PromptParser
+
+        try:
+            PromptParser().parse_conjunction(_compel_syntax(prompt))
+        except RecursionError:
+            return "prompt: its parentheses nest too deep for prompt weighting"
+        except Exception as exc:  # pyparsing's ParseException, and what compel raises on a half-made blend
+            return f"prompt: not a weighted prompt compel can read ({str(exc)[:200]})"
+        return None
+
     def load_conditioning(self, model: LoadedModel, controlnets: dict[str, str], ip_adapter: str | None,
                           ip_adapter_encoder: str | None) -> None:
         """Loads the catalog entry's ControlNets beside the model and its IP-Adapter into it (turned off
@@ -296,7 +309,13 @@ def _compel_syntax(prompt: str) -> str:
 
 
 def _compel(pipe: DiffusionPipeline) -> Any:
+    import pyparsing
     from compel import CompelForSD, CompelForSDXL
+
+    # Without pyparsing's memo (packrat), compel's grammar backtracks exponentially in nested
+    # parentheses: "((((((cat))))))" took 20 s, a few more levels hours, inside a batch's call. With
+    # it, parsing is linear. It is process-wide, and changes no grammar's result, only its speed.
+    pyparsing.ParserElement.enable_packrat(None)
 
     # CompelForSDXL reads both text encoders (penultimate hidden states, the second one's pooled output),
     # as SDXL's own encode_prompt does; neither truncates a long prompt, they encode it in 77-token chunks.

@@ -111,7 +111,7 @@ class AnimateDiffFamily(_VideoFamily):
         adapter_folder = settings.pop("motion_adapter", None)
         if adapter_folder is not None:
             adapter = MotionAdapter.from_pretrained(adapter_folder, dtype=torch_dtype(request.dtype_name),
-                                                    local_files_only=True)
+                                                    use_safetensors=True, local_files_only=True)
         elif path is not None and _class_name(path) not in (None, AnimateDiffPipeline.__name__):
             raise ValueError(f"{path} holds a {_class_name(path)}, not an AnimateDiff model: give the folder of "
                              "its motion adapter as options.motion_adapter")

@@ -1,20 +1,22 @@
 """What a job must be to be queued, beyond what pydantic checks: the catalog's and the family's rules.
 
 ``check`` refuses, naming the field, a job a model cannot run: an unknown model, a kind its
-family does not do, a size or count above its limits, an input the kind does not take (or a
-missing one it needs), an option that means nothing for what the model makes (frames for an
+family does not do, a size, count or number of steps above its limits, an input the kind does
+not take (or a missing one it needs), an input image that is not a PNG, JPEG or WebP or has too
+many pixels, an option that means nothing for what the model makes (frames for an
 image, a strength without an input image), an output format of another medium. ``resolve``
 then fills in every default, so a runner gets a job with nothing left to decide, and every
-attempt of it makes the same outputs.
+attempt of it makes the same outputs. ``check_images`` reads every pixel of the input images
+(the scheduler calls it off its event loop), so that a damaged one fails at submit.
 """
 
 from __future__ import annotations
 
-import io
 import random
 
 from atelier.config import Config
 from atelier.jobs import ErrorCode, JobInputs, JobKind, JobSpec
+from atelier.media import InputImageError, open_input
 from atelier.registry import FamilyLimits
 
 # The inputs each kind needs, and those it may take besides.
@@ -23,6 +25,10 @@ MAY_TAKE = {JobKind.img2img: {"mask"}}
 # Inputs any kind may bring, if the model's catalog entry has what reads them (_check_conditioning).
 CONDITIONING_INPUTS = {"control_image", "ip_adapter_image"}
 DEFAULT_STRENGTH = 0.75
+# Parentheses nested this deep at most in a prompt that compel parses (a model's prompt_weighting):
+# its grammar recurses per level, and a few dozen levels exhaust Python's stack. A1111 users write
+# "((best quality))"; nobody's prompt means ten levels.
+MAX_PROMPT_NESTING = 10
 
 
 class Refused(Exception):
@@ -55,7 +61,11 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
             raise _bad(name, f"{name} {value} is above {spec.model}'s limit of {limit}")
     if spec.count > lim.max_count:
         raise _bad("count", f"count {spec.count} is above {spec.model}'s limit of {lim.max_count}")
-    _check_inputs(spec, inputs, lim, what)
+    if spec.steps is not None and spec.steps > lim.max_steps:
+        raise _bad("steps", f"steps {spec.steps} is above {spec.model}'s limit of {lim.max_steps}")
+    if entry.options.get("prompt_weighting"):
+        _check_nesting(spec)
+    _check_inputs(spec, inputs, lim, what, config.input_pixel_budget)
     _check_media(spec, lim, what)
     unknown = sorted(set(spec.loras) - set(entry.loras))
     if unknown:
@@ -65,7 +75,30 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
                         entry.ip_adapter is not None)
 
 
-def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, what: str) -> None:
+def check_images(inputs: JobInputs | None, config: Config) -> None:
+    """Decodes every input image in full, refusing one that is damaged or cut short: a bad image fails
+    its own submit, never a batch it would share with others. CPU work: call it off the event loop."""
+    if inputs is None:
+        return
+    for name in inputs.names():
+        _open(getattr(inputs, name), name, config.input_pixel_budget, decode=True).close()
+
+
+def _check_nesting(spec: JobSpec) -> None:
+    for name, prompt in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt or "")):
+        depth = deepest = 0
+        for char in prompt:
+            if char == "(":
+                depth += 1
+                deepest = max(deepest, depth)
+            elif char == ")":
+                depth = max(0, depth - 1)
+        if deepest > MAX_PROMPT_NESTING:
+            raise _bad(name, f"{name}: parentheses nested {deepest} deep; {spec.model} weighs prompts, and takes "
+                             f"at most {MAX_PROMPT_NESTING} levels")
+
+
+def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, what: str, max_pixels: int) -> None:
     given = set(inputs.names()) if inputs is not None else set()
     needed = NEEDS.get(spec.kind, set())
     allowed = needed | MAY_TAKE.get(spec.kind, set()) | CONDITIONING_INPUTS
@@ -76,7 +109,7 @@ def _check_inputs(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, wh
     for name in sorted(given - allowed):
         raise _bad(name, f"{name}: {what} takes no {name} for {spec.kind.value}")
     for name in sorted(given):
-        _image_size(getattr(inputs, name), name)
+        _image_size(getattr(inputs, name), max_pixels, name)
     if spec.strength is not None and "image" not in given:
         raise _bad("strength", "strength: only a job that starts from an image has one")
 
@@ -120,7 +153,7 @@ def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random
     width, height = spec.width, spec.height
     if inputs is not None and inputs.image is not None and (width is None or height is None):
         # A job that starts from an image keeps its size (within the model's limits, in steps of 8).
-        source_w, source_h = _image_size(inputs.image)
+        source_w, source_h = _image_size(inputs.image, config.input_pixel_budget)
         width = width or max(8, min(source_w, lim.max_width) // 8 * 8)
         height = height or max(8, min(source_h, lim.max_height) // 8 * 8)
     video, audio = lim.media == "video", lim.media == "audio"
@@ -145,12 +178,14 @@ def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random
     })
 
 
-def _image_size(data: bytes, name: str = "image") -> tuple[int, int]:
-    """The size of an encoded image, from its header alone (Pillow reads no pixels for this)."""
-    from PIL import Image, UnidentifiedImageError
+def _image_size(data: bytes, max_pixels: int, name: str = "image") -> tuple[int, int]:
+    """The size of an encoded image, from its header alone (no pixel is read for this)."""
+    with _open(data, name, max_pixels, decode=False) as image:
+        return image.size
 
+
+def _open(data: bytes, name: str, max_pixels: int, *, decode: bool):
     try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise _bad(name, f"{name}: not an image Pillow can read ({exc})") from None
+        return open_input(data, name, max_pixels, decode=decode)
+    except InputImageError as exc:
+        raise Refused(ErrorCode.too_large if exc.too_large else ErrorCode.bad_request, str(exc), field=name) from None
