@@ -111,7 +111,8 @@ def test_h1_the_policy_checks_the_user_before_anything_reads_the_spec(tmp_path: 
 def scheduler_process(tmp_path: Path, router: str, journal: Path, catalog: str = ""):
     """``python -m actors.scheduler`` on a journal, with a catalog of its own; killed on the way out."""
     config = tmp_path / f"atelier-{time.monotonic_ns()}.toml"
-    config.write_text('[broker]\nheartbeat_s = 0.2\n' + catalog)
+    # Built-ins beside the catalog: tiny-sd is the model that stays when old-model goes.
+    config.write_text('builtin_models = true\n[broker]\nheartbeat_s = 0.2\n' + catalog)
     log = tmp_path / f"scheduler-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
