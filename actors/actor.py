@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -55,6 +56,19 @@ def handles(*types: type[Wire]):
         return fn
 
     return mark
+
+
+def connect(sock: zmq.Socket, endpoint: str) -> None:
+    """``sock.connect(endpoint)``; an address that cannot be is a Failure that says what to do."""
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if exc.errno == errno.ENAMETOOLONG:  # ipc:// in a deep home
+            raise Failure(f"{endpoint} is too long for a Unix socket (at most 107 bytes): use a shorter "
+                          "ATELIER_HOME, or give the broker's addresses with --router and --pub ([broker] router "
+                          "and pub)", 2) from None
+        raise Failure(f"cannot connect to {endpoint}: {exc}", 2) from None
 
 
 def internal_error(who: str, doing: str, exc: BaseException) -> Error:
@@ -276,7 +290,7 @@ class Actor:
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.router)
+        connect(sock, self.router)
         self._sock = sock
         self._last_heard = time.monotonic()
 
