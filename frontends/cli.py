@@ -117,8 +117,10 @@ async def _keys(args: argparse.Namespace, config: Config) -> int:
         return 2
     for path in written:
         print(f"wrote {path}")
-    print(f"{folder}: the broker's pair and {args.name!r}, authorized as {' or '.join(grant.roles)} named "
-          f"{' or '.join(grant.names)}. Turn CURVE on with [broker] curve = true"
+    granted = "any role and name (keep it on this host; --role makes narrower pairs)" if grant.unbound else \
+        f"{' or '.join(grant.roles)} named {' or '.join(grant.names)}"
+    print(f"{folder}: the broker's pair and {args.name!r}, authorized as {granted}. Turn CURVE on with "
+          "[broker] curve = true"
           + (f" and, on the hosts that use this pair, peer_key = {args.name!r}" if args.name != "peer" else "")
           + "; other hosts need broker.key and their own pair.")
     return 0
