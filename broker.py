@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import itertools
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 from pydantic import TypeAdapter, ValidationError
@@ -31,7 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from actors import codec, keys
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
-from actors.keys import BrokerKeys
+from actors.keys import BrokerKeys, Grant
 from actors.messages import (
     MESSAGE_ADAPTER,
     MESSAGES,
@@ -46,7 +49,7 @@ from actors.messages import (
     Welcome,
     kind_of,
 )
-from atelier.config import Config
+from atelier.config import RUN_FOLDER, Config
 from atelier.jobs import Capabilities, ErrorCode, Name, Wire
 from atelier.runtime import READY_PREFIX, Failure, process_main, process_parser
 
@@ -54,7 +57,14 @@ log = logging.getLogger("atelier.broker")
 
 HWM = 100_000
 KEYS_RELOAD_S = 5.0  # how often the authorized keys are read again
-MAX_FRAME_BYTES = 512 << 20
+# Per frame: the largest blob atelier sends (an input image, a video) is far below it.
+MAX_FRAME_BYTES = 128 << 20
+MAX_SUBSCRIPTION_BYTES = 4096  # the XPUB only ever receives subscriptions ("job/<id>/")
+MAX_MESSAGE_FRAMES = 1 + 2 + codec.MAX_FRAMES  # routing id, magic, head, blobs
+IPC_PATH_MAX = 107  # sun_path holds 108 bytes, with its terminating NUL
+# Names that only a peer of that role may take: messages are addressed to them by name, so a
+# frontend that registered as "scheduler" (while it is down) would receive every Submit.
+RESERVED = (("scheduler", Role.scheduler, True), ("loader-", Role.loader, False), ("runner-", Role.runner, False))
 # What only the broker says. The scheduler acts on PeerUp and PeerDown (a runner to use, one gone),
 # so a peer that sent them would add a phantom runner or take a real one away.
 BROKER_ONLY = frozenset(kind_of(m) for m in MESSAGES if m.route.sent_by == (BROKER,))
@@ -72,6 +82,7 @@ class Peer:
     capabilities: Capabilities
     last_seen: float
     last_sent: float = 0.0
+    key: bytes | None = None  # CURVE: the public key (z85) it registered with
 
 
 @dataclass
@@ -105,17 +116,27 @@ class Broker:
                 if not _local(endpoint):
                     raise ValueError(f"{endpoint} is reachable from other hosts: turn on CURVE ([broker] curve "
                                      "= true, keys from `atelier keys`) so that only peers with a key get in")
+        # Before binding: libzmq unlinks an existing socket file on bind, which would steal the address
+        # of a broker that runs there.
+        self._locks = [fd for fd in (_claim_ipc(router), _claim_ipc(pub)) if fd is not None]
         self.heartbeat_s = heartbeat_s
+        self.peers: dict[bytes, Peer] = {}  # by routing id
+        self.names: dict[str, bytes] = {}  # registered name -> routing id
+        self.stats = BrokerStats()
+        self._ids = itertools.count(1)
         self.ctx = context or zmq.Context()
         self._own_context = context is None
         self.keys = keys
         self.auth: ThreadAuthenticator | None = None
+        self.grants: dict[bytes, Grant] = {}
+        self._key_problems: list[str] = []
         if keys is not None:
+            self._read_grants()
             # ZAP: the handshake of a peer whose public key is not authorized fails before any frame of
-            # it reaches the broker.
+            # it reaches the broker. The callback reads the table this broker keeps (and checks names with).
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
-            self.auth.configure_curve(domain="*", location=str(keys.authorized))
+            self.auth.configure_curve_callback(domain="*", credentials_provider=self)
         self.rate_per_s, self.burst = rate_per_s, burst
         self.buckets: dict[bytes, _Bucket] = {}
         self._keys_read = time.monotonic()
@@ -124,7 +145,8 @@ class Broker:
             keys.apply(self.router)
         # Fail loudly on an unknown identity instead of dropping, so the sender gets an error.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A restarted peer reuses its name; its new connection takes the identity over.
+        # A peer that reconnects (same socket, same routing id) takes its identity over. Routing ids
+        # of actors are random (actor.py), so nobody else can; names are bound by Hello alone.
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.SNDHWM, HWM)
         self.router.setsockopt(zmq.RCVHWM, HWM)
@@ -134,12 +156,10 @@ class Broker:
         if keys is not None:
             keys.apply(self.xpub)
         self.xpub.setsockopt(zmq.SNDHWM, HWM)
+        self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         self.xpub.bind(pub)
         self.router_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.peers: dict[bytes, Peer] = {}
-        self.stats = BrokerStats()
-        self._ids = itertools.count(1)
         self._stopped = threading.Event()
 
     # -- lifecycle --------------------------------------------------------- #
@@ -178,6 +198,9 @@ class Broker:
             self.auth.stop()
         if self._own_context:
             self.ctx.term()
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
     # -- routing ----------------------------------------------------------- #
 
@@ -187,13 +210,29 @@ class Broker:
             if self._stopped.is_set():
                 return  # stopping: what is still queued is not ours to route any more
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self._recv_message()
             except zmq.Again:
                 return
             try:
+                if len(frames) > MAX_MESSAGE_FRAMES:
+                    self._reject(frames[0].bytes, DecodeError(
+                        f"too many frames (at most {MAX_MESSAGE_FRAMES - 1})", too_large=True))
+                    continue
                 self._route(frames)
             except Exception:  # nothing a peer sends may stop the broker
                 log.exception("broker: failed to handle a message")
+
+    def _recv_message(self) -> list[zmq.Frame]:
+        """One message's frames, keeping no more than one over the limit: the rest are read and let go
+        at once, so a message of thousands of frames is refused without being held."""
+        frames = [self.router.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:
+            frame = self.router.recv(copy=False)  # the parts of a message arrive together
+            if len(frames) <= MAX_MESSAGE_FRAMES:
+                frames.append(frame)
+            elif not frame.more:
+                break
+        return frames
 
     def _route(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
@@ -230,8 +269,8 @@ class Broker:
             self.xpub.send_multipart([topic.encode(), *payload], copy=False)
             self.stats.published += 1
             return
-        target = head.dst.encode()
-        if target not in self.peers:
+        target = self.names.get(head.dst)
+        if target is None:
             self._send_error(ident, ErrorCode.unroutable, f"no peer named {head.dst!r} is registered",
                              corr=head.id)
             return
@@ -258,7 +297,7 @@ class Broker:
             self._reject(ident, DecodeError(f"invalid {head.kind}: {exc.errors()[0]['msg']}", id=head.id))
             return
         if isinstance(msg, Hello):
-            self._on_hello(ident, head, msg)
+            self._on_hello(ident, head, msg, payload)
         elif peer is None:
             self._send_error(ident, ErrorCode.not_registered, "say Hello before sending anything else",
                              corr=head.id)
@@ -271,25 +310,48 @@ class Broker:
             self._send_error(ident, ErrorCode.unsupported, f"the broker does not handle {head.kind!r}",
                              corr=head.id)
 
-    def _on_hello(self, ident: bytes, head: codec.Head, hello: Hello) -> None:
-        if ident != head.src.encode():
-            self._send_error(ident, ErrorCode.bad_request,
-                             "set the socket's ROUTING_ID to the name you send as src", corr=head.id)
-            return
-        if head.src == BROKER or not _is_name(head.src):
+    def _on_hello(self, ident: bytes, head: codec.Head, hello: Hello, payload: list) -> None:
+        name = head.src
+        if name == BROKER or not _is_name(name):
             # PeerUp and PeerDown carry the name as a Name: any other would fail there, after the
             # Welcome, and the schedulers would never hear of the peer. "broker" would pass for us.
             self._send_error(ident, ErrorCode.bad_request, f"{head.src[:64]!r} cannot be a peer's name: use "
                              "1 to 128 letters, digits and _.:@/- (not 'broker')", corr=head.id)
             return
-        now = time.monotonic()
+        key = self._key_of(payload)
+        refusal = self._may_register(name, hello.role, key)
+        if refusal is not None:
+            log.warning("broker: refused %r as %s: %s", name[:128], hello.role.value, refusal)
+            self._send_error(ident, ErrorCode.forbidden, refusal, corr=head.id)
+            return
         known = self.peers.get(ident)
+        if known is not None and known.name != name:
+            self._forget(ident, f"registered again as {name!r}")
+            known = None
+        holder = self.names.get(name)
+        if holder is not None and holder != ident:
+            other = self.peers[holder]
+            if other.incarnation != hello.incarnation and self._connected(holder):
+                # A live peer's name: an impostor's takeover, or a restart before the old connection
+                # closed (a crashed host's). The latter gets it once the old one is gone (liveness).
+                log.warning("broker: refused %r as %s: the name is in use by a connected peer",
+                            name[:128], hello.role.value)
+                self._send_error(ident, ErrorCode.forbidden, f"{name!r} is in use by a connected peer; a restarted "
+                                 "peer gets it once the old connection is gone", corr=head.id)
+                return
+            if other.incarnation == hello.incarnation:  # the same process on a new connection
+                known = self.peers.pop(holder)
+                self.buckets.pop(holder, None)
+            else:
+                self._forget(holder, "restarted")
         if known is not None and known.incarnation != hello.incarnation:
             # Same name, new process: the old one died without a word (a crash, a SIGKILL).
             self._forget(ident, "restarted")
             known = None
-        peer = Peer(head.src, hello.role, hello.incarnation, hello.capabilities, last_seen=now)
+        now = time.monotonic()
+        peer = Peer(name, hello.role, hello.incarnation, hello.capabilities, last_seen=now, key=key)
         self.peers[ident] = peer
+        self.names[name] = ident
         self._send(ident, Welcome(heartbeat_s=self.heartbeat_s), corr=head.id)
         if known is None:
             log.info("broker: %s joined as %s", peer.name, peer.role.value)
@@ -301,10 +363,73 @@ class Broker:
                         self._send(ident, PeerUp(name=other.name, role=other.role,
                                                  capabilities=other.capabilities))
 
+    def _may_register(self, name: str, role: Role, key: bytes | None) -> str | None:
+        """Why ``name`` may not register as ``role`` (with CURVE key ``key``); None if it may."""
+        for reserved, owner, whole in RESERVED:
+            if (name == reserved if whole else name.startswith(reserved)) and role is not owner:
+                return f"{name[:64]!r} is a {owner.value}'s name: a {role.value} may not take it"
+        if self.keys is None:
+            return None
+        grant = self.grants.get(key or b"")
+        if grant is None:
+            return "your CURVE key is no longer authorized"
+        if not grant.allows(role.value, name):
+            return (f"your CURVE key ({grant.key_name}) may not register {name[:64]!r} as {role.value} (it may be "
+                    f"{' or '.join(grant.roles)} named {' or '.join(grant.names)}; `atelier keys --role` makes keys)")
+        return None
+
+    def _key_of(self, payload: list) -> bytes | None:
+        """The CURVE public key (z85) the message came with: ZAP puts it on every frame as User-Id."""
+        if self.keys is None:
+            return None
+        try:
+            return payload[0].get("User-Id").encode()
+        except (zmq.ZMQError, AttributeError):
+            return None
+
+    def _connected(self, ident: bytes) -> bool:
+        """Whether a connection holds ``ident`` now (ROUTER_MANDATORY says so on a send)."""
+        frames = codec.encode(Envelope(Heartbeat(), BROKER, self.peers[ident].name, next(self._ids), None))
+        try:
+            self.router.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return True  # connected, not reading
+        except zmq.ZMQError:
+            return False
+        return True
+
+    # -- keys -------------------------------------------------------------- #
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP (in the authenticator's thread): whether a connecting key is authorized."""
+        return key in self.grants
+
+    def _read_grants(self) -> None:
+        assert self.keys is not None
+        try:
+            grants, problems = keys.read_grants(self.keys.authorized)
+        except OSError as exc:  # the folder itself: keep what was read last rather than let nobody in
+            problems, grants = [f"{self.keys.authorized}: {exc}"], self.grants
+        if problems != self._key_problems:
+            for problem in problems:
+                log.error("broker: refused an authorized key file: %s", problem)
+        self._key_problems = problems
+        for grant in grants.values():
+            if grant.unbound and grant not in self.grants.values():
+                log.warning("broker: key %s may register any name as any role (an all-roles pair, or a file "
+                            "without grants): make per-role keys with `atelier keys --role`", grant.key_name)
+        self.grants = grants  # one assignment: the authenticator thread sees the old table or the new
+        for ident, peer in list(self.peers.items()):
+            if self._may_register(peer.name, peer.role, peer.key) is not None:
+                self._send_error(ident, ErrorCode.forbidden, "your CURVE key was revoked", corr=None)
+                self._forget(ident, "its key was revoked")
+
     def _forget(self, ident: bytes, reason: str) -> None:
         peer = self.peers.pop(ident, None)
         if peer is None:
             return
+        if self.names.get(peer.name) == ident:
+            del self.names[peer.name]
         log.info("broker: %s (%s) is gone: %s", peer.name, peer.role.value, reason)
         self._tell_schedulers(PeerDown(name=peer.name, role=peer.role, reason=reason))
 
@@ -340,7 +465,7 @@ class Broker:
             del self.buckets[ident]
         if self.auth is not None and now - self._keys_read > KEYS_RELOAD_S:
             self._keys_read = now
-            self.auth.configure_curve(domain="*", location=str(self.keys.authorized))  # one taken out: refused
+            self._read_grants()  # one taken out: refused, and its peers dropped
         deadline = 3 * self.heartbeat_s
         for ident, peer in list(self.peers.items()):
             if now - peer.last_seen > deadline:
@@ -361,14 +486,15 @@ class Broker:
     # -- replies ----------------------------------------------------------- #
 
     def _send(self, ident: bytes, msg: Wire, corr: int | None = None) -> None:
-        frames = codec.encode(Envelope(msg, BROKER, ident.decode(errors="replace"), next(self._ids), corr))
+        peer = self.peers.get(ident)
+        dst = peer.name if peer is not None else ident.decode(errors="replace")
+        frames = codec.encode(Envelope(msg, BROKER, dst, next(self._ids), corr))
         try:
             # NOBLOCK: a peer that floods and never reads its replies fills its queue; blocking on it
             # would stall the broker for everyone (found by tests/test_fuzz_wire.py). Its replies are dropped.
             self.router.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             return  # the peer is gone (liveness will notice) or not reading
-        peer = self.peers.get(ident)
         if peer is not None:
             peer.last_sent = time.monotonic()
 
@@ -407,6 +533,31 @@ def _local(endpoint: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
+def _claim_ipc(endpoint: str) -> int | None:
+    """For an ipc:// endpoint: checks its path fits a Unix socket, makes its folder (0700) and takes
+    the lock beside it that says a broker serves there; returns the lock's fd (None for other endpoints).
+    ValueError says what is wrong: a path too long, or a broker already running there."""
+    if not endpoint.startswith("ipc://") or endpoint[len("ipc://"):].startswith(("@", "*")):
+        return None  # abstract sockets (no file) and ipc://* bind like ports: EADDRINUSE speaks for them
+    path = Path(endpoint[len("ipc://"):])
+    if len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise ValueError(f"{endpoint} is too long for a Unix socket ({len(os.fsencode(path))} bytes, at most "
+                         f"{IPC_PATH_MAX}): use a shorter ATELIER_HOME, or set [broker] router and pub (e.g. "
+                         "ipc:///run/user/$UID/atelier/router, or tcp://127.0.0.1:5555)")
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    elif path.parent.stat().st_mode & 0o077:
+        log.warning("broker: %s is in a folder other local users may enter: they can connect to it", endpoint)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"atelier is already running at {endpoint} (another broker holds it): stop that one, "
+                         "or give this one other addresses (--router and --pub, or another ATELIER_HOME)") from None
+    return fd
+
+
 def _is_name(text: str) -> bool:
     try:
         NAMES.validate_python(text)
@@ -416,8 +567,13 @@ def _is_name(text: str) -> bool:
 
 
 def serve(args: argparse.Namespace, config: Config, stop: threading.Event) -> None:
+    router, pub = args.router or config.broker.router, args.pub or config.broker.pub
     try:
-        broker = Broker(args.router or config.broker.router, args.pub or config.broker.pub,
+        for endpoint in (router, pub):
+            run = config.home.expanduser() / RUN_FOLDER
+            if endpoint.startswith("ipc://") and Path(endpoint[len("ipc://"):]).parent == run:
+                keys.private_folder(run)  # the default's: only this user may connect
+        broker = Broker(router, pub,
                         heartbeat_s=config.broker.heartbeat_s, keys=keys.for_broker(config),
                         rate_per_s=config.broker.peer_rate_per_s, burst=config.broker.peer_burst)
     except zmq.ZMQError as exc:
@@ -435,8 +591,9 @@ def serve(args: argparse.Namespace, config: Config, stop: threading.Event) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = process_parser("atelier broker", "Run the atelier broker.",
-                            router="ROUTER endpoint to bind, e.g. tcp://127.0.0.1:5555",
-                            pub="XPUB endpoint to bind, e.g. tcp://127.0.0.1:5556")
+                            router="ROUTER endpoint to bind (default ipc://<home>/run/router), e.g. "
+                                   "tcp://127.0.0.1:5555",
+                            pub="XPUB endpoint to bind (default ipc://<home>/run/pub), e.g. tcp://127.0.0.1:5556")
     return process_main(parser, serve, argv, log_name="broker",
                         other_address="choose free ports with --router and --pub (or [broker] router and pub "
                                       "in the config)")

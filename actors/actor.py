@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import random
+import secrets
 import socket
 import time
 import uuid
@@ -53,6 +56,25 @@ def handles(*types: type[Wire]):
         return fn
 
     return mark
+
+
+def connect(sock: zmq.Socket, endpoint: str) -> None:
+    """``sock.connect(endpoint)``; an address that cannot be is a Failure that says what to do."""
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if exc.errno == errno.ENAMETOOLONG:  # ipc:// in a deep home
+            raise Failure(f"{endpoint} is too long for a Unix socket (at most 107 bytes): use a shorter "
+                          "ATELIER_HOME, or give the broker's addresses with --router and --pub ([broker] router "
+                          "and pub)", 2) from None
+        raise Failure(f"cannot connect to {endpoint}: {exc}", 2) from None
+
+
+def internal_error(who: str, doing: str, exc: BaseException) -> Error:
+    """What another peer hears of a failure here: its kind, not its text (paths, device details),
+    which the log above it keeps."""
+    return Error(code=ErrorCode.internal, message=f"{who} failed on {doing} ({type(exc).__name__}); its log says why")
 
 
 class RemoteError(Exception):
@@ -259,14 +281,16 @@ class Actor:
 
     def _open_socket(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        # Random, not the name: the broker binds the name at Hello, and an identity nobody can guess
+        # is one no other connection can take over (ROUTER_HANDOVER) to receive what is sent to us.
+        sock.setsockopt(zmq.ROUTING_ID, secrets.token_hex(16).encode())
         if self.keys is not None:
             self.keys.apply(sock)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.router)
+        connect(sock, self.router)
         self._sock = sock
         self._last_heard = time.monotonic()
 
@@ -281,10 +305,20 @@ class Actor:
             try:
                 welcome = await self.ask(BROKER, hello, timeout=max(self.heartbeat_s * 2, 1.0))
             except (asyncio.TimeoutError, RemoteError, UnexpectedReply) as exc:
+                refused = isinstance(exc, RemoteError) and exc.error.code is ErrorCode.forbidden
                 if deadline is not None and time.monotonic() > deadline:
+                    if refused:
+                        raise Failure(f"the broker at {self.router} refuses {self.name}: {exc.error.message}",
+                                      3) from None
                     raise NoBroker(self.router) from exc
-                log.info("%s: broker not answering (%s); retrying in %.1fs", self.name, exc or "timeout", delay)
-                await asyncio.sleep(delay)
+                if refused:
+                    log.warning("%s: the broker refused us: %s", self.name, exc.error.message)
+                else:
+                    log.info("%s: broker not answering (%s); retrying in %.1fs", self.name, exc or "timeout",
+                             delay)
+                # Jittered: the peers of a restarted broker all notice at once, and must not all
+                # come back in step.
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 2.0)
                 continue
             self.heartbeat_s = welcome.heartbeat_s
@@ -298,6 +332,9 @@ class Actor:
             self._registering = self._tasks.spawn(self._register_again(), "register")
 
     async def _register_again(self) -> None:
+        # Every peer of a restarted broker learns of it within the same heartbeat: spread their Hellos
+        # (and what on_reconnect asks again) over up to one interval rather than answer in a burst.
+        await asyncio.sleep(random.uniform(0, min(self.heartbeat_s, 1.0)))
         await self._register(None)
         # Asks in flight went to the broker that died, or their replies did: send them again now
         # rather than after their timeouts. Every ask atelier makes is safe to repeat (a submit's
@@ -328,6 +365,11 @@ class Actor:
                 continue
             if isinstance(env.msg, Error) and env.msg.code is ErrorCode.not_registered and env.src == BROKER:
                 # The broker restarted and forgot us: register again, out of the mailbox's way.
+                self._reregister()
+                continue
+            if isinstance(env.msg, Error) and env.msg.code is ErrorCode.forbidden and env.src == BROKER:
+                # Dropped (our key was revoked): say so; asking again says whether it still stands.
+                log.warning("%s: the broker dropped us: %s", self.name, env.msg.message)
                 self._reregister()
                 continue
             if env.corr is not None:
@@ -368,7 +410,7 @@ class Actor:
             answer = await handler(self, env.msg, env)
         except Exception as exc:  # one bad message must never take the actor down
             log.exception("%s: handler for %s failed", self.name, env.msg.kind)
-            answer = Error(code=ErrorCode.internal, message=f"{type(exc).__name__}: {exc}")
+            answer = internal_error(self.name, env.msg.kind, exc)
         if answer is not None:
             await self.reply(env, answer)
 

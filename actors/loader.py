@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors import keys
-from actors.actor import Actor, handles
+from actors.actor import Actor, handles, internal_error
 from actors.codec import SCHEDULER, Envelope
 from actors.messages import Error, LoaderState, Preload, Release, Role, Stage, Staged
 from atelier import sources, staging
@@ -125,6 +126,7 @@ class Loader(Actor):
         # killed loader left behind.
         self._node_prefix = "atelier-" + re.sub(r"[^A-Za-z0-9_.-]", "_", node) + "-"
         self._prefix = f"{self._node_prefix}{os.getpid()}-"
+        self._runner_prefix = f"runner-{node}-"  # runner.runner_name's, for this node
 
     def capabilities(self) -> Capabilities:
         return super().capabilities().model_copy(update={"node": self.node})
@@ -142,14 +144,28 @@ class Loader(Actor):
         await self.send(SCHEDULER, LoaderState(node=self.node, budget_bytes=self.held.budget,
                                                staged={m: h.staged.bytes for m, h in self.held.items.items()}))
 
+    def _refuse(self, env: Envelope, sender_ok: bool, allowed: str) -> Error | None:
+        """Stage and Release come from this node's runners, Preload from the scheduler: another peer
+        (a frontend, another node's runner) has no business steering this host's memory."""
+        if sender_ok:
+            return None
+        log.warning("refused %s from %r: only %s may send it", env.msg.kind, env.src[:128], allowed)
+        return Error(code=ErrorCode.forbidden, message=f"{self.name} takes {env.msg.kind} only from {allowed}")
+
     @handles(Release)
-    async def on_release(self, msg: Release, env: Envelope) -> None:
+    async def on_release(self, msg: Release, env: Envelope) -> Error | None:
+        if refusal := self._refuse(env, env.src.startswith(self._runner_prefix), f"{self._runner_prefix}*"):
+            return refusal
         self.held.release(msg.model)
+        return None
 
     @handles(Preload)
-    async def on_preload(self, msg: Preload, env: Envelope) -> None:
+    async def on_preload(self, msg: Preload, env: Envelope) -> Error | None:
+        if refusal := self._refuse(env, env.src == SCHEDULER, SCHEDULER):
+            return refusal
         for model in msg.models:
             self._start_staging(model).add_done_callback(_log_preload_failure)
+        return None
 
     async def on_stop(self) -> None:
         # Runners that mapped a segment keep their memory; the names just go.
@@ -158,16 +174,18 @@ class Loader(Actor):
     def _remove_segments(self) -> None:
         if staging.SHM_ROOT is not None:
             for leftover in staging.SHM_ROOT.glob(self._prefix + "*"):
-                leftover.unlink(missing_ok=True)
+                staging.remove_own(leftover)
 
     def _remove_orphans(self) -> None:
-        """Removes the segments of loaders of this node that are dead (killed before they could)."""
+        """Removes the segments of loaders of this node that are dead (killed before they could).
+        Only this user's: /dev/shm is everyone's, and another's file of the same name is not ours to
+        remove (nor can we, in a sticky folder: it must not stop the loader from starting)."""
         if staging.SHM_ROOT is None:
             return
         for leftover in staging.SHM_ROOT.glob(self._node_prefix + "*"):
             owner = leftover.name[len(self._node_prefix):].split("-", 1)[0]
             if owner.isdigit() and not _alive(int(owner)):
-                leftover.unlink(missing_ok=True)
+                staging.remove_own(leftover)
 
     def _start_staging(self, model: str) -> asyncio.Task[Staged]:
         task = self._staging.get(model)
@@ -178,8 +196,11 @@ class Loader(Actor):
         return task
 
     @handles(Stage)
-    async def on_stage(self, msg: Stage, env: Envelope) -> None:
+    async def on_stage(self, msg: Stage, env: Envelope) -> Error | None:
+        if refusal := self._refuse(env, env.src.startswith(self._runner_prefix), f"{self._runner_prefix}*"):
+            return refusal
         self._tasks.spawn(self._answer(env, self._start_staging(msg.model)), "answer-stage")
+        return None
 
     async def _answer(self, env: Envelope, task: asyncio.Task[Staged]) -> None:
         try:
@@ -191,7 +212,8 @@ class Loader(Actor):
         except sources.ModelSourceError as exc:
             answer = Error(code=ErrorCode.bad_request, message=str(exc))
         except Exception as exc:
-            answer = Error(code=ErrorCode.internal, message=f"{type(exc).__name__}: {exc}")
+            log.exception("staging %s failed", env.msg.model)
+            answer = internal_error(self.name, f"staging {env.msg.model}", exc)
         await self.reply(env, answer)
 
     async def _stage(self, model: str) -> Staged:
@@ -221,7 +243,9 @@ class Loader(Actor):
         for evicted in self.held.make_room(model, size, time.monotonic()):
             log.info("evicted %s (%d bytes) from staging", evicted.model, evicted.bytes)
             Path(evicted.segment or "").unlink(missing_ok=True)
-        segment = staging.SHM_ROOT / (self._prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", model))
+        # A random part: a name another local user cannot guess cannot be made ready for us to trip on.
+        segment = staging.SHM_ROOT / (self._prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", model) + "-"
+                                      + secrets.token_hex(8))
         started = time.monotonic()
         table = await asyncio.to_thread(staging.stage, path, segment, entry.variant, gguf)
         staged = Staged(model=model, path=str(path), bytes=staging.segment_bytes(table), segment=str(segment),

@@ -35,6 +35,7 @@ from actors.messages import (
     BatchItem,
     BatchUpdate,
     Draining,
+    Error,
     GetRunnerState,
     Ok,
     Preview,
@@ -166,7 +167,9 @@ class Runner(Actor):
     # -- handlers -------------------------------------------------------------- #
 
     @handles(RunBatch)
-    async def on_run(self, msg: RunBatch, env: Envelope) -> None:
+    async def on_run(self, msg: RunBatch, env: Envelope) -> Error | None:
+        if env.src != SCHEDULER:
+            return self._not_from_scheduler(env)
         refusal = None
         if self._draining:
             refusal = f"{self.name} is shutting down"
@@ -181,16 +184,25 @@ class Runner(Actor):
                                 active_batch=busy.id if busy else None,
                                 active_jobs=[spec.id for spec in busy.specs] if busy else [])
             self._tasks.spawn(self._report(env.src, refused), "refuse")
-            return
+            return None
         self.active = ActiveBatch(msg.batch_id, list(msg.items))
         self._execution = self._tasks.spawn(self._execute(self.active, env.src), f"batch-{msg.batch_id}")
+        return None
+
+    def _not_from_scheduler(self, env: Envelope) -> Error:
+        # Work and stops come through the scheduler alone: anyone else would skip admission and the
+        # fair share, or stop other people's jobs.
+        log.warning("%s: refused %s from %r: only the scheduler sends it", self.name, env.msg.kind, env.src[:128])
+        return Error(code=ErrorCode.forbidden, message=f"{self.name} takes {env.msg.kind} only from the scheduler")
 
     @handles(GetRunnerState)
     async def on_get_state(self, msg: GetRunnerState, env: Envelope) -> RunnerState:
         return RunnerState(capabilities=self.capabilities())
 
     @handles(StopJob)
-    async def on_stop_job(self, msg: StopJob, env: Envelope) -> Ok:
+    async def on_stop_job(self, msg: StopJob, env: Envelope) -> Ok | Error:
+        if env.src != SCHEDULER:
+            return self._not_from_scheduler(env)
         if self.active is not None:
             self.active.stop(msg.job_id, msg.reason)
         return Ok()

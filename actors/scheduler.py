@@ -182,7 +182,11 @@ class Scheduler(Actor):
             await self._schedule()
 
     @handles(LoaderState)
-    async def on_loader_state(self, msg: LoaderState, env: Envelope) -> None:
+    async def on_loader_state(self, msg: LoaderState, env: Envelope) -> Error | None:
+        if env.src != loader_name(msg.node):  # what is staged where steers placement and preloads
+            log.warning("refused LoaderState for node %r from %r", msg.node[:128], env.src[:128])
+            return Error(code=ErrorCode.forbidden,
+                         message=f"{msg.kind} for node {msg.node[:128]!r} is taken only from {loader_name(msg.node)}")
         self.loaders[msg.node] = msg
         self.policy.loader_state(msg.node, msg.staged)
 

@@ -22,6 +22,7 @@ CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"
 # The built-in tiny models' catalog, shipped with the package and read as a user's atelier.toml is.
 BUILTIN_CATALOG = Path(__file__).with_name("builtin.toml")
+RUN_FOLDER = "run"  # in the home: the broker's default sockets, in a folder only its user may enter
 
 
 def default_home() -> Path:
@@ -133,8 +134,10 @@ def builtin_models() -> dict[str, ModelEntry]:
 
 
 class BrokerConfig(Strict):
-    router: str = "tcp://127.0.0.1:5555"
-    pub: str = "tcp://127.0.0.1:5556"
+    # Default (empty): ipc://<home>/run/router and .../pub, Unix sockets in a 0700 folder, which other
+    # local users cannot reach. tcp://127.0.0.1:PORT serves every local user (and any host, with CURVE).
+    router: str = ""
+    pub: str = ""
     heartbeat_s: float = Field(default=1.0, gt=0, le=60)
     # CURVE (actors/keys.py): peers prove who they are with key pairs `atelier keys` makes, and the
     # traffic is encrypted. Required to bind anything but loopback.
@@ -268,6 +271,13 @@ class Config(Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     discord: DiscordConfig = Field(default_factory=DiscordConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _default_endpoints(self) -> "Config":
+        run = self.home.expanduser() / RUN_FOLDER
+        self.broker.router = self.broker.router or f"ipc://{run / 'router'}"
+        self.broker.pub = self.broker.pub or f"ipc://{run / 'pub'}"
+        return self
 
     @model_validator(mode="after")
     def _merge_builtins(self) -> "Config":

@@ -23,10 +23,12 @@ import contextlib
 import importlib
 import inspect
 import json
+import logging
 import math
 import mmap
 import os
 import re
+import secrets
 import struct
 import sys
 import time
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from atelier.jobs import StagedFile
+
+log = logging.getLogger("atelier.staging")
 
 ALIGN = 64  # every file starts on a cache line, so every tensor is aligned for its dtype
 CHECKPOINT = "checkpoint"  # the component a single-file checkpoint is staged as: it holds them all
@@ -119,8 +123,8 @@ def stage(folder: Path, segment: Path, variant: str | None = None,
         length = path.stat().st_size
         table.append(StagedFile(component=component, name=path.name, offset=offset, length=length))
         offset = _aligned(offset + length)
-    partial = segment.with_name(segment.name + ".partial")
-    fd = os.open(partial, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+    partial = _partial(segment)
+    fd = _create(partial)
     try:
         os.ftruncate(fd, max(offset, 1))
         with mmap.mmap(fd, max(offset, 1)) as mapping:
@@ -132,11 +136,35 @@ def stage(folder: Path, segment: Path, variant: str | None = None,
                 view.release()
         os.replace(partial, segment)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        remove_own(partial)
         raise
     finally:
         os.close(fd)
     return table
+
+
+def _partial(segment: Path) -> Path:
+    # Random: in a folder every local user writes to (/dev/shm), a name nobody can guess is one
+    # nobody can have made ready (a symlink, a file of theirs) for us to write through or trip on.
+    return segment.with_name(f"{segment.name}.{secrets.token_hex(8)}.partial")
+
+
+def _create(path: Path) -> int:
+    """A new file only: never one that is there already, nor through a symlink."""
+    return os.open(path, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+
+def remove_own(path: Path) -> bool:
+    """Unlinks ``path`` if it is this user's own (a segment or part of one); whether it did. Another
+    user's file of the same name in /dev/shm is theirs, and never a reason to fail."""
+    try:
+        if path.lstat().st_uid != os.getuid():
+            log.warning("not removing %s: it belongs to uid %d", path, path.lstat().st_uid)
+            return False
+        path.unlink()
+    except OSError:
+        return False  # gone already, or not ours to remove
+    return True
 
 
 def segment_bytes(table: Iterable[StagedFile]) -> int:
@@ -162,11 +190,15 @@ def _stage_stand_in(path: Path, segment: Path) -> list[StagedFile]:
     size, read_s = _stand_in(path)
     time.sleep(read_s)
     header = b"{}"
-    partial = segment.with_name(segment.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(max(size, 8 + len(header)))
-    os.replace(partial, segment)
+    partial = _partial(segment)
+    try:
+        with os.fdopen(_create(partial), "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(max(size, 8 + len(header)))
+        os.replace(partial, segment)
+    except BaseException:
+        remove_own(partial)
+        raise
     return [StagedFile(component="stand_in", name=STAND_IN, offset=0, length=size)]
 
 

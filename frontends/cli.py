@@ -107,17 +107,21 @@ async def _wait_for_runners(router: str, pub: str, runners: int, *, timeout: flo
 
 
 async def _keys(args: argparse.Namespace, config: Config) -> int:
-    from actors.keys import folder_of, make
+    from actors.keys import AUTHORIZED, folder_of, make, read_grant
 
     folder = Path(args.dir).expanduser() if args.dir else folder_of(config)
     try:
-        written = make(folder, args.name)
+        written = make(folder, args.name, role=args.role, node=args.node)
+        _, grant = read_grant(folder / AUTHORIZED / f"{args.name}.key")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")
-    print(f"{folder}: the broker's pair and {args.name!r} (authorized). Turn CURVE on with [broker] curve = true"
+    granted = "any role and name (keep it on this host; --role makes narrower pairs)" if grant.unbound else \
+        f"{' or '.join(grant.roles)} named {' or '.join(grant.names)}"
+    print(f"{folder}: the broker's pair and {args.name!r}, authorized as {granted}. Turn CURVE on with "
+          "[broker] curve = true"
           + (f" and, on the hosts that use this pair, peer_key = {args.name!r}" if args.name != "peer" else "")
           + "; other hosts need broker.key and their own pair.")
     return 0
@@ -439,6 +443,11 @@ def _parser() -> argparse.ArgumentParser:
     keys = command("keys", "make CURVE key pairs for [broker] curve = true (the broker's, and one for peers)",
                    connects=False)
     keys.add_argument("--name", default="peer", help="the peers' key pair to make and authorize (default: peer)")
+    keys.add_argument("--role", choices=["all", "scheduler", "node", "frontend"],
+                      help="what the pair may register as: all (any name and role: one host's own peers), the "
+                           "scheduler, a node's loader and runners, or a frontend (HTTP, Discord, the CLI). "
+                           "Default: all for a new pair; an existing pair keeps its grant unless given")
+    keys.add_argument("--node", help="with --role node: the node's name (default: the pair's name)")
     keys.add_argument("--dir", help="the keys folder (default: [broker] keys, else <home>/keys)")
 
     status = command("status", "show nodes, runners, resident models, the queue and your jobs")

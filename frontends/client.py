@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from actors import codec
-from actors.actor import Actor, RemoteError, handles
+from actors.actor import Actor, RemoteError, connect, handles
 from actors.codec import SCHEDULER, DecodeError, Envelope
 from actors.messages import (
     CancelJob,
@@ -110,7 +110,7 @@ class AtelierClient(Actor):
         if self.keys is not None:
             self.keys.apply(self._sub)  # the broker's events socket lets in only keyed peers too
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
-        self._sub.connect(self.pub)
+        connect(self._sub, self.pub)
         await super().start(timeout)
         self._tasks.spawn(self._event_loop(), "events")
         self._tasks.spawn(self._resync_loop(), "resync")

@@ -13,7 +13,9 @@ def test_no_file_gives_the_builtin_models(tmp_path, monkeypatch):
     monkeypatch.delenv("ATELIER_CONFIG", raising=False)
     config = load_config()
     assert {"tiny-sd", "tiny-sdxl", "noop"} <= set(config.models)
-    assert config.broker.router.startswith("tcp://127.0.0.1:")  # loopback unless told otherwise
+    # A Unix socket in the home's private run folder unless told otherwise: other local users cannot reach it.
+    assert config.broker.router == f"ipc://{config.home / 'run' / 'router'}"
+    assert config.broker.pub == f"ipc://{config.home / 'run' / 'pub'}"
 
 
 def test_a_catalog_entry_overrides_its_family_limits(tmp_path):
