@@ -456,7 +456,9 @@ class Scheduler(Actor):
     async def _dispatch_refused(self, runner: str, batch_id: str, error: Error) -> None:
         log.warning("batch %s did not reach %s (%s: %s); its jobs go back to the queue", batch_id, runner,
                     error.code.value, error.message)
-        self.policy.dispatch_refused(runner, batch_id, f"{error.code.value}: {error.message}", self.clock())
+        unreachable = error.code in (ErrorCode.unroutable, ErrorCode.busy)
+        self.policy.dispatch_refused(runner, batch_id, f"{error.code.value}: {error.message}", self.clock(),
+                                     unreachable=unreachable)
         await self._schedule()
 
     async def _announce(self, r: JobRecord) -> None:

@@ -474,6 +474,26 @@ def test_l4_a_refused_dispatch_requeues_its_jobs_and_frees_the_runner(tmp_path: 
     assert [r.job for r in status.runners] == [None]  # not busy for ever with a batch it never had
 
 
+def test_l4_a_runner_gone_between_its_death_and_its_restart_costs_no_attempt(tmp_path: Path) -> None:
+    """The broker says unroutable while a dead runner's restart has not joined yet: the job waits for a
+    runner rather than burning its attempts on the gap (test_watchdog hit it, one attempt left)."""
+    policy = Policy(_config(tmp_path, max_attempts=1))
+    policy.runner_up("runner-a", Capabilities(pid=1, node="n", device="cpu"), 0.0)
+    job = policy.submit(JobSpec(model="noop", prompt="p"), "fe", 0.0)
+    policy.schedule(0.0)
+    first = next(e for e in policy.drain() if isinstance(e, Dispatch))
+    policy.dispatch_refused("runner-a", first.batch.id, "unroutable: 'runner-a' is unreachable", 0.1, unreachable=True)
+    policy.schedule(0.2)
+    assert not [e for e in policy.drain() if isinstance(e, Dispatch)]  # not sent again into the gap
+    assert job.state is JobState.queued and job.attempts == 0
+    policy.schedule(5.0)  # the pause is over (or the runner joined again)
+    again = next(e for e in policy.drain() if isinstance(e, Dispatch))
+    assert again.batch.jobs == [job.id] and job.attempts == 1
+    # Any other refusal is the batch's own: it counts, and ends in a failure with the reason.
+    policy.dispatch_refused("runner-a", again.batch.id, "too_large: 70 frames", 5.1, unreachable=False)
+    assert job.state is JobState.failed and "too_large" in job.reason
+
+
 def test_m2_queued_inputs_wait_on_disk_and_reach_the_runner_at_dispatch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _config(tmp_path)

@@ -38,7 +38,7 @@ def test_a_stuck_step_restarts_the_runner_and_fails_the_job_that_always_hangs(at
         stuck, fine = run(go(), timeout=150)
         assert stuck.job.state is JobState.failed and stuck.job.attempts == 2
         assert re.search(r"no progress for \d+s \(a stuck step\): .* was restarted", stuck.job.reason), stuck.job.reason
-        assert fine.job.state is JobState.done and fine.outputs  # a fresh runner took the next job
+        assert fine.job.state is JobState.done and fine.outputs, fine.job.reason  # a fresh runner took the next job
         assert cluster.pid_of(b"actors.runner") != first_runner
     finally:
         cluster.stop()

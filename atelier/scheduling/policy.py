@@ -369,9 +369,9 @@ class Policy:
         return reconcile.batch_done(self.state, runner, batch_id, outcomes, resident, now, refused=refused,
                                     active=active)
 
-    def dispatch_refused(self, runner: str, batch_id: str, reason: str, now: float) -> None:
+    def dispatch_refused(self, runner: str, batch_id: str, reason: str, now: float, *, unreachable: bool) -> None:
         """The batch's RunBatch was refused on its way (see ``reconcile.dispatch_refused``)."""
-        reconcile.dispatch_refused(self.state, runner, batch_id, reason, now)
+        reconcile.dispatch_refused(self.state, runner, batch_id, reason, now, unreachable=unreachable)
 
     def complete(self, job: Job, artifacts: list[str], outputs: tuple, now: float) -> None:
         if not job.live:
@@ -388,7 +388,7 @@ class Policy:
         (``refresh`` does, once a second, so a long queue costs little per event)."""
         state = self.state
         self.wake_at = None
-        usable = [r for r in state.runners.values() if not r.draining]
+        usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until]
         if state.queue and usable:
             if not whole_queue and now < self._next_plan and all(r.batch is not None for r in usable):
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later

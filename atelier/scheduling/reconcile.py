@@ -22,6 +22,11 @@ from collections.abc import Callable, Iterable
 from atelier.jobs import Capabilities, JobDone, JobFailed, JobState
 from atelier.scheduling.state import Announce, Batch, Job, Runner, State, StopRunning
 
+# How long a runner a dispatch found unreachable gets no batch: about the broker's three heartbeats
+# in which a dead one is declared down, or a restarted one joins again. Replans (once a second) then
+# try it again.
+UNREACHABLE_PAUSE_S = 3.0
+
 
 def runner_up(state: State, name: str, caps: Capabilities, now: float, new_id: Callable[[], str]) -> None:
     known = state.runners.get(name)
@@ -52,15 +57,31 @@ def runner_down(state: State, name: str, reason: str, now: float) -> None:
     _give_back(state, batch, name, f"runner {name} died while running this job ({reason})", now)
 
 
-def dispatch_refused(state: State, runner: str, batch_id: str, reason: str, now: float) -> None:
-    """A RunBatch that never reached its runner (the broker or the runner refused the message: too
-    large, a full queue): the runner is free, and the jobs go back with the attempt counted, so a
-    refusal that repeats ends in a failure with the reason rather than a loop."""
+def dispatch_refused(state: State, runner: str, batch_id: str, reason: str, now: float, *,
+                     unreachable: bool) -> None:
+    """A RunBatch that never reached its runner: the runner is free of it. ``unreachable`` (the
+    runner is gone or its queue full, the broker says): nothing of the jobs' doing, so they go back
+    with no attempt counted and the runner gets none for a moment (a restarted runner joins again
+    within it). Any other refusal (too large, undecodable) is the batch's own: the attempt counts, so
+    one that repeats ends in a failure with the reason rather than a loop."""
     batch = state.batches.pop(batch_id, None)
     r = state.runners.get(runner)
     if r is not None and r.batch is not None and r.batch.id == batch_id:
         r.batch = None
-    _give_back(state, batch, runner, f"the batch could not be sent to {runner}: {reason}", now)
+    why = f"the batch could not be sent to {runner}: {reason}"
+    if not unreachable:
+        _give_back(state, batch, runner, why, now)
+        return
+    if r is not None:
+        r.unreachable_until = now + UNREACHABLE_PAUSE_S
+    for job_id in batch.jobs if batch else ():
+        job = state.job_on(job_id, runner)
+        if job is None:
+            continue
+        if job.stopping:
+            state.finish(job, JobState.cancelled, job.stop_reason, now)
+        else:
+            state.requeue(job, why, started=False)
 
 
 def _give_back(state: State, batch: Batch | None, runner: str, why: str, now: float) -> None:

@@ -126,6 +126,9 @@ class Runner:
     resident: dict[str, int] = field(default_factory=dict)  # as it last reported
     draining: bool = False  # shutting down: finishes or hands back its batch, takes no new one
     batch: Batch | None = None
+    # A dispatch found it unreachable (gone, its restart not yet registered): none is sent it until
+    # then, or until it joins again (a new Runner), rather than failing job after job on it.
+    unreachable_until: float = float("-inf")
 
     @property
     def node(self) -> str | None:
