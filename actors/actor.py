@@ -163,8 +163,16 @@ class Actor:
         self._open_socket()
         self._tasks.spawn(self._receive_loop(), "recv")
         self._tasks.spawn(self._liveness_loop(), "live")
-        await self._register(timeout)
-        await self.on_start()
+        try:
+            await self._register(timeout)
+            await self.on_start()
+        except BaseException:
+            # Refused, unreachable or cancelled: nothing of this try stays open behind the error.
+            await self._tasks.cancel_all()
+            if self._sock is not None:
+                self._sock.close(linger=0)
+                self._sock = None
+            raise
         self._tasks.spawn(self._mailbox_loop(), "mailbox")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -290,6 +298,9 @@ class Actor:
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # Unsent messages (a Hello to a broker that refused our key) never hold up the context's end
+        # for ever, however the socket ends: a garbage-collected context would block its thread.
+        sock.setsockopt(zmq.LINGER, 1000)
         connect(sock, self.router)
         self._sock = sock
         self._last_heard = time.monotonic()

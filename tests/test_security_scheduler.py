@@ -358,6 +358,7 @@ def test_m4_a_failed_write_leaves_no_part_file_and_pruned_jobs_take_their_artifa
         assert scheduler.store.delete([outside.resolve().as_uri()]) == 0 and outside.exists()
     finally:
         scheduler.journal.close()
+        scheduler.ctx.term()  # never started: no socket to close
     # A write that fails half way leaves nothing behind.
     (store_dir / "x-0.png").mkdir()  # os.replace onto a folder fails
     with pytest.raises(OSError):
