@@ -156,14 +156,16 @@ class RateLimiter:
         return min(float(rate_per_minute), tokens + (now - then) * rate_per_minute / 60.0)
 
     def _sweep(self, now: float) -> None:
-        if now - self._swept < self.SWEEP_S and len(self._buckets) <= self.MAX_BUCKETS:
+        # Over the cap, the least recently used goes at once (O(1): a flood of new names must not make
+        # every request scan them all); the scan for full buckets runs once a SWEEP_S.
+        while len(self._buckets) > self.MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        if now - self._swept < self.SWEEP_S:
             return
         self._swept = now
         for user, bucket in list(self._buckets.items()):
             if self._tokens(bucket, bucket[2], now) >= bucket[2]:
                 del self._buckets[user]
-        while len(self._buckets) > self.MAX_BUCKETS:
-            self._buckets.popitem(last=False)
 
 
 class LiveSessions:
