@@ -54,6 +54,7 @@ from atelier.families import GenerateRequest, JobCancelled, get_family
 from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
+from atelier.public import scrub
 from atelier.registry import FAMILY_LIMITS
 from atelier.resident import DeviceBudgetError, ResidentSet
 from atelier.runtime import process_main, process_parser
@@ -272,7 +273,7 @@ class Runner(Actor):
             outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
         except Exception as exc:
             reason, retryable = self._explain(exc)
-            log.warning("batch %s failed: %s", batch.id, reason, exc_info=not retryable)
+            log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, exc, exc_info=not retryable)
             outcomes = [JobFailed(job_id=spec.id, reason=reason, retryable=retryable) for spec in specs]
         finally:
             self.active = None  # free for the next batch while the report travels
@@ -438,10 +439,10 @@ class Runner(Actor):
         if _is_cuda_oom(exc):
             freed = bool(self.models.keep_newest())
             self._free_memory()
-            return f"out of GPU memory on {self.device}: {exc}; try a smaller size or count", freed
+            return scrub(f"out of GPU memory on {self.device}: {exc}; try a smaller size or count"), freed
         if isinstance(exc, (sources.ModelSourceError, DeviceBudgetError)):
-            return str(exc), False
-        return f"{type(exc).__name__}: {exc}", False
+            return scrub(str(exc)), False
+        return scrub(f"{type(exc).__name__}: {exc}"), False
 
     def _unload_all(self) -> None:
         """resident_models = 0: nothing stays loaded between batches."""

@@ -21,9 +21,9 @@ from pydantic import ValidationError
 
 from atelier import topology
 from atelier.config import Config
+from atelier.public import scrub
 from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
 from atelier.supervisor import Supervisor
-from frontends.public import scrub
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs

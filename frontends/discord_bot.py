@@ -58,6 +58,7 @@ from actors.actor import RemoteError
 from actors.messages import JobResult, ModelInfo
 from atelier.config import Config, DiscordConfig
 from atelier.jobs import JobInputs, JobKind, JobRecord, JobSpec, JobState, Priority
+from atelier.public import scrub
 from atelier.runtime import Failure, TaskSet, process_main, process_parser
 from frontends.client import AtelierClient, Event
 from frontends.discord_views import (
@@ -84,7 +85,6 @@ from frontends.discord_views import (
     status_line,
     text_kind,
 )
-from frontends.public import scrub
 
 log = logging.getLogger("atelier.discord")
 

@@ -18,8 +18,8 @@ from actors.messages import JobEvent, JobResult, ModelInfo, Preview, Progress
 from atelier.artifacts import extension_for
 from atelier.config import DiscordConfig
 from atelier.jobs import MAX_INPUT_BYTES, JobKind, JobSpec, JobState
+from atelier.public import scrub
 from frontends.client import Event
-from frontends.public import scrub
 
 TOKEN_ENV = "DISCORD_TOKEN"
 PROMPT_SHOWN = 300  # characters of a prompt a message quotes

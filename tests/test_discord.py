@@ -29,6 +29,7 @@ from PIL import Image
 from actors.messages import JobEvent, JobResult, Preview, Progress
 from atelier.config import DiscordConfig
 from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
+from atelier.public import scrub
 from frontends.client import AtelierClient
 from frontends.discord_bot import AtelierBot, Reply, main
 from frontends.discord_views import (
@@ -43,7 +44,6 @@ from frontends.discord_views import (
     render_live,
     status_line,
 )
-from frontends.public import scrub
 from tests.conftest import Cluster, run
 from tests.test_frontends_conditioning import png
 
@@ -704,9 +704,11 @@ def test_a_failed_or_refused_job_shows_why(atelier):
 
     broken, unknown, bad, live, record = go(scenario())
     assert record.state is JobState.failed and record.reason
-    # The reason names the missing folder; the channel is told that it is missing, not where (L6).
+    # The reason says the weights are missing, not where: not in the record anyone's frontend shows,
+    # nor in the channel (L6); the runner's log has the path.
     assert f"failed: {scrub(record.reason)}" in broken.content and broken.labels == ["Again"] and not broken.files
-    assert "/nowhere" in record.reason and "/nowhere" not in broken.content
+    assert "does not exist on this host" in record.reason
+    assert "/nowhere" not in record.reason and "/nowhere" not in broken.content
     assert "refused: model:" in unknown.content and "no-such-model" in unknown.content and not unknown.buttons
     assert bad.ephemeral and bad.content.startswith("Can't submit that: width:") and "multiple of 8" in bad.content
     assert "«a ruin»" in live.content and "refused: model:" in live.content and not live.files

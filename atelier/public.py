@@ -1,7 +1,9 @@
-"""What the frontends may say to the people they serve: text with the server's own paths taken out.
+"""What atelier may say to the people it serves: text with the server's own paths taken out.
 
 A job's failure reason or a refusal can carry what a server saw (a model's folder, a file it could not
-read); a channel or a terminal of someone else must not learn how the host is laid out.
+read); a channel, a web page or a terminal of someone else must not learn how the host is laid out.
+The runner scrubs the reasons it gives (its log keeps them whole) and the frontends scrub what they
+show, so a reason from anywhere is safe to show.
 """
 
 from __future__ import annotations
