@@ -68,35 +68,27 @@ def dispatch_refused(state: State, runner: str, batch_id: str, reason: str, now:
     r = state.runners.get(runner)
     if r is not None and r.batch is not None and r.batch.id == batch_id:
         r.batch = None
-    why = f"the batch could not be sent to {runner}: {reason}"
-    if not unreachable:
-        _give_back(state, batch, runner, why, now)
-        return
-    if r is not None:
+    if unreachable and r is not None:
         r.unreachable_until = now + UNREACHABLE_PAUSE_S
-    for job_id in batch.jobs if batch else ():
-        job = state.job_on(job_id, runner)
-        if job is None:
-            continue
-        if job.stopping:
-            state.finish(job, JobState.cancelled, job.stop_reason, now)
-        else:
-            state.requeue(job, why, started=False)
+    _give_back(state, batch, runner, f"the batch could not be sent to {runner}: {reason}", now,
+               started=not unreachable)
 
 
-def _give_back(state: State, batch: Batch | None, runner: str, why: str, now: float) -> None:
+def _give_back(state: State, batch: Batch | None, runner: str, why: str, now: float, *,
+               started: bool = True) -> None:
     """The jobs of a batch that will not end on its runner go back to the front of the queue, up to
-    ``max_attempts``; a stopping one ends cancelled."""
+    ``max_attempts``; a stopping one ends cancelled. ``started=False``: the runner never had them, so
+    the attempt counted at dispatch is taken back."""
     for job_id in batch.jobs if batch else ():
         job = state.job_on(job_id, runner)
         if job is None:
             continue
         if job.stopping:
             state.finish(job, JobState.cancelled, job.stop_reason, now)
-        elif job.attempts >= state.settings.max_attempts:
+        elif started and job.attempts >= state.settings.max_attempts:
             state.finish(job, JobState.failed, f"{why}; gave up after {job.attempts} attempts", now)
         else:
-            state.requeue(job, why)
+            state.requeue(job, why, started=started)
 
 
 def batch_done(state: State, runner: str, batch_id: str, outcomes: Iterable[JobDone | JobFailed],
