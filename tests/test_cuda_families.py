@@ -119,6 +119,20 @@ def test_f2_a_failed_decode_leaves_the_sdxl_vae_in_float16(models: Path, monkeyp
     assert _pixels(model, _request(image=_image(), strength=0.7)).shape == (48, 64, 3)
 
 
+def test_f2_a_failed_decode_leaves_the_upscalers_vae_in_float16(models: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoencoderKL
+
+    model = _load(models, "tiny-sd-upscaler", dtype="float16")
+    request = GenerateRequest.single(prompt="a lighthouse", negative_prompt=None, width=32, height=24, steps=2,
+                                     guidance=5.0, seed=7, image=_image(32, 24))
+    _fails_once(monkeypatch, AutoencoderKL, "decode")
+    with pytest.raises(torch.OutOfMemoryError):
+        _pixels(model, request)
+    assert model.pipe.vae.dtype == torch.float16
+    assert _pixels(model, request).shape == (96, 128, 3)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_f2_on_cuda_the_sdxl_vae_stays_float16_after_an_oom(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,22 +149,19 @@ def test_f2_on_cuda_the_sdxl_vae_stays_float16_after_an_oom(models: Path, monkey
 
 # -- F4: a staged AnimateDiff keeps its dtype -------------------------------------------------------------- #
 
-@pytest.fixture
-def segment(tmp_path: Path):
+def test_f4_a_staged_animatediff_with_a_motion_adapter_keeps_float16(models: Path, tmp_path: Path) -> None:
     if staging.SHM_ROOT is None:
         pytest.skip("needs /dev/shm")
-    path = staging.SHM_ROOT / f"atelier-test-{tmp_path.name}"
-    yield path
-    path.unlink(missing_ok=True)
-
-
-def test_f4_a_staged_animatediff_with_a_motion_adapter_keeps_float16(models: Path, segment: Path) -> None:
     sd15 = ensure_builtin("tiny-sd", models)
     adapter = ensure_builtin("tiny-animatediff", models) / "motion_adapter"
-    table = staging.stage(sd15, segment)
-    request = LoadRequest(sd15, device="cpu", dtype_name="float16", options={"motion_adapter": str(adapter)},
-                          weights=staging.state_dicts(staging.map_segment(segment), table))
-    pipe = get_family("animatediff").load(request).pipe
+    segment = staging.SHM_ROOT / f"atelier-test-{tmp_path.name}"
+    try:
+        table = staging.stage(sd15, segment)
+        request = LoadRequest(sd15, device="cpu", dtype_name="float16", options={"motion_adapter": str(adapter)},
+                              weights=staging.state_dicts(staging.map_segment(segment), table))
+        pipe = get_family("animatediff").load(request).pipe
+    finally:
+        segment.unlink(missing_ok=True)
     dtypes = {name: {p.dtype for p in module.parameters()} for name, module in pipe.components.items()
               if isinstance(module, torch.nn.Module)}
     assert dtypes and all(found == {torch.float16} for found in dtypes.values()), dtypes
