@@ -111,6 +111,10 @@ class ModelEntry(Strict):
     def _tuning(self) -> "ModelEntry":
         check_cache(self.cache, self.cache_threshold, self.cache_interval)
         check_gguf_transformer(self.family, self.transformer, self.quantize)
+        if self.offload is not None and self.controlnets:
+            # The offload hooks know only the pipeline's own parts: a ControlNet would stay on the CPU.
+            raise ValueError(f"offload = {self.offload!r} does not go with controlnets: a ControlNet beside an "
+                             "offloaded model is never moved to the GPU; drop one of them")
         limits = self.limits
         if limits.default_steps > limits.max_steps:
             raise ValueError(f"default_steps {limits.default_steps} is above max_steps {limits.max_steps}; "

@@ -79,6 +79,11 @@ class FamilySpec:
     # that writes it (imported on first use: builders need torch and diffusers).
     tiny_model: str | None = None
     tiny_builder: str | None = None
+    # Whether dtype = "auto" means bfloat16 on a GPU that has it (sm80 and later; ``auto_dtype``):
+    # families whose float16 overflows, at float16's range of +-65504 (FLUX's activations and text
+    # encoders; the SDXL VAE that PixArt-Sigma and HunyuanDiT decode with and never upcast: black
+    # images) or whose checkpoints are bfloat16 (FLUX, SD3).
+    bfloat16_auto: bool = False
 
     def __post_init__(self) -> None:
         if (self.tiny_model is None) != (self.tiny_builder is None):
@@ -113,13 +118,13 @@ _ROWS = (
                tiny_model="tiny-sd2", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd2"),
     # Defaults are diffusers' own for these pipelines. SD3 medium's position embeddings end at
     # 1536 px (SD 3.5 large's go further: raise it in the catalog).
-    FamilySpec(name="sd3", adapter="atelier.families.sd3_flux:SD3Family", denoiser="transformer",
+    FamilySpec(name="sd3", bfloat16_auto=True, adapter="atelier.families.sd3_flux:SD3Family", denoiser="transformer",
                limits=FamilyLimits(default_steps=28, default_guidance=7.0, max_width=1536, max_height=1536,
                                    kinds=_EDITS, inpaint=True),
                gguf_transformer="SD3Transformer2DModel",
                tiny_model="tiny-sd3", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd3"),
     # guidance is FLUX.1-dev's distilled guidance embedding (schnell ignores it), not CFG.
-    FamilySpec(name="flux", adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
+    FamilySpec(name="flux", bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
                limits=FamilyLimits(default_steps=28, default_guidance=3.5, kinds=_EDITS, inpaint=True),
                gguf_transformer="FluxTransformer2DModel",
                tiny_model="tiny-flux", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_flux"),
@@ -129,10 +134,10 @@ _ROWS = (
     FamilySpec(name="pixart-alpha", adapter="atelier.families.pixart_hunyuan:PixArtAlphaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
                tiny_model="tiny-pixart-alpha", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_alpha"),
-    FamilySpec(name="pixart-sigma", adapter="atelier.families.pixart_hunyuan:PixArtSigmaFamily",
+    FamilySpec(name="pixart-sigma", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:PixArtSigmaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
                tiny_model="tiny-pixart-sigma", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_sigma"),
-    FamilySpec(name="hunyuan-dit", adapter="atelier.families.pixart_hunyuan:HunyuanDiTFamily",
+    FamilySpec(name="hunyuan-dit", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:HunyuanDiTFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=50, default_guidance=5.0),
                tiny_model="tiny-hunyuan-dit", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_hunyuan_dit"),
     # Stable Audio Open 1.0: 44.1 kHz stereo, up to 47.55 s (1024 latents of 2048 samples), 100 steps at
@@ -189,5 +194,16 @@ _ROWS = (
 )
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in _ROWS}
+
+
+def auto_dtype(family: str, device: str, capability: tuple[int, int] | None = None) -> str:
+    """What a catalog entry's dtype = "auto" is for ``family`` on a runner's ``device``, a CUDA one of
+    compute ``capability`` (major, minor): float32 on the CPU (float16 is slow or missing there),
+    bfloat16 where the family wants it and the GPU has it, float16 otherwise."""
+    if device == "cpu":
+        return "float32"
+    if FAMILIES[family].bfloat16_auto and capability is not None and capability >= (8, 0):
+        return "bfloat16"
+    return "float16"
 # Each family's limits, for the callers that need nothing else of a row.
 FAMILY_LIMITS: dict[str, FamilyLimits] = {name: spec.limits for name, spec in FAMILIES.items()}

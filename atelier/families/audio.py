@@ -12,7 +12,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.families.loaded import LoadedModel, LoadRequest
-from atelier.families.loading import load_folder, torch_dtype
+from atelier.families.loading import load_folder, seeded_generators, torch_dtype
 from atelier.media import Audio
 
 diffusers_logging.disable_progress_bar()
@@ -71,7 +71,7 @@ class StableAudioFamily(_AudioFamily):
 
     def _run(self, pipe: StableAudioPipeline, req: GenerateRequest, group: list[int], callback: Any) -> np.ndarray:
         # One generator per sound: its noise, and the scheduler's Brownian noise, follow its own seed.
-        generators = [torch.Generator(device=pipe.device).manual_seed(req.seeds[i]) for i in group]
+        generators = seeded_generators(pipe, [req.seeds[i] for i in group])
         negatives = [req.negative_prompts[i] for i in group]  # all or none, where they count (guidance > 1)
         # The legacy callback is this pipeline's only one; what it raises (JobCancelled) propagates.
         result = pipe(prompt=[req.prompts[i] for i in group],
@@ -90,7 +90,7 @@ class AudioLDM2Family(_AudioFamily):
 
     def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Audio]:
         pipe: AudioLDM2Pipeline = model.pipe
-        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
+        generators = seeded_generators(pipe, req.seeds)
 
         def callback(index: int, t: Any, latents: torch.Tensor) -> None:
             on_step(index + 1, req.steps, latents)

@@ -106,7 +106,7 @@ class Family(ABC):
         model = self.build(request)
         entry = request.entry
         if entry is not None:
-            vae.load_vaes(model, entry)  # read from disk, not staged with the model
+            vae.load_vaes(model, entry, request.device)  # read from disk, not staged with the model
             loras.load_loras(model, entry.loras)
             self.load_conditioning(model, entry.controlnets, entry.ip_adapter, entry.ip_adapter_encoder)
             accel.apply(model, entry, request.device)

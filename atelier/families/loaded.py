@@ -51,10 +51,11 @@ class LoadRequest:
                   weights: Mapping[str, Mapping[str, Any]] | None = None) -> LoadRequest:
         """The request of a catalog entry whose source was resolved to ``path``, for a runner on ``device``."""
         from atelier import sources
+        from atelier.registry import auto_dtype
 
         dtype = entry.dtype
         if dtype == "auto":
-            dtype = "float32" if device == "cpu" else "float16"
+            dtype = auto_dtype(entry.family, device, _capability(device))
         return cls(path=path, device=device, dtype_name=dtype, options=entry.options, weights=weights,
                    config=sources.config_folder(entry), variant=entry.variant,
                    transformer=sources.transformer_file(entry, model_cache), entry=entry)
@@ -128,3 +129,12 @@ class LoadedModel:
         """One pipeline call (``Family.generate``), prepared by ``before_call``."""
         self.before_call(request)
         return self.family.generate(self, request, on_step)
+
+
+def _capability(device: str) -> tuple[int, int] | None:
+    """A CUDA device's compute capability (major, minor); None for any other device."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_capability(device)

@@ -4,7 +4,8 @@ or from staged memory, the upload to the device, and the catalog's options check
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,39 @@ def upload(pipe: DiffusionPipeline, device: str) -> None:
             component.to(device, non_blocking=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def seeded_generators(pipe: DiffusionPipeline, seeds: Iterable[int]) -> list[torch.Generator]:
+    """One generator per seed, so that an image's noise depends on its own seed, not on its batch; on
+    the device diffusers draws the noise on. Under offload ``pipe.device`` is the CPU (model offload: a
+    CPU generator's mt19937 noise differs from CUDA's Philox for the same seed) or ``meta`` (sequential:
+    no generator can live there); the execution device is the GPU the offload hooks run on."""
+    device = pipe._execution_device
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+
+@contextmanager
+def call_cleanup(pipe: DiffusionPipeline, *, variant: bool = False) -> Iterator[None]:
+    """Around a pipeline call on ``pipe`` (or, ``variant``, on a from_pipe variant of it): puts back
+    what a call that fails half-way, or a variant's call, leaves behind.
+
+    - The VAE's dtype: SDXL (and its variants, the x4 upscaler, SVD) upcast a float16 VAE to float32
+      for the decode and cast it back only when the decode succeeds; after an OOM there, every later
+      call of the resident model would fail on mixed dtypes.
+    - Under model offload, the last model it ran stays on the GPU: after a failure (the call never
+      reaches its own ``maybe_free_model_hooks``), and after every variant call (a variant made by
+      from_pipe has no hooks list of its own, so its ``maybe_free_model_hooks`` does nothing)."""
+    vae = getattr(pipe, "vae", None)
+    vae_dtype = vae.dtype if isinstance(vae, torch.nn.Module) else None
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if vae_dtype is not None and pipe.vae.dtype != vae_dtype:
+            pipe.vae.to(vae_dtype)
+        if failed or variant:
+            pipe.maybe_free_model_hooks()
 
 
 # An option's check: takes the value given in the catalog, returns it as used, or raises ValueError.
@@ -104,9 +138,10 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
         # Given parts are not built from the folder first (a GGUF transformer's float one would be read for nothing).
         pipe = build_pipeline(path, weights, dtype=dtype, given=given)
         # e.g. an SD 1.5 folder and a motion adapter. Not otherwise: from_pipe casts every part to one dtype,
-        # which diffusers refuses for a quantized one (a GGUF transformer).
+        # which diffusers refuses for a quantized one (a GGUF transformer). That dtype is float32 unless
+        # given: a float16 AnimateDiff would load at float32, twice the memory and not what was asked.
         if not isinstance(pipe, pipeline_class) or any(pipe.components.get(n) is not p for n, p in given.items()):
-            pipe = pipeline_class.from_pipe(pipe, **given)
+            pipe = pipeline_class.from_pipe(pipe, dtype=dtype, **given)
         for name in components.keys() - given.keys():
             pipe.register_modules(**{name: None})
     else:

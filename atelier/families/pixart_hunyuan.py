@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline, HunyuanDiTPipeline, PixArtAlphaPipeline
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.families.loaded import LoadedModel, LoadRequest
-from atelier.families.loading import load_folder
+from atelier.families.loading import load_folder, seeded_generators
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
 
 # The VAE's 8x times the transformers' 2x2 patches.
@@ -73,7 +73,7 @@ class _DiTFamily(Family):
         # be whole patches.
         width, height = (req.width, req.height) if settings.binning else (_up(req.width), _up(req.height))
         # One generator per image: an image's noise depends on its own seed, not on its batch.
-        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
+        generators = seeded_generators(pipe, req.seeds)
         # One prompt per image (a batch mixes jobs); "" is the pipelines' own "no negative prompt".
         images = self._run(pipe, req, settings, on_step, prompt=list(req.prompts),
                            negative_prompt=[n or "" for n in req.negative_prompts], width=width, height=height,

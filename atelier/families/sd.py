@@ -25,7 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from atelier.families import options as unet_options
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.families.loaded import LoadedModel, LoadRequest
-from atelier.families.loading import load_folder, ready, torch_dtype
+from atelier.families.loading import call_cleanup, load_folder, ready, seeded_generators, torch_dtype
 from atelier.preview import SD15_LATENT_RGB, SDXL_LATENT_RGB, LatentRGB, latents_to_rgb
 from atelier.sources import ModelSourceError
 from atelier.staging import CHECKPOINT, build_from_checkpoint
@@ -123,7 +123,7 @@ class _StableDiffusionFamily(Family):
     def _call(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[PIL.Image.Image]:
         pipe = model.pipe
         # One generator per image: an image's noise depends on its own seed, not on its batch.
-        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
+        generators = seeded_generators(pipe, req.seeds)
 
         def on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # num_timesteps is what the scheduler actually runs: fewer than the steps asked for
@@ -146,18 +146,20 @@ class _StableDiffusionFamily(Family):
         if req.controlnet is not None:  # the control image per output image, and how much it counts
             control = dict(control_image=list(req.control_images), controlnet_conditioning_scale=req.controlnet_scale)
         if req.masks:  # inpainting: the image, repainted where the mask is white
-            result = _variant(model, AutoPipelineForInpainting, req.controlnet)(
-                image=list(req.images), mask_image=list(req.masks), strength=req.strength, width=req.width,
-                height=req.height, **control, **common)
+            call = _variant(model, AutoPipelineForInpainting, req.controlnet)
+            arguments = dict(image=list(req.images), mask_image=list(req.masks), strength=req.strength,
+                             width=req.width, height=req.height, **control)
         elif req.images:  # img2img: the image's size is the output's (the runner resized it to the job's)
-            result = _variant(model, AutoPipelineForImage2Image, req.controlnet)(
-                image=list(req.images), strength=req.strength, **control, **common)
+            call = _variant(model, AutoPipelineForImage2Image, req.controlnet)
+            arguments = dict(image=list(req.images), strength=req.strength, **control)
         elif control:  # text to image, its ControlNet pipeline calling the control image its image
             control["image"] = control.pop("control_image")
-            result = _variant(model, AutoPipelineForText2Image, req.controlnet)(
-                width=req.width, height=req.height, **control, **common)
+            call = _variant(model, AutoPipelineForText2Image, req.controlnet)
+            arguments = dict(width=req.width, height=req.height, **control)
         else:
-            result = pipe(width=req.width, height=req.height, **common)
+            call, arguments = pipe, dict(width=req.width, height=req.height)
+        with call_cleanup(pipe, variant=call is not pipe):  # SDXL upcasts a float16 VAE for the decode
+            result = call(**arguments, **common)
         return list(result.images)
 
     def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:

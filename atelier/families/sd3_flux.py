@@ -19,7 +19,7 @@ from diffusers import (
 from atelier.families import gguf
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.families.loaded import LoadedModel, LoadRequest
-from atelier.families.loading import load_folder, torch_dtype
+from atelier.families.loading import load_folder, seeded_generators, torch_dtype
 from atelier.families.sd import _variant
 from atelier.preview import FLUX_LATENT_RGB, SD3_LATENT_RGB, LatentRGB, latents_to_rgb
 
@@ -65,7 +65,7 @@ class _FlowFamily(Family):
                 # diffusers would refuse (SD3) or quietly make another size (FLUX).
                 raise ValueError(f"{name} {value}: {self.name} makes sizes in multiples of {multiple}")
         # One generator per image: an image's noise depends on its own seed, not on its batch.
-        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
+        generators = seeded_generators(pipe, req.seeds)
 
         def on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # num_timesteps: fewer than the steps asked for when img2img starts part of the way in.

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionUpscalePipeline
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.families.loaded import LoadedModel, LoadRequest
-from atelier.families.loading import Check, checked_options, load_folder, switch, whole
+from atelier.families.loading import Check, call_cleanup, checked_options, load_folder, seeded_generators, switch, whole
 from atelier.preview import MAX_PREVIEW_SIDE, SD15_LATENT_RGB, latents_to_rgb
 
 SCALE = 4
@@ -53,17 +53,18 @@ class SDUpscalerFamily(Family):
             raise ValueError("sd-upscaler upscales an image, and the request has none")
         pipe: StableDiffusionUpscalePipeline = model.pipe
         # One generator per image: an image's noise depends on its own seed, not on its batch.
-        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
+        generators = seeded_generators(pipe, req.seeds)
 
         def on_progress(step: int, t: Any, latents: torch.Tensor) -> None:
             # This pipeline predates callback_on_step_end; its callback counts updates of the
             # progress bar, one per scheduler.order timesteps.
             on_step(step + 1, len(pipe.scheduler.timesteps) // pipe.scheduler.order, latents)
 
-        result = pipe(prompt=list(req.prompts), negative_prompt=[n or "" for n in req.negative_prompts],
-                      image=list(req.images), num_inference_steps=req.steps, guidance_scale=req.guidance,
-                      noise_level=model.settings, generator=generators, output_type="pil",
-                      callback=on_progress, callback_steps=1)
+        with call_cleanup(pipe):  # the pipeline upcasts a float16 VAE for the decode
+            result = pipe(prompt=list(req.prompts), negative_prompt=[n or "" for n in req.negative_prompts],
+                          image=list(req.images), num_inference_steps=req.steps, guidance_scale=req.guidance,
+                          noise_level=model.settings, generator=generators, output_type="pil",
+                          callback=on_progress, callback_steps=1)
         return list(result.images)
 
     def preview(self, latents: torch.Tensor, index: int = 0) -> np.ndarray:

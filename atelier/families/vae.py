@@ -28,14 +28,14 @@ PREVIEW_DECODER_FAMILIES = frozenset(name for name, spec in FAMILIES.items() if 
 _VAE_SHAPE = ("in_channels", "out_channels", "latent_channels")
 
 
-def load_vaes(model: LoadedModel, entry: ModelEntry) -> None:
-    """Applies the entry's ``vae`` and ``preview_decoder`` to a freshly loaded model; a ValueError
-    names what does not fit."""
+def load_vaes(model: LoadedModel, entry: ModelEntry, device: str) -> None:
+    """Applies the entry's ``vae`` and ``preview_decoder`` to a freshly loaded model, for a runner on
+    ``device``; a ValueError names what does not fit."""
     if entry.vae is not None:
         replace_vae(model.pipe, Path(entry.vae).expanduser(), family=entry.family)
     if entry.preview_decoder is not None:
         model.preview_decoder = preview_decoder(model.pipe, Path(entry.preview_decoder).expanduser(),
-                                                family=entry.family)
+                                                family=entry.family, device=device)
 
 
 def replace_vae(pipe: Any, folder: Path, *, family: str) -> None:
@@ -59,7 +59,10 @@ def replace_vae(pipe: Any, folder: Path, *, family: str) -> None:
     pipe.register_modules(vae=vae.to(current.device).eval())
 
 
-def preview_decoder(pipe: Any, folder: Path, *, family: str) -> Any:
+def preview_decoder(pipe: Any, folder: Path, *, family: str, device: str | None = None) -> Any:
+    """The TAESD of a model's previews, on the runner's ``device`` (None: the VAE's). Not the VAE's
+    under offload, where that is the CPU: previews would decode there, a GPU beside them; no offload
+    hook ever moves the decoder."""
     from diffusers import AutoencoderTiny
 
     from atelier.preview import CPU_DECODE_SIDE, DecoderPreview
@@ -74,8 +77,8 @@ def preview_decoder(pipe: Any, folder: Path, *, family: str) -> Any:
                          f"this model makes {vae.config.latent_channels} (taesd and taesdxl take 4, taesd3 and "
                          "taef1 16)")
     decoder.encoder = None  # a preview only decodes
-    decoder = decoder.to(vae.device).eval()
-    cpu = vae.device.type == "cpu"
+    decoder = decoder.to(device or vae.device).eval()
+    cpu = decoder.device.type == "cpu"
     return DecoderPreview(decoder, max_latent_side=CPU_DECODE_SIDE // 8 if cpu else None,
                           pick=get_family(family).preview_latents)
 

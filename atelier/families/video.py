@@ -17,14 +17,24 @@ from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter, Sta
 
 from atelier.families.base import Family, GenerateRequest, StepCallback
 from atelier.families.loaded import LoadedModel, LoadRequest
-from atelier.families.loading import Check, checked_options, folder, load_folder, number, torch_dtype, whole
+from atelier.families.loading import (
+    Check,
+    call_cleanup,
+    checked_options,
+    folder,
+    load_folder,
+    number,
+    seeded_generators,
+    torch_dtype,
+    whole,
+)
 from atelier.media import Video
 from atelier.preview import SD15_LATENT_RGB, latents_to_rgb
 
 
 def _generators(pipe: DiffusionPipeline, req: GenerateRequest) -> list[torch.Generator]:
     # One generator per video: its noise depends on its own seed, not on its batch.
-    return [torch.Generator(device=pipe.device).manual_seed(seed) for seed in req.seeds]
+    return seeded_generators(pipe, req.seeds)
 
 
 def _reporter(on_step: StepCallback) -> Callable[..., dict[str, Any]]:
@@ -77,11 +87,12 @@ class SVDFamily(_VideoFamily):
         settings = dict(model.settings)
         # Below 1 on both ends, no guidance at all; above the last frame's, the ramp would run backwards.
         low = min(settings.pop("min_guidance_scale", 1.0), req.guidance)
-        result = pipe(image=list(req.images), height=req.height, width=req.width, num_frames=frames,
-                      num_inference_steps=req.steps, min_guidance_scale=low, max_guidance_scale=req.guidance,
-                      fps=fps, generator=_generators(pipe, req), output_type="pil",
-                      callback_on_step_end=_reporter(on_step), callback_on_step_end_tensor_inputs=["latents"],
-                      **settings)
+        with call_cleanup(pipe):  # SVD upcasts its VAE to encode the image
+            result = pipe(image=list(req.images), height=req.height, width=req.width, num_frames=frames,
+                          num_inference_steps=req.steps, min_guidance_scale=low, max_guidance_scale=req.guidance,
+                          fps=fps, generator=_generators(pipe, req), output_type="pil",
+                          callback_on_step_end=_reporter(on_step), callback_on_step_end_tensor_inputs=["latents"],
+                          **settings)
         return [Video(frames=list(video), fps=fps) for video in result.frames]
 
     def preview_latents(self, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
