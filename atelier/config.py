@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from atelier.jobs import Name
 from atelier.registry import FAMILIES, FamilyLimits
-from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer
+from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer, check_speed
 
 CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"
@@ -111,6 +111,7 @@ class ModelEntry(Strict):
     def _tuning(self) -> "ModelEntry":
         check_cache(self.cache, self.cache_threshold, self.cache_interval)
         check_gguf_transformer(self.family, self.transformer, self.quantize)
+        check_speed(self.quantize, self.offload, self.cache, self.compile)
         limits = self.limits
         if limits.default_steps > limits.max_steps:
             raise ValueError(f"default_steps {limits.default_steps} is above max_steps {limits.max_steps}; "
