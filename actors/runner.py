@@ -286,7 +286,8 @@ class Runner(Actor):
             outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
         except Exception as exc:
             reason, retryable = self._explain(exc)
-            log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, exc, exc_info=not retryable)
+            # str(exc): a record kept by a handler must not keep the exception, and its frames, alive.
+            log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, str(exc), exc_info=not retryable)
             outcomes = [JobFailed(job_id=spec.id, reason=reason, retryable=retryable) for spec in specs]
             out_of_memory = _is_cuda_oom(exc)
         else:
@@ -294,9 +295,7 @@ class Runner(Actor):
         finally:
             self.active = None  # free for the next batch while the report travels
         if out_of_memory:
-            # Here, past the except: until then the exception's frames hold the failed call's
-            # activations, and nothing of them could go back to the device.
-            self._free_memory()
+            await self._free_memory_unheld()
         if self.config.node.resident_models == 0:
             self._unload_all()
         await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes, resident=self.resident_bytes,
@@ -415,8 +414,9 @@ class Runner(Actor):
                             self.name, model)
                 again = True
             if again:
-                # Past the except: the failed load's half-uploaded modules die with its exception.
-                self._evicted(model, self.models.clear())
+                evicted = self.models.clear()
+                self._dropped(evicted, f"to make room for {model}")
+                await self._free_memory_unheld()
                 loaded = await run_load()
         finally:
             if staged.segment:
@@ -527,6 +527,14 @@ class Runner(Actor):
         self._dropped(evicted, "(resident_models = 0)")
         if evicted:
             self._free_memory()
+
+    async def _free_memory_unheld(self) -> None:
+        """Frees memory after a failed call, once its exception is gone: its traceback's frames hold the
+        call's activations (or half-uploaded modules), and while they live nothing of them can go back to
+        the device. Past the except block is not enough: the task's wake-up that threw the exception into
+        this coroutine holds it until the coroutine next yields, hence the sleep(0)."""
+        await asyncio.sleep(0)
+        self._free_memory()
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -76,9 +76,9 @@ def _close_but_not_equal(image: np.ndarray, reference: np.ndarray) -> None:
 
 
 def test_catalog_settings_are_checked_when_read() -> None:
-    entry = _entry("sd1", quantize="int8", cache="deepcache", cache_interval=2, compile="max-autotune")
+    entry = _entry("sd1", quantize="int8", cache="deepcache", cache_interval=2, compile="max-autotune-no-cudagraphs")
     assert (entry.quantize, entry.cache, entry.cache_interval, entry.compile) == ("int8", "deepcache", 2,
-                                                                                  "max-autotune")
+                                                                                  "max-autotune-no-cudagraphs")
     for settings, message in [({"quantize": "int3"}, "quantize"), ({"offload": "disk"}, "offload"),
                               ({"cache": "everything"}, "cache"), ({"compile": "fast"}, "compile"),
                               ({"cache": "taylorseer", "cache_threshold": 0.2}, "cache_threshold goes with"),
