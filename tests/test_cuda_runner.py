@@ -414,3 +414,16 @@ def test_f8_a_staged_cast_is_made_on_the_gpu_from_pinned_memory_bit_for_bit(atel
                 assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), (name, key)
     finally:
         segment.unlink(missing_ok=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_f14_a_cuda_runner_reads_the_devices_free_memory_and_logs_what_torch_holds(monkeypatch) -> None:
+    runner = Runner(_config(a={}), "tcp://127.0.0.1:9", node="cuda-test", device="cuda:0")
+    free = runner._worker.submit(runner._device_free).result()
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert free is not None and 0 < free <= total
+    held = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda:0")
+    assert runner._worker.submit(runner._device_free).result() <= free - 200 * MiB
+    assert "GiB reserved on cuda:0" in runner._memory_note()
+    del held
