@@ -398,7 +398,9 @@ class Runner(Actor):
         # cannot share the device must never be on it at once. On CUDA the device's free memory too:
         # the budget sees only weights, not contexts, workspaces, graph pools or other processes.
         # An offloaded model's whole size is in RAM, not on the device: its share is known once loaded.
-        free = await asyncio.get_running_loop().run_in_executor(self._worker, self._device_free)
+        free = None
+        if self.torch_device.startswith("cuda"):
+            free = await asyncio.get_running_loop().run_in_executor(self._worker, self._device_free)
         self._evicted(model, self.models.make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True,
                                                    free=free, reserve=DEVICE_RESERVE))
         try:
