@@ -67,6 +67,9 @@ PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is mo
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
+# More time the watchdog gives the first step of a batch on a compiled model: torch.compile compiles in it
+# (again for each new size), and a max-autotune compile of a large transformer can outlast step_timeout_s.
+COMPILE_GRACE_S = 1800.0
 # Device memory kept free beyond an incoming model's weights when room is made for it: what the budget
 # does not count (cuBLAS and cuDNN workspaces, the load's own buffers, the first activations).
 DEVICE_RESERVE = 1 << 30
@@ -87,6 +90,12 @@ class ActiveBatch:
     started: float = field(default_factory=time.monotonic)
     # When its pipeline last showed life (it started running, or finished a step); None while loading.
     progress_at: float | None = None
+    stepped: bool = False  # a step has finished
+    first_step_grace: float = 0.0  # more quiet allowed before the first step (a compile)
+
+    def quiet_allowed(self, timeout: float) -> float:
+        """How long this batch's pipeline may show no life before the watchdog calls it stuck."""
+        return timeout if self.stepped else timeout + self.first_step_grace
 
     @property
     def specs(self) -> list[JobSpec]:
@@ -156,7 +165,8 @@ class Runner(Actor):
             self._tasks.spawn(self._watchdog(self.config.node.step_timeout_s), "watchdog")
 
     async def _watchdog(self, timeout: float) -> None:
-        """Ends this process when the batch in hand makes no step for ``timeout`` seconds. A stuck
+        """Ends this process when the batch in hand makes no step for ``timeout`` seconds (its first step,
+        on a compiled model, ``COMPILE_GRACE_S`` more: the compile runs in it). A stuck
         pipeline call cannot be interrupted from Python (the worker thread is in it), so the
         runner hands the jobs back (each counts an attempt: one that always hangs fails in the end)
         and exits; its node starts a fresh one."""
@@ -166,7 +176,7 @@ class Runner(Actor):
             if batch is None or batch.progress_at is None:
                 continue
             quiet = time.monotonic() - batch.progress_at
-            if quiet <= timeout:
+            if quiet <= batch.quiet_allowed(timeout):
                 continue
             reason = f"no progress for {quiet:.0f}s (a stuck step): {self.name} was restarted"
             log.error("%s: watchdog: batch %s %s", self.name, batch.id, reason)
@@ -247,6 +257,8 @@ class Runner(Actor):
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
                 model = await self._load(first.model, timing)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
+            if self.config.models[first.model].compile:
+                batch.first_step_grace = COMPILE_GRACE_S
             batch.progress_at = time.monotonic()
 
             def work() -> tuple[dict[str, list[Artifact]], dict[str, str]]:
@@ -348,7 +360,7 @@ class Runner(Actor):
             if batch.cancel.is_set():
                 raise JobCancelled(batch.shutting_down or "cancelled")
             now = time.monotonic()
-            batch.progress_at = now
+            batch.progress_at, batch.stepped = now, True
             per_step = (now - started) / step
             timing.steps, timing.step_s = step, per_step
             if now - last_preview < PREVIEW_INTERVAL_S and step < total:

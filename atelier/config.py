@@ -206,7 +206,8 @@ class NodeConfig(Strict):
     stage_budget_bytes: int | None = Field(default=None, ge=0)
     # Watchdog: a runner whose pipeline makes no step for this long (after its model is loaded) is
     # stuck (a hung CUDA call, a deadlock): it hands its jobs back and exits, and its node starts it
-    # again. Generous, since a first step may include torch.compile; 0 turns it off.
+    # again. Generous; a compiled model's first step of a batch, which compiles, gets 30 minutes more
+    # (actors/runner.py COMPILE_GRACE_S). 0 turns it off.
     step_timeout_s: float = Field(default=600.0, ge=0)
 
 

@@ -427,3 +427,23 @@ def test_f14_a_cuda_runner_reads_the_devices_free_memory_and_logs_what_torch_hol
     assert runner._worker.submit(runner._device_free).result() <= free - 200 * MiB
     assert "GiB reserved on cuda:0" in runner._memory_note()
     del held
+
+
+def test_f11_the_watchdog_gives_a_compiled_models_first_step_time_to_compile(monkeypatch) -> None:
+    runner = _runner(_config(compiled={"compile": True}, plain={}), monkeypatch)
+    grace: dict[str, float] = {}
+
+    def generate(name: str) -> Any:
+        def step() -> list[Any]:
+            grace[name] = runner.active.quiet_allowed(600.0)  # while the pipeline runs, before a step
+            return []
+        return step
+
+    for name in ("compiled", "plain"):
+        runner.models.add(name, _Loaded(generate=generate(name)), 1)
+        spec = JobSpec(model=name, prompt="a lighthouse", width=64, height=64, steps=2, count=1, seed=1)
+        runner.active = ActiveBatch(f"batch-{name}", [BatchItem(job=spec, attempt=1)])
+        asyncio.run(runner._execute(runner.active, "scheduler"))
+    assert grace == {"compiled": 600.0 + runner_module.COMPILE_GRACE_S, "plain": 600.0}
+    batch = ActiveBatch("stepped", [], first_step_grace=runner_module.COMPILE_GRACE_S, stepped=True)
+    assert batch.quiet_allowed(600.0) == 600.0  # after its first step, the usual limit
