@@ -447,3 +447,27 @@ def test_f11_the_watchdog_gives_a_compiled_models_first_step_time_to_compile(mon
     assert grace == {"compiled": 600.0 + runner_module.COMPILE_GRACE_S, "plain": 600.0}
     batch = ActiveBatch("stepped", [], first_step_grace=runner_module.COMPILE_GRACE_S, stepped=True)
     assert batch.quiet_allowed(600.0) == 600.0  # after its first step, the usual limit
+
+
+@pytest.mark.skipif(staging.SHM_ROOT is None, reason="needs /dev/shm")
+def test_f8_a_staged_cast_keeps_t5s_float32_parts_at_the_files_values(atelier_home: Path, tmp_path: Path) -> None:
+    # The cast F8 moves onto the GPU, here on the CPU: T5's kept-in-float32 weights ("wo") are cast from
+    # the file's float32 straight to float32, as from_pretrained does; through float16 they lost bits.
+    import diffusers
+
+    from atelier.tiny_models import ensure_builtin
+
+    folder = ensure_builtin("tiny-pixart-alpha", atelier_home / "models")
+    segment = staging.SHM_ROOT / f"atelier-test-f8-cpu-{tmp_path.name}"
+    try:
+        table = staging.stage(folder, segment)
+        weights = staging.state_dicts(staging.map_segment(segment), table)
+        built = staging.build_pipeline(folder, weights, dtype=torch.float16)
+    finally:
+        segment.unlink(missing_ok=True)
+    disk = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, local_files_only=True)
+    ours, theirs = built.text_encoder.state_dict(), disk.text_encoder.state_dict()
+    kept = [key for key in ours if ".wo." in key]
+    assert kept and all(ours[key].dtype == torch.float32 for key in kept)
+    assert [key for key in ours if ours[key].dtype != theirs[key].dtype or not torch.equal(ours[key], theirs[key])] \
+        == []
