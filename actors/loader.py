@@ -111,6 +111,18 @@ def default_budget() -> int:
         return 8 << 30
 
 
+def stage_budget(configured: int | None, shm_root: Path | None) -> int:
+    """The staging budget: the configured one, else ``default_budget``, and never more than the shared-memory
+    file system holds (Docker's /dev/shm is 64 MiB unless told otherwise)."""
+    budget = configured or default_budget()
+    room = staging.shm_bytes(shm_root) if shm_root is not None else None
+    if room is not None and room < budget:
+        log.warning("staging budget %s bytes is more than %s holds (%s bytes): staging within %s bytes",
+                    f"{budget:,}", shm_root, f"{room:,}", f"{room:,}")
+        budget = room
+    return budget
+
+
 class Loader(Actor):
     role = Role.loader
 
@@ -118,7 +130,7 @@ class Loader(Actor):
         super().__init__(loader_name(node), router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.node = node
-        self.held = StagedSet(config.node.stage_budget_bytes or default_budget())
+        self.held = StagedSet(stage_budget(config.node.stage_budget_bytes, staging.SHM_ROOT))
         self._staging: dict[str, asyncio.Task[Staged]] = {}
         self._importer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-import")
         # Segments are named atelier-<node>-<pid>-<model>: the pid tells this loader's own from those
@@ -247,7 +259,11 @@ class Loader(Actor):
         segment = staging.SHM_ROOT / (self._prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", model) + "-"
                                       + secrets.token_hex(8))
         started = time.monotonic()
-        table = await asyncio.to_thread(staging.stage, path, segment, entry.variant, gguf)
+        try:
+            table = await asyncio.to_thread(staging.stage, path, segment, entry.variant, gguf)
+        except staging.StagingError as exc:  # no room in /dev/shm (others use it too), a damaged file
+            log.warning("not staging %s, runners will read it from disk: %s", model, exc)
+            return Staged(model=model, path=str(path), bytes=0)
         staged = Staged(model=model, path=str(path), bytes=staging.segment_bytes(table), segment=str(segment),
                         files=table)
         self.held.add(staged, time.monotonic())

@@ -67,6 +67,15 @@ PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is mo
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
+# More time the watchdog gives the first step of a batch on a compiled model: torch.compile compiles in it
+# (again for each new size), and a max-autotune compile of a large transformer can outlast step_timeout_s.
+COMPILE_GRACE_S = 1800.0
+# Device memory kept free beyond an incoming model's weights when room is made for it: what the budget
+# does not count (cuBLAS and cuDNN workspaces, the load's own buffers, the first activations).
+DEVICE_RESERVE = 1 << 30
+# Allocation failures that are out-of-memory under other names: cuBLAS and cuDNN creating handles or workspaces.
+_OOM_WORDS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+              "cudaErrorMemoryAllocation", "CUDA error: out of memory")
 
 
 @dataclass
@@ -81,6 +90,12 @@ class ActiveBatch:
     started: float = field(default_factory=time.monotonic)
     # When its pipeline last showed life (it started running, or finished a step); None while loading.
     progress_at: float | None = None
+    stepped: bool = False  # a step has finished
+    first_step_grace: float = 0.0  # more quiet allowed before the first step (a compile)
+
+    def quiet_allowed(self, timeout: float) -> float:
+        """How long this batch's pipeline may show no life before the watchdog calls it stuck."""
+        return timeout if self.stepped else timeout + self.first_step_grace
 
     @property
     def specs(self) -> list[JobSpec]:
@@ -112,19 +127,26 @@ class BatchTiming:
 class Runner(Actor):
     role = Role.runner
 
-    def __init__(self, config: Config, router: str, *, node: str, device: str = "cpu", **kwargs):
+    def __init__(self, config: Config, router: str, *, node: str, device: str = "cpu", torch_device: str | None = None,
+                 **kwargs):
+        """``device`` names the runner (its name, logs, capabilities: the node's ``cuda:N``); ``torch_device``
+        is that device as this process's torch sees it (``cuda:0`` once ``own_gpu`` has hidden the others)."""
         super().__init__(runner_name(node, device), router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.node = node
         self.device = device
-        self.models = ResidentSet(config.node.device_budget_bytes or default_device_budget(device),
+        self.torch_device = torch_device or device
+        self.models = ResidentSet(config.node.device_budget_bytes or default_device_budget(self.torch_device),
                                   config.node.resident_models, device=device)
         self.active: ActiveBatch | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
-        self.previews = PreviewMaker(self.publish_threadsafe)
-        self.device_name = _device_name(device)  # once: on a GPU it needs torch and CUDA
+        # Each thread that runs CUDA work selects the device first: a thread's current device is 0 otherwise,
+        # and the first CUDA call there (a pin, say) would open a context on GPU 0.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker",
+                                          initializer=use_device, initargs=(self.torch_device,))
+        self.previews = PreviewMaker(self.publish_threadsafe, self.torch_device)
+        self.device_name = _device_name(self.torch_device)  # once: on a GPU it needs torch and CUDA
 
     def capabilities(self) -> Capabilities:
         mine = dict(node=self.node, device=self.device, device_name=self.device_name, families=sorted(FAMILY_LIMITS),
@@ -143,7 +165,8 @@ class Runner(Actor):
             self._tasks.spawn(self._watchdog(self.config.node.step_timeout_s), "watchdog")
 
     async def _watchdog(self, timeout: float) -> None:
-        """Ends this process when the batch in hand makes no step for ``timeout`` seconds. A stuck
+        """Ends this process when the batch in hand makes no step for ``timeout`` seconds (its first step,
+        on a compiled model, ``COMPILE_GRACE_S`` more: the compile runs in it). A stuck
         pipeline call cannot be interrupted from Python (the worker thread is in it), so the
         runner hands the jobs back (each counts an attempt: one that always hangs fails in the end)
         and exits; its node starts a fresh one."""
@@ -153,7 +176,7 @@ class Runner(Actor):
             if batch is None or batch.progress_at is None:
                 continue
             quiet = time.monotonic() - batch.progress_at
-            if quiet <= timeout:
+            if quiet <= batch.quiet_allowed(timeout):
                 continue
             reason = f"no progress for {quiet:.0f}s (a stuck step): {self.name} was restarted"
             log.error("%s: watchdog: batch %s %s", self.name, batch.id, reason)
@@ -234,6 +257,8 @@ class Runner(Actor):
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
                 model = await self._load(first.model, timing)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
+            if self.config.models[first.model].compile:
+                batch.first_step_grace = COMPILE_GRACE_S
             batch.progress_at = time.monotonic()
 
             def work() -> tuple[dict[str, list[Artifact]], dict[str, str]]:
@@ -273,10 +298,16 @@ class Runner(Actor):
             outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
         except Exception as exc:
             reason, retryable = self._explain(exc)
-            log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, exc, exc_info=not retryable)
+            # str(exc): a record kept by a handler must not keep the exception, and its frames, alive.
+            log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, str(exc), exc_info=not retryable)
             outcomes = [JobFailed(job_id=spec.id, reason=reason, retryable=retryable) for spec in specs]
+            out_of_memory = _is_cuda_oom(exc)
+        else:
+            out_of_memory = False
         finally:
             self.active = None  # free for the next batch while the report travels
+        if out_of_memory:
+            await self._free_memory_unheld()
         if self.config.node.resident_models == 0:
             self._unload_all()
         await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes, resident=self.resident_bytes,
@@ -329,7 +360,7 @@ class Runner(Actor):
             if batch.cancel.is_set():
                 raise JobCancelled(batch.shutting_down or "cancelled")
             now = time.monotonic()
-            batch.progress_at = now
+            batch.progress_at, batch.stepped = now, True
             per_step = (now - started) / step
             timing.steps, timing.step_s = step, per_step
             if now - last_preview < PREVIEW_INTERVAL_S and step < total:
@@ -352,8 +383,8 @@ class Runner(Actor):
         asked = time.monotonic()
         staged = await self._stage(model)
         timing.stage_wait_s = time.monotonic() - asked
-        request = LoadRequest.for_entry(entry, Path(staged.path) if staged.path else None, device=self.device,
-                                        model_cache=self.config.model_cache)
+        request = LoadRequest.for_entry(entry, Path(staged.path) if staged.path else None,
+                                        device=self.torch_device, model_cache=self.config.model_cache)
 
         def load() -> LoadedModel:
             family = get_family(entry.family)  # the first call imports torch: keep it off the loop
@@ -363,34 +394,78 @@ class Runner(Actor):
                 loaded = family.load(replace(request, weights=weights))
             finally:
                 if pinned is not None:
-                    staging.unpin(pinned)  # on the GPU now; the loader's copy serves the next switch
+                    # After the copies out of it have ended (a failed load may leave some in flight);
+                    # on the GPU now, and the loader's copy serves the next switch.
+                    staging.unpin(pinned, self.torch_device)
             timing.loaded_from = "staged" if weights is not None else "disk"
             timing.load_s = time.monotonic() - started
-            log.info("%s: loaded %s from %s in %.2fs", self.name, model,
-                     "staged memory" if weights is not None else "disk", timing.load_s)
+            log.info("%s: loaded %s from %s in %.2fs%s", self.name, model,
+                     "staged memory" if weights is not None else "disk", timing.load_s, self._memory_note())
             return loaded
 
+        def run_load() -> asyncio.Future[LoadedModel]:
+            return asyncio.get_running_loop().run_in_executor(self._worker, load)
+
         # Room first, by the staged size (the loaded size is close to it): two models that
-        # cannot share the device must never be on it at once.
+        # cannot share the device must never be on it at once. On CUDA the device's free memory too:
+        # the budget sees only weights, not contexts, workspaces, graph pools or other processes.
         # An offloaded model's whole size is in RAM, not on the device: its share is known once loaded.
-        self._evicted(model, self.models.make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True))
+        free = None
+        if self.torch_device.startswith("cuda"):
+            free = await asyncio.get_running_loop().run_in_executor(self._worker, self._device_free)
+        self._evicted(model, self.models.make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True,
+                                                   free=free, reserve=DEVICE_RESERVE))
         try:
-            loaded = await asyncio.get_running_loop().run_in_executor(self._worker, load)
+            again = False
+            try:
+                loaded = await run_load()
+            except Exception as exc:
+                if not _is_cuda_oom(exc) or not len(self.models):
+                    raise
+                # The other models' memory is what this load lacked (the staged size undercounts it, the
+                # loader may be down): all of them go, and the load is tried once more.
+                log.warning("%s: out of memory loading %s: evicting every other model and trying again",
+                            self.name, model)
+                again = True
+            if again:
+                evicted = self.models.clear()
+                self._dropped(evicted, f"to make room for {model}")
+                await self._free_memory_unheld()
+                loaded = await run_load()
         finally:
             if staged.segment:
                 await self.send(loader_name(self.node), Release(model=model))
         self._evicted(model, self.models.add(model, loaded, loaded.device_bytes()))
         return loaded
 
+    def _memory_note(self) -> str:
+        """The device memory torch holds after a load, for the log (the budget counts only weights)."""
+        if not self.torch_device.startswith("cuda"):
+            return ""
+        import torch
+
+        return (f" ({torch.cuda.memory_allocated(self.torch_device) / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.memory_reserved(self.torch_device) / 2**30:.2f} GiB reserved on {self.device})")
+
     @property
     def resident_bytes(self) -> dict[str, int]:
         return self.models.bytes
 
     def _evicted(self, model: str, names: list[str]) -> None:
-        for name in names:
-            log.info("%s: evicted %s to make room for %s", self.name, name, model)
+        self._dropped(names, f"to make room for {model}")
         if names:
             self._free_memory()
+
+    def _dropped(self, names: list[str], why: str) -> None:
+        for name in names:
+            log.info("%s: evicted %s %s", self.name, name, why)
+        compiled = {name for name, entry in self.config.models.items() if entry.compile}
+        if compiled.intersection(names) and not compiled.intersection(self.models.bytes):
+            # torch.compile's code and CUDA-graph pools are the process's, not the model's: an evicted
+            # compiled model leaves them behind, outside the budget. Reset only when no compiled model
+            # stays resident (a resident one's graphs would be freed under it). On the worker, after
+            # whatever it is doing: the compiled calls run there.
+            self._worker.submit(reset_compiled)
 
     def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
         """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk.
@@ -404,8 +479,23 @@ class Runner(Actor):
             log.warning("%s: segment of %s was evicted before we mapped it; reading the disk",
                         self.name, staged.model)
             return None, None
-        pinned = staging.pin(mapping) if cuda else None
-        return staging.state_dicts(mapping, staged.files), pinned
+        # A cost-model stand-in holds no tensors: registering it would fault in its whole sparse file.
+        stand_in = any(entry.name == staging.STAND_IN for entry in staged.files)
+        pinned = self._pin(mapping) if cuda and not stand_in else None
+        try:
+            return staging.state_dicts(mapping, staged.files), pinned
+        except BaseException:
+            if pinned is not None:  # a damaged segment: never leave its pages registered
+                staging.unpin(pinned, self.torch_device)
+            raise
+
+    def _pin(self, mapping: Any) -> Any:
+        """The mapping page-locked for DMA, or None: a failed registration costs speed, not the load."""
+        try:
+            return staging.pin(mapping)
+        except staging.StagingError as exc:
+            log.warning("%s: %s; uploading from pageable memory", self.name, exc)
+            return None
 
     async def _stage(self, model: str) -> Staged:
         """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits).
@@ -437,8 +527,9 @@ class Runner(Actor):
     def _explain(self, exc: Exception) -> tuple[str, bool]:
         """A reason a person can act on, and whether another attempt may succeed."""
         if _is_cuda_oom(exc):
-            freed = bool(self.models.keep_newest())
-            self._free_memory()
+            evicted = self.models.keep_newest()
+            self._dropped(evicted, "after running out of memory")  # _execute frees their memory past the except
+            freed = bool(evicted)
             return scrub(f"out of GPU memory on {self.device}: {exc}; try a smaller size or count"), freed
         if isinstance(exc, (sources.ModelSourceError, DeviceBudgetError)):
             return scrub(str(exc)), False
@@ -446,15 +537,35 @@ class Runner(Actor):
 
     def _unload_all(self) -> None:
         """resident_models = 0: nothing stays loaded between batches."""
-        if self.models.clear():
+        evicted = self.models.clear()
+        self._dropped(evicted, "(resident_models = 0)")
+        if evicted:
             self._free_memory()
+
+    async def _free_memory_unheld(self) -> None:
+        """Frees memory after a failed call, once its exception is gone: its traceback's frames hold the
+        call's activations (or half-uploaded modules), and while they live nothing of them can go back to
+        the device. Past the except block is not enough: the task's wake-up that threw the exception into
+        this coroutine holds it until the coroutine next yields, hence the sleep(0)."""
+        await asyncio.sleep(0)
+        self._free_memory()
 
     def _free_memory(self) -> None:
         gc.collect()
-        if self.device.startswith("cuda"):
+        if self.torch_device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
+
+    def _device_free(self) -> int | None:
+        """Device memory a load may use now (the driver's free memory and what torch's cache holds unused),
+        or None off CUDA. On the worker: the first CUDA call of a thread opens the device there."""
+        if not self.torch_device.startswith("cuda"):
+            return None
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.torch_device)
+        return free + torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(self.torch_device)
 
 
 class PreviewMaker:
@@ -466,8 +577,9 @@ class PreviewMaker:
     ones are skipped, not queued.
     """
 
-    def __init__(self, publish: Any):
+    def __init__(self, publish: Any, device: str = "cpu"):
         self.publish = publish
+        self.device = device
         self._pending: dict[str, tuple[int, Any, Any]] = {}  # job id -> (step, family, latents)
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="previews", daemon=True)
@@ -484,12 +596,16 @@ class PreviewMaker:
             self._pending = {job: work for job, work in self._pending.items() if job in job_ids}
 
     def _run(self) -> None:
+        selected = False
         while True:
             with self._wake:
                 while not self._pending:
                     self._wake.wait()
                 work, self._pending = self._pending, {}
             use_one_cpu_thread()  # its torch work on one core: the denoiser keeps its own threads
+            if not selected:  # here, not at start: torch is imported by the time latents arrive
+                use_device(self.device)
+                selected = True
             spent = time.thread_time()
             for job_id, (step, family, latents) in work.items():
                 try:
@@ -581,13 +697,49 @@ def _device_name(device: str) -> str:
     return "cpu"
 
 
-def _is_cuda_oom(exc: Exception) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+def _is_cuda_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or any(words in text for words in _OOM_WORDS)
+
+
+def own_gpu(device: str, environ: dict[str, str] | os._Environ) -> str:
+    """Makes ``device`` (the node's ``cuda:N``) the only GPU this process sees, before anything opens CUDA,
+    and returns its name here (``cuda:0``). Without it every runner opened a context on GPU 0 (the current
+    device of any thread that never chose one), whose own runner then ran out of memory. N counts the
+    GPUs the node sees: the Nth entry of an inherited CUDA_VISIBLE_DEVICES, else physical GPU N (a child
+    inherits CUDA_DEVICE_ORDER, so the order is the node's)."""
+    if not device.startswith("cuda"):
+        return device
+    index = int(device.partition(":")[2] or 0)
+    inherited = environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [part.strip() for part in inherited.split(",")] if inherited is not None else None
+    if visible is not None and index >= len(visible):
+        raise ValueError(f"--device {device}: CUDA_VISIBLE_DEVICES={inherited!r} shows {len(visible)} GPU(s)")
+    environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible is not None else str(index)
+    return "cuda:0"
+
+
+def use_device(device: str) -> None:
+    """Selects ``device`` as this thread's current CUDA device (a thread starts on device 0)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
+def reset_compiled() -> None:
+    """Forgets every torch.compile result and CUDA-graph pool of this process (torch._dynamo.reset)."""
+    import torch
+
+    torch._dynamo.reset()
+    log.info("reset torch.compile's caches: no compiled model is resident")
 
 
 async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
+    # First, before torch opens CUDA; the runner keeps the node's name for the device in its name and logs.
+    torch_device = own_gpu(args.device, os.environ)
     await Runner(config, args.router or config.broker.router, node=args.node, device=args.device,
-                 keys=keys.for_peer(config)).run(stop)
+                 torch_device=torch_device, keys=keys.for_peer(config)).run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from atelier.jobs import Name
 from atelier.registry import FAMILIES, FamilyLimits
-from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer
+from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer, check_speed
 
 CONFIG_ENV = "ATELIER_CONFIG"
 HOME_ENV = "ATELIER_HOME"
@@ -111,6 +111,7 @@ class ModelEntry(Strict):
     def _tuning(self) -> "ModelEntry":
         check_cache(self.cache, self.cache_threshold, self.cache_interval)
         check_gguf_transformer(self.family, self.transformer, self.quantize)
+        check_speed(self.quantize, self.offload, self.cache, self.compile)
         if self.offload is not None and self.controlnets:
             # The offload hooks know only the pipeline's own parts: a ControlNet would stay on the CPU.
             raise ValueError(f"offload = {self.offload!r} does not go with controlnets: a ControlNet beside an "
@@ -209,7 +210,8 @@ class NodeConfig(Strict):
     stage_budget_bytes: int | None = Field(default=None, ge=0)
     # Watchdog: a runner whose pipeline makes no step for this long (after its model is loaded) is
     # stuck (a hung CUDA call, a deadlock): it hands its jobs back and exits, and its node starts it
-    # again. Generous, since a first step may include torch.compile; 0 turns it off.
+    # again. Generous; a compiled model's first step of a batch, which compiles, gets 30 minutes more
+    # (actors/runner.py COMPILE_GRACE_S). 0 turns it off.
     step_timeout_s: float = Field(default=600.0, ge=0)
 
 

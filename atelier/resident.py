@@ -53,19 +53,26 @@ class ResidentSet:
         self._items.move_to_end(name)
         return resident.model
 
-    def make_room(self, name: str, incoming: int, *, keep_slot: bool) -> list[str]:
+    def make_room(self, name: str, incoming: int, *, keep_slot: bool, free: int | None = None,
+                  reserve: int = 0) -> list[str]:
         """Evicts least recently used models until ``incoming`` more bytes (and, with ``keep_slot``, one
         more model) fit the budget; returns the evicted. A model alone larger than the budget is a
-        ``DeviceBudgetError``, and evicts nothing."""
+        ``DeviceBudgetError``, and evicts nothing.
+
+        ``free``: the device memory free now (measured). Then also until it, with the bytes of the models
+        evicted, covers ``incoming`` and ``reserve``: the budget counts weights alone, not what else holds
+        the device (contexts, workspaces, graph pools, other processes)."""
         if incoming > self.budget:
             raise DeviceBudgetError(f"model {name} needs {incoming:,} bytes on {self.device}, "
                                     f"more than its budget of {self.budget:,} bytes")
         most = self.max_models - (1 if keep_slot else 0)
         evicted = []
+        freed = 0
         for other in [n for n in self._items if n != name]:  # oldest first
-            if self.used + incoming <= self.budget and len(self._items) <= most:
+            fits = self.used + incoming <= self.budget and len(self._items) <= most
+            if fits and (free is None or free + freed >= incoming + reserve):
                 break
-            del self._items[other]
+            freed += self._items.pop(other).bytes
             evicted.append(other)
         return evicted
 

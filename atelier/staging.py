@@ -20,6 +20,7 @@ build each component from its tensors, as ``from_single_file`` does from the fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import inspect
 import json
@@ -126,7 +127,7 @@ def stage(folder: Path, segment: Path, variant: str | None = None,
     partial = _partial(segment)
     fd = _create(partial)
     try:
-        os.ftruncate(fd, max(offset, 1))
+        allocate(fd, max(offset, 1), segment)
         with mmap.mmap(fd, max(offset, 1)) as mapping:
             view = memoryview(mapping)
             try:
@@ -141,6 +142,31 @@ def stage(folder: Path, segment: Path, variant: str | None = None,
     finally:
         os.close(fd)
     return table
+
+
+def allocate(fd: int, size: int, segment: Path) -> None:
+    """Gives the file its ``size`` in memory now: a tmpfs that runs out while a mapping of it is written
+    kills the writer with SIGBUS; here it is a StagingError, naming the folder and what it lacks."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+            os.ftruncate(fd, size)
+            return
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise
+        raise StagingError(f"{segment.parent} has no room for {size:,} bytes of weights "
+                           f"({exc.strerror}); make it larger (docker run --shm-size) or lower "
+                           "[node] stage_budget_bytes") from None
+
+
+def shm_bytes(root: Path) -> int | None:
+    """The size of the file system staged weights live on (/dev/shm), or None where it cannot be read."""
+    try:
+        stats = os.statvfs(root)
+    except OSError:
+        return None
+    return stats.f_blocks * stats.f_frsize
 
 
 def _partial(segment: Path) -> Path:
@@ -234,9 +260,12 @@ def pin(mapping: mmap.mmap) -> tuple[int, Any]:
     return pointer, anchor
 
 
-def unpin(handle: tuple[int, Any]) -> None:
+def unpin(handle: tuple[int, Any], device: str | None = None) -> None:
+    """Unregisters a ``pin``; first waits for ``device`` (default: the current one), since copies out of the
+    mapping may still be in flight when a load failed midway."""
     import torch
 
+    torch.cuda.synchronize(device)
     torch.cuda.cudart().cudaHostUnregister(handle[0])
 
 
@@ -340,11 +369,12 @@ def _whole(value: Any) -> bool:
 
 
 def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: Any = None,
-                   given: dict[str, Any] | None = None) -> Any:
+                   given: dict[str, Any] | None = None, device: str | None = None) -> Any:
     """Assembles the folder's pipeline from its configs, its weights taken from ``weights``.
 
     Components without weights (tokenizers, schedulers) are small and read from the folder;
-    ``given`` ones (a GGUF transformer, say) are taken as they are.
+    ``given`` ones (a GGUF transformer, say) are taken as they are. ``device``: a CUDA device a
+    component whose weights are not of ``dtype`` is converted on, on its way there (see ``_convert``).
     """
     import diffusers
     from diffusers import pipelines
@@ -358,7 +388,7 @@ def build_pipeline(folder: Path, weights: dict[str, dict[str, Any]], *, dtype: A
             return given[name]
         cls = getattr(importlib.import_module(library), class_name)
         if name in weights:
-            return _module_from_weights(cls, folder / name, weights[name], dtype)
+            return _module_from_weights(cls, folder / name, weights[name], dtype, device)
         return cls.from_pretrained(folder / name)
 
     return _assemble(getattr(diffusers, _model_index(folder)["_class_name"]), folder, part)
@@ -401,8 +431,8 @@ def _assemble(pipeline_cls: type, folder: Path, part: Callable[[str, str, str], 
     return pipeline_cls(**parts)
 
 
-def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype: Any) -> Any:
-    import torch
+def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype: Any,
+                         device: str | None = None) -> Any:
     from accelerate import init_empty_weights
 
     # Parameters on the meta device (nothing allocated), and the libraries' own switch that skips
@@ -424,14 +454,30 @@ def _module_from_weights(cls: type, folder: Path, weights: dict[str, Any], dtype
     if leftovers:
         raise StagingError(f"{folder.name}: no weights for {leftovers[:5]}")
     if dtype is not None and any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        module = module.to(dtype)
-        # What from_pretrained keeps in float32 at this dtype (T5's feed-forward outputs overflow in
-        # float16): the same here, or a staged load would differ from a load from disk.
-        keep = _kept_in_float32(module, dtype)
-        for name, part in module.named_modules():
-            if keep.intersection(name.split(".")):
-                part.to(torch.float32)
+        _convert(module, dtype, device)
     return module.eval()
+
+
+def _convert(module: Any, dtype: Any, device: str | None) -> None:
+    """Casts ``module``'s floating-point weights to ``dtype`` in place, except what from_pretrained keeps
+    in float32 at that dtype (T5's feed-forward outputs overflow in float16), which is cast from the
+    file's values straight to float32, as from_pretrained does, never through ``dtype``.
+
+    With a CUDA ``device`` each tensor is converted there, from the mapping: a non-blocking copy from
+    pinned memory is DMA and the conversion runs on the GPU, where a cast on the CPU would make a
+    pageable copy of the whole model first, which the upload then copies synchronously."""
+    import torch
+
+    keep = _kept_in_float32(module, dtype)
+    cuda = device is not None and device.startswith("cuda")
+    for name, part in module.named_modules():
+        target = torch.float32 if keep.intersection(name.split(".")) else dtype
+
+        def cast(tensor: Any, target: Any = target) -> Any:
+            wanted = target if tensor.is_floating_point() else None
+            return tensor.to(device if cuda else None, wanted, non_blocking=cuda)
+
+        part._apply(cast, recurse=False)  # its own tensors only: each submodule gets its own target
 
 
 def _kept_in_float32(module: Any, dtype: Any) -> set[str]:

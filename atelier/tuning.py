@@ -60,3 +60,21 @@ def check_gguf_transformer(family: str, transformer: str | None, quantize: str |
     if quantize is not None:
         raise ValueError(f"transformer: a GGUF transformer is quantized already; remove quantize = "
                          f"{quantize!r} (it applies to a float transformer)")
+
+
+# compile modes that capture CUDA graphs: a replay overwrites the previous replay's outputs, which a
+# cache keeps from one step to the next (silently stale, or torch's "overwritten by a subsequent run").
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_speed(quantize: str | None, offload: str | None, cache: str | None, compile: bool | str) -> None:
+    """Settings that cannot go together, whatever the model; a ValueError names them."""
+    if quantize == "int4" and offload is not None:
+        # With offload the denoiser is quantized on the CPU, and torchao's int4 packing has no CPU kernel.
+        raise ValueError(f"quantize = \"int4\" cannot go with offload = {offload!r} (int4 packs its weights on "
+                         "the GPU, and an offloaded model is quantized in RAM); use quantize = \"int8\" or "
+                         "\"fp8\" with offload, or drop offload")
+    if cache is not None and compile in CUDA_GRAPH_MODES:
+        raise ValueError(f"compile = {compile!r} captures CUDA graphs, whose outputs the next replay overwrites, "
+                         f"and cache = {cache!r} keeps outputs from one step to the next; use compile = "
+                         "\"default\" or \"max-autotune-no-cudagraphs\" with a cache")

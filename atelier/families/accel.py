@@ -66,8 +66,7 @@ def apply(model: LoadedModel, entry: ModelEntry, device: str) -> None:
     model.offload = entry.offload
     if entry.compile:
         mode = "default" if entry.compile is True else entry.compile
-        if not device.startswith("cuda") and not _cxx_compiler():
-            raise ValueError("compile on the CPU needs a C++ compiler (g++ or clang++; $CXX) on this host")
+        check_compiler(device)
         # In place: the pipeline keeps the same module object, compiled on its first call.
         denoiser.compile(mode=None if mode == "default" else mode)
 
@@ -96,11 +95,14 @@ def quantize(denoiser: torch.nn.Module, kind: str, device: str) -> None:
             raise ValueError(f"quantize = \"int4\" needs a CUDA device; this runner has {device} (int8 works there)")
         if denoiser.dtype != torch.bfloat16:
             raise ValueError(f"quantize = \"int4\" needs dtype = \"bfloat16\", not {str(denoiser.dtype)[6:]}")
+    # set_inductor_config=False: torchao's default retunes inductor for the whole process (coordinate
+    # descent and more), which would slow every later model's compile, quantized or not.
     configs: dict[str, Callable[[], Any]] = {
-        "int8": Int8WeightOnlyConfig,
-        "int8-dynamic": Int8DynamicActivationInt8WeightConfig,
-        "fp8": Float8WeightOnlyConfig,
-        "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+        "int8": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
+        "int8-dynamic": lambda: Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        "fp8": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
+        "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                             set_inductor_config=False),
     }
     if kind not in configs:
         raise ValueError(f"quantize {kind!r} is not one of {', '.join(configs)}")
@@ -256,6 +258,23 @@ def _denoiser(pipe: Any, name: str) -> torch.nn.Module:
         if components.get(key) is not None:
             return components[key]
     raise ValueError(f"a {name} has no denoiser (unet or transformer) to quantize, cache or compile")
+
+
+def check_compiler(device: str) -> None:
+    """torch.compile builds code at the first call: refused at load, rather than failing deep inside the
+    first job, on a host without the compiler it needs. On the CPU inductor compiles C++; on CUDA Triton
+    builds its kernel launchers with a C compiler."""
+    if device.startswith("cuda"):
+        if not _c_compiler():
+            raise ValueError("compile on CUDA needs a C compiler for Triton (gcc or clang; $CC) on this host")
+    elif not _cxx_compiler():
+        raise ValueError("compile on the CPU needs a C++ compiler (g++ or clang++; $CXX) on this host")
+
+
+def _c_compiler() -> str | None:
+    """Triton's C compiler, where it looks (triton/runtime/build.py): $CC, else gcc, else clang."""
+    return next((path for name in (os.environ.get("CC"), "gcc", "clang") if name
+                 for path in [shutil.which(name)] if path), None)
 
 
 def _cxx_compiler() -> str | None:

@@ -136,7 +136,7 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
     if weights is not None:
         given = {name: part for name, part in components.items() if part is not None}
         # Given parts are not built from the folder first (a GGUF transformer's float one would be read for nothing).
-        pipe = build_pipeline(path, weights, dtype=dtype, given=given)
+        pipe = build_pipeline(path, weights, dtype=dtype, given=given, device=device)  # a cast on CUDA: on the GPU
         # e.g. an SD 1.5 folder and a motion adapter. Not otherwise: from_pipe casts every part to one dtype,
         # which diffusers refuses for a quantized one (a GGUF transformer). That dtype is float32 unless
         # given: a float16 AnimateDiff would load at float32, twice the memory and not what was asked.
