@@ -41,11 +41,12 @@ bench: $(STAMP)
 # bench/gpu_check.py to install without an index. cp312 x86-64, no dependencies followed (that would
 # fetch a torch), never a torch; about 48 MB (av alone is 36), within the device tool's 64 MiB carry.
 # Left out: scipy (35 MB; only torchsde, Stable Audio's scheduler, needs it) and xfuser with its
-# needs (no gang path to check yet).
+# needs (no gang path to check yet). pytest and pytest-timeout: the check runs the gpu-marked tests.
 GPU_WHEELS ?= .gpu-wheels
 GPU_PACKAGES = "diffusers>=0.35,<0.43" "pydantic>=2.7,<3" pydantic-core annotated-types typing-inspection \
 	typing-extensions "pyzmq>=26,<28" "torchao>=0.18,<0.19" "gguf>=0.10,<1" "compel>=2.5,<3" pyparsing \
-	"torchsde>=0.2.6,<0.3" trampoline "av>=12,<19" "DeepCache>=0.1.1,<0.2" importlib-metadata zipp
+	"torchsde>=0.2.6,<0.3" trampoline "av>=12,<19" "DeepCache>=0.1.1,<0.2" importlib-metadata zipp \
+	"pytest>=8,<10" "pytest-timeout>=2.3,<3" pluggy iniconfig
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -100,12 +100,22 @@ def install_wheels(wheels: Path, target: Path) -> dict[str, Any]:
     if any(name.lower().startswith("torch-") for name in found):
         raise RuntimeError(f"{wheels} holds a torch wheel: the machine's CUDA torch must stay")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                    str(target), *(str(wheels / name) for name in found)], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                        str(target), *(str(wheels / name) for name in found)], check=True)
+        how = "pip"
+    except (OSError, subprocess.CalledProcessError):
+        # An image without pip: a wheel is a zip of what goes into site-packages.
+        import zipfile
+
+        for name in found:
+            with zipfile.ZipFile(wheels / name) as wheel:
+                wheel.extractall(target)
+        how = "unzipped (pip failed)"
     sys.path.insert(0, str(target))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(target), os.environ.get("PYTHONPATH"))
                                                if p)
-    return {"wheels": len(found), "install_s": round(time.perf_counter() - started, 2),
+    return {"wheels": len(found), "how": how, "install_s": round(time.perf_counter() - started, 2),
             "bytes": sum((wheels / name).stat().st_size for name in found)}
 
 
