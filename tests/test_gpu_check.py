@@ -23,11 +23,11 @@ def _check_names() -> list[str]:
     return [name for name, _, _ in module.CHECKS]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_gpu_check_dry_runs_every_check_and_reports(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry", "--out", str(out), "--work",
-                           str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=230,
+                           str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "ATELIER_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr[-3000:]
     result = done.stdout.strip().splitlines()[-1]
@@ -42,7 +42,7 @@ def test_gpu_check_dry_runs_every_check_and_reports(tmp_path):
     assert int(fields["ok"]) + int(fields["bug"]) + int(fields["skip"]) == len(names)
     # What a CPU can check, it checked: staged equals disk bit for bit, the GGUF path, a real atelier up.
     for name in ("env", "staging_pin_upload", "upload_full_size", "pinned_bandwidth", "gguf_staged",
-                 "runner_end_to_end", "pytest_gpu_marked"):
+                 "runner_end_to_end", "generation_overhead", "pytest_gpu_marked"):
         assert checks[name]["status"] == "OK", checks[name]
     assert checks["staging_pin_upload"]["figures"]["float32"]["differ"] == []
     assert checks["runner_end_to_end"]["figures"]["loaded_from_staged"] is True
