@@ -57,3 +57,34 @@ def test_gpu_check_dry_runs_every_check_and_reports(tmp_path):
     for name in names:
         assert f"| {name} | {checks[name]['status']} |" in report
     assert "## Not measured by this script yet" in report
+
+
+def test_f12_model_switch_cuda_branch_imports_what_exists():
+    """F12: the CUDA branch of bench/model_switch.py runs only on a GPU, so a name it imports that does
+    not exist (sd._upload) failed there every time; every name it imports must be real."""
+    import ast
+    import importlib
+
+    tree = ast.parse((ROOT / "bench" / "model_switch.py").read_text())
+    branch = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "cuda_figures")
+    imports = [(node.module, alias.name) for node in ast.walk(branch) if isinstance(node, ast.ImportFrom)
+               for alias in node.names]
+    assert ("atelier.families.loading", "upload") in imports
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+def test_f12_preload_runs_its_runners_on_every_cuda_device(tmp_path, monkeypatch):
+    """bench/preload.py's catalog named the CPU alone, so on a GPU host it measured only the CPU."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import preload
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = tmp_path / "atelier.toml"
+    preload.write_config(config, tmp_path, {name: tmp_path for name in preload.MODELS}, 1 << 30, True)
+    assert 'devices = ["cuda:0", "cuda:1"]' in config.read_text()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    preload.write_config(config, tmp_path, {name: tmp_path for name in preload.MODELS}, 1 << 30, True)
+    assert 'devices = ["cpu"]' in config.read_text()
