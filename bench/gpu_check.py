@@ -388,7 +388,7 @@ def check_staging_pin_upload(ctx: Context, out: Outcome) -> None:
                               f"{delta:.4f}", view_pinned))
             if ctx.cuda and model.pipe.unet.device.type != "cuda":
                 raise Bug(f"the staged model is on {model.pipe.unet.device}, not CUDA")
-            if differ or delta:
+            if differ or delta > 0.5:  # the weights bit for bit; the images up to a kernel's order of sums
                 out.status, out.reason = "FAIL", f"{dtype}: staged differs from disk ({len(differ)} tensors, " \
                                                  f"|Δ| {delta:.4f}): {differ[:3]}"
             del model, disk, weights, mapping
@@ -883,10 +883,13 @@ def check_generation_overhead(ctx: Context, out: Outcome) -> None:
 def check_pytest_gpu_marked(ctx: Context, out: Outcome) -> None:
     """Every test marked gpu, run by pytest from here (skipped by pytest itself without CUDA), counted."""
     timeout = max(30, int(min(ctx.left() - 15, 180)))  # the rest is generation_overhead's
+    # Only the files that hold gpu tests: the others import what the lent machine lacks (playwright,
+    # hypothesis, schemathesis, discord), and their collection errors would drown the count.
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                   if p.name != "test_gpu_check.py" and "mark.gpu" in p.read_text(errors="replace"))
+    out.figures["files"] = files
     argv = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=",
-            "--timeout", str(timeout), "tests/"]
-    if ctx.dry:  # the selection and the skips, not a run of the suite
-        argv = [*argv[:-1], "tests/test_accel.py"]
+            "--timeout", str(timeout), *files]
     try:
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout + 10,
                               env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))})
