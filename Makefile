@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install browser up lint test bench
+.PHONY: install browser up lint test bench gpu-wheels
 install: $(STAMP)
 
 # The web page's tests drive a real browser: Debian's chromium, since Playwright's own browser
@@ -35,3 +35,22 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/overhead.py
+
+# The wheels a lent GPU machine lacks (it has Python 3.12, torch 2.11 + CUDA 13, transformers, accelerate,
+# peft, triton, msgpack, aiohttp, uvloop, pillow, rich, prometheus-client, and no internet), for
+# bench/gpu_check.py to install without an index. cp312 x86-64, no dependencies followed (that would
+# fetch a torch), never a torch; about 48 MB (av alone is 36), within the device tool's 64 MiB carry.
+# Left out: scipy (35 MB; only torchsde, Stable Audio's scheduler, needs it) and xfuser with its
+# needs (no gang path to check yet). pytest and pytest-timeout: the check runs the gpu-marked tests.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PACKAGES = "diffusers>=0.35,<0.43" "pydantic>=2.7,<3" pydantic-core annotated-types typing-inspection \
+	typing-extensions "pyzmq>=26,<28" "torchao>=0.18,<0.19" "gguf>=0.10,<1" "compel>=2.5,<3" pyparsing \
+	"torchsde>=0.2.6,<0.3" trampoline "av>=12,<19" "DeepCache>=0.1.1,<0.2" importlib-metadata zipp \
+	"pytest>=8,<10" "pytest-timeout>=2.3,<3" pluggy iniconfig
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		--no-deps -d $(GPU_WHEELS) $(GPU_PACKAGES)
+	@! ls $(GPU_WHEELS) | grep -i '^torch-' || (echo "a torch wheel in $(GPU_WHEELS): remove it" && false)
+	@du -sh $(GPU_WHEELS)

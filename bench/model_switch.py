@@ -218,7 +218,7 @@ def raw_copies(segment: Path, repeats: int) -> tuple[float, list[float]]:
 
 
 def cuda_figures(folder: Path, segment: Path, table: list, repeats: int) -> list[str]:
-    from atelier.families.sd import _upload  # the family's upload, timed apart from the build
+    from atelier.families.loading import upload  # the families' upload, timed apart from the build
 
     n = os.stat(segment).st_size
     torch.zeros(1, device="cuda")  # the CUDA context, outside every timing
@@ -245,7 +245,7 @@ def cuda_figures(folder: Path, segment: Path, table: list, repeats: int) -> list
         try:
             pipe = staging.build_pipeline(folder, staging.state_dicts(mapping, table), dtype=torch.float16)
             built = time.perf_counter()
-            _upload(pipe, "cuda")
+            upload(pipe, "cuda")
             done = time.perf_counter()
         finally:
             staging.unpin(handle)

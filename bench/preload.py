@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import shutil
 import statistics
@@ -93,6 +94,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
+def devices() -> list[str]:
+    """The runners' devices: every CUDA device when there is one (each runner pins and uploads its
+    staged models), else the CPU."""
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
 def write_config(path: Path, home: Path, folders: dict[str, Path], budget: int, preload: bool) -> None:
     lines = [
         f'home = "{home}"',
@@ -103,7 +112,7 @@ def write_config(path: Path, home: Path, folders: dict[str, Path], budget: int, 
         f"preload = {'true' if preload else 'false'}",
         "",
         "[node]",
-        'devices = ["cpu"]',
+        f"devices = {json.dumps(devices())}",
         "resident_models = 1",
         f"stage_budget_bytes = {budget}",
     ]
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {label: run_once(preload, folders, budget, args) for label, preload in (("on", True), ("off", False))}
 
     print(f"preload: {args.jobs} jobs alternating {MODELS[0]}, {MODELS[1]} (sd1, float32, {size / 1e9:.2f} GB "
-          f"each; 64x64, 4 steps) on {os.cpu_count()} CPUs; resident_models=1, stage budget "
+          f"each; 64x64, 4 steps) on {', '.join(devices())} ({os.cpu_count()} CPUs); resident_models=1, stage budget "
           f"{budget / 1e9:.2f} GB" + (f"; generated {', '.join(built)}" if built else ""))
     print(f"  {'preload':<8} {'wall s':>8} {'per job s':>10} {'switch p50 s':>13} {'switch mean s':>14} "
           f"{'generate p50 s':>15} {'stagings':>9} {'preloads failed':>16}")
