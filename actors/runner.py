@@ -251,6 +251,7 @@ class Runner(Actor):
         first = specs[0]
         loop = asyncio.get_running_loop()
         timing = BatchTiming(images=sum(spec.count for spec in specs))
+        out_of_memory = False  # its memory is freed once the exception, and its frames, are gone
         try:
             model = self.models.get(first.model)
             if model is None:
@@ -302,8 +303,6 @@ class Runner(Actor):
             log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, str(exc), exc_info=not retryable)
             outcomes = [JobFailed(job_id=spec.id, reason=reason, retryable=retryable) for spec in specs]
             out_of_memory = _is_cuda_oom(exc)
-        else:
-            out_of_memory = False
         finally:
             self.active = None  # free for the next batch while the report travels
         if out_of_memory:
