@@ -207,11 +207,33 @@ class Actor:
 
     async def send(self, dst: str, msg: Wire, *, corr: int | None = None) -> int:
         msg_id = next(self._ids)
-        frames = codec.encode(Envelope(msg, self.name, dst, msg_id, corr))
+        await self._send_frames(codec.encode(Envelope(msg, self.name, dst, msg_id, corr)))
+        return msg_id
+
+    async def send_watched(self, dst: str, msg: Wire, watch_s: float) -> asyncio.Future:
+        """Sends ``msg`` as told (its real answer comes later, as a message of its own), and returns a
+        future that a reply correlated to it within ``watch_s`` resolves: a refusal on its way, the
+        broker's (too large, the receiver gone or its queue full) or the receiver's. Cancelled when the
+        time is up without one. A message larger than one may be is not sent: the broker would refuse it
+        without saying which it was, so the future holds that refusal at once."""
+        msg_id = next(self._ids)
+        frames = codec.encode(Envelope(msg, self.name, dst, msg_id, None))
+        answer = asyncio.get_running_loop().create_future()
+        blobs, head = len(frames) - 2, len(frames[1])
+        if blobs > codec.MAX_FRAMES or head > codec.MAX_HEAD_BYTES:
+            answer.set_result(Error(code=ErrorCode.too_large, message=f"{blobs} blobs and a head of {head} "
+                                    "bytes, above what one message may carry"))
+            return answer
+        self._pending[msg_id] = (dst, answer)  # the receive loop hands a reply to this message here
+        answer.add_done_callback(lambda _: self._pending.pop(msg_id, None))
+        asyncio.get_running_loop().call_later(watch_s, answer.cancel)
+        await self._send_frames(frames)
+        return answer
+
+    async def _send_frames(self, frames: list) -> None:
         assert self._sock is not None, "actor is not started"
         self._last_sent = time.monotonic()
         await self._sock.send_multipart(frames, copy=False)
-        return msg_id
 
     async def ask(self, dst: str, msg: AnsweredBy[Reply], timeout: float = 10.0) -> Reply:
         """Sends ``msg`` and waits for the reply its type declares; an Error reply raises RemoteError,

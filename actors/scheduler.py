@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 
-from actors import codec, keys
+from actors import keys
 from actors.actor import Actor, RemoteError, UnexpectedReply, handles
 from actors.codec import BROKER, Envelope
 from actors.journal import DuplicateJob, Journal, JournalError, Restored
@@ -432,26 +432,12 @@ class Scheduler(Actor):
         refusal on the way: the broker's (too large, the runner's queue full, gone) or the runner's
         (undecodable). Either comes back correlated to this message, and means the runner never got
         the batch: without this the runner would count as busy with it for ever."""
-        msg_id = next(self._ids)
-        frames = codec.encode(Envelope(msg, self.name, runner, msg_id, None))
-        if len(frames) - 2 > codec.MAX_FRAMES or len(frames[1]) > codec.MAX_HEAD_BYTES:
-            # The broker would refuse it without saying which message it was: refused here instead.
-            too_large = Error(code=ErrorCode.too_large, message=f"{len(frames) - 2} blobs and a head of "
-                              f"{len(frames[1])} bytes, above what one message may carry")
-            self._tasks.spawn(self._dispatch_refused(runner, msg.batch_id, too_large), "refused")
-            return
-        refusal = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = (runner, refusal)  # the receive loop hands a reply to this message here
 
         def refused(future: asyncio.Future) -> None:
-            self._pending.pop(msg_id, None)
             if not future.cancelled() and isinstance(future.result(), Error):
                 self._tasks.spawn(self._dispatch_refused(runner, msg.batch_id, future.result()), "refused")
 
-        refusal.add_done_callback(refused)
-        asyncio.get_running_loop().call_later(DISPATCH_WATCH_S, refusal.cancel)
-        assert self._sock is not None, "actor is not started"
-        await self._sock.send_multipart(frames, copy=False)
+        (await self.send_watched(runner, msg, DISPATCH_WATCH_S)).add_done_callback(refused)
 
     async def _dispatch_refused(self, runner: str, batch_id: str, error: Error) -> None:
         log.warning("batch %s did not reach %s (%s: %s); its jobs go back to the queue", batch_id, runner,
