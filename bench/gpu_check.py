@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -708,6 +709,66 @@ def check_oom_recovery(ctx: Context, out: Outcome) -> None:
         out.status, out.reason = "FAIL", f"recognised={recognised}, memory back={after <= baseline + MIB}, next={works}"
 
 
+def check_preview_thread(ctx: Context, out: Outcome) -> None:
+    """The runner's own PreviewMaker on its thread, on cuda:0, with a TAESD preview decoder, fed cloned
+    latents as the step callback feeds it: every preview arrives, none fails, and each equals the same
+    decode made on the main thread (the thread selects the runner's device itself, as F3's fix made it)."""
+    import logging
+
+    import torch
+
+    from actors.runner import PreviewMaker
+    from atelier.config import ModelEntry
+    from atelier.preview import encode_jpeg
+    from atelier.tiny.previews import build_tiny_taesd
+
+    taesd = build_tiny_taesd(ctx.work / "taesd-preview", full_size=not ctx.dry)
+    entry = ModelEntry(family="sd1", source=str(tiny(ctx, "tiny-sd")), dtype="float32" if ctx.dry else "float16",
+                       preview_decoder=str(taesd))
+    model = load(tiny(ctx, "tiny-sd"), ctx.device, entry.dtype, entry=entry)
+    previewer = model.previewer
+    if model.preview_decoder is None:
+        raise Bug("the catalog's preview_decoder was not loaded")
+    side = 16 if ctx.dry else 64  # 64² latents: a 512² image
+    generator = torch.Generator(ctx.device).manual_seed(5)
+    steps = [torch.randn(1, 4, side, side, generator=generator, device=ctx.device,
+                         dtype=model.pipe.unet.dtype) for _ in range(6)]
+    arrived: list[Any] = []
+    done = threading.Event()
+
+    def publish(message: Any) -> None:
+        arrived.append(message)
+        if len(arrived) == len(steps):
+            done.set()
+
+    errors: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record)
+
+    handler = Collect(logging.ERROR)
+    logging.getLogger("actors.runner").addHandler(handler)
+    try:
+        maker = PreviewMaker(publish, ctx.device)
+        started = time.perf_counter()
+        for step, latents in enumerate(steps):  # one job per step: a job keeps only its newest latents
+            maker.offer(f"job-{step}", step, previewer, latents[0].detach().clone())
+        done.wait(120)
+        took = time.perf_counter() - started
+    finally:
+        logging.getLogger("actors.runner").removeHandler(handler)
+    main_thread = {f"job-{step}": encode_jpeg(previewer.preview(latents, 0)) for step, latents in enumerate(steps)}
+    equal = sum(message.image == main_thread[message.job_id] for message in arrived)
+    out.figures.update(arrived=len(arrived), equal=equal, errors=[r.getMessage() for r in errors], seconds=took)
+    out.table = [("what", "value"), ("previews arrived", f"{len(arrived)} of {len(steps)}"),
+                 ("equal to a main-thread decode", f"{equal} of {len(arrived)}"),
+                 ("errors logged", str(len(errors))), (f"time for {len(steps)}, {side}² latents", f"{took:.3f} s")]
+    if len(arrived) != len(steps) or equal != len(arrived) or errors:
+        out.status, out.reason = "FAIL", (f"{len(arrived)}/{len(steps)} arrived, {equal} equal, "
+                                          f"{len(errors)} errors logged")
+
+
 def check_runner_end_to_end(ctx: Context, out: Outcome) -> None:
     """A real ``atelier up`` on cuda:0 (--dry: the CPU): tiny-sd at dtype "auto" with a TAESD preview decoder,
     two jobs of two images with previews; the jobs finish, the log says the model came from staged
@@ -810,12 +871,18 @@ def check_generation_overhead(ctx: Context, out: Outcome) -> None:
     models, built_s = timed(lambda: full_size_models(ctx))
     out.figures["models_built_s"] = built_s
     dtype = "float32" if ctx.dry else "float16"
+    from atelier.tiny.previews import build_tiny_taesd
+
+    # SD 1.5 once more, previewed through a TAESD of a real one's size rather than the linear projection.
+    taesd = build_tiny_taesd(ctx.work / "taesd-full", full_size=not ctx.dry)
     config = ctx.work / "speed.toml"
     config.write_text(f'builtin_models = false\ndefault_model = "sd15"\n[node]\ndevices = ["{ctx.device}"]\n'
-                      f"resident_models = {len(models)}\n" + "".join(
+                      f"resident_models = {len(models) + 1}\n" + "".join(
                           f'[models.{name}]\nfamily = "{family}"\nsource = "{folder}"\ndtype = "{dtype}"\n'
                           f"max_width = 1024\nmax_height = 1024\n"
-                          for name, (family, folder, _, _) in models.items()))
+                          for name, (family, folder, _, _) in models.items())
+                      + f'[models.sd15-taesd]\nfamily = "sd1"\nsource = "{models["sd15"][1]}"\ndtype = "{dtype}"\n'
+                      f'preview_decoder = "{taesd}"\n')
     batches = (1, 2) if ctx.dry else (1, 2, 4, 8)
     keystrokes = 2 if ctx.dry else 10
     warm = not ctx.dry  # a first call's costs are not counted; --dry only walks the code
@@ -824,7 +891,7 @@ def check_generation_overhead(ctx: Context, out: Outcome) -> None:
     async def through() -> dict[str, Any]:
         async with AtelierClient(system.router, system.pub) as client:
             async def job(name: str, count: int = 1, previews: bool = False) -> tuple[Any, float]:
-                _, _, size, steps = models[name]
+                _, _, size, steps = models[name.removesuffix("-taesd")]
                 spec = JobSpec(model=name, prompt="a lighthouse", width=size, height=size, steps=steps, seed=3,
                                count=count, previews=previews)
                 sent = time.perf_counter()
@@ -843,9 +910,13 @@ def check_generation_overhead(ctx: Context, out: Outcome) -> None:
             for count in batches:
                 record, _ = await job("sd15", count)
                 got[f"sd15 x{count}"] = (record.finished_at - record.started_at) / count
+            if warm:
+                await job("sd15-taesd", previews=True)  # loads the model and its decoder
             for previews in (True, False):
                 record, _ = await job("sd15", previews=previews)
                 got[f"previews {'on' if previews else 'off'}"] = record.finished_at - record.started_at
+                record, _ = await job("sd15-taesd", previews=previews)
+                got[f"taesd previews {'on' if previews else 'off'}"] = record.finished_at - record.started_at
             got["keystroke"] = [(await job("sd-turbo-shaped"))[1] for _ in range(keystrokes)]
             return got
 
@@ -872,7 +943,10 @@ def check_generation_overhead(ctx: Context, out: Outcome) -> None:
             rows.append((key, f"{seconds:.4f}", f"{direct[key]:.4f}", f"{seconds / direct[key] - 1:+.1%}"))
     on, off = atelier["previews on"], atelier["previews off"]
     keystroke = statistics.median(atelier["keystroke"])
-    rows += [("sd15 previews on / off", f"{on:.4f} / {off:.4f}", "-", f"{on / off - 1:+.1%} (aim ≤ 3%)"),
+    taesd_on, taesd_off = atelier["taesd previews on"], atelier["taesd previews off"]
+    rows += [("sd15 linear previews on / off", f"{on:.4f} / {off:.4f}", "-", f"{on / off - 1:+.1%} (aim ≤ 3%)"),
+             ("sd15 TAESD previews on / off", f"{taesd_on:.4f} / {taesd_off:.4f}", "-",
+              f"{taesd_on / taesd_off - 1:+.1%} (aim ≤ 3%)"),
              ("keystroke p50, sd-turbo-shaped 1 step (aim ≤ 100 ms)", f"{keystroke:.4f}", "-", "-")]
     out.table = rows
     out.figures.update(atelier=atelier, direct=direct, keystroke_p50_s=keystroke,
@@ -917,16 +991,15 @@ CHECKS: list[tuple[str, Callable[[Context, Outcome], None], float]] = [
     ("quantize", check_quantize, 45),
     ("gguf_staged", check_gguf_staged, 30),
     ("oom_recovery", check_oom_recovery, 25),
+    ("preview_thread", check_preview_thread, 20),
     ("runner_end_to_end", check_runner_end_to_end, 90),
     ("pytest_gpu_marked", check_pytest_gpu_marked, 60),
     ("generation_overhead", check_generation_overhead, 150),
 ]
 
 # Asked for by issue 14 and the review, not written yet: named in every report as unmeasured.
+# (F11's reduce-overhead compile with a cache is refused when the catalog is read, so nothing is left to run.)
 NOT_WRITTEN = [
-    "preview_thread_cuda (PreviewMaker on CUDA against a main-thread decode; runner_end_to_end covers previews)",
-    "previews through TAESD on a full-size model (generation_overhead measures linear previews on and off)",
-    "compile_reduce_overhead_with_cache (F11)",
     "the gang path through xfuser (no gangs yet; xfuser is not among the wheels)",
 ]
 
