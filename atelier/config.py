@@ -36,6 +36,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ParallelLayout(Strict):
+    """TEMP placeholder for helper A's layout (the lead drops it at merge)."""
+
+    backend: Literal["xfuser", "diffusers"]
+    ulysses_degree: int = Field(default=1, ge=1)
+    ring_degree: int = Field(default=1, ge=1)
+    pipefusion_degree: int = Field(default=1, ge=1)
+    warmup_steps: int = Field(default=1, ge=0)
+    cfg_degree: int = Field(default=1, ge=1)
+    parallel_vae: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.ulysses_degree * self.ring_degree * self.pipefusion_degree * self.cfg_degree
+
+
 class ModelEntry(Strict):
     family: str
     # "builtin:<name>" (generated on first use), a diffusers folder, a single .safetensors checkpoint
@@ -99,6 +115,7 @@ class ModelEntry(Strict):
     # repository changes nothing here until this line does; a branch or tag name follows it.
     # Default: the repository's main branch.
     revision: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[\w.-]+$")
+    parallel: ParallelLayout | None = None  # TEMP placeholder for helper A's field
 
     @field_validator("family")
     @classmethod
@@ -213,6 +230,7 @@ class NodeConfig(Strict):
     # again. Generous; a compiled model's first step of a batch, which compiles, gets 30 minutes more
     # (actors/runner.py COMPILE_GRACE_S). 0 turns it off.
     step_timeout_s: float = Field(default=600.0, ge=0)
+    gangs: list[list[str]] = Field(default_factory=list)  # TEMP placeholder for helper A's field
 
 
 class HttpToken(Strict):

@@ -240,6 +240,8 @@ class Capabilities(Wire):
     # it dead takes the jobs back instead of running them twice.
     active_batch: str | None = None
     active_jobs: list[JobId] = Field(default_factory=list)
+    devices: list[str] = Field(default_factory=list)  # TEMP placeholder for helper B's field
+    gang: int = 1  # TEMP placeholder for helper B's field
 
 
 class ModelStats(Wire):
