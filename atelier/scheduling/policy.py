@@ -390,7 +390,7 @@ class Policy:
         self.wake_at = None
         usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until]
         if state.queue and usable:
-            if not whole_queue and now < self._next_plan and all(r.batch is not None for r in usable):
+            if not whole_queue and now < self._next_plan and all(state.occupied(r) for r in usable):
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
                 return
             self._carry_out(planner.plan(state, self.config, self.estimates, usable, now), usable, whole_queue, now)
