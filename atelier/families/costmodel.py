@@ -8,6 +8,11 @@ else in atelier (the processes and messages, the scheduling, staging and residen
 bytes) runs for real, at a GPU's pace, on any machine. ``time_scale`` shrinks every time by one
 factor so that a long trace fits in a benchmark run.
 
+A profile may also give the model's costs on gangs (``gang_step_s``: by gang size, seconds per step
+by resolution and batch size, as ``step_s``). A runner that is a gang (its ``LoadRequest.gang_size``,
+else the size of the torch.distributed process group it has joined) sleeps those on every rank,
+so a gang's speed-up is the profile's and the scheduler measures it like any other runner's.
+
 The folder also holds a stand-in for the weights (``staging.STAND_IN``): the loader stages it as
 a segment of the model's real size that takes no memory, after the profile's disk read time.
 Torch-free, like ``noop``.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +77,19 @@ class CostModelFamily(Family):
             raise ValueError("family 'costmodel' reads no weight files: a variant does not apply")
         costs = json.loads((path / COSTS).read_text())
         scale = float(costs["time_scale"])
+        gang = request.gang_size if request.gang_size > 1 else _world_size()
+        step_s = costs["step_s"]
+        if gang > 1:
+            gangs = costs.get("gang_step_s", {})
+            if str(gang) not in gangs:
+                raise ValueError(f"{path}: its profile has no costs for a gang of {gang} (gang_step_s has "
+                                 f"{', '.join(sorted(gangs, key=int)) or 'none'})")
+            step_s = gangs[str(gang)]
         # Weights that come staged were read from the disk by the loader already: a memory copy.
         time.sleep(scale * (costs["staged_load_s"] if request.weights is not None else costs["disk_load_s"]))
         return LoadedModel(CostModelPipeline(
             nbytes=int(costs["bytes"]),
-            step_s={int(res) ** 2: [scale * t for t in row] for res, row in costs["step_s"].items()},
+            step_s={int(res) ** 2: [scale * t for t in row] for res, row in step_s.items()},
             batches=list(costs["batches"]),
             decode_s=scale * float(costs.get("vae_decode_s", 0.0)),
             native_pixels=int(costs["native_resolution"]) ** 2,
@@ -102,6 +116,12 @@ def write_model(folder: Path, profile: dict[str, Any], *, time_scale: float = 1.
     """Writes a cost-model folder for one model of a profile (a ``[models.X]`` table of the TOML)."""
     folder.mkdir(parents=True, exist_ok=True)
     step_s = {str(res): list(row) for res, row in profile["step_s"].items()}
+    gang_step_s = {str(size): {str(res): list(row) for res, row in rows.items()}
+                   for size, rows in profile.get("gang_step_s", {}).items()}
+    for size, rows in gang_step_s.items():
+        if int(size) < 2 or set(rows) != set(step_s):
+            raise ValueError(f"gang_step_s.{size}: a gang is 2 or more devices, profiled at the resolutions of "
+                             f"step_s ({', '.join(step_s)})")
     costs = {
         "bytes": int(profile["bytes"]),
         "disk_load_s": float(profile["disk_load_s"]),
@@ -111,6 +131,7 @@ def write_model(folder: Path, profile: dict[str, Any], *, time_scale: float = 1.
         "vae_decode_s": float(profile.get("vae_decode_s", 0.0)),
         "native_resolution": int(profile["default_resolution"]),
         "time_scale": time_scale,
+        "gang_step_s": gang_step_s,
     }
     (folder / COSTS).write_text(json.dumps(costs, indent=1))
     (folder / STAND_IN).write_text(json.dumps({"bytes": costs["bytes"],
@@ -118,6 +139,15 @@ def write_model(folder: Path, profile: dict[str, Any], *, time_scale: float = 1.
     # A diffusers-shaped folder, so that the catalog takes it like any other.
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "CostModel"}))
     return folder
+
+
+def _world_size() -> int:
+    """The size of the torch.distributed process group this process has joined; 1 if none (torch is
+    not imported for it: a process with a group has it loaded already)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return int(dist.get_world_size())
 
 
 def _sleep_until(deadline: float) -> None:
