@@ -215,6 +215,22 @@ def test_a_gang_not_yet_measured_is_tried_and_then_judged_by_its_own_times(tmp_p
     assert d.batch.runner in SINGLES
 
 
+def test_singles_not_yet_measured_get_a_job_once_two_wait_even_where_the_gang_looks_faster(tmp_path):
+    policy = make_policy(tmp_path)
+    adaptive(policy, measured=False)
+    policy.estimates.observe_step("fx", "4x H100", PIXELS, 1, GANG_S / STEPS)  # only the gang ran FLUX
+    policy.submit(job("fx"), "c", 0.0)
+    policy.schedule(0.0)
+    (d,) = dispatches(policy)
+    assert d.batch.runner == GANG  # alone: the gang
+    finish(policy, d, GANG_S)
+    for i in range(2):
+        policy.submit(job("fx", prompt=f"p{i}"), "c", 10.0)
+    policy.schedule(10.0)
+    (d,) = dispatches(policy)
+    assert d.batch.runner in SINGLES  # two waiting: a single measures FLUX (as a batch of both: never measured)
+
+
 # --------------------------------------------------------------------------- #
 # The cost model on a gang
 

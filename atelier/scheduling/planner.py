@@ -31,9 +31,11 @@ expected to end, and what to preload; the policy carries it out. The rules it ap
   goes where it finishes first among the rest. So one job at a time (low load) takes the gang,
   a deep queue (more jobs than the gang's speed-up buys back) runs one per device, and the tail
   of a burst, once fewer jobs are left than singles could finish sooner, takes the gang again.
-  A model without a layout is never offered a gang. A gang not yet measured for a model (the
-  singles were) is estimated at the singles' time over its size, the ideal speed-up, so that it is
-  tried once and then judged by what it measured; where neither was measured, ties go to the gang.
+  A model without a layout is never offered a gang. Both sides get measured: a gang not yet
+  measured for a model (the singles were) is estimated at the singles' time over its size, the
+  ideal speed-up, so that it is tried and then judged by what it measured (where neither was, ties
+  go to the gang); and while the singles have not measured the model, two or more such jobs
+  waiting for the devices send this one to a single.
 - The FIFO baseline (``policy = "fifo"``): the head goes to the runner free first, and a batch
   takes only the consecutive compatible jobs at the head.
 """
@@ -254,6 +256,8 @@ def _gang_pays(job: Job, gang: Runner, later: list[Job], taken: set[str], sharin
             break
         if other.id not in taken and gang.takes(config.models[other.spec.model]):
             waiting.append(other)
+    if len(waiting) > 1 and not any(estimates.measured(job.spec.model, r.device_name) for r in singles):
+        return False  # a queue for the devices, and the singles never ran the model: one of them measures it
 
     def cost(q: Job, runner: Runner, held: set[str]) -> float:
         spec = q.spec
