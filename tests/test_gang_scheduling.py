@@ -9,6 +9,7 @@ from atelier.scheduling.policy import Dispatch, Policy
 from atelier.scheduling.state import Runner
 
 DEVICES = ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+PAIR = ["cuda:4", "cuda:5"]  # a second gang, of two, for the model whose layout is 2
 GANG = "runner-n1-cuda0+cuda1+cuda2+cuda3"
 SINGLES = [f"runner-n1-cuda{i}" for i in range(4)]
 PIXELS = 1024 * 1024
@@ -20,7 +21,7 @@ SINGLE_S, GANG_S = 4.30, 1.63
 def make_policy(tmp_path, **scheduler) -> Policy:
     config = Config.model_validate({
         "home": str(tmp_path), "scheduler": scheduler,
-        "node": {"devices": DEVICES, "gangs": [DEVICES]},
+        "node": {"devices": [*DEVICES, *PAIR], "gangs": [DEVICES, PAIR]},
         "models": {
             "fx": {"family": "flux", "source": "builtin:tiny-flux",
                    "parallel": {"backend": "xfuser", "ulysses_degree": 4}},
@@ -110,8 +111,8 @@ def test_a_model_without_a_layout_never_goes_to_a_gang(tmp_path):
 def test_runners_sharing_a_device_never_both_get_a_batch_in_one_plan(tmp_path):
     policy = make_policy(tmp_path)
     adaptive(policy, measured=False)
-    two = Runner("g2", gang(DEVICES[:2]))
-    policy.runner_up("runner-n1-cuda0+cuda1", two.capabilities, 0.0)
+    policy.runner_up("runner-n1-cuda4", single(4), 0.0)
+    policy.runner_up("runner-n1-cuda4+cuda5", gang(PAIR), 0.0)
     for i in range(6):
         policy.submit(job("fx" if i % 2 else "sd", prompt=f"p{i}"), "c", 0.0)
         policy.submit(job("fx2", prompt=f"q{i}"), "c", 0.0)

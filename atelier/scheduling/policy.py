@@ -470,7 +470,9 @@ class Policy:
         if entry is None:  # an ended job of a model since removed: it will never be charged
             return 0.0
         family = entry.family
-        runner = next((r for r in self.state.runners.values() if r.accepts(family)), None)
+        # A single device's time: a gang's would charge a job less for taking more devices.
+        runners = sorted(self.state.runners.values(), key=lambda r: r.gang)
+        runner = next((r for r in runners if r.accepts(family)), None)
         return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
                                     height=spec.height, images=spec.count, steps=spec.steps)
 
