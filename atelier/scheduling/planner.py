@@ -24,7 +24,7 @@ expected to end, and what to preload; the policy carries it out. The rules it ap
 - Gang or singles (the adaptive choice). The same devices serve as singles (throughput) or as a
   gang (latency). Where a batch would finish first on a gang, it takes the gang only if the work
   waiting for those devices finishes no later that way: with ``W`` the job and the plan window's
-  other unplanned jobs the gang takes (in queue order, at most ``GANG_LOOKAHEAD``), all of ``W``
+  other unplanned jobs the gang takes (in queue order, up to ``GANG_ROUNDS`` per single), all of ``W``
   one after another on the gang from when it is free must end no later than ``W`` spread over the
   singles on the gang's devices (each job to the single free first, from when each is free),
   loads and measured run times included. Otherwise the gang is passed over for this job and it
@@ -43,7 +43,9 @@ expected to end, and what to preload; the policy carries it out. The rules it ap
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from atelier.config import Config
@@ -57,9 +59,10 @@ from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State
 # the estimate per job is rough.
 MAX_BLOBS = 64
 MAX_HEAD_BYTES = (1 << 20) // 2
-# Queued jobs the choice between a gang and the singles on its devices weighs at most: enough
-# to tell a deep queue from a short one, and a bounded cost per plan.
-GANG_LOOKAHEAD = 64
+# The choice between a gang and the singles on its devices weighs the queued jobs of this many rounds
+# of the singles (one job per single a round): past a few rounds the answer no longer changes (the
+# gang is then worth it only if it is as efficient per device as they are), and a plan's cost stays bounded.
+GANG_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,17 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
         holds[r.name] = _staying(r)
     idle = {r.name for r in usable if r.batch is None and all(x.batch is None for x in sharing[r.name])}
     proxies = {r.name: _proxy(r, sharing[r.name]) for r in usable}
+    runs: dict[tuple, float] = {}  # the gang choice's estimates, once per plan
+    able_for: dict[str, list[Runner]] = {}
+
+    def able_of(model: str) -> list[Runner]:
+        """The usable runners that take the model's batches (once per plan)."""
+        able = able_for.get(model)
+        if able is None:
+            entry = config.models[model]
+            able = able_for[model] = [r for r in usable if r.takes(entry)]
+        return able
+
     limit_per_user = settings.max_running_per_user
     running = _running_by_user(state) if limit_per_user else Counter()
     compatible: dict[BatchKey, list[Job]] = defaultdict(list)
@@ -121,8 +135,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
         if job.id in taken:
             continue
         spec = job.spec
-        entry = config.models[spec.model]
-        able = [r for r in usable if r.takes(entry)]
+        able = able_of(spec.model)
         if not able or (limit_per_user is not None and running[spec.user] >= limit_per_user):
             # Nowhere to run, or its owner has all the jobs running they may: it waits, and
             # holds no runner in the plan; the next event that changes that replans it.
@@ -134,8 +147,8 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
             runner = min(candidates, key=lambda r: _placement(job, r, free_at, holds, state, estimates, proxies,
                                                                 fair, now))
             if runner.gang == 1 or len(candidates) == 1 or _gang_pays(
-                    job, runner, order[index + 1:], taken, sharing[runner.name], free_at, holds, proxies, state,
-                    config, estimates):
+                    job, runner, order, index + 1, taken, sharing[runner.name], free_at, holds, proxies, runs,
+                    able_of, state, config, estimates):
                 break
             candidates.remove(runner)  # the work waiting for its devices is done sooner one job per device
         immediate = runner.name in idle
@@ -240,30 +253,36 @@ def _placement(job: Job, runner: Runner, free_at: dict[str, float], holds: dict[
             runner.name)
 
 
-def _gang_pays(job: Job, gang: Runner, later: list[Job], taken: set[str], sharing: list[Runner],
-               free_at: dict[str, float], holds: dict[str, set[str]], proxies: dict[str, str | None], state: State,
+def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[str], sharing: list[Runner],
+               free_at: dict[str, float], holds: dict[str, set[str]], proxies: dict[str, str | None],
+               runs: dict[tuple, float], able_of: Callable[[str], list[Runner]], state: State,
                config: Config, estimates: Estimates) -> bool:
     """Whether ``job`` is to take the gang (the rule in the module's docstring): the work waiting for
-    the gang's devices (the job and the unplanned jobs of ``later`` that the gang takes, in queue order)
-    ends no later all on the gang than spread over the single-device runners on those devices."""
-    entry = config.models[job.spec.model]
-    singles = [r for r in sharing if r.gang == 1 and r.name in free_at and r.takes(entry)]
+    the gang's devices (the job and the unplanned jobs from ``order[after]`` on that the gang takes, in
+    queue order) ends no later all on the gang than spread over the single-device runners on those
+    devices. ``runs`` (run times) and ``able_of`` (the usable runners that take a model) are the plan's."""
+    singles = [r for r in sharing if r.gang == 1 and r in able_of(job.spec.model)]
     if not singles:
         return True  # a static gang: its devices serve nothing else
     waiting = [job]
-    for other in later:
-        if len(waiting) >= GANG_LOOKAHEAD:
+    for other in itertools.islice(order, after, None):
+        if len(waiting) > GANG_ROUNDS * len(singles):
             break
-        if other.id not in taken and gang.takes(config.models[other.spec.model]):
+        if other.id in taken:
+            continue
+        if gang in able_of(other.spec.model):
             waiting.append(other)
     if len(waiting) > 1 and not any(estimates.measured(job.spec.model, r.device_name) for r in singles):
         return False  # a queue for the devices, and the singles never ran the model: one of them measures it
 
     def cost(q: Job, runner: Runner, held: set[str]) -> float:
         spec = q.spec
-        seconds = _load_s(spec.model, runner, held, state, estimates) + run_s(
-            estimates, spec.model, runner, proxies[runner.name], width=spec.width, height=spec.height,
-            images=spec.count, steps=spec.steps)
+        key = (spec.model, spec.width, spec.height, spec.count, spec.steps, runner.name)
+        run = runs.get(key)
+        if run is None:
+            run = runs[key] = run_s(estimates, spec.model, runner, proxies[runner.name], width=spec.width,
+                                    height=spec.height, images=spec.count, steps=spec.steps)
+        seconds = _load_s(spec.model, runner, held, state, estimates) + run
         held.add(spec.model)
         return seconds
 
