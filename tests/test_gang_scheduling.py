@@ -236,25 +236,29 @@ def test_singles_not_yet_measured_get_a_job_once_two_wait_even_where_the_gang_lo
 # The cost model on a gang
 
 
-def test_a_cost_model_gang_sleeps_the_profiles_gang_costs_and_refuses_a_size_it_lacks(tmp_path):
+def test_a_cost_model_on_a_gang_sleeps_the_profiles_gang_costs_and_refuses_a_size_it_lacks(tmp_path):
     import tomllib
     from pathlib import Path
 
     import pytest
 
+    from atelier.config import ParallelLayout
     from atelier.families import get_family
     from atelier.families.costmodel import write_model
     from atelier.families.loaded import LoadRequest
 
     profile = tomllib.loads((Path(__file__).parents[1] / "bench" / "profiles" / "h100-flux-gang.toml").read_text())
-    folder = write_model(tmp_path / "flux", profile["models"]["flux-compiled"], time_scale=0.0)
+    folder = write_model(tmp_path / "flux", profile["models"]["flux-compiled"], time_scale=0.001)
     family = get_family("costmodel")
-    one = family.load(LoadRequest(folder)).pipe
-    four = family.load(LoadRequest(folder, gang_size=4)).pipe
+
+    def loaded():
+        return family.load(LoadRequest(folder, weights={"stand_in": {}}))
+
+    one = loaded().pipe
+    four = family.parallelize(loaded(), ParallelLayout(backend="diffusers", ulysses_degree=4), rank=1, world=4,
+                              device="cpu").pipe
     # xDiT's FLUX.1-dev, 1024px, 28 steps, compiled: 4.30 s on one H100, 1.63 s on four (Ulysses-4).
-    assert one.seconds_per_step(PIXELS, 1) == 0.0 == four.seconds_per_step(PIXELS, 1)  # time_scale 0
-    scaled = write_model(tmp_path / "flux-scaled", profile["models"]["flux-compiled"], time_scale=0.001)
-    costs = [family.build(LoadRequest(scaled, gang_size=n, weights={"stand_in": {}})).pipe for n in (1, 4)]
-    assert [round(c.seconds_per_step(PIXELS, 1) * STEPS * 1000, 2) for c in costs] == [SINGLE_S, GANG_S]
+    assert [round(c.seconds_per_step(PIXELS, 1) * STEPS * 1000, 2) for c in (one, four)] == [SINGLE_S, GANG_S]
     with pytest.raises(ValueError, match="no costs for a gang of 3"):
-        family.load(LoadRequest(folder, gang_size=3))
+        family.parallelize(loaded(), ParallelLayout(backend="diffusers", ulysses_degree=3), rank=0, world=3,
+                           device="cpu")

@@ -9,9 +9,10 @@ bytes) runs for real, at a GPU's pace, on any machine. ``time_scale`` shrinks ev
 factor so that a long trace fits in a benchmark run.
 
 A profile may also give the model's costs on gangs (``gang_step_s``: by gang size, seconds per step
-by resolution and batch size, as ``step_s``). A runner that is a gang (its ``LoadRequest.gang_size``,
-else the size of the torch.distributed process group it has joined) sleeps those on every rank,
-so a gang's speed-up is the profile's and the scheduler measures it like any other runner's.
+by resolution and batch size, as ``step_s``). On a gang, ``parallelize`` (which
+``atelier.families.parallel.parallelize`` hands a layout to, on every rank) switches the model to the
+costs of the gang's size, so a gang's speed-up is the profile's and the scheduler measures it like
+any other runner's.
 
 The folder also holds a stand-in for the weights (``staging.STAND_IN``): the loader stages it as
 a segment of the model's real size that takes no memory, after the profile's disk read time.
@@ -21,11 +22,11 @@ Torch-free, like ``noop``.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class CostModelPipeline:
     batches: list[int]
     decode_s: float  # per image at the native resolution
     native_pixels: int
+    gangs: dict[int, dict[int, list[float]]] = field(default_factory=dict)  # gang size -> its ``step_s``
 
     def seconds_per_step(self, pixels: int, images: int) -> float:
         """From the nearest profiled resolution (scaled by pixels) and the batch sizes either side."""
@@ -77,23 +79,30 @@ class CostModelFamily(Family):
             raise ValueError("family 'costmodel' reads no weight files: a variant does not apply")
         costs = json.loads((path / COSTS).read_text())
         scale = float(costs["time_scale"])
-        gang = request.gang_size if request.gang_size > 1 else _world_size()
-        step_s = costs["step_s"]
-        if gang > 1:
-            gangs = costs.get("gang_step_s", {})
-            if str(gang) not in gangs:
-                raise ValueError(f"{path}: its profile has no costs for a gang of {gang} (gang_step_s has "
-                                 f"{', '.join(sorted(gangs, key=int)) or 'none'})")
-            step_s = gangs[str(gang)]
+
+        def scaled(step_s: dict[str, list[float]]) -> dict[int, list[float]]:
+            return {int(res) ** 2: [scale * t for t in row] for res, row in step_s.items()}
+
         # Weights that come staged were read from the disk by the loader already: a memory copy.
         time.sleep(scale * (costs["staged_load_s"] if request.weights is not None else costs["disk_load_s"]))
         return LoadedModel(CostModelPipeline(
             nbytes=int(costs["bytes"]),
-            step_s={int(res) ** 2: [scale * t for t in row] for res, row in step_s.items()},
+            step_s=scaled(costs["step_s"]),
             batches=list(costs["batches"]),
             decode_s=scale * float(costs.get("vae_decode_s", 0.0)),
             native_pixels=int(costs["native_resolution"]) ** 2,
+            gangs={int(size): scaled(rows) for size, rows in costs.get("gang_step_s", {}).items()},
         ), self)
+
+    def parallelize(self, model: LoadedModel, layout: Any, *, rank: int, world: int, device: str) -> LoadedModel:
+        """The model on a gang of ``world`` ranks (``layout`` spans them all): it sleeps the profile's
+        costs for a gang of that size from now on, on every rank. Nothing else to split: no tensors."""
+        pipe: CostModelPipeline = model.pipe
+        if world not in pipe.gangs:
+            raise ValueError(f"parallel: this cost model's profile has no costs for a gang of {world} (its "
+                             f"gang_step_s has {', '.join(map(str, sorted(pipe.gangs))) or 'none'})")
+        model.pipe = dataclasses.replace(pipe, step_s=pipe.gangs[world])
+        return model
 
     def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
         pipe: CostModelPipeline = model.pipe
@@ -139,15 +148,6 @@ def write_model(folder: Path, profile: dict[str, Any], *, time_scale: float = 1.
     # A diffusers-shaped folder, so that the catalog takes it like any other.
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "CostModel"}))
     return folder
-
-
-def _world_size() -> int:
-    """The size of the torch.distributed process group this process has joined; 1 if none (torch is
-    not imported for it: a process with a group has it loaded already)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return int(dist.get_world_size())
 
 
 def _sleep_until(deadline: float) -> None:

@@ -34,10 +34,6 @@ class LoadRequest:
     ``entry``, the model's catalog entry, brings what loads beside the pipeline: its VAE override and
     preview decoder, LoRAs, ControlNets, IP-Adapter, and speed settings (quantize, cache, offload,
     compile). Without one, the model is its pipeline alone.
-
-    ``gang_size``: how many devices (ranks) each of its pipeline calls spans: a gang's world size, 1
-    on a single device. Every rank of a gang loads with the same request; a family whose costs depend
-    on it (the cost model's) reads it here.
     """
 
     path: Path | None
@@ -49,11 +45,10 @@ class LoadRequest:
     variant: str | None = None
     transformer: Path | None = None
     entry: ModelEntry | None = None
-    gang_size: int = 1
 
     @classmethod
     def for_entry(cls, entry: ModelEntry, path: Path | None, *, device: str, model_cache: Path,
-                  weights: Mapping[str, Mapping[str, Any]] | None = None, gang_size: int = 1) -> LoadRequest:
+                  weights: Mapping[str, Mapping[str, Any]] | None = None) -> LoadRequest:
         """The request of a catalog entry whose source was resolved to ``path``, for a runner on ``device``."""
         from atelier import sources
         from atelier.registry import auto_dtype
@@ -63,7 +58,7 @@ class LoadRequest:
             dtype = auto_dtype(entry.family, device, _capability(device))
         return cls(path=path, device=device, dtype_name=dtype, options=entry.options, weights=weights,
                    config=sources.config_folder(entry), variant=entry.variant,
-                   transformer=sources.transformer_file(entry, model_cache), entry=entry, gang_size=gang_size)
+                   transformer=sources.transformer_file(entry, model_cache), entry=entry)
 
     @property
     def load_device(self) -> str:
