@@ -115,6 +115,9 @@ def install_wheels(wheels: Path, target: Path) -> dict[str, Any]:
             with zipfile.ZipFile(wheels / name) as wheel:
                 wheel.extractall(target)
         how = "unzipped (pip failed)"
+    # xfuser's wheel ships its repository's own folders at the top level: its `tests` would shadow atelier's.
+    for stray in ("tests", "docs", "examples", "benchmark", "benchmarks", "docker", "entrypoints"):
+        shutil.rmtree(target / stray, ignore_errors=True)
     sys.path.insert(0, str(target))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(target), os.environ.get("PYTHONPATH"))
                                                if p)
