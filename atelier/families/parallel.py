@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -108,6 +109,8 @@ def parallelize(model: LoadedModel, layout: ParallelLayout, *, rank: int, world:
     if model.offload:
         raise ValueError("parallel: an offloaded model cannot run on a gang (each rank keeps its shard or "
                          "replica resident); drop offload or parallel")
+    log.info("rank %d of %d (%s): %s on %s, %s", rank, world, device, model.family.name, layout.backend,
+             layout.describe())
     if layout.backend == "diffusers":
         return _diffusers(model, layout, device)
     return _xfuser(model, layout, rank=rank, world=world, device=device)
@@ -266,20 +269,35 @@ class _XFuserPipe:
                 data_parallel_degree=parallel.dp_degree, classifier_free_guidance_degree=parallel.cfg_degree,
                 sequence_parallel_degree=parallel.sp_degree, ulysses_degree=parallel.ulysses_degree,
                 ring_degree=parallel.ring_degree, tensor_parallel_degree=parallel.tp_degree,
-                pipeline_parallel_degree=parallel.pp_degree, vae_parallel_size=parallel.vae_parallel_size,
+                pipeline_parallel_degree=parallel.pp_degree, fully_shard_degree=parallel.fs_degree,
+                vae_parallel_size=parallel.vae_parallel_size,
                 use_parallel_vae=parallel.use_parallel_vae)
             _XFUSER_GROUPS = self._degrees
         runtime_state._RUNTIME = self._state
+        callback = kwargs.get("callback_on_step_end")
+        if callback is not None:
+            kwargs["callback_on_step_end"] = _once_per_step(callback)
         result = self._wrapped(**kwargs)
         if result is not None:
             return result
         count = len(kwargs.get("prompt") or [None])
         size = (int(kwargs["width"]), int(kwargs["height"]))
+        return types.SimpleNamespace(images=[PIL.Image.new("RGB", size) for _ in range(count)])
 
-        class _Placeholder:
-            images = [PIL.Image.new("RGB", size) for _ in range(count)]
 
-        return _Placeholder()
+def _once_per_step(callback: Any) -> Any:
+    """The pipeline's step callback, called once per step. xDiT's PipeFusion (after its warm-up steps)
+    calls it once per patch of each step, with the latents the pipelined loop started from; and only on
+    the last pipeline stage's ranks (with pipefusion_degree 1, every rank is that stage)."""
+    done: set[int] = set()
+
+    def once(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if index in done:
+            return {}
+        done.add(index)
+        return callback(pipe, index, timestep, tensors)
+
+    return once
 
 
 class _XFuserModel(LoadedModel):
