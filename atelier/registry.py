@@ -159,17 +159,14 @@ _ROWS = (
                limits=FamilyLimits(default_steps=28, default_guidance=7.0, max_width=1536, max_height=1536,
                                    kinds=_EDITS, inpaint=True),
                gguf_transformer="SD3Transformer2DModel",
-               # xDiT: CFG, sequence (USP) and PipeFusion parallel. diffusers 0.42.1 cannot: its
-               # SD3Transformer2DModel has no _cp_plan, and its JointAttnProcessor2_0 calls
-               # F.scaled_dot_product_attention itself rather than diffusers' attention dispatch, which is
-               # where context parallelism's all-to-all lives (enable_parallelism skips processors without
-               # _parallel_config), so a split sequence would attend to its own shard only. A dispatch
-               # processor of atelier's own would also meet SD3's joint sequence: 77 CLIP + 256 T5 tokens
-               # by default, odd, which Ulysses cannot split evenly.
-               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True,
-               parallel_notes={("diffusers", "*"): "diffusers 0.42.1 has no context parallelism for SD3 (its "
-                               "SD3Transformer2DModel has no _cp_plan and its attention processor bypasses "
-                               "diffusers' attention dispatch); use backend = \"xfuser\""},
+               # xDiT: CFG, sequence (USP) and PipeFusion parallel. diffusers: Ulysses only, through atelier's
+               # plan and attention processor (atelier/families/parallel.py _sd3_plan: diffusers 0.42.1 ships
+               # neither for SD3), in its "ulysses_anything" mode, since SD3's text is 77 CLIP + 256 T5
+               # tokens by default, which splits evenly over no even degree; ring attention needs equal shards.
+               parallel={"xfuser": _XDIT_ALL, "diffusers": frozenset({"ulysses_degree"})}, parallel_vae=True,
+               parallel_notes={("diffusers", "ring_degree"): "SD3's joint sequence (77 CLIP + 256 T5 text tokens "
+                               "by default) splits unevenly, which diffusers takes for Ulysses only, not for ring "
+                               "attention"},
                tiny_model="tiny-sd3", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd3"),
     # guidance is FLUX.1-dev's distilled guidance embedding (schnell ignores it), not CFG.
     FamilySpec(name="flux", bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",

@@ -9,7 +9,8 @@ same order, and then every rank calls ``model.generate`` with identical requests
 re-wraps the new pipeline; the process group is never formed again:
 
 - diffusers: each model gets its own ``enable_parallelism``; the device mesh (and so the process
-  subgroups it makes) is made once per process and layout and shared by every model after it.
+  subgroups it makes) is made once per process and layout and shared by every model after it. FLUX
+  runs on diffusers' own plan; SD3 on atelier's (``_sd3_plan``: diffusers 0.42.1 ships none for it).
 - xfuser: xDiT's distributed environment is set up once on the existing default group, its model
   parallel groups once per layout (again only when a model of another layout comes).
 
@@ -134,23 +135,95 @@ def _diffusers(model: LoadedModel, layout: ParallelLayout, device: str) -> Loade
     if heads % layout.ulysses_degree:
         raise ValueError(f"parallel.ulysses_degree: {layout.ulysses_degree} does not divide this transformer's "
                          f"{heads} attention heads (Ulysses gives each rank whole heads)")
-    text = (model.settings or {}).get("max_sequence_length", _TEXT_TOKENS.get(model.family.name))
-    if text is not None and text % split:
-        raise ValueError(f"parallel: the prompt's {text} text tokens (option max_sequence_length) do not split "
-                         f"evenly over {split} ranks")
-    # Equal shards (diffusers' default): its "ulysses_anything" mode takes shards of unequal length,
-    # but gathers them with an all_gather of unequal tensors, which gloo refuses ("invalid tensor
-    # size"); so a size whose token count does not split evenly is refused per call (_ContextParallel).
+    plan = None
+    sd3 = model.family.name == "sd3"
+    if sd3:
+        plan = _sd3_plan(transformer)
+    else:
+        text = (model.settings or {}).get("max_sequence_length", _TEXT_TOKENS.get(model.family.name))
+        if text is not None and text % split:
+            raise ValueError(f"parallel: the prompt's {text} text tokens (option max_sequence_length) do not "
+                             f"split evenly over {split} ranks")
+    # Shards: FLUX's are equal (diffusers' default; its text is T5's 512 tokens). SD3's joint sequence
+    # has 77 CLIP + 256 T5 text tokens by default, odd: it runs in diffusers' "ulysses_anything" mode,
+    # shards of unequal length (an all-to-all of unequal splits, which gloo and NCCL both take). Either
+    # way the transformer's output (the image's tokens) is gathered from the ranks by an all_gather,
+    # which on gloo needs equal shards ("invalid tensor size" otherwise): a size whose image tokens do
+    # not split evenly is refused per call (_ContextParallel).
     config = ContextParallelConfig(ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree,
+                                   ulysses_anything=sd3,
                                    mesh=_mesh("cpu" if cpu else torch.device(device).type,
                                               layout.ring_degree, layout.ulysses_degree))
-    transformer.enable_parallelism(config=config)
+    transformer.enable_parallelism(config=config, cp_plan=plan)
     return _rewrap(model, _ContextParallel, split=split)
 
 
 # The text tokens a family's pipeline pads every prompt to by default (FLUX: T5's 512), where its
 # context-parallel plan splits them with the image's.
 _TEXT_TOKENS = {"flux": 512}
+
+
+def _sd3_plan(transformer: Any) -> dict[str, Any]:
+    """SD3 under diffusers' context parallelism, which diffusers 0.42.1 does not ship: its
+    SD3Transformer2DModel has no ``_cp_plan``, and its JointAttnProcessor2_0 calls
+    F.scaled_dot_product_attention itself, where diffusers' context parallelism lives in its attention
+    dispatch (``dispatch_attention_fn`` with the processor's ``_parallel_config``: the Ulysses all-to-all).
+    So this rank's transformer gets ``_SD3Attention``, the same attention through the dispatch, and a plan
+    as QwenImage's (another joint-attention MMDiT) in diffusers: the first block's image and text tokens
+    split over the ranks, the output projection's gathered. Joint attention is over the image and text
+    tokens together, and attention does not depend on the order of its keys, so each rank's share of
+    both is all a split needs."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    transformer.set_attn_processor(_SD3Attention())
+    split = {name: ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+             for name in ("hidden_states", "encoder_hidden_states")}
+    return {"transformer_blocks.0": split, "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+class _SD3Attention:
+    """diffusers' JointAttnProcessor2_0 (SD3's joint attention, and SD3.5's image-only second attention),
+    step for step, with the attention through diffusers' dispatch, so that its context parallelism applies.
+    The (batch, tokens, heads, head_dim) layout is the dispatch's."""
+
+    _attention_backend = None  # the active backend (native on the CPU)
+    _parallel_config = None  # set by enable_parallelism
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        image_tokens = hidden_states.shape[1]
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            text_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+            text_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+            text_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([query, text_query], dim=1)
+            key = torch.cat([key, text_key], dim=1)
+            value = torch.cat([value, text_value], dim=1)
+        # JointAttnProcessor2_0 takes no mask either.
+        hidden_states = dispatch_attention_fn(query, key, value, backend=self._attention_backend,
+                                              parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :image_tokens], hidden_states[:, image_tokens:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
 
 
 class _ContextParallel(LoadedModel):
@@ -161,7 +234,7 @@ class _ContextParallel(LoadedModel):
     split: int = 1
 
     def generate(self, request: GenerateRequest, on_step: StepCallback) -> list[Any]:
-        side = self.pipe.vae_scale_factor * 2  # FLUX: 8x latents packed 2x2 into tokens
+        side = self.family._size_multiple(self.pipe)  # px per token: FLUX 8x latents packed 2x2, SD3 its patches
         tokens = (request.width // side) * (request.height // side)
         if tokens % self.split:
             raise ValueError(f"width {request.width} x height {request.height}: {tokens} image tokens do not split "
