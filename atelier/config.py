@@ -409,6 +409,16 @@ class Config(Strict):
             if problem is not None:
                 field, reason = problem
                 raise ValueError(f"{where}{'.' + field if field else ''}: {reason}")
+            if entry.offload is not None:
+                raise ValueError(f"{where}: offload = {entry.offload!r} does not go with a gang (each rank keeps its "
+                                 "shard or replica on its device); drop one of them")
+            if entry.cache is not None:
+                # A step cache decides per rank whether to skip the rest of the step, from that rank's shard
+                # of the first block's output: ranks that decide differently wait on each other's
+                # collectives forever.
+                raise ValueError(f"{where}: cache = {entry.cache!r} does not go with a gang (each rank would decide "
+                                 "from its own shard whether to skip a step, and the ranks must agree); drop one "
+                                 "of them")
             if layout.size < 2:
                 raise ValueError(f"{where}: every degree is 1, which splits nothing; a layout spans 2 or more "
                                  "devices (raise a degree, or remove the table to run on single devices only)")
