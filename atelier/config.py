@@ -36,6 +36,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ParallelLayout(Strict):
+    """TEMP placeholder (helper A writes the real one): how a model runs across a gang's devices."""
+
+    backend: Literal["xfuser", "diffusers"]
+    ulysses_degree: int = Field(default=1, ge=1)
+    ring_degree: int = Field(default=1, ge=1)
+    pipefusion_degree: int = Field(default=1, ge=1)
+    warmup_steps: int = Field(default=1, ge=0)
+    cfg_degree: int = Field(default=1, ge=1)
+    parallel_vae: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.ulysses_degree * self.ring_degree * self.pipefusion_degree * self.cfg_degree
+
+
 class ModelEntry(Strict):
     family: str
     # "builtin:<name>" (generated on first use), a diffusers folder, a single .safetensors checkpoint
@@ -99,6 +115,7 @@ class ModelEntry(Strict):
     # repository changes nothing here until this line does; a branch or tag name follows it.
     # Default: the repository's main branch.
     revision: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[\w.-]+$")
+    parallel: ParallelLayout | None = None  # TEMP placeholder: how it runs on a gang
 
     @field_validator("family")
     @classmethod
@@ -197,6 +214,7 @@ class SchedulerConfig(Strict):
 class NodeConfig(Strict):
     name: str | None = None  # defaults to the host name
     devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
+    gangs: list[list[str]] = Field(default_factory=list)  # TEMP placeholder: devices run as one runner
     # Models a runner keeps loaded, at most; 0 unloads the model after every batch.
     resident_models: int = Field(default=2, ge=0)
     # Stage weights in shared memory (the loader); off, every runner reads the disk itself.
