@@ -1,0 +1,145 @@
+"""Gangs through the whole system, on the CPU: a node whose one runner is a gang of two processes ("cpu:0",
+"cpu:1", gloo), running the tiny FLUX and SD3 models with diffusers' context parallelism (Ulysses 2).
+
+One atelier serves the module: the gang's images against one process's, jobs of other sizes, steps,
+seeds and models in a row on the same process group, and, last, a rank SIGKILLed mid-job.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.messages import JobEvent, JobResult, Progress
+from atelier.jobs import JobSpec, JobState
+from tests.conftest import Cluster, eventually, run
+
+pytestmark = pytest.mark.timeout(300)
+
+GANG = "cpu:0+cpu:1"
+GUIDANCE = {"tiny-flux": 3.5, "tiny-sd3": 4.0}
+
+
+def _catalog() -> str:
+    models = "".join(
+        f'[models.{name}]\nfamily = "{family}"\nsource = "builtin:{name}"\ndtype = "float32"\n'
+        "default_width = 64\ndefault_height = 64\ndefault_steps = 2\nmax_steps = 500\n"
+        f'[models.{name}.parallel]\nbackend = "diffusers"\nulysses_degree = 2\n'
+        for name, family in (("tiny-flux", "flux"), ("tiny-sd3", "sd3")))
+    # No single-device runner: the gang is the node's one runner, so every job here runs on it.
+    return f'default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\n{models}'
+
+
+@pytest.fixture(scope="module")
+def gang_cluster(atelier_home: Path, tmp_path_factory):
+    config = tmp_path_factory.mktemp("gang") / "atelier.toml"
+    config.write_text(_catalog())
+    cluster = Cluster(atelier_home, config).start(timeout=240)
+    yield cluster
+    cluster.stop()
+
+
+def _job(model: str, **settings) -> JobSpec:
+    params = dict(model=model, prompt="a lighthouse at dusk", width=64, height=64, steps=2, seed=7,
+                  guidance=GUIDANCE[model])
+    params.update(settings)
+    return JobSpec(**params)
+
+
+def _pixels(result: JobResult) -> np.ndarray:
+    assert result.job.state is JobState.done, result.job.reason
+    return np.asarray(Image.open(io.BytesIO(result.outputs[0].data)).convert("RGB"), dtype=np.int16)
+
+
+def _formed(cluster: Cluster) -> list[str]:
+    """The log lines of ranks forming their process group."""
+    return re.findall(r"rank \d of 2 formed process group", cluster.log.read_text(errors="replace"))
+
+
+def test_a_gang_is_one_runner_and_makes_the_images_one_process_makes(gang_cluster, tiny_model):
+    from atelier.families import GenerateRequest
+
+    jobs = [_job("tiny-flux", seed=7), _job("tiny-sd3", seed=8)]
+
+    async def go():
+        async with gang_cluster.client() as client:
+            status = await client.status()
+            return status, [await client.generate(spec, timeout=180) for spec in jobs]
+
+    status, results = run(go(), timeout=240)
+    [runner] = status.runners
+    capabilities = runner.capabilities
+    assert runner.name.endswith("-cpu0+cpu1") and capabilities.device == GANG
+    assert capabilities.devices == ["cpu:0", "cpu:1"] and capabilities.gang == 2
+    assert capabilities.device_name == "2x cpu"
+    for spec, result in zip(jobs, results, strict=True):
+        assert result.job.runner == runner.name
+        _, loaded, _ = tiny_model(spec.model)
+        [alone] = loaded.generate(GenerateRequest.single(
+            prompt=spec.prompt, negative_prompt=None, width=64, height=64, steps=2, guidance=spec.guidance,
+            seed=spec.seed), lambda step, total, latents: None)
+        expected = np.asarray(alone.convert("RGB"), dtype=np.int16)
+        # Float tolerance: the ranks' attention is split across processes, and summed in another order.
+        assert np.abs(_pixels(result) - expected).max() <= 2, spec.model
+
+
+def test_a_gang_serves_jobs_of_other_sizes_steps_seeds_and_models_without_forming_again(gang_cluster):
+    leader = gang_cluster.pid_of(b"actors.runner")
+    rank1 = gang_cluster.pid_of(b"actors.gang_rank")
+    jobs = [_job("tiny-flux", width=96, height=64, steps=3, seed=21),
+            _job("tiny-sd3", width=64, height=96, steps=2, seed=22),
+            _job("tiny-flux", width=64, height=64, steps=4, seed=23, count=2),
+            _job("tiny-flux", width=96, height=64, steps=3, seed=21)]  # the first again
+
+    async def go():
+        async with gang_cluster.client() as client:
+            return [await client.generate(spec, timeout=180) for spec in jobs]
+
+    results = run(go(), timeout=240)
+    for spec, result in zip(jobs, results, strict=True):
+        assert result.job.state is JobState.done, result.job.reason
+        assert len(result.outputs) == spec.count
+        assert all((output.width, output.height) == (spec.width, spec.height) for output in result.outputs)
+    assert np.array_equal(_pixels(results[0]), _pixels(results[3]))  # the same job, the same image
+    assert not np.array_equal(_pixels(results[2]), np.asarray(
+        Image.open(io.BytesIO(results[2].outputs[1].data)).convert("RGB"), dtype=np.int16))  # two seeds
+    # The same processes, and each rank formed its process group once (it is formed at start, not per job).
+    assert (gang_cluster.pid_of(b"actors.runner"), gang_cluster.pid_of(b"actors.gang_rank")) == (leader, rank1)
+    assert sorted(_formed(gang_cluster)) == ["rank 0 of 2 formed process group", "rank 1 of 2 formed process group"]
+
+
+def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster):
+    leader = gang_cluster.pid_of(b"actors.runner")
+    spec = _job("tiny-flux", steps=300, seed=31, prompt="a ship in a storm")
+    artifacts = gang_cluster.home / "artifacts"
+
+    async def go():
+        async with gang_cluster.client() as client:
+            await client.submit(spec)
+            killed = False
+            events = []
+            async for event in client.events(spec.id, timeout=240):
+                events.append(event)
+                if not killed and isinstance(event, Progress) and event.step >= 3:
+                    os.kill(gang_cluster.pid_of(b"actors.gang_rank"), signal.SIGKILL)
+                    killed = True
+            return events, await client.job(spec.id)
+
+    events, record = run(go(), timeout=280)
+    result = events[-1]
+    assert isinstance(result, JobResult) and result.job.state is JobState.done, result.job.reason
+    assert [isinstance(event, JobResult) for event in events].count(True) == 1
+    states = [event.state for event in events if isinstance(event, JobEvent)]
+    assert states.count(JobState.done) <= 1 and JobState.queued in states[states.index(JobState.running):]
+    assert record.state is JobState.done and record.attempts == 2
+    assert len(result.outputs) == 1 and len(list(artifacts.glob(f"{spec.id}-*"))) == 1
+    # The whole gang started again: a new rank 0 (the runner) beside the new rank 1.
+    eventually(lambda: gang_cluster.pid_of(b"actors.runner") != leader, timeout=30, ignoring=(LookupError,))
+    assert len(_formed(gang_cluster)) == 4
