@@ -19,7 +19,7 @@ from PIL import Image
 
 from actors.messages import JobEvent, JobResult, Progress
 from atelier.jobs import JobSpec, JobState
-from tests.conftest import Cluster, eventually, run
+from tests.conftest import Cluster, eventually, eventually_async, run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -115,6 +115,32 @@ def test_a_gang_serves_jobs_of_other_sizes_steps_seeds_and_models_without_formin
     assert sorted(_formed(gang_cluster)) == ["rank 0 of 2 formed process group", "rank 1 of 2 formed process group"]
 
 
+def test_a_cancel_stops_every_rank_at_the_same_step_and_the_gang_goes_on(gang_cluster):
+    processes = (gang_cluster.pid_of(b"actors.runner"), gang_cluster.pid_of(b"actors.gang_rank"))
+    spec = _job("tiny-flux", steps=400, seed=41, prompt="a long one")
+
+    async def go():
+        async with gang_cluster.client() as client:
+            await client.submit(spec)
+            cancelled_at = last_step = None
+            async for event in client.events(spec.id, timeout=120):
+                if isinstance(event, Progress):
+                    last_step = event.step
+                    if cancelled_at is None and event.step >= 2:
+                        cancelled_at = event.step
+                        await client.cancel(spec.id)
+                if isinstance(event, JobResult):
+                    # Had rank 1 gone on, or stopped at another step, the next job's collectives would not meet.
+                    return event, cancelled_at, last_step, await client.generate(_job("tiny-flux", seed=42),
+                                                                                  timeout=120)
+
+    result, cancelled_at, last_step, after = run(go(), timeout=240)
+    assert result.job.state is JobState.cancelled
+    assert last_step - cancelled_at <= 3, (cancelled_at, last_step)
+    assert after.job.state is JobState.done and after.job.attempts == 1, after.job.reason
+    assert (gang_cluster.pid_of(b"actors.runner"), gang_cluster.pid_of(b"actors.gang_rank")) == processes
+
+
 def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster):
     leader = gang_cluster.pid_of(b"actors.runner")
     spec = _job("tiny-flux", steps=300, seed=31, prompt="a ship in a storm")
@@ -143,3 +169,36 @@ def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster
     # The whole gang started again: a new rank 0 (the runner) beside the new rank 1.
     eventually(lambda: gang_cluster.pid_of(b"actors.runner") != leader, timeout=30, ignoring=(LookupError,))
     assert len(_formed(gang_cluster)) == 4
+
+
+def test_the_supervisor_stops_and_starts_a_group_as_one(tmp_path: Path):
+    """A group's member exits: the others are stopped, and the whole group starts again from a fresh spec."""
+    import asyncio
+    import sys
+
+    from atelier.supervisor import ChildSpec, Supervisor
+
+    made: list[int] = []
+
+    def make() -> list[ChildSpec]:
+        made.append(len(made))
+        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+        return [ChildSpec("rank1", sleep), ChildSpec("rank0", sleep)]
+
+    async def go():
+        supervisor = Supervisor(grace_s=2.0)
+        try:
+            first = await supervisor.start_group("gang", make)
+            first[0].process.kill()
+            await asyncio.wait_for(first[1].process.wait(), 10)  # stopped with it
+            await eventually_async(lambda: _restarted(supervisor, first), timeout=10)
+            return [child.restarts for child in supervisor.children.values()]
+        finally:
+            await supervisor.stop()
+
+    async def _restarted(supervisor, first) -> bool:
+        children = supervisor.children
+        return all(children[child.spec.name] is not child for child in first)
+
+    assert run(go(), timeout=30) == [1, 1]
+    assert made == [0, 1]
