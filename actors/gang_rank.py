@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ class GangLeader:
         self.torch_device = torch_device
         self.channel = channel
         self.broken: str | None = None
+        self._told = time.monotonic()  # when the other ranks last heard from rank 0
 
     @property
     def world(self) -> int:
@@ -115,6 +117,7 @@ class GangLeader:
 
     def _send(self, op: str, **fields: Any) -> None:
         self._gang(self.channel.send, {"op": op, **fields})
+        self._told = time.monotonic()
 
     def _together(self, work: Any) -> Any:
         """``work()`` here while the other ranks do theirs; raises what it raised (every rank failing alike
@@ -163,7 +166,10 @@ class GangLeader:
         self._send("drop", models=models)
         self._gang(self.channel.agree, True)
 
-    def ping(self) -> None:
+    def ping(self, quiet_s: float) -> None:
+        """Has every rank answer, unless they heard from rank 0 within ``quiet_s`` (or it is broken: raises)."""
+        if self.broken is None and time.monotonic() - self._told < quiet_s:
+            return
         self._send("ping")
         self._gang(self.channel.agree, True)
 

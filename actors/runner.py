@@ -156,7 +156,7 @@ class LocalEngine:
     def drop(self, models: list[str]) -> None:
         """The runner let these models go (its ResidentSet held the only reference here)."""
 
-    def ping(self) -> None:
+    def ping(self, quiet_s: float) -> None:
         """Nothing to keep in step."""
 
     def close(self) -> None:
@@ -211,16 +211,17 @@ class Runner(Actor):
             self._tasks.spawn(self._keep_gang_in_step(GANG_PING_S), "gang-ping")
 
     async def _keep_gang_in_step(self, every: float) -> None:
-        """While no batch runs, asks the gang's other ranks to answer now and then: they wait for rank 0's
-        next command in a collective, which times out after a while, and a dead peer shows here rather
-        than in the next job."""
+        """Asks the gang's other ranks to answer when rank 0 has told them nothing for ``every`` seconds
+        (idle, or staging a model): they wait for its next command in a collective, which times out after
+        a while, and a dead peer shows here rather than in the next job. On the worker, between the
+        batches' commands."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every)
-            if self.active is not None or self._draining:
-                continue  # the batch's own commands keep the ranks busy (and find a broken gang)
+            if self._draining:
+                continue
             try:
-                await loop.run_in_executor(self._worker, self.engine.ping)
+                await loop.run_in_executor(self._worker, self.engine.ping, every)
             except GangBroken as exc:
                 if self.active is None:  # else that batch's next command fails too, and hands its jobs back
                     self._exit_broken(str(exc))

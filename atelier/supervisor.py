@@ -190,6 +190,7 @@ class Supervisor:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGTERM)
+                child.process.send_signal(signal.SIGCONT)  # a stopped one (SIGSTOP, a debugger) hears it too
             try:
                 await asyncio.wait_for(child.process.wait(), self.grace_s)
             except asyncio.TimeoutError:

@@ -34,7 +34,9 @@ def _catalog() -> str:
         f'[models.{name}.parallel]\nbackend = "diffusers"\nulysses_degree = 2\n'
         for name, family in (("tiny-flux", "flux"), ("tiny-sd3", "sd3")))
     # No single-device runner: the gang is the node's one runner, so every job here runs on it.
-    return f'default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\n{models}'
+    # step_timeout_s: a rank that hangs mid-job (the last test) stalls rank 0's steps, and its watchdog acts.
+    return (f'default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\nstep_timeout_s = 8\n'
+            f"{models}")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def test_a_cancel_stops_every_rank_at_the_same_step_and_the_gang_goes_on(gang_cl
 
 def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster):
     leader = gang_cluster.pid_of(b"actors.runner")
-    spec = _job("tiny-flux", steps=300, seed=31, prompt="a ship in a storm")
+    spec = _job("tiny-flux", steps=120, seed=31, prompt="a ship in a storm")
     artifacts = gang_cluster.home / "artifacts"
 
     async def go():
@@ -169,6 +171,29 @@ def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster
     # The whole gang started again: a new rank 0 (the runner) beside the new rank 1.
     eventually(lambda: gang_cluster.pid_of(b"actors.runner") != leader, timeout=30, ignoring=(LookupError,))
     assert len(_formed(gang_cluster)) == 4
+
+
+def test_a_hung_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster):
+    leader = gang_cluster.pid_of(b"actors.runner")
+    spec = _job("tiny-flux", steps=120, seed=51, prompt="a calm sea")
+
+    async def go():
+        async with gang_cluster.client() as client:
+            await client.submit(spec)
+            stopped = False
+            results = 0
+            async for event in client.events(spec.id, timeout=240):
+                if not stopped and isinstance(event, Progress) and event.step >= 3:
+                    os.kill(gang_cluster.pid_of(b"actors.gang_rank"), signal.SIGSTOP)  # alive, and never answering
+                    stopped = True
+                results += isinstance(event, JobResult)
+            return event, results, await client.job(spec.id)
+
+    result, results, record = run(go(), timeout=280)
+    assert result.job.state is JobState.done and results == 1, result.job.reason
+    assert record.attempts == 2
+    assert gang_cluster.pid_of(b"actors.runner") != leader
+    assert "no progress for" in gang_cluster.log.read_text(errors="replace")  # rank 0's watchdog saw the stall
 
 
 def test_the_supervisor_stops_and_starts_a_group_as_one(tmp_path: Path):
