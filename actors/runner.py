@@ -68,7 +68,7 @@ PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is mo
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
-GANG_PING_S = 5.0  # how often an idle gang's rank 0 asks its other ranks to answer
+GANG_PING_S = 5.0  # a gang's rank 0 silent this long asks its other ranks to answer (they time out waiting)
 # More time the watchdog gives the first step of a batch on a compiled model: torch.compile compiles in it
 # (again for each new size), and a max-autotune compile of a large transformer can outlast step_timeout_s.
 COMPILE_GRACE_S = 1800.0

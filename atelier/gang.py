@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import enum
 import logging
+import os
 from typing import Any
 
 import msgpack
@@ -39,6 +40,10 @@ def join(rank: int, world: int, port: int, backend: str, timeout_s: float) -> No
 
     if dist.is_initialized():
         return
+    # What torchrun would have set, for libraries that read it (xfuser): LOCAL_RANK 0, since each rank sees
+    # only its own GPU (actors/runner.py own_gpu).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     log.info("rank %d of %d formed process group (%s, port %d)", rank, world, backend, port)

@@ -35,7 +35,7 @@ def _catalog() -> str:
         for name, family in (("tiny-flux", "flux"), ("tiny-sd3", "sd3")))
     # No single-device runner: the gang is the node's one runner, so every job here runs on it.
     # step_timeout_s: a rank that hangs mid-job (the last test) stalls rank 0's steps, and its watchdog acts.
-    return (f'default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\nstep_timeout_s = 8\n'
+    return (f'default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\nstep_timeout_s = 5\n'
             f"{models}")
 
 
