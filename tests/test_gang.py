@@ -227,3 +227,45 @@ def test_the_supervisor_stops_and_starts_a_group_as_one(tmp_path: Path):
 
     assert run(go(), timeout=30) == [1, 1]
     assert made == [0, 1]
+
+
+# Two ranks over gloo, without the rest of atelier: rank 0's commands, agreement, the per-step word, and the
+# outputs of a rank other than 0 (xfuser's output rank is the last) reaching rank 0 pixel for pixel.
+_CHANNEL_RANK = """
+import sys
+from PIL import Image
+from actors.gang_rank import pack_outputs, unpack_outputs
+from atelier import gang
+from atelier.media import Video
+
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+gang.join(rank, 2, port, "gloo", 30)
+channel = gang.Channel(rank, 2)
+command = {"op": "generate", "items": [{"prompt": "é", "data": bytes(range(256)) * 300}]}
+if rank == 0:
+    channel.send(command)
+else:
+    assert channel.receive() == command
+assert channel.agree(True) and not channel.agree(rank == 0)
+assert channel.step(cancel=False) is False and channel.step(cancel=rank == 0) is True
+images = [Image.new("RGB", (24, 16), (rank, 2, 3)), Video(frames=[Image.new("L", (8, 8), 9)], fps=4)]
+got = unpack_outputs(channel.share(pack_outputs(images) if rank == 1 else None, 1))
+assert got[0].tobytes() == Image.new("RGB", (24, 16), (1, 2, 3)).tobytes() and got[1].frames[0].size == (8, 8)
+print("ok", rank)
+"""
+
+
+def test_a_channel_carries_commands_agreement_steps_and_another_ranks_outputs():
+    import subprocess
+    import sys
+
+    from atelier.topology import free_port
+    from tests.conftest import ROOT
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ranks = [subprocess.Popen([sys.executable, "-c", _CHANNEL_RANK, str(rank), str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=90)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert [output.strip().splitlines()[-1] for output in outputs] == ["ok 0", "ok 1"]
