@@ -269,3 +269,40 @@ def test_a_channel_carries_commands_agreement_steps_and_another_ranks_outputs():
     outputs = [rank.communicate(timeout=90)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     assert [output.strip().splitlines()[-1] for output in outputs] == ["ok 0", "ok 1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["diffusers", "xfuser"])
+def test_a_cuda_gang_makes_the_images_one_gpu_makes(atelier_home: Path, tmp_path: Path, backend: str):
+    """Where two GPUs are: NCCL, each rank on its own GPU, and (xfuser) the images coming from the last rank."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("a CUDA gang needs two GPUs")
+    if backend == "xfuser":
+        pytest.importorskip("xfuser")
+    from atelier.families import GenerateRequest, get_family
+    from atelier.families.loaded import LoadRequest
+    from atelier.tiny_models import ensure_builtin
+
+    config = tmp_path / "atelier.toml"
+    config.write_text('default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cuda:0", "cuda:1"]]\n'
+                      '[models.tiny-flux]\nfamily = "flux"\nsource = "builtin:tiny-flux"\ndtype = "float32"\n'
+                      f'[models.tiny-flux.parallel]\nbackend = "{backend}"\nulysses_degree = 2\n')
+    spec = _job("tiny-flux", width=128, height=128, seed=61)
+    cluster = Cluster(atelier_home, config).start(timeout=300)
+    try:
+        async def go():
+            async with cluster.client() as client:
+                return await client.status(), await client.generate(spec, timeout=240)
+
+        status, result = run(go(), timeout=280)
+    finally:
+        cluster.stop()
+    [runner] = status.runners
+    assert runner.capabilities.devices == ["cuda:0", "cuda:1"] and runner.capabilities.device_name.startswith("2x ")
+    loaded = get_family("flux").load(LoadRequest(ensure_builtin("tiny-flux", atelier_home / "models"), device="cuda"))
+    [alone] = loaded.generate(GenerateRequest.single(prompt=spec.prompt, negative_prompt=None, width=128, height=128,
+                                                     steps=2, guidance=spec.guidance, seed=spec.seed),
+                              lambda step, total, latents: None)
+    assert np.abs(_pixels(result) - np.asarray(alone.convert("RGB"), dtype=np.int16)).mean() < 2
