@@ -74,7 +74,7 @@ def start_rank(config: Config, devices: list[str], rank: int, port: int, torch_d
         if hasattr(shims, "__enter__"):
             shims.__enter__()  # held for the process's life
     gang.join(rank, len(devices), port, gang.backend_for(torch_device), gang_timeout(config))
-    return gang.Channel(rank, len(devices), torch_device)
+    return gang.Channel(rank, len(devices))
 
 
 async def lead(config: Config, device: str, *, world: int | None, port: int | None) -> tuple[str, GangLeader]:

@@ -6,6 +6,10 @@ pickle, so no rank ever runs what a peer sent). After each command every rank sa
 (``agree``). Each denoising step rank 0 also broadcasts whether to go on (``step``), so a cancel stops every
 rank at the same step. A peer that dies makes the next collective raise; one that hangs makes it time out
 (``join``'s ``timeout_s``): either way the collective raises ``GangBroken`` rather than waiting forever.
+
+These go over gloo, with tensors in host memory, even in a gang on CUDA (NCCL carries the model's own
+collectives): a rank waiting for rank 0's next command then waits in a socket, not in an NCCL kernel
+that would spin on its GPU, which a single-device runner may be using meanwhile.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import msgpack
 log = logging.getLogger("atelier.gang")
 
 _MAX_COMMAND = 1 << 30  # bytes: a command larger than this is a bug (the inputs of a batch are far smaller)
+_control: Any = None  # the gloo group of a gang whose default group is NCCL (None: the default group is gloo)
 
 
 class GangBroken(RuntimeError):
@@ -44,8 +49,12 @@ def join(rank: int, world: int, port: int, backend: str, timeout_s: float) -> No
     # only its own GPU (actors/runner.py own_gpu).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=timeout)
+    global _control
+    if backend != "gloo":  # every rank makes it, in the same order: now
+        _control = dist.new_group(backend="gloo", timeout=timeout)
     log.info("rank %d of %d formed process group (%s, port %d)", rank, world, backend, port)
 
 
@@ -67,18 +76,16 @@ def _plain(value: Any) -> Any:
 
 
 class Channel:
-    """Rank 0's commands to the other ranks, and the collectives every rank calls in the same order.
+    """Rank 0's commands to the other ranks, and the collectives every rank calls in the same order (over
+    gloo: the default group on the CPU, a gloo group of the same ranks beside NCCL on CUDA)."""
 
-    ``device`` is where this rank's tensors for the collectives live: the CPU for gloo, the GPU for NCCL."""
-
-    def __init__(self, rank: int, world: int, device: str = "cpu"):
+    def __init__(self, rank: int, world: int):
         self.rank = rank
         self.world = world
-        self.device = device
 
     def _collective(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            call(*args, **kwargs)
+            call(*args, group=_control, **kwargs)
         except Exception as exc:  # gloo's RuntimeError, NCCL's DistBackendError, a timeout
             raise GangBroken(f"{what} failed on rank {self.rank}: {str(exc)[:300]}") from None
 
@@ -86,21 +93,18 @@ class Channel:
         import torch
         import torch.distributed as dist
 
-        length = torch.tensor([len(data) if self.rank == src and data is not None else 0], dtype=torch.int64,
-                              device=self.device)
+        length = torch.tensor([len(data) if self.rank == src and data is not None else 0], dtype=torch.int64)
         self._collective("broadcast", dist.broadcast, length, src)
         size = int(length.item())
         if not 0 <= size <= _MAX_COMMAND:
             raise GangBroken(f"rank {src} sent a message of {size} bytes")
         if self.rank == src:
-            buffer = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8) if size else \
-                torch.empty(0, dtype=torch.uint8)
-            buffer = buffer.to(self.device)
+            buffer = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8) if size else None
         else:
-            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buffer = torch.empty(size, dtype=torch.uint8)
         if size:
             self._collective("broadcast", dist.broadcast, buffer, src)
-        return buffer.cpu().numpy().tobytes() if self.rank != src else (data or b"")
+        return buffer.numpy().tobytes() if self.rank != src else (data or b"")
 
     def send(self, command: dict[str, Any]) -> None:
         """Rank 0: hands ``command`` to every other rank (each is waiting in ``receive``)."""
@@ -124,7 +128,7 @@ class Channel:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
         self._collective("agree", dist.all_reduce, flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -133,6 +137,6 @@ class Channel:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if cancel and self.rank == 0 else 0], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([1 if cancel and self.rank == 0 else 0], dtype=torch.int32)
         self._collective("step", dist.broadcast, flag, 0)
         return bool(flag.item())
