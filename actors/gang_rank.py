@@ -276,6 +276,8 @@ class Rank:
         from actors.runner import reset_compiled
 
         dropped = [name for name in command["models"] if self.models.pop(name, None) is not None]
+        if dropped:
+            log.info("%s: dropped %s", self.name, ", ".join(dropped))
         compiled = {name for name, entry in self.config.models.items() if entry.compile}
         if compiled.intersection(dropped) and not compiled.intersection(self.models):
             reset_compiled()  # as rank 0 does: no compiled model stays, so neither do its caches

@@ -34,9 +34,10 @@ def _catalog() -> str:
         f'[models.{name}.parallel]\nbackend = "diffusers"\nulysses_degree = 2\n'
         for name, family in (("tiny-flux", "flux"), ("tiny-sd3", "sd3")))
     # No single-device runner: the gang is the node's one runner, so every job here runs on it.
+    # resident_models = 1: every switch of model evicts the other on every rank, and loads and wraps anew.
     # step_timeout_s: a rank that hangs mid-job (the last test) stalls rank 0's steps, and its watchdog acts.
-    return (f'default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\nstep_timeout_s = 5\n'
-            f"{models}")
+    return ('default_model = "tiny-flux"\n[node]\ndevices = []\ngangs = [["cpu:0", "cpu:1"]]\n'
+            f"resident_models = 1\nstep_timeout_s = 5\n{models}")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_a_gang_serves_jobs_of_other_sizes_steps_seeds_and_models_without_formin
         Image.open(io.BytesIO(results[2].outputs[1].data)).convert("RGB"), dtype=np.int16))  # two seeds
     # The same processes, and each rank formed its process group once (it is formed at start, not per job).
     assert (gang_cluster.pid_of(b"actors.runner"), gang_cluster.pid_of(b"actors.gang_rank")) == (leader, rank1)
+    assert re.search(r"rank1: dropped tiny-sd3", gang_cluster.log.read_text(errors="replace"))  # evicted on rank 1 too
     assert sorted(_formed(gang_cluster)) == ["rank 0 of 2 formed process group", "rank 1 of 2 formed process group"]
 
 
