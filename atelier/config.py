@@ -263,7 +263,8 @@ _GANG_DEVICE = r"^(cpu|cuda):[0-9]+$"
 
 class NodeConfig(Strict):
     name: str | None = None  # defaults to the host name
-    devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
+    # Single-device runners. None: every CUDA device, else ["cpu"]; [] none (a node of gangs alone).
+    devices: list[str] | None = None
     # Gangs: each a list of 2 or more devices that serve one job together, one process (rank) per
     # device, in rank order, e.g. [["cuda:0", "cuda:1", "cuda:2", "cuda:3"]]. A device also in
     # ``devices`` is shared with its single-device runner (never both busy at once: the scheduler picks
