@@ -39,14 +39,17 @@ bench: $(STAMP)
 # The wheels a lent GPU machine lacks (it has Python 3.12, torch 2.11 + CUDA 13, transformers, accelerate,
 # peft, triton, msgpack, aiohttp, uvloop, pillow, rich, prometheus-client, and no internet), for
 # bench/gpu_check.py to install without an index. cp312 x86-64, no dependencies followed (that would
-# fetch a torch), never a torch; about 48 MB (av alone is 36), within the device tool's 64 MiB carry.
-# Left out: scipy (35 MB; only torchsde, Stable Audio's scheduler, needs it) and xfuser with its
-# needs (no gang path to check yet). pytest and pytest-timeout: the check runs the gpu-marked tests.
+# fetch a torch), never a torch; about 53 MB (av alone is 36), within the device tool's 64 MiB carry.
+# xfuser (the gangs' CUDA backend) with the needs the machine lacks: sentencepiece, beautifulsoup4,
+# soupsieve, distvae, yunchang, einops, PyYAML. Left out: scipy (35 MB; only torchsde, Stable Audio's
+# scheduler, needs it) and flash-attn (xfuser's optional kernels). pytest and pytest-timeout: the check
+# runs the gpu-marked tests.
 GPU_WHEELS ?= .gpu-wheels
 GPU_PACKAGES = "diffusers>=0.35,<0.43" "pydantic>=2.7,<3" pydantic-core annotated-types typing-inspection \
 	typing-extensions "pyzmq>=26,<28" "torchao>=0.18,<0.19" "gguf>=0.10,<1" "compel>=2.5,<3" pyparsing \
 	"torchsde>=0.2.6,<0.3" trampoline "av>=12,<19" "DeepCache>=0.1.1,<0.2" importlib-metadata zipp \
-	"pytest>=8,<10" "pytest-timeout>=2.3,<3" pluggy iniconfig
+	"pytest>=8,<10" "pytest-timeout>=2.3,<3" pluggy iniconfig \
+	"xfuser>=0.7,<0.8" sentencepiece beautifulsoup4 soupsieve distvae yunchang einops PyYAML
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \

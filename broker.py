@@ -50,7 +50,7 @@ from actors.messages import (
     kind_of,
 )
 from atelier.config import RUN_FOLDER, Config
-from atelier.jobs import Capabilities, ErrorCode, Name, Wire
+from atelier.jobs import Capabilities, ErrorCode, PeerName, Wire
 from atelier.runtime import READY_PREFIX, Failure, process_main, process_parser
 
 log = logging.getLogger("atelier.broker")
@@ -68,7 +68,7 @@ RESERVED = (("scheduler", Role.scheduler, True), ("loader-", Role.loader, False)
 # What only the broker says. The scheduler acts on PeerUp and PeerDown (a runner to use, one gone),
 # so a peer that sent them would add a phantom runner or take a real one away.
 BROKER_ONLY = frozenset(kind_of(m) for m in MESSAGES if m.route.sent_by == (BROKER,))
-NAMES = TypeAdapter(Name)
+NAMES = TypeAdapter(PeerName)
 # Who publishes which event, on which topic (codec.topic_of): a frontend or a loader that did would
 # put words in the scheduler's or a runner's mouth, on every subscriber's screen.
 PUBLISHERS = {kind_of(m): (m.route.sent_by[0], m.route.topic) for m in MESSAGES if m.route.via is Via.event}
@@ -313,10 +313,10 @@ class Broker:
     def _on_hello(self, ident: bytes, head: codec.Head, hello: Hello, payload: list) -> None:
         name = head.src
         if name == BROKER or not _is_name(name):
-            # PeerUp and PeerDown carry the name as a Name: any other would fail there, after the
+            # PeerUp and PeerDown carry the name as a PeerName: any other would fail there, after the
             # Welcome, and the schedulers would never hear of the peer. "broker" would pass for us.
             self._send_error(ident, ErrorCode.bad_request, f"{head.src[:64]!r} cannot be a peer's name: use "
-                             "1 to 128 letters, digits and _.:@/- (not 'broker')", corr=head.id)
+                             "1 to 128 letters, digits and _.:@/+- (not 'broker')", corr=head.id)
             return
         key = self._key_of(payload)
         refusal = self._may_register(name, hello.role, key)

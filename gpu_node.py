@@ -1,7 +1,9 @@
-"""A GPU node: starts and supervises this host's loader and one runner per device.
+"""A GPU node: starts and supervises this host's loader, one runner per device, and one gang per
+``[node] gangs`` entry (its ranks' processes, restarted together).
 
-With no GPU it runs one runner on the CPU. A dead child is restarted with
-backoff; children get SIGTERM if the node itself dies, so none is orphaned.
+With no GPU it runs one runner on the CPU; ``[node] devices = []`` runs no single-device runner (a node
+of gangs alone). A dead child is restarted with backoff; children get SIGTERM if the node itself dies,
+so none is orphaned.
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ def detect_devices() -> list[str]:
 
 async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
     node = args.node or config.node.name or socket.gethostname()
-    devices = args.devices.split(",") if args.devices else (config.node.devices or detect_devices())
-    log.info("node %s: devices %s", node, ", ".join(devices))
+    devices = args.devices.split(",") if args.devices else (
+        config.node.devices if config.node.devices is not None else detect_devices())
+    gangs = config.node.gangs
+    log.info("node %s: devices %s%s", node, ", ".join(devices) or "none",
+             "".join(f"; gang {'+'.join(gang)}" for gang in gangs))
     place = topology.Place(router=args.router or config.broker.router, node=node, devices=devices,
-                           config_path=args.config, log_level=args.log_level)
+                           config_path=args.config, log_level=args.log_level, gangs=gangs)
     supervisor = Supervisor()
     try:
         await topology.start(supervisor, topology.NODE, place)
+        await topology.start_gangs(supervisor, place)
         await stop.wait()
     finally:
         await supervisor.stop()

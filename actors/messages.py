@@ -39,6 +39,7 @@ from atelier.jobs import (
     JobSpec,
     JobState,
     Name,
+    PeerName,
     RunTiming,
     SchedulerStats,
     StagedFile,
@@ -152,7 +153,7 @@ class Goodbye(Wire):
 class PeerUp(Wire):
     kind: Literal["peer_up"] = "peer_up"
     route: ClassVar[Route] = Route(BROKER, Role.scheduler)
-    name: Name
+    name: PeerName
     role: Role
     capabilities: Capabilities
 
@@ -160,7 +161,7 @@ class PeerUp(Wire):
 class PeerDown(Wire):
     kind: Literal["peer_down"] = "peer_down"
     route: ClassVar[Route] = Route(BROKER, Role.scheduler)
-    name: Name
+    name: PeerName
     role: Role
     reason: str
 
@@ -235,7 +236,7 @@ class GetStatus(Wire, AnsweredBy["ClusterStatus"]):
 
 
 class RunnerStatus(Wire):
-    name: Name
+    name: PeerName
     capabilities: Capabilities
     job: JobId | None = None
 

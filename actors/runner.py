@@ -52,6 +52,7 @@ from atelier import media, sources, staging
 from atelier.config import Config
 from atelier.families import GenerateRequest, JobCancelled, get_family
 from atelier.families.loaded import LoadedModel, LoadRequest
+from atelier.gang import GangBroken
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
 from atelier.preview import encode_jpeg, use_one_cpu_thread
 from atelier.public import scrub
@@ -67,6 +68,7 @@ PREVIEW_INTERVAL_S = 0.1  # a job's previews come at most this often: more is mo
 PREVIEW_CPU_SHARE = 0.2  # of one core, at most, for making previews (a TAESD decode on a CPU: 0.1-0.6 s)
 REPORT_PATIENCE_S = 3600.0  # keep a finished result this long while the scheduler is away
 STUCK_EXIT = 75  # the exit status of a runner its watchdog ended (EX_TEMPFAIL: start it again)
+GANG_PING_S = 5.0  # a gang's rank 0 silent this long asks its other ranks to answer (they time out waiting)
 # More time the watchdog gives the first step of a batch on a compiled model: torch.compile compiles in it
 # (again for each new size), and a max-autotune compile of a large transformer can outlast step_timeout_s.
 COMPILE_GRACE_S = 1800.0
@@ -124,18 +126,58 @@ class BatchTiming:
         return RunTiming(**asdict(self))
 
 
+class LocalEngine:
+    """What the worker thread does with the models of a runner on one device: all of it here, in this process.
+
+    The one seam between a runner and where its pipelines run: a gang's rank 0 has a ``GangLeader``
+    (actors/gang_rank.py) in its place, which tells the gang's other ranks each of these first, does it
+    here the same way, and has every rank agree on the outcome. Called on the worker thread."""
+
+    def __init__(self, device: str):
+        self.devices = [device]  # the node's device names it occupies, in rank order
+
+    @property
+    def world(self) -> int:
+        return len(self.devices)
+
+    def load(self, model: str, family: Any, request: LoadRequest, staged: Staged, owner: str) -> tuple[Any, bool]:
+        """``family.load`` of ``request`` over the staged weights: (the model, whether it came from staged memory)."""
+        return load_staged(family, request, staged, owner)
+
+    def generate(self, model: str, loaded: LoadedModel, items: list[BatchItem], request: GenerateRequest,
+                 on_step: Any) -> list[Any]:
+        """The pipeline call of ``request`` (made from ``items``): one output per image, in order."""
+        return loaded.generate(request, on_step)
+
+    def step(self, cancel: bool) -> bool:
+        """At each step: whether the call stops here (``cancel``: this process wants it to)."""
+        return cancel
+
+    def drop(self, models: list[str]) -> None:
+        """The runner let these models go (its ResidentSet held the only reference here)."""
+
+    def ping(self, quiet_s: float) -> None:
+        """Nothing to keep in step."""
+
+    def close(self) -> None:
+        """The runner stops."""
+
+
 class Runner(Actor):
     role = Role.runner
 
     def __init__(self, config: Config, router: str, *, node: str, device: str = "cpu", torch_device: str | None = None,
-                 **kwargs):
-        """``device`` names the runner (its name, logs, capabilities: the node's ``cuda:N``); ``torch_device``
-        is that device as this process's torch sees it (``cuda:0`` once ``own_gpu`` has hidden the others)."""
+                 engine: Any = None, **kwargs):
+        """``device`` names the runner (its name, logs, capabilities: the node's ``cuda:N``, or a gang's
+        ``cuda:0+cuda:1``); ``torch_device`` is that device as this process's torch sees it (``cuda:0`` once
+        ``own_gpu`` has hidden the others). ``engine``: where the pipelines run (a ``LocalEngine`` by default;
+        a gang's ``GangLeader``)."""
         super().__init__(runner_name(node, device), router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.node = node
         self.device = device
         self.torch_device = torch_device or device
+        self.engine = engine or LocalEngine(device)
         self.models = ResidentSet(config.node.device_budget_bytes or default_device_budget(self.torch_device),
                                   config.node.resident_models, device=device)
         self.active: ActiveBatch | None = None
@@ -147,10 +189,12 @@ class Runner(Actor):
                                           initializer=use_device, initargs=(self.torch_device,))
         self.previews = PreviewMaker(self.publish_threadsafe, self.torch_device)
         self.device_name = _device_name(self.torch_device)  # once: on a GPU it needs torch and CUDA
+        if self.engine.world > 1:  # a gang's speed is its own: "2x NVIDIA H100 80GB HBM3"
+            self.device_name = f"{self.engine.world}x {self.device_name}"
 
     def capabilities(self) -> Capabilities:
         mine = dict(node=self.node, device=self.device, device_name=self.device_name, families=sorted(FAMILY_LIMITS),
-                    resident=dict(self.resident_bytes))
+                    resident=dict(self.resident_bytes), devices=list(self.engine.devices), gang=self.engine.world)
         if self.active is not None:
             mine.update(active_batch=self.active.id, active_jobs=[spec.id for spec in self.active.specs])
         return super().capabilities().model_copy(update=mine)
@@ -163,6 +207,30 @@ class Runner(Actor):
             self._worker.submit(get_family, default.family)
         if self.config.node.step_timeout_s:
             self._tasks.spawn(self._watchdog(self.config.node.step_timeout_s), "watchdog")
+        if self.engine.world > 1:
+            self._tasks.spawn(self._keep_gang_in_step(GANG_PING_S), "gang-ping")
+
+    async def _keep_gang_in_step(self, every: float) -> None:
+        """Asks the gang's other ranks to answer when rank 0 has told them nothing for ``every`` seconds
+        (idle, or staging a model): they wait for its next command in a collective, which times out after
+        a while, and a dead peer shows here rather than in the next job. On the worker, between the
+        batches' commands."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            if self._draining:
+                continue
+            try:
+                await loop.run_in_executor(self._worker, self.engine.ping, every)
+            except GangBroken as exc:
+                if self.active is None:  # else that batch's next command fails too, and hands its jobs back
+                    self._exit_broken(str(exc))
+
+    def _exit_broken(self, why: str) -> None:
+        """Ends this process when its gang is out of step; the node starts the whole gang again."""
+        log.error("%s: %s: the gang must start again", self.name, why)
+        logging.shutdown()
+        os._exit(STUCK_EXIT)
 
     async def _watchdog(self, timeout: float) -> None:
         """Ends this process when the batch in hand makes no step for ``timeout`` seconds (its first step,
@@ -242,6 +310,9 @@ class Runner(Actor):
             self.active.cancel.set()
         if self._execution is not None:
             await self._execution  # includes handing the outcomes to the scheduler
+        if self.engine.world > 1:  # the other ranks end with rank 0 (a stuck worker: the node stops them)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._worker, self.engine.close), 5)
         self._worker.shutdown(wait=False)
 
     # -- a batch ------------------------------------------------------------------ #
@@ -252,6 +323,7 @@ class Runner(Actor):
         loop = asyncio.get_running_loop()
         timing = BatchTiming(images=sum(spec.count for spec in specs))
         out_of_memory = False  # its memory is freed once the exception, and its frames, are gone
+        broken = None  # a gang out of step: this process ends once the jobs are handed back
         try:
             model = self.models.get(first.model)
             if model is None:
@@ -276,7 +348,7 @@ class Runner(Actor):
                 if not runnable:
                     return outputs, refused
                 reporter = self._step_reporter(batch, [item.job for item in runnable], model.previewer, timing)
-                items = model.generate(batch_request(runnable, decoded), reporter)
+                items = self.engine.generate(first.model, model, runnable, batch_request(runnable, decoded), reporter)
                 start = 0
                 for spec in (item.job for item in runnable):
                     mine = items[start:start + spec.count]
@@ -303,14 +375,18 @@ class Runner(Actor):
             log.warning("batch %s failed: %s: %s", batch.id, type(exc).__name__, str(exc), exc_info=not retryable)
             outcomes = [JobFailed(job_id=spec.id, reason=reason, retryable=retryable) for spec in specs]
             out_of_memory = _is_cuda_oom(exc)
+            broken = str(exc) if isinstance(exc, GangBroken) else None
         finally:
             self.active = None  # free for the next batch while the report travels
         if out_of_memory:
             await self._free_memory_unheld()
-        if self.config.node.resident_models == 0:
+        if self.config.node.resident_models == 0 and broken is None:
             self._unload_all()
-        await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes, resident=self.resident_bytes,
+        await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes,
+                                                resident={} if broken else self.resident_bytes,
                                                 timing=timing.report()))
+        if broken is not None:
+            self._exit_broken(broken)
 
     @staticmethod
     def _stopped_outcome(batch: ActiveBatch, spec: JobSpec) -> JobFailed:
@@ -356,7 +432,7 @@ class Runner(Actor):
 
         def on_step(step: int, total: int, latents) -> None:
             nonlocal last_preview
-            if batch.cancel.is_set():
+            if self.engine.step(batch.cancel.is_set()):  # a gang's ranks all stop at this step
                 raise JobCancelled(batch.shutting_down or "cancelled")
             now = time.monotonic()
             batch.progress_at, batch.stepped = now, True
@@ -388,18 +464,11 @@ class Runner(Actor):
         def load() -> LoadedModel:
             family = get_family(entry.family)  # the first call imports torch: keep it off the loop
             started = time.monotonic()
-            weights, pinned = self._map_staged(staged, request.load_device)
-            try:
-                loaded = family.load(replace(request, weights=weights))
-            finally:
-                if pinned is not None:
-                    # After the copies out of it have ended (a failed load may leave some in flight);
-                    # on the GPU now, and the loader's copy serves the next switch.
-                    staging.unpin(pinned, self.torch_device)
-            timing.loaded_from = "staged" if weights is not None else "disk"
+            loaded, from_staged = self.engine.load(model, family, request, staged, self.name)
+            timing.loaded_from = "staged" if from_staged else "disk"
             timing.load_s = time.monotonic() - started
             log.info("%s: loaded %s from %s in %.2fs%s", self.name, model,
-                     "staged memory" if weights is not None else "disk", timing.load_s, self._memory_note())
+                     "staged memory" if from_staged else "disk", timing.load_s, self._memory_note())
             return loaded
 
         def run_load() -> asyncio.Future[LoadedModel]:
@@ -458,6 +527,8 @@ class Runner(Actor):
     def _dropped(self, names: list[str], why: str) -> None:
         for name in names:
             log.info("%s: evicted %s %s", self.name, name, why)
+        if names and self.engine.world > 1:  # the gang's other ranks let them go too, before the next command
+            self._worker.submit(self._gang_drop, names)
         compiled = {name for name, entry in self.config.models.items() if entry.compile}
         if compiled.intersection(names) and not compiled.intersection(self.models.bytes):
             # torch.compile's code and CUDA-graph pools are the process's, not the model's: an evicted
@@ -466,35 +537,14 @@ class Runner(Actor):
             # whatever it is doing: the compiled calls run there.
             self._worker.submit(reset_compiled)
 
-    def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
-        """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk.
-        A model kept on the CPU (offload) gets a private copy-on-write mapping: its weights live there."""
-        if not staged.segment:
-            return None, None
-        cuda = device.startswith("cuda")
+    def _gang_drop(self, names: list[str]) -> None:
         try:
-            mapping = staging.map_segment(Path(staged.segment), shared=cuda)
-        except FileNotFoundError:
-            log.warning("%s: segment of %s was evicted before we mapped it; reading the disk",
-                        self.name, staged.model)
-            return None, None
-        # A cost-model stand-in holds no tensors: registering it would fault in its whole sparse file.
-        stand_in = any(entry.name == staging.STAND_IN for entry in staged.files)
-        pinned = self._pin(mapping) if cuda and not stand_in else None
-        try:
-            return staging.state_dicts(mapping, staged.files), pinned
-        except BaseException:
-            if pinned is not None:  # a damaged segment: never leave its pages registered
-                staging.unpin(pinned, self.torch_device)
-            raise
+            self.engine.drop(names)
+        except GangBroken as exc:  # the engine remembers: its next command fails, and the runner exits
+            log.error("%s: could not drop %s on the gang's other ranks: %s", self.name, ", ".join(names), exc)
 
-    def _pin(self, mapping: Any) -> Any:
-        """The mapping page-locked for DMA, or None: a failed registration costs speed, not the load."""
-        try:
-            return staging.pin(mapping)
-        except staging.StagingError as exc:
-            log.warning("%s: %s; uploading from pageable memory", self.name, exc)
-            return None
+    def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
+        return map_staged(staged, device, self.torch_device, self.name)
 
     async def _stage(self, model: str) -> Staged:
         """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits).
@@ -532,6 +582,8 @@ class Runner(Actor):
             return scrub(f"out of GPU memory on {self.device}: {exc}; try a smaller size or count"), freed
         if isinstance(exc, (sources.ModelSourceError, DeviceBudgetError)):
             return scrub(str(exc)), False
+        if isinstance(exc, GangBroken):  # not the job's doing: the restarted gang runs it again
+            return scrub(f"{exc}: the gang {self.device} was restarted"), True
         return scrub(f"{type(exc).__name__}: {exc}"), False
 
     def _unload_all(self) -> None:
@@ -565,6 +617,52 @@ class Runner(Actor):
 
         free, _ = torch.cuda.mem_get_info(self.torch_device)
         return free + torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(self.torch_device)
+
+
+def load_staged(family: Any, request: LoadRequest, staged: Staged, owner: str) -> tuple[LoadedModel, bool]:
+    """``family.load`` of ``request`` over the weights ``staged`` in shared memory (each rank of a gang maps
+    the same segment itself), or from the disk; (the model, whether it came from staged memory)."""
+    weights, pinned = map_staged(staged, request.load_device, request.device, owner)
+    try:
+        loaded = family.load(replace(request, weights=weights))
+    finally:
+        if pinned is not None:
+            # After the copies out of it have ended (a failed load may leave some in flight);
+            # on the GPU now, and the loader's copy serves the next switch.
+            staging.unpin(pinned, request.device)
+    return loaded, weights is not None
+
+
+def map_staged(staged: Staged, device: str, torch_device: str, owner: str) -> tuple[dict | None, Any]:
+    """The staged weights as tensors over the shared segment (pinned on CUDA), or None: read the disk.
+    A model kept on the CPU (offload) gets a private copy-on-write mapping: its weights live there.
+    ``device``: where the pipeline is built; ``torch_device``: the runner's (for unpinning)."""
+    if not staged.segment:
+        return None, None
+    cuda = device.startswith("cuda")
+    try:
+        mapping = staging.map_segment(Path(staged.segment), shared=cuda)
+    except FileNotFoundError:
+        log.warning("%s: segment of %s was evicted before we mapped it; reading the disk", owner, staged.model)
+        return None, None
+    # A cost-model stand-in holds no tensors: registering it would fault in its whole sparse file.
+    stand_in = any(entry.name == staging.STAND_IN for entry in staged.files)
+    pinned = _pin(mapping, owner) if cuda and not stand_in else None
+    try:
+        return staging.state_dicts(mapping, staged.files), pinned
+    except BaseException:
+        if pinned is not None:  # a damaged segment: never leave its pages registered
+            staging.unpin(pinned, torch_device)
+        raise
+
+
+def _pin(mapping: Any, owner: str) -> Any:
+    """The mapping page-locked for DMA, or None: a failed registration costs speed, not the load."""
+    try:
+        return staging.pin(mapping)
+    except staging.StagingError as exc:
+        log.warning("%s: %s; uploading from pageable memory", owner, exc)
+        return None
 
 
 class PreviewMaker:
@@ -706,9 +804,9 @@ def own_gpu(device: str, environ: dict[str, str] | os._Environ) -> str:
     and returns its name here (``cuda:0``). Without it every runner opened a context on GPU 0 (the current
     device of any thread that never chose one), whose own runner then ran out of memory. N counts the
     GPUs the node sees: the Nth entry of an inherited CUDA_VISIBLE_DEVICES, else physical GPU N (a child
-    inherits CUDA_DEVICE_ORDER, so the order is the node's)."""
+    inherits CUDA_DEVICE_ORDER, so the order is the node's). A CPU stand-in device ``cpu:N`` is ``cpu`` to torch."""
     if not device.startswith("cuda"):
-        return device
+        return "cpu" if device.startswith("cpu:") else device
     index = int(device.partition(":")[2] or 0)
     inherited = environ.get("CUDA_VISIBLE_DEVICES")
     visible = [part.strip() for part in inherited.split(",")] if inherited is not None else None
@@ -735,16 +833,25 @@ def reset_compiled() -> None:
 
 
 async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> None:
-    # First, before torch opens CUDA; the runner keeps the node's name for the device in its name and logs.
-    torch_device = own_gpu(args.device, os.environ)
+    engine = None
+    if "+" in args.device:  # a gang's rank 0: the others are started beside it (actors/gang_rank.py)
+        from actors import gang_rank
+
+        torch_device, engine = await gang_rank.lead(config, args.device, world=args.world, port=args.port)
+    else:
+        # First, before torch opens CUDA; the runner keeps the node's name for the device in its name and logs.
+        torch_device = own_gpu(args.device, os.environ)
     await Runner(config, args.router or config.broker.router, node=args.node, device=args.device,
-                 torch_device=torch_device, keys=keys.for_peer(config)).run(stop)
+                 torch_device=torch_device, engine=engine, keys=keys.for_peer(config)).run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = process_parser("atelier runner", "Run one runner (one device).")
+    parser = process_parser("atelier runner", "Run one runner (one device, or rank 0 of a gang).")
     parser.add_argument("--node", default=socket.gethostname())
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cuda:N, cpu; a gang's devices joined by +: cuda:0+cuda:1")
+    parser.add_argument("--rank", type=int, default=0, choices=[0], help="a gang's rank: the runner is its rank 0")
+    parser.add_argument("--world", type=int, help="a gang's: its number of ranks")
+    parser.add_argument("--port", type=int, help="a gang's: the loopback port its process group forms on")
     code = process_main(parser, serve, argv, log_name=lambda args: runner_name(args.node, args.device),
                         loads_models=True)
     # The job in hand was handed back during the drain; what may still run in the worker is an

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from atelier.jobs import Name
-from atelier.registry import FAMILIES, FamilyLimits
+from atelier.registry import FAMILIES, PARALLEL_DEGREES, FamilyLimits, gang_families
 from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer, check_speed
 
 CONFIG_ENV = "ATELIER_CONFIG"
@@ -37,19 +38,60 @@ class Strict(BaseModel):
 
 
 class ParallelLayout(Strict):
-    """TEMP placeholder for helper A's layout (the lead drops it at merge)."""
+    """How a gang splits one of this model's pipeline calls across its devices (``[models.X.parallel]``).
 
+    A model with a layout runs on a gang of exactly ``size`` devices (and still on single devices); one
+    without never runs on a gang. Which family takes which degrees under which backend is its row's
+    ``parallel`` table (atelier/registry.py), checked at config load; ``atelier.families.parallel``
+    applies it to a loaded model.
+    """
+
+    # xfuser: xDiT (CUDA only; the `multigpu` extra). diffusers: diffusers' own context parallelism
+    # (ContextParallelConfig), which also runs on the CPU over gloo.
     backend: Literal["xfuser", "diffusers"]
-    ulysses_degree: int = Field(default=1, ge=1)
-    ring_degree: int = Field(default=1, ge=1)
-    pipefusion_degree: int = Field(default=1, ge=1)
-    warmup_steps: int = Field(default=1, ge=0)
-    cfg_degree: int = Field(default=1, ge=1)
-    parallel_vae: bool = False
+    ulysses_degree: int = Field(default=1, ge=1, le=64)  # sequence parallel, all-to-all over heads
+    ring_degree: int = Field(default=1, ge=1, le=64)  # sequence parallel, K/V passed around a ring
+    pipefusion_degree: int = Field(default=1, ge=1, le=64)  # xDiT's patch pipeline: stages of layers
+    warmup_steps: int = Field(default=1, ge=0, le=100)  # PipeFusion's synchronous steps before it pipelines
+    cfg_degree: int = Field(default=1, ge=1, le=2)  # CFG parallel: the two halves of a guided batch
+    parallel_vae: bool = False  # xDiT's patch-parallel VAE decode (distvae)
 
     @property
     def size(self) -> int:
+        """Devices (ranks) the layout spans: the product of its degrees."""
         return self.ulysses_degree * self.ring_degree * self.pipefusion_degree * self.cfg_degree
+
+    def describe(self) -> str:
+        """The size as its factors, e.g. "ulysses_degree 2 x cfg_degree 2"."""
+        parts = [f"{name} {getattr(self, name)}" for name in PARALLEL_DEGREES if getattr(self, name) > 1]
+        return " x ".join(parts) or "every degree 1"
+
+    def problem(self, family: str) -> tuple[str, str] | None:
+        """Why this layout does not fit ``family`` under its backend, as (the layout's field, the reason;
+        "" for the layout as a whole), or None where it fits."""
+        spec = FAMILIES[family]
+        notes = spec.parallel_notes
+        if self.backend not in spec.parallel:
+            if not spec.parallel:
+                return "", (f"family {family!r} runs on single devices only: no backend splits its pipeline "
+                            f"(gangs run {_gang_offer()}); remove its parallel table")
+            reason = notes.get((self.backend, "*")) or (f"{self.backend} does not run family {family!r}; it runs "
+                                                         f"{', '.join(sorted(gang_families(self.backend)))}")
+            return "backend", f"{reason} (family {family!r} takes backend {' or '.join(sorted(spec.parallel))})"
+        allowed = spec.parallel[self.backend]
+        for name in PARALLEL_DEGREES:
+            if getattr(self, name) > 1 and name not in allowed:
+                reason = notes.get((self.backend, name)) or notes.get(("*", name)) or (
+                    f"{self.backend} does not split family {family!r} by {name}")
+                return name, f"{reason}; {self.backend} takes {', '.join(sorted(allowed))} for it"
+        if self.parallel_vae and (self.backend != "xfuser" or not spec.parallel_vae):
+            return "parallel_vae", (f"the parallel VAE is xDiT's (backend = \"xfuser\"), for "
+                                    f"{', '.join(sorted(n for n, s in FAMILIES.items() if s.parallel_vae))}")
+        return None
+
+
+def _gang_offer() -> str:
+    return "; ".join(f"{backend}: {', '.join(sorted(gang_families(backend)))}" for backend in ("xfuser", "diffusers"))
 
 
 class ModelEntry(Strict):
@@ -115,7 +157,9 @@ class ModelEntry(Strict):
     # repository changes nothing here until this line does; a branch or tag name follows it.
     # Default: the repository's main branch.
     revision: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[\w.-]+$")
-    parallel: ParallelLayout | None = None  # TEMP placeholder for helper A's field
+    # Gangs: how one call of this model is split across several devices (ParallelLayout); checked
+    # against the family and the node's gangs when the whole config loads (Config._layouts).
+    parallel: ParallelLayout | None = None
 
     @field_validator("family")
     @classmethod
@@ -211,9 +255,21 @@ class SchedulerConfig(Strict):
     preload: bool = True
 
 
+# A device's name: "cuda:N"; "cpu"; or "cpu:N", a CPU stand-in for one device (tests, CPU-only boxes:
+# torch sees every "cpu:N" as the one CPU).
+_DEVICE = r"^(cpu|cuda)(:[0-9]+)?$"
+_GANG_DEVICE = r"^(cpu|cuda):[0-9]+$"
+
+
 class NodeConfig(Strict):
     name: str | None = None  # defaults to the host name
-    devices: list[str] | None = None  # defaults to every CUDA device, else ["cpu"]
+    # Single-device runners. None: every CUDA device, else ["cpu"]; [] none (a node of gangs alone).
+    devices: list[str] | None = None
+    # Gangs: each a list of 2 or more devices that serve one job together, one process (rank) per
+    # device, in rank order, e.g. [["cuda:0", "cuda:1", "cuda:2", "cuda:3"]]. A device also in
+    # ``devices`` is shared with its single-device runner (never both busy at once: the scheduler picks
+    # by load); one only in a gang is the gang's alone. A device is in one gang at most.
+    gangs: list[list[str]] = Field(default_factory=list)
     # Models a runner keeps loaded, at most; 0 unloads the model after every batch.
     resident_models: int = Field(default=2, ge=0)
     # Stage weights in shared memory (the loader); off, every runner reads the disk itself.
@@ -230,7 +286,34 @@ class NodeConfig(Strict):
     # again. Generous; a compiled model's first step of a batch, which compiles, gets 30 minutes more
     # (actors/runner.py COMPILE_GRACE_S). 0 turns it off.
     step_timeout_s: float = Field(default=600.0, ge=0)
-    gangs: list[list[str]] = Field(default_factory=list)  # TEMP placeholder for helper A's field
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not re.match(_DEVICE, name):
+                raise ValueError(f"device {name!r}: a device is \"cuda:N\", \"cpu\" or \"cpu:N\"")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"a device is named twice in {value}")
+        return value
+
+    @field_validator("gangs")
+    @classmethod
+    def _gang_devices(cls, value: list[list[str]]) -> list[list[str]]:
+        seen: dict[str, int] = {}
+        for index, gang in enumerate(value):
+            where = f"gang {index} {gang}"
+            if len(gang) < 2:
+                raise ValueError(f"{where}: a gang is 2 or more devices (one device is a single runner: "
+                                 "list it in devices)")
+            for name in gang:
+                if not re.match(_GANG_DEVICE, name):
+                    raise ValueError(f"{where}: device {name!r}: a gang's devices are \"cuda:N\" or \"cpu:N\"")
+                if name in seen:
+                    other = "twice in it" if seen[name] == index else f"also in gang {seen[name]}"
+                    raise ValueError(f"{where}: device {name!r} is {other}; a device is in one gang at most, once")
+                seen[name] = index
+        return value
 
 
 class HttpToken(Strict):
@@ -311,6 +394,39 @@ class Config(Strict):
             self.default_model = "tiny-sd" if "tiny-sd" in self.models else next(iter(self.models))
         if self.models and self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not in the catalog")
+        return self
+
+    @model_validator(mode="after")
+    def _layouts(self) -> "Config":
+        """Each model's parallel layout against its family and, where [node] gangs says, the gangs' sizes;
+        refused naming the field (models.<name>.parallel.<field>)."""
+        sizes = sorted({len(gang) for gang in self.node.gangs})
+        for name, entry in self.models.items():
+            layout = entry.parallel
+            if layout is None:
+                continue
+            where = f"models.{name}.parallel"
+            problem = layout.problem(entry.family)
+            if problem is not None:
+                field, reason = problem
+                raise ValueError(f"{where}{'.' + field if field else ''}: {reason}")
+            if entry.offload is not None:
+                raise ValueError(f"{where}: offload = {entry.offload!r} does not go with a gang (each rank keeps its "
+                                 "shard or replica on its device); drop one of them")
+            if entry.cache is not None:
+                # A step cache decides per rank whether to skip the rest of the step, from that rank's shard
+                # of the first block's output: ranks that decide differently wait on each other's
+                # collectives forever.
+                raise ValueError(f"{where}: cache = {entry.cache!r} does not go with a gang (each rank would decide "
+                                 "from its own shard whether to skip a step, and the ranks must agree); drop one "
+                                 "of them")
+            if layout.size < 2:
+                raise ValueError(f"{where}: every degree is 1, which splits nothing; a layout spans 2 or more "
+                                 "devices (raise a degree, or remove the table to run on single devices only)")
+            if sizes and layout.size not in sizes:
+                raise ValueError(f"{where}: its size is {layout.size} ({layout.describe()}), and no gang of "
+                                 f"[node] gangs has that many devices (their sizes: "
+                                 f"{', '.join(map(str, sizes))}); the product of the degrees must equal a gang's size")
         return self
 
     @property

@@ -57,6 +57,10 @@ Blob = Annotated[
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 
 
+# A peer's name on the broker: a Name, or a gang runner's, whose devices are joined by + ("runner-n-cuda0+cuda1").
+PeerName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+-]+$")]
+
+
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -232,16 +236,17 @@ class Capabilities(Wire):
     pid: int
     host: str = ""
     node: str | None = None
-    device: str | None = None  # "cpu", "cuda:0"
-    device_name: str | None = None
+    device: str | None = None  # "cpu", "cuda:0"; a gang's devices joined: "cuda:0+cuda:1"
+    device_name: str | None = None  # a gang's: "2x NVIDIA H100 80GB HBM3"
+    # The node's devices a runner occupies, in rank order (a single runner: [its device]), and how many.
+    devices: list[str] = Field(default_factory=list)
+    gang: int = Field(default=1, ge=1)
     families: list[str] = Field(default_factory=list)
     resident: dict[str, int] = Field(default_factory=dict)  # models loaded and ready, with their bytes
     # The batch a runner is working on when it (re)registers, so a scheduler that thought
     # it dead takes the jobs back instead of running them twice.
     active_batch: str | None = None
     active_jobs: list[JobId] = Field(default_factory=list)
-    devices: list[str] = Field(default_factory=list)  # TEMP placeholder for helper B's field
-    gang: int = 1  # TEMP placeholder for helper B's field
 
 
 class ModelStats(Wire):

@@ -11,7 +11,7 @@ Torch-free and below the config: the config validates catalog entries against th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # The output formats a job may ask for, by what its model makes; the first is the default.
@@ -19,6 +19,15 @@ FORMATS: dict[str, tuple[str, ...]] = {"image": ("png", "webp"), "video": ("mp4"
                                        "audio": ("wav", "flac")}
 
 _EDITS = frozenset({"txt2img", "img2img"})
+
+# Gangs (one job across several devices): the degrees of a catalog entry's ``parallel`` layout
+# (atelier.config.ParallelLayout) each backend can split a family's pipeline by. From xDiT's README
+# ("Supported DiTs") and its pipeline wrappers (xfuser/model_executor/pipelines/), and from diffusers
+# 0.42.1's models that carry a context-parallel plan (``_cp_plan``).
+PARALLEL_BACKENDS = ("xfuser", "diffusers")
+PARALLEL_DEGREES = ("ulysses_degree", "ring_degree", "pipefusion_degree", "cfg_degree")
+_SEQUENCE = frozenset({"ulysses_degree", "ring_degree"})  # USP: Ulysses and ring attention
+_XDIT_ALL = _SEQUENCE | {"pipefusion_degree", "cfg_degree"}
 # Where the UNet families' single-file checkpoints keep their UNet and VAE.
 _LDM_UNET = ("model.diffusion_model.",)
 _LDM_VAE = ("first_stage_model.", "vae.")
@@ -84,10 +93,31 @@ class FamilySpec:
     # encoders; the SDXL VAE that PixArt-Sigma and HunyuanDiT decode with and never upcast: black
     # images) or whose checkpoints are bfloat16 (FLUX, SD3).
     bfloat16_auto: bool = False
+    # Gangs: backend ("xfuser", "diffusers") -> the degrees (PARALLEL_DEGREES) it may split this family's
+    # pipeline by; a backend absent here does not run the family at all. Empty: single devices only.
+    parallel: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Why a degree or backend is not in ``parallel``, for the config's refusal: (backend or "*",
+    # degree or "*") -> the reason, e.g. FLUX's missing CFG.
+    parallel_notes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Whether xDiT's parallel VAE (``parallel_vae``, distvae's patch-parallel decoder) is wired into
+    # its pipeline wrapper for this family.
+    parallel_vae: bool = False
 
     def __post_init__(self) -> None:
         if (self.tiny_model is None) != (self.tiny_builder is None):
             raise ValueError(f"family {self.name!r}: a tiny model and its builder go together")
+        for backend, degrees in self.parallel.items():
+            if backend not in PARALLEL_BACKENDS or not degrees <= set(PARALLEL_DEGREES):
+                raise ValueError(f"family {self.name!r}: parallel {backend!r}: {sorted(degrees)}")
+
+
+# Diffusion transformers whose diffusers model has no context-parallel plan in 0.42.1.
+_NO_DIFFUSERS_CP = {("diffusers", "*"): "diffusers 0.42.1 has no context parallelism for this family (its "
+                    "transformer has no _cp_plan, and its attention processors bypass diffusers' attention "
+                    "dispatch); use backend = \"xfuser\""}
+# The video families: xDiT parallelises none of atelier's (its video pipelines are CogVideoX, Latte,
+# ConsisID, HunyuanVideo, Wan, LTX, StepVideo, Mochi: all transformers; SVD and AnimateDiff are UNets
+# it has no wrapper for), and diffusers has no context-parallel plan for their UNets.
 
 
 def _sound(**own: Any) -> FamilyLimits:
@@ -109,6 +139,13 @@ _ROWS = (
                single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
                                   ("first text encoder", ("conditioner.embedders.0.",)),
                                   ("second text encoder", ("conditioner.embedders.1.",))),
+               # xDiT's SDXL wrapper: CFG parallel only (the UNet has no sequence to split); its __call__
+               # refuses sequence and PipeFusion parallel, and it has no parallel-VAE path of its own.
+               parallel={"xfuser": frozenset({"cfg_degree"})},
+               parallel_notes={("xfuser", "*"): "xDiT runs SDXL with CFG parallel only (cfg_degree = 2): its "
+                               "UNet has no token sequence to split",
+                               ("diffusers", "*"): "diffusers' context parallelism is for transformers; SDXL "
+                               "denoises with a UNet"},
                tiny_model="tiny-sdxl", tiny_builder="atelier.tiny_models:build_tiny_sdxl"),
     # SD 2.x: 768 px (the v-prediction models; the 512 px base ones set their size in the catalog).
     FamilySpec(name="sd2", adapter="atelier.families.sd:SD2Family", denoiser="unet",
@@ -122,23 +159,39 @@ _ROWS = (
                limits=FamilyLimits(default_steps=28, default_guidance=7.0, max_width=1536, max_height=1536,
                                    kinds=_EDITS, inpaint=True),
                gguf_transformer="SD3Transformer2DModel",
+               # xDiT: CFG, sequence (USP) and PipeFusion parallel. diffusers: Ulysses only, through atelier's
+               # plan and attention processor (atelier/families/parallel.py _sd3_plan: diffusers 0.42.1 ships
+               # neither for SD3), in its "ulysses_anything" mode, since SD3's text is 77 CLIP + 256 T5
+               # tokens by default, which splits evenly over no even degree; ring attention needs equal shards.
+               parallel={"xfuser": _XDIT_ALL, "diffusers": frozenset({"ulysses_degree"})}, parallel_vae=True,
+               parallel_notes={("diffusers", "ring_degree"): "SD3's joint sequence (77 CLIP + 256 T5 text tokens "
+                               "by default) splits unevenly, which diffusers takes for Ulysses only, not for ring "
+                               "attention"},
                tiny_model="tiny-sd3", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd3"),
     # guidance is FLUX.1-dev's distilled guidance embedding (schnell ignores it), not CFG.
     FamilySpec(name="flux", bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
                limits=FamilyLimits(default_steps=28, default_guidance=3.5, kinds=_EDITS, inpaint=True),
                gguf_transformer="FluxTransformer2DModel",
+               # xDiT: USP and PipeFusion; no CFG parallel, FLUX.1 has no CFG. diffusers: context parallelism
+               # (FluxTransformer2DModel's _cp_plan), Ulysses and ring.
+               parallel={"xfuser": _SEQUENCE | {"pipefusion_degree"}, "diffusers": _SEQUENCE}, parallel_vae=True,
+               parallel_notes={("*", "cfg_degree"): "FLUX has no classifier-free guidance to split (its guidance "
+                               "is a distilled embedding, one pass per step)"},
                tiny_model="tiny-flux", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_flux"),
     # Diffusion transformers over an SD-style VAE, at the pipelines' own defaults (PixArt: DPM-Solver++,
     # 20 steps, guidance 4.5; HunyuanDiT: DDPM, 50 steps, guidance 5). Sizes come in steps of 16 px (2x2
     # patches of the 8x latents): the adapter generates a size between steps at the next one and crops.
     FamilySpec(name="pixart-alpha", adapter="atelier.families.pixart_hunyuan:PixArtAlphaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
+               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-pixart-alpha", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_alpha"),
     FamilySpec(name="pixart-sigma", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:PixArtSigmaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
+               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-pixart-sigma", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_sigma"),
     FamilySpec(name="hunyuan-dit", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:HunyuanDiTFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=50, default_guidance=5.0),
+               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-hunyuan-dit", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_hunyuan_dit"),
     # Stable Audio Open 1.0: 44.1 kHz stereo, up to 47.55 s (1024 latents of 2048 samples), 100 steps at
     # guidance 7 as in diffusers' pipeline. Every call makes the whole window (a shorter sound is cut
@@ -196,11 +249,22 @@ _ROWS = (
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in _ROWS}
 
 
+def gang_families(backend: str) -> frozenset[str]:
+    """The families a gang runs with ``backend`` ("xfuser", "diffusers")."""
+    return frozenset(name for name, spec in FAMILIES.items() if backend in spec.parallel)
+
+
+def is_cpu(device: str) -> bool:
+    """Whether a device name is the CPU: "cpu", or "cpu:N", a CPU stand-in for one device of a gang
+    (torch sees every "cpu:N" as the one CPU)."""
+    return device == "cpu" or device.startswith("cpu:")
+
+
 def auto_dtype(family: str, device: str, capability: tuple[int, int] | None = None) -> str:
     """What a catalog entry's dtype = "auto" is for ``family`` on a runner's ``device``, a CUDA one of
     compute ``capability`` (major, minor): float32 on the CPU (float16 is slow or missing there),
     bfloat16 where the family wants it and the GPU has it, float16 otherwise."""
-    if device == "cpu":
+    if is_cpu(device):
         return "float32"
     if FAMILIES[family].bfloat16_auto and capability is not None and capability >= (8, 0):
         return "bfloat16"

@@ -2,7 +2,9 @@
 
 Used by ``gpu_node.py`` (a node's loader and runners) and by ``atelier up``
 (broker, scheduler, node). Children get SIGTERM when the supervisor dies
-(PDEATHSIG), so a crashed supervisor leaves no orphans either.
+(PDEATHSIG), so a crashed supervisor leaves no orphans either. A group (a gang's
+ranks) lives and dies as one: when one of its children exits, the others are
+stopped and the whole group is started again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from atelier.runtime import READY_PREFIX, Failure, TaskSet, die_with_parent
 
@@ -126,22 +128,81 @@ class Supervisor:
             if self.on_restart is not None:
                 self.on_restart(fresh)
 
+    async def start_group(self, name: str, make: Callable[[], list[ChildSpec]]) -> list[Child]:
+        """Starts the children ``make()`` describes (called afresh for every start: a gang takes a new port
+        each time) as one group: when any of them exits, the others are stopped (SIGTERM, then SIGKILL after
+        the grace period) and ``make()``'s children are all started again, with backoff. ``stop`` stops them
+        in the reverse order of ``make()``'s list."""
+        children = await self._spawn_group(make())
+        self._watchers.spawn(self._watch_group(name, make, children), f"watch-{name}")
+        return children
+
+    async def _spawn_group(self, specs: list[ChildSpec]) -> list[Child]:
+        children = []
+        try:
+            for spec in specs:
+                child = await self._spawn(spec, ready_timeout=60.0)
+                self.children[spec.name] = child
+                children.append(child)
+        except BaseException:
+            await self._stop_children(children)
+            raise
+        return children
+
+    async def _watch_group(self, name: str, make: Callable[[], list[ChildSpec]], children: list[Child]) -> None:
+        backoff = 0.5
+        while True:
+            started = min(child.started for child in children)
+            exits = {asyncio.ensure_future(child.process.wait()): child for child in children}
+            try:
+                done, _ = await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in exits:
+                    waiting.cancel()
+            if self._stopping:
+                return
+            first = exits[next(iter(done))]
+            log.warning("%s of group %s exited with %s; stopping the rest of the group", first.spec.name, name,
+                        first.process.returncode)
+            await self._stop_children([child for child in children if child is not first])
+            if time.monotonic() - started > 60:
+                backoff = 0.5  # it ran fine for a while: this is a fresh failure, not a crash loop
+            log.warning("restarting group %s in %.1fs", name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+            if self._stopping:
+                return
+            restarts = max(child.restarts for child in children) + 1
+            try:
+                children = await self._spawn_group(make())
+            except Exception as exc:
+                log.error("could not restart group %s: %s", name, exc)
+                continue
+            for child in children:
+                child.restarts = restarts
+                if self.on_restart is not None:
+                    self.on_restart(child)
+
+    async def _stop_children(self, children: Iterable[Child]) -> None:
+        """SIGTERM each child still running, in the reverse order, each given the grace period, then SIGKILL."""
+        for child in reversed(list(children)):
+            if child.process.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+                child.process.send_signal(signal.SIGCONT)  # a stopped one (SIGSTOP, a debugger) hears it too
+            try:
+                await asyncio.wait_for(child.process.wait(), self.grace_s)
+            except asyncio.TimeoutError:
+                log.warning("%s did not stop in %.0fs; killing it", child.spec.name, self.grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                await child.process.wait()
+
     async def stop(self) -> None:
         """SIGTERM each child in the reverse order of starting (a part stops before what it needs: runners
         hand their jobs back while the loader and the scheduler are still there), waiting up to the grace
         period for each, then SIGKILL."""
         self._stopping = True
         await self._watchers.cancel_all()
-        for name in reversed(self.children):
-            child = self.children.get(name)
-            if child is None or child.process.returncode is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(child.process.wait(), self.grace_s)
-            except asyncio.TimeoutError:
-                log.warning("%s did not stop in %.0fs; killing it", name, self.grace_s)
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                await child.process.wait()
+        await self._stop_children(list(self.children.values()))

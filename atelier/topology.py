@@ -4,16 +4,20 @@ what a node starts.
     atelier up ─┬─ broker
                 ├─ scheduler
                 ├─ node ─┬─ loader
-                │        └─ runner, one per device
+                │        ├─ runner, one per device
+                │        └─ gang, one per [node] gangs entry: rank 1 … N-1 (actors.gang_rank), then
+                │           rank 0, the runner of them all (actors.runner --device cuda:0+cuda:1 …)
                 └─ http (unless turned off)
 
 Both start their parts in this order (each part needs the ones before it: the broker's bound
-endpoints, the loader's staged weights) and a Supervisor stops them in the reverse order.
+endpoints, the loader's staged weights) and a Supervisor stops them in the reverse order. A gang's
+processes are one group: when one exits, the node stops the others and starts them all again.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +38,7 @@ class Place:
     listen: str | None = None  # the HTTP server's HOST:PORT; None: no HTTP server
     http_url: str | None = None  # where the HTTP server said it serves
     node: str = ""  # a node's name, for its loader and runners
+    gangs: list[list[str]] = field(default_factory=list)  # a node's: each gang's devices, in rank order
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,12 @@ NODE: list[Part] = [
 ]
 
 
+def _common(place: Place) -> list[str]:
+    return ["--log-level", place.log_level, *(["--config", place.config_path] if place.config_path else [])]
+
+
 def specs(part: Part, place: Place) -> list[ChildSpec]:
-    common = ["--log-level", place.log_level, *(["--config", place.config_path] if place.config_path else [])]
+    common = _common(place)
     return [ChildSpec(part.name.format(node=place.node, device=device),
                       [sys.executable, "-m", part.module, *part.options(place, device), *common],
                       wait_ready=part.bound is not None)
@@ -96,3 +105,31 @@ async def start(supervisor: Supervisor, parts: list[Part], place: Place) -> None
                 part.bound(place, json.loads(child.ready_line or "{}"))
                 # A restart must come back where the others look for it (matters with port 0).
                 child.spec.argv = specs(part, place)[0].argv
+
+
+def free_port() -> int:
+    """A loopback port free now (the OS's choice), for a gang's process group to form on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def gang_specs(place: Place, devices: list[str], port: int) -> list[ChildSpec]:
+    """A gang's processes, in the order they start: ranks 1 … N-1, then rank 0 (the runner), which a stop
+    reaches first, so it hands its batch back while the other ranks still answer."""
+    joined, world = "+".join(devices), str(len(devices))
+    gang = ["--world", world, "--port", str(port), *_common(place)]
+    others = [ChildSpec(f"runner-{joined}-rank{rank}",
+                        [sys.executable, "-m", "actors.gang_rank", "--node", place.node, "--gang", joined,
+                         "--rank", str(rank), *gang])
+              for rank in range(1, len(devices))]
+    leader = ChildSpec(f"runner-{joined}", [sys.executable, "-m", "actors.runner", *_node_options(place, joined),
+                                            "--device", joined, "--rank", "0", *gang])
+    return [*others, leader]
+
+
+async def start_gangs(supervisor: Supervisor, place: Place) -> None:
+    """Starts each of ``place.gangs`` as a group of the supervisor, on a fresh port at every start."""
+    for devices in place.gangs:
+        await supervisor.start_group(f"gang {'+'.join(devices)}",
+                                     lambda devices=devices: gang_specs(place, devices, free_port()))

@@ -52,7 +52,9 @@ async def _up(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> 
         await topology.start(supervisor, topology.UP, place)
         # Ready means every runner this machine was told to start has joined (when the node finds its
         # devices itself, the first one): a user's first status or job then sees them all.
-        runners = len(place.devices or config.node.devices or []) or 1
+        # A gang is one runner.
+        singles = place.devices or config.node.devices
+        runners = (len(singles) if singles is not None else 1) + len(config.node.gangs)
         status = await _wait_for_runners(place.router, place.pub, runners, timeout=args.ready_timeout, stop=stop,
                                          config=config)
         if status is not None:

@@ -226,15 +226,16 @@ def test_rate_limit_and_full_queue_are_429_with_retry_after(web):
                 async with http.post(f"{web.http}/v1/jobs", json=tiny(prompt=prompt, session="tab", priority="live"),
                                      headers=auth(SLOW)) as response:
                     statuses.append((response.status, None))
-            # ben may queue 3 jobs: a long one holds the runner, three wait, the fifth is refused.
+            # ben may queue 3 jobs: long ones hold the runners, three wait, the next is refused. All long:
+            # a short one could finish on a free runner between two submits and leave room in the queue.
             ids, refusal = [], None
-            for i in range(5):
-                async with http.post(f"{web.http}/v1/jobs", json=tiny(steps=300 if i == 0 else 2, seed=i),
+            for i in range(8):
+                async with http.post(f"{web.http}/v1/jobs", json=tiny(steps=300, seed=i),
                                      headers=auth(BEN)) as response:
                     if response.status == 429:
                         refusal = (response.headers.get("Retry-After"), await response.json())
-                    else:
-                        ids.append((await response.json())["spec"]["id"])
+                        break
+                    ids.append((await response.json())["spec"]["id"])
             for job_id in ids:
                 async with http.delete(f"{web.http}/v1/jobs/{job_id}", headers=auth(BEN)):
                     pass

@@ -176,7 +176,7 @@ def _peer(role: Role, name: str, router: str, config: Config) -> Actor:
 async def _joins(role: Role, name: str, router: str, config: Config) -> str:
     peer = _peer(role, name, router, config)
     try:
-        await peer.start(timeout=1.5)
+        await peer.start(timeout=0.5)
     except Failure as exc:
         return str(exc)
     await peer.close(drain_timeout=0)

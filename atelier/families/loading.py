@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from atelier.registry import is_cpu
 from atelier.staging import build_pipeline
 
 DTYPES: dict[str, torch.dtype] = {
@@ -157,7 +158,7 @@ def load_folder(family: str, pipeline_class: type[DiffusionPipeline], path: Path
 
 def ready(pipe: DiffusionPipeline, device: str) -> DiffusionPipeline:
     """A freshly built pipeline on ``device``, quiet (a server loads models all day)."""
-    if device != "cpu":
+    if not is_cpu(device):  # "cpu:N" (a gang's CPU stand-in) is the CPU too
         upload(pipe, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
