@@ -242,6 +242,9 @@ _ROWS = (
     # batch a GPU's, since it stands in for a GPU wherever its runner is.
     FamilySpec(name="costmodel", adapter="atelier.families.costmodel:CostModelFamily", denoiser=None,
                preview_decoder=False,
+               # A gang's costs without the gang (bench/multigpu.py): its parallelize sleeps the profile's
+               # gang_step_s of the gang's size; Ulysses under the backend that runs on the CPU.
+               parallel={"diffusers": frozenset({"ulysses_degree"})},
                limits=FamilyLimits(default_steps=30, default_guidance=5.0, max_count=8, max_batch=8,
                                    max_batch_cpu=8, max_steps=500)),
 )

@@ -87,7 +87,7 @@ def test_layouts_that_fit_load():
     assert config.models["xl"].parallel.size == 2
     assert config.models["plain"].parallel is None
     assert config.node.gangs[1] == ["cpu:0", "cpu:1"]
-    assert gang_families("diffusers") == {"flux", "sd3"}
+    assert gang_families("diffusers") == {"flux", "sd3", "costmodel"}  # the cost model: bench/multigpu.py
     assert gang_families("xfuser") == {"flux", "sd3", "pixart-alpha", "pixart-sigma", "hunyuan-dit", "sdxl"}
     # The video families run on single devices only (xDiT has no wrapper for SVD's or AnimateDiff's UNet).
     assert not FAMILIES["svd"].parallel and not FAMILIES["animatediff"].parallel

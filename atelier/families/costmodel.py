@@ -8,6 +8,12 @@ else in atelier (the processes and messages, the scheduling, staging and residen
 bytes) runs for real, at a GPU's pace, on any machine. ``time_scale`` shrinks every time by one
 factor so that a long trace fits in a benchmark run.
 
+A profile may also give the model's costs on gangs (``gang_step_s``: by gang size, seconds per step
+by resolution and batch size, as ``step_s``). On a gang, ``parallelize`` (which
+``atelier.families.parallel.parallelize`` hands a layout to, on every rank) switches the model to the
+costs of the gang's size, so a gang's speed-up is the profile's and the scheduler measures it like
+any other runner's.
+
 The folder also holds a stand-in for the weights (``staging.STAND_IN``): the loader stages it as
 a segment of the model's real size that takes no memory, after the profile's disk read time.
 Torch-free, like ``noop``.
@@ -16,10 +22,11 @@ Torch-free, like ``noop``.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ class CostModelPipeline:
     batches: list[int]
     decode_s: float  # per image at the native resolution
     native_pixels: int
+    gangs: dict[int, dict[int, list[float]]] = field(default_factory=dict)  # gang size -> its ``step_s``
 
     def seconds_per_step(self, pixels: int, images: int) -> float:
         """From the nearest profiled resolution (scaled by pixels) and the batch sizes either side."""
@@ -71,15 +79,30 @@ class CostModelFamily(Family):
             raise ValueError("family 'costmodel' reads no weight files: a variant does not apply")
         costs = json.loads((path / COSTS).read_text())
         scale = float(costs["time_scale"])
+
+        def scaled(step_s: dict[str, list[float]]) -> dict[int, list[float]]:
+            return {int(res) ** 2: [scale * t for t in row] for res, row in step_s.items()}
+
         # Weights that come staged were read from the disk by the loader already: a memory copy.
         time.sleep(scale * (costs["staged_load_s"] if request.weights is not None else costs["disk_load_s"]))
         return LoadedModel(CostModelPipeline(
             nbytes=int(costs["bytes"]),
-            step_s={int(res) ** 2: [scale * t for t in row] for res, row in costs["step_s"].items()},
+            step_s=scaled(costs["step_s"]),
             batches=list(costs["batches"]),
             decode_s=scale * float(costs.get("vae_decode_s", 0.0)),
             native_pixels=int(costs["native_resolution"]) ** 2,
+            gangs={int(size): scaled(rows) for size, rows in costs.get("gang_step_s", {}).items()},
         ), self)
+
+    def parallelize(self, model: LoadedModel, layout: Any, *, rank: int, world: int, device: str) -> LoadedModel:
+        """The model on a gang of ``world`` ranks (``layout`` spans them all): it sleeps the profile's
+        costs for a gang of that size from now on, on every rank. Nothing else to split: no tensors."""
+        pipe: CostModelPipeline = model.pipe
+        if world not in pipe.gangs:
+            raise ValueError(f"parallel: this cost model's profile has no costs for a gang of {world} (its "
+                             f"gang_step_s has {', '.join(map(str, sorted(pipe.gangs))) or 'none'})")
+        model.pipe = dataclasses.replace(pipe, step_s=pipe.gangs[world])
+        return model
 
     def generate(self, model: LoadedModel, req: GenerateRequest, on_step: StepCallback) -> list[Image.Image]:
         pipe: CostModelPipeline = model.pipe
@@ -102,6 +125,12 @@ def write_model(folder: Path, profile: dict[str, Any], *, time_scale: float = 1.
     """Writes a cost-model folder for one model of a profile (a ``[models.X]`` table of the TOML)."""
     folder.mkdir(parents=True, exist_ok=True)
     step_s = {str(res): list(row) for res, row in profile["step_s"].items()}
+    gang_step_s = {str(size): {str(res): list(row) for res, row in rows.items()}
+                   for size, rows in profile.get("gang_step_s", {}).items()}
+    for size, rows in gang_step_s.items():
+        if int(size) < 2 or set(rows) != set(step_s):
+            raise ValueError(f"gang_step_s.{size}: a gang is 2 or more devices, profiled at the resolutions of "
+                             f"step_s ({', '.join(step_s)})")
     costs = {
         "bytes": int(profile["bytes"]),
         "disk_load_s": float(profile["disk_load_s"]),
@@ -111,6 +140,7 @@ def write_model(folder: Path, profile: dict[str, Any], *, time_scale: float = 1.
         "vae_decode_s": float(profile.get("vae_decode_s", 0.0)),
         "native_resolution": int(profile["default_resolution"]),
         "time_scale": time_scale,
+        "gang_step_s": gang_step_s,
     }
     (folder / COSTS).write_text(json.dumps(costs, indent=1))
     (folder / STAND_IN).write_text(json.dumps({"bytes": costs["bytes"],

@@ -112,6 +112,9 @@ def parallelize(model: LoadedModel, layout: ParallelLayout, *, rank: int, world:
                          "replica resident); drop offload or parallel")
     log.info("rank %d of %d (%s): %s on %s, %s", rank, world, device, model.family.name, layout.backend,
              layout.describe())
+    own = getattr(model.family, "parallelize", None)
+    if own is not None:  # a family that applies a layout itself (the cost model: its gang's costs)
+        return own(model, layout, rank=rank, world=world, device=device)
     if layout.backend == "diffusers":
         return _diffusers(model, layout, device)
     return _xfuser(model, layout, rank=rank, world=world, device=device)

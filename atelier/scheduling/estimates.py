@@ -90,6 +90,10 @@ class Estimates:
         (p, n), average = min(seen.items(), key=lambda item: abs(math.log(item[0][0] * item[0][1] / work)))
         return average.value * work / (p * n)
 
+    def measured(self, model: str, device: str) -> bool:
+        """Whether a step of the model on the device was ever measured (estimates for it are not guesses)."""
+        return bool(self._steps.get((model, device)))
+
     def useful_batch(self, model: str, device: str, pixels: int, cap: int, min_gain: float) -> int:
         """The most images worth running in one call at this size, up to ``cap``.
 

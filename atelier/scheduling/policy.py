@@ -390,7 +390,7 @@ class Policy:
         self.wake_at = None
         usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until]
         if state.queue and usable:
-            if not whole_queue and now < self._next_plan and all(r.batch is not None for r in usable):
+            if not whole_queue and now < self._next_plan and all(state.occupied(r) for r in usable):
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
                 return
             self._carry_out(planner.plan(state, self.config, self.estimates, usable, now), usable, whole_queue, now)
@@ -470,7 +470,9 @@ class Policy:
         if entry is None:  # an ended job of a model since removed: it will never be charged
             return 0.0
         family = entry.family
-        runner = next((r for r in self.state.runners.values() if r.accepts(family)), None)
+        # A single device's time: a gang's would charge a job less for taking more devices.
+        runners = sorted(self.state.runners.values(), key=lambda r: r.gang)
+        runner = next((r for r in runners if r.accepts(family)), None)
         return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
                                     height=spec.height, images=spec.count, steps=spec.steps)
 

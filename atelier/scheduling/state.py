@@ -15,7 +15,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from atelier.config import SchedulerConfig
+from atelier.config import ModelEntry, SchedulerConfig
 from atelier.jobs import (
     Capabilities,
     JobInputs,
@@ -147,8 +147,33 @@ class Runner:
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
+    @property
+    def devices(self) -> frozenset[str]:
+        """The node's devices it occupies, as it said (a gang: all of its ranks'). None said: it
+        shares a device with no other runner."""
+        return frozenset(self.capabilities.devices)
+
+    @property
+    def gang(self) -> int:
+        """How many devices (ranks) one of its pipeline calls runs on: 1 for a single-device runner."""
+        return max(1, self.capabilities.gang)
+
     def accepts(self, family: str) -> bool:
         return not self.capabilities.families or family in self.capabilities.families
+
+    def takes(self, entry: ModelEntry) -> bool:
+        """Whether it runs the model's batches: a family it runs, and on a gang only a model whose
+        catalog layout (``parallel``) spans exactly the gang's devices."""
+        if not self.accepts(entry.family):
+            return False
+        if self.gang == 1:
+            return True
+        return entry.parallel is not None and entry.parallel.size == self.gang
+
+    def shares_device(self, other: Runner) -> bool:
+        """Whether the two are different runners of one node over at least one same device (a gang
+        and a single on one of its devices, two gangs that overlap): they never run at once."""
+        return other is not self and other.node == self.node and not self.devices.isdisjoint(other.devices)
 
 
 # --------------------------------------------------------------------------- #
@@ -269,6 +294,16 @@ class State:
         self.effects: list[Effect] = []
         self.counters = Counters()
         self.finished: deque[str] = deque()  # ended jobs still held, oldest first
+
+    def sharing(self, runner: Runner) -> list[Runner]:
+        """The other runners of its node that share a device with it (``Runner.shares_device``)."""
+        if not runner.devices:
+            return []
+        return [other for other in self.runners.values() if runner.shares_device(other)]
+
+    def occupied(self, runner: Runner) -> bool:
+        """Busy, or one that shares a device with it is: it may take a batch only when neither holds one."""
+        return runner.batch is not None or any(other.batch is not None for other in self.sharing(runner))
 
     def job_on(self, job_id: str, runner: str) -> Job | None:
         """The job, if ``runner`` is (still) the one running it; late words from an old runner are ignored."""
