@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from atelier.jobs import Name
-from atelier.registry import FAMILIES, PARALLEL_DEGREES, FamilyLimits, gang_families
+from atelier.registry import FAMILIES, PARALLEL_DEGREES, PARALLEL_UNOFFERED, FamilyLimits, gang_families
 from atelier.tuning import Cache, CompileMode, Offload, Quantize, check_cache, check_gguf_transformer, check_speed
 
 CONFIG_ENV = "ATELIER_CONFIG"
@@ -81,8 +81,8 @@ class ParallelLayout(Strict):
         allowed = spec.parallel[self.backend]
         for name in PARALLEL_DEGREES:
             if getattr(self, name) > 1 and name not in allowed:
-                reason = notes.get((self.backend, name)) or notes.get(("*", name)) or (
-                    f"{self.backend} does not split family {family!r} by {name}")
+                reason = notes.get((self.backend, name)) or notes.get(("*", name)) or PARALLEL_UNOFFERED.get(
+                    (self.backend, name)) or f"{self.backend} does not split family {family!r} by {name}"
                 return name, f"{reason}; {self.backend} takes {', '.join(sorted(allowed))} for it"
         if self.parallel_vae and (self.backend != "xfuser" or not spec.parallel_vae):
             return "parallel_vae", (f"the parallel VAE is xDiT's (backend = \"xfuser\"), for "

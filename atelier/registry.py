@@ -27,7 +27,12 @@ _EDITS = frozenset({"txt2img", "img2img"})
 PARALLEL_BACKENDS = ("xfuser", "diffusers")
 PARALLEL_DEGREES = ("ulysses_degree", "ring_degree", "pipefusion_degree", "cfg_degree")
 _SEQUENCE = frozenset({"ulysses_degree", "ring_degree"})  # USP: Ulysses and ring attention
-_XDIT_ALL = _SEQUENCE | {"pipefusion_degree", "cfg_degree"}
+_XDIT_ALL = _SEQUENCE | {"cfg_degree"}
+# Degrees no family is offered yet, and why (a family's own note comes first).
+PARALLEL_UNOFFERED = {
+    ("xfuser", "pipefusion_degree"): "xDiT's PipeFusion calls the step callback only on its last pipeline stage "
+    "(its PixArt wrappers refuse one), while a gang's ranks keep in step at every step through it (one cancel, "
+    "one progress); PipeFusion is not offered yet"}
 # Where the UNet families' single-file checkpoints keep their UNet and VAE.
 _LDM_UNET = ("model.diffusion_model.",)
 _LDM_VAE = ("first_stage_model.", "vae.")
@@ -159,7 +164,7 @@ _ROWS = (
                limits=FamilyLimits(default_steps=28, default_guidance=7.0, max_width=1536, max_height=1536,
                                    kinds=_EDITS, inpaint=True),
                gguf_transformer="SD3Transformer2DModel",
-               # xDiT: CFG, sequence (USP) and PipeFusion parallel. diffusers: Ulysses only, through atelier's
+               # xDiT: CFG and sequence (USP) parallel. diffusers: Ulysses only, through atelier's
                # plan and attention processor (atelier/families/parallel.py _sd3_plan: diffusers 0.42.1 ships
                # neither for SD3), in its "ulysses_anything" mode, since SD3's text is 77 CLIP + 256 T5
                # tokens by default, which splits evenly over no even degree; ring attention needs equal shards.
@@ -172,9 +177,9 @@ _ROWS = (
     FamilySpec(name="flux", bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
                limits=FamilyLimits(default_steps=28, default_guidance=3.5, kinds=_EDITS, inpaint=True),
                gguf_transformer="FluxTransformer2DModel",
-               # xDiT: USP and PipeFusion; no CFG parallel, FLUX.1 has no CFG. diffusers: context parallelism
+               # xDiT: USP; no CFG parallel, FLUX.1 has no CFG. diffusers: context parallelism
                # (FluxTransformer2DModel's _cp_plan), Ulysses and ring.
-               parallel={"xfuser": _SEQUENCE | {"pipefusion_degree"}, "diffusers": _SEQUENCE}, parallel_vae=True,
+               parallel={"xfuser": _SEQUENCE, "diffusers": _SEQUENCE}, parallel_vae=True,
                parallel_notes={("*", "cfg_degree"): "FLUX has no classifier-free guidance to split (its guidance "
                                "is a distilled embedding, one pass per step)"},
                tiny_model="tiny-flux", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_flux"),

@@ -57,6 +57,8 @@ def _entry(family: str, **layout) -> dict:
     ({"f": _entry("flux", backend="diffusers", ulysses_degree=2, parallel_vae=True)}, None,
      "models.f.parallel.parallel_vae"),
     ({"f": _entry("flux", backend="diffusers")}, None, "models.f.parallel: every degree is 1"),
+    ({"px": _entry("pixart-alpha", backend="xfuser", pipefusion_degree=2, warmup_steps=2)}, None,
+     "models.px.parallel.pipefusion_degree: xDiT's PipeFusion calls the step callback only on its last pipeline stage"),
     ({"s": _entry("sd3", backend="xfuser", cfg_degree=3)}, None, "models.s.parallel.cfg_degree"),
     ({"f": {**_entry("flux", backend="xfuser", ulysses_degree=2), "offload": "model"}}, None,
      "models.f.parallel: offload = 'model' does not go with a gang"),
@@ -73,13 +75,12 @@ def test_a_layout_that_does_not_fit_is_refused_naming_the_field(models, node, wo
 
 
 def test_layouts_that_fit_load():
-    config = _config({"flux-dev": _entry("flux", backend="xfuser", ulysses_degree=2, pipefusion_degree=2),
+    config = _config({"flux-dev": _entry("flux", backend="xfuser", ulysses_degree=2, ring_degree=2),
                       "flux-cp": _entry("flux", backend="diffusers", ulysses_degree=2, ring_degree=2),
                       "sd3-cp": _entry("sd3", backend="diffusers", ulysses_degree=4),
                       "sd3": _entry("sd3", backend="xfuser", ulysses_degree=2, cfg_degree=2, parallel_vae=True),
                       "xl": _entry("sdxl", backend="xfuser", cfg_degree=2, ulysses_degree=1),
-                      "px": _entry("pixart-alpha", backend="xfuser", pipefusion_degree=2, warmup_steps=2,
-                                   ring_degree=2),
+                      "px": _entry("pixart-alpha", backend="xfuser", cfg_degree=2, ring_degree=2),
                       "plain": {"family": "sd1", "source": "/m"}},
                      {"devices": ["cpu:0", "cuda:1", "cpu"], "gangs": [["cuda:0", "cuda:1", "cuda:2", "cuda:3"],
                                                                        ["cpu:0", "cpu:1"]]})
@@ -109,6 +110,41 @@ def test_parallelize_refuses_what_the_gang_cannot_run(tiny_model):
         parallelize(flux, ParallelLayout(backend="diffusers", ulysses_degree=2), rank=0, world=2, device="cpu:0")
     assert output_rank(ParallelLayout(backend="diffusers", ulysses_degree=2), 2) == 0
     assert output_rank(ParallelLayout(backend="xfuser", ulysses_degree=2, cfg_degree=2), 4) == 3
+    # With xDiT's parallel VAE the decode is gathered on rank 0 (is_dp_last_group, xfuser 0.7).
+    assert output_rank(ParallelLayout(backend="xfuser", ulysses_degree=2, parallel_vae=True), 2) == 0
+
+
+def test_xfusers_step_callback_reaches_atelier_once_per_step_numbered_from_0():
+    """xDiT's pipelines restart the step index after their warm-up steps and call once per patch (PipeFusion):
+    atelier's callback must see each step once, in order, numbered 0 … n-1."""
+    from atelier.families.parallel import _once_per_step
+
+    seen = []
+    once = _once_per_step(lambda pipe, index, timestep, tensors: seen.append((index, timestep)) or {})
+    timesteps = [999.0, 750.0, 500.0, 250.0]
+    for index, t in enumerate(timesteps[:1]):  # one warm-up step
+        once(None, index, t, {})
+    for index, t in enumerate(timesteps[1:]):  # the pipelined loop: from 0 again, two patches a step
+        for _ in range(2):
+            once(None, index, t, {})
+    assert seen == list(enumerate(timesteps))
+
+
+def test_a_flux_preview_unpacks_a_ranks_shard_of_the_sequence():
+    """Under xDiT's sequence parallelism a rank's step latents are whole rows of the token sequence."""
+    import types
+
+    import torch
+
+    from atelier.families import GenerateRequest, get_family
+
+    flux = get_family("flux")
+    pipe = types.SimpleNamespace(vae_scale_factor=8)
+    request = GenerateRequest.single(prompt="p", negative_prompt=None, width=64, height=64, steps=2, guidance=3.5,
+                                     seed=1)
+    whole = flux._spatial(pipe, torch.zeros(1, 16, 64), request)  # 4x4 patches of 16 px
+    half = flux._spatial(pipe, torch.zeros(1, 8, 64), request)  # the first two rows of them
+    assert whole.shape[-2:] == (8, 8) and half.shape[-2:] == (4, 8)
 
 
 def _free_port() -> int:

@@ -56,7 +56,9 @@ def output_rank(layout: ParallelLayout, world: int) -> int:
     highest, whatever the grid's order.
     """
     if layout.backend == "xfuser":
-        return world - 1
+        # With the parallel VAE, xDiT's is_dp_last_group is the world's rank 0 instead (base_pipeline.py
+        # is_dp_last_group in xfuser 0.7): the decode is spread over every rank and gathered there.
+        return 0 if layout.parallel_vae else world - 1
     return 0
 
 
@@ -285,6 +287,11 @@ def _xfuser(model: LoadedModel, layout: ParallelLayout, *, rank: int, world: int
         raise RuntimeError(f"parallel.backend: xfuser is not installed here ({exc}); install atelier's "
                            "`multigpu` extra") from None
 
+    settings = model.settings if isinstance(model.settings, dict) else {}
+    if model.family.name == "sd3" and settings.get("max_sequence_length", 256) != 256:
+        # xDiT's SD3 wrapper takes no max_sequence_length: it would encode 256 T5 tokens whatever this says.
+        raise ValueError("option max_sequence_length: xDiT's SD3 pipeline always pads prompts to 256 T5 tokens; "
+                         "leave it out for a model on an xfuser gang")
     global _XFUSER_GROUPS
     pipe = model.pipe
     local = torch.device(device).index or 0
@@ -338,6 +345,11 @@ class _XFuserPipe:
         global _XFUSER_GROUPS
         if _XFUSER_GROUPS != self._degrees:
             # Not verified on a GPU: a model of another layout ran since this one was wrapped.
+            if self._degrees[-1]:
+                # Its patch-parallel VAE decoder holds the VAE group of its own layout, which the other
+                # layout's destroy_model_parallel destroyed (xfuser 0.7 parallel_state.py).
+                raise RuntimeError("parallel_vae: this model's VAE holds the process groups of its layout, "
+                                   "destroyed since by another model's; it must be loaded again")
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
             parallel = self._state.parallel_config
@@ -362,16 +374,18 @@ class _XFuserPipe:
 
 
 def _once_per_step(callback: Any) -> Any:
-    """The pipeline's step callback, called once per step. xDiT's PipeFusion (after its warm-up steps)
-    calls it once per patch of each step, with the latents the pipelined loop started from; and only on
-    the last pipeline stage's ranks (with pipefusion_degree 1, every rank is that stage)."""
-    done: set[int] = set()
+    """The pipeline's step callback, called once per step, numbered from 0. xDiT's PipeFusion (not offered
+    yet: atelier/registry.py PARALLEL_UNOFFERED) restarts the step index at 0 after its warm-up steps and
+    calls once per patch: steps are counted here by timestep, which a step's patches share and which the
+    schedulers xDiT wraps never repeat."""
+    seen: list[float] = []
 
     def once(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if index in done:
+        t = float(timestep)
+        if seen and seen[-1] == t:
             return {}
-        done.add(index)
-        return callback(pipe, index, timestep, tensors)
+        seen.append(t)
+        return callback(pipe, len(seen) - 1, timestep, tensors)
 
     return once
 

@@ -131,7 +131,11 @@ class FluxFamily(_FlowFamily):
         # FLUX steps on a sequence of 2x2 latent patches; undone here because a preview of one image
         # no longer knows the image's shape. A copy of a few hundred KB per step, against a
         # transformer step.
-        return FluxPipeline._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
+        # Under xDiT's sequence parallelism a rank's step latents are its shard of the sequence, whole rows
+        # of patches: unpacked as the rows it holds (all of them elsewhere).
+        patch = pipe.vae_scale_factor * 2
+        rows = latents.shape[1] // (req.width // patch)
+        return FluxPipeline._unpack_latents(latents, rows * patch, req.width, pipe.vae_scale_factor)
 
 
 def _sequence_length(value: Any) -> int:
