@@ -40,7 +40,7 @@ def _endpoints(args: argparse.Namespace, config: Config) -> tuple[str, str]:
 async def _up(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a message is one line, however narrow the terminal or pipe
     router, pub = _endpoints(args, config)
     http = None if not config.http.enabled or args.http == "off" else (
         args.http or f"{config.http.host}:{config.http.port}")
@@ -176,7 +176,7 @@ async def _generate(args: argparse.Namespace, config: Config) -> int:
     from atelier.artifacts import extension_for
     from atelier.jobs import JobSpec, JobState
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a message is one line, however narrow the terminal or pipe
     if (args.mask or args.strength is not None) and not args.image:
         console.print("[red]error:[/red] --mask and --strength go with --image")
         return 2
