@@ -30,8 +30,9 @@ up: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two workers, whole files each (module-scoped clusters stay shared): about a fifth faster on two cores.
 test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/overhead.py

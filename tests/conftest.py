@@ -191,12 +191,25 @@ class Cluster:
 SHARED_START_S = 300
 
 
+# The files that take longest, started first: `make test` runs the suite on two workers (pytest-xdist,
+# whole files each), and a long file left for last would run alone at the end.
+LONGEST_FIRST = ("test_gpu_check.py", "test_gang.py", "test_system.py", "test_web.py", "test_lifecycle.py",
+                 "test_parallel.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    first = next((item for item in items if "shared_cluster" in item.fixturenames), None)
-    if first is not None:
-        marker = first.get_closest_marker("timeout")
-        bound = float(marker.args[0] if marker and marker.args else first.config.getini("timeout"))
-        first.add_marker(pytest.mark.timeout(bound + SHARED_START_S), append=False)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+    # Each file's first test on the shared atelier may be the one that starts it (on a worker, whichever
+    # file comes first there does).
+    seen: set[Path] = set()
+    for item in items:
+        if "shared_cluster" not in item.fixturenames or item.path in seen:
+            continue
+        seen.add(item.path)
+        marker = item.get_closest_marker("timeout")
+        bound = float(marker.args[0] if marker and marker.args else item.config.getini("timeout"))
+        item.add_marker(pytest.mark.timeout(bound + SHARED_START_S), append=False)
 
 
 @pytest.fixture(scope="session")
