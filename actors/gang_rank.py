@@ -63,16 +63,12 @@ def layout_for(config: Config, model: str, devices: list[str]) -> ParallelLayout
 
 
 def start_rank(config: Config, devices: list[str], rank: int, port: int, torch_device: str) -> gang.Channel:
-    """What every rank does first: its share of the CPU, the process group, the CPU shims."""
+    """What every rank does first: its share of the CPU, the process group. (diffusers' CPU shims are
+    ``parallelize``'s, where they are needed.)"""
     import torch
-
-    from atelier.families import parallel
 
     if torch_device == "cpu":  # the ranks share the cores; each takes its part, not all of them
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(devices)))
-        shims = parallel.cpu_shims()
-        if hasattr(shims, "__enter__"):
-            shims.__enter__()  # held for the process's life
     gang.join(rank, len(devices), port, gang.backend_for(torch_device), gang_timeout(config))
     return gang.Channel(rank, len(devices))
 

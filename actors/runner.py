@@ -543,9 +543,6 @@ class Runner(Actor):
         except GangBroken as exc:  # the engine remembers: its next command fails, and the runner exits
             log.error("%s: could not drop %s on the gang's other ranks: %s", self.name, ", ".join(names), exc)
 
-    def _map_staged(self, staged: Staged, device: str) -> tuple[dict | None, Any]:
-        return map_staged(staged, device, self.torch_device, self.name)
-
     async def _stage(self, model: str) -> Staged:
         """Asks the node's loader; if it is down, resolves the weights here (slower, but no job waits).
 

@@ -27,7 +27,7 @@ _EDITS = frozenset({"txt2img", "img2img"})
 PARALLEL_BACKENDS = ("xfuser", "diffusers")
 PARALLEL_DEGREES = ("ulysses_degree", "ring_degree", "pipefusion_degree", "cfg_degree")
 _SEQUENCE = frozenset({"ulysses_degree", "ring_degree"})  # USP: Ulysses and ring attention
-_XDIT_ALL = _SEQUENCE | {"cfg_degree"}
+_XDIT = _SEQUENCE | {"cfg_degree"}  # what atelier takes of xDiT's degrees
 # Degrees no family is offered yet, and why (a family's own note comes first).
 PARALLEL_UNOFFERED = {
     ("xfuser", "pipefusion_degree"): "xDiT's PipeFusion calls the step callback only on its last pipeline stage "
@@ -168,7 +168,7 @@ _ROWS = (
                # plan and attention processor (atelier/families/parallel.py _sd3_plan: diffusers 0.42.1 ships
                # neither for SD3), in its "ulysses_anything" mode, since SD3's text is 77 CLIP + 256 T5
                # tokens by default, which splits evenly over no even degree; ring attention needs equal shards.
-               parallel={"xfuser": _XDIT_ALL, "diffusers": frozenset({"ulysses_degree"})}, parallel_vae=True,
+               parallel={"xfuser": _XDIT, "diffusers": frozenset({"ulysses_degree"})}, parallel_vae=True,
                parallel_notes={("diffusers", "ring_degree"): "SD3's joint sequence (77 CLIP + 256 T5 text tokens "
                                "by default) splits unevenly, which diffusers takes for Ulysses only, not for ring "
                                "attention"},
@@ -188,15 +188,15 @@ _ROWS = (
     # patches of the 8x latents): the adapter generates a size between steps at the next one and crops.
     FamilySpec(name="pixart-alpha", adapter="atelier.families.pixart_hunyuan:PixArtAlphaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
-               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
+               parallel={"xfuser": _XDIT}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-pixart-alpha", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_alpha"),
     FamilySpec(name="pixart-sigma", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:PixArtSigmaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
-               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
+               parallel={"xfuser": _XDIT}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-pixart-sigma", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_sigma"),
     FamilySpec(name="hunyuan-dit", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:HunyuanDiTFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=50, default_guidance=5.0),
-               parallel={"xfuser": _XDIT_ALL}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
+               parallel={"xfuser": _XDIT}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-hunyuan-dit", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_hunyuan_dit"),
     # Stable Audio Open 1.0: 44.1 kHz stereo, up to 47.55 s (1024 latents of 2048 samples), 100 steps at
     # guidance 7 as in diffusers' pipeline. Every call makes the whole window (a shorter sound is cut

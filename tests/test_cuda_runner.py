@@ -307,8 +307,8 @@ def test_f13_a_damaged_segment_is_unpinned_before_the_error_goes_on(monkeypatch,
     events = _pins(monkeypatch)
     table = [StagedFile(component="unet", name="model.safetensors", offset=0, length=8192)]  # past the end
     with pytest.raises(staging.StagingError, match="lies outside the segment"):
-        runner._map_staged(Staged(model="a", path="x", bytes=8192, segment=str(segment_file), files=table),
-                           "cuda:0")
+        runner_module.map_staged(Staged(model="a", path="x", bytes=8192, segment=str(segment_file), files=table),
+                                 "cuda:0", runner.torch_device, runner.name)
     assert events == ["pin", "unpin cpu"]
 
 
@@ -319,8 +319,8 @@ def test_f13_a_failed_pin_uploads_unpinned(monkeypatch, segment_file, caplog) ->
         raise staging.StagingError("cudaHostRegister of 4,096 bytes failed with CUDA error 712")
 
     _pins(monkeypatch, refuse)
-    weights, pinned = runner._map_staged(Staged(model="a", path="x", bytes=0, segment=str(segment_file), files=[]),
-                                         "cuda:0")
+    weights, pinned = runner_module.map_staged(Staged(model="a", path="x", bytes=0, segment=str(segment_file),
+                                                      files=[]), "cuda:0", runner.torch_device, runner.name)
     assert weights == {} and pinned is None
     assert "CUDA error 712; uploading from pageable memory" in caplog.text
 
@@ -338,7 +338,8 @@ def test_f17_a_stand_in_segment_is_never_pinned(monkeypatch, segment_file) -> No
     runner = _runner(_config(a={}), monkeypatch)
     events = _pins(monkeypatch)
     table = [StagedFile(component="stand_in", name=staging.STAND_IN, offset=0, length=4096)]
-    runner._map_staged(Staged(model="a", path="x", bytes=4096, segment=str(segment_file), files=table), "cuda:0")
+    runner_module.map_staged(Staged(model="a", path="x", bytes=4096, segment=str(segment_file), files=table),
+                             "cuda:0", runner.torch_device, runner.name)
     assert events == []
 
 

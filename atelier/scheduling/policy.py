@@ -471,8 +471,7 @@ class Policy:
             return 0.0
         family = entry.family
         # A single device's time: a gang's would charge a job less for taking more devices.
-        runners = sorted(self.state.runners.values(), key=lambda r: r.gang)
-        runner = next((r for r in runners if r.accepts(family)), None)
+        runner = min((r for r in self.state.runners.values() if r.accepts(family)), key=lambda r: r.gang, default=None)
         return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
                                     height=spec.height, images=spec.count, steps=spec.steps)
 
