@@ -748,6 +748,7 @@ def batch_request(items: list[BatchItem], decoded: dict[str, dict[str, Any]]) ->
         negative_prompts=tuple(spec.negative_prompt for spec in specs for _ in range(spec.count)),
         seeds=tuple(spec.seed + i for spec in specs for i in range(spec.count)),
         width=first.width, height=first.height, steps=first.steps, guidance=first.guidance, kind=first.kind.value,
+        sampler=first.sampler, schedule=first.schedule,
         images=tuple(inputs["image"]), masks=tuple(inputs["mask"]), strength=first.strength, frames=first.frames,
         fps=first.fps, duration_s=first.duration_s, loras=tuple(first.loras.items()),
         controlnet=first.controlnet, control_images=tuple(inputs["control_image"]),

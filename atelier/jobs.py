@@ -135,6 +135,13 @@ class ErrorCode(str, enum.Enum):
     internal = "internal"
 
 
+# The samplers and noise schedules a job may choose (atelier/samplers.py: what each one is, and
+# which families take it).
+SamplerName = Literal["euler", "euler_a", "heun", "lms", "ddim", "pndm", "unipc", "lcm", "deis", "dpm2", "dpm2_a",
+                      "dpm++2m", "dpm++2m_sde", "dpm++sde", "dpm++2s"]
+ScheduleName = Literal["default", "karras", "exponential", "beta", "trailing"]
+
+
 class JobSpec(Wire):
     """What a person asks for. Size, steps and guidance left empty take the model's defaults."""
 
@@ -147,6 +154,9 @@ class JobSpec(Wire):
     height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
     steps: int | None = Field(default=None, ge=1, le=500)
     guidance: float | None = Field(default=None, ge=0.0, le=50.0)
+    # The solver and its noise spacing for this job; the model's own scheduler when left out.
+    sampler: SamplerName | None = None
+    schedule: ScheduleName | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     count: int = Field(default=1, ge=1, le=16)
     # img2img (with a mask: inpainting): how far from the input image; 1 ignores it.

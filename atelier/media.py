@@ -112,6 +112,10 @@ def parameters(spec: JobSpec, seed: int) -> str:
     prompt = " ".join([spec.prompt, *(f"<lora:{name}:{scale:g}>" for name, scale in spec.loras.items())])
     fields = [f"Steps: {spec.steps}", f"CFG scale: {spec.guidance}", f"Seed: {seed}",
               f"Size: {spec.width}x{spec.height}", f"Model: {spec.model}"]
+    if spec.sampler is not None:  # atelier's names (atelier/samplers.py); absent: the model's own scheduler
+        fields.append(f"Sampler: {spec.sampler}")
+    if spec.schedule not in (None, "default"):
+        fields.append(f"Schedule type: {spec.schedule}")
     # What else shaped the image, so that the text is enough to make it again; a job's input
     # images themselves are not kept in it.
     if "image" in spec.inputs and spec.strength is not None:

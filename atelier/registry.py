@@ -107,6 +107,9 @@ class FamilySpec:
     # Whether xDiT's parallel VAE (``parallel_vae``, distvae's patch-parallel decoder) is wired into
     # its pipeline wrapper for this family.
     parallel_vae: bool = False
+    # Which of atelier/samplers.py's tables a job's sampler comes from: "discrete" (noise or velocity
+    # on discrete timesteps), "flow" (flow matching); None: the model's own scheduler only.
+    samplers: Literal["discrete", "flow"] | None = None
 
     def __post_init__(self) -> None:
         if (self.tiny_model is None) != (self.tiny_builder is None):
@@ -132,14 +135,14 @@ def _sound(**own: Any) -> FamilyLimits:
 
 
 _ROWS = (
-    FamilySpec(name="sd1", adapter="atelier.families.sd:SD15Family", denoiser="unet",
+    FamilySpec(name="sd1", samplers="discrete", adapter="atelier.families.sd:SD15Family", denoiser="unet",
                limits=FamilyLimits(default_steps=30, default_guidance=7.5, max_width=1024, max_height=1024,
                                    default_width=512, default_height=512, max_count=8, max_batch=8,
                                    max_batch_cpu=4, kinds=_EDITS, inpaint=True),
                single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
                                   ("text encoder", ("cond_stage_model.transformer.",))),
                tiny_model="tiny-sd", tiny_builder="atelier.tiny_models:build_tiny_sd"),
-    FamilySpec(name="sdxl", adapter="atelier.families.sd:SDXLFamily", denoiser="unet",
+    FamilySpec(name="sdxl", samplers="discrete", adapter="atelier.families.sd:SDXLFamily", denoiser="unet",
                limits=FamilyLimits(default_steps=30, default_guidance=5.0, kinds=_EDITS, inpaint=True),
                single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
                                   ("first text encoder", ("conditioner.embedders.0.",)),
@@ -153,14 +156,15 @@ _ROWS = (
                                "denoises with a UNet"},
                tiny_model="tiny-sdxl", tiny_builder="atelier.tiny_models:build_tiny_sdxl"),
     # SD 2.x: 768 px (the v-prediction models; the 512 px base ones set their size in the catalog).
-    FamilySpec(name="sd2", adapter="atelier.families.sd:SD2Family", denoiser="unet",
+    FamilySpec(name="sd2", samplers="discrete", adapter="atelier.families.sd:SD2Family", denoiser="unet",
                limits=FamilyLimits(default_steps=30, default_guidance=7.5, max_width=1536, max_height=1536,
                                    default_width=768, default_height=768, max_count=8, kinds=_EDITS,
                                    inpaint=True),
                tiny_model="tiny-sd2", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd2"),
     # Defaults are diffusers' own for these pipelines. SD3 medium's position embeddings end at
     # 1536 px (SD 3.5 large's go further: raise it in the catalog).
-    FamilySpec(name="sd3", bfloat16_auto=True, adapter="atelier.families.sd3_flux:SD3Family", denoiser="transformer",
+    FamilySpec(name="sd3", samplers="flow",
+               bfloat16_auto=True, adapter="atelier.families.sd3_flux:SD3Family", denoiser="transformer",
                limits=FamilyLimits(default_steps=28, default_guidance=7.0, max_width=1536, max_height=1536,
                                    kinds=_EDITS, inpaint=True),
                gguf_transformer="SD3Transformer2DModel",
@@ -174,7 +178,8 @@ _ROWS = (
                                "attention"},
                tiny_model="tiny-sd3", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd3"),
     # guidance is FLUX.1-dev's distilled guidance embedding (schnell ignores it), not CFG.
-    FamilySpec(name="flux", bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
+    FamilySpec(name="flux", samplers="flow",
+               bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
                limits=FamilyLimits(default_steps=28, default_guidance=3.5, kinds=_EDITS, inpaint=True),
                gguf_transformer="FluxTransformer2DModel",
                # xDiT: USP; no CFG parallel, FLUX.1 has no CFG. diffusers: context parallelism
@@ -186,15 +191,17 @@ _ROWS = (
     # Diffusion transformers over an SD-style VAE, at the pipelines' own defaults (PixArt: DPM-Solver++,
     # 20 steps, guidance 4.5; HunyuanDiT: DDPM, 50 steps, guidance 5). Sizes come in steps of 16 px (2x2
     # patches of the 8x latents): the adapter generates a size between steps at the next one and crops.
-    FamilySpec(name="pixart-alpha", adapter="atelier.families.pixart_hunyuan:PixArtAlphaFamily",
+    FamilySpec(name="pixart-alpha", samplers="discrete", adapter="atelier.families.pixart_hunyuan:PixArtAlphaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
                parallel={"xfuser": _XDIT}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-pixart-alpha", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_alpha"),
-    FamilySpec(name="pixart-sigma", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:PixArtSigmaFamily",
+    FamilySpec(name="pixart-sigma", samplers="discrete",
+               bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:PixArtSigmaFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=20, default_guidance=4.5),
                parallel={"xfuser": _XDIT}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-pixart-sigma", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_pixart_sigma"),
-    FamilySpec(name="hunyuan-dit", bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:HunyuanDiTFamily",
+    FamilySpec(name="hunyuan-dit", samplers="discrete",
+               bfloat16_auto=True, adapter="atelier.families.pixart_hunyuan:HunyuanDiTFamily",
                denoiser="transformer", limits=FamilyLimits(default_steps=50, default_guidance=5.0),
                parallel={"xfuser": _XDIT}, parallel_vae=True, parallel_notes=_NO_DIFFUSERS_CP,
                tiny_model="tiny-hunyuan-dit", tiny_builder="atelier.tiny.pixart_hunyuan:build_tiny_hunyuan_dit"),

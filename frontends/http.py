@@ -39,17 +39,30 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
 from actors.keys import for_peer
 from actors.messages import ClusterStatus, JobEvent, JobResult, Preview, Progress
 from atelier.artifacts import media_type_for
 from atelier.config import Config, HttpConfig
-from atelier.jobs import ErrorCode, JobId, JobInputs, JobKind, JobRecord, JobSpec, Priority
+from atelier.jobs import ErrorCode, JobId, JobInputs, JobRecord, JobSpec, Priority
 from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, process_parser
 from frontends import api, metrics
+from frontends.a1111 import A1111Surface
 from frontends.client import AtelierClient
+from frontends.httpbase import (
+    Caller,
+    Problem,
+    Surface,
+    from_remote,
+    json_response,
+    parse,
+    query_flag,
+    query_int,
+    read_json,
+)
+from frontends.openai_images import OpenAISurface
 
 log = logging.getLogger("atelier.http")
 
@@ -61,60 +74,10 @@ WRITE_TIMEOUT_S = 30.0  # an event stream whose reader takes no bytes this long 
 STATUS_TTL_S = 1.0  # /v1/nodes and /metrics share one ClusterStatus this long: a flood asks the scheduler once
 JSON_BODY_BYTES = 1 << 20  # a body that is only JSON settings
 IMAGE_BODY_BYTES = 64 << 20  # a body that carries input images in base64
-IMAGE_ROUTES = {"/v1/jobs", "/sdapi/v1/img2img"}
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-MAX_JSON_DEPTH = 32  # deeper than any body of these APIs; json and pydantic would recurse on it
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 ARTIFACT_NAME = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-(?P<index>\d{1,6})\.[a-z0-9]{1,8}$")
-OPENAI_MODEL_NAMES = re.compile(r"^(dall-e|gpt-image)")  # OpenAI's own models: they mean "the default"
 JOB_IDS = TypeAdapter(JobId)
-
-
-class Problem(Exception):
-    """A request that cannot be served as asked; rendered in the shape of the API it came through."""
-
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
-                 problems: list[api.FieldProblem] | None = None, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.problems = problems or []
-        self.retry_after_s = retry_after_s
-
-    @classmethod
-    def invalid(cls, exc: ValidationError) -> "Problem":
-        problems = [api.FieldProblem(field=".".join(str(p) for p in err["loc"]) or "body", message=err["msg"])
-                    for err in exc.errors(include_url=False)]
-        first = problems[0]
-        return cls(422, "bad_request", f"{first.field}: {first.message}", field=first.field, problems=problems)
-
-
-# Statuses for the scheduler's refusals: what the caller did wrong, or when to come back.
-_STATUS = {ErrorCode.bad_request: 422, ErrorCode.unknown_model: 422, ErrorCode.too_large: 413,
-           ErrorCode.unknown_job: 404, ErrorCode.queue_full: 429, ErrorCode.busy: 503,
-           ErrorCode.conflict: 409, ErrorCode.forbidden: 403}
-
-
-def _from_remote(exc: RemoteError) -> Problem:
-    error = exc.error
-    if error.code not in _STATUS:  # the scheduler's own failure: its text may hold paths and internals
-        log.warning("the scheduler failed a request: %s: %s", error.code.value, error.message)
-        return Problem(502, error.code.value, "the scheduler could not serve this request; the operator's log "
-                                              "has the details", retry_after_s=error.retry_after_s)
-    return Problem(_STATUS[error.code], error.code.value, error.message, field=error.field,
-                   retry_after_s=error.retry_after_s)
-
-
-@dataclass
-class Caller:
-    user: str
-    authenticated: bool  # a token named the user (else the request did, or nobody)
-    rate_per_minute: int
-    live_per_minute: int
-    admin: bool = False  # sees and cancels every job; with no tokens, the local user is one
-    live: bool = False  # may submit priority "live"
 
 
 class RateLimiter:
@@ -317,12 +280,15 @@ class HttpServer:
         self.sessions = LiveSessions(self.settings.max_live_sessions)
         self.metrics = metrics.HttpMetrics()
         self._submitted: OrderedDict[str, None] = OrderedDict()  # job ids submitted here, newest last
-        self._a1111_current: dict[str, str] = {}  # user -> their latest /sdapi job, for /progress
         self._tokens = [(t.token.get_secret_value().encode(), t) for t in self.settings.tokens]
         self._hosts = _answered_hosts(host if host is not None else self.settings.host, self.settings.public_url)
         self._held: Counter[str] = Counter()  # user -> event streams and synchronous calls open
         self._status: asyncio.Future | None = None
         self._status_at = 0.0
+        # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
+        self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self)]
+        self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
+        self._form_routes = set().union(*(s.form_routes for s in self.surfaces))
         self.app = self._build()
 
     def _build(self) -> web.Application:
@@ -334,15 +300,16 @@ class HttpServer:
             get("/v1/jobs/{job_id}", self.get_job), delete("/v1/jobs/{job_id}", self.cancel_job),
             get("/v1/jobs/{job_id}/events", self.job_events), get("/v1/models", self.models),
             get("/v1/nodes", self.nodes), get("/v1/artifacts/{name}", self.artifact),
-            post("/v1/images/generations", self.openai_generate),
-            post("/sdapi/v1/txt2img", self.a1111_txt2img), post("/sdapi/v1/img2img", self.a1111_img2img),
-            get("/sdapi/v1/sd-models", self.a1111_models), get("/sdapi/v1/progress", self.a1111_progress),
-            post("/sdapi/v1/interrupt", self.a1111_interrupt),
         ])
+        for surface in self.surfaces:
+            app.add_routes(surface.routes())
         if WEB_ROOT.is_dir():
             app.router.add_static("/static/", WEB_ROOT, show_index=False)
         app.on_cleanup.append(lambda _: self.streams.close())
         return app
+
+    def _surface(self, path: str) -> Surface | None:
+        return next((surface for surface in self.surfaces if surface.owns(path)), None)
 
     # -- middleware ---------------------------------------------------------- #
 
@@ -365,7 +332,7 @@ class HttpServer:
             response = self._render(request, Problem(503, "unavailable", "the scheduler did not answer in time",
                                                      retry_after_s=5.0))
         except RemoteError as exc:
-            response = self._render(request, _from_remote(exc))
+            response = self._render(request, from_remote(exc))
         except Exception:  # a bug: said in the API's shape, the details only in the log
             log.exception("%s %s failed", request.method, request.path)
             response = self._render(request, Problem(500, "internal", "the server failed on this request; the "
@@ -377,15 +344,9 @@ class HttpServer:
 
     def _render(self, request: web.Request, problem: Problem) -> web.Response:
         """The error in the shape of the API the request used."""
-        path = request.path
-        if path.startswith("/v1/images/"):
-            body: BaseModel = api.OpenAIError(error=api.OpenAIErrorBody(
-                message=problem.message, param=problem.field,
-                type="rate_limit_error" if problem.status == 429 else "invalid_request_error",
-                code="model_not_found" if problem.code == "unknown_model" else problem.code))
-            status = 404 if problem.code == "unknown_model" else 400 if problem.status == 422 else problem.status
-        elif path.startswith("/sdapi/"):
-            body, status = api.A1111Error(detail=problem.message), problem.status
+        surface = self._surface(request.path)
+        if surface is not None:
+            body, status = surface.render(problem)
         else:
             body = api.ApiError(error=api.ErrorBody(code=problem.code, message=problem.message, field=problem.field,
                                                     problems=problem.problems, retry_after_s=problem.retry_after_s))
@@ -395,7 +356,9 @@ class HttpServer:
             headers["Retry-After"] = str(max(1, round(problem.retry_after_s)))
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="atelier"'
-        return _json(body, status=status, headers=headers)
+        if isinstance(body, dict):
+            return web.json_response(body, status=status, headers=headers)
+        return json_response(body, status=status, headers=headers)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
@@ -412,10 +375,13 @@ class HttpServer:
             if origin is not None and not self._same_site(origin, request.headers.get("Host", "")):
                 raise Problem(403, "cross_origin", f"a request from the page of {origin} may not change anything "
                                                    "here")
-            if request.body_exists and request.content_type != "application/json":
-                raise Problem(415, "unsupported_media_type", f"send the body as JSON, with Content-Type: "
-                                                             f"application/json (not {request.content_type})")
-        limit = IMAGE_BODY_BYTES if request.path in IMAGE_ROUTES else JSON_BODY_BYTES
+            # A form may be sent by any page without asking; only the upload routes take one, and there the
+            # Origin check above and the bearer token (which no other page has) keep other sites out.
+            allowed = {"application/json"} | ({"multipart/form-data"} if request.path in self._form_routes else set())
+            if request.body_exists and request.content_type not in allowed:
+                raise Problem(415, "unsupported_media_type", f"send the body as {' or '.join(sorted(allowed))} "
+                                                             f"(Content-Type), not {request.content_type}")
+        limit = IMAGE_BODY_BYTES if request.path in self._image_routes | self._form_routes else JSON_BODY_BYTES
         if request.content_length is not None and request.content_length > limit:
             raise Problem(413, "too_large", f"a body on {request.path} may be at most {limit >> 20} MiB")
         return await handler(request.clone(client_max_size=limit))
@@ -430,7 +396,8 @@ class HttpServer:
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         """Names the caller. With tokens configured, the APIs and /metrics need one; the page, its
         files and /openapi.json do not (the page asks for the token itself)."""
-        guarded = request.path.startswith(("/v1/", "/sdapi/")) or request.path == "/metrics"
+        path = request.path
+        guarded = path.startswith("/v1/") or path == "/metrics" or self._surface(path) is not None
         request["caller"] = self._caller(request, guarded)
         return await handler(request)
 
@@ -462,7 +429,7 @@ class HttpServer:
     # -- native API ----------------------------------------------------------- #
 
     async def create_job(self, request: web.Request) -> web.Response:
-        body = _parse(api.JobRequest, await _body(request))
+        body = parse(api.JobRequest, await read_json(request))
         if "id" in body.model_fields_set:  # else a known id would answer with, and watch, whoever's job it is
             raise Problem(422, "bad_request", "id: the server assigns job ids; to retry a submit safely, send "
                                               "an Idempotency-Key header", field="id")
@@ -471,20 +438,20 @@ class HttpServer:
         except ValueError as exc:
             field = str(exc).partition(":")[0]
             raise Problem(422, "bad_request", str(exc), field=field) from None
-        spec = self._owned(spec, request["caller"])
+        spec = self.owned(spec, request["caller"])
         key = request.headers.get("Idempotency-Key")
         if key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable() and " " not in key):
             raise Problem(422, "bad_request", "Idempotency-Key: 1 to 200 visible ASCII characters",
                           field="Idempotency-Key")
-        record = await self._submit(spec, request["caller"], inputs, idempotency_key=key)
-        return _json(self._view(record), status=202)
+        record = await self.submit(spec, request["caller"], inputs, idempotency_key=key)
+        return json_response(self._view(record), status=202)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """The caller's jobs; an admin's ``?user=NAME``, someone else's, and ``?all=1``, the whole queue."""
         caller: Caller = request["caller"]
-        limit = _int(request, "limit", 100, 1, 1000)
+        limit = query_int(request, "limit", 100, 1, 1000)
         user = request.query.get("user", caller.user)
-        everyone = _flag(request, "all")
+        everyone = query_flag(request, "all")
         if (everyone or user != caller.user) and not caller.admin:
             raise Problem(403, "forbidden", f"only an admin may list other users' jobs; your token acts for "
                                             f"{caller.user}", field="all" if everyone else "user")
@@ -506,11 +473,11 @@ class HttpServer:
         return [record for record in found if isinstance(record, JobRecord)]
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return _json(self._view(await self._mine(request)))
+        return json_response(self._view(await self._mine(request)))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         record = await self._mine(request)
-        return _json(self._view(await self.client.cancel(record.spec.id)))
+        return json_response(self._view(await self.client.cancel(record.spec.id)))
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``state``, ``progress``, ``preview`` (a data URL), then ``result``."""
@@ -571,7 +538,7 @@ class HttpServer:
     async def models(self, request: web.Request) -> web.Response:
         listed = [api.ModelEntry(id=m.name, **m.model_dump(mode="json", exclude={"name"}))
                   for m in await self.client.models()]
-        return _json(api.ModelList(data=listed))
+        return json_response(api.ModelList(data=listed))
 
     async def nodes(self, request: web.Request) -> web.Response:
         """The runners and loaders; to a user without the jobs on them, the processes' ids or hosts (which
@@ -612,125 +579,6 @@ class HttpServer:
             return web.Response(body=bytes(output.data), content_type=output.media_type)
         raise Problem(404, "not_found", f"no artifact {name!r} (gone, or kept on another host)")
 
-    # -- OpenAI -------------------------------------------------------------- #
-
-    async def openai_generate(self, request: web.Request) -> web.Response:
-        caller = request["caller"]
-        body = _parse(api.OpenAIImageRequest, await _body(request))
-        try:
-            width, height = body.dimensions()
-        except ValueError as exc:
-            raise Problem(422, "bad_request", str(exc), field="size") from None
-        model = body.model
-        if model is None or OPENAI_MODEL_NAMES.match(model):
-            model = self.config.default_model
-        fields: dict[str, Any] = {"model": model, "prompt": body.prompt, "count": body.n, "width": width,
-                                  "height": height}
-        if body.user and not caller.authenticated:  # OpenAI's end-user tag; a token's user comes first
-            fields["user"] = body.user
-        spec = self._owned(_parse(JobSpec, fields), caller)
-        result = await self._generate(spec, caller)
-        data = []
-        for i, output in enumerate(result.outputs):
-            if body.response_format == "b64_json":
-                data.append(api.OpenAIImage(b64_json=base64.b64encode(output.data).decode("ascii")))
-            else:
-                data.append(api.OpenAIImage(url=self._url(result.job, i)))
-        return _json(api.OpenAIImagesResponse(created=int(result.job.finished_at or time.time()), data=data))
-
-    # -- AUTOMATIC1111 ----------------------------------------------------------- #
-
-    async def a1111_txt2img(self, request: web.Request) -> web.Response:
-        body = _parse(api.A1111Txt2Img, await _body(request))
-        return await self._a1111(request, body, JobKind.txt2img)
-
-    async def a1111_img2img(self, request: web.Request) -> web.Response:
-        body = _parse(api.A1111Img2Img, await _body(request))
-        if not body.init_images:
-            raise Problem(422, "bad_request", "init_images: img2img needs an init image", field="init_images")
-        found = {}
-        for name, value in (("image", body.init_images[0]), ("mask", body.mask)):
-            if value:
-                try:
-                    found[name] = api.decode_image(value)
-                except ValueError as exc:
-                    field = "init_images" if name == "image" else name
-                    raise Problem(422, "bad_request", f"{field}: {exc}", field=field) from None
-        return await self._a1111(request, body, JobKind.img2img, JobInputs(**found), body.denoising_strength)
-
-    async def _a1111(self, request: web.Request, body: api.A1111Txt2Img, kind: JobKind,
-                     inputs: JobInputs | None = None, strength: float | None = None) -> web.Response:
-        caller = request["caller"]
-        for name, asked in (("enable_hr", body.enable_hr), ("restore_faces", body.restore_faces),
-                            ("tiling", body.tiling), ("alwayson_scripts", body.alwayson_scripts)):
-            if asked:
-                raise Problem(422, "bad_request", f"{name}: atelier has no such feature; leave it off", field=name)
-        model = self._a1111_model(body.override_settings.get("sd_model_checkpoint"))
-        spec = self._owned(_parse(JobSpec, {
-            "kind": kind, "model": model, "prompt": body.prompt, "negative_prompt": body.negative_prompt or None,
-            "width": body.width, "height": body.height, "steps": body.steps, "guidance": body.cfg_scale,
-            "seed": None if body.seed < 0 else body.seed, "count": body.batch_size * body.n_iter,
-            "strength": strength}), caller)
-        self._a1111_current[spec.user] = spec.id
-        result = await self._generate(spec, caller, inputs)
-        job = result.job.spec
-        info = {"prompt": job.prompt, "all_prompts": [job.prompt] * job.count, "negative_prompt": body.negative_prompt,
-                "seed": job.seed, "all_seeds": [o.seed for o in result.outputs], "width": job.width,
-                "height": job.height, "steps": job.steps, "cfg_scale": job.guidance, "sd_model_name": job.model,
-                "batch_size": body.batch_size, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-                "infotexts": [f"{job.prompt}\nSteps: {job.steps}, CFG scale: {job.guidance}, Seed: {o.seed}, "
-                              f"Size: {job.width}x{job.height}, Model: {job.model}" for o in result.outputs]}
-        images = [base64.b64encode(o.data).decode("ascii") for o in result.outputs] if body.send_images else []
-        return _json(api.A1111Images(images=images, parameters=body.model_dump(), info=json.dumps(info)))
-
-    def _a1111_model(self, checkpoint: Any) -> str:
-        if checkpoint in (None, ""):
-            return self.config.default_model
-        # A1111 names a checkpoint by its title, "name.safetensors [hash]": the catalog by its name.
-        name = re.sub(r"\s*\[[0-9a-f]+\]$", "", str(checkpoint))
-        for candidate in (name, Path(name).stem):
-            if candidate in self.config.models:
-                return candidate
-        raise Problem(404, "unknown_model", f"no model {checkpoint!r}; see /sdapi/v1/sd-models",
-                      field="sd_model_checkpoint")
-
-    async def a1111_models(self, request: web.Request) -> web.Response:
-        # The name, not the catalog's source: that is a path on the server, or a hub repository.
-        listed = [api.A1111Model(title=m.name, model_name=m.name, filename=m.name)
-                  for m in await self.client.models() if m.name in self.config.models]
-        return web.json_response([m.model_dump() for m in listed])
-
-    async def a1111_progress(self, request: web.Request) -> web.Response:
-        skip_image = request.query.get("skip_current_image", "false").lower()
-        if skip_image not in ("true", "false"):  # what the document promises: a boolean, not anything at all
-            raise Problem(422, "bad_request", "skip_current_image must be true or false", field="skip_current_image")
-        job_id = self._a1111_current.get(request["caller"].user)
-        followed = self.streams.latest(job_id) if job_id else None
-        if followed is None or followed.ended:
-            return _json(api.A1111Progress(progress=0.0, eta_relative=0.0, state=api.A1111ProgressState()))
-        progress, preview = followed.progress, followed.preview
-        done = progress.step / progress.total if progress else 0.0
-        image = None
-        if preview is not None and skip_image != "true":
-            image = base64.b64encode(bytes(preview.image)).decode("ascii")
-        state = api.A1111ProgressState(job=job_id, job_count=1, sampling_step=progress.step if progress else 0,
-                                       sampling_steps=progress.total if progress else 0)
-        phase = followed.state.state.value if followed.state else "queued"
-        return _json(api.A1111Progress(progress=done, eta_relative=(progress.eta_s or 0.0) if progress else 0.0,
-                                       state=state, current_image=image, textinfo=phase))
-
-    async def a1111_interrupt(self, request: web.Request) -> web.Response:
-        job_id = self._a1111_current.get(request["caller"].user)
-        if job_id is not None:
-            try:
-                await self.client.cancel(job_id)
-            except RemoteError as exc:
-                # The latest job was refused, or is long forgotten: nothing runs, and as in A1111
-                # interrupting nothing is fine (it used to be an undocumented 404).
-                if exc.error.code is not ErrorCode.unknown_job:
-                    raise
-        return web.json_response({})
-
     # -- the rest -------------------------------------------------------------- #
 
     async def page(self, request: web.Request) -> web.StreamResponse:
@@ -760,7 +608,7 @@ class HttpServer:
 
     # -- helpers --------------------------------------------------------------- #
 
-    def _owned(self, spec: JobSpec, caller: Caller) -> JobSpec:
+    def owned(self, spec: JobSpec, caller: Caller) -> JobSpec:
         """The job as the caller may submit it: for the user their token names."""
         if caller.authenticated:
             if "user" in spec.model_fields_set and spec.user != caller.user:
@@ -768,7 +616,7 @@ class HttpServer:
             return spec.model_copy(update={"user": caller.user})
         return spec
 
-    async def _submit(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None, *,
+    async def submit(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None, *,
                       idempotency_key: str | None = None) -> JobRecord:
         if spec.priority is Priority.live and not caller.live:
             raise Problem(403, "forbidden", f"{caller.user} may not submit live jobs (they go before everyone "
@@ -791,17 +639,17 @@ class HttpServer:
             # the first try made: its id is then that job's.
             record = await self.client.submit(spec, inputs=inputs, idempotency_key=idempotency_key)
         except RemoteError as exc:
-            raise _from_remote(exc) from None
+            raise from_remote(exc) from None
         self._submitted[record.spec.id] = None
         while len(self._submitted) > JobStreams.KEEP:
             self._submitted.popitem(last=False)
         self.streams.follow(record.spec.id, own=True)
         return record
 
-    async def _generate(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobResult:
+    async def generate(self, spec: JobSpec, caller: Caller, inputs: JobInputs | None = None) -> JobResult:
         """Submits and waits for the images (the OpenAI and A1111 calls are synchronous)."""
         with self._hold(caller):
-            await self._submit(spec, caller, inputs)
+            await self.submit(spec, caller, inputs)
             try:
                 result = await self.client.wait(spec.id, timeout=SYNC_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -827,48 +675,15 @@ class HttpServer:
         return record
 
     def _view(self, record: JobRecord) -> api.JobView:
-        return api.JobView(**record.model_dump(), urls=[self._url(record, i) for i in range(len(record.artifacts))])
+        return api.JobView(**record.model_dump(), urls=[self.url(record, i) for i in range(len(record.artifacts))])
 
-    def _url(self, record: JobRecord, index: int) -> str:
+    def url(self, record: JobRecord, index: int) -> str:
         name = Path(urlparse(record.artifacts[index]).path).name if index < len(record.artifacts) else \
             f"{record.spec.id}-{index}.png"
         return f"{self.base_url}/v1/artifacts/{name}"
 
 
 # --------------------------------------------------------------------------- #
-
-
-async def _body(request: web.Request) -> Any:
-    too_deep = Problem(400, "bad_request", f"the body nests deeper than {MAX_JSON_DEPTH} levels; no field of "
-                                           "this API does")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Problem(400, "bad_request", "the body must be JSON") from None
-    except RecursionError:
-        raise too_deep from None
-    if _depth(body) > MAX_JSON_DEPTH:
-        raise too_deep
-    return body
-
-
-def _depth(value: Any) -> int:
-    """How deep JSON nests, counted without recursion (which a crafted body would exhaust)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        value, depth = todo.pop()
-        if isinstance(value, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth <= MAX_JSON_DEPTH:
-                todo.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
-    return deepest
-
-
-def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "false").lower()
-    if value not in ("1", "true", "0", "false"):
-        raise Problem(422, "bad_request", f"{name} must be true or false", field=name)
-    return value in ("1", "true")
 
 
 def _hostname(host: str) -> str:
@@ -888,28 +703,6 @@ def _answered_hosts(host: str, public_url: str | None) -> set[str] | None:
     if public_url:
         names.add(_hostname(urlparse(public_url).netloc))
     return names - {""}
-
-
-def _parse(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise Problem.invalid(exc) from None
-
-
-def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    try:
-        value = int(request.query.get(name, default))
-    except ValueError:
-        raise Problem(422, "bad_request", f"{name} must be a whole number", field=name) from None
-    if not low <= value <= high:
-        raise Problem(422, "bad_request", f"{name} must be between {low} and {high}", field=name)
-    return value
-
-
-def _json(model: BaseModel, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json",
-                        headers=headers)
 
 
 def _state_of(record: JobRecord) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from atelier.jobs import JobId
-from frontends import api
+from frontends import a1111, api, openai_images
 
 _REF = "#/components/schemas/{model}"
 
@@ -52,9 +52,9 @@ _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": TypeAdapt
 
 @cache
 def _schemas() -> dict[str, Any]:
-    models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, api.OpenAIImageRequest,
-              api.OpenAIImagesResponse, api.OpenAIError, api.A1111Txt2Img, api.A1111Img2Img, api.A1111Images,
-              api.A1111Model, api.A1111Progress, api.A1111Error]
+    models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, openai_images.OpenAIImageRequest,
+              openai_images.OpenAIImagesResponse, openai_images.OpenAIError, a1111.A1111Txt2Img,
+              a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
 
@@ -109,31 +109,31 @@ def document(base_url: str) -> dict[str, Any]:
                                   **_errors(api.ApiError, 401, 403, 404)}},
         },
         "/v1/images/generations": {
-            "post": {"summary": "OpenAI: create images", "requestBody": _body(api.OpenAIImageRequest),
-                     "responses": {"200": _answer("Images", api.OpenAIImagesResponse),
-                                   **_errors(api.OpenAIError, 400, 401, 403, 404, 413, 415, *synchronous)}},
+            "post": {"summary": "OpenAI: create images", "requestBody": _body(openai_images.OpenAIImageRequest),
+                     "responses": {"200": _answer("Images", openai_images.OpenAIImagesResponse),
+                                   **_errors(openai_images.OpenAIError, 400, 401, 403, 404, 413, 415, *synchronous)}},
         },
         "/sdapi/v1/txt2img": {
-            "post": {"summary": "AUTOMATIC1111: text to image", "requestBody": _body(api.A1111Txt2Img),
-                     "responses": {"200": _answer("Images", api.A1111Images),
-                                   **_errors(api.A1111Error, 400, 401, 404, 422, *posted, *synchronous)}},
+            "post": {"summary": "AUTOMATIC1111: text to image", "requestBody": _body(a1111.A1111Txt2Img),
+                     "responses": {"200": _answer("Images", a1111.A1111Images),
+                                   **_errors(a1111.A1111Error, 400, 401, 404, 422, *posted, *synchronous)}},
         },
         "/sdapi/v1/img2img": {
-            "post": {"summary": "AUTOMATIC1111: image to image", "requestBody": _body(api.A1111Img2Img),
-                     "responses": {"200": _answer("Images", api.A1111Images),
-                                   **_errors(api.A1111Error, 400, 401, 404, 422, *posted, *synchronous)}},
+            "post": {"summary": "AUTOMATIC1111: image to image", "requestBody": _body(a1111.A1111Img2Img),
+                     "responses": {"200": _answer("Images", a1111.A1111Images),
+                                   **_errors(a1111.A1111Error, 400, 401, 404, 422, *posted, *synchronous)}},
         },
         "/sdapi/v1/sd-models": {"get": {"summary": "AUTOMATIC1111: the models", "responses": {
-            "200": _answer("Models", schema={"type": "array", "items": _ref(api.A1111Model)}),
-            **_errors(api.A1111Error, 401)}}},
+            "200": _answer("Models", schema={"type": "array", "items": _ref(a1111.A1111Model)}),
+            **_errors(a1111.A1111Error, 401)}}},
         "/sdapi/v1/progress": {"get": {"summary": "AUTOMATIC1111: progress of the caller's latest job",
                                        "parameters": [{"name": "skip_current_image", "in": "query",
                                                        "schema": {"type": "boolean"}}],
-                                       "responses": {"200": _answer("Progress", api.A1111Progress),
-                                                     **_errors(api.A1111Error, 401, 422)}}},
+                                       "responses": {"200": _answer("Progress", a1111.A1111Progress),
+                                                     **_errors(a1111.A1111Error, 401, 422)}}},
         "/sdapi/v1/interrupt": {"post": {"summary": "AUTOMATIC1111: cancel the caller's latest job",
                                          "responses": {"200": _answer("Done", schema={"type": "object"}),
-                                                       **_errors(api.A1111Error, 401, *posted)}}},
+                                                       **_errors(a1111.A1111Error, 401, *posted)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (with tokens configured, any token may read them)",
                              "responses": {"200": _answer("Metrics", media="text/plain", schema={"type": "string"}),
                                            **_errors(api.ApiError, 401)}}},

@@ -283,6 +283,60 @@ def shared_cluster(atelier_home, lora_files, vae_files, single_sd_files, tmp_pat
     c.stop()
 
 
+class HttpFrontend:
+    """A second HTTP server (``python -m frontends.http``), with tokens, on a running atelier: what an
+    operator runs to serve the compatible APIs to others, and cheaper for a test than an atelier of its own."""
+
+    # token -> (user, settings): users named for these tests alone, as the shared atelier's users are.
+    TOKENS = {"compat-ana-0123456789abcdef": ("compat-ana", ""),
+              "compat-ben-0123456789abcdef": ("compat-ben", ""),
+              "compat-slow-0123456789abcdef": ("compat-slow", "rate_per_minute = 2\n"),
+              "compat-admin-0123456789abcdef": ("compat-admin", 'role = "admin"\n')}
+
+    def __init__(self, cluster: Cluster, folder: Path):
+        self.cluster = cluster
+        self.config = folder / "atelier.toml"
+        tokens = "".join(f'[[http.tokens]]\ntoken = "{token}"\nuser = "{user}"\n{extra}'
+                         for token, (user, extra) in self.TOKENS.items())
+        assert cluster.config is not None
+        self.config.write_text(cluster.config.read_text() + "\n" + tokens)
+        self.log = folder / "http.log"
+        self._stderr = open(self.log, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "frontends.http", "--config", str(self.config), "--router", cluster.router,
+             "--pub", cluster.pub, "--listen", "127.0.0.1:0"],
+            cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith(READY):
+            raise RuntimeError(f"the HTTP server did not start:\n{self.log.read_text()[-4000:]}")
+        self.url = json.loads(line[len(READY):])["url"]
+
+    def token(self, user: str) -> str:
+        return next(token for token, (name, _) in self.TOKENS.items() if name == f"compat-{user}")
+
+    def auth(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user)}"}
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self._stderr.close()
+
+
+@pytest.fixture(scope="session")
+def compat_http(shared_cluster, tmp_path_factory):
+    """The shared atelier's models behind an HTTP server with tokens (``HttpFrontend.TOKENS``): the
+    compatible APIs' tests call it with each ecosystem's own client library."""
+    frontend = HttpFrontend(shared_cluster, tmp_path_factory.mktemp("compat-http"))
+    yield frontend
+    frontend.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(atelier_home):
     """``get(name)``: a built-in tiny model loaded on the CPU once for the session, as (its family,

@@ -19,6 +19,7 @@ LAYERS: list[tuple[int, str]] = [
     # What the config validates against, without torch: the family table and the speed settings' rules.
     (1, "atelier.registry"),
     (1, "atelier.tuning"),
+    (1, "atelier.samplers"),
     (2, "atelier.config"),
     (3, "atelier"),  # the rest of the library: families, scheduling, staging, media, …
     (4, "actors"),

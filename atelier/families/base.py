@@ -46,6 +46,9 @@ class GenerateRequest:
     steps: int
     guidance: float
     kind: str = "txt2img"  # a JobKind value
+    # The solver and noise schedule for this call (atelier/samplers.py); None: the model's own scheduler.
+    sampler: str | None = None
+    schedule: str | None = None
     # Per image, like the prompts, when the kind starts from an image: PIL images at width x height.
     images: tuple[PIL.Image.Image, ...] = ()
     masks: tuple[PIL.Image.Image | None, ...] = ()

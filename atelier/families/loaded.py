@@ -88,6 +88,10 @@ class LoadedModel:
     offload: str | None = None  # "model" or "sequential": the weights stay in RAM
     # Pipelines of other classes over the same modules (img2img, inpainting, with a ControlNet), made once.
     variants: dict[Any, Any] = field(default_factory=dict)
+    # The scheduler the model loaded with (its catalog options applied), which a job naming no sampler
+    # gets; and the (sampler, schedule) its pipelines hold now. Kept from the first call on.
+    own_scheduler: Any = None
+    active_sampler: tuple[str | None, str | None] = (None, None)
 
     @property
     def previewer(self) -> Any:
@@ -114,8 +118,26 @@ class LoadedModel:
         from atelier.families import loras
 
         loras.use_loras(self, request.loras)
+        self._use_sampler(request.sampler, request.schedule)
         if self.reset_cache is not None:
             self.reset_cache()
+
+    def _use_sampler(self, sampler: str | None, schedule: str | None) -> None:
+        """Gives the pipeline, and each variant of it, the scheduler of the call's sampler (a new one is a
+        few small tensors from the model's own config); nothing to do for the choice of the last call."""
+        if (sampler, schedule) == self.active_sampler or not hasattr(self.pipe, "scheduler"):
+            return
+        from atelier import samplers
+        from atelier.registry import FAMILIES
+
+        if self.own_scheduler is None:
+            self.own_scheduler = self.pipe.scheduler
+        scheduler = self.own_scheduler
+        if sampler is not None:
+            scheduler = samplers.build(self.own_scheduler, sampler, schedule, FAMILIES[self.family.name].samplers)
+        for pipe in (self.pipe, *self.variants.values()):
+            pipe.scheduler = scheduler
+        self.active_sampler = (sampler, schedule)
 
     def unreadable(self, prompts: list[str | None]) -> str | None:
         """Why one of a job's prompts cannot be read by this model (``Family.unreadable_prompt``), or None."""

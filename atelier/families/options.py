@@ -9,20 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-# Sampler names people know (A1111's, more or less) -> the diffusers scheduler and its settings.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpm++2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-}
+from atelier import samplers
 
 # Options a UNet family (SD 1.x, 2.x, XL) takes; what each means is in ``apply`` (prompt_weighting:
 # prompts are read with compel's weighting syntax, in the family's generate).
@@ -35,8 +22,9 @@ def check(family: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
     if unknown:
         raise ValueError(f"unknown options for family {family!r}: {unknown}; it takes {sorted(allowed)}")
     scheduler = options.get("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
+    known = sorted([*samplers.DISCRETE, *samplers.CATALOG_ALIASES])
+    if scheduler is not None and scheduler not in known:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose from {known}")
     for name in ("vae_tiling", "vae_slicing", "attention_slicing", "prompt_weighting"):
         if name in options and not isinstance(options[name], bool):
             raise ValueError(f"option {name} is true or false, not {options[name]!r}")
@@ -46,11 +34,8 @@ def apply(pipe: Any, options: dict[str, Any]) -> None:
     """Applies checked options to a loaded pipeline."""
     scheduler = options.get("scheduler")
     if scheduler is not None:
-        import diffusers
-
-        class_name, settings = SCHEDULERS[scheduler]
-        # Keeps the model's training schedule (betas, timestep spacing, prediction type).
-        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **settings)
+        sampler, schedule = samplers.CATALOG_ALIASES.get(scheduler, (scheduler, None))
+        pipe.scheduler = samplers.build(pipe.scheduler, sampler, schedule)
     if options.get("attention_slicing"):
         pipe.enable_attention_slicing()  # less memory for attention, a little slower
     if options.get("vae_tiling"):

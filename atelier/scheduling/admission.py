@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import random
 
+from atelier import samplers
 from atelier.config import Config
 from atelier.jobs import ErrorCode, JobInputs, JobKind, JobSpec
 from atelier.media import InputImageError, open_input
-from atelier.registry import FamilyLimits
+from atelier.registry import FAMILIES, FamilyLimits
 
 # The inputs each kind needs, and those it may take besides.
 NEEDS = {JobKind.img2img: {"image"}, JobKind.img2vid: {"image"}, JobKind.upscale: {"image"}}
@@ -67,12 +68,22 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
         _check_nesting(spec)
     _check_inputs(spec, inputs, lim, what, config.input_pixel_budget)
     _check_media(spec, lim, what)
+    _check_sampler(spec, entry)
     unknown = sorted(set(spec.loras) - set(entry.loras))
     if unknown:
         offered = ", ".join(sorted(entry.loras)) or "none"
         raise _bad("loras", f"loras: {spec.model} has no LoRA {unknown[0]!r} (it has: {offered})")
     _check_conditioning(spec, set(inputs.names()) if inputs is not None else set(), entry.controlnets,
                         entry.ip_adapter is not None)
+
+
+def _check_sampler(spec: JobSpec, entry) -> None:
+    found = samplers.problem(spec.sampler, spec.schedule, FAMILIES[entry.family].samplers, entry.family)
+    if found is None and spec.sampler is not None and entry.parallel is not None and entry.parallel.backend == "xfuser":
+        found = "sampler", f"sampler: {spec.model} runs on a gang through xDiT, whose pipeline keeps the model's own " \
+                           "scheduler; leave sampler out"
+    if found is not None:
+        raise _bad(*found)
 
 
 def check_images(inputs: JobInputs | None, config: Config) -> None:
