@@ -195,7 +195,8 @@ async def _generate(args: argparse.Namespace, config: Config) -> int:
             kind = args.kind or await _default_kind(client, model, from_image=args.image is not None)
             spec = JobSpec(model=model, prompt=args.prompt, negative_prompt=args.negative, width=args.width,
                            height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                           count=args.count, user=args.user, priority=args.priority, kind=kind,
+                           sampler=args.sampler, schedule=args.schedule, count=args.count, user=args.user,
+                           priority=args.priority, kind=kind,
                            strength=args.strength, frames=args.frames, fps=args.fps, duration_s=args.duration,
                            loras=loras, output_format=args.format, controlnet=args.controlnet,
                            controlnet_scale=args.controlnet_scale, ip_adapter_scale=args.ip_adapter_scale)
@@ -385,7 +386,9 @@ def _login() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from atelier.jobs import JobKind
+    from typing import get_args
+
+    from atelier.jobs import JobKind, SamplerName, ScheduleName
 
     parser = argparse.ArgumentParser(prog="atelier", description="Serve diffusion models to many people at once.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +416,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--sampler", choices=list(get_args(SamplerName)),
+                     help="the solver (default: the model's own scheduler; families differ in which they take)")
+    gen.add_argument("--schedule", choices=list(get_args(ScheduleName)), help="with --sampler: how its noise "
+                     "levels are spaced (karras, exponential, beta, trailing)")
     gen.add_argument("--image", help="start from this image (img2img)")
     gen.add_argument("--mask", help="with --image: repaint where this mask is white (inpainting)")
     gen.add_argument("--strength", type=float, help="with --image: how far from it, 0 to 1 (default 0.75)")

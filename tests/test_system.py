@@ -178,13 +178,15 @@ def test_malformed_frames_do_not_stop_the_system(cluster):
 def test_cli_generate_writes_pngs_and_status_lists_the_runner(cluster, tmp_path):
     out = tmp_path / "out"
     done = cluster.cli("generate", "a lighthouse", "--width", "64", "--height", "64", "--count", "2",
-                       "-o", str(out))
+                       "--sampler", "dpm++2m", "--schedule", "karras", "-o", str(out))
     assert done.returncode == 0, done.stderr
     paths = done.stdout.split()
     assert len(paths) == 2
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == (64, 64)
+            # The sampler reached the job: its PNG says what made it.
+            assert "Sampler: dpm++2m, Schedule type: karras" in image.info["parameters"]
     status = cluster.cli("status")
     assert status.returncode == 0 and "runner-" in status.stdout and "tiny-sd (" in status.stdout
     assert "staged in shared memory" in status.stdout and "MiB" in status.stdout
