@@ -1,4 +1,4 @@
-"""atelier's HTTP server: the native API, the OpenAI and AUTOMATIC1111 APIs, a live event stream,
+"""atelier's HTTP server: the native API, the OpenAI, AUTOMATIC1111 and ComfyUI APIs, a live event stream,
 Prometheus metrics and the web page, in one aiohttp process.
 
 It is a frontend like the CLI: every request goes through one ``AtelierClient`` to the
@@ -6,9 +6,9 @@ scheduler, so the HTTP server holds no queue and no job state of its own beyond 
 
 - Native (``/v1/jobs`` …): submit a ``JobSpec``, read, list, cancel; ``/v1/jobs/{id}/events``
   streams the job's state, progress and preview frames as Server-Sent Events.
-- OpenAI (``POST /v1/images/generations``, ``GET /v1/models``) and AUTOMATIC1111
-  (``/sdapi/v1/txt2img``, ``img2img``, ``sd-models``, ``progress``, ``interrupt``), answered in
-  those APIs' own shapes, so existing clients work unchanged.
+- The APIs existing clients speak, each a ``Surface`` of its own module (``openai_images``,
+  ``a1111``, ``comfy``), answered in those APIs' own shapes, so existing clients work unchanged;
+  they submit through this server's one path, so everything below applies to them as well.
 - Bearer tokens from the config name the user a request acts for (atelier's fair share is per
   user) and their role: a user sees only their own jobs, artifacts and streams; an admin sees and
   cancels all. A bind beyond loopback refuses to start without tokens. Jobs are rate limited per user.
