@@ -842,6 +842,9 @@ class AtelierBot(discord.Client):
             await self._say(interaction, "atelier no longer remembers that job.")
             return
         spec, _ = found
+        if spec.kind == JobKind.upscale:  # its size is its input's: the bot offers no upscale of an upscale
+            await self._say(interaction, "That image is an upscale already.")
+            return
         # The upscaler works at the input's size: one too large is refused here, not silently shrunk.
         if spec.width and spec.height and (spec.width > upscaler.max_width or spec.height > upscaler.max_height):
             await self._say(interaction, f"That image is {spec.width}×{spec.height}; {upscaler.name} upscales "

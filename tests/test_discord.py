@@ -895,11 +895,17 @@ def test_generate_from_an_attached_image_is_img2img_at_its_strength(atelier):
                      slash("generate", prompt="x", image=photo, strength=0.0),
                      slash("generate", prompt="x", image=photo, strength=0.2, steps=2)]
             refusals = [s.fake.latest(await s.respond(payload)) for payload in asked]
+            big = await s.respond(slash("generate", prompt="a wide bay", width=136, height=136, steps=1))
             await s.fake.wait_for(lambda: "done" in s.fake.latest(edit).content, 60)
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(big).content, 60)
+            too_big = s.fake.latest(await s.respond(press(s.fake, big, "Upscale")))
             record = await s.atelier.job(_job_of(s.fake.latest(edit)))
-            return s.fake.latest(edit), record, refusals, {**s.bot.jobs, **s.bot.finished}
+            return s.fake.latest(edit), record, refusals, too_big, {**s.bot.jobs, **s.bot.finished}
 
-    edit, record, refusals, cards = go(scenario())
+    edit, record, refusals, too_big, cards = go(scenario())
+    # The upscaler takes images up to its limit: a larger one is refused, not shrunk first.
+    assert too_big.ephemeral and too_big.content == "That image is 136×136; tiny-sd-upscaler upscales images up " \
+                                                    "to 128×128."
     spec = record.spec
     assert spec.kind.value == "img2img" and spec.strength == 0.5 and spec.inputs == ["image"]
     assert (spec.width, spec.height, spec.steps, spec.user) == (64, 64, 2, f"discord:{ADA}")  # the image's size
@@ -907,7 +913,7 @@ def test_generate_from_an_attached_image_is_img2img_at_its_strength(atelier):
     [(name, data)] = edit.files
     assert _png(data).size == (64, 64) and "Denoising strength: 0.5" in _png(data).info["parameters"]
     assert edit.labels == ["Upscale", "Variations", "Again"]
-    assert all(refusal.ephemeral for refusal in refusals) and list(cards) == [spec.id]
+    assert all(refusal.ephemeral for refusal in refusals) and len(cards) == 2 and spec.id in cards
     not_image, no_img2img, *rest = [refusal.content for refusal in refusals]
     assert not_image == "image: `notes.txt` is not a PNG, JPEG or WebP image."
     start = "cm cannot start from an image (it does txt2img), so it takes no image. Models that can: "
