@@ -864,7 +864,10 @@ class AtelierBot(discord.Client):
         spec, card = found
         params = _settings_of(spec) | dict(strength=VARIATION_STRENGTH, steps=variation_steps(spec.steps))
         shown_seed = spec.seed + index if spec.seed is not None else None  # a job's images take seed, seed+1, …
-        params["seed"] = next(s for s in iter(lambda: random.randrange(2**32), None) if s != shown_seed)
+        seed = random.randrange(2**32)
+        while seed == shown_seed:
+            seed = random.randrange(2**32)
+        params["seed"] = seed
         # The ControlNet and reference images go along where the bot still has their attachments;
         # without them (a card it no longer remembers) the variation is of the image and prompt alone.
         attachments = {k: v for k, v in card.attachments.items() if k != "image"} if card is not None else {}
