@@ -361,6 +361,10 @@ class DiscordConfig(Strict):
     admin_users: list[int] = Field(default_factory=list)
     default_model: str | None = None  # default: the catalog's default_model
     max_count: int = Field(default=4, ge=1, le=10)  # images per job; a Discord message holds 10
+    # The model the Upscale button runs (one whose kinds include upscale; checked against the catalog when
+    # the bot starts). Default: the catalog's first such model.
+    upscaler: str | None = None
+    upscale_steps: int | None = Field(default=None, ge=1, le=500)  # default: the upscaler's own
 
 
 class Config(Strict):

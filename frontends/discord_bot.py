@@ -7,11 +7,17 @@ from the ``[discord]`` table of ``atelier.toml``. Each Discord user is their own
 (``discord:<id>``), so atelier's fair share applies between them.
 
 ``/generate`` answers with one message that shows the job's state, percent, elapsed time, ETA
-and latest preview, edited at most once a second, then the images, with buttons: Again (new
-seeds) and, while it runs, Cancel (its owner's, or an admin's). For a model with ControlNets it takes a
-``control_image`` and the ``controlnet`` that reads it; for one with an IP-Adapter, a
-``reference_image`` (an image as a prompt); each with its scale. (Upscale needs jobs that start
-from an image, which /generate does not offer yet.)
+and latest preview, edited at most once a second, then the images, with buttons: Upscale and
+Variations per image (U1..Un and V1..Vn for several), Again (new seeds) and, while it runs, Cancel
+(its owner's, or an admin's). With an ``image`` attachment it starts from that image (img2img, at
+``strength``). For a model with ControlNets it takes a ``control_image`` and the ``controlnet`` that
+reads it; for one with an IP-Adapter, a ``reference_image`` (an image as a prompt); each with its scale.
+
+Upscale runs the catalog's upscaler (``[discord] upscaler``, else its first model that upscales) on
+that image; Variations runs the image's prompt and settings from it at VARIATION_STRENGTH with a new
+seed. Each is a new job of whoever presses it, with its own message, as Again is. A button names
+its image by job id and index only: the image is read back through the client (its bounded result
+cache, else the scheduler's artifact store), so old cards work and no image is kept here.
 
 ``/live``: Discord sends no keystrokes, so a prompt arrives whole. A user's live session in a
 channel (atelier session ``<user id>:<channel id>``) is fed by ``/live prompt:…`` and by the
@@ -65,6 +71,7 @@ from frontends.discord_views import (
     IMAGE_OPTIONS,
     TOKEN_ENV,
     UPLOAD_BYTES,
+    VARIATION_STRENGTH,
     ButtonSpec,
     Frame,
     JobCard,
@@ -76,6 +83,7 @@ from frontends.discord_views import (
     attachment_refusal,
     conditioning_refusal,
     find_token,
+    image_refusal,
     is_admin,
     moved_frame,
     quote,
@@ -84,6 +92,8 @@ from frontends.discord_views import (
     render_live,
     status_line,
     text_kind,
+    upscaler_of,
+    variation_steps,
 )
 
 log = logging.getLogger("atelier.discord")
@@ -92,6 +102,7 @@ MIN_EDIT_INTERVAL_S = 1.0  # Discord throttles edits; a reply changes at most th
 LIVE_IDLE_S = 15 * 60  # a live session with no new prompt for this long ends
 SILENCE_S = 60.0  # no event for this long: ask the scheduler where the job stands
 KEEP_FINISHED = 1000  # finished jobs remembered for Again (their spec and attachment references, no outputs)
+# Upscale and Variations do not need them: atelier has a finished job's spec and outputs by its id.
 
 
 # --------------------------------------------------------------------------- #
@@ -107,20 +118,21 @@ _OPTION_OF = {field: option for option, field in IMAGE_OPTIONS.items()}  # JobIn
 
 
 class AtelierButton(discord.ui.DynamicItem[discord.ui.Button],
-                    template=r"atelier:(?P<action>cancel|again|edit|stop):(?P<ref>[A-Za-z0-9_-]+)"
-                             r":(?P<owner>\d+)$"):
+                    template=r"atelier:(?P<action>cancel|again|upscale|vary|edit|stop):(?P<ref>[A-Za-z0-9_-]+)"
+                             r":(?P<owner>\d+)(?::(?P<index>\d{1,2}))?$"):
     """Every button of the bot: its custom id says all it needs, so buttons keep working after a restart."""
 
     def __init__(self, spec: ButtonSpec):
-        super().__init__(discord.ui.Button(label=spec.label, custom_id=spec.custom_id,
+        super().__init__(discord.ui.Button(label=spec.label, custom_id=spec.custom_id, row=spec.row,
                                            style=getattr(discord.ButtonStyle, spec.style)))
         self.spec = spec
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
                              match) -> "AtelierButton":
+        index = int(match["index"]) if match["index"] is not None else None
         return cls(ButtonSpec(match["action"], match["ref"], int(match["owner"]), item.label or "",
-                              item.style.name))
+                              item.style.name, index=index))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = interaction.client
@@ -551,6 +563,8 @@ class AtelierBot(discord.Client):
                                width="in pixels, a multiple of 8", height="in pixels, a multiple of 8",
                                steps="denoising steps (more: slower, finer)",
                                seed="the same seed and prompt give the same image",
+                               image="start from this image (img2img)",
+                               strength="how far from the image, above 0 up to 1 (default: atelier's, 0.75)",
                                control_image="an image for the ControlNet to follow (edges, depth, pose…)",
                                controlnet="which of the model's ControlNets reads the control image",
                                controlnet_scale="how strongly the ControlNet steers, 0 to 2 (default 1)",
@@ -563,13 +577,16 @@ class AtelierBot(discord.Client):
                            height: Optional[app_commands.Range[int, 8, 8192]] = None,
                            steps: Optional[app_commands.Range[int, 1, 500]] = None,
                            seed: Optional[app_commands.Range[int, 0, 2**53]] = None,
+                           image: Optional[discord.Attachment] = None,
+                           strength: Optional[app_commands.Range[float, 0.0, 1.0]] = None,
                            control_image: Optional[discord.Attachment] = None, controlnet: str | None = None,
                            controlnet_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None,
                            reference_image: Optional[discord.Attachment] = None,
                            reference_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None) -> None:
-            images = {"control_image": control_image, "reference_image": reference_image}
+            images = {"image": image, "control_image": control_image, "reference_image": reference_image}
             await self.generate(interaction, dict(prompt=prompt, negative_prompt=negative, model=model,
                                                   count=count, width=width, height=height, steps=steps, seed=seed,
+                                                  strength=strength,
                                                   controlnet=controlnet, controlnet_scale=controlnet_scale,
                                                   ip_adapter_scale=reference_scale),
                                 {IMAGE_OPTIONS[option]: a for option, a in images.items() if a is not None})
@@ -614,23 +631,51 @@ class AtelierBot(discord.Client):
     # -- /generate, Again ------------------------------------------------------ #
 
     async def generate(self, interaction: discord.Interaction, params: dict,
-                       attachments: dict[str, discord.Attachment] | None = None) -> None:
-        """``params`` are JobSpec's fields; ``attachments`` the input images, by JobInputs field."""
+                       attachments: dict[str, discord.Attachment] | None = None, *,
+                       source: tuple[str, int] | None = None) -> None:
+        """``params`` are JobSpec's fields; ``attachments`` the input images, by JobInputs field;
+        ``source`` another job's output as the input image (Upscale, Variations)."""
         user = interaction.user.id
         attachments = attachments or {}
+        from_image = "image" in attachments or source is not None
         if params.get("count", 1) > self.settings.max_count:
             await self._say(interaction, f"At most {self.settings.max_count} images per job here.")
             return
         if (refusal := self._attachments_refusal(attachments)) is not None:
             await self._say(interaction, refusal)
             return
+        strength = params.get("strength")
+        if strength is not None and not from_image:
+            await self._say(interaction, "strength says how far to go from an image: attach one as image.")
+            return
+        if strength is not None and not 0 < strength <= 1:
+            await self._say(interaction, "strength is above 0 (which would keep the image as it is) and at most 1.")
+            return
+        catalog = await self.models()
         model = await self._model(params.get("model") or self.default_model)
+        upscaler, _ = upscaler_of(catalog, self.settings.upscaler)
+        can_upscale = can_vary = False
         if model is not None:
-            kind = text_kind(model)
+            if params.get("kind") == JobKind.upscale:
+                kind = JobKind.upscale
+            elif from_image:
+                if (refusal := image_refusal(model, catalog)) is not None:
+                    await self._say(interaction, refusal)
+                    return
+                kind = JobKind.img2img
+            else:
+                kind = text_kind(model)
             if kind is None:
                 await self._say(interaction, f"{model.name} starts from an input ({', '.join(model.kinds)}); "
                                              "/generate makes things from a prompt alone.")
                 return
+            steps = params.get("steps") or model.default_steps
+            if kind is JobKind.img2img and strength is not None and int(steps * strength) < 1:
+                await self._say(interaction, f"strength {strength:g} of {steps} steps leaves no step to run "
+                                             "(steps × strength must be 1 or more): ask for more steps.")
+                return
+            images = model.media == "image" and kind is not JobKind.upscale
+            can_upscale, can_vary = images and upscaler is not None, images and JobKind.img2img in model.kinds
             refusal = conditioning_refusal(
                 model, await self.models(), controlnet=params.get("controlnet"),
                 control_image="control_image" in attachments, controlnet_scale=params.get("controlnet_scale"),
@@ -639,10 +684,12 @@ class AtelierBot(discord.Client):
                 await self._say(interaction, refusal)
                 return
             params["kind"] = kind
-            # The catalog's defaults, written out, so the message says what was made.
-            params["width"] = params.get("width") or model.default_width
-            params["height"] = params.get("height") or model.default_height
-            params["steps"] = params.get("steps") or model.default_steps
+            # The catalog's defaults, written out, so the message says what was made. A job from an image
+            # keeps the image's size (the scheduler reads it; the message shows it once submitted).
+            if not from_image:
+                params["width"] = params.get("width") or model.default_width
+                params["height"] = params.get("height") or model.default_height
+            params["steps"] = steps
         try:
             spec = JobSpec(**{**params, "model": params.get("model") or self.default_model,
                               "user": f"discord:{user}", "priority": Priority.interactive})
@@ -653,7 +700,8 @@ class AtelierBot(discord.Client):
             await self._say(interaction, refusal)
             return
         card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()), attachments=attachments,
-                       upload_bytes=_upload_bytes(interaction))
+                       source=source, upload_bytes=_upload_bytes(interaction), can_upscale=can_upscale,
+                       can_vary=can_vary)
         reply = Reply(self, interaction)
         await reply.open(self._render(card))  # within Discord's 3 s, before anything that may wait
         self.jobs[spec.id] = card
@@ -666,8 +714,9 @@ class AtelierBot(discord.Client):
         return next((refusal for refusal in refusals if refusal is not None), None)
 
     async def _inputs(self, card: JobCard) -> JobInputs | None:
-        """The job's attached images, read from Discord now (after the reply: it may take a while)."""
-        if not card.attachments:
+        """The job's input images: those attached, read from Discord now (after the reply: it may take a
+        while), and another job's output, read back from atelier."""
+        if not card.attachments and card.source is None:
             return None
         read = {}
         for field, attachment in card.attachments.items():
@@ -676,7 +725,40 @@ class AtelierBot(discord.Client):
             except _DISCORD_ERRORS as exc:
                 log.warning("reading the %s of job %s failed: %r", field, card.spec.id, exc)
                 raise _Unreadable(f"could not read the {_OPTION_OF[field]} from Discord; attach it again") from None
+        if card.source is not None:
+            read["image"] = await self._output(*card.source)
         return JobInputs(**read)
+
+    async def _output(self, job_id: str, index: int) -> bytes:
+        """Image ``index`` of a finished job: from the client's results (bounded by count and bytes), else
+        from the scheduler, which reads it back from the artifact store."""
+        result = self.atelier.result(job_id)
+        if result is None or len(result.outputs) <= index:
+            try:
+                result = await asyncio.wait_for(self.atelier.fetch_result(job_id), self.retry.call_timeout_s)
+            except (RemoteError, asyncio.TimeoutError) as exc:
+                log.warning("reading image %d of job %s back failed: %s", index, job_id, exc)
+                result = None
+        outputs = result.outputs if result is not None else []
+        if index >= len(outputs) or not outputs[index].media_type.startswith("image/"):
+            raise _Unreadable(f"atelier no longer has image {index + 1} of job `{job_id[:8]}`")
+        return bytes(outputs[index].data)
+
+    async def _source_spec(self, job_id: str) -> tuple[JobSpec, JobCard | None] | None:
+        """What a finished job of the bot's was: from its card while remembered, else from atelier."""
+        card = self.jobs.get(job_id) or self.finished.get(job_id)
+        if card is not None:
+            return card.spec, card
+        if not _JOB_ID.match(job_id):
+            return None
+        try:
+            record = await self.atelier.job(job_id)
+        except (RemoteError, asyncio.TimeoutError):
+            return None
+        # Only the bot's own jobs: a button names a job it showed, never one of another frontend's.
+        if not record.spec.user.startswith("discord:") or record.state is not JobState.done:
+            return None
+        return record.spec, None
 
     def _render(self, card: JobCard) -> Frame:
         return render_job(card, self.clock(), public_url=self.public_url)
@@ -686,7 +768,7 @@ class AtelierBot(discord.Client):
         painter = Painter(reply, lambda: self._render(card), clock=self.clock)
         try:
             try:
-                await self.atelier.submit(spec, inputs=await self._inputs(card))
+                record = await self.atelier.submit(spec, inputs=await self._inputs(card))
             except _Unreadable as exc:
                 card.refused = str(exc)
             except RemoteError as exc:  # the view takes any path out of it
@@ -694,6 +776,12 @@ class AtelierBot(discord.Client):
             except asyncio.TimeoutError:
                 card.refused = "atelier did not answer; try again in a moment"
             else:
+                # What atelier filled in (a size read from the input image, its default strength, the
+                # seed), so the message says what is made.
+                filled = {k: getattr(record.spec, k) for k in ("width", "height", "steps", "seed", "strength")
+                          if getattr(spec, k) is None and record.spec.id == spec.id}
+                card.spec = spec = spec.model_copy(update=filled)
+
                 def on_event(event: Event) -> None:
                     card.display.apply(event, self.clock())
                     painter.touch()
@@ -738,11 +826,56 @@ class AtelierBot(discord.Client):
 
     async def again(self, interaction: discord.Interaction, source: JobCard) -> None:
         spec = source.spec
-        params = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt, model=spec.model, count=spec.count,
-                      width=spec.width, height=spec.height, steps=spec.steps, guidance=spec.guidance,
-                      controlnet=spec.controlnet, controlnet_scale=spec.controlnet_scale,
-                      ip_adapter_scale=spec.ip_adapter_scale)
-        await self.generate(interaction, params, source.attachments)
+        params = _settings_of(spec) | dict(count=spec.count)
+        if spec.kind == JobKind.upscale:
+            params["kind"] = JobKind.upscale
+        await self.generate(interaction, params, source.attachments, source=source.source)
+
+    async def upscale(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
+        """Image ``index`` of a finished job, through the catalog's upscaler, as a new job of the presser's."""
+        upscaler, refusal = upscaler_of(await self.models(), self.settings.upscaler)
+        if refusal is not None:
+            await self._say(interaction, refusal)
+            return
+        found = await self._source_spec(job_id)
+        if found is None:
+            await self._say(interaction, "atelier no longer remembers that job.")
+            return
+        spec, _ = found
+        if spec.kind == JobKind.upscale:  # its size is its input's: the bot offers no upscale of an upscale
+            await self._say(interaction, "That image is an upscale already.")
+            return
+        # The upscaler works at the input's size: one too large is refused here, not silently shrunk.
+        if spec.width and spec.height and (spec.width > upscaler.max_width or spec.height > upscaler.max_height):
+            await self._say(interaction, f"That image is {spec.width}×{spec.height}; {upscaler.name} upscales "
+                                         f"images up to {upscaler.max_width}×{upscaler.max_height}.")
+            return
+        params = dict(kind=JobKind.upscale, model=upscaler.name, prompt=spec.prompt,
+                      negative_prompt=spec.negative_prompt, width=spec.width, height=spec.height,
+                      steps=self.settings.upscale_steps)
+        await self.generate(interaction, params, source=(job_id, index))
+
+    async def vary(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
+        """Image ``index`` of a finished job made again from itself at VARIATION_STRENGTH, with a new seed."""
+        found = await self._source_spec(job_id)
+        if found is None:
+            await self._say(interaction, "atelier no longer remembers that job.")
+            return
+        spec, card = found
+        params = _settings_of(spec) | dict(strength=VARIATION_STRENGTH, steps=variation_steps(spec.steps))
+        shown_seed = spec.seed + index if spec.seed is not None else None  # a job's images take seed, seed+1, …
+        seed = random.randrange(2**32)
+        while seed == shown_seed:
+            seed = random.randrange(2**32)
+        params["seed"] = seed
+        # The ControlNet and reference images go along where the bot still has their attachments;
+        # without them (a card it no longer remembers) the variation is of the image and prompt alone.
+        attachments = {k: v for k, v in card.attachments.items() if k != "image"} if card is not None else {}
+        if "control_image" not in attachments:
+            params.update(controlnet=None, controlnet_scale=None)
+        if "ip_adapter_image" not in attachments:
+            params["ip_adapter_scale"] = None
+        await self.generate(interaction, params, attachments, source=(job_id, index))
 
     # -- /live ------------------------------------------------------------------ #
 
@@ -870,6 +1003,10 @@ class AtelierBot(discord.Client):
                 await self._say(interaction, "atelier no longer remembers that job.")
                 return
             await self.again(interaction, source)
+        elif button.action == "upscale":
+            await self.upscale(interaction, button.ref, button.index or 0)
+        elif button.action == "vary":
+            await self.vary(interaction, button.ref, button.index or 0)
         elif button.action == "edit":
             session = self.sessions.get((user, int(button.ref)))
             last = session.canvas.prompt if session else None
@@ -960,6 +1097,14 @@ class _Rejected(Exception):
     """Discord refused what a message carries (HTTP 400 or 413): the same again would be refused too."""
 
 
+def _settings_of(spec: JobSpec) -> dict:
+    """A job's prompt and settings, for another job like it (Again, Variations): the seed is left out."""
+    return dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt, model=spec.model, width=spec.width,
+                height=spec.height, steps=spec.steps, guidance=spec.guidance, sampler=spec.sampler,
+                schedule=spec.schedule, loras=dict(spec.loras), strength=spec.strength, controlnet=spec.controlnet,
+                controlnet_scale=spec.controlnet_scale, ip_adapter_scale=spec.ip_adapter_scale)
+
+
 def _problems(exc: ValidationError) -> str:
     """What pydantic found wrong, one field after the other, without the values themselves."""
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
@@ -990,10 +1135,15 @@ def _prompts_in(content: str) -> Iterable[str]:
 
 def _config_problem(config) -> str | None:
     settings = config.discord
-    for key in ("default_model",):
+    for key in ("default_model", "upscaler"):
         name = getattr(settings, key)
         if name is not None and config.models and name not in config.models:
             return f"[discord] {key} = {name!r} is not in the catalog ({', '.join(config.models)})"
+    name = settings.upscaler
+    if name is not None and config.models and JobKind.upscale.value not in config.models[name].limits.kinds:
+        upscalers = [n for n, entry in config.models.items() if JobKind.upscale.value in entry.limits.kinds]
+        return (f"[discord] upscaler = {name!r} does not upscale (family {config.models[name].family}); "
+                f"models that do: {', '.join(upscalers) or 'none in this catalog'}")
     return None
 
 

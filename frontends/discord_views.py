@@ -7,6 +7,7 @@ discord.py glue that calls them; tests call them directly.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from frontends.client import Event
 TOKEN_ENV = "DISCORD_TOKEN"
 PROMPT_SHOWN = 300  # characters of a prompt a message quotes
 UPLOAD_BYTES = 10 << 20  # what a message may carry where Discord says no other limit (no server's)
+# How far a Variation departs from its image: low enough that it keeps the composition and colours, high
+# enough that the details change (A1111's "subtle variation" range; Midjourney's are of this order).
+VARIATION_STRENGTH = 0.35
+BUTTONS_PER_ROW = 5  # Discord's limit; a message has 5 rows
 
 
 def parse_dotenv(text: str) -> dict[str, str]:
@@ -203,15 +208,20 @@ def status_line(job: JobDisplay, now: float) -> str:
 class ButtonSpec:
     """One button: what it does (``action``), to which job or channel (``ref``) and for whom (``owner``)."""
 
-    action: str  # cancel, again (a job); edit, stop (a live session; ref is its channel)
+    action: str  # cancel, again, upscale, vary (a job); edit, stop (a live session; ref is its channel)
     ref: str
     owner: int
     label: str
     style: str = "secondary"  # a discord.ButtonStyle name
+    index: int | None = None  # upscale, vary: which of the job's outputs
+    row: int | None = None  # where it goes in the message's rows (None: after the others)
 
     @property
     def custom_id(self) -> str:
-        return f"atelier:{self.action}:{self.ref}:{self.owner}"
+        # The output's index is in the id itself, so a button of an old card (or from before a restart)
+        # still names its image: the bot reads it back from atelier by job id.
+        tail = "" if self.index is None else f":{self.index}"
+        return f"atelier:{self.action}:{self.ref}:{self.owner}{tail}"
 
 
 @dataclass
@@ -236,7 +246,13 @@ class JobCard:
     # Its input images (JobInputs field -> the Discord attachment), read when it is submitted: Again reads
     # them anew rather than the bot keeping every finished job's images in memory.
     attachments: dict[str, discord.Attachment] = field(default_factory=dict)
+    # The input image that is another job's output (Upscale, Variations): (that job's id, output index).
+    # Only the reference is kept; the bytes are read back from atelier when the job is submitted.
+    source: tuple[str, int] | None = None
     upload_bytes: int = UPLOAD_BYTES  # what its message may carry in files, all together
+    # Which buttons its finished images get: decided from the catalog when it is made.
+    can_upscale: bool = False
+    can_vary: bool = False
 
     def delivered(self) -> None:
         """Keeps only what Again and /cancel need: the outputs and the preview were shown already."""
@@ -250,7 +266,7 @@ class JobCard:
 
 
 # /generate's image options, and the JobInputs field each one fills.
-IMAGE_OPTIONS = {"control_image": "control_image", "reference_image": "ip_adapter_image"}
+IMAGE_OPTIONS = {"image": "image", "control_image": "control_image", "reference_image": "ip_adapter_image"}
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
@@ -300,6 +316,59 @@ def text_kind(model: ModelInfo) -> JobKind | None:
     return JobKind.default_for(model.kinds, from_image=False)
 
 
+def image_refusal(model: ModelInfo, catalog: Iterable[ModelInfo]) -> str | None:
+    """Why ``model`` cannot start from an attached image (img2img), or None if it can."""
+    if JobKind.img2img in model.kinds:
+        return None
+    return (f"{model.name} cannot start from an image (it does {', '.join(model.kinds)}), so it takes no image. "
+            f"Models that can: {_having(catalog, lambda m: JobKind.img2img in m.kinds)}.")
+
+
+def upscaler_of(catalog: list[ModelInfo], named: str | None) -> tuple[ModelInfo | None, str | None]:
+    """The model the Upscale button runs, or why there is none: the one ``[discord] upscaler`` names,
+    else the catalog's first that upscales."""
+    if named is not None:
+        model = next((m for m in catalog if m.name == named), None)
+        if model is None:
+            return None, f"The upscaler `{named}` ([discord] upscaler) is not in atelier's catalog now."
+        if JobKind.upscale not in model.kinds:
+            return None, f"The upscaler `{named}` ([discord] upscaler) does not upscale ({', '.join(model.kinds)})."
+        return model, None
+    model = next((m for m in catalog if JobKind.upscale in m.kinds), None)
+    if model is None:
+        return None, ("atelier has no upscaler: no model of its catalog upscales (an sd-upscaler model, "
+                      "such as stabilityai/stable-diffusion-x4-upscaler, does).")
+    return model, None
+
+
+def variation_steps(steps: int | None) -> int | None:
+    """A Variation's steps: its image's, and at least enough that one denoising step runs at
+    VARIATION_STRENGTH (an image-to-image job runs int(steps x strength) of them)."""
+    return None if steps is None else max(steps, math.ceil(1 / VARIATION_STRENGTH))
+
+
+def result_buttons(card: JobCard, images: int) -> list[ButtonSpec]:
+    """A finished job's buttons: Upscale and Variations per image (one row of U1..U5 each, like
+    Midjourney's; "Upscale" and "Variations" for a single image), then Again. At most 10 images make
+    2 rows of U, 2 of V and Again: Discord's 5 rows."""
+    spec = card.spec
+    buttons: list[ButtonSpec] = []
+    row = 0
+    for action, word, letter, offered in (("upscale", "Upscale", "U", card.can_upscale),
+                                          ("vary", "Variations", "V", card.can_vary)):
+        if not offered or not images:
+            continue
+        for index in range(images):
+            label = word if images == 1 else f"{letter}{index + 1}"
+            buttons.append(ButtonSpec(action, spec.id, card.owner, label, index=index,
+                                      row=row + index // BUTTONS_PER_ROW))
+        row += math.ceil(images / BUTTONS_PER_ROW)
+    last = [b for b in buttons if b.row == row - 1]
+    again_row = None if not buttons else row - 1 if len(last) < BUTTONS_PER_ROW else row
+    buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary", row=again_row))
+    return buttons
+
+
 def _fitting(sizes: list[int], budget: int) -> set[int]:
     """The indexes of the files that fit in ``budget`` together, leaving out the largest first."""
     kept: set[int] = set()
@@ -318,6 +387,13 @@ def render_job(card: JobCard, now: float, *, public_url: str | None = None) -> F
     steps = f" · {spec.steps} steps" if spec.steps else ""
     shaped = (f" · ControlNet {spec.controlnet}" if spec.controlnet else "") + \
         (" · reference image" if "ip_adapter_image" in card.attachments else "")
+    source = f"image {card.source[1] + 1} of `{card.source[0][:8]}`" if card.source else "an image"
+    if spec.kind == JobKind.upscale:  # its size is its input's; what it makes is larger by the model's factor
+        size = size.replace(" · ", " · from ", 1)
+        shaped = f" · upscale of {source}"
+    elif spec.kind == JobKind.img2img:
+        strength = f", strength {spec.strength:g}" if spec.strength is not None else ""
+        shaped = (f" · variation of {source}" if card.source else " · from an image") + strength + shaped
     lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}{shaped}"]
     if card.refused is not None:
         return Frame("\n".join(lines + [f"refused: {scrub(card.refused)}"]), notify=card.owner)
@@ -337,7 +413,8 @@ def render_job(card: JobCard, now: float, *, public_url: str | None = None) -> F
             status += (f"\n{len(left_out)} of {len(outputs)} outputs are too large for Discord here; "
                        + (" ".join(f"<{public_url.rstrip('/')}/v1/artifacts/{names[i]}>" for i in left_out)
                           if public_url else "atelier keeps them"))
-        buttons.append(ButtonSpec("again", spec.id, card.owner, "Again", "primary"))
+        pictures = len(outputs) if outputs and all(a.media_type.startswith("image/") for a in outputs) else 0
+        buttons = result_buttons(card, pictures)
     elif job.state.terminal:
         buttons.append(ButtonSpec("again", spec.id, card.owner, "Again"))
     else:

@@ -27,12 +27,13 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 from PIL import Image
 
 from actors.messages import JobEvent, JobResult, Preview, Progress
-from atelier.config import DiscordConfig
+from atelier.config import Config, DiscordConfig
 from atelier.jobs import Artifact, JobInputs, JobRecord, JobSpec, JobState
 from atelier.public import scrub
 from frontends.client import AtelierClient
-from frontends.discord_bot import AtelierBot, Reply, main
+from frontends.discord_bot import AtelierBot, Reply, _config_problem, main
 from frontends.discord_views import (
+    VARIATION_STRENGTH,
     Frame,
     JobDisplay,
     LiveCanvas,
@@ -537,6 +538,10 @@ def _job_of(shown: Shown) -> str:
     return custom_id.split(":")[2]
 
 
+def _pixels(blob: bytes) -> bytes:
+    return Image.open(io.BytesIO(blob)).convert("RGB").tobytes()
+
+
 def test_generate_streams_progress_then_delivers_the_images_with_buttons(atelier):
     async def scenario():
         async with Session(atelier, DiscordConfig()) as s:
@@ -564,7 +569,9 @@ def test_generate_streams_progress_then_delivers_the_images_with_buttons(atelier
     job = _job_of(final)
     assert [name for name, _ in final.files] == [f"atelier-{job}-0.png", f"atelier-{job}-1.png"]
     assert all(_png(blob).size == (64, 64) for _, blob in final.files)
-    assert final.labels == ["Again"]  # no Cancel once it is done
+    # No Cancel once it is done: Upscale and Variations per image (U1 U2 on a row, V1 V2 and Again on the next).
+    assert final.labels == ["U1", "U2", "V1", "V2", "Again"]
+    assert [b["custom_id"] for b in final.buttons[:2]] == [f"atelier:upscale:{job}:{ADA}:{i}" for i in (0, 1)]
     assert all(e.labels == ["Cancel"] for e in edits)
 
 
@@ -818,6 +825,112 @@ def test_generate_refuses_images_a_model_cannot_take_and_offers_its_controlnets(
     # /models says which models take them.
     assert "**guided-sd** · sd1 · img2img, txt2img · 64×64 (up to 1024×1024), 3 steps · ControlNets: canny, depth" \
            " · IP-Adapter" in listed.content
+
+
+def test_upscale_and_variations_of_an_old_card_are_new_jobs_of_that_image(atelier):
+    # Two jobs a minute: ada's /generate and her Variations; her Upscale after them is one too many.
+    settings = DiscordConfig(upscale_steps=1, rate_per_minute=2)
+
+    async def scenario():
+        async with Session(atelier, settings) as s:
+            first = await s.respond(slash("generate", prompt="a lighthouse at dusk", count=2, steps=1, seed=11))
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(first).content, 60)
+            # The card is old: the bot remembers neither the job nor its images (KEEP_FINISHED, the
+            # client's results); the buttons name the job, and atelier has its outputs.
+            s.bot.finished.clear()
+            s.atelier._results.clear()
+            up = await s.respond(press(s.fake, first, "U2", user=BOB))
+            vary = await s.respond(press(s.fake, first, "V1"))
+            for message in (up, vary):
+                await s.fake.wait_for(lambda m=message: "done" in s.fake.latest(m).content, 60)
+            limited = await s.respond(press(s.fake, first, "U1"))
+            # An atelier whose catalog has no upscaler (any more): the button says so.
+            s.bot._models = [m for m in await s.bot.models() if "upscale" not in m.kinds]
+            no_upscaler = await s.respond(press(s.fake, first, "U1", user=BOB))
+            source = await s.atelier.fetch_result(_job_of(s.fake.latest(first)))
+            records = [await s.atelier.job(_job_of(s.fake.latest(m))) for m in (up, vary)]
+            # The same upscale straight to atelier, of image 2: what the upscaler makes of it.
+            direct = JobSpec(kind="upscale", model="tiny-sd-upscaler", prompt="a lighthouse at dusk", width=64,
+                             height=64, steps=1, seed=records[0].spec.seed)
+            await s.atelier.submit(direct, inputs=JobInputs(image=source.outputs[1].data))
+            made = await s.atelier.wait(direct.id, timeout=60)
+            rows = [[c["label"] for c in row["components"]] for row in s.fake.messages[first].components]
+            return ([s.fake.latest(m) for m in (first, up, vary, limited, no_upscaler)], source, records,
+                    bytes(made.outputs[0].data), rows)
+
+    (first, up, vary, limited, no_upscaler), source, (upscaled, varied), direct, rows = go(scenario())
+    job = source.job.spec.id
+    assert rows == [["U1", "U2"], ["V1", "V2", "Again"]]  # Midjourney's layout, within Discord's 5 a row
+    assert upscaled.spec.kind.value == "upscale" and upscaled.spec.model == "tiny-sd-upscaler"
+    assert upscaled.spec.inputs == ["image"] and upscaled.spec.steps == 1 and upscaled.spec.user == f"discord:{BOB}"
+    assert upscaled.spec.prompt == "a lighthouse at dusk"
+    assert up.content.startswith(f"<@{BOB}> · **«a lighthouse at dusk»**")
+    assert f"tiny-sd-upscaler · from 64×64 · 1 steps · upscale of image 2 of `{job[:8]}`" in up.content
+    [(name, data)] = up.files
+    assert _png(data).size == (256, 256)  # 4x the 64 px image
+    assert _pixels(data) == _pixels(direct)  # of image 2, and nothing else
+    assert up.labels == ["Again"]  # an upscale is not upscaled or varied again
+    # Variations: the same prompt, model, size and settings, from image 1 at the documented strength, a new seed.
+    spec, was = varied.spec, source.job.spec
+    assert spec.kind.value == "img2img" and spec.inputs == ["image"] and spec.strength == VARIATION_STRENGTH
+    assert (spec.prompt, spec.model, spec.width, spec.height) == (was.prompt, was.model, was.width, was.height)
+    assert spec.seed != was.seed and spec.count == 1 and spec.user == f"discord:{ADA}"
+    assert f"tiny-sd · 64×64 · 3 steps · variation of image 1 of `{job[:8]}`, strength 0.35" in vary.content
+    assert len(vary.files) == 1 and _png(vary.files[0][1]).size == (64, 64)
+    assert vary.labels == ["Upscale", "Variations", "Again"]
+    assert limited.ephemeral and limited.content.startswith("You have started 2 jobs in the last minute")
+    assert no_upscaler.ephemeral and no_upscaler.content.startswith("atelier has no upscaler: no model of its "
+                                                                    "catalog upscales")
+
+
+def test_generate_from_an_attached_image_is_img2img_at_its_strength(atelier):
+    async def scenario():
+        async with Session(atelier, DiscordConfig()) as s:
+            photo, notes = s.fake.upload("photo.png", png(3)), s.fake.upload("notes.txt", b"hi", "text/plain")
+            edit = await s.respond(slash("generate", prompt="a watercolour harbour", image=photo, strength=0.5,
+                                         steps=2))
+            asked = [slash("generate", prompt="x", image=notes),
+                     slash("generate", prompt="x", model="cm", image=photo),
+                     slash("generate", prompt="x", strength=0.5),
+                     slash("generate", prompt="x", image=photo, strength=0.0),
+                     slash("generate", prompt="x", image=photo, strength=0.2, steps=2)]
+            refusals = [s.fake.latest(await s.respond(payload)) for payload in asked]
+            big = await s.respond(slash("generate", prompt="a wide bay", width=136, height=136, steps=1))
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(edit).content, 60)
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(big).content, 60)
+            too_big = s.fake.latest(await s.respond(press(s.fake, big, "Upscale")))
+            record = await s.atelier.job(_job_of(s.fake.latest(edit)))
+            return s.fake.latest(edit), record, refusals, too_big, {**s.bot.jobs, **s.bot.finished}
+
+    edit, record, refusals, too_big, cards = go(scenario())
+    # The upscaler takes images up to its limit: a larger one is refused, not shrunk first.
+    assert too_big.ephemeral and too_big.content == "That image is 136×136; tiny-sd-upscaler upscales images up " \
+                                                    "to 128×128."
+    spec = record.spec
+    assert spec.kind.value == "img2img" and spec.strength == 0.5 and spec.inputs == ["image"]
+    assert (spec.width, spec.height, spec.steps, spec.user) == (64, 64, 2, f"discord:{ADA}")  # the image's size
+    assert "tiny-sd · 64×64 · 2 steps · from an image, strength 0.5" in edit.content
+    [(name, data)] = edit.files
+    assert _png(data).size == (64, 64) and "Denoising strength: 0.5" in _png(data).info["parameters"]
+    assert edit.labels == ["Upscale", "Variations", "Again"]
+    assert all(refusal.ephemeral for refusal in refusals) and len(cards) == 2 and spec.id in cards
+    not_image, no_img2img, *rest = [refusal.content for refusal in refusals]
+    assert not_image == "image: `notes.txt` is not a PNG, JPEG or WebP image."
+    start = "cm cannot start from an image (it does txt2img), so it takes no image. Models that can: "
+    assert no_img2img.startswith(start) and "tiny-sd" in no_img2img[len(start):].rstrip(".").split(", ")
+    assert "cm" not in no_img2img[len(start):].rstrip(".").split(", ")
+    assert rest == [
+        "strength says how far to go from an image: attach one as image.",
+        "strength is above 0 (which would keep the image as it is) and at most 1.",
+        "strength 0.2 of 2 steps leaves no step to run (steps × strength must be 1 or more): ask for more steps."]
+
+
+def test_the_upscaler_setting_names_a_catalog_model_that_upscales():
+    assert _config_problem(Config(discord=DiscordConfig(upscaler="tiny-sd-upscaler"))) is None
+    assert _config_problem(Config(discord=DiscordConfig(upscaler="nope"))).startswith(
+        "[discord] upscaler = 'nope' is not in the catalog (tiny-sd, ")
+    assert _config_problem(Config(discord=DiscordConfig(upscaler="tiny-sd"))) == (
+        "[discord] upscaler = 'tiny-sd' does not upscale (family sd1); models that do: tiny-sd-upscaler")
 
 
 def test_a_job_outliving_its_interaction_token_still_delivers(atelier):
