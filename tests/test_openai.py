@@ -152,3 +152,13 @@ def test_rate_limit_is_a_rate_limit_error(compat_http):
             assert int(exc.response.headers["Retry-After"]) >= 1
             return
     pytest.fail("the slow token was never rate limited")
+
+
+def test_openais_mask_becomes_atelier_white_where_to_paint():
+    from types import SimpleNamespace
+
+    from frontends.openai_images import OpenAISurface
+
+    surface = OpenAISurface(SimpleNamespace(config=SimpleNamespace(input_pixel_budget=1 << 20)))
+    converted = Image.open(io.BytesIO(surface._atelier_mask(_png(64, 64), _mask(64, 64))))
+    assert converted.getpixel((32, 32)) == 255 and converted.getpixel((4, 4)) == 0  # transparent: paint
