@@ -299,6 +299,7 @@ class HttpServer:
             post("/v1/jobs", self.create_job), get("/v1/jobs", self.list_jobs),
             get("/v1/jobs/{job_id}", self.get_job), delete("/v1/jobs/{job_id}", self.cancel_job),
             get("/v1/jobs/{job_id}/events", self.job_events), get("/v1/models", self.models),
+            get("/v1/models/{model_id}", self.model),
             get("/v1/nodes", self.nodes), get("/v1/artifacts/{name}", self.artifact),
         ])
         for surface in self.surfaces:
@@ -539,6 +540,14 @@ class HttpServer:
         listed = [api.ModelEntry(id=m.name, **m.model_dump(mode="json", exclude={"name"}))
                   for m in await self.client.models()]
         return json_response(api.ModelList(data=listed))
+
+    async def model(self, request: web.Request) -> web.Response:
+        """One model of the catalog (OpenAI's ``models.retrieve``)."""
+        name = request.match_info["model_id"]
+        found = next((m for m in await self.client.models() if m.name == name), None)
+        if found is None:
+            raise Problem(404, "unknown_model", f"no model {name!r}; GET /v1/models lists them", field="model")
+        return json_response(api.ModelEntry(id=found.name, **found.model_dump(mode="json", exclude={"name"})))
 
     async def nodes(self, request: web.Request) -> web.Response:
         """The runners and loaders; to a user without the jobs on them, the processes' ids or hosts (which
