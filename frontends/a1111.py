@@ -8,6 +8,7 @@ Errors are A1111's ``{"detail": ...}``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -351,12 +352,17 @@ class A1111Surface(Surface):
                                       caller)
             data = bytes((await self._run(spec, caller, JobInputs(image=data))).outputs[0].data)
         image = self._open(data, field)
-        if image.size != size:
-            resample = Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
-            image = image.convert("RGB").resize(size, resample)
-        out = io.BytesIO()
-        image.save(out, format="PNG")
-        return out.getvalue()
+
+        def resize() -> bytes:
+            resized = image
+            if image.size != size:
+                resample = Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
+                resized = image.convert("RGB").resize(size, resample)
+            out = io.BytesIO()
+            resized.save(out, format="PNG")
+            return out.getvalue()
+
+        return await asyncio.to_thread(resize)  # a large resize would stall every other request meanwhile
 
     def _open(self, data: bytes, field: str) -> Image.Image:
         try:
