@@ -194,3 +194,19 @@ def test_the_rate_limit_answers_429_in_a1111s_shape(compat_http):
             break
         assert response.status_code == 200
     assert response.status_code == 429 and "a minute" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("sampler_name, scheduler, expected", [
+    ("Euler a", "automatic", ("euler_a", None)), ("DPM++ 2M Karras", None, ("dpm++2m", "karras")),
+    ("DPM++ 2M SDE Exponential", "Automatic", ("dpm++2m_sde", "exponential")), ("k_lms", "karras", ("lms", "karras")),
+    ("PLMS", "SGM Uniform", ("pndm", "trailing")), ("dpm++2m", "beta", ("dpm++2m", "beta")),
+    (None, None, (None, None))])
+def test_a1111s_sampler_names_pick_atelier_s(sampler_name, scheduler, expected):
+    from frontends.a1111_names import choose
+
+    assert choose(sampler_name, scheduler) == expected
+
+
+def test_png_info_of_a_picture_without_parameters_is_empty_not_an_error(compat_http):
+    read = client(compat_http, "ana").png_info(picture(8, 8))
+    assert (read.info, read.parameters) == ("", {})
