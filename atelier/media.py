@@ -14,6 +14,8 @@ decoded through, at admission and again on the runner.
 from __future__ import annotations
 
 import io
+import json
+import re
 import wave
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +131,63 @@ def parameters(spec: JobSpec, seed: int) -> str:
         scale = 1.0 if spec.ip_adapter_scale is None else spec.ip_adapter_scale
         fields.append(f"IP-Adapter weight: {scale:g}")
     return f"{prompt}\nNegative prompt: {spec.negative_prompt or ''}\n" + ", ".join(fields)
+
+
+# A1111's "<lora:name:weight>" (its extra networks syntax), as ``parameters`` writes a job's LoRAs.
+LORA_TAG = re.compile(r"<lora:([^<>:]*)(?::([^<>]*))?>", re.IGNORECASE)
+# One "Key: value" of the parameters' last line; a value with commas is quoted (JSON), as A1111 writes it.
+_FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def split_loras(prompt: str) -> tuple[str, dict[str, float]]:
+    """The prompt without its ``<lora:name:weight>`` tags, and the LoRAs they name (weight default 1).
+    Raises ValueError naming a tag that is not a name and one number."""
+    loras: dict[str, float] = {}
+    for match in LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        try:
+            loras[name] = float(weight)
+        except ValueError:
+            raise ValueError(f"{match.group(0)!r}: a LoRA tag is <lora:name> or <lora:name:weight>, the "
+                             "weight one number") from None
+        if not name:
+            raise ValueError(f"{match.group(0)!r}: the LoRA tag names no LoRA")
+    text = re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", prompt)).strip()
+    return text, loras
+
+
+def read_parameters(text: str) -> dict[str, str]:
+    """``parameters``' text read back into its fields, as A1111's PNG Info does: "Prompt" (with its
+    LoRA tags, see ``split_loras``), "Negative prompt", then each "Key: value" of the last line, a size
+    split into "Size-1" and "Size-2". Values stay text, as in A1111."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    fields = _FIELD.findall(last) if len(_FIELD.findall(last)) >= 3 else []
+    if fields:
+        lines = lines[:-1]
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:"):].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    found = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
+    for key, value in fields:
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        if size:
+            found[f"{key}-1"], found[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            found[key] = value
+    return found
 
 
 def _image(image: Image.Image, fmt: str, spec: JobSpec, seed: int) -> bytes:
