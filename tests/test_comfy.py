@@ -331,3 +331,24 @@ def test_system_stats_and_the_small_routes(compat_http):
     assert call(compat_http, "/embeddings") == (200, [])
     assert "checkpoints" in call(compat_http, "/models")[1] and "tiny-sd" in call(compat_http, "/models/checkpoints")[1]
     assert call(compat_http, "/queue", body={"clear": True}, method="POST")[0] == 200
+
+
+def test_the_mask_is_one_minus_alpha_grown_and_uploads_are_bounded():
+    from frontends import comfy
+
+    image = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    image.putpixel((16, 16), (0, 0, 0, 0))  # the one transparent pixel: the one to paint anew
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    surface = comfy.ComfySurface(None)
+    surface.uploads.add("ana", "holes.png", data.getvalue(), (32, 32, True))
+    plan = translate(workflow(**{"5": {"class_type": "VAEEncodeForInpaint", "inputs": {
+        "pixels": ["11", 0], "vae": ["4", 2], "mask": ["11", 1], "grow_mask_by": 1}},
+        "11": {"class_type": "LoadImage", "inputs": {"image": "holes.png"}}}), CATALOG)
+    mask = Image.open(io.BytesIO(surface._inputs("ana", plan).mask))
+    painted = {(x, y) for x in range(32) for y in range(32) if mask.getpixel((x, y)) == 255}
+    assert painted == {(x, y) for x in (15, 16, 17) for y in (15, 16, 17)}
+    for n in range(comfy.UPLOADS_PER_USER + 3):
+        surface.uploads.add("ben", f"{n}.png", b"x" * 10, (8, 8, False))
+    assert len(surface.uploads.of("ben")) == comfy.UPLOADS_PER_USER and "0.png" not in surface.uploads.of("ben")
+    assert "holes.png" in surface.uploads.of("ana")
