@@ -132,6 +132,8 @@ class _Reader:
                 raise WorkflowError.invalid("Cannot execute because a node is missing the class_type property.",
                                             f"Node ID '#{node}'")
             class_type = body["class_type"]
+            if not isinstance(class_type, str):
+                raise WorkflowError.invalid("class_type must be a node's class name", f"Node ID '#{node}'")
             if class_type in CANNOT:
                 raise WorkflowError.node(str(node), str(class_type), "unsupported_node",
                                          f"atelier cannot run {class_type}: {CANNOT[class_type]}")
@@ -258,7 +260,11 @@ def translate(prompt: Any, catalog: Catalog) -> Plan:
         encoder, _ = r.link(sampler, name, "CLIPTextEncode")
         text = r.value(encoder, "text")
         clip, _ = r.link(encoder, "clip", "CheckpointLoaderSimple", "LoraLoader")
+        passed = set()
         while r.nodes[clip]["class_type"] == "LoraLoader":
+            if clip in passed:
+                raise r.fail(clip, "the LoRAs' clip inputs go round in a loop", "clip")
+            passed.add(clip)
             clip, _ = r.link(clip, "clip", "CheckpointLoaderSimple", "LoraLoader")
         if clip != checkpoint:
             raise r.fail(encoder, f"atelier encodes prompts with the sampler's checkpoint ({checkpoint})", "clip")
