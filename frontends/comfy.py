@@ -41,6 +41,7 @@ KEEP_PROMPT_BYTES = 64 << 20  # and the workflows they hold, by their JSON's siz
 UPLOADS_PER_USER = 32
 UPLOAD_BYTES_PER_USER = 64 << 20
 UPLOAD_BYTES = 512 << 20  # every user's together; the least recently used user's go first
+MAX_UPLOAD_SIDE = 4096  # pixels: what an image-to-image job takes at most, and what a mask costs to make here
 OUTBOX = 256  # messages waiting for a slow websocket reader; past it previews are dropped, then it is closed
 WRITE_TIMEOUT_S = 30.0
 STATS_TTL_S = 1.0
@@ -194,7 +195,7 @@ class ComfySurface(Surface):
         except WorkflowError as exc:
             raise ComfyProblem(exc) from None
         prompt_id = str(uuid.uuid4())
-        inputs = self._inputs(caller.user, plan)
+        inputs = await self._inputs(caller.user, plan)
         try:
             spec = self.gateway.owned(parse(JobSpec, {**plan.fields, "id": prompt_id}), caller)
             self.number += 1
@@ -220,22 +221,15 @@ class ComfySurface(Surface):
         return ComfyProblem(WorkflowError.node(node, plan.classes[node], "value_not_valid", problem.message, name,
                                                plan.fields.get(problem.field), list(plan.outputs)))
 
-    def _inputs(self, user: str, plan: Plan) -> JobInputs | None:
+    async def _inputs(self, user: str, plan: Plan) -> JobInputs | None:
         if plan.image is None:
             return None
         files = self.uploads.of(user)
-        mask = None
+        image, mask = files[plan.image], None  # the bytes taken now: an upload may be evicted meanwhile
         if plan.mask is not None:
             name, grow = plan.mask
-            with Image.open(io.BytesIO(files[name])) as source:
-                # ComfyUI's mask is 1 - alpha (transparent: paint anew); atelier's is white where it paints.
-                alpha = source.convert("RGBA").getchannel("A").point(lambda a: 255 - a)
-            if grow:
-                alpha = alpha.filter(ImageFilter.MaxFilter(2 * grow + 1))
-            buffer = io.BytesIO()
-            alpha.save(buffer, format="PNG")
-            mask = buffer.getvalue()
-        return JobInputs(image=files[plan.image], mask=mask)
+            mask = await asyncio.to_thread(_mask, files[name], grow)  # decoding is no work for the event loop
+        return JobInputs(image=image, mask=mask)
 
     def _remember(self, prompt: _Prompt) -> None:
         self.prompts[prompt.prompt_id] = prompt
@@ -479,12 +473,15 @@ class ComfySurface(Surface):
             raise Problem(400, "bad_request", "image: a plain file name (and a subfolder without ..)", field="image")
         data = image.file.read()
         try:
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
+            with Image.open(io.BytesIO(data)) as opened:  # the header only: decoding is the runner's work
                 info = (opened.width, opened.height, "A" in opened.getbands() or "transparency" in opened.info)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+                opened.verify()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError):
             raise Problem(400, "bad_request", "image: not an image Pillow can read (PNG, JPEG, WebP)",
                           field="image") from None
+        if max(info[:2]) > MAX_UPLOAD_SIDE:
+            raise Problem(413, "too_large", f"image: {info[0]}x{info[1]}; atelier takes images of at most "
+                                            f"{MAX_UPLOAD_SIDE} pixels a side", field="image")
         files = self.uploads.of(caller.user)
         stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
         key, n = f"{subfolder}/{name}" if subfolder else name, 1
@@ -577,6 +574,17 @@ class ComfySurface(Surface):
         if folder == "loras":
             return web.json_response(sorted({lora for loras in catalog.models.values() for lora in loras}))
         raise Problem(404, "not_found", f"no model folder {folder!r}: atelier has checkpoints and loras")
+
+
+def _mask(data: bytes, grow: int) -> bytes:
+    """ComfyUI's mask of an image, 1 - alpha (transparent: paint anew), as atelier's: white where it paints."""
+    with Image.open(io.BytesIO(data)) as source:
+        alpha = source.convert("RGBA").getchannel("A").point(lambda a: 255 - a)
+    if grow:
+        alpha = alpha.filter(ImageFilter.MaxFilter(2 * grow + 1))
+    buffer = io.BytesIO()
+    alpha.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _artifact_name(result: JobResult, index: int) -> str:

@@ -3,6 +3,7 @@ websocket-client for /ws, urllib for the rest, an API-format workflow of the sta
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import struct
@@ -347,7 +348,7 @@ def test_the_mask_is_one_minus_alpha_grown_and_uploads_are_bounded():
     plan = translate(workflow(**{"5": {"class_type": "VAEEncodeForInpaint", "inputs": {
         "pixels": ["11", 0], "vae": ["4", 2], "mask": ["11", 1], "grow_mask_by": 1}},
         "11": {"class_type": "LoadImage", "inputs": {"image": "holes.png"}}}), CATALOG)
-    mask = Image.open(io.BytesIO(surface._inputs("ana", plan).mask))
+    mask = Image.open(io.BytesIO(asyncio.run(surface._inputs("ana", plan)).mask))
     painted = {(x, y) for x in range(32) for y in range(32) if mask.getpixel((x, y)) == 255}
     assert painted == {(x, y) for x in (15, 16, 17) for y in (15, 16, 17)}
     for n in range(comfy.UPLOADS_PER_USER + 3):
