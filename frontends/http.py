@@ -51,6 +51,7 @@ from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, proces
 from frontends import api, metrics
 from frontends.a1111 import A1111Surface
 from frontends.client import AtelierClient
+from frontends.comfy import ComfySurface
 from frontends.httpbase import (
     Caller,
     Problem,
@@ -286,7 +287,7 @@ class HttpServer:
         self._status: asyncio.Future | None = None
         self._status_at = 0.0
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
-        self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self)]
+        self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self)]
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
         self._form_routes = set().union(*(s.form_routes for s in self.surfaces))
         self.app = self._build()
@@ -535,6 +536,8 @@ class HttpServer:
             self._held[caller.user] -= 1
             if not self._held[caller.user]:
                 del self._held[caller.user]
+
+    hold = _hold  # for the surfaces' long-lived connections (ComfyUI's /ws): the same caps
 
     async def models(self, request: web.Request) -> web.Response:
         listed = [api.ModelEntry(id=m.name, **m.model_dump(mode="json", exclude={"name"}))
