@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,6 +97,10 @@ class Gateway(Protocol):
 
     def url(self, record: JobRecord, index: int) -> str:
         """Where output ``index`` of a job can be fetched (the native artifact route)."""
+
+    def hold(self, caller: Caller) -> AbstractContextManager[None]:
+        """Counts a long-lived request (a websocket) against the caller's and the server's caps, as
+        event streams and waiting calls are; a Problem (429, 503) when they are reached."""
 
 
 class Surface:
