@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import re
 import struct
 import sys
 import time
@@ -46,7 +45,6 @@ OUTBOX = 256  # messages waiting for a slow websocket reader; past it previews a
 WRITE_TIMEOUT_S = 30.0
 STATS_TTL_S = 1.0
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE; then 1 = JPEG, 2 = PNG
-ARTIFACT = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-(?P<index>\d{1,6})\.[a-z0-9]{1,8}$")
 
 
 class ComfyProblem(Problem):
@@ -500,30 +498,16 @@ class ComfySurface(Surface):
         if kind in ("input", "temp") and (data := self.uploads.of(caller.user).get(
                 f"{subfolder}/{name}" if subfolder else name)) is not None:
             return web.Response(body=data, content_type=media_type_for(name) or "application/octet-stream")
-        match = ARTIFACT.fullmatch(name)
-        if kind not in ("output", "temp") or subfolder or match is None:
+        if kind not in ("output", "temp") or subfolder:
             raise Problem(404, "not_found", f"no file {name!r} of type {kind!r} among yours")
-        job_id, index = match["job"], int(match["index"])
-        if not caller.admin:
-            prompt = self.prompts.get(job_id)
-            owner = prompt.user if prompt is not None else None
-            if owner is None:
-                try:
-                    owner = (await self.gateway.client.job(job_id)).spec.user
-                except RemoteError as exc:
-                    if exc.error.code is not ErrorCode.unknown_job:
-                        raise
-            if owner != caller.user:  # another user's file is as absent as one never made
-                raise Problem(404, "not_found", f"no file {name!r} among yours")
-        path = self.gateway.config.artifact_dir / name
-        if path.is_file():
-            return web.FileResponse(path, headers={"Content-Type": media_type_for(name),
-                                                   "Content-Disposition": f'filename="{name}"'})
-        result = self.gateway.client.result(job_id)
-        if result is not None and index < len(result.outputs):
-            output = result.outputs[index]
-            return web.Response(body=bytes(output.data), content_type=output.media_type)
-        raise Problem(404, "not_found", f"no file {name!r} (gone, or kept on another host)")
+        prompt = self.prompts.get(name.rpartition("-")[0])
+        try:
+            return await self.gateway.output_file(name, caller, owner=prompt.user if prompt is not None else None)
+        except Problem as problem:
+            if problem.status != 403:
+                raise
+            # ComfyUI has no owners: another user's file is as absent as one never made.
+            raise Problem(404, "not_found", f"no file {name!r} among yours") from None
 
     # -- what there is ----------------------------------------------------- #
 

@@ -566,19 +566,23 @@ class HttpServer:
             "queued": len(status.queued), "jobs": status.counts})
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
+        return await self.output_file(request.match_info["name"], request["caller"])
+
+    async def output_file(self, name: str, caller: Caller, *, owner: str | None = None) -> web.StreamResponse:
+        """An output by its artifact name (``<job id>-<n>.<ext>``), to its job's user or an admin; ``owner``,
+        where the caller knows it already, spares asking the scheduler."""
         match = ARTIFACT_NAME.fullmatch(name)
         if match is None:
             raise Problem(404, "not_found", f"no artifact {name!r}: a name is <job id>-<n>.<extension>")
         job_id, index = match["job"], int(match["index"])
-        caller: Caller = request["caller"]
         if not caller.admin:
-            try:
-                owner = (await self.client.job(job_id)).spec.user
-            except RemoteError as exc:
-                if exc.error.code is not ErrorCode.unknown_job:
-                    raise
-                raise Problem(404, "not_found", f"no artifact {name!r} (its job is gone)") from None
+            if owner is None:
+                try:
+                    owner = (await self.client.job(job_id)).spec.user
+                except RemoteError as exc:
+                    if exc.error.code is not ErrorCode.unknown_job:
+                        raise
+                    raise Problem(404, "not_found", f"no artifact {name!r} (its job is gone)") from None
             if owner != caller.user:
                 raise Problem(403, "forbidden", f"artifact {name} is not {caller.user}'s")
         path = self.config.artifact_dir / name

@@ -98,6 +98,10 @@ class Gateway(Protocol):
     def url(self, record: JobRecord, index: int) -> str:
         """Where output ``index`` of a job can be fetched (the native artifact route)."""
 
+    async def output_file(self, name: str, caller: Caller, *, owner: str | None = None) -> web.StreamResponse:
+        """A job's output by its artifact name, to its user or an admin (the native artifact route's
+        answer: 403 for another user's, 404 for one that is gone)."""
+
     def hold(self, caller: Caller) -> AbstractContextManager[None]:
         """Counts a long-lived request (a websocket) against the caller's and the server's caps, as
         event streams and waiting calls are; a Problem (429, 503) when they are reached."""

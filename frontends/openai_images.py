@@ -170,13 +170,7 @@ class OpenAISurface(Surface):
         fields, files = await self._form(request)
         if not fields.prompt or not fields.prompt.strip():
             raise Problem(400, "bad_request", "prompt: an edit needs a prompt", field="prompt")
-        image = files.get("image")
-        if image is None:
-            raise Problem(400, "bad_request", "image: an edit needs an image (PNG, JPEG or WebP)", field="image")
-        model, entry = self._model(fields.model)
-        if JobKind.img2img.value not in entry.limits.kinds:
-            raise Problem(400, "bad_request", f"model: {model} cannot start from an image (it does "
-                                              f"{', '.join(sorted(entry.limits.kinds))})", field="model")
+        image, model, entry = self._source(fields, files, "an edit")
         mask = files.get("mask")
         if mask is not None:
             if not entry.limits.inpaint:
@@ -194,17 +188,22 @@ class OpenAISurface(Surface):
                               field=name)
         if "mask" in files:
             raise Problem(400, "bad_request", "mask: a variation takes no mask; use /v1/images/edits", field="mask")
-        image = files.get("image")
-        if image is None:
-            raise Problem(400, "bad_request", "image: a variation needs an image (PNG, JPEG or WebP)", field="image")
-        model, entry = self._model(fields.model)
-        if JobKind.img2img.value not in entry.limits.kinds:
-            raise Problem(400, "bad_request", f"model: {model} cannot vary an image: it does not start from one "
-                                              f"(it does {', '.join(sorted(entry.limits.kinds))})", field="model")
+        image, model, entry = self._source(fields, files, "a variation")
         # Where the model has an IP-Adapter, the image steers as an image prompt too, as the prompt would.
         steer = image if entry.ip_adapter is not None else None
         return await self._run(request, fields, model, VARIATION_PROMPT, fields.strength or VARIATION_STRENGTH,
                                JobInputs(image=image, ip_adapter_image=steer))
+
+    def _source(self, fields: Any, files: dict[str, bytes], what: str) -> tuple[bytes, str, Any]:
+        """The image an edit or a variation starts from, and the model, which must start from one."""
+        image = files.get("image")
+        if image is None:
+            raise Problem(400, "bad_request", f"image: {what} needs an image (PNG, JPEG or WebP)", field="image")
+        model, entry = self._model(fields.model)
+        if JobKind.img2img.value not in entry.limits.kinds:
+            raise Problem(400, "bad_request", f"model: {model} cannot start from an image (it does "
+                                              f"{', '.join(sorted(entry.limits.kinds))})", field="model")
+        return image, model, entry
 
     def _model(self, asked: str | None) -> tuple[str, Any]:
         model = asked

@@ -291,7 +291,8 @@ class HttpFrontend:
     TOKENS = {"compat-ana-0123456789abcdef": ("compat-ana", ""),
               "compat-ben-0123456789abcdef": ("compat-ben", ""),
               "compat-slow-0123456789abcdef": ("compat-slow", "rate_per_minute = 2\n"),
-              "compat-admin-0123456789abcdef": ("compat-admin", 'role = "admin"\n')}
+              "compat-admin-0123456789abcdef": ("compat-admin", 'role = "admin"\n'),
+              "compat-web-0123456789abcdef": ("compat-web", "")}  # test_web's page, whose jobs are its own
 
     def __init__(self, cluster: Cluster, folder: Path):
         self.cluster = cluster

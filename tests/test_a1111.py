@@ -142,15 +142,15 @@ def test_hires_fix_in_passes_through_the_upscaler_model_and_extras(compat_http):
     api = client(compat_http, "ana")
     hires = api.txt2img(prompt="a lighthouse", enable_hr=True, hr_upscaler="tiny-sd-upscaler", hr_scale=2,
                         hr_second_pass_steps=2, denoising_strength=0.5,
-                        override_settings={"samples_format": "webp"}, **SMALL)
-    assert hires.image.size == (128, 128) and hires.image.format == "WEBP"
-    assert (hires.info["width"], hires.info["height"], hires.info["denoising_strength"]) == (128, 128, 0.5)
+                        override_settings={"samples_format": "webp"}, **{**SMALL, "width": 32, "height": 32})
+    assert hires.image.size == (64, 64) and hires.image.format == "WEBP"
+    assert (hires.info["width"], hires.info["height"], hires.info["denoising_strength"]) == (64, 64, 0.5)
     passes = {j["spec"]["kind"]: j["spec"] for j in jobs(compat_http, "ana", 3)}
     assert set(passes) == {"txt2img", "upscale", "img2img"}
     assert (passes["txt2img"]["width"], passes["upscale"]["model"], passes["upscale"]["width"]) == \
-        (64, "tiny-sd-upscaler", 64)
+        (32, "tiny-sd-upscaler", 32)
     assert (passes["img2img"]["width"], passes["img2img"]["strength"], passes["img2img"]["seed"],
-            passes["img2img"]["output_format"]) == (128, 0.5, 7, "webp")
+            passes["img2img"]["output_format"]) == (64, 0.5, 7, "webp")
     # Extras: a Pillow resize makes no job; the upscaler model does one, 4x, resized to what was asked.
     resized = api.extra_single_image(picture(32, 24), upscaler_1="Lanczos", upscaling_resize=2)
     assert resized.image.size == (64, 48)

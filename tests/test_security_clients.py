@@ -208,7 +208,7 @@ def test_l2_outputs_over_the_upload_limit_are_linked_and_a_refusal_is_not_retrie
     assert f"<https://atelier.example/v1/artifacts/{job}-0.png>" in linked.content
     assert f"<https://atelier.example/v1/artifacts/{job}-1.png>" in linked.content
     assert refused.files == [] and FILES_REFUSED in refused.content and "done in" in refused.content
-    assert refused.labels == ["Again"]
+    assert refused.labels == ["U1", "U2", "Again"]  # the images are atelier's still: they can be upscaled
     assert refusals == 1  # the one refusal, not retried for minutes
     for shown in (linked, refused):
         assert "file:" not in shown.content and "/tmp" not in shown.content

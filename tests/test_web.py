@@ -34,7 +34,6 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 20_000  # the longest the page may take to show anything
 JOB_MS = 60_000  # and a job to end: generous, for a 2-core machine that other work shares
-TOKEN = "web-token-0123456789abcdef"
 
 # The big image records every image it shows (data-prompt and src, in order), so a test can tell
 # what a user saw even when several previews land between two looks.
@@ -120,8 +119,8 @@ def save_screenshot(page, path: str) -> None:
         page.locator("#jobs li").filter(has_text=prompt).first.get_by_role("button", name="Cancel").click()
 
 
-def jobs_of(cluster: Cluster, token: str | None = None) -> list[dict]:
-    request = urllib.request.Request(f"{cluster.http}/v1/jobs",
+def jobs_of(url: str, token: str | None = None) -> list[dict]:
+    request = urllib.request.Request(f"{url}/v1/jobs",
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)["jobs"]
@@ -224,28 +223,27 @@ def test_live_mode_shows_the_last_typed_prompt(page, atelier):
     # One live session is one picture in the gallery.
     assert page.locator("#gallery .tile[data-session]").count() == 1
 
-    live = [job for job in jobs_of(atelier) if job["spec"]["priority"] == "live"]
+    live = [job for job in jobs_of(atelier.http) if job["spec"]["priority"] == "live"]
     assert live[0]["spec"]["prompt"] == text and live[0]["state"] == "done"
     assert any("superseded" in (job["reason"] or "") for job in live), live  # the typing did supersede
     # Live jobs stay out of the job list: it holds the other tests' jobs, which the page restored, and no more.
-    assert page.locator("#jobs li").count() == len([j for j in jobs_of(atelier) if j["spec"]["priority"] != "live"])
+    listed = [j for j in jobs_of(atelier.http) if j["spec"]["priority"] != "live"]
+    assert page.locator("#jobs li").count() == len(listed)
 
     if os.environ.get("ATELIER_WEB_SCREENSHOT"):
         save_screenshot(page, os.environ["ATELIER_WEB_SCREENSHOT"])
 
 
-def test_a_token_is_asked_for_kept_and_sent_only_in_headers(browser, atelier_home, tmp_path):
-    config = tmp_path / "atelier.toml"
-    # A node name of its own: its loader clears its node's staged segments, and the module's atelier runs beside it.
-    config.write_text(f'[node]\nname = "web-token"\n\n[[http.tokens]]\ntoken = "{TOKEN}"\nuser = "web"\n')
-    cluster = Cluster(atelier_home, config).start()
+def test_a_token_is_asked_for_kept_and_sent_only_in_headers(browser, compat_http):
+    # The page as an HTTP server with tokens serves it: the shared atelier's, with a user of this test's own.
+    token = compat_http.token("web")
     context = browser.new_context()
     context.set_default_timeout(WAIT_MS)
     try:
         page = context.new_page()
         sent: list[tuple[str, str | None]] = []
         page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
-        page.goto(cluster.http + "/")
+        page.goto(compat_http.url + "/")
 
         dialog = page.locator("#auth")
         expect(dialog).to_be_visible()
@@ -253,7 +251,7 @@ def test_a_token_is_asked_for_kept_and_sent_only_in_headers(browser, atelier_hom
         page.get_by_label("Token", exact=True).fill("not-this-one-0123456789")
         page.get_by_role("button", name="Save").click()
         expect(dialog).to_contain_text("not one of this server's")  # asked again
-        page.get_by_label("Token", exact=True).fill(TOKEN)
+        page.get_by_label("Token", exact=True).fill(token)
         page.get_by_role("button", name="Save").click()
         expect(dialog).to_be_hidden()
         expect(page.get_by_label("Model")).to_have_value("tiny-sd")
@@ -269,15 +267,14 @@ def test_a_token_is_asked_for_kept_and_sent_only_in_headers(browser, atelier_hom
         page.reload()  # the token is remembered: no question, and the job is still the user's
         expect(page.locator("#gallery .tile").first).to_have_attribute("data-prompt", "a key")
         expect(dialog).to_be_hidden()
-        assert [job["spec"]["user"] for job in jobs_of(cluster, TOKEN)] == ["web"]
+        assert [job["spec"]["user"] for job in jobs_of(compat_http.url, token)] == ["compat-web"]
     finally:
         context.close()
-        cluster.stop()
 
-    assert not [url for url, _ in sent if TOKEN in url]
+    assert not [url for url, _ in sent if token in url]
     calls = [(url, header) for url, header in sent if "/v1/" in url]
     assert any("/events" in url for url, _ in calls) and any("/v1/artifacts/" in url for url, _ in calls)
-    assert all(header == f"Bearer {TOKEN}" for url, header in calls if "/v1/artifacts/" in url or "/events" in url)
+    assert all(header == f"Bearer {token}" for url, header in calls if "/v1/artifacts/" in url or "/events" in url)
 
 
 def test_each_model_gets_its_own_fields_and_its_output_plays(page, atelier, tmp_path):
@@ -377,7 +374,7 @@ def test_a_controlnet_and_a_reference_image_for_the_models_that_have_them(page, 
     expect(row).to_contain_text("reference image")
 
     # What the server got and made: the PNGs say which ControlNet and scales shaped them.
-    made = {job["spec"]["prompt"]: job for job in jobs_of(atelier)}
+    made = {job["spec"]["prompt"]: job for job in jobs_of(atelier.http)}
     edged, looked = made["a cube along the edges"], made["a cube that looks like that"]
     assert edged["spec"]["inputs"] == ["control_image"] and looked["spec"]["inputs"] == ["control_image",
                                                                                           "ip_adapter_image"]
@@ -392,5 +389,5 @@ def test_a_controlnet_and_a_reference_image_for_the_models_that_have_them(page, 
     page.get_by_label("Prompt", exact=True).fill("a plain cube")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#jobs li").filter(has_text="a plain cube").first).to_contain_text("Done", timeout=JOB_MS)
-    plain = next(job for job in jobs_of(atelier) if job["spec"]["prompt"] == "a plain cube")
+    plain = next(job for job in jobs_of(atelier.http) if job["spec"]["prompt"] == "a plain cube")
     assert plain["spec"]["inputs"] == [] and plain["spec"]["controlnet"] is None
