@@ -42,8 +42,9 @@ class A1111Generate(BaseModel):
     n_iter: int = Field(default=1, ge=1, le=16)
     steps: int | None = Field(default=None, ge=1, le=500)  # None: the model's default
     cfg_scale: float | None = Field(default=None, ge=0, le=50)
-    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
-    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    # Any size, as A1111 takes it: its latents are an eighth of it, so it makes the size rounded down to 8.
+    width: int | None = Field(default=None, ge=8, le=8192)
+    height: int | None = Field(default=None, ge=8, le=8192)
     # A1111's names (/sdapi/v1/samplers, /schedulers); neither: the model's own scheduler.
     sampler_name: str | None = Field(default=None, max_length=100)
     sampler_index: str | None = Field(default=None, max_length=100)  # the old name of sampler_name
@@ -166,6 +167,7 @@ UPSCALER_PROMPT = "a detailed, high quality image"  # the upscaler model's promp
 
 class A1111Surface(Surface):
     paths = ("/sdapi/",)
+    basic_auth = True
     image_routes = frozenset({"/sdapi/v1/img2img", "/sdapi/v1/extra-single-image", "/sdapi/v1/extra-batch-images",
                               "/sdapi/v1/png-info"})
 
@@ -233,7 +235,8 @@ class A1111Surface(Surface):
         model = settings.get("sd_model_checkpoint") or self.gateway.config.default_model
         spec = self._spec(caller, kind=kind, model=model, prompt=body.prompt, negative=body.negative_prompt,
                           sampler=(body.sampler_name or body.sampler_index, body.scheduler, "sampler_name"),
-                          width=body.width, height=body.height, steps=body.steps, guidance=body.cfg_scale,
+                          width=_eighth(body.width), height=_eighth(body.height), steps=body.steps,
+                          guidance=body.cfg_scale,
                           seed=None if body.seed < 0 else body.seed, count=body.batch_size * body.n_iter,
                           strength=strength, output_format=settings.get("samples_format"))
         if isinstance(body, A1111Txt2Img) and body.enable_hr:
@@ -577,6 +580,10 @@ class A1111Surface(Surface):
         # batch, so skipping it cancels the caller's current job (its request answers 409).
         await self._cancel_current(request)
         return web.json_response(None)
+
+
+def _eighth(size: int | None) -> int | None:
+    return None if size is None else size // 8 * 8
 
 
 def _ram() -> dict[str, Any]:

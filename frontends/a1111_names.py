@@ -46,7 +46,8 @@ class Schedule:
 # atelier schedule -> A1111's scheduler (A1111's own rho and inner-model flags). "trailing" spacing is
 # what A1111 calls SGM Uniform.
 SCHEDULES: dict[str, Schedule] = {
-    "default": Schedule("automatic", "Automatic"),
+    # A1111's "Normal" is the model's own noise levels, as "Automatic" is for most samplers.
+    "default": Schedule("automatic", "Automatic", ("Normal",)),
     "karras": Schedule("karras", "Karras", default_rho=7.0),
     "exponential": Schedule("exponential", "Exponential"),
     "trailing": Schedule("sgm_uniform", "SGM Uniform", ("SGMUniform",), need_inner_model=True),

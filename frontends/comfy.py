@@ -131,6 +131,8 @@ class ComfySurface(Surface):
     paths = ROUTES + tuple("/api" + p for p in ROUTES)
     form_routes = frozenset({"/upload/image", "/api/upload/image"})
     image_routes = form_routes
+    untyped_json_routes = frozenset(prefix + path for prefix in ("", "/api")
+                                    for path in ("/prompt", "/queue", "/interrupt", "/history"))
 
     def __init__(self, gateway: Gateway):
         super().__init__(gateway)

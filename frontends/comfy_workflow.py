@@ -327,10 +327,10 @@ def translate(prompt: Any, catalog: Catalog) -> Plan:
                                   "first step", "start_at_step", r.value(sampler, "start_at_step"))
         for name in ("width", "height"):
             value = r.value(latent, name)
-            if value < 8 or value % 8:
-                raise r.fail(latent, "atelier makes images of multiples of 8 pixels (8 at least)", name, value,
+            if value < 8:
+                raise r.fail(latent, "atelier makes images of 8 pixels a side at least", name, value,
                              kind="value_not_valid")
-            fields[name] = value
+            fields[name] = value // 8 * 8  # the latent is an eighth of it: ComfyUI makes it rounded down too
             origin[name] = (latent, name)
         count = r.value(latent, "batch_size")
         if not 1 <= count <= 16:

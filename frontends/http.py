@@ -290,6 +290,7 @@ class HttpServer:
         self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self)]
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
         self._form_routes = set().union(*(s.form_routes for s in self.surfaces))
+        self._untyped_json_routes = set().union(*(s.untyped_json_routes for s in self.surfaces))
         self.app = self._build()
 
     def _build(self) -> web.Application:
@@ -380,7 +381,8 @@ class HttpServer:
             # A form may be sent by any page without asking; only the upload routes take one, and there the
             # Origin check above and the bearer token (which no other page has) keep other sites out.
             allowed = {"application/json"} | ({"multipart/form-data"} if request.path in self._form_routes else set())
-            if request.body_exists and request.content_type not in allowed:
+            untyped = origin is None and request.path in self._untyped_json_routes
+            if request.body_exists and request.content_type not in allowed and not untyped:
                 raise Problem(415, "unsupported_media_type", f"send the body as {' or '.join(sorted(allowed))} "
                                                              f"(Content-Type), not {request.content_type}")
         limit = IMAGE_BODY_BYTES if request.path in self._image_routes | self._form_routes else JSON_BODY_BYTES
@@ -413,6 +415,9 @@ class HttpServer:
             given = header[7:].strip().encode() if header[:7].lower() == "bearer " else None
         except UnicodeEncodeError:  # bytes that are not UTF-8: no token of ours
             raise Problem(401, "unauthorized", "that bearer token is not one of this server's") from None
+        surface = self._surface(request.path)
+        if given is None and header[:6].lower() == "basic " and surface is not None and surface.basic_auth:
+            given = _basic_password(header[6:])
         if given is None:
             if guarded:
                 raise Problem(401, "unauthorized", "this server needs a bearer token (Authorization: Bearer …)")
@@ -700,6 +705,14 @@ class HttpServer:
 
 
 # --------------------------------------------------------------------------- #
+
+
+def _basic_password(credentials: str) -> bytes:
+    """The password of HTTP Basic credentials (``base64(user:password)``), where a token is sent that way."""
+    try:
+        return base64.b64decode(credentials.strip(), validate=True).partition(b":")[2]
+    except ValueError:  # not base64 (binascii.Error is one): no token of ours
+        raise Problem(401, "unauthorized", "those Basic credentials do not decode (base64 of user:token)") from None
 
 
 def _hostname(host: str) -> str:

@@ -115,6 +115,13 @@ class Surface:
     # POST routes whose body may be multipart/form-data (file uploads), and those that may carry images (64 MiB).
     form_routes: frozenset[str] = frozenset()
     image_routes: frozenset[str] = frozenset()
+    # POST routes whose clients send JSON under another Content-Type, or none (SillyTavern's server posts
+    # ComfyUI's /prompt as text/plain, which ComfyUI reads as JSON regardless): taken as JSON, but only from a
+    # request with no Origin, which is never a browser page's (browsers send one with every cross-site POST).
+    untyped_json_routes: frozenset[str] = frozenset()
+    # Whether its clients may send the token as the password of HTTP Basic credentials (any user name): A1111's
+    # clients (Open WebUI, SillyTavern) know only its --api-auth, which is Basic.
+    basic_auth: bool = False
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway

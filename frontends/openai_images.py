@@ -52,7 +52,8 @@ class OpenAIImageRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     size: str | None = Field(default=None, pattern=r"^(auto|\d+x\d+)$",
                              description="WIDTHxHEIGHT, or auto for the model's default")
-    response_format: Literal["url", "b64_json"] = "url"
+    # Unset: url, and b64_json for OpenAI's gpt-image models, which answer only that (their clients send none).
+    response_format: Literal["url", "b64_json"] | None = None
     user: str | None = Field(default=None, max_length=128)
     # Accepted because OpenAI's clients send them; they change nothing here.
     quality: str | None = None
@@ -80,7 +81,7 @@ class OpenAIEditFields(BaseModel):
     model: Name | None = None
     n: int = Field(default=1, ge=1, le=16)
     size: str | None = Field(default=None, pattern=r"^(auto|\d+x\d+)$")
-    response_format: Literal["url", "b64_json"] = "url"
+    response_format: Literal["url", "b64_json"] | None = None  # as the generation request's
     output_format: Literal["png", "webp"] | None = None
     user: str | None = Field(default=None, max_length=128)
     # atelier's own: how far from the image (OpenAI has none; the defaults above otherwise).
@@ -158,13 +159,7 @@ class OpenAISurface(Surface):
             fields["user"] = body.user
         spec = self.gateway.owned(parse(JobSpec, fields), caller)
         result = await self.gateway.generate(spec, caller)
-        data = []
-        for i, output in enumerate(result.outputs):
-            if body.response_format == "b64_json":
-                data.append(OpenAIImage(b64_json=base64.b64encode(output.data).decode("ascii")))
-            else:
-                data.append(OpenAIImage(url=self.gateway.url(result.job, i)))
-        return json_response(OpenAIImagesResponse(created=int(result.job.finished_at or time.time()), data=data))
+        return self._answer(result, body.response_format, body.model)
 
     async def edit(self, request: web.Request) -> web.Response:
         fields, files = await self._form(request)
@@ -226,9 +221,11 @@ class OpenAISurface(Surface):
             spec_fields["user"] = user
         spec = self.gateway.owned(parse(JobSpec, spec_fields), caller)
         result = await self.gateway.generate(spec, caller, inputs)
-        return self._answer(result, fields.response_format)
+        return self._answer(result, fields.response_format, fields.model)
 
-    def _answer(self, result: Any, response_format: str) -> web.Response:
+    def _answer(self, result: Any, response_format: str | None, model: str | None) -> web.Response:
+        if response_format is None:
+            response_format = "b64_json" if model is not None and model.startswith("gpt-image") else "url"
         data = []
         for i, output in enumerate(result.outputs):
             if response_format == "b64_json":

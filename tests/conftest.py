@@ -22,6 +22,11 @@ READY = "ATELIER-READY "
 
 # Nothing in the tests may reach for a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One thread of torch's per process: the suite runs two workers on two cores, each with ateliers of its own
+# beside it, and torch's OpenMP threads spin-wait for each other when more of them run than there are cores
+# (a test of seconds took a minute beside another worker's). Set before torch is imported; the ateliers the
+# tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def descendants(pid: int) -> set[int]:

@@ -95,9 +95,18 @@ def test_memory_and_cmd_flags(listings):
     assert listings["cmd_flags"]["api"] is True
 
 
-def test_without_a_token_a_1111_shaped_401(compat_http):
+def test_without_a_token_a_1111_shaped_401_and_the_token_as_a_basic_password(compat_http):
     response = requests.get(f"{compat_http.url}/sdapi/v1/samplers", timeout=30)
     assert response.status_code == 401 and "token" in response.json()["detail"]
+    # A1111's clients know only its --api-auth (HTTP Basic): the token goes as the password.
+    api = webuiapi.WebUIApi(baseurl=f"{compat_http.url}/sdapi/v1")
+    api.set_auth("ana", compat_http.token("ana"))
+    assert "tiny-sd" in api.util_get_model_names()
+    wrong = requests.get(f"{compat_http.url}/sdapi/v1/samplers", auth=("ana", "not-a-token"), timeout=30)
+    assert wrong.status_code == 401 and "token" in wrong.json()["detail"]
+    # Only where the clients need it: the native API takes no Basic credentials.
+    native = requests.get(f"{compat_http.url}/v1/jobs", auth=("ana", compat_http.token("ana")), timeout=30)
+    assert native.status_code == 401
 
 
 def test_options_choose_the_checkpoint_and_the_prompt_sampler_and_lora_reach_the_job(compat_http):
@@ -171,7 +180,7 @@ def test_skip_cancels_the_callers_current_job_and_progress_can_leave_the_image_o
 
     def long_job():
         answer["response"] = api.session.post(f"{api.baseurl}/txt2img", json={
-            "prompt": "a long night", "width": 64, "height": 64, "steps": 300, "sampler_name": "Euler"})
+            "prompt": "a long night", "width": 60, "height": 64, "steps": 300, "sampler_name": "Euler"})
 
     thread = threading.Thread(target=long_job)
     thread.start()
@@ -183,7 +192,9 @@ def test_skip_cancels_the_callers_current_job_and_progress_can_leave_the_image_o
     assert api.skip() is None
     thread.join(60)
     assert answer["response"].status_code == 409 and answer["response"].json()["detail"]
-    assert jobs(compat_http, "ana", 1)[0]["state"] == "cancelled"
+    [job] = jobs(compat_http, "ana", 1)
+    assert job["state"] == "cancelled"
+    assert job["spec"]["width"] == 56  # A1111 takes any size, and makes it rounded down to a multiple of 8
 
 
 def test_the_rate_limit_answers_429_in_a1111s_shape(compat_http):

@@ -52,6 +52,7 @@ CATALOG = Catalog(models={"tiny-sd": [], "lora-sd": ["ink", "moss"]}, default_mo
 
 def test_a_workflow_is_one_job_with_its_choices():
     w = workflow(**{"4__ckpt_name": "lora-sd", "3__sampler_name": "dpmpp_2m", "3__scheduler": "karras",
+                    "5__width": 70,  # ComfyUI's latent is an eighth of it: the image is 64 wide, in both
                     "3__seed": 2**64 - 1, "5__batch_size": 3, "3__model": ["10", 0], "6__clip": ["10", 1],
                     "10": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
                                                                   "lora_name": "ink.safetensors",
@@ -82,7 +83,7 @@ def test_img2img_and_inpainting_read_the_upload():
     ({"3__sampler_name": "dpm_fast"}, "3", "sampler_name"),
     ({"3__scheduler": "ddim_uniform"}, "3", "scheduler"),
     ({"4__ckpt_name": "sdxl_base.safetensors"}, "4", "ckpt_name"),
-    ({"5__width": 100}, "5", "width"),
+    ({"5__width": 4}, "5", "width"),  # under 8 pixels
     ({"5__batch_size": 64}, "5", "batch_size"),
     ({"3__denoise": 0.5}, "3", "denoise"),
     ({"3__steps": "many"}, "3", "steps"),
@@ -293,6 +294,14 @@ def test_an_unknown_node_is_refused_before_anything_runs(compat_http):
     assert status == 400 and answer["error"]["type"] == "invalid_prompt"
     assert "ETN_KritaOutput" in answer["error"]["message"] and answer["error"]["details"] == "Node ID '#12'"
     assert answer["node_errors"]["12"]["class_type"] == "ETN_KritaOutput"
+    # SillyTavern's server posts the workflow as text/plain, which ComfyUI reads as JSON: so does atelier,
+    # from a request no browser page made (it has no Origin); a page's is refused, JSON or not.
+    text = json.dumps({"prompt": w}).encode()
+    status, answer = call(http, "/api/prompt", "admin", data=text, headers={"Content-Type": "text/plain"})
+    assert status == 400 and answer["error"]["type"] == "invalid_prompt"
+    status, answer = call(http, "/api/prompt", "admin", data=text, headers={"Content-Type": "text/plain",
+                                                                           "Origin": http.url})
+    assert status == 415 and "application/json" in answer["error"]["message"]
     assert call(http, "/v1/jobs?limit=1000", "admin")[1]["jobs"] == before
 
 
