@@ -123,6 +123,9 @@ def shared_catalog(home: Path, folder: Path, *, loras: dict[str, Path], vaes: di
         # test_loras's
         f'[models.lora-sd]\nfamily = "sd1"\nsource = "{loras["model"]}"\n{steps3}'
         f'loras = {{ ink = "{loras["ink"]}", moss = "{loras["moss"]}" }}\n'
+        # test_a1111's and test_comfy's: the same, under a name of their own (test_loras counts lora-sd's loads)
+        f'[models.compat-lora-sd]\nfamily = "sd1"\nsource = "{loras["model"]}"\n{steps3}'
+        f'loras = {{ ink = "{loras["ink"]}", moss = "{loras["moss"]}" }}\n'
         # test_vae_previews's
         f'[models.styled-sd]\nfamily = "sd1"\nsource = "{vaes["model"]}"\n{steps3}'
         f'vae = "{vaes["other-vae"]}"\npreview_decoder = "{vaes["taesd"]}"\n'

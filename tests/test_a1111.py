@@ -116,9 +116,9 @@ def test_options_choose_the_checkpoint_and_the_prompt_sampler_and_lora_reach_the
         response = api.session.post(f"{api.baseurl}/options", json=option)
         assert response.status_code == 422 and next(iter(option)) in response.json()["detail"]
         assert str(next(iter(option.values()))) in response.json()["detail"] or "no such setting" in response.text
-    assert api.set_options({"sd_model_checkpoint": "lora-sd", "CLIP_stop_at_last_layers": 1}) is None  # per user
-    assert api.get_options()["sd_model_checkpoint"] == "lora-sd"
-    assert client(compat_http, "ana").get_options()["sd_model_checkpoint"] != "lora-sd"  # ben's alone
+    assert api.set_options({"sd_model_checkpoint": "compat-lora-sd", "CLIP_stop_at_last_layers": 1}) is None  # per user
+    assert api.get_options()["sd_model_checkpoint"] == "compat-lora-sd"
+    assert client(compat_http, "ana").get_options()["sd_model_checkpoint"] != "compat-lora-sd"  # ben's alone
     try:
         for kwargs, field, what in [({"sampler_name": "Euler Foo"}, "sampler_name", "Euler Foo"),
                                     ({"scheduler": "Simple"}, "scheduler", "Simple"),
@@ -135,14 +135,14 @@ def test_options_choose_the_checkpoint_and_the_prompt_sampler_and_lora_reach_the
         api.set_options({"sd_model_checkpoint": "tiny-sd"})
     assert result.image.size == (64, 64)
     assert result.info["sampler_name"] == "DPM++ 2M" and result.info["scheduler"] == "Karras"
-    assert result.info["sd_model_name"] == "lora-sd" and result.info["all_seeds"] == [7]
+    assert result.info["sd_model_name"] == "compat-lora-sd" and result.info["all_seeds"] == [7]
     spec = jobs(compat_http, "ben", 1)[0]["spec"]
-    assert (spec["user"], spec["model"], spec["prompt"]) == ("compat-ben", "lora-sd", "a cat")
+    assert (spec["user"], spec["model"], spec["prompt"]) == ("compat-ben", "compat-lora-sd", "a cat")
     assert (spec["sampler"], spec["schedule"], spec["loras"]) == ("dpm++2m", "karras", {"ink": 0.5})
     read = info.parameters  # png-info: the PNG's parameters, back in A1111's fields
     assert read["Prompt"] == "a cat <lora:ink:0.5>" and read["Negative prompt"] == ""
     assert (read["Steps"], read["Seed"], read["Size-1"], read["Size-2"], read["Model"]) == ("1", "7", "64", "64",
-                                                                                           "lora-sd")
+                                                                                           "compat-lora-sd")
     assert (read["Sampler"], read["Schedule type"], read["CFG scale"]) == ("dpm++2m", "karras", "5.0")
     assert info.info.startswith("a cat <lora:ink:0.5>\nNegative prompt:")
 

@@ -167,8 +167,8 @@ def test_txt2img_over_the_websocket_then_history_and_view(compat_http):
         first = json.loads(ws.recv())
         assert first["type"] == "status" and first["data"]["sid"] == client_id
         assert isinstance(first["data"]["status"]["exec_info"]["queue_remaining"], int)
-        w = workflow(**{"4__ckpt_name": "lora-sd.safetensors", "3__sampler_name": "dpmpp_2m", "3__scheduler": "karras",
-                        "5__batch_size": 2, "3__model": ["10", 0],
+        w = workflow(**{"4__ckpt_name": "compat-lora-sd.safetensors", "3__sampler_name": "dpmpp_2m",
+                        "3__scheduler": "karras", "5__batch_size": 2, "3__model": ["10", 0],
                         "10": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": "ink",
                                                                                "strength_model": 0.7}}})
         status, answer = call(http, "/prompt", body={"prompt": w, "client_id": client_id})
@@ -200,7 +200,7 @@ def test_txt2img_over_the_websocket_then_history_and_view(compat_http):
     job = native_job(http, "ana", prompt_id)
     spec = job["spec"]
     assert (spec["user"], spec["model"], spec["sampler"], spec["schedule"], spec["loras"], spec["count"],
-            spec["steps"], spec["seed"]) == ("compat-ana", "lora-sd", "dpm++2m", "karras", {"ink": 0.7}, 2, 2, 5)
+            spec["steps"], spec["seed"]) == ("compat-ana", "compat-lora-sd", "dpm++2m", "karras", {"ink": 0.7}, 2, 2, 5)
 
     status, history = call(http, f"/history/{prompt_id}")
     entry = history[prompt_id]
