@@ -162,7 +162,9 @@ def read_parameters(text: str) -> dict[str, str]:
     split into "Size-1" and "Size-2". Values stay text, as in A1111."""
     lines = text.strip().split("\n")
     last = lines[-1] if lines else ""
-    fields = _FIELD.findall(last) if len(_FIELD.findall(last)) >= 3 else []
+    fields = _FIELD.findall(last)
+    if len(fields) < 3:  # not the fields line (A1111's has Steps, Sampler, CFG scale… at least)
+        fields = []
     if fields:
         lines = lines[:-1]
     prompt: list[str] = []
