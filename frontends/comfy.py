@@ -256,8 +256,13 @@ class ComfySurface(Surface):
         self._to(prompt.user, prompt.client_id, json.dumps({"type": kind, "data": data}))
 
     def _to(self, user: str, client_id: str | None, message: str | bytes, droppable: bool = False) -> None:
-        outbox = self.sockets.get((user, client_id)) if client_id else None
-        if outbox is not None:
+        """To the socket of ``client_id``; a prompt posted without one is ComfyUI's broadcast, which goes to
+        every socket of its user here (never to another user's)."""
+        if client_id:
+            outboxes = [self.sockets[user, client_id]] if (user, client_id) in self.sockets else []
+        else:
+            outboxes = [outbox for (owner, _), outbox in self.sockets.items() if owner == user]
+        for outbox in outboxes:
             outbox.put(message, droppable)
 
     def _send_status(self, user: str, client_id: str | None) -> None:
