@@ -153,9 +153,9 @@ class Journal:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (spec.id, spec.user, idempotency_key, client, record.state.value, record.model_dump_json(),
                  record.submitted_at))
-            for name in inputs.names() if inputs is not None else ():
+            for name, data in inputs.files() if inputs is not None else ():
                 self.db.execute("INSERT OR REPLACE INTO inputs (job_id, name, data) VALUES (?, ?, ?)",
-                                (spec.id, name, bytes(getattr(inputs, name))))
+                                (spec.id, name, bytes(data)))
 
     def update(self, records: Iterable[JobRecord], outputs: Mapping[str, Sequence[Artifact]] | None = None) -> int:
         """Writes the jobs whose state changed since last written; returns how many. ``outputs``: a done
@@ -258,7 +258,7 @@ class Journal:
     def inputs(self, job_id: str) -> JobInputs | None:
         """A job's input images, read when it is dispatched: they are not held in memory till then."""
         stored = dict(self.db.execute("SELECT name, data FROM inputs WHERE job_id = ?", (job_id,)).fetchall())
-        return JobInputs(**stored) if stored else None
+        return JobInputs.from_files(stored) if stored else None
 
     def submitter(self, job_id: str) -> tuple[str, str] | None:
         """(user, client) of a journaled job: a retry is the same user's, from the same frontend."""

@@ -68,7 +68,7 @@ SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-
 
 
 # The images a job may start from (JobInputs' fields), and the files a job's outputs may be.
-InputName = Literal["image", "mask", "control_image", "ip_adapter_image"]
+InputName = Literal["image", "mask", "control_image", "ip_adapter_image", "train_images"]
 
 
 OutputFormat = Literal["png", "webp", "mp4", "gif", "wav", "flac"]
@@ -142,6 +142,48 @@ SamplerName = Literal["euler", "euler_a", "heun", "lms", "ddim", "pndm", "unipc"
 ScheduleName = Literal["default", "karras", "exponential", "beta", "trailing"]
 
 
+TrainFamily = Literal["sd1", "sd2", "sdxl", "flux"]  # the families a LoRA can be trained for
+
+MAX_TRAIN_IMAGES = 64  # instance images of one training
+
+
+class TrainSpec(Wire):
+    """A LoRA training (``JobSpec.kind = train``): what to learn, from which images, for how long.
+
+    The job's ``prompt`` is the instance prompt ("a photo of sks dog"), the caption of every image
+    that has none of its own in ``captions``; the images travel as ``JobInputs.train_images``.
+    """
+
+    # The LoRA's name, as its owner's generation jobs choose it (JobSpec.loras) once it is trained.
+    name: Name
+    captions: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=MAX_TRAIN_IMAGES)
+    # Dreambooth's prior preservation: images of the class ("a photo of a dog") made by the base model
+    # itself, trained beside the instance images so the model does not forget what a dog looks like.
+    class_prompt: str | None = Field(default=None, min_length=1, max_length=1000)
+    class_images: int = Field(default=0, ge=0, le=200)
+    prior_loss_weight: float = Field(default=1.0, gt=0, le=10)
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: float | None = Field(default=None, gt=0, le=1024)  # default: the rank (a scale of 1)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    steps: int = Field(default=500, ge=1, le=100_000)
+    resolution: int = Field(default=512, ge=8, le=2048, multiple_of=8)
+    batch_size: int = Field(default=1, ge=1, le=64)
+    train_text_encoder: bool = False  # LoRA adapters on the text encoder(s) too (UNet families)
+    # Every this many steps: a checkpoint into the artifact store (a crash loses at most this many
+    # steps; an interactive job waiting for the device takes it at this boundary), and a sample image.
+    checkpoint_every: int = Field(default=100, ge=1, le=100_000)
+    sample_every: int | None = Field(default=None, ge=1, le=100_000)  # default: checkpoint_every
+    sample_prompt: str | None = Field(default=None, min_length=1, max_length=1000)  # default: the instance prompt
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+    @property
+    def sample_interval(self) -> int:
+        return self.sample_every or self.checkpoint_every
+
+
 class JobSpec(Wire):
     """What a person asks for. Size, steps and guidance left empty take the model's defaults."""
 
@@ -175,12 +217,13 @@ class JobSpec(Wire):
     # Preview images every step, on the job's events: off saves the work for a caller who does not look.
     previews: bool = True
     # Which JobInputs the submit carried: set by the scheduler from the inputs themselves.
-    inputs: list[InputName] = Field(default_factory=list, max_length=4)
+    inputs: list[InputName] = Field(default_factory=list, max_length=5)
     user: str = Field(default="anonymous", min_length=1, max_length=128)
     priority: Priority = Priority.interactive
     # A live session (images as the user types): a newer job of the same user and session
     # replaces this one if it is still queued, and stops it at its next step if it is running.
     session: SessionId | None = None
+    train: TrainSpec | None = None  # kind = train: the training's settings
 
     @field_validator("prompt")
     @classmethod
@@ -197,6 +240,7 @@ class JobInputs(Wire):
     mask: Blob | None = None  # inpainting: white where the image is painted anew
     control_image: Blob | None = None  # ControlNet's condition (edges, depth, pose…)
     ip_adapter_image: Blob | None = None  # IP-Adapter: an image prompt
+    train_images: list[Blob] = Field(default_factory=list, max_length=MAX_TRAIN_IMAGES)  # a training's instances
 
     @field_validator("image", "mask", "control_image", "ip_adapter_image")
     @classmethod
@@ -205,9 +249,30 @@ class JobInputs(Wire):
             raise ValueError(f"{len(value):,} bytes; an input image may have {MAX_INPUT_BYTES:,} at most")
         return value
 
+    @field_validator("train_images")
+    @classmethod
+    def _each_bounded(cls, values: list[Any]) -> list[Any]:
+        for value in values:
+            cls._bounded(value)
+        return values
+
     def names(self) -> list[str]:
-        return [name for name in ("image", "mask", "control_image", "ip_adapter_image")
-                if getattr(self, name) is not None]
+        return [name for name in ("image", "mask", "control_image", "ip_adapter_image", "train_images")
+                if getattr(self, name)]
+
+    def files(self) -> list[tuple[str, Any]]:
+        """Every encoded image with a name of its own: a field's, or ``train_images/<n>`` for a training's."""
+        single = [(name, getattr(self, name)) for name in ("image", "mask", "control_image", "ip_adapter_image")
+                  if getattr(self, name) is not None]
+        return single + [(f"train_images/{n}", data) for n, data in enumerate(self.train_images)]
+
+    @classmethod
+    def from_files(cls, files: dict[str, Any]) -> "JobInputs":
+        """``files()`` read back."""
+        train = sorted((int(name.partition("/")[2]), data) for name, data in files.items()
+                       if name.startswith("train_images/"))
+        single = {name: data for name, data in files.items() if not name.startswith("train_images/")}
+        return cls(**single, train_images=[data for _, data in train])
 
 
 class Artifact(Wire):

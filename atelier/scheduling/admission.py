@@ -91,8 +91,8 @@ def check_images(inputs: JobInputs | None, config: Config) -> None:
     its own submit, never a batch it would share with others. CPU work: call it off the event loop."""
     if inputs is None:
         return
-    for name in inputs.names():
-        _open(getattr(inputs, name), name, config.input_pixel_budget, decode=True).close()
+    for name, data in inputs.files():
+        _open(data, name, config.input_pixel_budget, decode=True).close()
 
 
 def _check_nesting(spec: JobSpec) -> None:

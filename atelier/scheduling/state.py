@@ -38,7 +38,7 @@ JOB_SECONDS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 180
 
 
 def input_bytes(inputs: JobInputs | None) -> int:
-    return sum(len(getattr(inputs, name)) for name in inputs.names()) if inputs is not None else 0
+    return sum(len(data) for _, data in inputs.files()) if inputs is not None else 0
 
 
 @dataclass(frozen=True)
