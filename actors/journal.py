@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from atelier.jobs import Artifact, JobInputs, JobRecord
+from atelier.jobs import Artifact, JobInputs, JobRecord, LoraInfo
 
 log = logging.getLogger("atelier.journal")
 
@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS quarantine (      -- rows a restart could no longer r
     record TEXT,
     reason TEXT NOT NULL,
     quarantined_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loras (           -- the LoRAs users trained (their files are in the artifact store)
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    info TEXT NOT NULL,            -- the LoraInfo as JSON
+    uri TEXT NOT NULL,             -- its diffusers-format file
+    kohya_uri TEXT,                -- the same LoRA in the kohya format
+    PRIMARY KEY (owner, name)
 );
 """
 _INPUT_NAMES = ("image", "mask", "control_image", "ip_adapter_image")
@@ -198,6 +206,45 @@ class Journal:
                 uris += [meta["uri"] for meta in json.loads(outputs) if meta.get("uri")]
         return uris
 
+    # -- trained LoRAs ------------------------------------------------------------- #
+
+    def put_lora(self, lora: LoraInfo, uri: str, kohya_uri: str | None) -> list[str]:
+        """Records a trained LoRA (replacing its owner's of that name); returns the replaced one's file URIs."""
+        with self._transaction():
+            old = self.db.execute("SELECT uri, kohya_uri FROM loras WHERE owner = ? AND name = ?",
+                                  (lora.owner, lora.name)).fetchone()
+            self.db.execute("INSERT OR REPLACE INTO loras (owner, name, info, uri, kohya_uri) VALUES (?, ?, ?, ?, ?)",
+                            (lora.owner, lora.name, lora.model_dump_json(), uri, kohya_uri))
+        return [u for u in old or () if u]
+
+    def share_lora(self, lora: LoraInfo) -> None:
+        with self._transaction():
+            self.db.execute("UPDATE loras SET info = ? WHERE owner = ? AND name = ?",
+                            (lora.model_dump_json(), lora.owner, lora.name))
+
+    def delete_lora(self, owner: str, name: str) -> list[str]:
+        """Forgets a LoRA; returns its files' URIs, for the caller to delete from the store."""
+        with self._transaction():
+            row = self.db.execute("SELECT uri, kohya_uri FROM loras WHERE owner = ? AND name = ?",
+                                  (owner, name)).fetchone()
+            self.db.execute("DELETE FROM loras WHERE owner = ? AND name = ?", (owner, name))
+        return [u for u in row or () if u]
+
+    def loras(self) -> list[LoraInfo]:
+        """Every trained LoRA; a row this version cannot read is left out with a log line."""
+        found = []
+        for owner, name, info in self.db.execute("SELECT owner, name, info FROM loras").fetchall():
+            try:
+                found.append(LoraInfo.model_validate_json(info))
+            except ValidationError as exc:
+                log.warning("journal: LoRA %s of %s cannot be read (%s); left out", name, owner, exc)
+        return found
+
+    def lora_uri(self, owner: str, name: str, *, kohya: bool = False) -> str | None:
+        row = self.db.execute(f"SELECT {'kohya_uri' if kohya else 'uri'} FROM loras WHERE owner = ? AND name = ?",
+                              (owner, name)).fetchone()
+        return row[0] if row else None
+
     def quarantine(self, job_id: str, reason: str) -> None:
         """Moves a row that can no longer be read out of the way: a restart must always come up."""
         log.warning("journal: job %s cannot be restored (%s); moved to the quarantine table", job_id, reason)
@@ -295,5 +342,6 @@ def _first_error(exc: ValidationError) -> str:
 
 def _mark(record: JobRecord) -> tuple:
     """What makes a record worth writing again: its transitions, not its position or ETA."""
-    return record.state, record.attempts, record.runner, record.batch_id, record.reason, len(record.artifacts)
+    return (record.state, record.attempts, record.runner, record.batch_id, record.reason, len(record.artifacts),
+            record.checkpoint)
 

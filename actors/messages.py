@@ -38,6 +38,7 @@ from atelier.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    LoraInfo,
     Name,
     PeerName,
     RunTiming,
@@ -295,6 +296,38 @@ class JobList(Wire):
 class GetModels(Wire, AnsweredBy["Models"]):
     kind: Literal["get_models"] = "get_models"
     route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    user: str | None = Field(default=None, min_length=1, max_length=128)  # also list this user's LoRAs
+
+
+class ListLoras(Wire, AnsweredBy["LoraList"]):
+    """The LoRAs a user may use: their own, and those shared with them."""
+
+    kind: Literal["list_loras"] = "list_loras"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    user: str = Field(min_length=1, max_length=128)
+
+
+class DeleteLora(Wire, AnsweredBy["LoraList"]):
+    kind: Literal["delete_lora"] = "delete_lora"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    user: str = Field(min_length=1, max_length=128)  # only its owner deletes it
+    name: Name
+
+
+class ShareLora(Wire, AnsweredBy["LoraList"]):
+    """Lets other users apply one's LoRA (``users`` replaces the list; empty: shared with no one)."""
+
+    kind: Literal["share_lora"] = "share_lora"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    user: str = Field(min_length=1, max_length=128)
+    name: Name
+    users: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(default_factory=list, max_length=1000)
+
+
+class LoraList(Wire):
+    kind: Literal["lora_list"] = "lora_list"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    loras: list[LoraInfo]
 
 
 class ModelInfo(Wire):
@@ -318,6 +351,9 @@ class ModelInfo(Wire):
     default_duration_s: float | None = None
     max_duration_s: float | None = None
     loras: list[Name] = Field(default_factory=list)  # what JobSpec.loras may choose from
+    # The asking user's trained LoRAs for this model (their own and those shared with them): a job
+    # names them "name" (its own) or "@owner/name".
+    user_loras: list[str] = Field(default_factory=list)
     controlnets: list[Name] = Field(default_factory=list)  # what JobSpec.controlnet may choose from
     ip_adapter: bool = False  # a job may bring an ip_adapter_image
 
@@ -345,6 +381,7 @@ class BatchItem(Wire):
     job: JobSpec  # fully resolved: size, steps, guidance and seed are set
     attempt: int = Field(ge=1)
     inputs: JobInputs | None = None
+    checkpoint: Blob | None = None  # a training's newest checkpoint: it resumes from there
 
 
 class RunBatch(Wire):
@@ -362,6 +399,34 @@ class StopJob(Wire, AnsweredBy["Ok"]):
     route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
     job_id: JobId
     reason: str
+    # A training is asked to make way, not to end: it checkpoints at its next step and is queued again.
+    pause: bool = False
+
+
+class TrainCheckpoint(Wire, AnsweredBy["Ok"]):
+    """A training's state at ``step`` (a safetensors file), kept in the artifact store so a runner that
+    dies, or yields, resumes from it (runner -> scheduler)."""
+
+    kind: Literal["train_checkpoint"] = "train_checkpoint"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
+    job_id: JobId
+    step: int = Field(ge=1)
+    data: Blob
+
+
+class GetLora(Wire, AnsweredBy["LoraFile"]):
+    """The file of a user's trained LoRA, by the reference a resolved job carries (runner -> scheduler)."""
+
+    kind: Literal["get_lora"] = "get_lora"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
+    ref: str = Field(min_length=1, max_length=400)
+
+
+class LoraFile(Wire):
+    kind: Literal["lora_file"] = "lora_file"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner, Via.answer)
+    ref: str
+    data: Blob
 
 
 class BatchUpdate(Wire):
@@ -450,6 +515,7 @@ class Progress(Wire):
     total: int
     elapsed_s: float
     eta_s: float | None
+    loss: float | None = None  # a training's, at this step
 
 
 class Preview(Wire):
@@ -488,9 +554,16 @@ Message = Annotated[
         Release,
         GetModels,
         Models,
+        ListLoras,
+        DeleteLora,
+        ShareLora,
+        LoraList,
         JobResult,
         RunBatch,
         StopJob,
+        TrainCheckpoint,
+        GetLora,
+        LoraFile,
         BatchUpdate,
         BatchDone,
         Draining,

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from actors import keys
+from actors import keys, training_run
 from actors.actor import Actor, RemoteError, handles
 from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
@@ -36,6 +36,7 @@ from actors.messages import (
     BatchUpdate,
     Draining,
     Error,
+    GetLora,
     GetRunnerState,
     Ok,
     Preview,
@@ -50,7 +51,7 @@ from actors.messages import (
 )
 from atelier import media, sources, staging
 from atelier.config import Config
-from atelier.families import GenerateRequest, JobCancelled, get_family
+from atelier.families import GenerateRequest, JobCancelled, get_family, loras
 from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.gang import GangBroken
 from atelier.jobs import Artifact, Capabilities, ErrorCode, JobDone, JobFailed, JobSpec, JobState, RunTiming
@@ -89,6 +90,7 @@ class ActiveBatch:
     stopped: dict[str, str] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
     shutting_down: str | None = None
+    paused: str | None = None  # a training asked to make way for waiting jobs: why
     started: float = field(default_factory=time.monotonic)
     # When its pipeline last showed life (it started running, or finished a step); None while loading.
     progress_at: float | None = None
@@ -108,6 +110,21 @@ class ActiveBatch:
             self.stopped[job_id] = reason
             if len(self.stopped) == len(self.items):
                 self.cancel.set()
+
+    def pause(self, job_id: str, reason: str) -> None:
+        """A training checkpoints at its next step and hands itself back (a generation has nothing to keep)."""
+        if any(spec.id == job_id and spec.train is not None for spec in self.specs):
+            self.paused = reason
+            self.cancel.set()
+
+
+@dataclass
+class _Trained(Exception):
+    """A training's outcome, out of the generation path of ``_execute`` (which it shares up to the load)."""
+
+    def __init__(self, outcome: JobDone | JobFailed):
+        super().__init__(outcome.job_id)
+        self.outcome = outcome
 
 
 @dataclass
@@ -296,7 +313,10 @@ class Runner(Actor):
         if env.src != SCHEDULER:
             return self._not_from_scheduler(env)
         if self.active is not None:
-            self.active.stop(msg.job_id, msg.reason)
+            if msg.pause:
+                self.active.pause(msg.job_id, msg.reason)
+            else:
+                self.active.stop(msg.job_id, msg.reason)
         return Ok()
 
     async def drain(self) -> None:
@@ -320,7 +340,6 @@ class Runner(Actor):
     async def _execute(self, batch: ActiveBatch, scheduler: str) -> None:
         specs = batch.specs
         first = specs[0]
-        loop = asyncio.get_running_loop()
         timing = BatchTiming(images=sum(spec.count for spec in specs))
         out_of_memory = False  # its memory is freed once the exception, and its frames, are gone
         broken = None  # a gang out of step: this process ends once the jobs are handed back
@@ -330,43 +349,10 @@ class Runner(Actor):
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
                 model = await self._load(first.model, timing)
             await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.running))
-            if self.config.models[first.model].compile:
-                batch.first_step_grace = COMPILE_GRACE_S
-            batch.progress_at = time.monotonic()
-
-            def work() -> tuple[dict[str, list[Artifact]], dict[str, str]]:
-                # One trip to the worker per batch, not one per stage: each trip costs two thread
-                # wake-ups, which is most of a short job's cost. Decoding the input images and
-                # encoding the outputs are CPU work too: here, off the event loop.
-                decoded, refused = decode_inputs(batch.items, self.config.input_pixel_budget)
-                for spec in specs:
-                    problem = None if spec.id in refused else model.unreadable([spec.prompt, spec.negative_prompt])
-                    if problem is not None:
-                        refused[spec.id] = problem
-                runnable = [item for item in batch.items if item.job.id not in refused]
-                outputs: dict[str, list[Artifact]] = {}
-                if not runnable:
-                    return outputs, refused
-                reporter = self._step_reporter(batch, [item.job for item in runnable], model.previewer, timing)
-                items = self.engine.generate(first.model, model, runnable, batch_request(runnable, decoded), reporter)
-                start = 0
-                for spec in (item.job for item in runnable):
-                    mine = items[start:start + spec.count]
-                    start += spec.count
-                    outputs[spec.id] = [] if spec.id in batch.stopped else \
-                        [media.encode(item, spec, spec.seed + i) for i, item in enumerate(mine)]
-                return outputs, refused
-
-            per_job, refused = await loop.run_in_executor(self._worker, work)
-            outcomes: list[JobDone | JobFailed] = []
-            for spec in specs:
-                if spec.id in batch.stopped:
-                    outcomes.append(JobFailed(job_id=spec.id, reason=batch.stopped[spec.id], cancelled=True))
-                elif spec.id in refused:  # its own input or prompt: another attempt reads it no better
-                    outcomes.append(JobFailed(job_id=spec.id, reason=refused[spec.id]))
-                else:
-                    outcomes.append(JobDone(job_id=spec.id, outputs=per_job[spec.id],
-                                            elapsed_s=time.monotonic() - batch.started))
+            if first.train is not None:
+                outcomes = [await training_run.run_training(self, batch, model)]
+            else:
+                outcomes = await self._generate(batch, model, timing)
         except JobCancelled:
             outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
         except Exception as exc:
@@ -387,6 +373,63 @@ class Runner(Actor):
                                                 timing=timing.report()))
         if broken is not None:
             self._exit_broken(broken)
+
+    async def _generate(self, batch: ActiveBatch, model: LoadedModel, timing: BatchTiming) -> list[JobDone | JobFailed]:
+        """The batch's pipeline call on the resident ``model``: each job's outcome, in order."""
+        specs = batch.specs
+        first = specs[0]
+        loop = asyncio.get_running_loop()
+        if self.config.models[first.model].compile:
+            batch.first_step_grace = COMPILE_GRACE_S
+        await self._add_user_loras(model, first.loras)
+        batch.progress_at = time.monotonic()
+
+        def work() -> tuple[dict[str, list[Artifact]], dict[str, str]]:
+            # One trip to the worker per batch, not one per stage: each trip costs two thread
+            # wake-ups, which is most of a short job's cost. Decoding the input images and
+            # encoding the outputs are CPU work too: here, off the event loop.
+            decoded, refused = decode_inputs(batch.items, self.config.input_pixel_budget)
+            for spec in specs:
+                problem = None if spec.id in refused else model.unreadable([spec.prompt, spec.negative_prompt])
+                if problem is not None:
+                    refused[spec.id] = problem
+            runnable = [item for item in batch.items if item.job.id not in refused]
+            outputs: dict[str, list[Artifact]] = {}
+            if not runnable:
+                return outputs, refused
+            reporter = self._step_reporter(batch, [item.job for item in runnable], model.previewer, timing)
+            items = self.engine.generate(first.model, model, runnable, batch_request(runnable, decoded), reporter)
+            start = 0
+            for spec in (item.job for item in runnable):
+                mine = items[start:start + spec.count]
+                start += spec.count
+                outputs[spec.id] = [] if spec.id in batch.stopped else \
+                    [media.encode(item, spec, spec.seed + i) for i, item in enumerate(mine)]
+            return outputs, refused
+
+        per_job, refused = await loop.run_in_executor(self._worker, work)
+        outcomes: list[JobDone | JobFailed] = []
+        for spec in specs:
+            if spec.id in batch.stopped:
+                outcomes.append(JobFailed(job_id=spec.id, reason=batch.stopped[spec.id], cancelled=True))
+            elif spec.id in refused:  # its own input or prompt: another attempt reads it no better
+                outcomes.append(JobFailed(job_id=spec.id, reason=refused[spec.id]))
+            else:
+                outcomes.append(JobDone(job_id=spec.id, outputs=per_job[spec.id],
+                                        elapsed_s=time.monotonic() - batch.started))
+        return outcomes
+
+    async def _add_user_loras(self, model: LoadedModel, chosen: dict[str, float]) -> None:
+        """Loads into the resident model the users' trained LoRAs a batch chooses ("@<version>") that it
+        does not hold yet, their files asked of the scheduler: the base model stays as it is."""
+        for ref in chosen:
+            if not ref.startswith("@") or ref in model.loras:
+                continue
+            try:
+                found = await self.ask(SCHEDULER, GetLora(ref=ref), timeout=60.0)
+            except RemoteError as exc:
+                raise sources.ModelSourceError(exc.error.message) from None
+            await asyncio.get_running_loop().run_in_executor(self._worker, loras.add_user_lora, model, ref, found.data)
 
     @staticmethod
     def _stopped_outcome(batch: ActiveBatch, spec: JobSpec) -> JobFailed:

@@ -21,6 +21,8 @@ import asyncio
 import logging
 import sqlite3
 import time
+import urllib.parse
+import uuid
 
 from actors import keys
 from actors.actor import Actor, RemoteError, UnexpectedReply, handles
@@ -34,9 +36,11 @@ from actors.messages import (
     BatchUpdate,
     CancelJob,
     ClusterStatus,
+    DeleteLora,
     Draining,
     Error,
     GetJob,
+    GetLora,
     GetModels,
     GetResult,
     GetRunnerState,
@@ -46,7 +50,10 @@ from actors.messages import (
     JobList,
     JobResult,
     ListJobs,
+    ListLoras,
     LoaderState,
+    LoraFile,
+    LoraList,
     ModelInfo,
     Models,
     Ok,
@@ -56,12 +63,24 @@ from actors.messages import (
     Role,
     RunBatch,
     RunnerStatus,
+    ShareLora,
     StopJob,
     Submit,
+    TrainCheckpoint,
 )
 from atelier.artifacts import ArtifactStore
 from atelier.config import Config
-from atelier.jobs import Artifact, ErrorCode, JobDone, JobFailed, JobInputs, JobKind, JobRecord, JobState
+from atelier.jobs import (
+    Artifact,
+    ErrorCode,
+    JobDone,
+    JobFailed,
+    JobInputs,
+    JobKind,
+    JobRecord,
+    JobState,
+    LoraInfo,
+)
 from atelier.runtime import Failure, process_main, process_parser
 from atelier.scheduling import admission
 from atelier.scheduling.policy import (
@@ -99,6 +118,8 @@ class Scheduler(Actor):
         self._wake: asyncio.TimerHandle | None = None
         self._sending = asyncio.Lock()  # effects go out in the order the policy decided them
         self.journal = Journal(config.journal_path)
+        for lora in self.journal.loras():  # before the jobs: a queued job may use one
+            self.policy.loras.put(lora)
         self._restore()
 
     def _restore(self) -> None:
@@ -321,8 +342,99 @@ class Scheduler(Actor):
                                    max_frames=lim.max_frames, default_fps=lim.default_fps,
                                    default_duration_s=lim.default_duration_s, max_duration_s=lim.max_duration_s,
                                    loras=sorted(entry.loras), controlnets=sorted(entry.controlnets),
+                                   user_loras=self._lora_names(msg.user, name) if msg.user else [],
                                    ip_adapter=entry.ip_adapter is not None))
         return Models(models=infos)
+
+    # -- trained LoRAs ------------------------------------------------------- #
+
+    def _lora_names(self, user: str, model: str) -> list[str]:
+        """How ``user``'s jobs name the LoRAs they may use on ``model``: their own by name, others' as @owner/name."""
+        return [lora.name if lora.owner == user else f"@{lora.owner}/{lora.name}"
+                for lora in self.policy.loras.usable_by(user, model)]
+
+    @handles(ListLoras)
+    async def on_list_loras(self, msg: ListLoras, env: Envelope) -> LoraList:
+        return LoraList(loras=self.policy.loras.usable_by(msg.user))
+
+    @handles(DeleteLora)
+    async def on_delete_lora(self, msg: DeleteLora, env: Envelope) -> LoraList | Error:
+        if self.policy.loras.get(msg.user, msg.name) is None:
+            return Error(code=ErrorCode.unknown_model, field="name", message=f"{msg.user} has no LoRA {msg.name!r}")
+        uris = self.journal.delete_lora(msg.user, msg.name)
+        self.policy.loras.remove(msg.user, msg.name)
+        await asyncio.to_thread(self.store.delete, uris)
+        log.info("LoRA %s of %s deleted", msg.name, msg.user)
+        return LoraList(loras=self.policy.loras.usable_by(msg.user))
+
+    @handles(ShareLora)
+    async def on_share_lora(self, msg: ShareLora, env: Envelope) -> LoraList | Error:
+        lora = self.policy.loras.get(msg.user, msg.name)
+        if lora is None:
+            return Error(code=ErrorCode.unknown_model, field="name", message=f"{msg.user} has no LoRA {msg.name!r}")
+        shared = lora.model_copy(update={"shared_with": sorted(set(msg.users) - {msg.user})})
+        self.journal.share_lora(shared)
+        self.policy.loras.put(shared)
+        return LoraList(loras=self.policy.loras.usable_by(msg.user))
+
+    @handles(GetLora)
+    async def on_get_lora(self, msg: GetLora, env: Envelope) -> LoraFile | Error:
+        lora = self.policy.loras.by_ref(msg.ref)
+        uri = self.journal.lora_uri(lora.owner, lora.name) if lora is not None else None
+        data = await asyncio.to_thread(self.store.read, uri) if uri else None
+        if data is None:
+            return Error(code=ErrorCode.unknown_model, field="loras",
+                         message=f"LoRA {msg.ref} was deleted or trained again since the job was submitted")
+        return LoraFile(ref=msg.ref, data=data)
+
+    @handles(TrainCheckpoint)
+    async def on_train_checkpoint(self, msg: TrainCheckpoint, env: Envelope) -> Ok | Error:
+        job = self.policy.find(msg.job_id)
+        if job is None or job.runner != env.src:
+            return Error(code=ErrorCode.forbidden, message=f"job {msg.job_id} is not {env.src[:128]}'s")
+        try:
+            uri = await asyncio.to_thread(self.store.put, f"checkpoints/{msg.job_id}/{msg.step:08d}.safetensors",
+                                          bytes(msg.data), "application/octet-stream")
+        except OSError as exc:  # the training goes on; a crash now resumes from the checkpoint before
+            log.error("artifacts: cannot store checkpoint %d of job %s: %s", msg.step, msg.job_id, exc)
+            return Error(code=ErrorCode.internal, message=f"the checkpoint could not be stored: {exc}")
+        replaced = self.policy.checkpointed(env.src, msg.job_id, uri, msg.step)
+        if replaced != uri:
+            self._write_now(job)  # a crash from here on resumes from this step
+        if replaced is not None:
+            await asyncio.to_thread(self.store.delete, [replaced])
+        return Ok()
+
+    def _write_now(self, job) -> None:
+        try:
+            self.journal.update([job.record(self.clock())])
+        except sqlite3.Error:
+            log.exception("journal: cannot write job %s's checkpoint", job.id)
+
+    def _store_lora(self, spec, outputs: list[Artifact]) -> tuple[Artifact, ...]:
+        """A finished training's LoRA files (diffusers format, then kohya) into the store, under its owner's
+        name, kept for good (no retention applies); the outputs with their URIs. Off the event loop."""
+        version = uuid.uuid4().hex[:16]
+        kept = []
+        for artifact, suffix in zip(outputs, ("", ".kohya"), strict=False):
+            uri = self.store.put(f"loras/{_key_part(spec.user)}/{spec.train.name}-{version}{suffix}.safetensors",
+                                 bytes(artifact.data), artifact.media_type)
+            kept.append(artifact.model_copy(update={"uri": uri}))
+        return tuple(kept)
+
+    async def _register_lora(self, spec, kept: tuple[Artifact, ...]) -> None:
+        """Makes a stored LoRA usable by name in its owner's jobs from now on, replacing one of that name."""
+        version = kept[0].uri.rsplit("-", 1)[-1].split(".", 1)[0]
+        lora = LoraInfo(name=spec.train.name, owner=spec.user, model=spec.model, version=version, job_id=spec.id,
+                        created_at=self.clock(), bytes=len(kept[0].data))
+        try:
+            replaced = self.journal.put_lora(lora, kept[0].uri, kept[1].uri if len(kept) > 1 else None)
+        except sqlite3.Error:
+            log.exception("journal: cannot record LoRA %s of %s", lora.name, lora.owner)
+            return
+        self.policy.loras.put(lora)
+        await asyncio.to_thread(self.store.delete, replaced)
+        log.info("LoRA %s of %s trained on %s (job %s)", lora.name, lora.owner, lora.model, spec.id)
 
     # -- runners ------------------------------------------------------------- #
 
@@ -349,6 +461,8 @@ class Scheduler(Actor):
         stored = {outcome.job_id: where for outcome, where in outcomes if where is not None}
         for job, outcome in done:
             uris, outputs = stored.get(outcome.job_id, ([], ()))
+            if job.spec.kind is JobKind.train and outputs and job.live:
+                await self._register_lora(job.spec, outputs)
             self.policy.complete(job, uris, outputs, now)
         await self._schedule()
         return Ok()  # the runner may forget the outcomes now
@@ -363,6 +477,11 @@ class Scheduler(Actor):
                 stored.append((outcome, None))  # the policy settles (or ignores) it as it is
                 continue
             try:
+                job = self.policy.find(outcome.job_id)
+                if job is not None and job.spec.kind is JobKind.train:
+                    kept = self._store_lora(job.spec, outcome.outputs)
+                    stored.append((outcome, ([a.uri for a in kept], kept)))
+                    continue
                 uris = self.store.put_all(outcome.job_id, outcome.outputs)
             except OSError as exc:
                 log.error("artifacts: cannot store the outputs of job %s: %s", outcome.job_id, exc)
@@ -398,14 +517,18 @@ class Scheduler(Actor):
             elif isinstance(effect, Deliver):
                 await self._announce(record)
                 await self.send(effect.job.client, JobResult(job=record, outputs=list(effect.outputs)))
+                if effect.job.checkpoint:  # a training that ended: nothing resumes from it now
+                    uri, effect.job.checkpoint = effect.job.checkpoint, None
+                    self._tasks.spawn(asyncio.to_thread(self.store.delete, [uri]), "drop-checkpoint")
             elif isinstance(effect, Dispatch):
                 # Inputs come off the disk now, not held in memory while the job waited.
                 items = [BatchItem(job=spec, attempt=attempt,
-                                   inputs=inputs if inputs is not None else self._inputs(spec.id))
-                         for spec, attempt, inputs in effect.items]
+                                   inputs=inputs if inputs is not None else self._inputs(spec.id),
+                                   checkpoint=await self._checkpoint(checkpoint) if checkpoint else None)
+                         for spec, attempt, inputs, checkpoint in effect.items]
                 await self._send_batch(effect.batch.runner, RunBatch(batch_id=effect.batch.id, items=items))
             elif isinstance(effect, StopRunning):
-                await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason))
+                await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason, pause=effect.pause))
             elif isinstance(effect, PreloadModels):
                 await self.send(loader_name(effect.node), Preload(models=list(effect.models)))
 
@@ -419,6 +542,13 @@ class Scheduler(Actor):
             self.journal.update(written, outputs)
         except sqlite3.Error:  # serving goes on; a restart now would redo these transitions
             log.exception("journal: cannot write %d job transitions", len(written))
+
+    async def _checkpoint(self, uri: str) -> bytes | None:
+        """A training's checkpoint, to resume from; None where it is gone (it starts over, and says so)."""
+        data = await asyncio.to_thread(self.store.read, uri)
+        if data is None:
+            log.warning("artifacts: checkpoint %s is gone; its training starts from step 0", uri)
+        return data
 
     def _inputs(self, job_id: str) -> JobInputs | None:
         try:
@@ -487,11 +617,17 @@ class Scheduler(Actor):
         """Forgets jobs ended more than journal_keep_days ago; their artifacts go with them (deleted
         here unless ``delete`` is off: then the caller deletes the URIs returned)."""
         before = now - self.config.scheduler.journal_keep_days * 86400
-        uris = self.journal.artifacts_before(before)
+        # A training's outputs are its owner's LoRA, which stays until they delete it.
+        uris = [uri for uri in self.journal.artifacts_before(before) if "/loras/" not in uri]
         self.journal.prune(before)
         if delete:
             self.store.delete(uris)
         return uris
+
+
+def _key_part(text: str) -> str:
+    """A user's name as one path part of a store key (it may hold anything: "discord:123", "a/b")."""
+    return urllib.parse.quote(text, safe="")
 
 
 def _error(refused: Refused) -> Error:

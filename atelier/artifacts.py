@@ -62,6 +62,24 @@ class ArtifactStore:
             uris.append(path.resolve().as_uri())
         return uris
 
+    def put(self, key: str, data: bytes, media_type: str = "application/octet-stream") -> str:
+        """Writes one object (a checkpoint, a LoRA) under ``<root>/<key>``; returns its URI."""
+        parts = key.split("/")
+        if not key or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"artifact key {key!r}: a relative path without . or .. parts")
+        path = self.root.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return path.resolve().as_uri()
+
     def delete(self, uris: Sequence[str]) -> int:
         """Removes stored artifacts (their jobs left the journal); returns how many were there."""
         removed = 0

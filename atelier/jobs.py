@@ -225,6 +225,14 @@ class JobSpec(Wire):
     session: SessionId | None = None
     train: TrainSpec | None = None  # kind = train: the training's settings
 
+    @property
+    def work_steps(self) -> int | None:
+        """Denoising steps' worth of work, for estimates: a training step is a forward and a backward pass
+        over its batch, about three denoising steps per image."""
+        if self.train is not None:
+            return 3 * self.train.steps * self.train.batch_size
+        return self.steps
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
@@ -305,6 +313,27 @@ class JobRecord(Wire):
     started_at: float | None = None
     finished_at: float | None = None
     artifacts: list[str] = Field(default_factory=list)
+    # A training: its newest checkpoint in the artifact store, and the steps that checkpoint holds.
+    checkpoint: str | None = None
+    trained_steps: int = 0
+
+
+class LoraInfo(Wire):
+    """A LoRA a user trained: usable by name in its owner's jobs (and theirs it is shared with)."""
+
+    name: Name
+    owner: str = Field(min_length=1, max_length=128)
+    model: Name  # the base model it was trained on, and the one it applies to
+    version: str = Field(pattern=r"^[0-9a-f]{8,32}$")  # unique: a new one each time it is trained
+    job_id: JobId  # the training that made it
+    created_at: float
+    bytes: int = 0
+    shared_with: list[str] = Field(default_factory=list, max_length=1000)
+
+    @property
+    def ref(self) -> str:
+        """How a job names it once resolved (JobSpec.loras), and runners cache it: ``@<version>``."""
+        return f"@{self.version}"
 
 
 class Capabilities(Wire):
@@ -358,6 +387,9 @@ class JobFailed(Wire):
     reason: str
     cancelled: bool = False
     retryable: bool = False  # True when the job itself is fine and another try may succeed
+    # A training that stopped at a checkpoint to let waiting jobs have the device: it resumes from
+    # there, and no attempt counts.
+    yielded: bool = False
 
 
 class RunTiming(Wire):

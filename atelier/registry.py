@@ -19,6 +19,8 @@ FORMATS: dict[str, tuple[str, ...]] = {"image": ("png", "webp"), "video": ("mp4"
                                        "audio": ("wav", "flac")}
 
 _EDITS = frozenset({"txt2img", "img2img"})
+# The families a LoRA can be trained for (atelier/training/): they also take training jobs.
+_TRAINABLE = _EDITS | {"train"}
 
 # Gangs (one job across several devices): the degrees of a catalog entry's ``parallel`` layout
 # (atelier.config.ParallelLayout) each backend can split a family's pipeline by. From xDiT's README
@@ -138,12 +140,12 @@ _ROWS = (
     FamilySpec(name="sd1", samplers="discrete", adapter="atelier.families.sd:SD15Family", denoiser="unet",
                limits=FamilyLimits(default_steps=30, default_guidance=7.5, max_width=1024, max_height=1024,
                                    default_width=512, default_height=512, max_count=8, max_batch=8,
-                                   max_batch_cpu=4, kinds=_EDITS, inpaint=True),
+                                   max_batch_cpu=4, kinds=_TRAINABLE, inpaint=True),
                single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
                                   ("text encoder", ("cond_stage_model.transformer.",))),
                tiny_model="tiny-sd", tiny_builder="atelier.tiny_models:build_tiny_sd"),
     FamilySpec(name="sdxl", samplers="discrete", adapter="atelier.families.sd:SDXLFamily", denoiser="unet",
-               limits=FamilyLimits(default_steps=30, default_guidance=5.0, kinds=_EDITS, inpaint=True),
+               limits=FamilyLimits(default_steps=30, default_guidance=5.0, kinds=_TRAINABLE, inpaint=True),
                single_file_parts=(("UNet", _LDM_UNET), ("VAE", _LDM_VAE),
                                   ("first text encoder", ("conditioner.embedders.0.",)),
                                   ("second text encoder", ("conditioner.embedders.1.",))),
@@ -158,7 +160,7 @@ _ROWS = (
     # SD 2.x: 768 px (the v-prediction models; the 512 px base ones set their size in the catalog).
     FamilySpec(name="sd2", samplers="discrete", adapter="atelier.families.sd:SD2Family", denoiser="unet",
                limits=FamilyLimits(default_steps=30, default_guidance=7.5, max_width=1536, max_height=1536,
-                                   default_width=768, default_height=768, max_count=8, kinds=_EDITS,
+                                   default_width=768, default_height=768, max_count=8, kinds=_TRAINABLE,
                                    inpaint=True),
                tiny_model="tiny-sd2", tiny_builder="atelier.tiny.sd2_sd3_flux:build_tiny_sd2"),
     # Defaults are diffusers' own for these pipelines. SD3 medium's position embeddings end at
@@ -180,7 +182,7 @@ _ROWS = (
     # guidance is FLUX.1-dev's distilled guidance embedding (schnell ignores it), not CFG.
     FamilySpec(name="flux", samplers="flow",
                bfloat16_auto=True, adapter="atelier.families.sd3_flux:FluxFamily", denoiser="transformer",
-               limits=FamilyLimits(default_steps=28, default_guidance=3.5, kinds=_EDITS, inpaint=True),
+               limits=FamilyLimits(default_steps=28, default_guidance=3.5, kinds=_TRAINABLE, inpaint=True),
                gguf_transformer="FluxTransformer2DModel",
                # xDiT: USP; no CFG parallel, FLUX.1 has no CFG. diffusers: context parallelism
                # (FluxTransformer2DModel's _cp_plan), Ulysses and ring.

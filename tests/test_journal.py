@@ -155,12 +155,12 @@ def test_a_busy_runners_refusal_counts_no_attempt_and_its_own_batch_is_waited_fo
     policy.schedule(2.0)
     dispatch = next(e for e in policy.drain() if isinstance(e, Dispatch))
     refusal = [JobFailed(job_id=spec.id, retryable=True, reason="r1 is busy with batch old")
-               for spec, _, _ in dispatch.items]
+               for spec, *_ in dispatch.items]
     policy.batch_done("r1", dispatch.batch.id, refusal, {}, RunTiming(), 3.0, refused=True,
                       active=("old", [before.spec.id]))
     # No attempt counted (max_attempts 1 would have failed them), and the runner is busy with its old
     # batch, which now holds the restored job: nothing is dispatched to it until that ends.
-    assert all(policy.job(spec.id).attempts == 0 for spec, _, _ in dispatch.items
+    assert all(policy.job(spec.id).attempts == 0 for spec, *_ in dispatch.items
                if spec.id != before.spec.id)
     assert policy.job(before.spec.id).state is JobState.running
     assert policy.job(new.spec.id).state is JobState.queued

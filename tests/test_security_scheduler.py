@@ -432,7 +432,7 @@ def test_l4_the_planner_caps_a_batch_at_what_one_message_carries(tmp_path: Path)
     assert (planner.MAX_BLOBS, planner.MAX_HEAD_BYTES * 2) == (codec.MAX_FRAMES, codec.MAX_HEAD_BYTES)
     # 96 images would be one batch by the model's size (1024): its BatchDone would carry 96 blobs.
     many = _first_batch(tmp_path, [JobSpec(model="wide", prompt="p", count=16, seed=1) for _ in range(6)])
-    assert sum(spec.count for spec, _, _ in many.items) == codec.MAX_FRAMES
+    assert sum(spec.count for spec, *_ in many.items) == codec.MAX_FRAMES
     # 200 long prompts: one RunBatch of them all would have a head of about 1.6 MB.
     wordy = _first_batch(tmp_path, [JobSpec(model="wide", prompt="x" * 4000, negative_prompt="y" * 4000, seed=2)
                                     for _ in range(200)])

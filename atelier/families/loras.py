@@ -36,6 +36,28 @@ def load_loras(model: LoadedModel, loras: dict[str, str]) -> None:
         pipe.disable_lora()
 
 
+MAX_USER_LORAS = 16  # users' trained LoRAs kept loaded in one model at once (the oldest goes first)
+
+
+def add_user_lora(model: LoadedModel, ref: str, data: bytes) -> None:
+    """Loads a user's trained LoRA (a diffusers-format .safetensors file's bytes) into the resident pipeline
+    as the adapter ``ref`` (its unique reference, "@<version>"), off until a call asks: the base model is
+    not reloaded. Beyond MAX_USER_LORAS, the oldest user adapter is deleted."""
+    from safetensors.torch import load
+
+    pipe = model.pipe
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"{type(pipe).__name__} takes no LoRAs")
+    users = [name for name in model.loras if name.startswith("@")]
+    if len(users) >= MAX_USER_LORAS:
+        pipe.delete_adapters(users[0])
+        model.loras = tuple(name for name in model.loras if name != users[0])
+    pipe.load_lora_weights(load(bytes(data)), adapter_name=ref)
+    model.loras += (ref,)
+    # Off again (the load turns the new adapter on) until a call chooses it.
+    use_loras(model, model.active_loras)
+
+
 def use_loras(model: LoadedModel, chosen: tuple[tuple[str, float], ...]) -> None:
     """Switches the model's adapters for one call: the chosen ones at their scales, the others off."""
     if not model.loras:

@@ -16,7 +16,7 @@ import random
 
 from atelier import samplers
 from atelier.config import Config
-from atelier.jobs import ErrorCode, JobInputs, JobKind, JobSpec
+from atelier.jobs import ErrorCode, JobInputs, JobKind, JobSpec, Priority
 from atelier.media import InputImageError, open_input
 from atelier.registry import FAMILIES, FamilyLimits
 
@@ -57,6 +57,12 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
     what = f"{spec.model} ({entry.family})"
     if spec.kind.value not in lim.kinds:
         raise _bad("kind", f"{what} does not do {spec.kind.value}; it does {', '.join(sorted(lim.kinds))}")
+    if spec.kind is JobKind.train or spec.train is not None:
+        if entry.parallel is not None:
+            raise _bad("model", f"model: {spec.model} runs on a gang (its catalog entry has parallel), and a "
+                                "training runs on one device; train on a model without parallel")
+        _check_training(spec, inputs, lim, config.input_pixel_budget)
+        return
     for name, value, limit in (("width", spec.width, lim.max_width), ("height", spec.height, lim.max_height)):
         if value is not None and value > limit:
             raise _bad(name, f"{name} {value} is above {spec.model}'s limit of {limit}")
@@ -69,12 +75,42 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
     _check_inputs(spec, inputs, lim, what, config.input_pixel_budget)
     _check_media(spec, lim, what)
     _check_sampler(spec, entry)
-    unknown = sorted(set(spec.loras) - set(entry.loras))
+    # "@owner/name" is a user's trained LoRA, resolved (and its use allowed) by the policy's LoraBook.
+    unknown = sorted(name for name in set(spec.loras) - set(entry.loras) if not name.startswith("@"))
     if unknown:
         offered = ", ".join(sorted(entry.loras)) or "none"
         raise _bad("loras", f"loras: {spec.model} has no LoRA {unknown[0]!r} (it has: {offered})")
     _check_conditioning(spec, set(inputs.names()) if inputs is not None else set(), entry.controlnets,
                         entry.ip_adapter is not None)
+
+
+def _check_training(spec: JobSpec, inputs: JobInputs | None, lim: FamilyLimits, max_pixels: int) -> None:
+    """A training: its settings, one to MAX_TRAIN_IMAGES instance images and nothing else."""
+    train = spec.train
+    if spec.kind is not JobKind.train:
+        raise _bad("train", f"train: only a job of kind train has training settings, not {spec.kind.value}")
+    if train is None:
+        raise _bad("train", "train: a training job needs its settings (at least a name for the LoRA)")
+    images = inputs.train_images if inputs is not None else []
+    if not images:
+        raise _bad("train_images", "train_images: a training needs at least one instance image")
+    others = [name for name in (inputs.names() if inputs is not None else []) if name != "train_images"]
+    if others:
+        raise _bad(others[0], f"{others[0]}: a training takes instance images only (train_images)")
+    if len(train.captions) > len(images):
+        raise _bad("train.captions", f"train.captions: {len(train.captions)} captions for {len(images)} images")
+    side = min(lim.max_width, lim.max_height)
+    if train.resolution > side:
+        raise _bad("train.resolution", f"train.resolution {train.resolution} is above {spec.model}'s limit of {side}")
+    if train.class_images and train.class_prompt is None:
+        raise _bad("train.class_prompt", "train.class_prompt: prior preservation (class_images) needs the class "
+                                         "prompt its images are made from")
+    for name, value in (("count", spec.count != 1), ("loras", spec.loras), ("controlnet", spec.controlnet),
+                        ("sampler", spec.sampler), ("session", spec.session)):
+        if value:
+            raise _bad(name, f"{name}: a training job takes none (its settings are in train)")
+    for n, data in enumerate(images):
+        _image_size(data, max_pixels, f"train_images/{n}")
 
 
 def _check_sampler(spec: JobSpec, entry) -> None:
@@ -161,6 +197,13 @@ def _check_media(spec: JobSpec, lim: FamilyLimits, what: str) -> None:
 def resolve(spec: JobSpec, inputs: JobInputs | None, config: Config, rng: random.Random) -> JobSpec:
     """The job with every default filled in, and a seed, so every attempt makes the same outputs."""
     lim = config.models[spec.model].limits
+    if spec.kind is JobKind.train:
+        # Batch priority, whoever asks: a training yields the device to people waiting for an image.
+        side = spec.train.resolution
+        return spec.model_copy(update={"width": side, "height": side, "priority": Priority.batch, "steps": None,
+                                       "seed": rng.randrange(2**32) if spec.seed is None else spec.seed,
+                                       "inputs": inputs.names() if inputs is not None else [], "previews": True,
+                                       "output_format": None, "guidance": None})
     width, height = spec.width, spec.height
     if inputs is not None and inputs.image is not None and (width is None or height is None):
         # A job that starts from an image keeps its size (within the model's limits, in steps of 8).

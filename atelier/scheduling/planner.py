@@ -159,7 +159,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
         load = _load_s(spec.model, runner, holds[runner.name], state, estimates)
         finish = free_at[runner.name] + load + run_s(estimates, spec.model, runner, proxies[runner.name],
                                                      width=spec.width, height=spec.height, images=images,
-                                                     steps=spec.steps)
+                                                     steps=spec.work_steps)
         until = _waits_until(members, images, runner, config, estimates, now) if immediate else None
         if until is not None:
             # Waiting for company: the runner stays free for other work meanwhile.
@@ -208,7 +208,7 @@ def place_rest(state: State, estimates: Estimates, planned: Plan, usable: list[R
             continue
         spec = state.jobs[entry.id].spec
         backlog += estimates.run_s(spec.model, runner.device_name, width=spec.width, height=spec.height,
-                                   images=spec.count, steps=spec.steps)
+                                   images=spec.count, steps=spec.work_steps)
         places.append(Place(state.jobs[entry.id], position, start + backlog / len(spread)))
         position += 1
     return places
@@ -221,7 +221,7 @@ def batch_run_s(state: State, estimates: Estimates, batch: Batch, runner: Runner
         return 0.0
     spec = first.spec
     return run_s(estimates, batch.model, runner, _proxy(runner, state.sharing(runner)), width=spec.width,
-                 height=spec.height, images=batch.images, steps=spec.steps)
+                 height=spec.height, images=batch.images, steps=spec.work_steps)
 
 
 def run_s(estimates: Estimates, model: str, runner: Runner, proxy: str | None, *, width: int, height: int,
@@ -245,7 +245,7 @@ def _placement(job: Job, runner: Runner, free_at: dict[str, float], holds: dict[
         return (free_at[runner.name], not has_model, -runner.gang, runner.name)
     finish = free_at[runner.name] + _load_s(spec.model, runner, holds[runner.name], state, estimates) + run_s(
         estimates, spec.model, runner, proxies[runner.name], width=spec.width, height=spec.height,
-        images=spec.count, steps=spec.steps)
+        images=spec.count, steps=spec.work_steps)
     # Ties: the runner that has the model, then an idle one, then a gang over a single (nothing measured
     # yet says which is faster; the gang's devices are the singles' too), then the one holding fewest
     # models (loading there evicts least, and models spread over the devices).
@@ -281,7 +281,7 @@ def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[
         run = runs.get(key)
         if run is None:
             run = runs[key] = run_s(estimates, spec.model, runner, proxies[runner.name], width=spec.width,
-                                    height=spec.height, images=spec.count, steps=spec.steps)
+                                    height=spec.height, images=spec.count, steps=spec.work_steps)
         seconds = _load_s(spec.model, runner, held, state, estimates) + run
         held.add(spec.model)
         return seconds

@@ -38,9 +38,11 @@ from atelier.jobs import (
     JobDone,
     JobFailed,
     JobInputs,
+    JobKind,
     JobRecord,
     JobSpec,
     JobState,
+    Priority,
     RunTiming,
     SchedulerStats,
 )
@@ -48,6 +50,7 @@ from atelier.scheduling import admission, planner, reconcile
 from atelier.scheduling.admission import Refused
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry
+from atelier.scheduling.loras import LoraBook
 from atelier.scheduling.state import (
     PRIORITY_CLASS,
     Announce,
@@ -74,11 +77,12 @@ REPLAN_BUSY_S = 0.05
 MIB = 1 << 20
 
 
-def _cannot_run(spec: JobSpec, inputs: JobInputs | None, config: Config) -> str | None:
+def _cannot_run(spec: JobSpec, inputs: JobInputs | None, config: Config, loras: LoraBook) -> str | None:
     """Why a job accepted before a restart can no longer run here, in words a person can act on."""
     if spec.model not in config.models:
         return f"model {spec.model!r} is no longer in the catalog"
     try:
+        loras.resolve(spec, config.models[spec.model].loras)
         admission.check(spec, inputs, config)
     except Refused as refused:
         return refused.message
@@ -108,6 +112,7 @@ class Policy:
         self.settings = config.scheduler
         self.estimates = estimates or Estimates()
         self.state = State(self.settings)
+        self.loras = LoraBook()  # the users' trained LoRAs: the scheduler fills it from its journal
         self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._fresh: list[Job] = []  # submitted, not yet announced
         self._held: set[str] = set()  # submitted with hold: not queued until admitted
@@ -181,6 +186,9 @@ class Policy:
             known = self.by_key(spec.user, idempotency_key)
             if known is not None:
                 return known
+        entry = self.config.models.get(spec.model)
+        if entry is not None:
+            spec = self.loras.resolve(spec, entry.loras)
         admission.check(spec, inputs, self.config)
         size = input_bytes(inputs)
         self._check_input_budget(spec.user, size, now)
@@ -251,12 +259,13 @@ class Policy:
         tightened since, or ``unusable`` says why) fails now with the reason, and the rest go on."""
         spec = record.spec
         ended = record.state.terminal
-        why_not = None if ended else unusable or _cannot_run(spec, inputs, self.config)
+        why_not = None if ended else unusable or _cannot_run(spec, inputs, self.config, self.loras)
         job = self._remember(spec, record.submitted_at, client, None if ended else inputs, idempotency_key,
                              state=record.state, reason=record.reason, attempts=record.attempts,
                              runner=record.runner, batch_id=record.batch_id, position=record.position,
                              started_at=record.started_at, finished_at=record.finished_at,
-                             artifacts=list(record.artifacts))
+                             artifacts=list(record.artifacts), checkpoint=record.checkpoint,
+                             trained_steps=record.trained_steps)
         if ended:
             self.state.remember_finished(job)
             return job
@@ -373,6 +382,15 @@ class Policy:
         """The batch's RunBatch was refused on its way (see ``reconcile.dispatch_refused``)."""
         reconcile.dispatch_refused(self.state, runner, batch_id, reason, now, unreachable=unreachable)
 
+    def checkpointed(self, runner: str, job_id: str, uri: str, step: int) -> str | None:
+        """A training on ``runner`` has its state at ``step`` stored at ``uri``; returns the checkpoint this
+        replaces (for the caller to delete), or ``uri`` itself where the job is not that runner's any more."""
+        job = self.state.job_on(job_id, runner)
+        if job is None or job.spec.kind is not JobKind.train or step <= job.trained_steps:
+            return uri
+        older, job.checkpoint, job.trained_steps = job.checkpoint, uri, step
+        return older
+
     def complete(self, job: Job, artifacts: list[str], outputs: tuple, now: float) -> None:
         if not job.live:
             return
@@ -394,6 +412,7 @@ class Policy:
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
                 return
             self._carry_out(planner.plan(state, self.config, self.estimates, usable, now), usable, whole_queue, now)
+            self._make_way(usable)
             self._next_plan = now + REPLAN_BUSY_S
         elif state.queue:
             for entry in state.queue.order(self.settings.plan_window):
@@ -431,6 +450,31 @@ class Policy:
             self.state.asked.setdefault(node, set()).update(models)
             self.state.effects.append(PreloadModels(node, models))
 
+    def _make_way(self, usable: list[Runner]) -> None:
+        """Trainings yield: each live or interactive job left waiting by the plan asks one runner that is
+        training (and could run it) to checkpoint at its next step and make way. The training is queued
+        again at batch priority, so the waiting job takes the device, and the training resumes after it."""
+        batch_class = PRIORITY_CLASS[Priority.batch]
+        waiting = [self.state.jobs[entry.id] for entry in self.state.queue.order(self.settings.plan_window)
+                   if entry.priority < batch_class]
+        if not waiting:
+            return
+        training = {}  # runner name -> its training job
+        for runner in usable:
+            job = self.state.jobs.get(runner.batch.jobs[0]) if runner.batch and runner.batch.jobs else None
+            if job is not None and job.live and job.spec.kind is JobKind.train:
+                training[runner.name] = (runner, job)
+        pausing = sum(job.pausing for _, job in training.values())
+        for waiter in waiting[pausing:]:
+            entry = self.config.models[waiter.spec.model]
+            found = next(((runner, job) for runner, job in training.values()
+                          if not job.pausing and not job.stopping and runner.takes(entry)), None)
+            if found is None:
+                continue
+            runner, job = found
+            job.pausing = True
+            self.state.effects.append(StopRunning(runner.name, job.id, f"making way for job {waiter.id}", pause=True))
+
     def _dispatch(self, start: planner.Start, now: float) -> None:
         state = self.state
         runner = start.runner
@@ -444,7 +488,8 @@ class Policy:
             job.attempts += 1
             state.set_running(job, runner.name, batch.id, JobState.assigned)
             job.finish_at = start.finish
-            items.append((job.spec, job.attempts, job.inputs))
+            job.steps_at_dispatch = job.trained_steps
+            items.append((job.spec, job.attempts, job.inputs, job.checkpoint))
             state.effects.append(Announce(job))
         state.effects.append(Dispatch(batch, tuple(items)))
 
@@ -473,7 +518,7 @@ class Policy:
         # A single device's time: a gang's would charge a job less for taking more devices.
         runner = min((r for r in self.state.runners.values() if r.accepts(family)), key=lambda r: r.gang, default=None)
         return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
-                                    height=spec.height, images=spec.count, steps=spec.steps)
+                                    height=spec.height, images=spec.count, steps=spec.work_steps)
 
     def _check_input_budget(self, user: str, size: int, now: float) -> None:
         """Input images are held until their job ends: a bound per user and in all, like the queue's."""

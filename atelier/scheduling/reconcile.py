@@ -116,6 +116,8 @@ def batch_done(state: State, runner: str, batch_id: str, outcomes: Iterable[JobD
             done.append((job, outcome))
         elif outcome.cancelled or job.cancel_requested:
             state.finish(job, JobState.cancelled, outcome.reason, now)
+        elif outcome.yielded:
+            state.pause(job, outcome.reason)
         elif refused:
             state.requeue(job, outcome.reason, started=False)
         elif outcome.retryable and job.attempts < state.settings.max_attempts:

@@ -51,6 +51,8 @@ class BatchKey:
     @classmethod
     def of(cls, spec: JobSpec) -> BatchKey:
         shared = spec.model_dump(exclude=set(PER_JOB_FIELDS), mode="json")
+        if spec.train is not None:  # a training runs alone: its own key
+            shared["id"] = spec.id
         return cls(spec.model, tuple(sorted((k, repr(v)) for k, v in shared.items())))
 
 
@@ -80,6 +82,12 @@ class Job:
     cancel_requested: bool = False
     superseded_by: str | None = None
     announced_position: int | None = None
+    # A training: its newest checkpoint's URI and steps, the steps it had when last dispatched (what the
+    # run since has done is charged), and whether it has been asked to make way for waiting jobs.
+    checkpoint: str | None = None
+    trained_steps: int = 0
+    steps_at_dispatch: int = 0
+    pausing: bool = False
 
     @property
     def id(self) -> str:
@@ -105,7 +113,8 @@ class Job:
         return JobRecord(spec=self.spec, state=self.state, reason=self.reason, attempts=self.attempts,
                          runner=self.runner, position=self.position, eta_s=eta, batch_id=self.batch_id,
                          submitted_at=self.submitted_at, started_at=self.started_at,
-                         finished_at=self.finished_at, artifacts=list(self.artifacts))
+                         finished_at=self.finished_at, artifacts=list(self.artifacts), checkpoint=self.checkpoint,
+                         trained_steps=self.trained_steps)
 
 
 @dataclass
@@ -200,8 +209,9 @@ class Dispatch:
     """Send the batch to its runner."""
 
     batch: Batch
-    # (spec, attempt, inputs); inputs None also where the policy was told to forget them (spill_inputs)
-    items: tuple[tuple[JobSpec, int, JobInputs | None], ...]
+    # (spec, attempt, inputs, a training's checkpoint URI); inputs None also where the policy was told to
+    # forget them (spill_inputs)
+    items: tuple[tuple[JobSpec, int, JobInputs | None, str | None], ...]
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,7 @@ class StopRunning:
     runner: str
     job_id: str
     reason: str
+    pause: bool = False  # a training: checkpoint and make way (it is queued again), not an end
 
 
 @dataclass(frozen=True)
@@ -324,6 +335,7 @@ class State:
         the attempt counted at dispatch is taken back."""
         if not started:
             job.attempts -= 1
+        job.pausing = False
         job.state = JobState.queued
         job.runner = None
         job.batch_id = None
@@ -331,6 +343,22 @@ class State:
         job.finish_at = None
         self.queue.refund(job.entry)
         self.queue.push(job.entry, front=True)  # it waited its turn already
+        self.effects.append(Announce(job))
+
+    def pause(self, job: Job, reason: str) -> None:
+        """A training that made way at a checkpoint: queued again at the front of its owner's batch work,
+        no attempt counted. Its owner is charged for the steps it ran, and its next start for those left."""
+        train = job.spec.train
+        total = train.steps if train is not None else 1
+        left_before = max(1, total - job.steps_at_dispatch)
+        per_step = job.entry.cost / left_before
+        ran = max(0, min(job.trained_steps, total) - job.steps_at_dispatch)
+        job.entry.cost = per_step * (left_before - ran)  # what was not run: given back, charged when it starts
+        self.queue.refund(job.entry)
+        job.attempts -= 1
+        job.pausing = False
+        job.state, job.runner, job.batch_id, job.reason, job.finish_at = JobState.queued, None, None, reason, None
+        self.queue.push(job.entry, front=True)
         self.effects.append(Announce(job))
 
     def stop(self, job: Job, reason: str, now: float) -> None:
