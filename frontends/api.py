@@ -117,6 +117,7 @@ class ModelEntry(BaseModel):
     default_duration_s: float | None = None
     max_duration_s: float | None = None
     loras: list[str] = Field(default_factory=list)  # the names a job's loras may use
+    user_loras: list[str] = Field(default_factory=list)  # the caller's trained LoRAs for it (and those lent them)
     controlnets: list[str] = Field(default_factory=list)  # the names a job's controlnet may use
     ip_adapter: bool = False  # a job may bring an ip_adapter_image
 

@@ -245,6 +245,88 @@ async def _generate(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+async def _train(args: argparse.Namespace, config: Config) -> int:
+    """Trains a LoRA from a folder of images (each with an optional caption in a .txt file of the same name),
+    showing a progress bar with the loss; the LoRA is then the user's, usable with --lora NAME."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from actors.actor import RemoteError
+    from actors.messages import JobEvent, JobResult
+    from actors.messages import Progress as StepProgress
+    from atelier.jobs import JobInputs, JobKind, JobSpec, JobState, TrainSpec
+
+    console = Console(stderr=True, soft_wrap=True)
+    folder = Path(args.images)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] --images {folder}: {exc.strerror or exc}")
+        return 2
+    if not files:
+        console.print(f"[red]error:[/red] --images {folder}: no .png, .jpg or .webp files there")
+        return 2
+    captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in files]
+    try:
+        train = TrainSpec(name=args.name, captions=captions if any(captions) else [], steps=args.steps,
+                          rank=args.rank, alpha=args.alpha, learning_rate=args.learning_rate,
+                          resolution=args.resolution, batch_size=args.batch_size,
+                          train_text_encoder=args.train_text_encoder, checkpoint_every=args.checkpoint_every,
+                          sample_every=args.sample_every, class_prompt=args.class_prompt,
+                          class_images=args.class_images)
+        spec = JobSpec(kind=JobKind.train, model=args.model or config.default_model, prompt=args.prompt, seed=args.seed,
+                       user=args.user, train=train)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            console.print(f"[red]error:[/red] {'.'.join(map(str, err['loc']))}: {err['msg']}")
+        return 2
+    inputs = JobInputs(train_images=[p.read_bytes() for p in files])
+    router, pub = _endpoints(args, config)
+    async with _connect(router, pub, config) as client:
+        try:
+            record = await client.submit(spec, inputs=inputs)
+        except RemoteError as exc:
+            if _unroutable(exc):
+                raise
+            field = exc.error.field
+            named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
+            console.print(f"[red]error:[/red] {named}{scrub(exc.error.message)}")
+            return 2
+        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        result: JobResult | None = None
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(record.state.value, total=train.steps, loss="-")
+            try:
+                async for event in client.events(spec.id, timeout=args.timeout):
+                    if isinstance(event, JobEvent):
+                        bar.update(task, description=_describe(event))
+                    elif isinstance(event, StepProgress):
+                        loss = f"{event.loss:.4f}" if event.loss is not None else "-"
+                        bar.update(task, completed=event.step, total=event.total, loss=loss)
+                    elif isinstance(event, JobResult):
+                        result = event
+            except (asyncio.TimeoutError, asyncio.CancelledError, KeyboardInterrupt):
+                await client.cancel(spec.id)
+                console.print(f"[yellow]gave up waiting; cancelled {spec.id}[/yellow]")
+                return 1
+        assert result is not None
+        if result.job.state is not JobState.done:
+            console.print(f"[red]training {spec.id} {result.job.state.value}:[/red] {scrub(result.job.reason or '')}")
+            return 1
+        out_dir = Path(args.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for artifact, suffix in zip(result.outputs, ("", ".kohya"), strict=False):
+            path = out_dir / f"{args.name}{suffix}.safetensors"
+            path.write_bytes(artifact.data)
+            print(path)
+        console.print(f"LoRA {args.name} is ready: atelier generate --model {spec.model} --lora {args.name} …")
+    return 0
+
+
 def _inputs(args: argparse.Namespace) -> JobInputs | None:
     """The files --image, --mask, --control-image and --ip-adapter-image name, read; None when there are none."""
     from atelier.jobs import JobInputs
@@ -439,7 +521,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, help="video: frames a second in the file")
     gen.add_argument("--duration", type=float, help="audio: seconds to make")
     gen.add_argument("--lora", action="append", default=[], metavar="NAME[=SCALE]",
-                     help="apply one of the model's LoRAs (repeatable; scale 1 by default)")
+                     help="apply one of the model's LoRAs, or one you trained (repeatable; scale 1 by default)")
     gen.add_argument("--format", choices=["png", "webp", "mp4", "gif", "wav", "flac"],
                      help="the output files' format (default: png, mp4 or wav, by what the model makes)")
     gen.add_argument("--count", type=int, default=1)
@@ -448,6 +530,30 @@ def _parser() -> argparse.ArgumentParser:
                      help="batch jobs wait for interactive ones (default: interactive)")
     gen.add_argument("-o", "--output", default="out", help="folder for the images (default: ./out)")
     gen.add_argument("--timeout", type=float, default=None, help="give up (and cancel) after this many seconds")
+
+    train = command("train", "train a LoRA on a model from a folder of images; it is then yours: --lora NAME")
+    train.add_argument("--images", required=True, metavar="DIR",
+                       help="the instance images (.png, .jpg, .webp); a .txt of the same name is its caption")
+    train.add_argument("--name", required=True, help="the LoRA's name, as your jobs will choose it")
+    train.add_argument("--prompt", default="a photo of sks", help="the instance prompt: the caption of every image "
+                                                                   "without a .txt (default: 'a photo of sks')")
+    train.add_argument("--model", help="the base model (default: the catalog's default)")
+    train.add_argument("--steps", type=int, default=500)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--resolution", type=int, default=512)
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--train-text-encoder", action="store_true", help="adapters on the text encoder(s) too")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (a crash "
+                                                                         "loses at most this many)")
+    train.add_argument("--sample-every", type=int, help="steps between sample images (default: --checkpoint-every)")
+    train.add_argument("--class-prompt", help="prior preservation: the class ('a photo of a dog')")
+    train.add_argument("--class-images", type=int, default=0, help="with --class-prompt: class images to make")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--user", default=_login(), help="who owns the LoRA (default: your login)")
+    train.add_argument("-o", "--output", default="out", help="folder for the LoRA files (default: ./out)")
+    train.add_argument("--timeout", type=float, default=None, help="give up (and cancel) after this many seconds")
 
     keys = command("keys", "make CURVE key pairs for [broker] curve = true (the broker's, and one for peers)",
                    connects=False)
@@ -524,7 +630,8 @@ async def _command(args: argparse.Namespace, config: Config, stop: asyncio.Event
     return INTERRUPTED
 
 
-COMMANDS = {"generate": _generate, "status": _status, "cancel": _cancel, "models": _models, "keys": _keys}
+COMMANDS = {"generate": _generate, "train": _train, "status": _status, "cancel": _cancel, "models": _models,
+            "keys": _keys}
 
 
 if __name__ == "__main__":

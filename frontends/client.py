@@ -27,6 +27,7 @@ from actors.codec import SCHEDULER, DecodeError, Envelope
 from actors.messages import (
     CancelJob,
     ClusterStatus,
+    DeleteLora,
     Error,
     GetJob,
     GetModels,
@@ -35,13 +36,15 @@ from actors.messages import (
     JobEvent,
     JobResult,
     ListJobs,
+    ListLoras,
     ModelInfo,
     Preview,
     Progress,
     Role,
+    ShareLora,
     Submit,
 )
-from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec
+from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec, LoraInfo
 
 log = logging.getLogger("atelier.client")
 
@@ -232,9 +235,20 @@ class AtelierClient(Actor):
         status = await self.ask(SCHEDULER, GetStatus())
         return status
 
-    async def models(self) -> list[ModelInfo]:
-        models = await self.ask(SCHEDULER, GetModels())
+    async def models(self, user: str | None = None) -> list[ModelInfo]:
+        """The catalog; with ``user``, each model also lists the LoRAs that user trained or was lent for it."""
+        models = await self.ask(SCHEDULER, GetModels(user=user))
         return models.models
+
+    async def loras(self, user: str) -> list[LoraInfo]:
+        """The trained LoRAs ``user`` may apply: their own, then those shared with them."""
+        return (await self.ask(SCHEDULER, ListLoras(user=user))).loras
+
+    async def delete_lora(self, user: str, name: str) -> list[LoraInfo]:
+        return (await self.ask(SCHEDULER, DeleteLora(user=user, name=name))).loras
+
+    async def share_lora(self, user: str, name: str, users: list[str]) -> list[LoraInfo]:
+        return (await self.ask(SCHEDULER, ShareLora(user=user, name=name, users=users))).loras
 
     # -- plumbing ------------------------------------------------------------ #
 

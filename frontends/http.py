@@ -64,6 +64,7 @@ from frontends.httpbase import (
     read_json,
 )
 from frontends.openai_images import OpenAISurface
+from frontends.trainings import TrainingSurface
 
 log = logging.getLogger("atelier.http")
 
@@ -287,7 +288,8 @@ class HttpServer:
         self._status: asyncio.Future | None = None
         self._status_at = 0.0
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
-        self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self)]
+        self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self),
+                                        TrainingSurface(self)]
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
         self._form_routes = set().union(*(s.form_routes for s in self.surfaces))
         self._untyped_json_routes = set().union(*(s.untyped_json_routes for s in self.surfaces))
@@ -546,13 +548,13 @@ class HttpServer:
 
     async def models(self, request: web.Request) -> web.Response:
         listed = [api.ModelEntry(id=m.name, **m.model_dump(mode="json", exclude={"name"}))
-                  for m in await self.client.models()]
+                  for m in await self.client.models(user=request["caller"].user)]
         return json_response(api.ModelList(data=listed))
 
     async def model(self, request: web.Request) -> web.Response:
         """One model of the catalog (OpenAI's ``models.retrieve``)."""
         name = request.match_info["model_id"]
-        found = next((m for m in await self.client.models() if m.name == name), None)
+        found = next((m for m in await self.client.models(user=request["caller"].user) if m.name == name), None)
         if found is None:
             raise Problem(404, "unknown_model", f"no model {name!r}; GET /v1/models lists them", field="model")
         return json_response(api.ModelEntry(id=found.name, **found.model_dump(mode="json", exclude={"name"})))

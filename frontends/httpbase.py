@@ -190,3 +190,14 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
 def json_response(model: BaseModel, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(text=model.model_dump_json(), status=status, content_type="application/json",
                         headers=headers)
+
+
+async def read_part(part: Any, name: str, limit: int) -> bytes:
+    """A multipart part's bytes, refused (413) past ``limit`` as they arrive: a chunked body declares no
+    length for the server's own cap to check."""
+    data = bytearray()
+    while chunk := await part.read_chunk(1 << 16):
+        data.extend(chunk)
+        if len(data) > limit:
+            raise Problem(413, "too_large", f"{name}: more than {limit:,} bytes; send a smaller one", field=name)
+    return bytes(data)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atelier.jobs import MAX_INPUT_BYTES, JobInputs, JobKind, JobSpec, Name
 from atelier.media import InputImageError, open_input
 from frontends.api import prompt_field
-from frontends.httpbase import Problem, Surface, json_response, parse, read_json
+from frontends.httpbase import Problem, Surface, json_response, parse, read_json, read_part
 
 OPENAI_MODEL_NAMES = re.compile(r"^(dall-e|gpt-image)")  # OpenAI's own models: they mean "the default"
 
@@ -264,14 +264,14 @@ class OpenAISurface(Surface):
                                           field="image")
                     elif name in files:
                         raise Problem(400, "bad_request", f"{name}: sent twice; send one", field=name)
-                    files[name] = await _read(part, name, MAX_INPUT_BYTES)
+                    files[name] = await read_part(part, name, MAX_INPUT_BYTES)
                 elif part.filename is not None:
                     raise Problem(400, "bad_request", f"{part.name}: no file of that name is taken here (image, mask)",
                                   field=part.name)
                 else:
                     if name in texts:
                         raise Problem(400, "bad_request", f"{name}: sent twice; send it once", field=name)
-                    raw = await _read(part, name, MAX_FIELD_BYTES)
+                    raw = await read_part(part, name, MAX_FIELD_BYTES)
                     try:
                         texts[name] = raw.decode(part.get_charset("utf-8"))
                     except (UnicodeDecodeError, LookupError):
@@ -306,15 +306,6 @@ class OpenAISurface(Surface):
         out = io.BytesIO()
         painted.save(out, format="PNG")
         return out.getvalue()
-
-
-async def _read(part: BodyPartReader, name: str, limit: int) -> bytes:
-    data = bytearray()
-    while chunk := await part.read_chunk(1 << 16):
-        data.extend(chunk)
-        if len(data) > limit:
-            raise Problem(413, "too_large", f"{name}: more than {limit:,} bytes; send a smaller one", field=name)
-    return bytes(data)
 
 
 def _dimensions(size: str | None) -> tuple[int | None, int | None]:
