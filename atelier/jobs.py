@@ -144,7 +144,7 @@ ScheduleName = Literal["default", "karras", "exponential", "beta", "trailing"]
 
 TrainFamily = Literal["sd1", "sd2", "sdxl", "flux"]  # the families a LoRA can be trained for
 
-MAX_TRAIN_IMAGES = 64  # instance images of one training
+MAX_TRAIN_IMAGES = 32  # instance images of one training (each a frame: the codec takes 64 a message)
 
 
 class TrainSpec(Wire):
