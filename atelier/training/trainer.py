@@ -113,6 +113,8 @@ class LoraTrainer:
             for name in ("text_encoder", "text_encoder_2"):
                 if getattr(pipe, name, None) is not None:
                     self.text_encoders[name] = getattr(pipe, name)
+        if ADAPTER in (getattr(self.denoiser, "peft_config", None) or {}):
+            raise ValueError("this pipeline already has a training's adapter: close that trainer first")
         self._others = bool(getattr(self.denoiser, "peft_config", None))  # LoRAs loaded before ours
 
         self._add_adapters(seed)
@@ -400,21 +402,29 @@ class LoraTrainer:
                                      "ss_network_alpha": str(self.spec.alpha_value)})
 
     def close(self) -> None:
-        """Takes the training adapter out of every model it was added to; the pipeline is as before."""
+        """Takes the training adapter out of every model it was added to; the pipeline is as before.
+
+        A model that had no other LoRAs loses peft's wrapper layers too; one that had keeps them, with
+        every adapter off (atelier's state for loaded LoRAs until a job chooses some).
+        """
+        from diffusers.utils import recurse_remove_peft_layers
         from diffusers.utils.peft_utils import delete_adapter_layers
 
-        for _, model in self._models():
-            if hasattr(model, "delete_adapters"):  # diffusers' models
+        for prefix, model in self._models():
+            if prefix in ("unet", "transformer"):
                 model.delete_adapters(ADAPTER)
+                if not self._others:
+                    model.unload_lora()
+            elif self._layers(model) and all(not layer.lora_A.keys() - {ADAPTER} for layer in self._layers(model)):
+                recurse_remove_peft_layers(model)  # only ours was there: the encoder as it loaded
             else:  # transformers' text encoders, as diffusers' pipelines delete theirs
                 delete_adapter_layers(model, ADAPTER)
             model.eval()
             model.requires_grad_(False)
         if self._others:
-            self.pipe.disable_lora()  # atelier's state for loaded LoRAs: all off until a job chooses
+            self.pipe.disable_lora()
         self.optimizer = None
         self._cache.clear()
-
 
 def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
