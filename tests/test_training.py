@@ -163,3 +163,33 @@ def test_impossible_trainings_are_refused(load) -> None:
         LoraTrainer(pipe, family, _spec(resolution=40), _images(), device="cpu", seed=0)
     with pytest.raises(ValueError, match="families"):
         LoraTrainer(pipe, "pixart-alpha", _spec(), _images(), device="cpu", seed=0)
+
+
+def test_training_beside_loaded_loras_leaves_them_and_other_jobs_alone(load, atelier_home, tmp_path: Path) -> None:
+    """A model with catalog LoRAs: jobs between steps see no training adapter, and the LoRAs stay as they were."""
+    from atelier.config import ModelEntry
+    from atelier.families.loras import use_loras
+
+    family, pipe, path = load("tiny-sd")
+    trainer = LoraTrainer(pipe, family, _spec(), _images(), device="cpu", seed=6)
+    for _ in range(3):
+        trainer.train_step()
+    (tmp_path / "ink.safetensors").write_bytes(trainer.lora_file())
+    trainer.close()
+    entry = ModelEntry(family="sd1", source=str(path), loras={"ink": str(tmp_path / "ink.safetensors")})
+    model = get_family("sd1").load(LoadRequest(path, device="cpu", entry=entry))
+
+    def image(*chosen: tuple[str, float]) -> np.ndarray:
+        use_loras(model, chosen)
+        return _image(model.pipe)
+
+    base, ink = image(), image(("ink", 1.0))
+    assert not np.array_equal(base, ink)
+    trainer = LoraTrainer(model.pipe, family, _spec(train_text_encoder=True), _images(), device="cpu", seed=7)
+    trainer.train_step()
+    assert np.array_equal(image(("ink", 1.0)), ink) and np.array_equal(image(), base)  # a job between steps
+    trainer.train_step()
+    assert not np.array_equal(np.asarray(trainer.sample(PROMPT, seed=3, steps=2)), np.asarray(image()))
+    trainer.close()
+    assert np.array_equal(image(("ink", 1.0)), ink) and np.array_equal(image(), base)
+    assert list(model.pipe.unet.peft_config) == ["ink"]
