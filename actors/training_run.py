@@ -97,11 +97,21 @@ async def run_training(runner: Runner, batch: ActiveBatch, model: Any) -> JobDon
             why = batch.shutting_down or batch.paused or "stopped"
             return JobFailed(job_id=spec.id, yielded=True, retryable=True,
                              reason=f"paused at step {trainer.step} of {train.steps}: {why}")
-        lora, kohya = await loop.run_in_executor(worker, lambda: (trainer.lora_file(), trainer.kohya_file()))
-        outputs = [Artifact(media_type=LORA_MEDIA_TYPE, data=lora), Artifact(media_type=LORA_MEDIA_TYPE, data=kohya)]
+        files = await loop.run_in_executor(worker, _files, trainer)
+        outputs = [Artifact(media_type=LORA_MEDIA_TYPE, data=data) for data in files]
         return JobDone(job_id=spec.id, outputs=outputs, elapsed_s=time.monotonic() - batch.started)
     finally:
         await loop.run_in_executor(worker, trainer.close)  # the resident model as it was, for the next job
+
+
+def _files(trainer: Any) -> list[bytes]:
+    """The LoRA in the diffusers format, then kohya's (which diffusers cannot write for FLUX: left out there)."""
+    files = [trainer.lora_file()]
+    try:
+        files.append(trainer.kohya_file())
+    except NotImplementedError as exc:
+        log.info("no kohya file: %s", exc)
+    return files
 
 
 async def _checkpoint(runner: Runner, trainer: Any, job_id: str) -> bool:
