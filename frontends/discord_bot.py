@@ -82,6 +82,7 @@ from frontends.discord_views import (
     access_refusal,
     attachment_refusal,
     conditioning_refusal,
+    does,
     find_token,
     image_refusal,
     is_admin,
@@ -603,7 +604,7 @@ class AtelierBot(discord.Client):
         @tree.command(name="models", description="The models atelier serves")
         async def models(interaction: discord.Interaction) -> None:
             catalog = await self.models()
-            lines = [f"**{m.name}** · {m.family} · {', '.join(m.kinds)} · "
+            lines = [f"**{m.name}** · {m.family} · {does(m)} · "
                      + (f"{m.default_width}×{m.default_height} (up to {m.max_width}×{m.max_height}), "
                         if JobKind.txt2audio not in m.kinds else "")
                      + f"{m.default_steps} steps"
@@ -666,7 +667,7 @@ class AtelierBot(discord.Client):
             else:
                 kind = text_kind(model)
             if kind is None:
-                await self._say(interaction, f"{model.name} starts from an input ({', '.join(model.kinds)}); "
+                await self._say(interaction, f"{model.name} starts from an input ({does(model)}); "
                                              "/generate makes things from a prompt alone.")
                 return
             steps = params.get("steps") or model.default_steps

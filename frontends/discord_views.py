@@ -311,6 +311,11 @@ def attachment_refusal(option: str, filename: str, content_type: str | None, siz
     return None
 
 
+def does(model: ModelInfo) -> str:
+    """What the bot can ask of a model, for its messages ("img2img, txt2img"): a training is not one of them."""
+    return ", ".join(kind.value for kind in model.kinds if kind is not JobKind.train)
+
+
 def text_kind(model: ModelInfo) -> JobKind | None:
     """What /generate asks of ``model``: an image, else a video, else a sound; None when it needs an input."""
     return JobKind.default_for(model.kinds, from_image=False)
@@ -320,7 +325,7 @@ def image_refusal(model: ModelInfo, catalog: Iterable[ModelInfo]) -> str | None:
     """Why ``model`` cannot start from an attached image (img2img), or None if it can."""
     if JobKind.img2img in model.kinds:
         return None
-    return (f"{model.name} cannot start from an image (it does {', '.join(model.kinds)}), so it takes no image. "
+    return (f"{model.name} cannot start from an image (it does {does(model)}), so it takes no image. "
             f"Models that can: {_having(catalog, lambda m: JobKind.img2img in m.kinds)}.")
 
 
@@ -332,7 +337,7 @@ def upscaler_of(catalog: list[ModelInfo], named: str | None) -> tuple[ModelInfo 
         if model is None:
             return None, f"The upscaler `{named}` ([discord] upscaler) is not in atelier's catalog now."
         if JobKind.upscale not in model.kinds:
-            return None, f"The upscaler `{named}` ([discord] upscaler) does not upscale ({', '.join(model.kinds)})."
+            return None, f"The upscaler `{named}` ([discord] upscaler) does not upscale ({does(model)})."
         return model, None
     model = next((m for m in catalog if JobKind.upscale in m.kinds), None)
     if model is None:

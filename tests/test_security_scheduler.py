@@ -437,7 +437,7 @@ def test_l4_the_planner_caps_a_batch_at_what_one_message_carries(tmp_path: Path)
     wordy = _first_batch(tmp_path, [JobSpec(model="wide", prompt="x" * 4000, negative_prompt="y" * 4000, seed=2)
                                     for _ in range(200)])
     assert 1 < len(wordy.items) < 200
-    items = [BatchItem(job=spec, attempt=attempt) for spec, attempt, _ in wordy.items]
+    items = [BatchItem(job=spec, attempt=attempt) for spec, attempt, *_ in wordy.items]
     frames = codec.encode(Envelope(RunBatch(batch_id=wordy.batch.id, items=items), "scheduler", "r1", 1))
     assert len(frames) - 2 <= codec.MAX_FRAMES and len(frames[1]) <= codec.MAX_HEAD_BYTES
     codec.read_head(frames)  # what the broker and the runner check first: it passes
