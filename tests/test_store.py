@@ -1,0 +1,176 @@
+"""The artifact stores (atelier/artifacts.py): LocalStore, and S3Store against a real S3 server
+(SeaweedFS's ``weed mini``, tests/s3server.py) that checks signatures."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from atelier.artifacts import LocalStore, S3Store, StoreError, make_store
+from atelier.config import Config, StoreConfig
+from atelier.jobs import Artifact
+from tests import s3server
+
+BUCKET = "atelier-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = s3server.start(tmp_path_factory.mktemp("weed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def s3_config(server, **settings) -> StoreConfig:
+    return StoreConfig(kind="s3", endpoint=server.endpoint, bucket=BUCKET, region="us-east-1",
+                       access_key_id=s3server.ACCESS_KEY, secret_access_key=s3server.SECRET_KEY, **settings)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3):
+    store = S3Store(s3_config(s3))
+    store.client.create_bucket(Bucket=BUCKET)
+    return BUCKET
+
+
+def png(data: bytes) -> Artifact:
+    return Artifact(media_type="image/png", data=data, seed=1, width=8, height=8)
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_anonymous_requests_are_refused(s3, bucket):
+    store = S3Store(s3_config(s3))
+    [uri] = store.put_all("job-anon", [png(b"secret pixels")])
+    status, _ = fetch(f"{s3.endpoint}/{BUCKET}/outputs/job-anon-0.png")
+    assert status == 403
+    assert store.read(uri) == b"secret pixels"
+
+
+def test_presigned_url_downloads_the_bytes(s3, bucket):
+    store = S3Store(s3_config(s3, prefix="p1/"))
+    [uri] = store.put_all("job-a", [png(b"\x89PNG fake image")])
+    assert uri == f"s3://{BUCKET}/p1/outputs/job-a-0.png"
+    url = store.signed_url(uri)
+    assert "X-Amz-Signature=" in url and "X-Amz-Expires=3600" in url
+    assert fetch(url) == (200, b"\x89PNG fake image")
+
+
+def test_expired_presigned_url_is_refused(s3, bucket):
+    store = S3Store(s3_config(s3, url_expiry_s=1))
+    [uri] = store.put_all("job-exp", [png(b"short-lived")])
+    url = store.signed_url(uri)
+    assert fetch(url)[0] == 200
+    time.sleep(2.1)  # the expiry itself is what is tested: there is nothing to wait on but the clock
+    status, body = fetch(url)
+    assert status == 403 and b"expired" in body.lower() or status == 403
+
+
+def test_tampered_presigned_url_is_refused(s3, bucket):
+    store = S3Store(s3_config(s3))
+    store.put_all("job-t", [png(b"mine"), png(b"other")])
+    url = store.signed_url(f"s3://{BUCKET}/outputs/job-t-0.png")
+    assert fetch(url)[0] == 200
+    assert fetch(url.replace("job-t-0.png", "job-t-1.png"))[0] == 403  # another key, same signature
+    signature = url.rsplit("X-Amz-Signature=", 1)[1]
+    forged = signature[:-1] + ("0" if signature[-1] != "0" else "1")
+    assert fetch(url.replace(signature, forged))[0] == 403
+
+
+def test_uris_outside_the_bucket_or_prefix_are_ignored(s3, bucket):
+    store = S3Store(s3_config(s3, prefix="mine/"))
+    assert store.read(f"s3://{BUCKET}/other/outputs/x-0.png") is None
+    assert store.read("s3://another-bucket/mine/outputs/x-0.png") is None
+    assert store.read(f"s3://{BUCKET}/mine/../other/x-0.png") is None
+    assert store.signed_url("file:///etc/passwd") is None
+    assert store.delete([f"s3://{BUCKET}/other/outputs/x-0.png"]) == 0
+
+
+def test_put_validates_keys_and_checkpoints_survive_the_sweep(s3, bucket, tmp_path):
+    for store in (S3Store(s3_config(s3, prefix="keys/", max_bytes=0)), LocalStore(tmp_path, max_bytes=0)):
+        for bad in ("../x.safetensors", "checkpoints/../../etc/passwd", "outputs/j/1.png", "loras/u/.."):
+            with pytest.raises(ValueError):
+                store.put(bad, b"x")
+        ckpt = store.put("checkpoints/job-1/100.safetensors", b"weights")
+        lora = store.put("loras/alice/cat.safetensors", b"lora")
+        store.put_all("job-o", [png(b"out")])
+        swept = store.sweep(time.time())
+        assert len(swept) == 1 and swept[0].endswith("job-o-0.png")
+        assert store.read(ckpt) == b"weights" and store.read(lora) == b"lora"
+
+
+def _retention_by_age(store, backdate):
+    old, new = store.put_all("job-old", [png(b"o" * 10)]), store.put_all("job-new", [png(b"n" * 10)])
+    backdate(old[0], 3 * 86400)
+    assert store.sweep(time.time()) == old
+    assert store.read(old[0]) is None and store.read(new[0]) == b"n" * 10
+
+
+def test_local_retention_by_age_and_bytes(tmp_path):
+    def backdate(uri, seconds):
+        path = urllib.request.url2pathname(uri.removeprefix("file://"))
+        os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+    _retention_by_age(LocalStore(tmp_path / "age", max_age_days=1), backdate)
+    store = LocalStore(tmp_path / "bytes", max_bytes=25)
+    uris = [store.put_all(f"job-{n}", [png(bytes([n]) * 10)])[0] for n in range(4)]
+    for age, uri in zip((40, 30, 20, 10), uris, strict=True):
+        backdate(uri, age)
+    assert store.sweep(time.time()) == uris[:2]  # the oldest, until 20 bytes are left
+    assert [store.read(uri) is not None for uri in uris] == [False, False, True, True]
+
+
+def test_s3_retention_by_age_and_bytes(s3, bucket):
+    store = S3Store(s3_config(s3, prefix="age/", max_age_days=1))
+    [old] = store.put_all("job-old", [png(b"o" * 10)])
+    [new] = store.put_all("job-new", [png(b"n" * 10)])
+    # S3 sets LastModified itself: "now" three days on makes both old, so sweep at +0.5 day and at +3.
+    assert store.sweep(time.time() + 43200) == []
+    assert sorted(store.sweep(time.time() + 3 * 86400)) == sorted([new, old])
+    assert store.read(old) is None
+    store = S3Store(s3_config(s3, prefix="bytes/", max_bytes=25))
+    uris = []
+    for n in range(4):
+        uris += store.put_all(f"job-{n}", [png(bytes([n]) * 10)])
+        time.sleep(1.1)  # S3's LastModified has one-second resolution: the order is what is tested
+    assert store.sweep(time.time()) == uris[:2]
+    assert [store.read(uri) is not None for uri in uris] == [False, False, True, True]
+
+
+def test_s3_down_raises_a_clear_store_error(tmp_path):
+    closed = s3server._free_ports(1)[0]
+    store = S3Store(StoreConfig(kind="s3", endpoint=f"http://127.0.0.1:{closed}", bucket=BUCKET,
+                                access_key_id="AKX", secret_access_key="do-not-print-me", region="us-east-1"))
+    with pytest.raises(StoreError) as caught:
+        store.put_all("job-down", [png(b"x")])
+    assert isinstance(caught.value, OSError)
+    assert "S3 is unreachable" in str(caught.value) and f"127.0.0.1:{closed}" in str(caught.value)
+    assert "do-not-print-me" not in str(caught.value) and "do-not-print-me" not in repr(store.config)
+
+
+def test_missing_bucket_says_so(s3, bucket):
+    # SeaweedFS creates a bucket on a first put by an admin identity, so the check is head_bucket's.
+    store = S3Store(s3_config(s3).model_copy(update={"bucket": "no-such-bucket"}))
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+        store.check()
+    S3Store(s3_config(s3)).check()
+
+
+def test_make_store_follows_the_config(tmp_path):
+    assert isinstance(make_store(Config(home=tmp_path)), LocalStore)
+    config = Config(home=tmp_path, store={"kind": "s3", "bucket": "b-b-b", "endpoint": "http://127.0.0.1:1"})
+    assert isinstance(make_store(config), S3Store)
+    with pytest.raises(ValueError, match="needs a bucket"):
+        Config(home=tmp_path, store={"kind": "s3"})
