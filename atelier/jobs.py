@@ -343,6 +343,11 @@ class SchedulerStats(Wire):
     job_seconds_counts: list[int] = Field(default_factory=list)  # cumulative, one per bucket, then +Inf
     job_seconds_sum: float = 0.0
     models: dict[str, ModelStats] = Field(default_factory=dict)
+    # The artifact store: failed writes since start, and whether the last one failed (and why: public).
+    store_errors: int = 0
+    store_failing: bool = False
+    store_error: str | None = None
+    store_swept: int = 0  # outputs retention deleted since start
 
 
 class JobDone(Wire):
