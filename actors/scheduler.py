@@ -95,6 +95,7 @@ class Scheduler(Actor):
         self.policy = Policy(config)
         self.store = make_store(config)
         self._store_failing_since: dict[str, float] = {}  # batch id -> first failed store of its outputs
+        self._swept: set[str] = set()  # URIs retention deleted since start: GetJob says so without a read
         self._store_stats = {"store_errors": 0, "store_failing": False, "store_error": None, "store_swept": 0}
         self.clock = clock
         self.loaders: dict[str, LoaderState] = {}  # by node, for status
@@ -275,8 +276,15 @@ class Scheduler(Actor):
             job = self.policy.job(msg.job_id)
         except Refused as refused:
             earlier = self.journal.get(msg.job_id)  # ended long ago: only the journal still has it
-            return JobInfo(job=earlier) if earlier is not None else _error(refused)
-        return JobInfo(job=job.record(self.clock()))
+            return JobInfo(job=self._mark_swept(earlier)) if earlier is not None else _error(refused)
+        return JobInfo(job=self._mark_swept(job.record(self.clock())))
+
+    def _mark_swept(self, record: JobRecord) -> JobRecord:
+        """A done job whose outputs retention deleted (since this scheduler started) says so."""
+        gone = sum(uri in self._swept for uri in record.artifacts)
+        if not gone or record.state is not JobState.done or record.reason is not None:
+            return record
+        return record.model_copy(update={"reason": _swept_reason(gone, len(record.artifacts))})
 
     @handles(GetResult)
     async def on_get_result(self, msg: GetResult, env: Envelope) -> JobResult | JobInfo | Error:
@@ -293,9 +301,8 @@ class Scheduler(Actor):
             return Error(code=ErrorCode.internal, message=f"the artifact store cannot be read now: {_public(exc)}")
         if len(outputs) < len(described) and record.state is JobState.done and record.reason is None:
             # Not a failure: the job ran; its outputs were deleted since (retention, or by hand).
-            gone = len(described) - len(outputs)
-            record = record.model_copy(update={"reason": f"{gone} of its {len(described)} outputs were deleted "
-                                                         "by the artifact store's retention"})
+            record = record.model_copy(update={"reason": _swept_reason(len(described) - len(outputs),
+                                                                         len(described))})
         return JobResult(job=record, outputs=outputs)
 
     def _read_outputs(self, described: list[dict]) -> list[Artifact]:
@@ -526,6 +533,9 @@ class Scheduler(Actor):
                 continue
             if swept:
                 self._store_stats["store_swept"] += len(swept)
+                if len(self._swept) > 1_000_000:  # bounded: GetResult still finds out by reading
+                    self._swept.clear()
+                self._swept.update(swept)
                 log.info("artifacts: retention deleted %d outputs", len(swept))
 
     def _prune(self, now: float, *, delete: bool = True) -> list[str]:
@@ -537,6 +547,10 @@ class Scheduler(Actor):
         if delete:
             self.store.delete(uris)
         return uris
+
+
+def _swept_reason(gone: int, of: int) -> str:
+    return f"{gone} of its {of} outputs were deleted by the artifact store's retention"
 
 
 def _public(exc: OSError) -> str:

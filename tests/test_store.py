@@ -174,3 +174,43 @@ def test_make_store_follows_the_config(tmp_path):
     assert isinstance(make_store(config), S3Store)
     with pytest.raises(ValueError, match="needs a bucket"):
         Config(home=tmp_path, store={"kind": "s3"})
+
+
+def test_a_done_job_whose_outputs_retention_deleted_says_so(tmp_path):
+    """GetJob (the HTTP job view) and GetResult: still done, with a reason saying the outputs were deleted."""
+    from actors.messages import BatchDone
+    from atelier.jobs import JobDone, JobSpec, JobState
+    from tests.conftest import broker_thread, eventually_async, run
+    from tests.test_scheduler import StandInRunner, scheduler_with_client
+
+    config = Config.model_validate({"home": str(tmp_path), "broker": {"heartbeat_s": 0.2},
+                                    "scheduler": {"min_free_bytes": 0},
+                                    "store": {"max_bytes": 0, "sweep_every_s": 0.05}})
+
+    async def go():
+        runner = StandInRunner("runner-a", broker.router_endpoint)
+        await runner.start()
+        try:
+            async with scheduler_with_client(broker, config) as (scheduler, client):
+                job = await client.submit(JobSpec(model="noop", prompt="p"), events=False)
+                item = await runner.next_job()
+                await runner.ask("scheduler", BatchDone(batch_id=runner._batch_of[item.job.id], resident={},
+                                                        outcomes=[JobDone(job_id=item.job.id, outputs=[png(b"x")],
+                                                                          elapsed_s=0.01)]))
+                await client.wait(job.spec.id, timeout=30)
+                async def swept():
+                    record = await client.job(job.spec.id)
+                    return record if record.reason is not None else None
+
+                record = await eventually_async(swept, timeout=10)
+                result = await client.fetch_result(job.spec.id)
+                return record, result, (await client.status()).stats
+        finally:
+            await runner.close()
+
+    with broker_thread(heartbeat_s=0.2) as (broker, _):
+        record, result, stats = run(go(), timeout=60)
+    assert record.state is JobState.done and "deleted by the artifact store's retention" in record.reason
+    assert result.job.state is JobState.done and result.outputs == []
+    assert "1 of its 1 outputs were deleted" in result.job.reason
+    assert stats.store_swept == 1
