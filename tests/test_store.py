@@ -214,3 +214,80 @@ def test_a_done_job_whose_outputs_retention_deleted_says_so(tmp_path):
     assert result.job.state is JobState.done and result.outputs == []
     assert "1 of its 1 outputs were deleted" in result.job.reason
     assert stats.store_swept == 1
+
+
+class _StandInScheduler:
+    """What the HTTP server asks of the scheduler for jobs and /metrics: fixed answers."""
+
+    def __init__(self, records):
+        self.records = {record.spec.id: record for record in records}
+
+    async def job(self, job_id):
+        from actors.actor import RemoteError
+        from actors.messages import Error
+        from atelier.jobs import ErrorCode
+
+        if job_id not in self.records:
+            raise RemoteError(Error(code=ErrorCode.unknown_job, message="no such job"))
+        return self.records[job_id]
+
+    async def status(self):
+        from actors.messages import ClusterStatus
+        from atelier.jobs import SchedulerStats
+
+        return ClusterStatus(runners=[], queued=[], counts={},
+                             stats=SchedulerStats(store_errors=4, store_failing=True, store_error="S3 is unreachable"))
+
+
+def test_http_gives_presigned_urls_and_redirects_to_them(s3, bucket):
+    """/v1/jobs/{id} carries pre-signed URLs; /v1/artifacts/<name> answers 302 to one, to the owner only;
+    /metrics shows the store's errors."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from atelier.jobs import JobRecord, JobSpec, JobState
+    from frontends.http import HttpServer
+    from tests.conftest import run
+
+    ana, ben = "ana-token-0123456789abcdef", "ben-token-0123456789abcdef"
+    settings = s3_config(s3, prefix="http/").model_dump()
+    settings["secret_access_key"] = s3server.SECRET_KEY
+    config = Config.model_validate({"store": settings, "http": {"tokens": [{"token": ana, "user": "ana"},
+                                                                           {"token": ben, "user": "ben"}]}})
+    store = S3Store(config.store)
+    spec = JobSpec(model="noop", prompt="p", user="ana")
+    uris = store.put_all(spec.id, [png(b"ana's image")])
+    record = JobRecord(spec=spec, state=JobState.done, submitted_at=1.0, artifacts=uris)
+
+    async def go():
+        server = HttpServer(config, _StandInScheduler([record]), base_url="")
+        test_server = TestServer(server.app, host="127.0.0.1")
+        await test_server.start_server()
+        try:
+            async with aiohttp.ClientSession() as http:
+                async def get(path, token, **kw):
+                    async with http.get(test_server.make_url(path), headers={"Authorization": f"Bearer {token}"},
+                                        **kw) as answer:
+                        return answer.status, answer.headers, await answer.read()
+
+                view = await get(f"/v1/jobs/{spec.id}", ana)
+                redirect = await get(f"/v1/artifacts/{spec.id}-0.png", ana, allow_redirects=False)
+                followed = await get(f"/v1/artifacts/{spec.id}-0.png", ana)
+                other = await get(f"/v1/artifacts/{spec.id}-0.png", ben, allow_redirects=False)
+                scrape = await get("/metrics", ana)
+                return view, redirect, followed, other, scrape
+        finally:
+            await test_server.close()
+
+    view, redirect, followed, other, scrape = run(asyncio.wait_for(go(), 30))
+    import json
+
+    [url] = json.loads(view[2])["urls"]
+    assert url.startswith(f"{s3.endpoint}/{BUCKET}/http/outputs/{spec.id}-0.png?") and "X-Amz-Expires=3600" in url
+    assert fetch(url) == (200, b"ana's image")
+    assert redirect[0] == 302 and redirect[1]["Location"].startswith(f"{s3.endpoint}/{BUCKET}/http/outputs/")
+    assert followed[0] == 200 and followed[2] == b"ana's image"
+    assert other[0] == 403
+    assert b"atelier_store_errors_total 4.0" in scrape[2] and b"atelier_store_failing 1.0" in scrape[2]
