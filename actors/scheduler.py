@@ -556,7 +556,9 @@ def _swept_reason(gone: int, of: int) -> str:
 def _public(exc: OSError) -> str:
     """What went wrong, fit for a user: a StoreError's message is; a bare OSError says only its kind
     (the log has the path)."""
-    return str(exc) if isinstance(exc, StoreError) else (exc.strerror or type(exc).__name__)
+    if isinstance(exc, StoreError):
+        return exc.strerror or str(exc)
+    return exc.strerror or type(exc).__name__
 
 
 def _error(refused: Refused) -> Error:

@@ -64,15 +64,18 @@ class LocalStore:
                 stray.unlink()
 
     def put_all(self, job_id: str, artifacts: Sequence[Artifact]) -> list[str]:
-        """Writes each output under ``<root>/<job id>-<n><ext>``; returns their URIs. Raises OSError
+        """Writes each output under ``<root>/<job id>-<n><ext>``; returns their URIs. Raises StoreError
         (ENOSPC where the folder has less than ``min_free_bytes`` to spare), leaving nothing behind."""
         if not artifacts:
             return []
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"the artifact folder is not usable: {exc.strerror}") from None
         needed = sum(len(artifact.data) for artifact in artifacts)
-        free = shutil.disk_usage(self.root).free
         if free - needed < self.min_free_bytes:
-            raise OSError(errno.ENOSPC, f"{free >> 20} MiB free in the artifact folder, "
+            raise StoreError(errno.ENOSPC, f"{free >> 20} MiB free in the artifact folder, "
                                         f"less than the {self.min_free_bytes >> 20} MiB kept spare")
         uris = []
         for index, artifact in enumerate(artifacts):
@@ -82,10 +85,11 @@ class LocalStore:
                 with open(tmp, "wb") as f:
                     f.write(artifact.data)
                 os.replace(tmp, path)  # readers never see half a file
-            except OSError:
+            except OSError as exc:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-                raise
+                raise StoreError(exc.errno or errno.EIO,
+                                 f"cannot write to the artifact folder: {exc.strerror}") from None
             uris.append(path.resolve().as_uri())
         return uris
 
