@@ -545,7 +545,10 @@ class Scheduler(Actor):
         uris = self.journal.artifacts_before(before)
         self.journal.prune(before)
         if delete:
-            self.store.delete(uris)
+            try:
+                self.store.delete(uris)
+            except OSError as exc:  # the scheduler comes up regardless; the next sweep or prune tries others
+                log.error("artifacts: %d outputs of pruned jobs could not be deleted: %s", len(uris), exc)
         return uris
 
 
