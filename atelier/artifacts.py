@@ -203,8 +203,9 @@ class S3Store:
         try:
             for index, artifact in enumerate(artifacts):
                 key = f"{self.prefix}{OUTPUTS}{job_id}-{index}{extension_for(artifact.media_type)}"
-                self._call("upload", self.client.put_object, Bucket=self.bucket, Key=key, Body=artifact.data,
-                           ContentType=artifact.media_type)
+                # bytes(): an artifact that came over the wire holds a buffer, which botocore refuses.
+                self._call("upload", self.client.put_object, Bucket=self.bucket, Key=key,
+                           Body=bytes(artifact.data), ContentType=artifact.media_type)
                 uris.append(self._uri(key))
         except StoreError:
             with contextlib.suppress(StoreError):
@@ -214,7 +215,8 @@ class S3Store:
 
     def put(self, key: str, data: bytes, media_type: str = "application/octet-stream") -> str:
         full = self.prefix + check_key(key)
-        self._call("upload", self.client.put_object, Bucket=self.bucket, Key=full, Body=data, ContentType=media_type)
+        self._call("upload", self.client.put_object, Bucket=self.bucket, Key=full, Body=bytes(data),
+                   ContentType=media_type)
         return self._uri(full)
 
     def read(self, uri: str) -> bytes | None:
