@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
+import re
 import sqlite3
 import time
-import urllib.parse
 import uuid
 
 from actors import keys
@@ -68,7 +69,7 @@ from actors.messages import (
     Submit,
     TrainCheckpoint,
 )
-from atelier.artifacts import ArtifactStore
+from atelier.artifacts import StoreError, make_store
 from atelier.config import Config
 from atelier.jobs import (
     Artifact,
@@ -112,7 +113,10 @@ class Scheduler(Actor):
         super().__init__(name, router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.policy = Policy(config)
-        self.store = ArtifactStore(config.artifact_dir, min_free_bytes=config.scheduler.min_free_bytes)
+        self.store = make_store(config)
+        self._store_failing_since: dict[str, float] = {}  # batch id -> first failed store of its outputs
+        self._swept: set[str] = set()  # URIs retention deleted since start: GetJob says so without a read
+        self._store_stats = {"store_errors": 0, "store_failing": False, "store_error": None, "store_swept": 0}
         self.clock = clock
         self.loaders: dict[str, LoaderState] = {}  # by node, for status
         self._wake: asyncio.TimerHandle | None = None
@@ -156,6 +160,8 @@ class Scheduler(Actor):
     async def on_start(self) -> None:
         self._tasks.spawn(self._refresh_loop(), "refresh")
         self._tasks.spawn(self._prune_loop(), "prune")
+        if self.config.store.max_age_days is not None or self.config.store.max_bytes is not None:
+            self._tasks.spawn(self._sweep_loop(), "sweep")
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -292,8 +298,15 @@ class Scheduler(Actor):
             job = self.policy.job(msg.job_id)
         except Refused as refused:
             earlier = self.journal.get(msg.job_id)  # ended long ago: only the journal still has it
-            return JobInfo(job=earlier) if earlier is not None else _error(refused)
-        return JobInfo(job=job.record(self.clock()))
+            return JobInfo(job=self._mark_swept(earlier)) if earlier is not None else _error(refused)
+        return JobInfo(job=self._mark_swept(job.record(self.clock())))
+
+    def _mark_swept(self, record: JobRecord) -> JobRecord:
+        """A done job whose outputs retention deleted (since this scheduler started) says so."""
+        gone = sum(uri in self._swept for uri in record.artifacts)
+        if not gone or record.state is not JobState.done or record.reason is not None:
+            return record
+        return record.model_copy(update={"reason": _swept_reason(gone, len(record.artifacts))})
 
     @handles(GetResult)
     async def on_get_result(self, msg: GetResult, env: Envelope) -> JobResult | JobInfo | Error:
@@ -304,11 +317,19 @@ class Scheduler(Actor):
         if record is None:
             return Error(code=ErrorCode.unknown_job, field="job_id", message=f"no job {msg.job_id!r} in the journal")
         described = self.journal.outputs(msg.job_id)
-        outputs = await asyncio.to_thread(self._read_outputs, described)
+        try:
+            outputs = await asyncio.to_thread(self._read_outputs, described)
+        except OSError as exc:
+            return Error(code=ErrorCode.internal, message=f"the artifact store cannot be read now: {_public(exc)}")
+        if len(outputs) < len(described) and record.state is JobState.done and record.reason is None:
+            # Not a failure: the job ran; its outputs were deleted since (retention, or by hand).
+            record = record.model_copy(update={"reason": _swept_reason(len(described) - len(outputs),
+                                                                         len(described))})
         return JobResult(job=record, outputs=outputs)
 
     def _read_outputs(self, described: list[dict]) -> list[Artifact]:
-        """The artifacts of a done job, read back from the store; one deleted since is left out."""
+        """The artifacts of a done job, read back from the store; one deleted since is left out. Raises
+        OSError (StoreError) where the store itself fails."""
         outputs = []
         for meta in described:
             data = self.store.read(meta.get("uri") or "")
@@ -321,7 +342,8 @@ class Scheduler(Actor):
         status = self.policy.status()
         runners = [RunnerStatus(name=r.name, job=r.job, capabilities=r.capabilities) for r in status.runners]
         return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=status.counts,
-                             queued=status.queued, stats=status.stats)
+                             queued=status.queued,
+                             stats=status.stats.model_copy(update=self._store_stats))
 
     @handles(ListJobs)
     async def on_list_jobs(self, msg: ListJobs, env: Envelope) -> JobList:
@@ -448,13 +470,24 @@ class Scheduler(Actor):
         await self._apply()
 
     @handles(BatchDone)
-    async def on_batch_done(self, msg: BatchDone, env: Envelope) -> Ok:
-        # The outputs are stored before any job is settled: a store that fails (a full disk, a folder
-        # not writable) turns those jobs' outcomes into failures the policy requeues or ends with the
-        # reason, so no job is ever left running on a batch that no longer exists.
+    async def on_batch_done(self, msg: BatchDone, env: Envelope) -> Ok | Error:
+        # The outputs are stored before any job is settled. A store that fails (a full disk, S3 down)
+        # loses nothing: the answer is an internal error, so the runner keeps the outcomes and reports
+        # them again (with backoff); only after [store] patience_s of failures do the batch's jobs fail
+        # with the reason, so no job is left running for ever on a batch that no longer exists.
         live = {o.job_id for o in msg.outcomes if (job := self.policy.find(o.job_id)) is not None and job.live}
-        outcomes = await asyncio.to_thread(self._store, msg.outcomes, live)
+        outcomes, failed, problem = await asyncio.to_thread(self._store, msg.outcomes, live)
         now = self.clock()
+        if failed:
+            first = self._store_failing_since.setdefault(msg.batch_id, now)
+            if now - first < self.config.store.patience_s:
+                return Error(code=ErrorCode.internal, message=f"the artifact store failed ({problem}): the "
+                                                              "outputs are kept; report the batch again")
+            log.error("artifacts: batch %s could not be stored for %.0f s; its jobs fail", msg.batch_id, now - first)
+            reason = f"its outputs could not be stored: {problem}"
+            outcomes = [(JobFailed(job_id=o.job_id, reason=reason), None) if o.job_id in failed else (o, where)
+                        for o, where in outcomes]
+        self._store_failing_since.pop(msg.batch_id, None)
         done = self.policy.batch_done(env.src, msg.batch_id, [outcome for outcome, _ in outcomes], msg.resident,
                                       msg.timing, now, refused=msg.refused,
                                       active=(msg.active_batch, msg.active_jobs) if msg.active_batch else None)
@@ -468,10 +501,13 @@ class Scheduler(Actor):
         return Ok()  # the runner may forget the outcomes now
 
     def _store(self, outcomes: list[JobDone | JobFailed],
-               live: set[str]) -> list[tuple[JobDone | JobFailed, tuple | None]]:
+               live: set[str]) -> tuple[list[tuple[JobDone | JobFailed, tuple | None]], set[str], str | None]:
         """Writes the outputs of every done job of ``live`` (one trip to a thread per batch): each
-        outcome with where its outputs went, or turned into a retryable failure that says why not."""
+        outcome with where its outputs went (None: not stored), the jobs whose outputs could not be
+        stored, and why (public)."""
         stored: list[tuple[JobDone | JobFailed, tuple | None]] = []
+        failed: set[str] = set()
+        problem = None
         for outcome in outcomes:
             if not isinstance(outcome, JobDone) or outcome.job_id not in live:
                 stored.append((outcome, None))  # the policy settles (or ignores) it as it is
@@ -485,14 +521,17 @@ class Scheduler(Actor):
                 uris = self.store.put_all(outcome.job_id, outcome.outputs)
             except OSError as exc:
                 log.error("artifacts: cannot store the outputs of job %s: %s", outcome.job_id, exc)
-                # The reason is public: what went wrong, not where (the log has the path).
-                reason = f"its outputs could not be stored in the artifact folder: {exc.strerror or type(exc).__name__}"
-                stored.append((JobFailed(job_id=outcome.job_id, reason=reason, retryable=True), None))
+                problem = _public(exc)
+                self._store_stats.update(store_errors=self._store_stats["store_errors"] + 1, store_failing=True,
+                                         store_error=problem)
+                failed.add(outcome.job_id)
+                stored.append((outcome, None))
                 continue
+            self._store_stats.update(store_failing=False, store_error=None)
             outputs = tuple(artifact.model_copy(update={"uri": uri})
                             for artifact, uri in zip(outcome.outputs, uris, strict=True))
             stored.append((outcome, (uris, outputs)))
-        return stored
+        return stored, failed, problem
 
     # -- effects ------------------------------------------------------------- #
 
@@ -613,6 +652,23 @@ class Scheduler(Actor):
             except (sqlite3.Error, OSError):
                 log.exception("journal: pruning ended jobs failed")
 
+    async def _sweep_loop(self) -> None:
+        """Retention ([store] max_age_days, max_bytes): the store deletes old outputs, off the event loop;
+        their jobs stay in the journal, and GetResult says their outputs were deleted."""
+        while True:
+            await asyncio.sleep(self.config.store.sweep_every_s)
+            try:
+                swept = await asyncio.to_thread(self.store.sweep, self.clock())
+            except OSError as exc:
+                log.error("artifacts: the retention sweep failed: %s", exc)
+                continue
+            if swept:
+                self._store_stats["store_swept"] += len(swept)
+                if len(self._swept) > 1_000_000:  # bounded: GetResult still finds out by reading
+                    self._swept.clear()
+                self._swept.update(swept)
+                log.info("artifacts: retention deleted %d outputs", len(swept))
+
     def _prune(self, now: float, *, delete: bool = True) -> list[str]:
         """Forgets jobs ended more than journal_keep_days ago; their artifacts go with them (deleted
         here unless ``delete`` is off: then the caller deletes the URIs returned)."""
@@ -621,13 +677,30 @@ class Scheduler(Actor):
         uris = [uri for uri in self.journal.artifacts_before(before) if "/loras/" not in uri]
         self.journal.prune(before)
         if delete:
-            self.store.delete(uris)
+            try:
+                self.store.delete(uris)
+            except OSError as exc:  # the scheduler comes up regardless; the next sweep or prune tries others
+                log.error("artifacts: %d outputs of pruned jobs could not be deleted: %s", len(uris), exc)
         return uris
 
 
-def _key_part(text: str) -> str:
-    """A user's name as one path part of a store key (it may hold anything: "discord:123", "a/b")."""
-    return urllib.parse.quote(text, safe="")
+def _key_part(user: str) -> str:
+    """A user's name as one part of a store key, which takes letters, digits and ._- only: readable, and
+    made unique by a digest of the name itself (it may hold anything: "discord:123", "a/b")."""
+    readable = re.sub(r"[^A-Za-z0-9._-]", "-", user)[:80]
+    return f"u{readable}-{hashlib.sha256(user.encode()).hexdigest()[:8]}"
+
+
+def _swept_reason(gone: int, of: int) -> str:
+    return f"{gone} of its {of} outputs were deleted by the artifact store's retention"
+
+
+def _public(exc: OSError) -> str:
+    """What went wrong, fit for a user: a StoreError's message is; a bare OSError says only its kind
+    (the log has the path)."""
+    if isinstance(exc, StoreError):
+        return exc.strerror or str(exc)
+    return exc.strerror or type(exc).__name__
 
 
 def _error(refused: Refused) -> Error:

@@ -255,6 +255,34 @@ class SchedulerConfig(Strict):
     preload: bool = True
 
 
+class StoreConfig(Strict):
+    """Where finished outputs (and checkpoints, LoRAs) are kept: the local artifact folder, or an
+    S3-compatible bucket. Credentials left out here come from boto3's environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)."""
+    kind: Literal["local", "s3"] = "local"
+    endpoint: str | None = None  # e.g. http://127.0.0.1:8333; None: AWS's (or AWS_ENDPOINT_URL)
+    bucket: str = ""
+    region: str | None = None
+    prefix: str = ""  # keys go under this ("atelier/" -> s3://bucket/atelier/...)
+    access_key_id: str | None = Field(default=None, repr=False)
+    secret_access_key: SecretStr | None = None
+    url_expiry_s: int = Field(default=3600, ge=1, le=7 * 86400)  # pre-signed GET URLs' lifetime
+    # Retention of job outputs (never checkpoints or LoRAs): older than this go; then the oldest
+    # go until the outputs fit in max_bytes. None: keep / no budget.
+    max_age_days: float | None = Field(default=None, gt=0)
+    max_bytes: int | None = Field(default=None, ge=0)
+    sweep_every_s: float = Field(default=300.0, gt=0)
+    # A store that keeps failing: the runner holds the batch's outputs and retries; after this long
+    # the batch's jobs fail with the reason rather than run for ever.
+    patience_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> "StoreConfig":
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("[store] kind = \"s3\" needs a bucket")
+        return self
+
+
 # A device's name: "cuda:N"; "cpu"; or "cpu:N", a CPU stand-in for one device (tests, CPU-only boxes:
 # torch sees every "cpu:N" as the one CPU).
 _DEVICE = r"^(cpu|cuda)(:[0-9]+)?$"
@@ -378,6 +406,7 @@ class Config(Strict):
     default_model: str = ""
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     discord: DiscordConfig = Field(default_factory=DiscordConfig)

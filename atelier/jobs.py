@@ -154,8 +154,9 @@ class TrainSpec(Wire):
     that has none of its own in ``captions``; the images travel as ``JobInputs.train_images``.
     """
 
-    # The LoRA's name, as its owner's generation jobs choose it (JobSpec.loras) once it is trained.
-    name: Name
+    # The LoRA's name, as its owner's generation jobs choose it (JobSpec.loras) once it is trained;
+    # others it is lent to write @owner/name.
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     captions: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=MAX_TRAIN_IMAGES)
     # Dreambooth's prior preservation: images of the class ("a photo of a dog") made by the base model
     # itself, trained beside the instance images so the model does not forget what a dog looks like.
@@ -372,6 +373,11 @@ class SchedulerStats(Wire):
     job_seconds_counts: list[int] = Field(default_factory=list)  # cumulative, one per bucket, then +Inf
     job_seconds_sum: float = 0.0
     models: dict[str, ModelStats] = Field(default_factory=dict)
+    # The artifact store: failed writes since start, and whether the last one failed (and why: public).
+    store_errors: int = 0
+    store_failing: bool = False
+    store_error: str | None = None
+    store_swept: int = 0  # outputs retention deleted since start
 
 
 class JobDone(Wire):

@@ -44,7 +44,7 @@ from pydantic import TypeAdapter, ValidationError
 from actors.actor import RemoteError
 from actors.keys import for_peer
 from actors.messages import ClusterStatus, JobEvent, JobResult, Preview, Progress
-from atelier.artifacts import media_type_for
+from atelier.artifacts import S3Store, StoreError, media_type_for
 from atelier.config import Config, HttpConfig
 from atelier.jobs import ErrorCode, JobId, JobInputs, JobRecord, JobSpec, Priority
 from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, process_parser
@@ -290,6 +290,8 @@ class HttpServer:
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
         self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self),
                                         TrainingSurface(self)]
+        # Outputs in S3 are fetched from S3 itself, by pre-signed GET URLs (signed here: no request).
+        self.signer: S3Store | None = S3Store(config.store) if config.store.kind == "s3" else None
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
         self._form_routes = set().union(*(s.form_routes for s in self.surfaces))
         self._untyped_json_routes = set().union(*(s.untyped_json_routes for s in self.surfaces))
@@ -582,6 +584,8 @@ class HttpServer:
         if match is None:
             raise Problem(404, "not_found", f"no artifact {name!r}: a name is <job id>-<n>.<extension>")
         job_id, index = match["job"], int(match["index"])
+        if self.signer is not None:
+            return await self._signed_redirect(name, job_id, index, caller)
         if not caller.admin:
             if owner is None:
                 try:
@@ -601,6 +605,29 @@ class HttpServer:
             output = result.outputs[index]
             return web.Response(body=bytes(output.data), content_type=output.media_type)
         raise Problem(404, "not_found", f"no artifact {name!r} (gone, or kept on another host)")
+
+    async def _signed_redirect(self, name: str, job_id: str, index: int, caller: Caller) -> web.StreamResponse:
+        """An S3-stored output: 302 to a pre-signed GET URL, after the same owner check."""
+        try:
+            record = await self.client.job(job_id)
+        except RemoteError as exc:
+            if exc.error.code is not ErrorCode.unknown_job:
+                raise
+            raise Problem(404, "not_found", f"no artifact {name!r} (its job is gone)") from None
+        if not caller.admin and record.spec.user != caller.user:
+            raise Problem(403, "forbidden", f"artifact {name} is not {caller.user}'s")
+        url = self._signed(record, index)
+        if url is None or record.reason is not None and "retention" in record.reason:
+            raise Problem(404, "not_found", f"no artifact {name!r} (gone: {record.reason or 'not stored'})")
+        raise web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+
+    def _signed(self, record: JobRecord, index: int) -> str | None:
+        if self.signer is None or index >= len(record.artifacts):
+            return None
+        try:
+            return self.signer.signed_url(record.artifacts[index])
+        except StoreError:
+            return None
 
     # -- the rest -------------------------------------------------------------- #
 
@@ -701,6 +728,10 @@ class HttpServer:
         return api.JobView(**record.model_dump(), urls=[self.url(record, i) for i in range(len(record.artifacts))])
 
     def url(self, record: JobRecord, index: int) -> str:
+        """Where output ``index`` can be fetched: the artifact route, or for an S3-stored output a pre-signed
+        GET URL (it expires after [store] url_expiry_s: its X-Amz-Expires; the artifact route signs anew)."""
+        if (signed := self._signed(record, index)) is not None:
+            return signed
         name = Path(urlparse(record.artifacts[index]).path).name if index < len(record.artifacts) else \
             f"{record.spec.id}-{index}.png"
         return f"{self.base_url}/v1/artifacts/{name}"

@@ -40,6 +40,12 @@ class _Cluster:
             yield HistogramMetricFamily("atelier_job_seconds", "Jobs from submit to end.",
                                         buckets=list(zip(bounds, stats.job_seconds_counts, strict=True)),
                                         sum_value=stats.job_seconds_sum)
+        yield CounterMetricFamily("atelier_store_errors", "Artifact store writes that failed.",
+                                  value=stats.store_errors)
+        yield GaugeMetricFamily("atelier_store_failing", "1 while the artifact store's last write failed.",
+                                value=int(stats.store_failing))
+        yield CounterMetricFamily("atelier_store_swept", "Job outputs deleted by the store's retention.",
+                                  value=stats.store_swept)
         yield from self._models()
         yield from self._memory()
 

@@ -285,47 +285,67 @@ def _finish_all(runner: StandInRunner, item) -> BatchDone:
 
 
 @pytest.mark.parametrize("broken", ["folder is a file", "disk nearly full"])
-def test_m4_outputs_that_cannot_be_stored_fail_the_job_with_the_reason(tmp_path: Path, broken: str) -> None:
+def test_m4_outputs_that_cannot_be_stored_are_kept_by_the_runner_then_fail_after_patience(
+        tmp_path: Path, broken: str) -> None:
+    """A store that fails loses no output: the scheduler answers internal (the runner keeps the batch
+    and reports it again); a store fixed in time gets the outputs; one that is not, after
+    [store] patience_s, fails the job with the reason. /metrics' counters see every failure."""
     artifacts = tmp_path / "artifacts"
+    settings = {"home": str(tmp_path), "artifacts": str(artifacts), "broker": {"heartbeat_s": 0.2},
+                "store": {"patience_s": 0.05}}
     if broken == "folder is a file":
         artifacts.write_bytes(b"")
-        config = Config.model_validate({"home": str(tmp_path), "artifacts": str(artifacts),
-                                        "broker": {"heartbeat_s": 0.2}, "scheduler": {"max_attempts": 2}})
     else:
-        config = Config.model_validate({"home": str(tmp_path), "artifacts": str(artifacts),
-                                        "broker": {"heartbeat_s": 0.2},
-                                        "scheduler": {"max_attempts": 2, "min_free_bytes": 1 << 60}})
+        settings["scheduler"] = {"min_free_bytes": 1 << 60}
+    config = Config.model_validate(settings)
+
+    def fix(scheduler) -> None:
+        if artifacts.is_file():
+            artifacts.unlink()
+        scheduler.store.min_free_bytes = 0
+
+    def breaks(scheduler) -> None:  # the folder now holds an output: a nearly full disk, whichever the case
+        scheduler.store.min_free_bytes = 1 << 60
 
     async def go():
         runner = StandInRunner("runner-a", broker.router_endpoint)
         await runner.start()
         try:
             async with scheduler_with_client(broker, config) as (scheduler, client):
+                # 1. Kept, and delivered once the store is back.
                 job = await client.submit(JobSpec(model="noop", prompt="p"), events=False)
-                answers = []
-                for _ in range(2):  # each attempt's outputs are refused by the store
-                    item = await runner.next_job()
-                    answers.append(await runner.ask("scheduler", _finish_all(runner, item)))
-                result = await client.wait(job.spec.id, timeout=30)
-                # Fixed by whoever runs it: the next job's outputs are stored and delivered.
-                if artifacts.is_file():
-                    artifacts.unlink()
-                scheduler.store.min_free_bytes = 0
-                later = await client.submit(JobSpec(model="noop", prompt="p"), events=False)
-                await runner.ask("scheduler", _finish_all(runner, await runner.next_job()))
-                return answers, result, await client.wait(later.spec.id, timeout=30)
+                done = _finish_all(runner, await runner.next_job())
+                with pytest.raises(RemoteError) as refused:
+                    await runner.ask("scheduler", done)
+                running = await client.job(job.spec.id)
+                fix(scheduler)
+                assert isinstance(await runner.ask("scheduler", done), Ok)  # the same report, again
+                kept = await client.wait(job.spec.id, timeout=30)
+                stats = (await client.status()).stats
+                # 2. Not back within patience_s: the job fails with the reason, once.
+                breaks(scheduler)
+                lost = await client.submit(JobSpec(model="noop", prompt="p"), events=False)
+                done = _finish_all(runner, await runner.next_job())
+                with pytest.raises(RemoteError):
+                    await runner.ask("scheduler", done)
+                await asyncio.sleep(0.1)  # patience_s is a duration: it has to pass
+                assert isinstance(await runner.ask("scheduler", done), Ok)
+                failed = await client.wait(lost.spec.id, timeout=30)
+                return refused.value.error, running, kept, stats, failed, (await client.status()).stats
         finally:
             await runner.close()
 
     with broker_thread(heartbeat_s=0.2) as (broker, _):
-        answers, result, later = run(go(), timeout=60)
-    assert all(isinstance(answer, Ok) for answer in answers)  # acknowledged: the runner may forget them
-    assert result.job.state is JobState.failed and result.job.attempts == 2  # requeued once, then failed
-    assert "its outputs could not be stored in the artifact folder" in result.job.reason
-    assert str(tmp_path) not in result.job.reason  # no server path in a public reason
-    if broken == "disk nearly full":
-        assert "kept spare" in result.job.reason
-    assert later.job.state is JobState.done and bytes(later.outputs[0].data) == b"\x89PNG fake"
+        refused, running, kept, stats, failed, later = run(go(), timeout=60)
+    assert refused.code is ErrorCode.internal and "outputs are kept" in refused.message
+    assert running.state is JobState.assigned and running.attempts == 1  # still on its batch: not requeued
+    assert kept.job.state is JobState.done and bytes(kept.outputs[0].data) == b"\x89PNG fake"
+    assert stats.store_errors == 1 and not stats.store_failing
+    assert failed.job.state is JobState.failed and failed.job.attempts == 1
+    assert "its outputs could not be stored" in failed.job.reason
+    assert str(tmp_path) not in failed.job.reason  # no server path in a public reason
+    assert "kept spare" in failed.job.reason
+    assert later.store_errors == 3 and later.store_failing and "kept spare" in later.store_error
     assert not list(artifacts.glob("*.part"))
 
 
