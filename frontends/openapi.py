@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from atelier.jobs import JobId
-from frontends import a1111, api, openai_images
+from frontends import a1111, api, openai_images, trainings
 
 _REF = "#/components/schemas/{model}"
 
@@ -50,11 +50,16 @@ def _errors(model: type[BaseModel], *codes: int) -> dict[str, Any]:
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": TypeAdapter(JobId).json_schema()}
 
 
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1,
+                                                                  "maxLength": 64}}
+
+
 @cache
 def _schemas() -> dict[str, Any]:
     models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, openai_images.OpenAIImageRequest,
               openai_images.OpenAIImagesResponse, openai_images.OpenAIError, a1111.A1111Txt2Img,
-              a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error]
+              a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error,
+              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
 
@@ -96,6 +101,30 @@ def document(base_url: str) -> dict[str, Any]:
                     "responses": {"200": _answer("The stream", media="text/event-stream", schema={"type": "string"}),
                                   **_errors(api.ApiError, *native)}},
         },
+        "/v1/trainings": {
+            "post": {"summary": "Queue a LoRA training (JSON with base64 images, or multipart: images parts, the "
+                                "settings as text parts, captions once per image)",
+                     "requestBody": _body(trainings.TrainingRequest),
+                     "responses": {"202": _answer("Queued", api.JobView),
+                                   **_errors(api.ApiError, 400, *posted, *native)}},
+        },
+        "/v1/loras": {"get": {"summary": "The trained LoRAs the caller may use: their own, then those lent them",
+                              "responses": {"200": _answer("LoRAs", trainings.LoraListing),
+                                            **_errors(api.ApiError, 401, 503)}}},
+        "/v1/loras/{name}": {"delete": {"summary": "Delete one of the caller's LoRAs", "parameters": [_NAME],
+                                        "responses": {"200": _answer("What is left", trainings.LoraListing),
+                                                      **_errors(api.ApiError, 401, 403, 404, 422, 503)}}},
+        "/v1/loras/{name}/share": {"put": {"summary": "Lend one of the caller's LoRAs to these users",
+                                           "parameters": [_NAME], "requestBody": _body(trainings.LoraShare),
+                                           "responses": {"200": _answer("The caller's LoRAs", trainings.LoraListing),
+                                                         **_errors(api.ApiError, 400, 401, 403, 404, 413, 415,
+                                                                   422, 503)}}},
+        "/v1/loras/{name}/file": {"get": {"summary": "One of the caller's LoRA files (?format=kohya: kohya's)",
+                                          "parameters": [_NAME, {"name": "format", "in": "query", "schema": {
+                                              "type": "string", "enum": ["diffusers", "kohya"]}}],
+                                          "responses": {"200": _answer("The file", media="application/octet-stream",
+                                                                       schema={"type": "string", "format": "binary"}),
+                                                        **_errors(api.ApiError, 401, 404, 422, 503)}}},
         "/v1/models": {"get": {"summary": "The catalog (OpenAI's model list, with atelier's fields)",
                                "responses": {"200": _answer("Models", api.ModelList), **_errors(api.ApiError, 401)}}},
         "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue (the jobs on the runners: admins)",

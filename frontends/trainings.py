@@ -12,17 +12,29 @@ The LoRA it makes is its owner's: ``GET /v1/loras`` lists what the caller may us
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Annotated, Any
 
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.actor import RemoteError
-from atelier.jobs import MAX_INPUT_BYTES, MAX_TRAIN_IMAGES, JobInputs, JobKind, JobSpec, LoraInfo, Name, TrainSpec
+from atelier.jobs import (
+    MAX_INPUT_BYTES,
+    MAX_TRAIN_IMAGES,
+    ErrorCode,
+    JobInputs,
+    JobKind,
+    JobSpec,
+    LoraInfo,
+    Name,
+    TrainSpec,
+)
 from frontends import api
 from frontends.httpbase import Problem, Surface, from_remote, json_response, parse, read_json, read_part
 
 MAX_FIELD_BYTES = 16 << 10
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # TrainSpec.name's rule
 MAX_PARTS = MAX_TRAIN_IMAGES * 2 + 32  # every image, a caption each, and the settings
 
 
@@ -43,7 +55,8 @@ class TrainingRequest(BaseModel):
 class LoraShare(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    users: list[str] = Field(max_length=1000, description="who may use it (replaces the list; [] lends it to no one)")
+    # Who may use it: replaces the list ([] lends it to no one).
+    users: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(max_length=1000)
 
 
 class LoraListing(BaseModel):
@@ -128,18 +141,18 @@ class TrainingSurface(Surface):
         return json_response(LoraListing(loras=await self._ask("loras", request["caller"].user)))
 
     async def delete(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = self._name(request)
         return json_response(LoraListing(loras=await self._ask("delete_lora", request["caller"].user, name)))
 
     async def share(self, request: web.Request) -> web.Response:
+        name = self._name(request)
         body = parse(LoraShare, await read_json(request))
-        name = request.match_info["name"]
         return json_response(LoraListing(loras=await self._ask("share_lora", request["caller"].user, name,
                                                                body.users)))
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         """The caller's own LoRA file, in the diffusers format or (``?format=kohya``) kohya's."""
-        name, user = request.match_info["name"], request["caller"].user
+        name, user = self._name(request), request["caller"].user
         kohya = request.query.get("format", "diffusers") == "kohya"
         found = next((lora for lora in await self._ask("loras", user) if lora.name == name and lora.owner == user),
                      None)
@@ -158,7 +171,18 @@ class TrainingSurface(Surface):
         try:
             return await getattr(self.gateway.client, method)(*args)
         except RemoteError as exc:
+            if exc.error.code is ErrorCode.unknown_model and exc.error.field == "name":
+                raise Problem(404, "not_found", exc.error.message, field="name") from None
             raise from_remote(exc) from None
+
+    @staticmethod
+    def _name(request: web.Request) -> str:
+        """The LoRA named in the path; one no LoRA can have (TrainSpec.name's rule) is not found."""
+        name = request.match_info["name"]
+        if not LORA_NAME.fullmatch(name):
+            raise Problem(404, "not_found", f"no LoRA {name[:64]!r}: a name is letters, digits, . _ and -",
+                          field="name")
+        return name
 
 
 def _form_fields(texts: dict[str, str], captions: list[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ EXAMPLES = 25  # per operation and mode: the whole file stays well under a minut
 # is the server's), so there the built-in "valid data is accepted" check gives way to a stricter one of
 # ours: such a refusal is a 400 or 422 that names the field.
 CATALOG_DECIDES = {("/v1/jobs", "POST"), ("/v1/images/generations", "POST"), ("/sdapi/v1/txt2img", "POST"),
-                   ("/sdapi/v1/img2img", "POST")}
+                   ("/sdapi/v1/img2img", "POST"), ("/v1/trainings", "POST")}
 
 # Every operation is fuzzed, the event stream too: a generated job id names no job, so it answers at
 # once (404) instead of streaming. A live stream of a real job is tests/test_http.py's.
