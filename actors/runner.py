@@ -119,15 +119,6 @@ class ActiveBatch:
 
 
 @dataclass
-class _Trained(Exception):
-    """A training's outcome, out of the generation path of ``_execute`` (which it shares up to the load)."""
-
-    def __init__(self, outcome: JobDone | JobFailed):
-        super().__init__(outcome.job_id)
-        self.outcome = outcome
-
-
-@dataclass
 class BatchTiming:
     """What a batch costs, measured as it runs (the load and each step write here): the wire's
     RunTiming is frozen, so the report is made from this once the batch has ended."""
@@ -425,6 +416,9 @@ class Runner(Actor):
         for ref in chosen:
             if not ref.startswith("@") or ref in model.loras:
                 continue
+            if self.engine.world > 1:  # the other ranks would run the call without it
+                raise sources.ModelSourceError(f"a trained LoRA runs on a single device, not on the gang {self.device} "
+                                               "(yet): submit it for a model without parallel")
             try:
                 found = await self.ask(SCHEDULER, GetLora(ref=ref), timeout=60.0)
             except RemoteError as exc:

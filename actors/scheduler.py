@@ -419,7 +419,7 @@ class Scheduler(Actor):
                                           bytes(msg.data), "application/octet-stream")
         except OSError as exc:  # the training goes on; a crash now resumes from the checkpoint before
             log.error("artifacts: cannot store checkpoint %d of job %s: %s", msg.step, msg.job_id, exc)
-            return Error(code=ErrorCode.internal, message=f"the checkpoint could not be stored: {exc}")
+            return Error(code=ErrorCode.internal, message=f"the checkpoint could not be stored: {_public(exc)}")
         replaced = self.policy.checkpointed(env.src, msg.job_id, uri, msg.step)
         if replaced != uri:
             self._write_now(job)  # a crash from here on resumes from this step
