@@ -168,11 +168,8 @@ def _unroutable(exc) -> bool:
 
 async def _generate(args: argparse.Namespace, config: Config) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from actors.actor import RemoteError
-    from actors.messages import JobEvent, JobResult
-    from actors.messages import Progress as StepProgress
     from atelier.artifacts import extension_for
     from atelier.jobs import JobSpec, JobState
 
@@ -211,29 +208,11 @@ async def _generate(args: argparse.Namespace, config: Config) -> int:
         except RemoteError as exc:
             if _unroutable(exc):
                 raise  # _connect says there is no scheduler
-            # Most refusals name their field already ("loras: …"): say it once.
-            field = exc.error.field
-            named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
-            console.print(f"[red]error:[/red] {named}{scrub(exc.error.message)}")
+            console.print(f"[red]error:[/red] {_refusal(exc)}")
             return 2
-        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
-        result: JobResult | None = None
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task(f"{record.state.value}", total=record.spec.steps)
-            try:
-                async for event in client.events(spec.id, timeout=args.timeout):
-                    if isinstance(event, JobEvent):
-                        bar.update(task, description=_describe(event))
-                    elif isinstance(event, StepProgress):
-                        bar.update(task, completed=event.step, total=event.total)
-                    elif isinstance(event, JobResult):
-                        result = event
-            except (asyncio.TimeoutError, asyncio.CancelledError, KeyboardInterrupt):
-                await client.cancel(spec.id)
-                console.print(f"[yellow]gave up waiting; cancelled {spec.id}[/yellow]")
-                return 1
-        assert result is not None
+        result = await _follow(client, console, record, record.spec.steps, args.timeout)
+        if result is None:
+            return 1
         if result.job.state is not JobState.done:
             console.print(f"[red]job {spec.id} {result.job.state.value}:[/red] {scrub(result.job.reason or '')}")
             return 1
@@ -252,11 +231,8 @@ async def _train(args: argparse.Namespace, config: Config) -> int:
     """Trains a LoRA from a folder of images (each with an optional caption in a .txt file of the same name),
     showing a progress bar with the loss; the LoRA is then the user's, usable with --lora NAME."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from actors.actor import RemoteError
-    from actors.messages import JobEvent, JobResult
-    from actors.messages import Progress as StepProgress
     from atelier.jobs import JobInputs, JobKind, JobSpec, JobState, TrainSpec
 
     console = Console(stderr=True, soft_wrap=True)
@@ -291,29 +267,11 @@ async def _train(args: argparse.Namespace, config: Config) -> int:
         except RemoteError as exc:
             if _unroutable(exc):
                 raise
-            field = exc.error.field
-            named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
-            console.print(f"[red]error:[/red] {named}{scrub(exc.error.message)}")
+            console.print(f"[red]error:[/red] {_refusal(exc)}")
             return 2
-        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-        result: JobResult | None = None
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task(record.state.value, total=train.steps, loss="-")
-            try:
-                async for event in client.events(spec.id, timeout=args.timeout):
-                    if isinstance(event, JobEvent):
-                        bar.update(task, description=_describe(event))
-                    elif isinstance(event, StepProgress):
-                        loss = f"{event.loss:.4f}" if event.loss is not None else "-"
-                        bar.update(task, completed=event.step, total=event.total, loss=loss)
-                    elif isinstance(event, JobResult):
-                        result = event
-            except (asyncio.TimeoutError, asyncio.CancelledError, KeyboardInterrupt):
-                await client.cancel(spec.id)
-                console.print(f"[yellow]gave up waiting; cancelled {spec.id}[/yellow]")
-                return 1
-        assert result is not None
+        result = await _follow(client, console, record, train.steps, args.timeout, loss=True)
+        if result is None:
+            return 1
         if result.job.state is not JobState.done:
             console.print(f"[red]training {spec.id} {result.job.state.value}:[/red] {scrub(result.job.reason or '')}")
             return 1
@@ -325,6 +283,42 @@ async def _train(args: argparse.Namespace, config: Config) -> int:
             print(path)
         console.print(f"LoRA {args.name} is ready: atelier generate --model {spec.model} --lora {args.name} …")
     return 0
+
+
+def _refusal(exc) -> str:
+    """A scheduler's refusal in one line; most name their field already ("loras: …"): said once."""
+    field = exc.error.field
+    named = f"{field}: " if field and not exc.error.message.startswith(f"{field}:") else ""
+    return f"{named}{scrub(exc.error.message)}"
+
+
+async def _follow(client, console, record, total: int | None, timeout: float | None, *, loss: bool = False):
+    """The job's progress as a bar (with a training's loss) until its result, which it returns; None where the
+    user gave up (a timeout, Ctrl-C), after cancelling the job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from actors.messages import JobEvent, JobResult
+    from actors.messages import Progress as StepProgress
+
+    job_id = record.spec.id
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               *([TextColumn("loss {task.fields[loss]}")] if loss else []), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(record.state.value, total=total, loss="-")
+        try:
+            async for event in client.events(job_id, timeout=timeout):
+                if isinstance(event, JobEvent):
+                    bar.update(task, description=_describe(event))
+                elif isinstance(event, StepProgress):
+                    shown = f"{event.loss:.4f}" if event.loss is not None else "-"
+                    bar.update(task, completed=event.step, total=event.total, loss=shown)
+                elif isinstance(event, JobResult):
+                    return event
+        except (asyncio.TimeoutError, asyncio.CancelledError, KeyboardInterrupt):
+            pass
+    await client.cancel(job_id)
+    console.print(f"[yellow]gave up waiting; cancelled {job_id}[/yellow]")
+    return None
 
 
 def _inputs(args: argparse.Namespace) -> JobInputs | None:
