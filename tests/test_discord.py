@@ -396,7 +396,7 @@ def _options(options: dict, focused: str | None = None) -> list[dict]:
     return out
 
 
-def slash(name: str, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), age_s: float = 0.0,
+def slash(name: str, /, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), age_s: float = 0.0,
           **options) -> dict:
     data = {"id": str(APP + 7), "name": name, "type": 1, "guild_id": str(GUILD), "options": _options(options)}
     attachments = {value["id"]: value for value in options.values() if isinstance(value, dict)}
@@ -405,7 +405,7 @@ def slash(name: str, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), 
     return _interaction(2, data, user=user, channel=channel, roles=roles, age_s=age_s)
 
 
-def autocomplete(name: str, focused: str, **options) -> dict:
+def autocomplete(name: str, focused: str, /, **options) -> dict:
     data = {"id": str(APP + 7), "name": name, "type": 1, "options": _options(options, focused)}
     return _interaction(4, data, user=ADA, channel=CHANNEL)
 
@@ -940,10 +940,10 @@ def test_train_follows_the_training_then_attaches_the_lora_that_generate_then_ap
             record = await s.atelier.job(_job_of(s.fake.latest(made)))
             again = await s.respond(press(s.fake, made, "Again"))
             await s.fake.wait_for(lambda: "done" in s.fake.latest(again).content, 60)
-            again_record = await s.atelier.job(_job_of(s.fake.latest(again)))
-            return s.fake.history(training), s.fake.choices[0], s.fake.latest(made), record, again_record
+            again_card = {**s.bot.jobs, **s.bot.finished}[_job_of(s.fake.latest(again))]
+            return s.fake.history(training), s.fake.choices[0], s.fake.latest(made), record, again_card
 
-    history, choices, made, record, again_record = go(scenario())
+    history, choices, made, record, again_card = go(scenario())
     opened, final = history[0], history[-1]
     assert opened.content.startswith(f"<@{ADA}> · training LoRA **cube** · «a photo of sks cube»")
     assert "tiny-sd · 2 images · 3 steps · 64 px" in opened.content and opened.labels == ["Cancel"]
@@ -953,7 +953,9 @@ def test_train_follows_the_training_then_attaches_the_lora_that_generate_then_ap
     header = int.from_bytes(blob[:8], "little")  # a safetensors file: its JSON header's length, then the header
     assert name == "cube.safetensors" and json.loads(blob[8:8 + header]) and not final.buttons
     assert "cube" in [c["value"] for c in choices]
-    assert record.spec.loras == {"cube": 0.8} and again_record.spec.loras == {"cube": 0.8}
+    # atelier's record names the version it resolved "cube" to; Again asks for "cube" (its newest version) again.
+    [(resolved, scale)] = record.spec.loras.items()
+    assert resolved.startswith("@") and scale == 0.8 and again_card.spec.loras == {"cube": 0.8}
     assert "done in" in made.content and "LoRA cube 0.8" in made.content and len(made.files) == 1
 
 
