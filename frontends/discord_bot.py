@@ -12,6 +12,11 @@ Variations per image (U1..Un and V1..Vn for several), Again (new seeds) and, whi
 (its owner's, or an admin's). With an ``image`` attachment it starts from that image (img2img, at
 ``strength``). For a model with ControlNets it takes a ``control_image`` and the ``controlnet`` that
 reads it; for one with an IP-Adapter, a ``reference_image`` (an image as a prompt); each with its scale.
+``lora`` (with ``lora_scale``) applies a LoRA: one the member trained, one lent to them, or the catalog's.
+
+``/train`` trains a LoRA of the member's from up to four attachments (more go through the HTTP API or
+the CLI); its message is followed as /generate's is, with the loss on its status line, and once done
+says how to use it and attaches the diffusers-format file where it fits the upload limit.
 
 Upscale runs the catalog's upscaler (``[discord] upscaler``, else its first model that upscales) on
 that image; Variations runs the image's prompt and settings from it at VARIATION_STRENGTH with a new
