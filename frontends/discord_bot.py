@@ -12,6 +12,11 @@ Variations per image (U1..Un and V1..Vn for several), Again (new seeds) and, whi
 (its owner's, or an admin's). With an ``image`` attachment it starts from that image (img2img, at
 ``strength``). For a model with ControlNets it takes a ``control_image`` and the ``controlnet`` that
 reads it; for one with an IP-Adapter, a ``reference_image`` (an image as a prompt); each with its scale.
+``lora`` (with ``lora_scale``) applies a LoRA: one the member trained, one lent to them, or the catalog's.
+
+``/train`` trains a LoRA of the member's from up to four attachments (more go through the HTTP API or
+the CLI); its message is followed as /generate's is, with the loss on its status line, and once done
+says how to use it and attaches the diffusers-format file where it fits the upload limit.
 
 Upscale runs the catalog's upscaler (``[discord] upscaler``, else its first model that upscales) on
 that image; Variations runs the image's prompt and settings from it at VARIATION_STRENGTH with a new
@@ -63,7 +68,7 @@ from pydantic import ValidationError
 from actors.actor import RemoteError
 from actors.messages import JobResult, ModelInfo
 from atelier.config import Config, DiscordConfig
-from atelier.jobs import JobInputs, JobKind, JobRecord, JobSpec, JobState, Priority
+from atelier.jobs import MAX_TRAIN_IMAGES, JobInputs, JobKind, JobRecord, JobSpec, JobState, Priority, TrainSpec
 from atelier.public import scrub
 from atelier.runtime import Failure, TaskSet, process_main, process_parser
 from frontends.client import AtelierClient, Event
@@ -93,6 +98,7 @@ from frontends.discord_views import (
     render_live,
     status_line,
     text_kind,
+    train_refusal,
     upscaler_of,
     variation_steps,
 )
@@ -533,7 +539,11 @@ class AtelierBot(discord.Client):
         needle = current.lower()
         live = interaction.command is not None and interaction.command.name == "live"
 
+        train = interaction.command is not None and interaction.command.name == "train"
+
         def fits(m: ModelInfo) -> bool:
+            if train:
+                return JobKind.train in m.kinds
             return JobKind.txt2img in m.kinds if live else text_kind(m) is not None
 
         return [app_commands.Choice(name=f"{m.name} ({m.family}, {m.default_width}×{m.default_height})"[:100],
@@ -547,6 +557,23 @@ class AtelierBot(discord.Client):
         needle = current.lower()
         return [app_commands.Choice(name=name[:100], value=name)
                 for name in (model.controlnets if model else []) if needle in name.lower()][:25]
+
+    async def _complete_lora(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """The LoRAs of the model the command names so far (else the default model's): the catalog's, then
+        the member's trained ones and those lent to them (``@owner/name``)."""
+        name = getattr(interaction.namespace, "model", None) or self.default_model
+        model = await self._model(name)
+        user = f"discord:{interaction.user.id}"
+        try:
+            trained = await asyncio.wait_for(self.atelier.loras(user), self.retry.call_timeout_s)
+        except (RemoteError, asyncio.TimeoutError) as exc:
+            log.warning("could not list the LoRAs of %s: %s", user, exc)
+            trained = []
+        names = (model.loras + model.user_loras if model else []) + \
+            [lo.name if lo.owner == user else f"@{lo.owner}/{lo.name}" for lo in trained if lo.model == name]
+        needle = current.lower()
+        return [app_commands.Choice(name=n[:100], value=n)
+                for n in dict.fromkeys(names) if needle in n.lower()][:25]
 
     async def _complete_job(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         mine = [c for c in self._visible(interaction) if current in c.spec.id]
@@ -570,8 +597,11 @@ class AtelierBot(discord.Client):
                                controlnet="which of the model's ControlNets reads the control image",
                                controlnet_scale="how strongly the ControlNet steers, 0 to 2 (default 1)",
                                reference_image="an image as a prompt, for a model with an IP-Adapter",
-                               reference_scale="how strongly the reference image steers, 0 to 2 (default 1)")
-        @app_commands.autocomplete(model=self._complete_model, controlnet=self._complete_controlnet)
+                               reference_scale="how strongly the reference image steers, 0 to 2 (default 1)",
+                               lora="a LoRA of the model: one you trained with /train, or the catalog's",
+                               lora_scale="how strongly the LoRA applies, 0 to 2 (default 1)")
+        @app_commands.autocomplete(model=self._complete_model, controlnet=self._complete_controlnet,
+                                   lora=self._complete_lora)
         async def generate(interaction: discord.Interaction, prompt: str, negative: str | None = None,
                            model: str | None = None, count: app_commands.Range[int, 1, 10] = 1,
                            width: Optional[app_commands.Range[int, 8, 8192]] = None,
@@ -583,14 +613,38 @@ class AtelierBot(discord.Client):
                            control_image: Optional[discord.Attachment] = None, controlnet: str | None = None,
                            controlnet_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None,
                            reference_image: Optional[discord.Attachment] = None,
-                           reference_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None) -> None:
+                           reference_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None,
+                           lora: str | None = None,
+                           lora_scale: Optional[app_commands.Range[float, 0.0, 2.0]] = None) -> None:
             images = {"image": image, "control_image": control_image, "reference_image": reference_image}
+            if lora_scale is not None and lora is None:
+                await self._say(interaction, "lora_scale goes with a lora.")
+                return
+            loras = {lora: 1.0 if lora_scale is None else lora_scale} if lora else {}
             await self.generate(interaction, dict(prompt=prompt, negative_prompt=negative, model=model,
                                                   count=count, width=width, height=height, steps=steps, seed=seed,
                                                   strength=strength,
                                                   controlnet=controlnet, controlnet_scale=controlnet_scale,
-                                                  ip_adapter_scale=reference_scale),
+                                                  ip_adapter_scale=reference_scale, loras=loras),
                                 {IMAGE_OPTIONS[option]: a for option, a in images.items() if a is not None})
+
+        @tree.command(name="train", description="Train a LoRA from up to 4 images (more: the HTTP API or CLI)")
+        @app_commands.describe(name="the LoRA's name, for /generate lora:NAME",
+                               prompt="what the images show, with a rare word for it (default: a photo of sks)",
+                               image1="an image of it", image2="another image", image3="another image",
+                               image4="another image", model="which model (default: the server's)",
+                               steps="training steps (more: slower, closer to the images)",
+                               resolution="the side the images are trained at, a multiple of 8 (default 512)")
+        @app_commands.autocomplete(model=self._complete_model)
+        async def train(interaction: discord.Interaction, name: app_commands.Range[str, 1, 64],
+                        image1: discord.Attachment, prompt: str = "a photo of sks",
+                        image2: Optional[discord.Attachment] = None, image3: Optional[discord.Attachment] = None,
+                        image4: Optional[discord.Attachment] = None, model: str | None = None,
+                        steps: app_commands.Range[int, 1, 5000] = 500,
+                        resolution: Optional[app_commands.Range[int, 8, 2048]] = None) -> None:
+            images = [a for a in (image1, image2, image3, image4) if a is not None]
+            await self.train(interaction, name=name, prompt=prompt, images=images, model=model, steps=steps,
+                             resolution=resolution)
 
         @tree.command(name="live", description="Images as you write: each new prompt replaces the last")
         @app_commands.describe(prompt="what to draw; use /live again or the New prompt button to change it",
@@ -717,18 +771,24 @@ class AtelierBot(discord.Client):
     async def _inputs(self, card: JobCard) -> JobInputs | None:
         """The job's input images: those attached, read from Discord now (after the reply: it may take a
         while), and another job's output, read back from atelier."""
-        if not card.attachments and card.source is None:
+        if not card.attachments and card.source is None and not card.train_images:
             return None
-        read = {}
+        read: dict = {}
+        if card.train_images:
+            read["train_images"] = [await self._read(a, f"image{n + 1}", card.spec.id)
+                                    for n, a in enumerate(card.train_images)]
         for field, attachment in card.attachments.items():
-            try:
-                read[field] = await asyncio.wait_for(attachment.read(), self.retry.call_timeout_s)
-            except _DISCORD_ERRORS as exc:
-                log.warning("reading the %s of job %s failed: %r", field, card.spec.id, exc)
-                raise _Unreadable(f"could not read the {_OPTION_OF[field]} from Discord; attach it again") from None
+            read[field] = await self._read(attachment, _OPTION_OF[field], card.spec.id)
         if card.source is not None:
             read["image"] = await self._output(*card.source)
         return JobInputs(**read)
+
+    async def _read(self, attachment: discord.Attachment, option: str, job_id: str) -> bytes:
+        try:
+            return await asyncio.wait_for(attachment.read(), self.retry.call_timeout_s)
+        except _DISCORD_ERRORS as exc:
+            log.warning("reading the %s of job %s failed: %r", option, job_id, exc)
+            raise _Unreadable(f"could not read the {option} from Discord; attach it again") from None
 
     async def _output(self, job_id: str, index: int) -> bytes:
         """Image ``index`` of a finished job: from the client's results (bounded by count and bytes), else
@@ -824,6 +884,46 @@ class AtelierBot(discord.Client):
                         return await self.atelier.wait(job_id, timeout=SILENCE_S)
                     except asyncio.TimeoutError:
                         return JobResult(job=record)  # its images went astray; its state did not
+
+    # -- /train ------------------------------------------------------------------ #
+
+    async def train(self, interaction: discord.Interaction, *, name: str, prompt: str,
+                    images: list[discord.Attachment], model: str | None, steps: int,
+                    resolution: int | None) -> None:
+        """A LoRA training of the member's from the attached images; its message follows it as /generate's do."""
+        user = interaction.user.id
+        refusals = (attachment_refusal(f"image{n + 1}", a.filename, a.content_type, a.size)
+                    for n, a in enumerate(images))
+        if (refusal := next((r for r in refusals if r is not None), None)) is not None:
+            await self._say(interaction, refusal)
+            return
+        if len(images) > MAX_TRAIN_IMAGES:  # /train offers 4; the bound is atelier's
+            await self._say(interaction, f"A training takes at most {MAX_TRAIN_IMAGES} images.")
+            return
+        name_of_model = model or self.default_model
+        info = await self._model(name_of_model)
+        if info is None:
+            await self._say(interaction, f"atelier has no model `{discord.utils.escape_markdown(name_of_model)}`.")
+            return
+        if (refusal := train_refusal(info, await self.models())) is not None:
+            await self._say(interaction, refusal)
+            return
+        settings = dict(name=name, steps=steps) | ({"resolution": resolution} if resolution is not None else {})
+        try:
+            spec = JobSpec(kind=JobKind.train, model=info.name, prompt=prompt, user=f"discord:{user}",
+                           train=TrainSpec(**settings))
+        except ValidationError as exc:
+            await self._say(interaction, f"Can't submit that: {_problems(exc)}")
+            return
+        if (refusal := self._rate_refusal(user)) is not None:
+            await self._say(interaction, refusal)
+            return
+        card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()),
+                       train_images=images, upload_bytes=_upload_bytes(interaction))
+        reply = Reply(self, interaction)
+        await reply.open(self._render(card))
+        self.jobs[spec.id] = card
+        self._spawn(self._follow(card, reply), f"train-{spec.id}")
 
     async def again(self, interaction: discord.Interaction, source: JobCard) -> None:
         spec = source.spec

@@ -142,6 +142,7 @@ class JobDisplay:
     preview_step: int = 0
     reason: str | None = None
     finished_at: float | None = None
+    loss: float | None = None  # a training's, at its latest step
 
     def apply(self, event: Event, now: float) -> None:
         if isinstance(event, JobResult):
@@ -159,13 +160,17 @@ class JobDisplay:
             self.position = event.position if self.state is JobState.queued else None
             if event.eta_s is not None:
                 self.eta_s, self.eta_at = event.eta_s, now
-            if event.reason:
+            if event.reason or not event.state.terminal:
+                # A queued job says why it waits ("paused at step N ..." of a training that yielded) until
+                # its next state, which says its own reason or none.
                 self.reason = event.reason
             if event.state.terminal:
                 self.finished_at = now
         elif isinstance(event, Progress):
             self.state, self.position = JobState.running, None
             self.step, self.total = event.step, event.total
+            if event.loss is not None:
+                self.loss = event.loss
             if event.eta_s is not None:
                 self.eta_s, self.eta_at = event.eta_s, now
         elif isinstance(event, Preview):
@@ -192,9 +197,11 @@ def status_line(job: JobDisplay, now: float) -> str:
     if job.state is JobState.cancelled:
         return "cancelled" + (f": {scrub(job.reason)}" if job.reason else "")
     if job.state is JobState.queued:
-        words = "queued" + (f" #{job.position + 1}" if job.position is not None else "")
+        words = "queued" + (f" #{job.position + 1}" if job.position is not None else "") + \
+            (f" ({scrub(job.reason)})" if job.reason else "")
     elif job.state is JobState.running:
-        words = f"running {job.percent()}%" + (f" (step {job.step}/{job.total})" if job.total else "")
+        words = f"running {job.percent()}%" + (f" (step {job.step}/{job.total})" if job.total else "") + \
+            (f" · loss {job.loss:.4f}" if job.loss is not None else "")
     else:
         words = "loading the model"
     parts = [words, f"{duration(elapsed)} elapsed"]
@@ -253,6 +260,8 @@ class JobCard:
     # Which buttons its finished images get: decided from the catalog when it is made.
     can_upscale: bool = False
     can_vary: bool = False
+    # A training's instance images (/train's image1..image4), read when it is submitted.
+    train_images: list[discord.Attachment] = field(default_factory=list)
 
     def delivered(self) -> None:
         """Keeps only what Again and /cancel need: the outputs and the preview were shown already."""
@@ -314,6 +323,14 @@ def attachment_refusal(option: str, filename: str, content_type: str | None, siz
 def does(model: ModelInfo) -> str:
     """What the bot can ask of a model, for its messages ("img2img, txt2img"): a training is not one of them."""
     return ", ".join(kind.value for kind in model.kinds if kind is not JobKind.train)
+
+
+def train_refusal(model: ModelInfo, catalog: Iterable[ModelInfo]) -> str | None:
+    """Why /train cannot train a LoRA of ``model``, or None if it can."""
+    if JobKind.train in model.kinds:
+        return None
+    return (f"{model.name} cannot train a LoRA (it does {does(model)}). "
+            f"Models that can: {_having(catalog, lambda m: JobKind.train in m.kinds)}.")
 
 
 def text_kind(model: ModelInfo) -> JobKind | None:
@@ -386,6 +403,8 @@ def _fitting(sizes: list[int], budget: int) -> set[int]:
 
 
 def render_job(card: JobCard, now: float, *, public_url: str | None = None) -> Frame:
+    if card.spec.kind == JobKind.train:
+        return render_training(card, now, public_url=public_url)
     spec, job = card.spec, card.display
     # A sound's width and height are only its family's placeholders.
     size = f" · {spec.width}×{spec.height}" if spec.width and spec.height and spec.kind != JobKind.txt2audio else ""
@@ -399,7 +418,8 @@ def render_job(card: JobCard, now: float, *, public_url: str | None = None) -> F
     elif spec.kind == JobKind.img2img:
         strength = f", strength {spec.strength:g}" if spec.strength is not None else ""
         shaped = (f" · variation of {source}" if card.source else " · from an image") + strength + shaped
-    lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}{shaped}"]
+    loras = "".join(f" · LoRA {name}" + (f" {scale:g}" if scale != 1 else "") for name, scale in spec.loras.items())
+    lines = [f"<@{card.owner}> · **{quote(spec.prompt)}**", f"-# {spec.model}{size}{steps}{shaped}{loras}"]
     if card.refused is not None:
         return Frame("\n".join(lines + [f"refused: {scrub(card.refused)}"]), notify=card.owner)
     images: list[tuple[str, bytes]] = []
@@ -425,6 +445,35 @@ def render_job(card: JobCard, now: float, *, public_url: str | None = None) -> F
     else:
         if job.preview:
             images.append((f"preview-{spec.id}.jpg", job.preview))
+        buttons.append(ButtonSpec("cancel", spec.id, card.owner, "Cancel", "danger"))
+    return Frame("\n".join(lines + [status]), images, buttons, notify=card.owner)
+
+
+def render_training(card: JobCard, now: float, *, public_url: str | None = None) -> Frame:
+    """A LoRA training's message: its state with step, loss and ETA; once done, how to use the LoRA and
+    its file (the diffusers-format one, the first output) where it fits Discord's upload limit."""
+    spec, job, train = card.spec, card.display, card.spec.train
+    name = train.name if train is not None else "?"
+    settings = f"{train.steps} steps · {train.resolution} px" if train is not None else ""
+    lines = [f"<@{card.owner}> · training LoRA **{discord.utils.escape_markdown(name)}** · {quote(spec.prompt)}",
+             f"-# {spec.model} · {len(card.train_images)} images · {settings}"]
+    if card.refused is not None:
+        return Frame("\n".join(lines + [f"refused: {scrub(card.refused)}"]), notify=card.owner)
+    status = status_line(job, now)
+    if job.state is JobState.done and job.loss is not None:
+        status += f" · final loss {job.loss:.4f}"
+    images: list[tuple[str, bytes]] = []
+    buttons: list[ButtonSpec] = []
+    if card.result is not None and card.result.job.state is JobState.done:
+        status += f"\nLoRA `{name}` is ready: use it with `/generate lora:{name}` on {spec.model}."
+        outputs = card.result.outputs
+        if outputs and len(outputs[0].data) <= card.upload_bytes:
+            images = [(f"{name}.safetensors", bytes(outputs[0].data))]
+        elif outputs:
+            link = f"{spec.id}-0{extension_for(outputs[0].media_type)}"
+            status += ("\nIts file is too large for Discord here: "
+                       + (f"<{public_url.rstrip('/')}/v1/artifacts/{link}>" if public_url else "atelier keeps it."))
+    elif not job.state.terminal:
         buttons.append(ButtonSpec("cancel", spec.id, card.owner, "Cancel", "danger"))
     return Frame("\n".join(lines + [status]), images, buttons, notify=card.owner)
 

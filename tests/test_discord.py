@@ -396,7 +396,7 @@ def _options(options: dict, focused: str | None = None) -> list[dict]:
     return out
 
 
-def slash(name: str, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), age_s: float = 0.0,
+def slash(name: str, /, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), age_s: float = 0.0,
           **options) -> dict:
     data = {"id": str(APP + 7), "name": name, "type": 1, "guild_id": str(GUILD), "options": _options(options)}
     attachments = {value["id"]: value for value in options.values() if isinstance(value, dict)}
@@ -405,7 +405,7 @@ def slash(name: str, *, user: int = ADA, channel: int = CHANNEL, roles=(ROLE,), 
     return _interaction(2, data, user=user, channel=channel, roles=roles, age_s=age_s)
 
 
-def autocomplete(name: str, focused: str, **options) -> dict:
+def autocomplete(name: str, focused: str, /, **options) -> dict:
     data = {"id": str(APP + 7), "name": name, "type": 1, "options": _options(options, focused)}
     return _interaction(4, data, user=ADA, channel=CHANNEL)
 
@@ -512,7 +512,7 @@ def go(coro, timeout: float = 120.0):
 def test_models_lists_the_catalog(atelier):
     async def scenario():
         async with Session(atelier, DiscordConfig()) as s:
-            assert {c["name"] for c in s.fake.commands} == {"generate", "live", "models", "queue", "cancel"}
+            assert {c["name"] for c in s.fake.commands} == {"generate", "live", "models", "queue", "cancel", "train"}
             message = await s.respond(slash("models"))
             return s.fake.latest(message)
 
@@ -923,6 +923,76 @@ def test_generate_from_an_attached_image_is_img2img_at_its_strength(atelier):
         "strength says how far to go from an image: attach one as image.",
         "strength is above 0 (which would keep the image as it is) and at most 1.",
         "strength 0.2 of 2 steps leaves no step to run (steps × strength must be 1 or more): ask for more steps."]
+
+
+def test_train_follows_the_training_then_attaches_the_lora_that_generate_then_applies(atelier):
+    async def scenario():
+        async with Session(atelier, DiscordConfig()) as s:
+            first, second = s.fake.upload("one.png", png(11)), s.fake.upload("two.png", png(12))
+            training = await s.respond(slash("train", name="cube", prompt="a photo of sks cube", image1=first,
+                                             image2=second, model="tiny-sd", steps=3, resolution=64))
+            await s.fake.wait_for(lambda: any(w in s.fake.latest(training).content for w in ("done", "failed")), 120)
+            s.send(autocomplete("generate", "lora", prompt="x", model="tiny-sd", lora="cu"))
+            await s.fake.wait_for(lambda: s.fake.choices, 10)
+            made = await s.respond(slash("generate", prompt="a photo of sks cube", lora="cube", lora_scale=0.8,
+                                         width=64, height=64, steps=2, seed=3))
+            await s.fake.wait_for(lambda: any(w in s.fake.latest(made).content for w in ("done", "failed")), 60)
+            record = await s.atelier.job(_job_of(s.fake.latest(made)))
+            again = await s.respond(press(s.fake, made, "Again"))
+            await s.fake.wait_for(lambda: "done" in s.fake.latest(again).content, 60)
+            again_card = {**s.bot.jobs, **s.bot.finished}[_job_of(s.fake.latest(again))]
+            return s.fake.history(training), s.fake.choices[0], s.fake.latest(made), record, again_card
+
+    history, choices, made, record, again_card = go(scenario())
+    opened, final = history[0], history[-1]
+    assert opened.content.startswith(f"<@{ADA}> · training LoRA **cube** · «a photo of sks cube»")
+    assert "tiny-sd · 2 images · 3 steps · 64 px" in opened.content and opened.labels == ["Cancel"]
+    assert "done in" in final.content and "final loss" in final.content, final.content
+    assert "LoRA `cube` is ready: use it with `/generate lora:cube` on tiny-sd." in final.content
+    [(name, blob)] = final.files
+    header = int.from_bytes(blob[:8], "little")  # a safetensors file: its JSON header's length, then the header
+    assert name == "cube.safetensors" and json.loads(blob[8:8 + header]) and not final.buttons
+    assert "cube" in [c["value"] for c in choices]
+    # atelier's record names the version it resolved "cube" to; Again asks for "cube" (its newest version) again.
+    [(resolved, scale)] = record.spec.loras.items()
+    assert resolved.startswith("@") and scale == 0.8 and again_card.spec.loras == {"cube": 0.8}
+    assert "done in" in made.content and "LoRA cube 0.8" in made.content and len(made.files) == 1
+
+
+def test_train_refuses_what_it_cannot_train_and_offers_the_models_that_train(atelier):
+    async def scenario():
+        async with Session(atelier, DiscordConfig()) as s:
+            photo, notes = s.fake.upload("photo.png", png(3)), s.fake.upload("notes.txt", b"hi", "text/plain")
+            asked = [slash("train", name="x", image1=notes),
+                     slash("train", name="x", image1=photo, image2=notes),
+                     slash("train", name="x", image1=photo, model="cm"),
+                     slash("train", name="bad name", image1=photo),
+                     slash("generate", prompt="x", lora_scale=0.5)]
+            refusals = [s.fake.latest(await s.respond(payload)).content for payload in asked]
+            s.send(autocomplete("train", "model", name="x", model="tiny"))
+            await s.fake.wait_for(lambda: s.fake.choices, 10)
+            return refusals, [c["value"] for c in s.fake.choices[0]], s.bot.jobs
+
+    refusals, choices, jobs = go(scenario())
+    not_image, second_not_image, cm, bad_name, scale = refusals
+    assert not_image == "image1: `notes.txt` is not a PNG, JPEG or WebP image."
+    assert second_not_image == "image2: `notes.txt` is not a PNG, JPEG or WebP image."
+    assert cm.startswith("cm cannot train a LoRA (it does txt2img). Models that can: ") and "tiny-sd" in cm
+    assert bad_name.startswith("Can't submit that: name:")
+    assert scale == "lora_scale goes with a lora."
+    assert "tiny-sd" in choices and "tiny-stable-audio" not in choices and "cm" not in choices
+    assert not jobs
+
+
+def test_a_training_status_says_step_loss_and_why_it_waits():
+    job = JobDisplay(submitted_at=100.0)
+    job.apply(Progress(job_id="j", step=40, total=100, elapsed_s=4.0, eta_s=6.0, loss=0.1234), now=104.0)
+    assert status_line(job, 104.0) == "running 40% (step 40/100) · loss 0.1234 · 4.0 s elapsed · about 6.0 s left"
+    job.apply(JobEvent(job_id="j", state=JobState.queued, attempt=1, position=0,
+                       reason="paused at step 40 for an interactive job"), now=105.0)
+    assert status_line(job, 105.0).startswith("queued #1 (paused at step 40 for an interactive job) · 5.0 s")
+    job.apply(JobEvent(job_id="j", state=JobState.running, attempt=1), now=106.0)
+    assert "paused" not in status_line(job, 106.0)
 
 
 def test_the_upscaler_setting_names_a_catalog_model_that_upscales():
