@@ -78,35 +78,14 @@ class LocalStore:
         if free - needed < self.min_free_bytes:
             raise StoreError(errno.ENOSPC, f"{free >> 20} MiB free in the artifact folder, "
                                         f"less than the {self.min_free_bytes >> 20} MiB kept spare")
-        uris = []
-        for index, artifact in enumerate(artifacts):
-            path = self.root / f"{job_id}-{index}{extension_for(artifact.media_type)}"
-            tmp = path.with_suffix(path.suffix + ".part")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(artifact.data)
-                os.replace(tmp, path)  # readers never see half a file
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise StoreError(exc.errno or errno.EIO,
-                                 f"cannot write to the artifact folder: {exc.strerror}") from None
-            uris.append(path.resolve().as_uri())
-        return uris
+        return [_write(self.root / f"{job_id}-{index}{extension_for(artifact.media_type)}", artifact.data)
+                for index, artifact in enumerate(artifacts)]
 
     def put(self, key: str, data: bytes, media_type: str = "application/octet-stream") -> str:
         """Writes one object (a checkpoint, a LoRA) under its key; returns its URI."""
         path = self.root / check_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".part")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise StoreError(exc.errno or errno.EIO, f"cannot write to the artifact folder: {exc.strerror}") from None
-        return path.resolve().as_uri()
+        return _write(path, data)
 
     def signed_url(self, uri: str) -> str | None:
         return None  # local outputs are served by the artifact route itself
@@ -163,7 +142,17 @@ class LocalStore:
             return None
 
 
-ArtifactStore = LocalStore  # the name the scheduler used before there was more than one kind
+def _write(path: Path, data: bytes) -> str:
+    """Writes a file whole through a .part beside it (readers never see half a file); its URI."""
+    tmp = path.with_suffix(path.suffix + ".part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StoreError(exc.errno or errno.EIO, f"cannot write to the artifact folder: {exc.strerror}") from None
+    return path.resolve().as_uri()
 
 
 def _doomed(objects: list[tuple[float, int, object]], now: float, max_age_days: float | None,
