@@ -23,7 +23,6 @@ import logging
 import re
 import sqlite3
 import time
-import uuid
 
 from actors import keys
 from actors.actor import Actor, RemoteError, UnexpectedReply, handles
@@ -436,7 +435,7 @@ class Scheduler(Actor):
     def _store_lora(self, spec, outputs: list[Artifact]) -> tuple[Artifact, ...]:
         """A finished training's LoRA files (diffusers format, then kohya) into the store, under its owner's
         name, kept for good (no retention applies); the outputs with their URIs. Off the event loop."""
-        version = uuid.uuid4().hex[:16]
+        version = _lora_version(spec.id)
         kept = []
         for artifact, suffix in zip(outputs, ("", ".kohya"), strict=False):
             uri = self.store.put(f"loras/{_key_part(spec.user)}/{spec.train.name}-{version}{suffix}.safetensors",
@@ -446,8 +445,8 @@ class Scheduler(Actor):
 
     async def _register_lora(self, spec, kept: tuple[Artifact, ...]) -> None:
         """Makes a stored LoRA usable by name in its owner's jobs from now on, replacing one of that name."""
-        version = kept[0].uri.rsplit("-", 1)[-1].split(".", 1)[0]
-        lora = LoraInfo(name=spec.train.name, owner=spec.user, model=spec.model, version=version, job_id=spec.id,
+        lora = LoraInfo(name=spec.train.name, owner=spec.user, model=spec.model, version=_lora_version(spec.id),
+                        job_id=spec.id,
                         created_at=self.clock(), bytes=len(kept[0].data))
         try:
             replaced = self.journal.put_lora(lora, kept[0].uri, kept[1].uri if len(kept) > 1 else None)
@@ -682,6 +681,11 @@ class Scheduler(Actor):
             except OSError as exc:  # the scheduler comes up regardless; the next sweep or prune tries others
                 log.error("artifacts: %d outputs of pruned jobs could not be deleted: %s", len(uris), exc)
         return uris
+
+
+def _lora_version(job_id: str) -> str:
+    """The version of the LoRA a training makes: one per training job (its retries make the same one)."""
+    return hashlib.sha256(job_id.encode()).hexdigest()[:16]
 
 
 def _key_part(user: str) -> str:
