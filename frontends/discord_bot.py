@@ -757,10 +757,14 @@ class AtelierBot(discord.Client):
         card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()), attachments=attachments,
                        source=source, upload_bytes=_upload_bytes(interaction), can_upscale=can_upscale,
                        can_vary=can_vary)
+        await self._start(interaction, card)
+
+    async def _start(self, interaction: discord.Interaction, card: JobCard) -> None:
+        """Answers with the job's message, then submits it and follows it to its end (/generate, /train)."""
         reply = Reply(self, interaction)
         await reply.open(self._render(card))  # within Discord's 3 s, before anything that may wait
-        self.jobs[spec.id] = card
-        self._spawn(self._follow(card, reply), f"job-{spec.id}")
+        self.jobs[card.spec.id] = card
+        self._spawn(self._follow(card, reply), f"job-{card.spec.id}")
 
     @staticmethod
     def _attachments_refusal(attachments: dict[str, discord.Attachment]) -> str | None:
@@ -920,10 +924,7 @@ class AtelierBot(discord.Client):
             return
         card = JobCard(spec=spec, owner=user, display=JobDisplay(submitted_at=self.clock()),
                        train_images=images, upload_bytes=_upload_bytes(interaction))
-        reply = Reply(self, interaction)
-        await reply.open(self._render(card))
-        self.jobs[spec.id] = card
-        self._spawn(self._follow(card, reply), f"train-{spec.id}")
+        await self._start(interaction, card)
 
     async def again(self, interaction: discord.Interaction, source: JobCard) -> None:
         spec = source.spec
