@@ -36,8 +36,10 @@ from actors import codec, keys
 from actors.codec import BROKER, PUBLISH, DecodeError, Envelope
 from actors.keys import BrokerKeys, Grant
 from actors.messages import (
+    CLUSTER_TOPIC,
     MESSAGE_ADAPTER,
     MESSAGES,
+    ClusterEventKind,
     Error,
     Goodbye,
     Heartbeat,
@@ -517,11 +519,16 @@ class Broker:
             stats._last_drop_log = now
 
 
+CLUSTER_EVENTS = frozenset(kind.value for kind in ClusterEventKind)
+
+
 def _may_publish(role: Role, kind: str, topic: str) -> bool:
     allowed = PUBLISHERS.get(kind)
     if allowed is None or role is not allowed[0]:
         return False
     parts = topic.split("/")
+    if allowed[1] == CLUSTER_TOPIC:
+        return len(parts) == 2 and parts[0] == CLUSTER_TOPIC and parts[1] in CLUSTER_EVENTS
     return len(parts) == 3 and parts[0] == "job" and bool(parts[1]) and parts[2] == allowed[1]
 
 

@@ -20,7 +20,7 @@ import msgpack
 from pydantic import ValidationError
 
 from actors.messages import BROKER as BROKER  # the broker's name, for the peers that address it
-from actors.messages import MESSAGE_ADAPTER
+from actors.messages import CLUSTER_TOPIC, MESSAGE_ADAPTER
 from atelier.jobs import Wire
 
 MAGIC = b"ATL1"
@@ -159,7 +159,9 @@ def topic_of(msg: Wire) -> str:
     route = getattr(msg, "route", None)
     if route is None or route.topic is None:
         raise TypeError(f"{type(msg).__name__} is not an event")
-    return f"job/{msg.job_id}/{route.topic}"  # type: ignore[attr-defined]  # every event is a job's
+    if route.topic == CLUSTER_TOPIC:
+        return f"{CLUSTER_TOPIC}/{msg.event.value}"  # type: ignore[attr-defined]
+    return f"job/{msg.job_id}/{route.topic}"  # type: ignore[attr-defined]  # every other event is a job's
 
 
 def _buffer(frame: Any) -> Any:

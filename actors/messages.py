@@ -48,6 +48,19 @@ from atelier.jobs import (
 )
 
 
+class ClusterEventKind(str, enum.Enum):
+    queue_busy = "queue_busy"  # a job was waiting or running after none was
+    queue_idle = "queue_idle"  # nothing waits and nothing runs: the GPUs are free
+    lease_granted = "lease_granted"
+    lease_ended = "lease_ended"  # released, expired, or its holder is gone
+    paused = "paused"  # the queue, or one model (detail: model)
+    resumed = "resumed"
+    node_draining = "node_draining"
+    node_drained = "node_drained"  # a draining node's runners are all idle
+    node_resumed = "node_resumed"
+    catalog_reloaded = "catalog_reloaded"
+
+
 class Role(str, enum.Enum):
     scheduler = "scheduler"
     loader = "loader"
@@ -59,6 +72,7 @@ class Role(str, enum.Enum):
 # The protocol's declarations
 
 
+CLUSTER_TOPIC: Final = "cluster"  # an event's topic that is the cluster's, not a job's: cluster/<event>
 BROKER: Final = "broker"  # the broker's name on the wire: a party to the protocol, never a peer's role
 PEERS = tuple(Role)
 Party = Role | Literal["broker"]
@@ -518,6 +532,19 @@ class Progress(Wire):
     loss: float | None = None  # a training's, at this step
 
 
+class ClusterEvent(Wire):
+    """Something another program on the box may act on, not about one job: the queue went busy or idle, a
+    VRAM lease was granted or ended, an operator paused, drained or reloaded something. Published on
+    ``cluster/<event>`` (so a subscriber takes all with ``cluster/``, or one kind), and handed to the
+    configured webhooks. ``detail`` is small and flat: what a script needs to act (a device, bytes, a model)."""
+
+    kind: Literal["cluster_event"] = "cluster_event"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.event, topic="cluster")
+    event: ClusterEventKind
+    at: float  # the scheduler's wall clock, seconds since the epoch
+    detail: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=32)
+
+
 class Preview(Wire):
     kind: Literal["preview"] = "preview"
     route: ClassVar[Route] = Route(Role.runner, Role.frontend, Via.event, topic="preview")
@@ -574,12 +601,19 @@ Message = Annotated[
         JobEvent,
         Progress,
         Preview,
+        ClusterEvent,
     ],
     Field(discriminator="kind"),
 ]
 
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 MESSAGES = get_args(get_args(Message)[0])
+
+
+def _topic_pattern(topic: str | None) -> str:
+    if topic is None:
+        return "-"
+    return "cluster/<event>" if topic == CLUSTER_TOPIC else f"job/<id>/{topic}"
 
 
 def protocol_table() -> str:
@@ -595,7 +629,7 @@ def protocol_table() -> str:
         route = message.route
         rows.append((kind_of(message), names(route.sent_by), names(route.to), route.via.value,
                      " | ".join(kind_of(reply) for reply in reply_types(message)) or "-",
-                     f"job/<id>/{route.topic}" if route.topic else "-"))
+                     _topic_pattern(route.topic)))
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in rows)

@@ -35,6 +35,8 @@ from actors.messages import (
     BatchItem,
     BatchUpdate,
     CancelJob,
+    ClusterEvent,
+    ClusterEventKind,
     ClusterStatus,
     DeleteLora,
     Draining,
@@ -614,6 +616,10 @@ class Scheduler(Actor):
         self.policy.dispatch_refused(runner, batch_id, f"{error.code.value}: {error.message}", self.clock(),
                                      unreachable=unreachable)
         await self._schedule()
+
+    async def tell_cluster(self, event: ClusterEventKind, **detail: str | int | float | bool | None) -> None:
+        """Publishes a cluster event (``cluster/<event>``) for other programs on the box."""
+        await self.publish(ClusterEvent(event=event, at=self.clock(), detail=detail))
 
     async def _announce(self, r: JobRecord) -> None:
         await self.publish(JobEvent(job_id=r.spec.id, state=r.state, reason=r.reason, position=r.position,

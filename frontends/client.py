@@ -26,6 +26,7 @@ from actors.actor import Actor, RemoteError, connect, handles
 from actors.codec import SCHEDULER, DecodeError, Envelope
 from actors.messages import (
     CancelJob,
+    ClusterEvent,
     ClusterStatus,
     DeleteLora,
     Error,
@@ -100,6 +101,7 @@ class AtelierClient(Actor):
         self._watches: dict[str, _Watch] = {}
         self._results: OrderedDict[str, JobResult] = OrderedDict()
         self._result_bytes = 0
+        self._cluster_readers: list[asyncio.Queue[ClusterEvent]] = []
 
     async def __aenter__(self) -> "AtelierClient":
         await self.start()
@@ -311,6 +313,23 @@ class AtelierClient(Actor):
                 self._watches[job_id].checked = now
             await asyncio.gather(*(self._fetch_quietly(job_id) for job_id in batch))
 
+    async def cluster_events(self) -> AsyncIterator[ClusterEvent]:
+        """The cluster's events (queue busy and idle, leases, operator actions) from now on, for as long as
+        the caller reads. Lossy like every event: what must be known for sure is asked (``status``)."""
+        assert self._sub is not None
+        queue: asyncio.Queue[ClusterEvent] = asyncio.Queue(maxsize=1000)
+        if not self._cluster_readers:
+            self._sub.setsockopt_string(zmq.SUBSCRIBE, "cluster/")
+        self._cluster_readers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._cluster_readers.remove(queue)
+            if not self._cluster_readers and self._sub is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sub.setsockopt_string(zmq.UNSUBSCRIBE, "cluster/")
+
     def _subscribe(self, job_id: str, watch: _Watch) -> None:
         assert self._sub is not None
         self._sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")
@@ -358,6 +377,11 @@ class AtelierClient(Actor):
                 event = codec.decode(frames[1:]).msg
             except DecodeError as exc:
                 log.warning("dropped an undecodable event: %s", exc)
+                continue
+            if isinstance(event, ClusterEvent):
+                for queue in self._cluster_readers:
+                    with contextlib.suppress(asyncio.QueueFull):  # a reader that stopped reading misses some
+                        queue.put_nowait(event)
                 continue
             watch = self._watches.get(getattr(event, "job_id", ""))
             if watch is not None:

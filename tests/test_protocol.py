@@ -19,6 +19,8 @@ from actors.loader import Loader
 from actors.messages import (
     MESSAGES,
     PEERS,
+    ClusterEvent,
+    ClusterEventKind,
     Error,
     GetStatus,
     Ok,
@@ -89,8 +91,12 @@ def test_the_brokers_tables_are_the_declarations():
 
 def test_the_codec_puts_each_event_on_its_declared_topic():
     events = [m for m in MESSAGES if m.route.via is Via.event]
-    assert {m.route.topic for m in events} == {"state", "progress", "preview"}
+    assert {m.route.topic for m in events} == {"state", "progress", "preview", "cluster"}
     for event in events:
+        if event is ClusterEvent:
+            sample = ClusterEvent(event=ClusterEventKind.lease_granted, at=0.0)
+            assert codec.topic_of(sample) == "cluster/lease_granted"
+            continue
         sample = event.model_construct(job_id="j7")
         assert codec.topic_of(sample) == f"job/j7/{event.route.topic}"
     with pytest.raises(TypeError, match="GetStatus is not an event"):
