@@ -95,22 +95,25 @@ class MemoryHandlers:
                                f"{size_text(self.models.used)}: another process took or gave back memory")
         if not reasons:
             return
-        why = "; ".join(reasons)
-        log.info("%s: budget now %s (%s)", self.name, size_text(self.memory.budget), why)
         if self.active is None:
             await self._fit_budget(f"to fit a budget of {size_text(self.memory.budget)}", need=0)
         else:
             self.models.budget = self.memory.budget  # the batch's model stays; the rest go after it
+        await self._tell_budget("; ".join(reasons))
+
+    async def observe_before_load(self, free: int | None) -> None:
+        """A load measured the device first: a shrink found there counts now, before room is made, and the
+        scheduler hears of it before the batch's report (which may hand the batch back for it)."""
+        if self.memory.observe(free, self.models.used):
+            self.models.budget = self.memory.budget
+            await self._tell_budget(f"the device has {size_text(free or 0)} free before a load")
+
+    async def _tell_budget(self, why: str) -> None:
+        log.info("%s: budget now %s (%s)", self.name, size_text(self.memory.budget), why)
         with contextlib.suppress(Exception):
             await self.send(SCHEDULER, MemoryBudget(budget_bytes=self.memory.budget, leased_bytes=self.memory.leased,
                                                     full_budget_bytes=self.memory.full,
                                                     leases=list(self.memory.leases.values()), reason=why[:400]))
-
-    async def observe_before_load(self, free: int | None) -> None:
-        """A load measured the device first: a shrink found there counts now, before room is made."""
-        if self.memory.observe(free, self.models.used):
-            self.models.budget = self.memory.budget
-            self._tasks.spawn(self._check_memory(), "memory-budget")  # tells the scheduler
 
     async def _fit_budget(self, why: str, *, need: int) -> list[str]:
         """Evicts until the models fit the budget and ``need`` bytes are free on the device; the evicted."""
