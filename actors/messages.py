@@ -576,6 +576,7 @@ class MemoryYielded(Wire):
     evicted: list[Name] = Field(default_factory=list)
     budget_bytes: int = Field(ge=0)
     free_bytes: int | None = None  # the device's free memory after, where measured
+    resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
 
 
 class ReclaimMemory(Wire, AnsweredBy["Ok"]):
@@ -597,6 +598,7 @@ class MemoryBudget(Wire):
     full_budget_bytes: int = Field(ge=0)
     leases: list[HeldLease] = Field(default_factory=list, max_length=64)
     reason: str = Field(default="", max_length=400)
+    resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
 
 
 # --------------------------------------------------------------------------- #

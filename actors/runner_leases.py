@@ -66,7 +66,7 @@ class MemoryHandlers:
                  size_text(lease.bytes), time.strftime("%H:%M:%S", time.localtime(lease.expires_at)),
                  ", ".join(evicted) or "nothing", size_text(freed), size_text(self.memory.budget))
         return MemoryYielded(lease_id=lease.id, freed_bytes=freed, evicted=evicted, budget_bytes=self.memory.budget,
-                             free_bytes=after)
+                             free_bytes=after, resident=self.models.bytes)
 
     @handles(ReclaimMemory)
     async def on_reclaim_memory(self, msg: ReclaimMemory, env: Envelope) -> Ok | Error:
@@ -113,7 +113,8 @@ class MemoryHandlers:
         with contextlib.suppress(Exception):
             await self.send(SCHEDULER, MemoryBudget(budget_bytes=self.memory.budget, leased_bytes=self.memory.leased,
                                                     full_budget_bytes=self.memory.full,
-                                                    leases=list(self.memory.leases.values()), reason=why[:400]))
+                                                    leases=list(self.memory.leases.values()), reason=why[:400],
+                                                    resident=self.models.bytes))
 
     async def _fit_budget(self, why: str, *, need: int) -> list[str]:
         """Evicts until the models fit the budget and ``need`` bytes are free on the device; the evicted."""

@@ -74,7 +74,7 @@ class LeaseHandlers:
         if not self.policy.has_runner(env.src):
             return
         self.policy.leases.runner_budget(env.src, msg.budget_bytes, msg.leased_bytes, msg.full_budget_bytes,
-                                         msg.leases, self.clock())
+                                         msg.leases, self.clock(), resident=msg.resident)
         log.info("runner %s: budget %s bytes (%s)", env.src, f"{msg.budget_bytes:,}", msg.reason)
         await self._schedule()
 
@@ -128,5 +128,5 @@ class LeaseHandlers:
             self.policy.leases.take_failed(effect.lease.id, effect.runner)
         else:
             self.policy.leases.taken(effect.lease.id, effect.runner, answer.freed_bytes, answer.budget_bytes,
-                                     self.clock())
+                                     self.clock(), resident=answer.resident)
         await self._schedule()

@@ -238,9 +238,13 @@ class Leases:
 
     # -- what runners say ----------------------------------------------------- #
 
-    def taken(self, lease_id: str, runner: str, freed: int, budget: int, now: float) -> None:
+    def taken(self, lease_id: str, runner: str, freed: int, budget: int, now: float, *,
+              resident: dict[str, int] | None = None) -> None:
+        """The runner took the lease: it freed ``freed`` bytes, its budget is ``budget``, ``resident`` stays."""
         lease = self.active.get(lease_id)
         r = self.state.runners.get(runner)
+        if r is not None and r.batch is None and resident is not None:
+            r.resident = dict(resident)
         if r is not None:
             caps = r.capabilities
             r.capabilities = caps.model_copy(update={"budget_bytes": budget,
@@ -280,11 +284,13 @@ class Leases:
             lease.taken.setdefault(name, 0)
 
     def runner_budget(self, name: str, budget: int, leased: int, full: int, leases: list[HeldLease],
-                      now: float) -> None:
+                      now: float, *, resident: dict[str, int] | None = None) -> None:
         """A runner's budget changed on its own (other processes' memory, a lease's deadline there)."""
         runner = self.state.runners.get(name)
         if runner is None:
             return
+        if runner.batch is None and resident is not None:
+            runner.resident = dict(resident)
         runner.capabilities = runner.capabilities.model_copy(update={
             "budget_bytes": budget, "leased_bytes": leased, "full_budget_bytes": full, "leases": list(leases)})
         self._refused.pop(name, None)  # what did not fit may now: the next refusal says again
