@@ -260,3 +260,84 @@ def test_memory_pressure_shrinks_the_budget_and_it_grows_back_when_memory_return
     assert memory.budget == 12 * GB
     assert not memory.observe(9 * GB + PRESSURE_STEP // 2, 4 * GB)  # the allocator's noise: no flapping
     assert memory.observe(40 * GB, 4 * GB) and memory.budget == 20 * GB
+
+
+# --------------------------------------------------------------------------- #
+# A runner's handlers (in this process, its sends captured; the device's free memory from a probe)
+
+
+def _memory_runner(monkeypatch, probe=None, budget: int = 20 * GB):
+    from actors.runner import Runner
+    from atelier.config import Config
+
+    config = Config(models={"a": {"family": "noop", "source": "builtin:noop"}}, default_model="a",
+                    node={"device_budget_bytes": budget})
+    runner = Runner(config, "tcp://127.0.0.1:9", node="n1", device="cpu:0", probe=probe)
+    sent = []
+
+    async def send(dst, msg, **kw):
+        sent.append(msg)
+
+    monkeypatch.setattr(runner, "send", send)
+    return runner, sent
+
+
+def _env(msg, src: str = "scheduler"):
+    from actors.codec import Envelope
+
+    return Envelope(msg=msg, src=src, dst="runner", id=1)
+
+
+def test_a_runner_takes_a_lease_evicting_idle_models_and_refuses_one_from_anyone_but_the_scheduler(monkeypatch):
+    import asyncio
+
+    from actors.messages import Error, MemoryYielded, ReclaimMemory, YieldMemory
+
+    runner, _ = _memory_runner(monkeypatch)
+    for name in ("old", "new"):
+        runner.models.add(name, object(), 8 * GB)
+    lease = _lease("L1", 8 * GB, expires_at=2e9)
+
+    async def go():
+        asked = YieldMemory(lease=lease)
+        refused = await runner.on_yield_memory(asked, _env(asked, src="client-x"))
+        taken = await runner.on_yield_memory(asked, _env(asked))
+        caps = runner.capabilities()
+        reclaim = ReclaimMemory(lease_id="L1")
+        await runner.on_reclaim_memory(reclaim, _env(reclaim))
+        return refused, taken, caps
+
+    refused, taken, caps = asyncio.run(go())
+    assert isinstance(refused, Error) and refused.code is ErrorCode.forbidden
+    assert isinstance(taken, MemoryYielded) and taken.evicted == ["old"] and taken.freed_bytes == 8 * GB
+    assert (caps.budget_bytes, caps.leased_bytes, [h.id for h in caps.leases]) == (12 * GB, 8 * GB, ["L1"])
+    assert runner.memory.budget == 20 * GB and runner.models.budget == 20 * GB
+
+
+def test_a_runner_shrinks_its_budget_when_another_process_takes_memory_and_grows_it_back(monkeypatch):
+    import asyncio
+
+    from actors.messages import MemoryBudget
+
+    device = {"free": 40 * GB}
+    runner, sent = _memory_runner(monkeypatch, probe=lambda: device["free"])
+    runner.models.add("old", object(), 6 * GB)
+    runner.models.add("new", object(), 6 * GB)
+
+    async def check():
+        await runner._check_memory()
+
+    asyncio.run(check())
+    assert not sent  # plenty free: nothing changes
+    device["free"] = 2 * GB  # another process took most of the device: 2 + 12 left for models
+    asyncio.run(check())
+    (shrunk,) = sent
+    assert isinstance(shrunk, MemoryBudget) and shrunk.budget_bytes == 14 * GB and "another process" in shrunk.reason
+    assert list(runner.models.bytes) == ["old", "new"]  # 12 GiB still fit 14
+    runner.memory.reserve = GB  # as on CUDA: kept free beyond the models' bytes
+    device["free"] = 0  # it grew again: 12 held, nothing free, 11 left for models
+    asyncio.run(check())
+    assert sent[-1].budget_bytes == 11 * GB and list(runner.models.bytes) == ["new"]  # the oldest went
+    device["free"] = 40 * GB  # it ended
+    asyncio.run(check())
+    assert sent[-1].budget_bytes == 20 * GB and runner.models.budget == 20 * GB
