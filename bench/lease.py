@@ -16,7 +16,7 @@ Side by side in one run:
                   first submit to the last result; "kept" is with leases over undisturbed, and "of the
                   possible" divides that by the share of the time the GPU was atelier's.
 
-    python bench/lease.py [--jobs 16] [--period 5] [--hold 2] [--repeats 5]
+    python bench/lease.py [--jobs 48] [--period 5] [--hold 2] [--repeats 5]
 
 The last line printed is machine-readable:
 ``RESULT grant_idle_s=… grant_busy_s=… grant_urgent_s=… throughput_kept=… naive_kept=…``.
@@ -187,7 +187,7 @@ async def trace(up: Up, jobs: int, *, disturb: str | None, period: float, hold: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=48)
     parser.add_argument("--period", type=float, default=5.0, help="a lease every this many seconds")
     parser.add_argument("--hold", type=float, default=2.0, help="each held this long")
     parser.add_argument("--repeats", type=int, default=5)
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  idle runner            {g['idle']:7.3f} s")
     print(f"  busy, waits for batch  {g['busy']:7.3f} s   (the {args.batch_s:.1f} s batch asked a third of the way in)")
     print(f"  busy, urgent           {g['urgent']:7.3f} s   (the batch handed back at its next step, requeued)")
-    print(f"\nthroughput over {args.jobs} jobs of {40 * STEP_S:.1f} s (batched as they queue), the GPU lent {args.hold:.0f} s in every "
-          f"{args.period:.0f} s:")
+    print(f"\nthroughput over {args.jobs} jobs of {40 * STEP_S:.1f} s (batched as they queue), the GPU lent "
+          f"{args.hold:.0f} s in every {args.period:.0f} s:")
     print(f"  {'run':<15} {'wall s':>8} {'lent s':>8} {'images/s':>9} {'kept':>6} {'of possible':>12} {'failed':>7}")
     kept = {}
     for name in ("undisturbed", "leases", "naive restart"):
