@@ -73,8 +73,9 @@ class MemoryHandlers:
         if env.src != SCHEDULER:
             return self._not_from_scheduler(env)
         if self.memory.give_back(msg.lease_id) is not None:
-            log.info("%s: lease %s ended; budget back to %s", self.name, msg.lease_id, size_text(self.memory.budget))
             self.models.budget = self.memory.budget
+            # Told, so the scheduler places work by the budget as it is, whatever it guessed.
+            await self._tell_budget(f"lease {msg.lease_id} ended")
         return Ok()
 
     async def _watch_memory(self) -> None:

@@ -245,13 +245,13 @@ class Leases:
         r = self.state.runners.get(runner)
         if r is not None and r.batch is None and resident is not None:
             r.resident = dict(resident)
-        if r is not None:
-            caps = r.capabilities
-            r.capabilities = caps.model_copy(update={"budget_bytes": budget,
-                                                     "leased_bytes": caps.leased_bytes + (lease.bytes if lease else 0)})
         if lease is None or lease.state == "ended":  # it ended while the runner took it: give it back
             self.effects.append(AskReclaim(runner, lease_id))
             return
+        if r is not None:
+            caps = r.capabilities
+            r.capabilities = caps.model_copy(update={"budget_bytes": budget,
+                                                     "leased_bytes": caps.leased_bytes + lease.bytes})
         lease.asked.discard(runner)
         lease.taken[runner] = freed
         if lease.state == "pending":
