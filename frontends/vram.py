@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from actors.actor import RemoteError
 from atelier.config import Config, load_config
@@ -72,23 +73,19 @@ def hold_vram(device: str | None, size: int | str, *, for_s: float | str = 600.0
               pub: str | None = None, config: Config | None = None) -> Iterator[Lease]:
     """``vram_lease`` for a synchronous program: the client runs on a thread with its own event loop, which
     keeps the lease alive (heartbeats) while the block runs, and gives it back when the block ends."""
-    granted: list[Lease] = []
-    failed: list[BaseException] = []
+    held: dict[str, Any] = {}  # the lease, or the error; the loop and the event that ends the block
     ready, done = threading.Event(), threading.Event()
-    loop_box: list[asyncio.AbstractEventLoop] = []
 
     async def hold() -> None:
-        loop_box.append(asyncio.get_running_loop())
-        release = asyncio.Event()
-        loop_box.append(release)  # type: ignore[arg-type]  # set from the caller's thread
+        held["loop"], held["release"] = asyncio.get_running_loop(), asyncio.Event()
         try:
             async with vram_lease(device, size, for_s=for_s, node=node, urgent=urgent, holder=holder, wait_s=wait_s,
                                   router=router, pub=pub, config=config) as lease:
-                granted.append(lease)
+                held["lease"] = lease
                 ready.set()
-                await release.wait()
+                await held["release"].wait()
         except BaseException as exc:  # handed to the caller's thread
-            failed.append(exc)
+            held["error"] = exc
         finally:
             ready.set()
 
@@ -98,16 +95,15 @@ def hold_vram(device: str | None, size: int | str, *, for_s: float | str = 600.0
         finally:
             done.set()
 
-    thread = threading.Thread(target=run, name="atelier-vram-lease", daemon=True)
-    thread.start()
+    threading.Thread(target=run, name="atelier-vram-lease", daemon=True).start()
     if not ready.wait(timeout=wait_s + START_TIMEOUT_S + 30):
         raise LeaseRefused(f"no answer from atelier within {wait_s:.0f} s")
     try:
-        if failed:
-            raise failed[0]
-        yield granted[0]
+        if "error" in held:
+            raise held["error"]
+        yield held["lease"]
     finally:
-        if len(loop_box) == 2 and not done.is_set():
-            loop, release = loop_box
-            loop.call_soon_threadsafe(release.set)  # type: ignore[attr-defined]
+        if not done.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile (the lease was refused)
+                held["loop"].call_soon_threadsafe(held["release"].set)
         done.wait(timeout=30)
