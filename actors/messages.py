@@ -30,6 +30,7 @@ from atelier.jobs import (
     Blob,
     Capabilities,
     ErrorCode,
+    HeldLease,
     JobDone,
     JobFailed,
     JobId,
@@ -38,6 +39,8 @@ from atelier.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    Lease,
+    LeaseId,
     LoraInfo,
     Name,
     PeerName,
@@ -290,6 +293,7 @@ class ClusterStatus(Wire):
     queued: list[JobId]
     counts: dict[str, int]  # jobs by state, over the jobs the scheduler remembers
     stats: SchedulerStats = Field(default_factory=SchedulerStats)
+    leases: list[Lease] = Field(default_factory=list)  # VRAM leases pending and granted
 
 
 class ListJobs(Wire, AnsweredBy["JobList"]):
@@ -505,6 +509,99 @@ class Staged(Wire):
 
 
 # --------------------------------------------------------------------------- #
+# ---- VRAM leases: another program borrows device memory for a while (frontend <-> scheduler <-> runner)
+
+MAX_LEASE_S: Final = 86400.0  # a day: a lease forgotten by its holder still ends
+MAX_LEASE_WAIT_S: Final = 3600.0
+
+
+class TakeLease(Wire, AnsweredBy["LeaseInfo"]):
+    """Asks for ``bytes`` of device memory on ``device`` ("cuda:0", "cpu"; None: every device of the node, each
+    ``bytes``) for at most ``ttl_s``. Answered once granted (the runners on it finished or, ``urgent``, handed
+    back their batch, and evicted models until the bytes were free), or with an Error that says why not
+    (unknown device, more than its budget can ever give, not freed within ``wait_s``). The lease ends at
+    ``EndLease``, at ``ttl_s``, or when the asking peer goes away (frontend -> scheduler)."""
+
+    kind: Literal["take_lease"] = "take_lease"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    device: str | None = Field(default=None, min_length=1, max_length=64)
+    node: str | None = Field(default=None, min_length=1, max_length=128)  # needed where the device is on several
+    bytes: int = Field(gt=0, le=1 << 50)
+    ttl_s: float = Field(gt=0, le=MAX_LEASE_S)
+    urgent: bool = False
+    holder: str = Field(default="", max_length=128)  # who holds it, for people: "maw", "llm-bot"
+    wait_s: float = Field(default=120.0, gt=0, le=MAX_LEASE_WAIT_S)
+
+
+class EndLease(Wire, AnsweredBy["LeaseInfo"]):
+    """Gives a lease's memory back (frontend -> scheduler); answered with the ended lease."""
+
+    kind: Literal["end_lease"] = "end_lease"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    id: LeaseId
+
+
+class ListLeases(Wire, AnsweredBy["LeaseList"]):
+    kind: Literal["list_leases"] = "list_leases"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+class LeaseInfo(Wire):
+    kind: Literal["lease_info"] = "lease_info"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    lease: Lease
+
+
+class LeaseList(Wire):
+    kind: Literal["lease_list"] = "lease_list"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    leases: list[Lease]  # pending and granted, then the last ended ones
+
+
+class YieldMemory(Wire, AnsweredBy["MemoryYielded"]):
+    """Take a lease (scheduler -> idle runner): the budget shrinks by ``lease.bytes``, least recently used models
+    go until the bytes are free on the device itself, and the runner ends the lease at ``lease.expires_at``
+    on its own if no ``ReclaimMemory`` comes first."""
+
+    kind: Literal["yield_memory"] = "yield_memory"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
+    lease: HeldLease
+
+
+class MemoryYielded(Wire):
+    kind: Literal["memory_yielded"] = "memory_yielded"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler, Via.answer)
+    lease_id: LeaseId
+    freed_bytes: int = Field(ge=0)  # measured on the device (CUDA), else by the budget's accounting
+    evicted: list[Name] = Field(default_factory=list)
+    budget_bytes: int = Field(ge=0)
+    free_bytes: int | None = None  # the device's free memory after, where measured
+    resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
+
+
+class ReclaimMemory(Wire, AnsweredBy["Ok"]):
+    """A lease ended: the runner's budget grows back by its bytes (scheduler -> runner, told)."""
+
+    kind: Literal["reclaim_memory"] = "reclaim_memory"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
+    lease_id: LeaseId
+
+
+class MemoryBudget(Wire):
+    """A runner's budget changed on its own: another process took or gave back device memory, or a lease's
+    deadline passed (runner -> scheduler)."""
+
+    kind: Literal["memory_budget"] = "memory_budget"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
+    budget_bytes: int = Field(ge=0)
+    leased_bytes: int = Field(ge=0)
+    full_budget_bytes: int = Field(ge=0)
+    leases: list[HeldLease] = Field(default_factory=list, max_length=64)
+    reason: str = Field(default="", max_length=400)
+    resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
+
+
+# --------------------------------------------------------------------------- #
 # Events, published on the broker's XPUB (lossy; the routed path carries results)
 
 
@@ -602,6 +699,15 @@ Message = Annotated[
         Progress,
         Preview,
         ClusterEvent,
+        TakeLease,
+        EndLease,
+        ListLeases,
+        LeaseInfo,
+        LeaseList,
+        YieldMemory,
+        MemoryYielded,
+        ReclaimMemory,
+        MemoryBudget,
     ],
     Field(discriminator="kind"),
 ]

@@ -70,6 +70,7 @@ from actors.messages import (
     Submit,
     TrainCheckpoint,
 )
+from actors.scheduler_leases import LeaseHandlers
 from atelier.artifacts import StoreError, make_store
 from atelier.config import Config
 from atelier.jobs import (
@@ -107,7 +108,7 @@ JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1
 DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
 
 
-class Scheduler(Actor):
+class Scheduler(LeaseHandlers, Actor):
     role = Role.scheduler
 
     def __init__(self, config: Config, router: str, *, name: str = "scheduler", clock=time.time, **kwargs):
@@ -208,6 +209,8 @@ class Scheduler(Actor):
                 log.warning("runner %s is gone (%s)", msg.name, msg.reason)
             self.policy.runner_down(msg.name, msg.reason, self.clock())
             await self._schedule()
+        elif msg.role is Role.frontend:
+            await self.holder_gone(msg.name)
 
     @handles(LoaderState)
     async def on_loader_state(self, msg: LoaderState, env: Envelope) -> Error | None:
@@ -344,7 +347,8 @@ class Scheduler(Actor):
         runners = [RunnerStatus(name=r.name, job=r.job, capabilities=r.capabilities) for r in status.runners]
         return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=status.counts,
                              queued=status.queued,
-                             stats=status.stats.model_copy(update=self._store_stats))
+                             stats=status.stats.model_copy(update=self._store_stats),
+                             leases=[lease for lease in self.policy.leases.listing() if lease.state != "ended"])
 
     @handles(ListJobs)
     async def on_list_jobs(self, msg: ListJobs, env: Envelope) -> JobList:
@@ -545,6 +549,7 @@ class Scheduler(Actor):
         """Carries out what the policy decided, in the order it decided it."""
         async with self._sending:
             await self._carry_out(self.policy.drain())
+            await self.carry_out_leases()
 
     async def _carry_out(self, effects: list[Effect]) -> None:
         now = self.clock()
@@ -630,8 +635,9 @@ class Scheduler(Actor):
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
-        if self.policy.wake_at is not None:
-            delay = max(0.0, self.policy.wake_at - self.clock())
+        wake_at = min((t for t in (self.policy.wake_at, self.policy.leases.wake_at) if t is not None), default=None)
+        if wake_at is not None:
+            delay = max(0.0, wake_at - self.clock())
             self._wake = asyncio.get_running_loop().call_later(delay, self._post_wake)
 
     def _post_wake(self) -> None:

@@ -63,6 +63,7 @@ from frontends.httpbase import (
     query_int,
     read_json,
 )
+from frontends.leases import LeaseSurface
 from frontends.openai_images import OpenAISurface
 from frontends.trainings import TrainingSurface
 
@@ -289,7 +290,7 @@ class HttpServer:
         self._status_at = 0.0
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
         self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self),
-                                        TrainingSurface(self)]
+                                        TrainingSurface(self), LeaseSurface(self)]
         # Outputs in S3 are fetched from S3 itself, by pre-signed GET URLs (signed here: no request).
         self.signer: S3Store | None = S3Store(config.store) if config.store.kind == "s3" else None
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))

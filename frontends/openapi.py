@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from atelier.jobs import JobId
-from frontends import a1111, api, openai_images, trainings
+from atelier.jobs import JobId, Lease
+from frontends import a1111, api, leases, openai_images, trainings
 
 _REF = "#/components/schemas/{model}"
 
@@ -59,7 +59,8 @@ def _schemas() -> dict[str, Any]:
     models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, openai_images.OpenAIImageRequest,
               openai_images.OpenAIImagesResponse, openai_images.OpenAIError, a1111.A1111Txt2Img,
               a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error,
-              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing]
+              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing, leases.LeaseRequest,
+              leases.LeaseListing, Lease]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
 
@@ -125,6 +126,21 @@ def document(base_url: str) -> dict[str, Any]:
                                           "responses": {"200": _answer("The file", media="application/octet-stream",
                                                                        schema={"type": "string", "format": "binary"}),
                                                         **_errors(api.ApiError, 401, 404, 422, 503)}}},
+        "/v1/leases": {
+            "get": {"summary": "VRAM leases: pending, granted, the last ended (admins)",
+                    "responses": {"200": _answer("Leases", leases.LeaseListing),
+                                  **_errors(api.ApiError, 401, 403, 503)}},
+            "post": {"summary": "Lend device memory to another program; answered once it is free (admins)",
+                     "requestBody": _body(leases.LeaseRequest),
+                     "responses": {"201": _answer("Granted", Lease),
+                                   **_errors(api.ApiError, 400, *posted, 401, 409, 422, 503)}},
+        },
+        "/v1/leases/{lease_id}": {"delete": {"summary": "Give a lease's memory back to atelier (admins)",
+                                             "parameters": [{"name": "lease_id", "in": "path", "required": True,
+                                                             "schema": {"type": "string", "minLength": 1,
+                                                                        "maxLength": 64}}],
+                                             "responses": {"200": _answer("The ended lease", Lease),
+                                                           **_errors(api.ApiError, 401, 403, 404, 503)}}},
         "/v1/models": {"get": {"summary": "The catalog (OpenAI's model list, with atelier's fields)",
                                "responses": {"200": _answer("Models", api.ModelList), **_errors(api.ApiError, 401)}}},
         "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue (the jobs on the runners: admins)",

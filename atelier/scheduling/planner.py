@@ -117,7 +117,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
         able = able_for.get(model)
         if able is None:
             entry = config.models[model]
-            able = able_for[model] = [r for r in usable if r.takes(entry)]
+            able = able_for[model] = [r for r in usable if r.takes(entry) and model not in r.cannot_hold]
         return able
 
     limit_per_user = settings.max_running_per_user

@@ -50,6 +50,7 @@ from atelier.scheduling import admission, planner, reconcile
 from atelier.scheduling.admission import Refused
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry
+from atelier.scheduling.leases import Leases
 from atelier.scheduling.loras import LoraBook
 from atelier.scheduling.state import (
     PRIORITY_CLASS,
@@ -120,6 +121,7 @@ class Policy:
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
+        self.leases = Leases(self.state, new_id)  # VRAM leases: their runners take no batch until granted
 
     def drain(self) -> list[Effect]:
         effects, self.state.effects = self.state.effects, []
@@ -322,10 +324,12 @@ class Policy:
 
     def runner_up(self, name: str, caps: Capabilities, now: float) -> None:
         reconcile.runner_up(self.state, name, caps, now, self._new_id)
+        self.leases.runner_seen(name, caps, now)
 
     def runner_state(self, name: str, caps: Capabilities, asked_during: str | None, now: float) -> None:
         """What a runner said it runs, asked when it joined (``asked_during``: the batch it had here then)."""
         reconcile.runner_state(self.state, name, caps, asked_during, now, self._new_id)
+        self.leases.runner_seen(name, caps, now)
 
     def runner_down(self, name: str, reason: str, now: float) -> None:
         reconcile.runner_down(self.state, name, reason, now)
@@ -375,6 +379,8 @@ class Policy:
         batch, r = self.state.batches.get(batch_id), self.state.runners.get(runner)
         if batch is not None and r is not None:
             self._learn(batch, r, timing)
+            if refused and active is None and not r.draining:  # short of memory (a lease): not there for now
+                self.leases.handed_back(runner, batch.model)
         return reconcile.batch_done(self.state, runner, batch_id, outcomes, resident, now, refused=refused,
                                     active=active)
 
@@ -406,7 +412,9 @@ class Policy:
         (``refresh`` does, once a second, so a long queue costs little per event)."""
         state = self.state
         self.wake_at = None
-        usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until]
+        self.leases.update(now)
+        usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until
+                  and not self.leases.blocks(r)]
         if state.queue and usable:
             if not whole_queue and now < self._next_plan and all(state.occupied(r) for r in usable):
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
