@@ -48,6 +48,7 @@ from atelier.jobs import (
 )
 from atelier.scheduling import admission, planner, reconcile
 from atelier.scheduling.admission import Refused
+from atelier.scheduling.controls import Controls
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry
 from atelier.scheduling.loras import LoraBook
@@ -113,6 +114,7 @@ class Policy:
         self.estimates = estimates or Estimates()
         self.state = State(self.settings)
         self.loras = LoraBook()  # the users' trained LoRAs: the scheduler fills it from its journal
+        self.controls = Controls()  # an operator's pauses, drains and front lane (controls.py)
         self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._fresh: list[Job] = []  # submitted, not yet announced
         self._held: set[str] = set()  # submitted with hold: not queued until admitted
@@ -406,12 +408,15 @@ class Policy:
         (``refresh`` does, once a second, so a long queue costs little per event)."""
         state = self.state
         self.wake_at = None
-        usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until]
+        self.controls.explain(state, self.config, self._fresh, now)
+        usable = self.controls.usable(r for r in state.runners.values()
+                                      if not r.draining and now >= r.unreachable_until)
         if state.queue and usable:
             if not whole_queue and now < self._next_plan and all(state.occupied(r) for r in usable):
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
                 return
-            self._carry_out(planner.plan(state, self.config, self.estimates, usable, now), usable, whole_queue, now)
+            self._carry_out(planner.plan(state, self.config, self.estimates, usable, now,
+                                         held=self.controls.held_models()), usable, whole_queue, now)
             self._make_way(usable)
             self._next_plan = now + REPLAN_BUSY_S
         elif state.queue:
@@ -455,8 +460,9 @@ class Policy:
         training (and could run it) to checkpoint at its next step and make way. The training is queued
         again at batch priority, so the waiting job takes the device, and the training resumes after it."""
         batch_class = PRIORITY_CLASS[Priority.batch]
-        waiting = [self.state.jobs[entry.id] for entry in self.state.queue.order(self.settings.plan_window)
-                   if entry.priority < batch_class]
+        held = self.controls.held_models()
+        waiting = [job for entry in self.state.queue.order(self.settings.plan_window)
+                   if entry.priority < batch_class and (job := self.state.jobs[entry.id]).spec.model not in held]
         if not waiting:
             return
         training = {}  # runner name -> its training job
