@@ -11,13 +11,13 @@ import logging
 
 from pydantic import ValidationError
 
-from actors.messages import CatalogUpdate
+from actors.messages import Catalog, CatalogUpdate
 from atelier.config import Config, ModelEntry
 
 log = logging.getLogger("atelier.catalog")
 
 
-def take(config: Config, update: CatalogUpdate) -> list[str]:
+def take(config: Config, update: CatalogUpdate | Catalog) -> list[str]:
     """Replaces ``config``'s models and default model with the update's; returns the models whose copies
     made from the old catalog are stale (changed or removed). An entry this process cannot read is left
     out, with a log line: its jobs fail here with "unknown model" rather than run on an old entry."""
