@@ -32,6 +32,7 @@ def test_a_paused_queue_starts_nothing_says_why_and_resumes_in_the_old_order(tmp
     assert not [e for e in effects if not isinstance(e, Announce)]  # nothing dispatched
     assert {e.job.reason for e in effects} == {QUEUE_PAUSED}
     assert all(j.state is JobState.queued and j.reason == QUEUE_PAUSED for j in jobs)
+    assert [j.position for j in jobs] == [0, 1, 2]  # their places in line, held
     assert policy.controls.resume(None)
     policy.schedule(1.0)
     effects = policy.drain()

@@ -116,8 +116,10 @@ class Controls:
         if not self.active and not self.explained:
             return
         quiet = {job.id for job in fresh}
-        for entry in state.queue.order():
+        for place, entry in enumerate(state.queue.order()):
             job = state.jobs[entry.id]
+            if self.paused:  # nothing is planned while paused: the place in line is the queue's order
+                job.position = place
             model = job.spec.model
             if model in self.removed and model not in config.models:
                 state.queue.remove(job.id)
