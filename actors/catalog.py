@@ -24,7 +24,7 @@ def take(config: Config, update: CatalogUpdate | Catalog) -> list[str]:
     fresh: dict[str, ModelEntry] = {}
     for name, data in update.models.items():
         try:
-            fresh[name] = ModelEntry.model_validate(data)
+            fresh[name] = ModelEntry.model_validate_json(data)
         except ValidationError as exc:
             log.error("catalog update: model %s cannot be read here (%s); it is left out", name,
                       exc.errors(include_url=False)[0]["msg"])

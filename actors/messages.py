@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Final, ForwardRef, Generic, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, ClassVar, Final, ForwardRef, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import Field, TypeAdapter
 
@@ -600,8 +600,9 @@ class GetCatalog(Wire, AnsweredBy["Catalog"]):
     route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
 
 
-# Each model's ModelEntry as JSON data (``ModelEntry.model_dump(mode="json")``), validated by its receiver.
-CatalogEntries = dict[Name, dict[str, Any]]
+# Each model's ModelEntry as JSON text (``ModelEntry.model_dump_json()``), validated by its receiver: the
+# entry's own schema (its ``options`` table is free-form) stays the config's, not the wire's.
+CatalogEntries = dict[Name, str]
 
 
 class Catalog(Wire):

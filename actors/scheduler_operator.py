@@ -47,7 +47,6 @@ from actors.messages import (
 from atelier.jobs import ErrorCode
 from atelier.runtime import Failure, read_config
 from atelier.scheduling.admission import Refused
-from atelier.scheduling.controls import dump
 
 if TYPE_CHECKING:
     from actors.scheduler import Scheduler
@@ -98,7 +97,7 @@ class OperatorHandlers:
             await self.send(msg.name, self._catalog_update())
 
     def _catalog_update(self: Scheduler) -> CatalogUpdate:
-        return CatalogUpdate(models={name: dump(entry) for name, entry in self.config.models.items()},
+        return CatalogUpdate(models={name: entry.model_dump_json() for name, entry in self.config.models.items()},
                              default_model=self.config.default_model)
 
     # -- the queue -------------------------------------------------------------- #
