@@ -221,6 +221,10 @@ def test_http_operator_routes_are_an_admins_and_an_admin_cancels_anyones_job(ops
         assert fronted.status_code == 200 and fronted.json()["position"] == 0
         bad = http.post(f"{url}/v1/jobs/{job_id}/priority", json={"priority": "urgent"}, headers=admin, timeout=30)
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "priority"
+        bosses = http.post(f"{url}/v1/jobs", json={"model": "cm-a", "prompt": "boss's"}, headers=admin, timeout=30)
+        not_hers = http.delete(f"{url}/v1/jobs/{bosses.json()['spec']['id']}", headers=user, timeout=30)
+        assert not_hers.status_code == 403  # a user cancels only their own
+        assert http.delete(f"{url}/v1/jobs/{bosses.json()['spec']['id']}", headers=admin, timeout=30).ok
         cancelled = http.delete(f"{url}/v1/jobs/{job_id}", headers=admin, timeout=30)
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"  # ana's, by an admin
         late = http.post(f"{url}/v1/jobs/{job_id}/front", headers=admin, timeout=30)

@@ -116,6 +116,7 @@ class Controls:
         if not self.active and not self.explained:
             return
         quiet = {job.id for job in fresh}
+        reasons: dict[str, str | None] = {}  # by model: the same for each of its jobs
         for place, entry in enumerate(state.queue.order()):
             job = state.jobs[entry.id]
             if self.paused:  # nothing is planned while paused: the place in line is the queue's order
@@ -126,7 +127,9 @@ class Controls:
                 self.explained.pop(job.id, None)
                 state.finish(job, JobState.failed, model_removed(model), now)
                 continue
-            reason = self.why_waiting(job, state, config)
+            if model not in reasons:
+                reasons[model] = self.why_waiting(job, state, config)
+            reason = reasons[model]
             given = self.explained.get(job.id)
             if reason is not None and reason != job.reason:
                 job.reason = reason
