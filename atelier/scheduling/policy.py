@@ -20,6 +20,8 @@ The rules, in the order they apply, and where each lives:
 5. What runners report against what they were given (``reconcile.py``): lost batches, runners
    that come back, late reports, retries after a runner dies.
 6. Every queued job's position and ETA come from the same plan.
+7. An operator's controls (``controls.py``): a paused queue or model, a drained node, the front lane
+   (a class ahead of ``live``), a reloaded catalog; the plan asks them which runners and models may start work.
 """
 
 from __future__ import annotations
