@@ -44,6 +44,7 @@ from atelier.jobs import (
     LoraInfo,
     Name,
     PeerName,
+    Priority,
     RunTiming,
     SchedulerStats,
     StagedFile,
@@ -601,6 +602,123 @@ class MemoryBudget(Wire):
     resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
 
 
+# ---- Operator controls (frontend -> scheduler; the catalog also scheduler -> runner, loader)
+# Any frontend may send these over ZeroMQ: the CLI is the operator, as for CancelJob; the HTTP
+# server lets only its admins through (frontends/operator.py).
+
+
+NodeState = Literal["serving", "draining", "drained"]
+
+
+class OperatorControls(Wire):
+    """What an operator has paused and drained (the answer to every control)."""
+
+    kind: Literal["operator_controls"] = "operator_controls"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    paused: bool  # the whole queue
+    paused_models: list[Name] = Field(default_factory=list)
+    nodes: dict[str, NodeState] = Field(default_factory=dict)  # every node the scheduler knows
+
+
+class GetControls(Wire, AnsweredBy["OperatorControls"]):
+    kind: Literal["get_controls"] = "get_controls"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+class PauseQueue(Wire, AnsweredBy["OperatorControls"]):
+    """Nothing new starts (the whole queue, or ``model``'s jobs); what runs finishes, submits are taken."""
+
+    kind: Literal["pause_queue"] = "pause_queue"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    model: Name | None = None
+
+
+class ResumeQueue(Wire, AnsweredBy["OperatorControls"]):
+    """Starts again what a pause held (``model`` None: the queue and every paused model)."""
+
+    kind: Literal["resume_queue"] = "resume_queue"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    model: Name | None = None
+
+
+class DrainNode(Wire, AnsweredBy["OperatorControls"]):
+    """The node's runners finish what they run and take nothing new, until ``ResumeNode``."""
+
+    kind: Literal["drain_node"] = "drain_node"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    node: str = Field(min_length=1, max_length=128)
+
+
+class ResumeNode(Wire, AnsweredBy["OperatorControls"]):
+    kind: Literal["resume_node"] = "resume_node"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    node: str = Field(min_length=1, max_length=128)
+
+
+class MoveToFront(Wire, AnsweredBy["JobInfo"]):
+    """A queued job starts next, before every other queued job (after those moved before it)."""
+
+    kind: Literal["move_to_front"] = "move_to_front"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    job_id: JobId
+
+
+class SetPriority(Wire, AnsweredBy["JobInfo"]):
+    """A queued job's priority class changes."""
+
+    kind: Literal["set_priority"] = "set_priority"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    job_id: JobId
+    priority: Priority
+
+
+class ReloadCatalog(Wire, AnsweredBy["CatalogChanges"]):
+    """The scheduler reads its config file again and takes its ``models`` and ``default_model``."""
+
+    kind: Literal["reload_catalog"] = "reload_catalog"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+class CatalogChanges(Wire):
+    """What a reload changed, by model name."""
+
+    kind: Literal["catalog_changes"] = "catalog_changes"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    added: list[Name] = Field(default_factory=list)
+    changed: list[Name] = Field(default_factory=list)
+    removed: list[Name] = Field(default_factory=list)
+
+
+class GetCatalog(Wire, AnsweredBy["Catalog"]):
+    """The catalog as the scheduler serves it now: a frontend asks after a ``catalog_reloaded`` event."""
+
+    kind: Literal["get_catalog"] = "get_catalog"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+# Each model's ModelEntry as JSON text (``ModelEntry.model_dump_json()``), validated by its receiver: the
+# entry's own schema (its ``options`` table is free-form) stays the config's, not the wire's.
+CatalogEntries = dict[Name, str]
+
+
+class Catalog(Wire):
+    kind: Literal["catalog"] = "catalog"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    models: CatalogEntries = Field(max_length=10_000)
+    default_model: str
+
+
+class CatalogUpdate(Wire):
+    """The catalog after a reload (scheduler -> runner, loader; and to one that joins after it): a changed or
+    removed model's resident and staged copies are dropped once idle. The message is the truth, whatever
+    the receiver's own config file says."""
+
+    kind: Literal["catalog_update"] = "catalog_update"
+    route: ClassVar[Route] = Route(Role.scheduler, (Role.runner, Role.loader))
+    models: CatalogEntries = Field(max_length=10_000)
+    default_model: str
+
+
 # --------------------------------------------------------------------------- #
 # Events, published on the broker's XPUB (lossy; the routed path carries results)
 
@@ -708,6 +826,19 @@ Message = Annotated[
         MemoryYielded,
         ReclaimMemory,
         MemoryBudget,
+        OperatorControls,
+        GetControls,
+        PauseQueue,
+        ResumeQueue,
+        DrainNode,
+        ResumeNode,
+        MoveToFront,
+        SetPriority,
+        ReloadCatalog,
+        CatalogChanges,
+        GetCatalog,
+        Catalog,
+        CatalogUpdate,
     ],
     Field(discriminator="kind"),
 ]

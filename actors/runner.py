@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from actors import keys, training_run
+from actors import catalog, keys, training_run
 from actors.actor import Actor, RemoteError, handles
 from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
@@ -34,6 +34,7 @@ from actors.messages import (
     BatchDone,
     BatchItem,
     BatchUpdate,
+    CatalogUpdate,
     Draining,
     Error,
     GetLora,
@@ -203,6 +204,7 @@ class Runner(MemoryHandlers, Actor):
         self.active: ActiveBatch | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
+        self._stale: set[str] = set()  # models whose catalog entry changed: their resident copy goes once idle
         # Each thread that runs CUDA work selects the device first: a thread's current device is 0 otherwise,
         # and the first CUDA call there (a pin, say) would open a context on GPU 0.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker",
@@ -309,6 +311,23 @@ class Runner(MemoryHandlers, Actor):
         log.warning("%s: refused %s from %r: only the scheduler sends it", self.name, env.msg.kind, env.src[:128])
         return Error(code=ErrorCode.forbidden, message=f"{self.name} takes {env.msg.kind} only from the scheduler")
 
+    @handles(CatalogUpdate)
+    async def on_catalog(self, msg: CatalogUpdate, env: Envelope) -> Error | None:
+        if env.src != SCHEDULER:
+            return self._not_from_scheduler(env)
+        self._stale.update(catalog.take(self.config, msg))
+        if self.active is None:
+            self._drop_stale()
+        return None
+
+    def _drop_stale(self) -> None:
+        """Evicts the resident copies of models whose catalog entry changed (between batches only)."""
+        gone = [model for model in sorted(self._stale) if self.models.discard(model)]
+        self._stale.clear()
+        if gone:
+            self._dropped(gone, "(its catalog entry changed or was removed)")
+            self._free_memory()
+
     @handles(GetRunnerState)
     async def on_get_state(self, msg: GetRunnerState, env: Envelope) -> RunnerState:
         return RunnerState(capabilities=self.capabilities())
@@ -350,6 +369,7 @@ class Runner(MemoryHandlers, Actor):
         broken = None  # a gang out of step: this process ends once the jobs are handed back
         refused = False  # handed back unstarted: no attempt counts
         try:
+            self._drop_stale()  # a model reloaded since the last batch is loaded anew
             model = self.models.get(first.model)
             if model is None:
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
@@ -374,6 +394,7 @@ class Runner(MemoryHandlers, Actor):
             broken = str(exc) if isinstance(exc, GangBroken) else None
         finally:
             self.active = None  # free for the next batch while the report travels
+            self._drop_stale()  # a model reloaded while this batch ran: the resident reported is the truth
         if out_of_memory:
             await self._free_memory_unheld()
         if self.config.node.resident_models == 0 and broken is None:

@@ -71,8 +71,9 @@ from actors.messages import (
     TrainCheckpoint,
 )
 from actors.scheduler_leases import LeaseHandlers
+from actors.scheduler_operator import OperatorHandlers
 from atelier.artifacts import StoreError, make_store
-from atelier.config import Config
+from atelier.config import Config, config_file
 from atelier.jobs import (
     Artifact,
     ErrorCode,
@@ -108,7 +109,7 @@ JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1
 DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
 
 
-class Scheduler(LeaseHandlers, Actor):
+class Scheduler(LeaseHandlers, OperatorHandlers, Actor):
     role = Role.scheduler
 
     def __init__(self, config: Config, router: str, *, name: str = "scheduler", clock=time.time, **kwargs):
@@ -127,6 +128,7 @@ class Scheduler(LeaseHandlers, Actor):
         for lora in self.journal.loras():  # before the jobs: a queued job may use one
             self.policy.loras.put(lora)
         self._restore()
+        self._restore_controls()
 
     def _restore(self) -> None:
         """Takes back what the journal holds: the last ended jobs, to answer for them, then every job
@@ -175,6 +177,7 @@ class Scheduler(LeaseHandlers, Actor):
     async def on_peer_up(self, msg: PeerUp, env: Envelope) -> None:
         if env.src != BROKER:  # only the broker knows who joined (it also refuses to route these)
             return
+        await self._operator_peer_up(msg)
         if msg.role is Role.runner:
             if not self.policy.has_runner(msg.name):
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
@@ -544,6 +547,7 @@ class Scheduler(LeaseHandlers, Actor):
         self.policy.schedule(self.clock())
         self._arm_wake()
         await self._apply()
+        await self._tell_drained()
 
     async def _apply(self) -> None:
         """Carries out what the policy decided, in the order it decided it."""
@@ -731,6 +735,7 @@ async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -
         scheduler = Scheduler(config, args.router or config.broker.router, keys=keys.for_peer(config))
     except (JournalError, keys.CurveKeyError) as exc:
         raise Failure(str(exc), 2) from None
+    scheduler.config_path = config_file(args.config)  # what an operator's catalog reload reads
     await scheduler.run(stop)
 
 

@@ -99,6 +99,10 @@ class ResidentSet:
         name, _ = self._items.popitem(last=False)
         return [name]
 
+    def discard(self, name: str) -> bool:
+        """Evicts one model (its catalog entry changed); False when it was not resident."""
+        return self._items.pop(name, None) is not None
+
     def clear(self) -> list[str]:
         """Evicts every model; returns them by name."""
         evicted = list(self._items)

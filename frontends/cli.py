@@ -4,6 +4,7 @@
     atelier generate "a lighthouse" submit over ZeroMQ, show progress, write the images
     atelier status [--user NAME | --all] | models | cancel JOB
     atelier lease cuda:0 8GiB --for 10m   hold GPU memory for another program until Ctrl-C or the time is up
+    atelier pause | resume | drain | undrain | front | priority | reload   an operator's controls
     atelier broker | scheduler | node --router tcp://HOST:5555   each part on its own
 """
 
@@ -25,6 +26,7 @@ from atelier.config import Config
 from atelier.public import scrub
 from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
 from atelier.supervisor import Supervisor
+from frontends import cli_operator
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs
@@ -379,6 +381,7 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     async with _connect(*_endpoints(args, config), config) as client:
         status = await client.status()
         mine = [] if args.all else await client.jobs_of(args.user, limit=JOBS_SHOWN)
+        controls = await cli_operator.controls(client)
     # Everyone's job ids are for --all: by default a person sees their own jobs and how busy the rest is.
     shown = {record.spec.id for record in mine}
     table = Table(title="runners")
@@ -405,6 +408,8 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
                       + f" ({', '.join(lease.runners)})")
     console.print(f"queue: {len(status.queued)} job(s)"
                   + (f" — next: {', '.join(status.queued[:5])}" if args.all and status.queued else ""))
+    if controls is not None:
+        console.print(f"operator: {cli_operator.describe(controls)}", highlight=False)
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(status.counts.items())) or "none yet"))
     if not args.all:
         jobs = Table(title=f"jobs of {args.user} (newest first; --all for the whole queue)")
@@ -637,6 +642,7 @@ def _parser() -> argparse.ArgumentParser:
     command("models", "list the models in the catalog")
     cancel = command("cancel", "cancel a job")
     cancel.add_argument("job")
+    cli_operator.add_commands(command)
 
     for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
                             ("node", "run a node (its loader and runners)"),
@@ -695,7 +701,7 @@ async def _command(args: argparse.Namespace, config: Config, stop: asyncio.Event
 
 
 COMMANDS = {"generate": _generate, "train": _train, "status": _status, "cancel": _cancel, "models": _models,
-            "keys": _keys, "lease": _lease}
+            "keys": _keys, "lease": _lease, **cli_operator.COMMANDS}
 
 
 if __name__ == "__main__":
