@@ -202,6 +202,13 @@ LONGEST_FIRST = ("test_gpu_check.py", "test_gang.py", "test_system.py", "test_we
                  "test_parallel.py", "test_discord.py", "test_training_system.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist (3.6 on) reorders --dist loadfile's files by their number of tests, most first, unless told
+    # not to: that put test_gpu_check.py (three tests, the longest file) last, alone on one worker.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
