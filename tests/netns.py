@@ -181,6 +181,21 @@ class Host:
                             f"loss_{self.role}"], capture_output=True, timeout=30)
         self._loss = None
 
+    def firewall(self, allowed: dict[int, list[str]]) -> bool:
+        """Lets in only TCP to each port from its addresses (and the answers to this host's own connections),
+        as a host's firewall would; False where there is no nftables to do it with."""
+        if shutil.which("nft") is None:
+            return False
+        rules = "".join(f"  tcp dport {port} ip saddr {{ {', '.join(sources)} }} accept\n"
+                        for port, sources in allowed.items())
+        table = ("table inet firewall {\n chain input {\n  type filter hook input priority 0; policy drop;\n"
+                 f"  iif lo accept\n  ct state established,related accept\n{rules} }}\n}}\n")
+        done = subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=table, capture_output=True,
+                              text=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"nft refused the firewall of {self.name}: {done.stderr.strip()}")
+        return True
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to each process started here (each stops its children), SIGKILL to what is left."""
         for process in self.processes:
