@@ -196,6 +196,12 @@ class Host:
             raise RuntimeError(f"nft refused the firewall of {self.name}: {done.stderr.strip()}")
         return True
 
+    def tcp_resent(self) -> int:
+        """The TCP segments this host has sent again (its /proc/net/snmp RetransSegs): what loss costs it."""
+        table = [line.split() for line in self.run(["cat", "/proc/net/snmp"], env={}).stdout.splitlines()
+                 if line.startswith("Tcp:")]
+        return int(table[1][table[0].index("RetransSegs")])
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to each process started here (each stops its children), SIGKILL to what is left."""
         for process in self.processes:
