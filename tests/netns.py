@@ -53,7 +53,12 @@ def unavailable() -> str | None:
     made = ip("netns", "add", probe, check=False)
     if made.returncode != 0:
         return f"cannot make a network namespace here: {made.stderr.strip() or made.returncode}"
-    ip("netns", "del", probe, check=False)
+    try:
+        entered = subprocess.run(["ip", "netns", "exec", probe, "true"], capture_output=True, text=True, timeout=30)
+    finally:
+        ip("netns", "del", probe, check=False)
+    if entered.returncode != 0:
+        return f"cannot enter a network namespace here: {entered.stderr.strip() or entered.returncode}"
     return None
 
 

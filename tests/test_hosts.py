@@ -187,6 +187,13 @@ class Fleet:
             self.loop.close()
         for host in [*self.nodes.values(), self.broker]:
             host.stop()
+        # A node killed with its host leaves its staged weights in /dev/shm (a loader removes those of dead
+        # loaders of its own node as it starts, and these nodes never start again).
+        for name in NODES:
+            for segment in Path("/dev/shm").glob(f"atelier-{name}-*"):
+                pid = segment.name.split("-")[2]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    segment.unlink(missing_ok=True)
 
     def logs(self) -> str:
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-5000:]}"
