@@ -152,6 +152,11 @@ class Loader(Actor):
         if self.config.default_model in self.config.models:
             self._start_staging(self.config.default_model).add_done_callback(_log_preload_failure)
 
+    async def on_reconnect(self) -> None:
+        # The scheduler forgot what is staged here when we went silent (a partition, a broker restart):
+        # tell it again, or it places this node's jobs without affinity and `atelier status` lists no loader.
+        await self._report()
+
     async def _report(self) -> None:
         """Tells the scheduler what is staged here, for routing, preloading and ``atelier status``."""
         await self.send(SCHEDULER, LoaderState(node=self.node, budget_bytes=self.held.budget,
