@@ -64,6 +64,7 @@ from frontends.httpbase import (
     query_int,
     read_json,
 )
+from frontends.jobcache import JobCache
 from frontends.leases import LeaseSurface
 from frontends.openai_images import OpenAISurface
 from frontends.operator import OperatorSurface
@@ -206,6 +207,7 @@ class JobStreams:
 
     def __init__(self, client: AtelierClient):
         self.client = client
+        self.records = JobCache()  # what the events read here make of each job's record, for polls
         self._jobs: OrderedDict[str, _Followed] = OrderedDict()
         self._tasks = TaskSet("http-follow")
 
@@ -245,8 +247,12 @@ class JobStreams:
             async for event in self.client.events(job_id):
                 if isinstance(event, JobEvent):
                     followed.state = event
+                    self.records.event(event)
                 elif isinstance(event, Progress):
                     followed.progress = event
+                    self.records.event(event)
+                elif isinstance(event, JobResult):
+                    self.records.learned(event.job)
                 elif isinstance(event, Preview):
                     followed.preview = event
                 for queue in followed.listeners:
@@ -696,6 +702,7 @@ class HttpServer:
         self._submitted[record.spec.id] = None
         while len(self._submitted) > JobStreams.KEEP:
             self._submitted.popitem(last=False)
+        self.streams.records.learned(record)  # before its events: the next poll is answered here
         self.streams.follow(record.spec.id, own=True)
         return record
 
@@ -721,10 +728,24 @@ class HttpServer:
         except ValidationError:  # else building the GetJob message fails, and that was a 500
             raise Problem(404, "unknown_job", f"no job {job_id!r}: a job id is 1 to 64 letters, digits, _ and -",
                           field="job_id") from None
-        record = await self.client.job(job_id)
+        record = await self._record(job_id)
         caller: Caller = request["caller"]
         if not caller.admin and record.spec.user != caller.user:
             raise Problem(403, "forbidden", f"job {record.spec.id} is not {caller.user}'s")
+        return record
+
+    async def _record(self, job_id: str) -> JobRecord:
+        """The job's record: from what this server heard of it where that is sure to be right
+        (frontends/jobcache.py), else the scheduler's answer, kept for the next poll where the job's
+        events come here (its own jobs, and those it follows) or it has ended."""
+        cached = self.streams.records.get(job_id)
+        if cached is not None:
+            return cached
+        asked_at = self.streams.records.clock()
+        record = await self.client.job(job_id)
+        followed = self.streams.latest(job_id)
+        if record.state.terminal or (followed is not None and not followed.ended):
+            self.streams.records.learned(record, asked_at)
         return record
 
     def _view(self, record: JobRecord) -> api.JobView:
