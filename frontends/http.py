@@ -205,9 +205,9 @@ class JobStreams:
 
     KEEP = 1000  # ended jobs remembered, for late listeners and A1111's /progress
 
-    def __init__(self, client: AtelierClient):
+    def __init__(self, client: AtelierClient, poll_cache_s: float = 2.0):
         self.client = client
-        self.records = JobCache()  # what the events read here make of each job's record, for polls
+        self.records = JobCache(fresh_s=poll_cache_s)  # what the events read here make of each job's record, for polls
         self._jobs: OrderedDict[str, _Followed] = OrderedDict()
         self._tasks = TaskSet("http-follow")
 
@@ -286,7 +286,7 @@ class HttpServer:
         self.settings: HttpConfig = config.http
         self.client = client
         self.base_url = base_url.rstrip("/")
-        self.streams = JobStreams(client)
+        self.streams = JobStreams(client, config.http.poll_cache_s)
         self.limiter = RateLimiter()
         self.sessions = LiveSessions(self.settings.max_live_sessions)
         self.metrics = metrics.HttpMetrics()

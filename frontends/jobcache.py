@@ -56,6 +56,9 @@ class JobCache:
         """The job's record if this cache may answer for it now; None: ask the scheduler."""
         entry = self._entries.get(job_id)
         now = self.clock()
+        if self.fresh_s <= 0:  # turned off ([http] poll_cache_s = 0): every poll is asked
+            self.misses += 1
+            return None
         # A training's record also moves with its checkpoints, which no event carries: always asked while it runs.
         if entry is None or not (entry.final or (
                 entry.exact and now - entry.heard <= self.fresh_s and entry.record.spec.kind is not JobKind.train)):
