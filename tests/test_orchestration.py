@@ -194,3 +194,51 @@ def test_polls_follow_the_job_and_end_on_the_schedulers_record(web):
             (truth.state.value, truth.started_at, truth.finished_at, truth.artifacts)
     assert (foreign["state"], foreign["finished_at"], foreign["artifacts"]) == \
         ("done", other.finished_at, other.artifacts)
+
+
+# --------------------------------------------------------------------------- #
+# the broker: previews after everything else, the newest of each job only
+
+
+def test_previews_leave_after_progress_and_only_the_newest_of_a_job():
+    import zmq
+
+    import broker as broker_module
+    from actors.messages import Hello, Preview, Role
+    from atelier.jobs import Capabilities
+
+    b = broker_module.Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.connect(b.pub_endpoint)
+        sub.setsockopt_string(zmq.SUBSCRIBE, "job/")
+        assert b.xpub.poll(10_000), "the subscription never reached the broker"
+        b.xpub.recv()
+
+        def frames(ident: bytes, msg, src: str, dst: str) -> list:
+            return [zmq.Frame(ident), *(zmq.Frame(bytes(f)) for f in codec.encode(Envelope(msg, src, dst, 1)))]
+
+        hello = Hello(role=Role.runner, incarnation="i1", capabilities=Capabilities(pid=1))
+        b._route(frames(b"r1", hello, "runner-x", "broker"))  # registered (its Welcome finds no socket: fine)
+
+        def preview(step: int) -> Preview:
+            return Preview(job_id="a", step=step, width=8, height=8, image=b"x" * 100)
+
+        b._route(frames(b"r1", preview(1), "runner-x", "#job/a/preview"))
+        b._route(frames(b"r1", preview(2), "runner-x", "#job/a/preview"))
+        progress = Progress(job_id="a", step=2, total=4, elapsed_s=0.1, eta_s=0.2)
+        b._route(frames(b"r1", progress, "runner-x", "#job/a/progress"))
+        b._send_previews()  # the burst's end
+        got = []
+        while sub.poll(2000):
+            topic, *rest = sub.recv_multipart()
+            got.append((topic.decode(), codec.decode(rest).msg))
+            if len(got) == 2:
+                break
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+        b.close()
+    assert [topic for topic, _ in got] == ["job/a/progress", "job/a/preview"]
+    assert got[1][1].step == 2 and b.stats.previews_shed == 1
