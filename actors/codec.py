@@ -62,6 +62,7 @@ class Head:
     corr: int | None
     src: str
     dst: str
+    fields: int = -1  # how many fields the body has (read_route counts them; -1: not counted)
 
 
 class _BlobRef:
@@ -169,7 +170,7 @@ def read_route(frames: Sequence[Any]) -> Head:
         raise DecodeError("head fields have the wrong types",
                           src=src if isinstance(src, str) else None,
                           id=msg_id if isinstance(msg_id, int) else None)
-    return Head(kind, msg_id, corr, src, dst)
+    return Head(kind, msg_id, corr, src, dst, fields)
 
 
 def decode(frames: Sequence[Any]) -> Envelope:

@@ -87,12 +87,19 @@ def _idle_peers(router: str, count: int, ready, stop) -> None:
         _welcomed(sock)
     ready.set()
     beat = [codec.encode(Envelope(Heartbeat(), f"idle-{i:05d}", codec.BROKER, 2)) for i in range(count)]
+    # One a second each, spread over the second: actors heartbeat on timers of their own, not in step.
+    gap = 1.0 / max(count, 1)
     while not stop.is_set():
-        for sock, frames in zip(socks, beat, strict=True):
+        start = time.monotonic()
+        for i, (sock, frames) in enumerate(zip(socks, beat, strict=True)):
             sock.send_multipart(frames)
             while sock.poll(0):
                 sock.recv_multipart()
-        stop.wait(0.5)
+            ahead = start + (i + 1) * gap - time.monotonic()
+            if ahead > 0.002:
+                time.sleep(ahead)
+            if stop.is_set():
+                break
     for sock in socks:
         sock.close()
     ctx.term()
