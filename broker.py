@@ -46,6 +46,7 @@ from actors.messages import (
     Hello,
     PeerDown,
     PeerUp,
+    Preview,
     Role,
     Via,
     Welcome,
@@ -73,6 +74,7 @@ BROKER_ONLY = frozenset(kind_of(m) for m in MESSAGES if m.route.sent_by == (BROK
 NAMES = TypeAdapter(PeerName)
 # Who publishes which event, on which topic (codec.topic_of): a frontend or a loader that did would
 # put words in the scheduler's or a runner's mouth, on every subscriber's screen.
+PREVIEW, HEARTBEAT = kind_of(Preview), kind_of(Heartbeat)
 PUBLISHERS = {kind_of(m): (m.route.sent_by[0], m.route.topic) for m in MESSAGES if m.route.via is Via.event}
 
 
@@ -95,6 +97,7 @@ class BrokerStats:
     subscriptions: int = 0
     dead: int = 0
     throttled: int = 0  # messages dropped over a peer's rate
+    previews_shed: int = 0  # previews replaced by a newer one of the same job before they went out
     # Rate-limited logging of bad frames: a flood must not become a flood of log lines.
     _drops_since_log: int = field(default=0, repr=False)
     _last_drop_log: float = field(default=0.0, repr=False)
@@ -112,7 +115,7 @@ class _Bucket:
 class Broker:
     def __init__(self, router: str, pub: str, *, heartbeat_s: float = 1.0,
                  context: zmq.Context | None = None, keys: BrokerKeys | None = None,
-                 rate_per_s: float = 20_000.0, burst: int = 50_000):
+                 rate_per_s: float = 20_000.0, burst: int = 50_000, previews_last: bool = True):
         if keys is None:
             for endpoint in (router, pub):
                 if not _local(endpoint):
@@ -140,6 +143,10 @@ class Broker:
             self.auth.start()
             self.auth.configure_curve_callback(domain="*", credentials_provider=self)
         self.rate_per_s, self.burst = rate_per_s, burst
+        # Previews go out after everything else read in the same burst, the newest of each job only: they are
+        # the bulk of what runners send, lossy by design, and must never hold up a result or a progress.
+        self.previews_last = previews_last
+        self._previews: dict[str, list] = {}  # topic -> the newest preview's frames, until the burst ends
         self.buckets: dict[bytes, _Bucket] = {}
         self._keys_read = time.monotonic()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -207,6 +214,18 @@ class Broker:
     # -- routing ----------------------------------------------------------- #
 
     def _drain_router(self) -> None:
+        try:
+            self._drain_burst()
+        finally:
+            self._send_previews()
+
+    def _send_previews(self) -> None:
+        previews, self._previews = self._previews, {}
+        for topic, payload in previews.items():
+            self.xpub.send_multipart([topic.encode(), *payload], copy=False)
+            self.stats.published += 1
+
+    def _drain_burst(self) -> None:
         # Take everything that is waiting before polling again: one poll per burst, not per message.
         for _ in range(10_000):
             if self._stopped.is_set():
@@ -242,7 +261,15 @@ class Broker:
             return
         payload = frames[1:]
         try:
-            head, body = codec.read_head(payload)
+            # The routing fields only: a body is checked by whoever receives it (codec.read_route says why).
+            head = codec.read_route(payload)
+            if head.dst == BROKER and head.kind == HEARTBEAT and head.fields == 0 and ident in self.peers:
+                # A registered peer's heartbeat, which has no fields: nothing to validate. With 1,000 peers
+                # that is 1,000 a second, and validating each was most of what an idle fleet cost the broker.
+                self.peers[ident].last_seen = time.monotonic()
+                return
+            if head.dst == BROKER:
+                head, body = codec.read_head(payload)  # ours to act on: built, then validated
         except DecodeError as exc:
             self._reject(ident, exc)
             return
@@ -267,6 +294,11 @@ class Broker:
             if not _may_publish(peer.role, head.kind, topic):
                 self._send_error(ident, ErrorCode.bad_request, f"a {peer.role.value} may not publish "
                                  f"{head.kind[:64]!r} on {topic[:64]!r}", corr=head.id)
+                return
+            if self.previews_last and head.kind == PREVIEW:
+                if topic in self._previews:
+                    self.stats.previews_shed += 1  # a newer frame of the same job: the older one is stale
+                self._previews[topic] = payload
                 return
             self.xpub.send_multipart([topic.encode(), *payload], copy=False)
             self.stats.published += 1

@@ -373,6 +373,9 @@ class HttpConfig(Strict):
     # total) and in all.
     max_streams_per_user: int = Field(default=8, ge=1)
     max_streams: int = Field(default=512, ge=1)
+    # A poll of a job (GET /v1/jobs/{id}) is answered from the job's events while it was heard of in the last
+    # this many seconds (frontends/jobcache.py); 0 asks the scheduler every time.
+    poll_cache_s: float = Field(default=2.0, ge=0, le=60)
 
 
 class DiscordConfig(Strict):

@@ -7,7 +7,7 @@ sends jobs of the built-in ``noop`` model, which does no diffusion, through
 validation, routing, scheduling, events, the runner's worker thread, the PNG
 and the artifact store.
 
-Three figures:
+Four figures:
 
 1. latency    one job in flight: p50/p99 of submit -> JobResult.
 2. throughput many jobs in flight (bounded concurrency): jobs per second.
@@ -15,10 +15,14 @@ Three figures:
               sequential, on loopback TCP: the floor any design over ZeroMQ
               pays per message exchange on this machine.
 
-    python bench/overhead.py [--jobs 2000] [--latency-jobs 300] [--concurrency 128]
+4. polls      CPU per poll of a job's state (``GET /v1/jobs/{id}``) in all of atelier's processes, side by
+              side: the HTTP gateway answering from the job's events it heard (the default) and asking
+              the scheduler every time (``[http] poll_cache_s = 0``), each on an atelier of its own.
+
+    python bench/overhead.py [--jobs 2000] [--latency-jobs 300] [--concurrency 128] [--polls 2000]
 
 The last line printed is machine-readable:
-``RESULT jobs_per_s=... p50_ms=... p99_ms=... raw_roundtrips_per_s=...``.
+``RESULT jobs_per_s=... p50_ms=... p99_ms=... raw_roundtrips_per_s=... poll_cpu_us_cached=... poll_cpu_us_asked=...``.
 """
 
 from __future__ import annotations
@@ -371,6 +375,71 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
 
 
 # --------------------------------------------------------------------------- #
+# 4. polls: one GET /v1/jobs/{id}, answered from the gateway's cache or by asking the scheduler
+
+
+POLL_PARTS = ("http", "scheduler", "broker")
+
+
+async def measure_polls(system: System, polls: int) -> tuple[float, dict[str, float]]:
+    """CPU per poll of one job's state (a finished job the HTTP server submitted), over ``polls``
+    sequential polls: (seconds of CPU per poll in all of atelier's processes, by part)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "noop", "prompt": "polled", "steps": 1, "width": 64, "height": 64, "seed": 0}
+        async with http.post(f"{system.http}/v1/jobs", json=body) as response:
+            if response.status != 202:
+                raise RuntimeError(f"POST /v1/jobs answered {response.status}: {await response.text()}")
+            url = f"{system.http}/v1/jobs/{(await response.json())['spec']['id']}"
+        deadline = time.monotonic() + 60
+        while True:  # until done: the runner's first job waits for its worker's imports
+            async with http.get(url) as response:
+                if (await response.json())["state"] == "done":
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the polled job did not finish in 60 s")
+            await asyncio.sleep(0.05)
+        for _ in range(50):  # warm
+            async with http.get(url) as response:
+                await response.read()
+        before = system.cpu()
+        for _ in range(polls):
+            async with http.get(url) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"GET {url} answered {response.status}")
+                await response.read()
+        after = system.cpu()
+    by_part: dict[str, float] = {}
+    for pid, cpu in after.items():
+        label = _label(pid)
+        by_part[label] = by_part.get(label, 0.0) + (cpu - before.get(pid, cpu)) / polls
+    return sum(by_part.values()), by_part
+
+
+def poll_costs(tmp: Path, polls: int) -> dict[str, tuple[float, dict[str, float]]]:
+    """Polls side by side: the gateway answering from what it heard (the default), and asking the scheduler
+    every time (``[http] poll_cache_s = 0``), each on an atelier of its own."""
+    from atelier.runtime import run
+
+    out = {}
+    for name, cache_s in (("cached", None), ("asked", 0)):
+        config = None
+        if cache_s is not None:
+            config = tmp / f"poll-{name}.toml"
+            config.write_text(f"[http]\npoll_cache_s = {cache_s}\n")
+        system = System(home=tmp / f"home-{name}", log_path=tmp / f"up-{name}.log", config=config,
+                        http="127.0.0.1:0")
+        system.start(timeout=120)
+        system.settle(timeout=60)
+        try:
+            out[name] = run(measure_polls(system, polls))
+        finally:
+            system.stop()
+    return out
+
+
+# --------------------------------------------------------------------------- #
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=128, help="jobs in flight in the throughput run")
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="how long the raw round trip runs")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="give up on the throughput run after")
+    parser.add_argument("--polls", type=int, default=2000, help="sequential polls timed on each side (0: none)")
     args = parser.parse_args(argv)
 
     from atelier.runtime import run
@@ -402,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {line}", file=sys.stderr)
             raise
         leftovers = system.stop()
+        polls = poll_costs(Path(tmp), args.polls) if args.polls else {}
 
     raw_rtt_us = 1e6 / raw_per_s
     p50, p99 = percentile(figures.latencies_ms, 0.50), percentile(figures.latencies_ms, 0.99)
@@ -432,10 +503,18 @@ def main(argv: list[str] | None = None) -> int:
         if cpu > 0:
             print(f"  {part:<{width}}  {cpu * 1e6 / figures.jobs:>11,.0f} us  {cpu / total_cpu:.0%}")
     print(f"  {'all':<{width}}  {total_cpu * 1e6 / figures.jobs:>11,.0f} us")
+    poll_figures = ""
+    if polls:
+        print(f"CPU per poll of a job's state (GET /v1/jobs/{{id}}, {args.polls} sequential, all processes):")
+        for name, (total, by_part) in polls.items():
+            parts = ", ".join(f"{part} {by_part.get(part, 0.0) * 1e6:,.0f}" for part in POLL_PARTS)
+            print(f"  {name:<{width}}  {total * 1e6:>11,.0f} us  {parts} us")
+        poll_figures = (f" poll_cpu_us_cached={polls['cached'][0] * 1e6:.0f}"
+                        f" poll_cpu_us_asked={polls['asked'][0] * 1e6:.0f}")
     for line in leftovers:
         print(f"warning: {line}")
     print(f"RESULT jobs_per_s={jobs_per_s:.1f} p50_ms={p50:.3f} p99_ms={p99:.3f} "
-          f"raw_roundtrips_per_s={raw_per_s:.1f}")
+          f"raw_roundtrips_per_s={raw_per_s:.1f}{poll_figures}")
     return 1 if leftovers else 0
 
 

@@ -64,6 +64,7 @@ from frontends.httpbase import (
     query_int,
     read_json,
 )
+from frontends.jobcache import JobCache
 from frontends.leases import LeaseSurface
 from frontends.openai_images import OpenAISurface
 from frontends.operator import OperatorSurface
@@ -204,8 +205,9 @@ class JobStreams:
 
     KEEP = 1000  # ended jobs remembered, for late listeners and A1111's /progress
 
-    def __init__(self, client: AtelierClient):
+    def __init__(self, client: AtelierClient, poll_cache_s: float = 2.0):
         self.client = client
+        self.records = JobCache(fresh_s=poll_cache_s)  # what the events read here make of each job's record, for polls
         self._jobs: OrderedDict[str, _Followed] = OrderedDict()
         self._tasks = TaskSet("http-follow")
 
@@ -245,8 +247,12 @@ class JobStreams:
             async for event in self.client.events(job_id):
                 if isinstance(event, JobEvent):
                     followed.state = event
+                    self.records.event(event)
                 elif isinstance(event, Progress):
                     followed.progress = event
+                    self.records.event(event)
+                elif isinstance(event, JobResult):
+                    self.records.learned(event.job)
                 elif isinstance(event, Preview):
                     followed.preview = event
                 for queue in followed.listeners:
@@ -280,7 +286,7 @@ class HttpServer:
         self.settings: HttpConfig = config.http
         self.client = client
         self.base_url = base_url.rstrip("/")
-        self.streams = JobStreams(client)
+        self.streams = JobStreams(client, config.http.poll_cache_s)
         self.limiter = RateLimiter()
         self.sessions = LiveSessions(self.settings.max_live_sessions)
         self.metrics = metrics.HttpMetrics()
@@ -696,6 +702,7 @@ class HttpServer:
         self._submitted[record.spec.id] = None
         while len(self._submitted) > JobStreams.KEEP:
             self._submitted.popitem(last=False)
+        self.streams.records.learned(record)  # before its events: the next poll is answered here
         self.streams.follow(record.spec.id, own=True)
         return record
 
@@ -721,14 +728,31 @@ class HttpServer:
         except ValidationError:  # else building the GetJob message fails, and that was a 500
             raise Problem(404, "unknown_job", f"no job {job_id!r}: a job id is 1 to 64 letters, digits, _ and -",
                           field="job_id") from None
-        record = await self.client.job(job_id)
+        record = await self._record(job_id)
         caller: Caller = request["caller"]
         if not caller.admin and record.spec.user != caller.user:
             raise Problem(403, "forbidden", f"job {record.spec.id} is not {caller.user}'s")
         return record
 
+    async def _record(self, job_id: str) -> JobRecord:
+        """The job's record: from what this server heard of it where that is sure to be right
+        (frontends/jobcache.py), else the scheduler's answer, kept for the next poll where the job's
+        events come here (its own jobs, and those it follows) or it has ended."""
+        cached = self.streams.records.get(job_id)
+        if cached is not None:
+            return cached
+        asked_at = self.streams.records.clock()
+        record = await self.client.job(job_id)
+        followed = self.streams.latest(job_id)
+        if record.state.terminal or (followed is not None and not followed.ended):
+            self.streams.records.learned(record, asked_at)
+        return record
+
     def _view(self, record: JobRecord) -> api.JobView:
-        return api.JobView(**record.model_dump(), urls=[self.url(record, i) for i in range(len(record.artifacts))])
+        # Built, not validated again: the record is the scheduler's, validated in full when the client decoded
+        # it, and dumping it to validate it anew was a tenth of a poll's CPU.
+        return api.JobView.model_construct(**{name: getattr(record, name) for name in JobRecord.model_fields},
+                                           urls=[self.url(record, i) for i in range(len(record.artifacts))])
 
     def url(self, record: JobRecord, index: int) -> str:
         """Where output ``index`` can be fetched: the artifact route, or for an S3-stored output a pre-signed

@@ -55,13 +55,16 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
         raise Refused(ErrorCode.unknown_model, f"unknown model {spec.model!r}; available: {known}", field="model")
     lim = entry.limits
     what = f"{spec.model} ({entry.family})"
+    # Only a job with input images needs it, and it walks every model's limits: a tenth of the
+    # scheduler's time per submit when every submit computed it.
+    max_pixels = config.input_pixel_budget if inputs is not None else 0
     if spec.kind.value not in lim.kinds:
         raise _bad("kind", f"{what} does not do {spec.kind.value}; it does {', '.join(sorted(lim.kinds))}")
     if spec.kind is JobKind.train or spec.train is not None:
         if entry.parallel is not None:
             raise _bad("model", f"model: {spec.model} runs on a gang (its catalog entry has parallel), and a "
                                 "training runs on one device; train on a model without parallel")
-        _check_training(spec, inputs, lim, config.input_pixel_budget)
+        _check_training(spec, inputs, lim, max_pixels)
         return
     for name, value, limit in (("width", spec.width, lim.max_width), ("height", spec.height, lim.max_height)):
         if value is not None and value > limit:
@@ -72,7 +75,7 @@ def check(spec: JobSpec, inputs: JobInputs | None, config: Config) -> None:
         raise _bad("steps", f"steps {spec.steps} is above {spec.model}'s limit of {lim.max_steps}")
     if entry.options.get("prompt_weighting"):
         _check_nesting(spec)
-    _check_inputs(spec, inputs, lim, what, config.input_pixel_budget)
+    _check_inputs(spec, inputs, lim, what, max_pixels)
     _check_media(spec, lim, what)
     _check_sampler(spec, entry)
     # "@owner/name" is a user's trained LoRA, resolved (and its use allowed) by the policy's LoraBook.
