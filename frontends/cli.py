@@ -3,6 +3,7 @@
     atelier up                      broker, scheduler and a node on this machine
     atelier generate "a lighthouse" submit over ZeroMQ, show progress, write the images
     atelier status [--user NAME | --all] | models | cancel JOB
+    atelier events [--json]         the cluster's events (queue busy/idle, leases, operator actions)
     atelier broker | scheduler | node --router tcp://HOST:5555   each part on its own
 """
 
@@ -24,6 +25,7 @@ from atelier.config import Config
 from atelier.public import scrub
 from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
 from atelier.supervisor import Supervisor
+from frontends import cli_events
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs
@@ -567,6 +569,7 @@ def _parser() -> argparse.ArgumentParser:
     command("models", "list the models in the catalog")
     cancel = command("cancel", "cancel a job")
     cancel.add_argument("job")
+    cli_events.add_arguments(command("events", cli_events.HELP))
 
     for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
                             ("node", "run a node (its loader and runners)"),
@@ -625,7 +628,7 @@ async def _command(args: argparse.Namespace, config: Config, stop: asyncio.Event
 
 
 COMMANDS = {"generate": _generate, "train": _train, "status": _status, "cancel": _cancel, "models": _models,
-            "keys": _keys}
+            "keys": _keys, "events": cli_events.events}
 
 
 if __name__ == "__main__":

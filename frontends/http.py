@@ -51,6 +51,7 @@ from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, proces
 from frontends import api, metrics
 from frontends.a1111 import A1111Surface
 from frontends.client import AtelierClient
+from frontends.cluster_events import EventsSurface
 from frontends.comfy import ComfySurface
 from frontends.httpbase import (
     Caller,
@@ -289,7 +290,7 @@ class HttpServer:
         self._status_at = 0.0
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
         self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self),
-                                        TrainingSurface(self)]
+                                        TrainingSurface(self), EventsSurface(self)]
         # Outputs in S3 are fetched from S3 itself, by pre-signed GET URLs (signed here: no request).
         self.signer: S3Store | None = S3Store(config.store) if config.store.kind == "s3" else None
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))

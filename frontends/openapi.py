@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from atelier.jobs import JobId
-from frontends import a1111, api, openai_images, trainings
+from frontends import a1111, api, cluster_events, openai_images, trainings
 
 _REF = "#/components/schemas/{model}"
 
@@ -59,7 +59,8 @@ def _schemas() -> dict[str, Any]:
     models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, openai_images.OpenAIImageRequest,
               openai_images.OpenAIImagesResponse, openai_images.OpenAIError, a1111.A1111Txt2Img,
               a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error,
-              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing]
+              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing, cluster_events.Me,
+              cluster_events.ClusterEventView]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
 
@@ -125,6 +126,15 @@ def document(base_url: str) -> dict[str, Any]:
                                           "responses": {"200": _answer("The file", media="application/octet-stream",
                                                                        schema={"type": "string", "format": "binary"}),
                                                         **_errors(api.ApiError, 401, 404, 422, 503)}}},
+        "/v1/events": {"get": {"summary": "Admins: Server-Sent Events, one `data: {json}` line per cluster event "
+                                          "(queue busy and idle, leases, operator actions) from now on; comments "
+                                          "keep it open",
+                               "responses": {"200": _answer("The stream; each data line is a ClusterEventView",
+                                                            media="text/event-stream", schema={"type": "string"}),
+                                             **_errors(api.ApiError, 401, 403, 429, 503)}}},
+        "/v1/me": {"get": {"summary": "The user the caller's token names, and whether they are an admin",
+                           "responses": {"200": _answer("The caller", cluster_events.Me),
+                                         **_errors(api.ApiError, 401)}}},
         "/v1/models": {"get": {"summary": "The catalog (OpenAI's model list, with atelier's fields)",
                                "responses": {"200": _answer("Models", api.ModelList), **_errors(api.ApiError, 401)}}},
         "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue (the jobs on the runners: admins)",
