@@ -50,6 +50,16 @@ class ClusterEventView(BaseModel):
 class EventsSurface(Surface):
     paths = ("/v1/events", "/v1/me")
 
+    def __init__(self, gateway):
+        super().__init__(gateway)
+        self._open: set[asyncio.Task] = set()  # the streams' handlers, ended at shutdown
+
+    async def close(self) -> None:
+        """Ends every stream: a reader that left without a word holds its handler until a write fails (at
+        the next keep-alive), and the server would wait for it on the way down."""
+        for task in list(self._open):
+            task.cancel()
+
     def routes(self) -> list[web.AbstractRouteDef]:
         return [web.get("/v1/events", self.stream), web.get("/v1/me", self.me)]
 
@@ -71,6 +81,9 @@ class EventsSurface(Surface):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                    "X-Accel-Buffering": "no"})
             await response.prepare(request)
+            task = asyncio.current_task()
+            assert task is not None
+            self._open.add(task)
             try:
                 await self._relay(response)
             except asyncio.TimeoutError:  # the reader stopped reading: its connection goes
@@ -79,6 +92,8 @@ class EventsSurface(Surface):
                     request.transport.close()
             except ConnectionError as exc:  # the reader left; the headers are out, so the stream just ends
                 log.info("a cluster event stream ended: %s", exc)
+            finally:
+                self._open.discard(task)
             return response
 
     async def _relay(self, response: web.StreamResponse) -> None:

@@ -313,6 +313,7 @@ class HttpServer:
             app.add_routes(surface.routes())
         if WEB_ROOT.is_dir():
             app.router.add_static("/static/", WEB_ROOT, show_index=False)
+        app.on_shutdown.append(lambda _: asyncio.gather(*(surface.close() for surface in self.surfaces)))
         app.on_cleanup.append(lambda _: self.streams.close())
         return app
 
