@@ -281,3 +281,15 @@ def test_a_restored_queue_starts_busy_and_says_nothing_until_it_changes():
     policy.cancel(job.id, 2.0)
     assert restored.observe(activity(policy.state)) is False  # idle: said once
     assert restored.observe(activity(policy.state)) is None
+
+
+def test_a_webhook_asking_for_an_unknown_event_stops_the_scheduler_in_one_line(tmp_path):
+    config = tmp_path / "atelier.toml"
+    config.write_text('[scheduler]\njournal = ":memory:"\n'
+                      '[[events.webhooks]]\nurl = "http://127.0.0.1:9/hook"\nevents = ["queue_idle", "gpu_free"]\n')
+    done = subprocess.run([sys.executable, "-m", "actors.scheduler", "--config", str(config), "--router",
+                           "tcp://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ATELIER_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    assert [line for line in output.splitlines() if "no event 'gpu_free'" in line and "queue_idle" in line], output
