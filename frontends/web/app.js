@@ -624,7 +624,7 @@ function refreshAdmin() {
     try {
       if (!document.hidden) {
         const [queue, nodes, controls, leases] = await Promise.all([
-          json('v1/jobs?all=1&limit=200'), json('v1/nodes'), optional('v1/admin/controls'), optional('v1/leases')]);
+          json('v1/jobs?all=1&limit=100'), json('v1/nodes'), optional('v1/admin/controls'), optional('v1/leases')]);
         renderControls(controls);
         renderQueue(queue.jobs);
         renderRunners(nodes.runners, controls);
