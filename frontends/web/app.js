@@ -766,7 +766,9 @@ function renderRunners(runners, controls) {
       li.dataset.state = busy ? 'busy' : 'idle';
       const resident = Object.entries(caps.resident || {}).map(([model, size]) => `${model} (${mib(size)})`);
       // Budget and leased bytes, where the runner reports them (a VRAM lease makes the budget smaller).
-      const memory = [caps.budget_bytes != null && `budget ${mib(caps.budget_bytes)}`,
+      // 0 (or absent): not reported.
+      const memory = [caps.budget_bytes && `budget ${mib(caps.budget_bytes)}`
+                        + (caps.full_budget_bytes > caps.budget_bytes ? ` of ${mib(caps.full_budget_bytes)}` : ''),
                       caps.leased_bytes && `leased ${mib(caps.leased_bytes)}`].filter(Boolean);
       li.innerHTML = '<div class="text"><span class="prompt"></span><span class="meta"></span></div>';
       li.querySelector('.prompt').textContent =
