@@ -112,3 +112,29 @@ def test_a_user_sees_no_admin_view(browser, atelier):  # noqa: F811
     finally:
         context.close()
     assert not errors, f"the page threw: {errors}"
+
+
+def test_an_admin_pauses_and_resumes_the_queue_from_the_page(browser, atelier):  # noqa: F811
+    context, page, errors = page_for(browser, ADMIN)
+    try:
+        page.goto(atelier.http + "/")
+        state = page.locator("#queue-state")
+        expect(state).to_have_text("Queue running")
+        page.get_by_role("button", name="Pause queue").click()
+        expect(state).to_have_text("Queue paused")
+        expect(page.locator("#admin-events li").first).to_contain_text("paused")
+
+        job = submit(atelier.http, USER, "waits for the queue")
+        row = page.locator(f'#admin-queue li[data-job="{job}"]')
+        expect(row).to_have_attribute("data-state", "queued")  # paused: nothing starts
+        expect(page.locator("#admin-runners li.runner").first).to_contain_text("idle")
+
+        page.get_by_role("button", name="Resume queue").click()
+        expect(state).to_have_text("Queue running")
+        expect(page.locator("#admin-events li").filter(has_text="resumed")).to_have_count(1)
+        expect(row).to_have_attribute("data-state", "running")  # it starts once the queue is resumed
+        page.get_by_role("button", name=f"Cancel job {job}").click()
+        expect(row).to_have_count(0)
+    finally:
+        context.close()
+    assert not errors, f"the page threw: {errors}"

@@ -584,6 +584,7 @@ $('#live').addEventListener('change', () => {
 
 const ADMIN_POLL_MS = 3000;
 const ADMIN_EVENTS_KEPT = 20;
+const LEASES_ENDED_SHOWN = 5;
 const PRIORITIES = ['live', 'interactive', 'batch'];
 const adminView = { on: false, abort: null, timer: 0, busy: null, again: false, rows: new Map() };
 
@@ -803,7 +804,10 @@ function renderLeases(answer) {
   $('#admin-leases-block').hidden = !answer;
   if (!answer) return;
   const now = Date.now() / 1000;
-  $('#admin-leases').replaceChildren(...answer.leases.map((lease) => {
+  // Those held or waiting, then the few that ended last (with why): the list does not grow for ever.
+  const ended = answer.leases.filter((lease) => lease.state === 'ended').slice(-LEASES_ENDED_SHOWN);
+  const shown = [...answer.leases.filter((lease) => lease.state !== 'ended'), ...ended.reverse()];
+  $('#admin-leases').replaceChildren(...shown.map((lease) => {
     const li = document.createElement('li');
     li.dataset.lease = lease.id;
     li.dataset.state = lease.state;
