@@ -16,13 +16,20 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install browser up lint test bench gpu-wheels
+.PHONY: install browser netns up lint test bench gpu-wheels
 install: $(STAMP)
 
 # The web page's tests drive a real browser: Debian's chromium, since Playwright's own browser
 # download needs more of the internet than CI has. Only `make test` needs it, and only once.
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# tests/test_hosts.py makes separate hosts of network namespaces (`ip`, iproute2) and loses packets between
+# them with `tc netem`, or with nftables where the kernel has no netem. As root only: elsewhere those tests
+# skip, saying why, and there is nothing to install.
+netns:
+	[ "$$(id -u)" != 0 ] || (command -v ip && command -v tc && command -v nft) >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables)
 
 up: $(STAMP)
 	$(VENV)/bin/atelier up
@@ -31,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # Two workers, whole files each (module-scoped clusters stay shared): about a fifth faster on two cores.
-test: $(STAMP) browser
+test: $(STAMP) browser netns
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)

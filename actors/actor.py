@@ -320,6 +320,16 @@ class Actor:
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # ZeroMQ reconnects only a connection that fails, and a partition fails none: after one of 20 s the
+        # broker's TCP retransmissions have backed off to 13 s and more (up to 2 minutes after longer ones),
+        # so the peer's Hello gets through at once and the Welcome only that long after. ZMTP heartbeats
+        # (answered by libzmq's own threads, so a busy event loop never misses one) drop a connection
+        # silent for MISSED_HEARTBEATS intervals and connect afresh; a connect attempt gives up after two
+        # intervals and is made again, rather than wait out the kernel's SYN retries (a minute and more).
+        interval_ms = max(int(self.heartbeat_s * 1000), 100)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, MISSED_HEARTBEATS * interval_ms)
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, 2 * interval_ms)
         # Unsent messages (a Hello to a broker that refused our key) never hold up the context's end
         # for ever, however the socket ends: a garbage-collected context would block its thread.
         sock.setsockopt(zmq.LINGER, 1000)

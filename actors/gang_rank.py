@@ -31,7 +31,7 @@ from typing import Any
 
 from actors.messages import BatchItem, Staged
 from atelier import gang
-from atelier.config import Config, ParallelLayout
+from atelier.config import Config, ModelEntry, ParallelLayout
 from atelier.families import GenerateRequest, JobCancelled
 from atelier.families.loaded import LoadedModel, LoadRequest
 from atelier.gang import GangBroken
@@ -136,7 +136,8 @@ class GangLeader:
         from atelier.families.parallel import parallelize
 
         layout = layout_for(self.config, model, self.devices)
-        self._send("load", model=model, staged=staged.model_dump())
+        # The entry rank 0 loads: a catalog reload reaches rank 0 alone (CatalogUpdate), the others load the same.
+        self._send("load", model=model, staged=staged.model_dump(), entry=self.config.models[model].model_dump_json())
 
         def work() -> tuple[Any, bool]:
             loaded, from_staged = load_staged(family, request, staged, owner)
@@ -214,6 +215,8 @@ class Rank:
         loaded = problem = None
         try:
             staged = Staged.model_validate(command["staged"])
+            if "entry" in command:  # rank 0's, which may be a reloaded catalog's
+                self.config.models[model] = ModelEntry.model_validate_json(command["entry"])
             entry = self.config.models[model]
             request = LoadRequest.for_entry(entry, Path(staged.path) if staged.path else None,
                                             device=self.torch_device, model_cache=self.config.model_cache)

@@ -74,6 +74,10 @@ CREATE TABLE IF NOT EXISTS loras (           -- the LoRAs users trained (their f
     kohya_uri TEXT,                -- the same LoRA in the kohya format
     PRIMARY KEY (owner, name)
 );
+CREATE TABLE IF NOT EXISTS settings (        -- what an operator set that a restart must keep (as JSON)
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 _INPUT_NAMES = ("image", "mask", "control_image", "ip_adapter_image")
 
@@ -254,7 +258,21 @@ class Journal:
             self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         self._written.pop(job_id, None)
 
+    def put_setting(self, name: str, value: object) -> None:
+        """Keeps ``value`` (JSON data) under ``name``, replacing what was there."""
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
     # -- reads ------------------------------------------------------------------- #
+
+    def setting(self, name: str) -> object | None:
+        """What ``put_setting`` kept under ``name``; None if nothing (or nothing readable) is."""
+        row = self.db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            log.warning("journal: setting %s does not parse; ignored", name)
+            return None
 
     def unfinished(self) -> list[Restored]:
         """Jobs that had not ended, in the order they were submitted (see ``each_unfinished``)."""
@@ -343,5 +361,5 @@ def _first_error(exc: ValidationError) -> str:
 def _mark(record: JobRecord) -> tuple:
     """What makes a record worth writing again: its transitions, not its position or ETA."""
     return (record.state, record.attempts, record.runner, record.batch_id, record.reason, len(record.artifacts),
-            record.checkpoint)
+            record.checkpoint, record.spec.priority)  # an operator may change a queued job's priority
 

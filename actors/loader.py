@@ -28,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors import keys
+from actors import catalog, keys
 from actors.actor import Actor, handles, internal_error
 from actors.codec import SCHEDULER, Envelope
-from actors.messages import Error, LoaderState, Preload, Release, Role, Stage, Staged
+from actors.messages import CatalogUpdate, Error, LoaderState, Preload, Release, Role, Stage, Staged
 from atelier import sources, staging
 from atelier.config import Config
 from atelier.jobs import Capabilities, ErrorCode
@@ -132,6 +132,7 @@ class Loader(Actor):
         self.node = node
         self.held = StagedSet(stage_budget(config.node.stage_budget_bytes, staging.SHM_ROOT))
         self._staging: dict[str, asyncio.Task[Staged]] = {}
+        self._stale: set[str] = set()  # models whose catalog entry changed: their segment goes once unleased
         self._importer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-import")
         # Segments are named atelier-<node>-<pid>-<model>: the pid tells this loader's own from those
         # of another one on the same host and node name (a second atelier, a test), and from those a
@@ -151,6 +152,11 @@ class Loader(Actor):
         if self.config.default_model in self.config.models:
             self._start_staging(self.config.default_model).add_done_callback(_log_preload_failure)
 
+    async def on_reconnect(self) -> None:
+        # The scheduler forgot what is staged here when we went silent (a partition, a broker restart):
+        # tell it again, or it places this node's jobs without affinity and `atelier status` lists no loader.
+        await self._report()
+
     async def _report(self) -> None:
         """Tells the scheduler what is staged here, for routing, preloading and ``atelier status``."""
         await self.send(SCHEDULER, LoaderState(node=self.node, budget_bytes=self.held.budget,
@@ -169,6 +175,8 @@ class Loader(Actor):
         if refusal := self._refuse(env, env.src.startswith(self._runner_prefix), f"{self._runner_prefix}*"):
             return refusal
         self.held.release(msg.model)
+        if msg.model in self._stale and self._drop_stale():
+            await self._report()
         return None
 
     @handles(Preload)
@@ -178,6 +186,33 @@ class Loader(Actor):
         for model in msg.models:
             self._start_staging(model).add_done_callback(_log_preload_failure)
         return None
+
+    @handles(CatalogUpdate)
+    async def on_catalog(self, msg: CatalogUpdate, env: Envelope) -> Error | None:
+        if refusal := self._refuse(env, env.src == SCHEDULER, SCHEDULER):
+            return refusal
+        self._stale.update(catalog.take(self.config, msg))
+        if self._drop_stale():
+            await self._report()
+        return None
+
+    def _drop_stale(self, *, model: str | None = None) -> bool:
+        """Removes the segments of models whose catalog entry changed, once no runner is mapping them
+        (``model``: that one now, whoever maps it: it is about to be staged anew, and a mapping made keeps
+        its memory). Whether any went."""
+        now, dropped = time.monotonic(), False
+        for name in sorted(self._stale):
+            holding = self.held.items.get(name)
+            if holding is not None and holding.leased_until > now and name != model:
+                continue  # a runner is mapping it: it goes at its Release
+            self._stale.discard(name)
+            if holding is not None:
+                del self.held.items[name]
+                if holding.staged.segment:
+                    Path(holding.staged.segment).unlink(missing_ok=True)
+                log.info("dropped staged %s: its catalog entry changed", name)
+                dropped = True
+        return dropped
 
     async def on_stop(self) -> None:
         # Runners that mapped a segment keep their memory; the names just go.
@@ -229,6 +264,8 @@ class Loader(Actor):
         await self.reply(env, answer)
 
     async def _stage(self, model: str) -> Staged:
+        if model in self._stale and self._drop_stale(model=model):
+            await self._report()
         held = self.held.get(model, time.monotonic())
         if held is not None:
             return held

@@ -30,6 +30,7 @@ from atelier.jobs import (
     Blob,
     Capabilities,
     ErrorCode,
+    HeldLease,
     JobDone,
     JobFailed,
     JobId,
@@ -38,9 +39,12 @@ from atelier.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    Lease,
+    LeaseId,
     LoraInfo,
     Name,
     PeerName,
+    Priority,
     RunTiming,
     SchedulerStats,
     StagedFile,
@@ -290,6 +294,7 @@ class ClusterStatus(Wire):
     queued: list[JobId]
     counts: dict[str, int]  # jobs by state, over the jobs the scheduler remembers
     stats: SchedulerStats = Field(default_factory=SchedulerStats)
+    leases: list[Lease] = Field(default_factory=list)  # VRAM leases pending and granted
 
 
 class ListJobs(Wire, AnsweredBy["JobList"]):
@@ -505,6 +510,216 @@ class Staged(Wire):
 
 
 # --------------------------------------------------------------------------- #
+# ---- VRAM leases: another program borrows device memory for a while (frontend <-> scheduler <-> runner)
+
+MAX_LEASE_S: Final = 86400.0  # a day: a lease forgotten by its holder still ends
+MAX_LEASE_WAIT_S: Final = 3600.0
+
+
+class TakeLease(Wire, AnsweredBy["LeaseInfo"]):
+    """Asks for ``bytes`` of device memory on ``device`` ("cuda:0", "cpu"; None: every device of the node, each
+    ``bytes``) for at most ``ttl_s``. Answered once granted (the runners on it finished or, ``urgent``, handed
+    back their batch, and evicted models until the bytes were free), or with an Error that says why not
+    (unknown device, more than its budget can ever give, not freed within ``wait_s``). The lease ends at
+    ``EndLease``, at ``ttl_s``, or when the asking peer goes away (frontend -> scheduler)."""
+
+    kind: Literal["take_lease"] = "take_lease"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    device: str | None = Field(default=None, min_length=1, max_length=64)
+    node: str | None = Field(default=None, min_length=1, max_length=128)  # needed where the device is on several
+    bytes: int = Field(gt=0, le=1 << 50)
+    ttl_s: float = Field(gt=0, le=MAX_LEASE_S)
+    urgent: bool = False
+    holder: str = Field(default="", max_length=128)  # who holds it, for people: "maw", "llm-bot"
+    wait_s: float = Field(default=120.0, gt=0, le=MAX_LEASE_WAIT_S)
+
+
+class EndLease(Wire, AnsweredBy["LeaseInfo"]):
+    """Gives a lease's memory back (frontend -> scheduler); answered with the ended lease."""
+
+    kind: Literal["end_lease"] = "end_lease"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    id: LeaseId
+
+
+class ListLeases(Wire, AnsweredBy["LeaseList"]):
+    kind: Literal["list_leases"] = "list_leases"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+class LeaseInfo(Wire):
+    kind: Literal["lease_info"] = "lease_info"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    lease: Lease
+
+
+class LeaseList(Wire):
+    kind: Literal["lease_list"] = "lease_list"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    leases: list[Lease]  # pending and granted, then the last ended ones
+
+
+class YieldMemory(Wire, AnsweredBy["MemoryYielded"]):
+    """Take a lease (scheduler -> idle runner): the budget shrinks by ``lease.bytes``, least recently used models
+    go until the bytes are free on the device itself, and the runner ends the lease at ``lease.expires_at``
+    on its own if no ``ReclaimMemory`` comes first."""
+
+    kind: Literal["yield_memory"] = "yield_memory"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
+    lease: HeldLease
+
+
+class MemoryYielded(Wire):
+    kind: Literal["memory_yielded"] = "memory_yielded"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler, Via.answer)
+    lease_id: LeaseId
+    freed_bytes: int = Field(ge=0)  # measured on the device (CUDA), else by the budget's accounting
+    evicted: list[Name] = Field(default_factory=list)
+    budget_bytes: int = Field(ge=0)
+    free_bytes: int | None = None  # the device's free memory after, where measured
+    resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
+
+
+class ReclaimMemory(Wire, AnsweredBy["Ok"]):
+    """A lease ended: the runner's budget grows back by its bytes (scheduler -> runner, told)."""
+
+    kind: Literal["reclaim_memory"] = "reclaim_memory"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.runner)
+    lease_id: LeaseId
+
+
+class MemoryBudget(Wire):
+    """A runner's budget changed on its own: another process took or gave back device memory, or a lease's
+    deadline passed (runner -> scheduler)."""
+
+    kind: Literal["memory_budget"] = "memory_budget"
+    route: ClassVar[Route] = Route(Role.runner, Role.scheduler)
+    budget_bytes: int = Field(ge=0)
+    leased_bytes: int = Field(ge=0)
+    full_budget_bytes: int = Field(ge=0)
+    leases: list[HeldLease] = Field(default_factory=list, max_length=64)
+    reason: str = Field(default="", max_length=400)
+    resident: dict[str, int] = Field(default_factory=dict)  # what stays loaded
+
+
+# ---- Operator controls (frontend -> scheduler; the catalog also scheduler -> runner, loader)
+# Any frontend may send these over ZeroMQ: the CLI is the operator, as for CancelJob; the HTTP
+# server lets only its admins through (frontends/operator.py).
+
+
+NodeState = Literal["serving", "draining", "drained"]
+
+
+class OperatorControls(Wire):
+    """What an operator has paused and drained (the answer to every control)."""
+
+    kind: Literal["operator_controls"] = "operator_controls"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    paused: bool  # the whole queue
+    paused_models: list[Name] = Field(default_factory=list)
+    nodes: dict[str, NodeState] = Field(default_factory=dict)  # every node the scheduler knows
+
+
+class GetControls(Wire, AnsweredBy["OperatorControls"]):
+    kind: Literal["get_controls"] = "get_controls"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+class PauseQueue(Wire, AnsweredBy["OperatorControls"]):
+    """Nothing new starts (the whole queue, or ``model``'s jobs); what runs finishes, submits are taken."""
+
+    kind: Literal["pause_queue"] = "pause_queue"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    model: Name | None = None
+
+
+class ResumeQueue(Wire, AnsweredBy["OperatorControls"]):
+    """Starts again what a pause held (``model`` None: the queue and every paused model)."""
+
+    kind: Literal["resume_queue"] = "resume_queue"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    model: Name | None = None
+
+
+class DrainNode(Wire, AnsweredBy["OperatorControls"]):
+    """The node's runners finish what they run and take nothing new, until ``ResumeNode``."""
+
+    kind: Literal["drain_node"] = "drain_node"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    node: str = Field(min_length=1, max_length=128)
+
+
+class ResumeNode(Wire, AnsweredBy["OperatorControls"]):
+    kind: Literal["resume_node"] = "resume_node"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    node: str = Field(min_length=1, max_length=128)
+
+
+class MoveToFront(Wire, AnsweredBy["JobInfo"]):
+    """A queued job starts next, before every other queued job (after those moved before it)."""
+
+    kind: Literal["move_to_front"] = "move_to_front"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    job_id: JobId
+
+
+class SetPriority(Wire, AnsweredBy["JobInfo"]):
+    """A queued job's priority class changes."""
+
+    kind: Literal["set_priority"] = "set_priority"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+    job_id: JobId
+    priority: Priority
+
+
+class ReloadCatalog(Wire, AnsweredBy["CatalogChanges"]):
+    """The scheduler reads its config file again and takes its ``models`` and ``default_model``."""
+
+    kind: Literal["reload_catalog"] = "reload_catalog"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+class CatalogChanges(Wire):
+    """What a reload changed, by model name."""
+
+    kind: Literal["catalog_changes"] = "catalog_changes"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    added: list[Name] = Field(default_factory=list)
+    changed: list[Name] = Field(default_factory=list)
+    removed: list[Name] = Field(default_factory=list)
+
+
+class GetCatalog(Wire, AnsweredBy["Catalog"]):
+    """The catalog as the scheduler serves it now: a frontend asks after a ``catalog_reloaded`` event."""
+
+    kind: Literal["get_catalog"] = "get_catalog"
+    route: ClassVar[Route] = Route(Role.frontend, Role.scheduler)
+
+
+# Each model's ModelEntry as JSON text (``ModelEntry.model_dump_json()``), validated by its receiver: the
+# entry's own schema (its ``options`` table is free-form) stays the config's, not the wire's.
+CatalogEntries = dict[Name, str]
+
+
+class Catalog(Wire):
+    kind: Literal["catalog"] = "catalog"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
+    models: CatalogEntries = Field(max_length=10_000)
+    default_model: str
+
+
+class CatalogUpdate(Wire):
+    """The catalog after a reload (scheduler -> runner, loader; and to one that joins after it): a changed or
+    removed model's resident and staged copies are dropped once idle. The message is the truth, whatever
+    the receiver's own config file says."""
+
+    kind: Literal["catalog_update"] = "catalog_update"
+    route: ClassVar[Route] = Route(Role.scheduler, (Role.runner, Role.loader))
+    models: CatalogEntries = Field(max_length=10_000)
+    default_model: str
+
+
+# --------------------------------------------------------------------------- #
 # Events, published on the broker's XPUB (lossy; the routed path carries results)
 
 
@@ -602,6 +817,28 @@ Message = Annotated[
         Progress,
         Preview,
         ClusterEvent,
+        TakeLease,
+        EndLease,
+        ListLeases,
+        LeaseInfo,
+        LeaseList,
+        YieldMemory,
+        MemoryYielded,
+        ReclaimMemory,
+        MemoryBudget,
+        OperatorControls,
+        GetControls,
+        PauseQueue,
+        ResumeQueue,
+        DrainNode,
+        ResumeNode,
+        MoveToFront,
+        SetPriority,
+        ReloadCatalog,
+        CatalogChanges,
+        GetCatalog,
+        Catalog,
+        CatalogUpdate,
     ],
     Field(discriminator="kind"),
 ]

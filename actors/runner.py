@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from actors import keys, training_run
+from actors import catalog, keys, training_run
 from actors.actor import Actor, RemoteError, handles
 from actors.codec import SCHEDULER, Envelope
 from actors.loader import loader_name
@@ -34,6 +34,7 @@ from actors.messages import (
     BatchDone,
     BatchItem,
     BatchUpdate,
+    CatalogUpdate,
     Draining,
     Error,
     GetLora,
@@ -49,6 +50,7 @@ from actors.messages import (
     Staged,
     StopJob,
 )
+from actors.runner_leases import MemoryHandlers
 from atelier import media, sources, staging
 from atelier.config import Config
 from atelier.families import GenerateRequest, JobCancelled, get_family, loras
@@ -60,6 +62,7 @@ from atelier.public import scrub
 from atelier.registry import FAMILY_LIMITS
 from atelier.resident import DeviceBudgetError, ResidentSet
 from atelier.runtime import process_main, process_parser
+from atelier.vram import DeviceMemory, cuda_probe
 
 log = logging.getLogger("atelier.runner")
 
@@ -112,8 +115,9 @@ class ActiveBatch:
                 self.cancel.set()
 
     def pause(self, job_id: str, reason: str) -> None:
-        """A training checkpoints at its next step and hands itself back (a generation has nothing to keep)."""
-        if any(spec.id == job_id and spec.train is not None for spec in self.specs):
+        """The batch hands itself back at its next step, no attempt counted: a training checkpoints first; a
+        generation's jobs are queued again (seeded: the next run makes the same images)."""
+        if any(spec.id == job_id for spec in self.specs):
             self.paused = reason
             self.cancel.set()
 
@@ -132,6 +136,10 @@ class BatchTiming:
 
     def report(self) -> RunTiming:
         return RunTiming(**asdict(self))
+
+
+class ShrunkBudget(Exception):
+    """A model that fits the configured budget but not the one left by leases or other processes."""
 
 
 class LocalEngine:
@@ -171,15 +179,16 @@ class LocalEngine:
         """The runner stops."""
 
 
-class Runner(Actor):
+class Runner(MemoryHandlers, Actor):
     role = Role.runner
 
     def __init__(self, config: Config, router: str, *, node: str, device: str = "cpu", torch_device: str | None = None,
-                 engine: Any = None, **kwargs):
+                 engine: Any = None, probe: Any = None, **kwargs):
         """``device`` names the runner (its name, logs, capabilities: the node's ``cuda:N``, or a gang's
         ``cuda:0+cuda:1``); ``torch_device`` is that device as this process's torch sees it (``cuda:0`` once
         ``own_gpu`` has hidden the others). ``engine``: where the pipelines run (a ``LocalEngine`` by default;
-        a gang's ``GangLeader``)."""
+        a gang's ``GangLeader``). ``probe``: the device's free memory (``atelier.vram.Probe``; on CUDA by default
+        ``mem_get_info``, on the CPU none: the budget's accounting alone)."""
         super().__init__(runner_name(node, device), router, heartbeat_s=config.broker.heartbeat_s, **kwargs)
         self.config = config
         self.node = node
@@ -188,9 +197,14 @@ class Runner(Actor):
         self.engine = engine or LocalEngine(device)
         self.models = ResidentSet(config.node.device_budget_bytes or default_device_budget(self.torch_device),
                                   config.node.resident_models, device=device)
+        cuda = self.torch_device.startswith("cuda")
+        self.memory = DeviceMemory(self.models.budget, reserve=DEVICE_RESERVE if cuda else 0)
+        self.probe = probe if probe is not None else cuda_probe(self.torch_device) if cuda else None
+        self._evicted_bytes: dict[str, int] = {}
         self.active: ActiveBatch | None = None
         self._execution: asyncio.Task | None = None
         self._draining = False
+        self._stale: set[str] = set()  # models whose catalog entry changed: their resident copy goes once idle
         # Each thread that runs CUDA work selects the device first: a thread's current device is 0 otherwise,
         # and the first CUDA call there (a pin, say) would open a context on GPU 0.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker",
@@ -202,7 +216,8 @@ class Runner(Actor):
 
     def capabilities(self) -> Capabilities:
         mine = dict(node=self.node, device=self.device, device_name=self.device_name, families=sorted(FAMILY_LIMITS),
-                    resident=dict(self.resident_bytes), devices=list(self.engine.devices), gang=self.engine.world)
+                    resident=dict(self.resident_bytes), devices=list(self.engine.devices), gang=self.engine.world,
+                    **self.memory_capabilities())
         if self.active is not None:
             mine.update(active_batch=self.active.id, active_jobs=[spec.id for spec in self.active.specs])
         return super().capabilities().model_copy(update=mine)
@@ -217,6 +232,7 @@ class Runner(Actor):
             self._tasks.spawn(self._watchdog(self.config.node.step_timeout_s), "watchdog")
         if self.engine.world > 1:
             self._tasks.spawn(self._keep_gang_in_step(GANG_PING_S), "gang-ping")
+        self._tasks.spawn(self._watch_memory(), "memory")
 
     async def _keep_gang_in_step(self, every: float) -> None:
         """Asks the gang's other ranks to answer when rank 0 has told them nothing for ``every`` seconds
@@ -295,6 +311,23 @@ class Runner(Actor):
         log.warning("%s: refused %s from %r: only the scheduler sends it", self.name, env.msg.kind, env.src[:128])
         return Error(code=ErrorCode.forbidden, message=f"{self.name} takes {env.msg.kind} only from the scheduler")
 
+    @handles(CatalogUpdate)
+    async def on_catalog(self, msg: CatalogUpdate, env: Envelope) -> Error | None:
+        if env.src != SCHEDULER:
+            return self._not_from_scheduler(env)
+        self._stale.update(catalog.take(self.config, msg))
+        if self.active is None:
+            self._drop_stale()
+        return None
+
+    def _drop_stale(self) -> None:
+        """Evicts the resident copies of models whose catalog entry changed (between batches only)."""
+        gone = [model for model in sorted(self._stale) if self.models.discard(model)]
+        self._stale.clear()
+        if gone:
+            self._dropped(gone, "(its catalog entry changed or was removed)")
+            self._free_memory()
+
     @handles(GetRunnerState)
     async def on_get_state(self, msg: GetRunnerState, env: Envelope) -> RunnerState:
         return RunnerState(capabilities=self.capabilities())
@@ -334,7 +367,9 @@ class Runner(Actor):
         timing = BatchTiming(images=sum(spec.count for spec in specs))
         out_of_memory = False  # its memory is freed once the exception, and its frames, are gone
         broken = None  # a gang out of step: this process ends once the jobs are handed back
+        refused = False  # handed back unstarted: no attempt counts
         try:
+            self._drop_stale()  # a model reloaded since the last batch is loaded anew
             model = self.models.get(first.model)
             if model is None:
                 await self.send(scheduler, BatchUpdate(batch_id=batch.id, state=JobState.loading))
@@ -346,6 +381,10 @@ class Runner(Actor):
                 outcomes = await self._generate(batch, model, timing)
         except JobCancelled:
             outcomes = [self._stopped_outcome(batch, spec) for spec in specs]
+        except ShrunkBudget as exc:  # not the jobs' doing: they wait for the memory (or go elsewhere)
+            log.info("%s: batch %s handed back: %s", self.name, batch.id, exc)
+            outcomes = [JobFailed(job_id=spec.id, reason=str(exc), retryable=True) for spec in specs]
+            refused = True
         except Exception as exc:
             reason, retryable = self._explain(exc)
             # str(exc): a record kept by a handler must not keep the exception, and its frames, alive.
@@ -355,13 +394,16 @@ class Runner(Actor):
             broken = str(exc) if isinstance(exc, GangBroken) else None
         finally:
             self.active = None  # free for the next batch while the report travels
+            self._drop_stale()  # a model reloaded while this batch ran: the resident reported is the truth
         if out_of_memory:
             await self._free_memory_unheld()
         if self.config.node.resident_models == 0 and broken is None:
             self._unload_all()
+        if self.models.used > self.memory.budget and broken is None:  # the budget shrank during the batch
+            await self._fit_budget(f"to fit a budget of {self.memory.budget:,} bytes", need=0)
         await self._report(scheduler, BatchDone(batch_id=batch.id, outcomes=outcomes,
                                                 resident={} if broken else self.resident_bytes,
-                                                timing=timing.report()))
+                                                timing=timing.report(), refused=refused))
         if broken is not None:
             self._exit_broken(broken)
 
@@ -429,6 +471,8 @@ class Runner(Actor):
     def _stopped_outcome(batch: ActiveBatch, spec: JobSpec) -> JobFailed:
         if spec.id in batch.stopped:
             return JobFailed(job_id=spec.id, reason=batch.stopped[spec.id], cancelled=True)
+        if batch.paused and batch.shutting_down is None:  # made way (a VRAM lease): queued again, nothing lost
+            return JobFailed(job_id=spec.id, reason=f"paused: {batch.paused}", retryable=True, yielded=True)
         # Stopped because the runner is going away: the job itself is fine, another runner takes it.
         return JobFailed(job_id=spec.id, reason=batch.shutting_down or "stopped", retryable=True)
 
@@ -518,8 +562,13 @@ class Runner(Actor):
         free = None
         if self.torch_device.startswith("cuda"):
             free = await asyncio.get_running_loop().run_in_executor(self._worker, self._device_free)
-        self._evicted(model, self.models.make_room(model, 0 if entry.offload else staged.bytes, keep_slot=True,
-                                                   free=free, reserve=DEVICE_RESERVE))
+            await self.observe_before_load(free)
+        incoming = 0 if entry.offload else staged.bytes
+        if self.memory.full >= incoming > self.memory.budget:
+            raise ShrunkBudget(f"model {model} needs {incoming:,} bytes on {self.device}, more than its budget of "
+                               f"{self.memory.budget:,} while {self.memory.leased:,} are leased and "
+                               f"{self.memory.pressure:,} taken by other processes; it waits for the memory")
+        self._evicted(model, self.models.make_room(model, incoming, keep_slot=True, free=free, reserve=DEVICE_RESERVE))
         try:
             again = False
             try:

@@ -71,8 +71,10 @@ from actors.messages import (
     TrainCheckpoint,
 )
 from actors.scheduler_events import EventsHandlers
+from actors.scheduler_leases import LeaseHandlers
+from actors.scheduler_operator import OperatorHandlers
 from atelier.artifacts import StoreError, make_store
-from atelier.config import Config
+from atelier.config import Config, config_file
 from atelier.jobs import (
     Artifact,
     ErrorCode,
@@ -108,7 +110,7 @@ JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1
 DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
 
 
-class Scheduler(EventsHandlers, Actor):
+class Scheduler(LeaseHandlers, OperatorHandlers, EventsHandlers, Actor):
     role = Role.scheduler
 
     def __init__(self, config: Config, router: str, *, name: str = "scheduler", clock=time.time, **kwargs):
@@ -127,6 +129,7 @@ class Scheduler(EventsHandlers, Actor):
         for lora in self.journal.loras():  # before the jobs: a queued job may use one
             self.policy.loras.put(lora)
         self._restore()
+        self._restore_controls()
         self._start_events()
 
     def _restore(self) -> None:
@@ -176,6 +179,7 @@ class Scheduler(EventsHandlers, Actor):
     async def on_peer_up(self, msg: PeerUp, env: Envelope) -> None:
         if env.src != BROKER:  # only the broker knows who joined (it also refuses to route these)
             return
+        await self._operator_peer_up(msg)
         if msg.role is Role.runner:
             if not self.policy.has_runner(msg.name):
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
@@ -210,6 +214,8 @@ class Scheduler(EventsHandlers, Actor):
                 log.warning("runner %s is gone (%s)", msg.name, msg.reason)
             self.policy.runner_down(msg.name, msg.reason, self.clock())
             await self._schedule()
+        elif msg.role is Role.frontend:
+            await self.holder_gone(msg.name)
 
     @handles(LoaderState)
     async def on_loader_state(self, msg: LoaderState, env: Envelope) -> Error | None:
@@ -346,7 +352,8 @@ class Scheduler(EventsHandlers, Actor):
         runners = [RunnerStatus(name=r.name, job=r.job, capabilities=r.capabilities) for r in status.runners]
         return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=status.counts,
                              queued=status.queued,
-                             stats=status.stats.model_copy(update={**self._store_stats, **self.webhooks.stats()}))
+                             stats=status.stats.model_copy(update={**self._store_stats, **self.webhooks.stats()}),
+                             leases=[lease for lease in self.policy.leases.listing() if lease.state != "ended"])
 
     @handles(ListJobs)
     async def on_list_jobs(self, msg: ListJobs, env: Envelope) -> JobList:
@@ -542,11 +549,13 @@ class Scheduler(EventsHandlers, Actor):
         self.policy.schedule(self.clock())
         self._arm_wake()
         await self._apply()
+        await self._tell_drained()
 
     async def _apply(self) -> None:
         """Carries out what the policy decided, in the order it decided it."""
         async with self._sending:
             await self._carry_out(self.policy.drain())
+            await self.carry_out_leases()
 
     async def _carry_out(self, effects: list[Effect]) -> None:
         now = self.clock()
@@ -636,8 +645,9 @@ class Scheduler(EventsHandlers, Actor):
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
-        if self.policy.wake_at is not None:
-            delay = max(0.0, self.policy.wake_at - self.clock())
+        wake_at = min((t for t in (self.policy.wake_at, self.policy.leases.wake_at) if t is not None), default=None)
+        if wake_at is not None:
+            delay = max(0.0, wake_at - self.clock())
             self._wake = asyncio.get_running_loop().call_later(delay, self._post_wake)
 
     def _post_wake(self) -> None:
@@ -731,6 +741,7 @@ async def serve(args: argparse.Namespace, config: Config, stop: asyncio.Event) -
         scheduler = Scheduler(config, args.router or config.broker.router, keys=keys.for_peer(config))
     except (JournalError, keys.CurveKeyError) as exc:
         raise Failure(str(exc), 2) from None
+    scheduler.config_path = config_file(args.config)  # what an operator's catalog reload reads
     await scheduler.run(stop)
 
 

@@ -337,6 +337,40 @@ class LoraInfo(Wire):
         return f"@{self.version}"
 
 
+LeaseId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class HeldLease(Wire):
+    """A VRAM lease as a runner holds it: until ``expires_at`` (wall clock) at the latest, whoever says what."""
+
+    id: LeaseId
+    bytes: int = Field(gt=0)
+    expires_at: float
+    holder: str = Field(default="", max_length=128)
+    client: str = Field(default="", max_length=128)  # the peer that asked for it: its end ends the lease
+    node: str | None = Field(default=None, max_length=128)
+    device: str | None = Field(default=None, max_length=128)
+    urgent: bool = False
+    granted_at: float | None = None
+
+
+class Lease(Wire):
+    """A VRAM lease as the scheduler shows it: another program's hold on device memory atelier gave up."""
+
+    id: LeaseId
+    holder: str = Field(default="", max_length=128)
+    node: str | None = None
+    device: str | None = None  # "cuda:0"; None: every device of the node
+    runners: list[str] = Field(default_factory=list)
+    bytes: int = Field(gt=0)  # on each device it covers
+    freed_bytes: int = Field(default=0, ge=0)  # what its runners evicted to grant it
+    urgent: bool = False
+    state: Literal["pending", "granted", "ended"] = "pending"
+    granted_at: float | None = None
+    expires_at: float | None = None  # wall clock: the granted lease ends then at the latest
+    ended_reason: str | None = None
+
+
 class Capabilities(Wire):
     pid: int
     host: str = ""
@@ -352,6 +386,12 @@ class Capabilities(Wire):
     # it dead takes the jobs back instead of running them twice.
     active_batch: str | None = None
     active_jobs: list[JobId] = Field(default_factory=list)
+    # Device memory (a runner's): the budget its models may use now, what VRAM leases hold of the configured
+    # budget (``full_budget_bytes``), and those leases, so a restarted scheduler learns them. 0: not reported.
+    budget_bytes: int = Field(default=0, ge=0)
+    leased_bytes: int = Field(default=0, ge=0)
+    full_budget_bytes: int = Field(default=0, ge=0)
+    leases: list[HeldLease] = Field(default_factory=list, max_length=64)
 
 
 class ModelStats(Wire):

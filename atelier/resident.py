@@ -91,6 +91,18 @@ class ResidentSet:
             del self._items[name]
         return evicted
 
+    def evict_oldest(self) -> list[str]:
+        """Evicts the least recently used model (the device needs memory the accounting does not see);
+        returns it, or [] when none is resident."""
+        if not self._items:
+            return []
+        name, _ = self._items.popitem(last=False)
+        return [name]
+
+    def discard(self, name: str) -> bool:
+        """Evicts one model (its catalog entry changed); False when it was not resident."""
+        return self._items.pop(name, None) is not None
+
     def clear(self) -> list[str]:
         """Evicts every model; returns them by name."""
         evicted = list(self._items)

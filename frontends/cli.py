@@ -3,6 +3,8 @@
     atelier up                      broker, scheduler and a node on this machine
     atelier generate "a lighthouse" submit over ZeroMQ, show progress, write the images
     atelier status [--user NAME | --all] | models | cancel JOB
+    atelier lease cuda:0 8GiB --for 10m   hold GPU memory for another program until Ctrl-C or the time is up
+    atelier pause | resume | drain | undrain | front | priority | reload   an operator's controls
     atelier events [--json]         the cluster's events (queue busy/idle, leases, operator actions)
     atelier broker | scheduler | node --router tcp://HOST:5555   each part on its own
 """
@@ -25,7 +27,7 @@ from atelier.config import Config
 from atelier.public import scrub
 from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
 from atelier.supervisor import Supervisor
-from frontends import cli_events
+from frontends import cli_events, cli_operator
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs
@@ -380,16 +382,17 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     async with _connect(*_endpoints(args, config), config) as client:
         status = await client.status()
         mine = [] if args.all else await client.jobs_of(args.user, limit=JOBS_SHOWN)
+        controls = await cli_operator.controls(client)
     # Everyone's job ids are for --all: by default a person sees their own jobs and how busy the rest is.
     shown = {record.spec.id for record in mine}
     table = Table(title="runners")
-    for column in ("node", "runner", "device", "job", "resident on the device"):
+    for column in ("node", "runner", "device", "job", "resident on the device", "budget (leased)"):
         table.add_column(column)
     for runner in sorted(status.runners, key=lambda r: (r.capabilities.node or "", r.name)):
         caps = runner.capabilities
         job = "idle" if not runner.job else runner.job if args.all or runner.job in shown else "busy"
         table.add_row(caps.node or "-", runner.name, caps.device_name or caps.device or "-", job,
-                      _sizes(caps.resident))
+                      _sizes(caps.resident), _budget(caps))
     staged = Table(title="staged in shared memory")
     for column in ("node", "models", "used / budget"):
         staged.add_column(column)
@@ -399,8 +402,15 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     console = Console()
     console.print(table)
     console.print(staged)
+    for lease in status.leases:
+        console.print(f"lease {lease.id}: {_mib(lease.bytes)} on {lease.device or 'every device'} of {lease.node} "
+                      f"for {lease.holder or '?'}, {lease.state}"
+                      + (f" until {_clock(lease.expires_at)}" if lease.expires_at else "")
+                      + f" ({', '.join(lease.runners)})")
     console.print(f"queue: {len(status.queued)} job(s)"
                   + (f" — next: {', '.join(status.queued[:5])}" if args.all and status.queued else ""))
+    if controls is not None:
+        console.print(f"operator: {cli_operator.describe(controls)}", highlight=False)
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(status.counts.items())) or "none yet"))
     if not args.all:
         jobs = Table(title=f"jobs of {args.user} (newest first; --all for the whole queue)")
@@ -419,6 +429,60 @@ JOBS_SHOWN = 20  # of the user's jobs, newest first
 
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):,.1f} MiB"
+
+
+def _budget(caps) -> str:
+    if not caps.full_budget_bytes:
+        return "-"
+    return _mib(caps.budget_bytes) + (f" ({_mib(caps.leased_bytes)} leased)" if caps.leased_bytes else "")
+
+
+def _clock(at: float) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+async def _lease(args: argparse.Namespace, config: Config) -> int:
+    """Holds a VRAM lease until Ctrl-C or --for is up: a line when granted, a line when given back."""
+    import time
+
+    from actors.actor import RemoteError
+    from actors.messages import MAX_LEASE_S, MAX_LEASE_WAIT_S
+    from atelier.vram import parse_duration, parse_size, size_text
+
+    try:
+        size, ttl = parse_size(args.size), parse_duration(args.for_)
+        if ttl > MAX_LEASE_S or not 0 < args.wait <= MAX_LEASE_WAIT_S:
+            raise ValueError(f"--for is at most {MAX_LEASE_S:.0f} s (a day) and --wait at most "
+                             f"{MAX_LEASE_WAIT_S:.0f} s; a lease held longer is taken again")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = None if args.device == "all" else args.device
+    async with _connect(*_endpoints(args, config), config) as client:
+        try:
+            lease = await client.take_lease(device, size, ttl, node=args.node, urgent=args.urgent,
+                                            holder=args.holder, wait_s=args.wait)
+        except RemoteError as exc:
+            if _unroutable(exc):
+                raise  # _connect says there is no scheduler
+            print(f"error: {_refusal(exc)}", file=sys.stderr)
+            return 1
+        print(f"lease {lease.id}: {size_text(lease.bytes)} held on {lease.device or 'every device'} of {lease.node} "
+              f"until {_clock(lease.expires_at or 0)} ({size_text(lease.freed_bytes)} freed); Ctrl-C gives it back",
+              flush=True)
+        why = "time is up"
+        try:
+            await asyncio.sleep(max(0.0, (lease.expires_at or 0) - time.time()))
+        except asyncio.CancelledError:
+            why = "interrupted"
+            raise
+        finally:
+            with contextlib.suppress(RemoteError, TimeoutError):
+                await asyncio.wait_for(client.end_lease(lease.id), 5.0)
+            print(f"lease {lease.id}: given back ({why})", flush=True)
+    return 0
 
 
 def _sizes(models: dict[str, int]) -> str:
@@ -566,9 +630,20 @@ def _parser() -> argparse.ArgumentParser:
     whose.add_argument("--user", default=_login(), help="whose jobs to list (default: your login)")
     whose.add_argument("--all", action="store_true", help="every job id: the queue's and the runners' (the operator's "
                                                           "view), rather than one user's jobs")
+    lease = command("lease", "hold GPU memory for another program: atelier evicts models until it is free, and "
+                             "takes it back at Ctrl-C or when --for is up")
+    lease.add_argument("device", help="a runner's device as `atelier status` shows it (cuda:0, cpu), or all")
+    lease.add_argument("size", help="bytes, or with a unit: 8GiB, 512MiB, 10GB")
+    lease.add_argument("--for", dest="for_", default="10m", help="at most this long: 600, 90s, 10m, 2h (default 10m)")
+    lease.add_argument("--node", help="the node, where the device is on several")
+    lease.add_argument("--urgent", action="store_true", help="stop the running batch at its next step (it is "
+                                                             "queued again, nothing lost) rather than wait for it")
+    lease.add_argument("--holder", default=_login(), help="who holds it, as status shows it (default: your login)")
+    lease.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the memory (default 120)")
     command("models", "list the models in the catalog")
     cancel = command("cancel", "cancel a job")
     cancel.add_argument("job")
+    cli_operator.add_commands(command)
     cli_events.add_arguments(command("events", cli_events.HELP))
 
     for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
@@ -628,7 +703,7 @@ async def _command(args: argparse.Namespace, config: Config, stop: asyncio.Event
 
 
 COMMANDS = {"generate": _generate, "train": _train, "status": _status, "cancel": _cancel, "models": _models,
-            "keys": _keys, "events": cli_events.events}
+            "keys": _keys, "lease": _lease, "events": cli_events.events, **cli_operator.COMMANDS}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from actors.messages import (
     ClusterEvent,
     ClusterStatus,
     DeleteLora,
+    EndLease,
     Error,
     GetJob,
     GetModels,
@@ -37,6 +38,7 @@ from actors.messages import (
     JobEvent,
     JobResult,
     ListJobs,
+    ListLeases,
     ListLoras,
     ModelInfo,
     Preview,
@@ -44,8 +46,9 @@ from actors.messages import (
     Role,
     ShareLora,
     Submit,
+    TakeLease,
 )
-from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec, LoraInfo
+from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec, Lease, LoraInfo
 
 log = logging.getLogger("atelier.client")
 
@@ -251,6 +254,22 @@ class AtelierClient(Actor):
 
     async def share_lora(self, user: str, name: str, users: list[str]) -> list[LoraInfo]:
         return (await self.ask(SCHEDULER, ShareLora(user=user, name=name, users=users))).loras
+
+    async def take_lease(self, device: str | None, nbytes: int, ttl_s: float, *, node: str | None = None,
+                         urgent: bool = False, holder: str = "", wait_s: float = 120.0) -> Lease:
+        """Borrows ``nbytes`` of device memory on ``device`` (None: every device of ``node``) for at most ``ttl_s``;
+        returns the granted lease. Raises RemoteError saying why not. The lease ends with ``end_lease``, at
+        ``ttl_s``, or when this client goes away. ``frontends/vram.py`` wraps this for other programs."""
+        info = await self.ask(SCHEDULER, TakeLease(device=device, node=node, bytes=nbytes, ttl_s=ttl_s, urgent=urgent,
+                                                   holder=holder, wait_s=wait_s), timeout=wait_s + 10.0)
+        return info.lease
+
+    async def end_lease(self, lease_id: str) -> Lease:
+        return (await self.ask(SCHEDULER, EndLease(id=lease_id))).lease
+
+    async def leases(self) -> list[Lease]:
+        """The leases pending and granted, then the last ended ones."""
+        return (await self.ask(SCHEDULER, ListLeases())).leases
 
     # -- plumbing ------------------------------------------------------------ #
 

@@ -71,6 +71,7 @@ from atelier.config import Config, DiscordConfig
 from atelier.jobs import MAX_TRAIN_IMAGES, JobInputs, JobKind, JobRecord, JobSpec, JobState, Priority, TrainSpec
 from atelier.public import scrub
 from atelier.runtime import Failure, TaskSet, process_main, process_parser
+from frontends.catalog_follow import follow_catalog
 from frontends.client import AtelierClient, Event
 from frontends.discord_views import (
     IMAGE_OPTIONS,
@@ -451,6 +452,7 @@ class AtelierBot(discord.Client):
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(AtelierButton)
+        self._spawn(follow_catalog(self.atelier, None, self._catalog_reloaded), "follow-catalog")
         if not self.sync_commands:
             return
         try:
@@ -522,11 +524,17 @@ class AtelierBot(discord.Client):
 
     # -- the catalog ------------------------------------------------------------ #
 
+    def _catalog_reloaded(self, _config) -> None:
+        """An operator reloaded the catalog: the next look at it asks the scheduler."""
+        self._models_at = -1e9
+
     async def models(self) -> list[ModelInfo]:
         if self.clock() - self._models_at > 30:
             try:
                 self._models = await self.atelier.models()
                 self._models_at = self.clock()
+                if self.settings.default_model is None:  # the catalog's, which a reload may change
+                    self.default_model = next((m.name for m in self._models if m.default), self.default_model)
             except (RemoteError, asyncio.TimeoutError) as exc:
                 log.warning("could not read the catalog: %s", exc)
         return self._models

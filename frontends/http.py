@@ -50,6 +50,7 @@ from atelier.jobs import ErrorCode, JobId, JobInputs, JobRecord, JobSpec, Priori
 from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, process_parser
 from frontends import api, metrics
 from frontends.a1111 import A1111Surface
+from frontends.catalog_follow import follow_catalog
 from frontends.client import AtelierClient
 from frontends.cluster_events import EventsSurface
 from frontends.comfy import ComfySurface
@@ -64,7 +65,9 @@ from frontends.httpbase import (
     query_int,
     read_json,
 )
+from frontends.leases import LeaseSurface
 from frontends.openai_images import OpenAISurface
+from frontends.operator import OperatorSurface
 from frontends.trainings import TrainingSurface
 
 log = logging.getLogger("atelier.http")
@@ -290,7 +293,8 @@ class HttpServer:
         self._status_at = 0.0
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
         self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self),
-                                        TrainingSurface(self), EventsSurface(self)]
+                                        TrainingSurface(self), LeaseSurface(self), OperatorSurface(self),
+                                        EventsSurface(self)]
         # Outputs in S3 are fetched from S3 itself, by pre-signed GET URLs (signed here: no request).
         self.signer: S3Store | None = S3Store(config.store) if config.store.kind == "s3" else None
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
@@ -807,6 +811,7 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
     await client.start()
     server = HttpServer(config, client, base_url="", host=host)
     runner = web.AppRunner(server.app, access_log_class=AccessLog)
+    following = asyncio.create_task(follow_catalog(client, config), name="follow-catalog")  # an operator's reload
     try:
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
@@ -818,6 +823,7 @@ async def serve(config: Config, router: str, pub: str, host: str, port: int,
             await ready(server.base_url)
         await (stop or asyncio.Event()).wait()
     finally:
+        following.cancel()
         await runner.cleanup()
         await client.close()
 

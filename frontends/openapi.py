@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from atelier.jobs import JobId
-from frontends import a1111, api, cluster_events, openai_images, trainings
+from atelier.jobs import JobId, Lease
+from frontends import a1111, api, cluster_events, leases, openai_images, operator, trainings
 
 _REF = "#/components/schemas/{model}"
 
@@ -59,10 +59,51 @@ def _schemas() -> dict[str, Any]:
     models = [api.JobRequest, api.JobView, api.ApiError, api.ModelList, openai_images.OpenAIImageRequest,
               openai_images.OpenAIImagesResponse, openai_images.OpenAIError, a1111.A1111Txt2Img,
               a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error,
-              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing, cluster_events.Me,
+              trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing, leases.LeaseRequest,
+              leases.LeaseListing, Lease, operator.ModelChoice, operator.PriorityChoice, operator.ControlsView,
+              operator.CatalogChangesView, cluster_events.Me,
               cluster_events.ClusterEventView]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
+
+
+_NODE = {"name": "node", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1,
+                                                                  "maxLength": 128}}
+
+
+def _operator_paths() -> dict[str, Any]:
+    """frontends/operator.py's routes: an admin's; a user's token gets 403 on each."""
+    controls = {"200": _answer("The controls now", operator.ControlsView)}
+    choice = {"required": False, "content": {"application/json": {"schema": _ref(operator.ModelChoice)}}}
+    admin = (400, 401, 403, 413, 415, 422, 503)
+    return {
+        "/v1/admin/controls": {"get": {"summary": "Admins: what is paused, and each node's state",
+                                       "responses": {**controls, **_errors(api.ApiError, 401, 403, 503)}}},
+        "/v1/admin/pause": {"post": {"summary": "Admins: start nothing new (the queue, or one model's jobs)",
+                                     "requestBody": choice,
+                                     "responses": {**controls, **_errors(api.ApiError, *admin)}}},
+        "/v1/admin/resume": {"post": {"summary": "Admins: start again what a pause held (no model: everything)",
+                                      "requestBody": choice,
+                                      "responses": {**controls, **_errors(api.ApiError, *admin)}}},
+        "/v1/admin/nodes/{node}/drain": {"post": {
+            "summary": "Admins: the node's runners finish their batches and take nothing new", "parameters": [_NODE],
+            "responses": {**controls, **_errors(api.ApiError, 401, 403, 404, 422, 503)}}},
+        "/v1/admin/nodes/{node}/resume": {"post": {
+            "summary": "Admins: a drained node serves again", "parameters": [_NODE],
+            "responses": {**controls, **_errors(api.ApiError, 401, 403, 404, 409, 503)}}},
+        "/v1/jobs/{job_id}/front": {"post": {
+            "summary": "Admins: a queued job starts next, before every other", "parameters": [_JOB_ID],
+            "responses": {"200": _answer("The job", api.JobView), **_errors(api.ApiError, 401, 403, 404, 409, 503)}}},
+        "/v1/jobs/{job_id}/priority": {"post": {
+            "summary": "Admins: a queued job's priority", "parameters": [_JOB_ID],
+            "requestBody": _body(operator.PriorityChoice),
+            "responses": {"200": _answer("The job", api.JobView),
+                          **_errors(api.ApiError, 400, 401, 403, 404, 409, 413, 415, 422, 503)}}},
+        "/v1/admin/catalog/reload": {"post": {
+            "summary": "Admins: the scheduler reads its config file's models again (an invalid file changes nothing)",
+            "responses": {"200": _answer("What changed", operator.CatalogChangesView),
+                          **_errors(api.ApiError, 401, 403, 422, 503)}}},
+    }
 
 
 def document(base_url: str) -> dict[str, Any]:
@@ -126,15 +167,21 @@ def document(base_url: str) -> dict[str, Any]:
                                           "responses": {"200": _answer("The file", media="application/octet-stream",
                                                                        schema={"type": "string", "format": "binary"}),
                                                         **_errors(api.ApiError, 401, 404, 422, 503)}}},
-        "/v1/events": {"get": {"summary": "Admins: Server-Sent Events, one `data: {json}` line per cluster event "
-                                          "(queue busy and idle, leases, operator actions) from now on; comments "
-                                          "keep it open",
-                               "responses": {"200": _answer("The stream; each data line is a ClusterEventView",
-                                                            media="text/event-stream", schema={"type": "string"}),
-                                             **_errors(api.ApiError, 401, 403, 429, 503)}}},
-        "/v1/me": {"get": {"summary": "The user the caller's token names, and whether they are an admin",
-                           "responses": {"200": _answer("The caller", cluster_events.Me),
-                                         **_errors(api.ApiError, 401)}}},
+        "/v1/leases": {
+            "get": {"summary": "VRAM leases: pending, granted, the last ended (admins)",
+                    "responses": {"200": _answer("Leases", leases.LeaseListing),
+                                  **_errors(api.ApiError, 401, 403, 503)}},
+            "post": {"summary": "Lend device memory to another program; answered once it is free (admins)",
+                     "requestBody": _body(leases.LeaseRequest),
+                     "responses": {"201": _answer("Granted", Lease),
+                                   **_errors(api.ApiError, 400, *posted, 401, 409, 422, 503)}},
+        },
+        "/v1/leases/{lease_id}": {"delete": {"summary": "Give a lease's memory back to atelier (admins)",
+                                             "parameters": [{"name": "lease_id", "in": "path", "required": True,
+                                                             "schema": {"type": "string", "minLength": 1,
+                                                                        "maxLength": 64}}],
+                                             "responses": {"200": _answer("The ended lease", Lease),
+                                                           **_errors(api.ApiError, 401, 403, 404, 503)}}},
         "/v1/models": {"get": {"summary": "The catalog (OpenAI's model list, with atelier's fields)",
                                "responses": {"200": _answer("Models", api.ModelList), **_errors(api.ApiError, 401)}}},
         "/v1/nodes": {"get": {"summary": "Runners, staged models and the queue (the jobs on the runners: admins)",
@@ -173,6 +220,7 @@ def document(base_url: str) -> dict[str, Any]:
         "/sdapi/v1/interrupt": {"post": {"summary": "AUTOMATIC1111: cancel the caller's latest job",
                                          "responses": {"200": _answer("Done", schema={"type": "object"}),
                                                        **_errors(a1111.A1111Error, 401, *posted)}}},
+        **_operator_paths(),
         "/metrics": {"get": {"summary": "Prometheus metrics (with tokens configured, any token may read them)",
                              "responses": {"200": _answer("Metrics", media="text/plain", schema={"type": "string"}),
                                            **_errors(api.ApiError, 401)}}},

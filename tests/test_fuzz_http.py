@@ -115,7 +115,8 @@ def test_a_method_the_document_does_not_list_is_405_with_allow(schema, api):
     wrong = []
     with requests.Session() as session:
         for path, allowed in documented.items():
-            url = api.http + path.replace("{job_id}", "j1").replace("{name}", "j1-0.png")
+            url = api.http + path.replace("{job_id}", "j1").replace("{name}", "j1-0.png").replace(
+                "{lease_id}", "l1").replace("{node}", "n1")
             for method in sorted(methods - allowed):
                 response = session.request(method, url, headers=AUTH, timeout=30)
                 allow = {m.strip() for m in response.headers.get("Allow", "").split(",") if m.strip()}

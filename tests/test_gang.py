@@ -147,7 +147,7 @@ def test_a_cancel_stops_every_rank_at_the_same_step_and_the_gang_goes_on(gang_cl
 
 def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster):
     leader = gang_cluster.pid_of(b"actors.runner")
-    spec = _job("tiny-flux", steps=30, seed=31, prompt="a ship in a storm")
+    spec = _job("tiny-flux", steps=12, seed=31, prompt="a ship in a storm")
     artifacts = gang_cluster.home / "artifacts"
 
     async def go():
@@ -179,7 +179,7 @@ def test_a_killed_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster
 
 def test_a_hung_rank_restarts_its_gang_and_the_job_completes_once(gang_cluster):
     leader = gang_cluster.pid_of(b"actors.runner")
-    spec = _job("tiny-flux", steps=30, seed=51, prompt="a calm sea")
+    spec = _job("tiny-flux", steps=12, seed=51, prompt="a calm sea")
 
     async def go():
         async with gang_cluster.client() as client:

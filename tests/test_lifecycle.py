@@ -34,8 +34,40 @@ def wait_gone(pids: set[int], timeout: float) -> set[int]:
     return alive(pids)
 
 
-def test_ctrl_c_stops_every_process(atelier_home):
+@pytest.fixture(scope="module")
+def served_cluster(atelier_home):
+    """One atelier for two tests in turn: its broker is killed and restarted mid-use, then Ctrl-C stops it
+    all, the restarted broker and the runner that has a model loaded too (an atelier costs seconds to start)."""
     cluster = Cluster(atelier_home).start()
+    yield cluster
+    cluster.stop()  # nothing left to do once the Ctrl-C test has stopped it
+
+
+def test_peers_register_again_after_the_broker_restarts(served_cluster):
+    from atelier.jobs import JobSpec, JobState
+    from tests.conftest import run
+
+    cluster = served_cluster
+    broker_pid = cluster.pid_of(b"broker")
+
+    async def go():
+        async with cluster.client() as client:
+            spec = dict(model="tiny-sd", prompt="a lighthouse", width=64, height=64, steps=2)
+            before = await client.generate(JobSpec(**spec), timeout=120)
+            os.kill(broker_pid, signal.SIGKILL)
+            # `up` restarts it on the same endpoints; every peer (this client too) must find it
+            # and say Hello again without being told.
+            after = await client.generate(JobSpec(**spec), timeout=120)
+            return before, after, await client.status()
+
+    before, after, status = run(go(), timeout=150)
+    assert before.job.state is JobState.done
+    assert after.job.state is JobState.done, after.job.reason
+    assert status.runners
+
+
+def test_ctrl_c_stops_every_process(served_cluster):
+    cluster = served_cluster
     tree = descendants(cluster.process.pid)
     # broker, scheduler, node, loader, runner
     assert len(tree) >= 5, tree
@@ -50,29 +82,3 @@ def test_killed_supervisor_takes_its_children_along(atelier_home):
     cluster.process.wait(10)
     # No one is left to stop them cleanly: the kernel's parent-death signal must.
     assert wait_gone(tree, 30) == set()
-
-
-def test_peers_register_again_after_the_broker_restarts(atelier_home):
-    from atelier.jobs import JobSpec, JobState
-    from tests.conftest import run
-
-    cluster = Cluster(atelier_home).start()
-    try:
-        broker_pid = cluster.pid_of(b"broker")
-
-        async def go():
-            async with cluster.client() as client:
-                spec = dict(model="tiny-sd", prompt="a lighthouse", width=64, height=64, steps=2)
-                before = await client.generate(JobSpec(**spec), timeout=120)
-                os.kill(broker_pid, signal.SIGKILL)
-                # `up` restarts it on the same endpoints; every peer (this client too) must find it
-                # and say Hello again without being told.
-                after = await client.generate(JobSpec(**spec), timeout=120)
-                return before, after, await client.status()
-
-        before, after, status = run(go(), timeout=150)
-        assert before.job.state is JobState.done
-        assert after.job.state is JobState.done, after.job.reason
-        assert status.runners
-    finally:
-        cluster.stop()

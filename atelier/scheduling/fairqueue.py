@@ -141,7 +141,8 @@ class FairQueue:
     # The FIFO baseline is one class and one "user": arrival order and nothing else.
 
     def _class_of(self, entry: Entry) -> int:
-        return entry.priority if self.fair else 0
+        # Below 0: an operator's front lane (scheduling/controls.py), ahead in either policy.
+        return entry.priority if self.fair or entry.priority < 0 else 0
 
     def _user_of(self, entry: Entry) -> str:
         return entry.user if self.fair else ""

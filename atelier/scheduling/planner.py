@@ -95,8 +95,10 @@ class Plan:
     free_at: dict[str, float]  # by runner: when it is expected to be free, once the window has run
 
 
-def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner], now: float) -> Plan:
-    """Plans the first ``plan_window`` queued jobs on the ``usable`` runners."""
+def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner], now: float, *,
+         held: frozenset[str] = frozenset()) -> Plan:
+    """Plans the first ``plan_window`` queued jobs on the ``usable`` runners; jobs of the ``held`` models
+    (paused by an operator) start nowhere."""
     settings = config.scheduler
     fair = settings.policy == "fair"
     order = [state.jobs[e.id] for e in state.queue.order(settings.plan_window)]
@@ -117,7 +119,8 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
         able = able_for.get(model)
         if able is None:
             entry = config.models[model]
-            able = able_for[model] = [r for r in usable if r.takes(entry)]
+            able = able_for[model] = [] if model in held else [r for r in usable if r.takes(entry)
+                                                               and model not in r.cannot_hold]
         return able
 
     limit_per_user = settings.max_running_per_user

@@ -20,6 +20,8 @@ The rules, in the order they apply, and where each lives:
 5. What runners report against what they were given (``reconcile.py``): lost batches, runners
    that come back, late reports, retries after a runner dies.
 6. Every queued job's position and ETA come from the same plan.
+7. An operator's controls (``controls.py``): a paused queue or model, a drained node, the front lane
+   (a class ahead of ``live``), a reloaded catalog; the plan asks them which runners and models may start work.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ from atelier.jobs import (
 )
 from atelier.scheduling import admission, planner, reconcile
 from atelier.scheduling.admission import Refused
+from atelier.scheduling.controls import Controls
 from atelier.scheduling.estimates import Estimates
 from atelier.scheduling.fairqueue import Entry
+from atelier.scheduling.leases import Leases
 from atelier.scheduling.loras import LoraBook
 from atelier.scheduling.state import (
     PRIORITY_CLASS,
@@ -113,6 +117,7 @@ class Policy:
         self.estimates = estimates or Estimates()
         self.state = State(self.settings)
         self.loras = LoraBook()  # the users' trained LoRAs: the scheduler fills it from its journal
+        self.controls = Controls()  # an operator's pauses, drains and front lane (controls.py)
         self.wake_at: float | None = None  # when schedule() wants calling again (a batch waiting, a plan put off)
         self._fresh: list[Job] = []  # submitted, not yet announced
         self._held: set[str] = set()  # submitted with hold: not queued until admitted
@@ -120,6 +125,7 @@ class Policy:
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
+        self.leases = Leases(self.state, new_id)  # VRAM leases: their runners take no batch until granted
 
     def drain(self) -> list[Effect]:
         effects, self.state.effects = self.state.effects, []
@@ -322,10 +328,12 @@ class Policy:
 
     def runner_up(self, name: str, caps: Capabilities, now: float) -> None:
         reconcile.runner_up(self.state, name, caps, now, self._new_id)
+        self.leases.runner_seen(name, caps, now)
 
     def runner_state(self, name: str, caps: Capabilities, asked_during: str | None, now: float) -> None:
         """What a runner said it runs, asked when it joined (``asked_during``: the batch it had here then)."""
         reconcile.runner_state(self.state, name, caps, asked_during, now, self._new_id)
+        self.leases.runner_seen(name, caps, now)
 
     def runner_down(self, name: str, reason: str, now: float) -> None:
         reconcile.runner_down(self.state, name, reason, now)
@@ -375,6 +383,8 @@ class Policy:
         batch, r = self.state.batches.get(batch_id), self.state.runners.get(runner)
         if batch is not None and r is not None:
             self._learn(batch, r, timing)
+            if refused and active is None and not r.draining:  # short of memory (a lease): not there for now
+                self.leases.handed_back(runner, batch.model)
         return reconcile.batch_done(self.state, runner, batch_id, outcomes, resident, now, refused=refused,
                                     active=active)
 
@@ -406,12 +416,16 @@ class Policy:
         (``refresh`` does, once a second, so a long queue costs little per event)."""
         state = self.state
         self.wake_at = None
-        usable = [r for r in state.runners.values() if not r.draining and now >= r.unreachable_until]
+        self.leases.update(now)
+        self.controls.explain(state, self.config, self._fresh, now)
+        usable = self.controls.usable(r for r in state.runners.values()
+                                      if not r.draining and now >= r.unreachable_until and not self.leases.blocks(r))
         if state.queue and usable:
             if not whole_queue and now < self._next_plan and all(state.occupied(r) for r in usable):
                 self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
                 return
-            self._carry_out(planner.plan(state, self.config, self.estimates, usable, now), usable, whole_queue, now)
+            self._carry_out(planner.plan(state, self.config, self.estimates, usable, now,
+                                         held=self.controls.held_models()), usable, whole_queue, now)
             self._make_way(usable)
             self._next_plan = now + REPLAN_BUSY_S
         elif state.queue:
@@ -455,8 +469,9 @@ class Policy:
         training (and could run it) to checkpoint at its next step and make way. The training is queued
         again at batch priority, so the waiting job takes the device, and the training resumes after it."""
         batch_class = PRIORITY_CLASS[Priority.batch]
-        waiting = [self.state.jobs[entry.id] for entry in self.state.queue.order(self.settings.plan_window)
-                   if entry.priority < batch_class]
+        held = self.controls.held_models()
+        waiting = [job for entry in self.state.queue.order(self.settings.plan_window)
+                   if entry.priority < batch_class and (job := self.state.jobs[entry.id]).spec.model not in held]
         if not waiting:
             return
         training = {}  # runner name -> its training job

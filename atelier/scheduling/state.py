@@ -138,6 +138,8 @@ class Runner:
     # A dispatch found it unreachable (gone, its restart not yet registered): none is sent it until
     # then, or until it joins again (a new Runner), rather than failing job after job on it.
     unreachable_until: float = float("-inf")
+    # Models its budget cannot hold now (VRAM leases, other processes' memory): none is placed on it until then.
+    cannot_hold: set[str] = field(default_factory=set)
 
     @property
     def node(self) -> str | None:
