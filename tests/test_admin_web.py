@@ -33,6 +33,10 @@ def atelier(atelier_home, tmp_path_factory):
     config.write_text(f"""
 default_model = "slow-noop"
 
+[node]
+devices = ["cpu:0"]
+device_budget_bytes = 3_000_000_000  # a device budget in bytes: what a VRAM lease takes its share of
+
 [models.slow-noop]
 family = "noop"
 source = "builtin:noop"
@@ -135,6 +139,29 @@ def test_an_admin_pauses_and_resumes_the_queue_from_the_page(browser, atelier): 
         expect(row).to_have_attribute("data-state", "running")  # it starts once the queue is resumed
         page.get_by_role("button", name=f"Cancel job {job}").click()
         expect(row).to_have_count(0)
+    finally:
+        context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def test_an_admin_sees_a_lease_on_the_runner_and_ends_it_from_the_page(browser, atelier):  # noqa: F811
+    body = json.dumps({"device": "cpu:0", "bytes": "1GiB", "for_s": 120, "holder": "maw"}).encode()
+    request = urllib.request.Request(f"{atelier.http}/v1/leases", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:  # 201 once granted
+        lease = json.load(response)
+    context, page, errors = page_for(browser, ADMIN)
+    try:
+        page.goto(atelier.http + "/")
+        row = page.locator(f'#admin-leases li[data-lease="{lease["id"]}"]')
+        expect(row).to_have_attribute("data-state", "granted")
+        expect(row).to_contain_text("maw · 1.0 GiB on")
+        expect(page.locator("#admin-runners li.runner").first).to_contain_text("leased 1.0 GiB")
+
+        page.get_by_role("button", name=f"End lease {lease['id']}").click()
+        expect(row).to_have_attribute("data-state", "ended")
+        expect(page.locator("#admin-events li").first).to_contain_text("lease ended")
+        expect(page.locator("#admin-runners li.runner").first).not_to_contain_text("leased")
     finally:
         context.close()
     assert not errors, f"the page threw: {errors}"
