@@ -70,6 +70,7 @@ from actors.messages import (
     Submit,
     TrainCheckpoint,
 )
+from actors.scheduler_events import EventsHandlers
 from actors.scheduler_leases import LeaseHandlers
 from actors.scheduler_operator import OperatorHandlers
 from atelier.artifacts import StoreError, make_store
@@ -109,7 +110,7 @@ JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1
 DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
 
 
-class Scheduler(LeaseHandlers, OperatorHandlers, Actor):
+class Scheduler(LeaseHandlers, OperatorHandlers, EventsHandlers, Actor):
     role = Role.scheduler
 
     def __init__(self, config: Config, router: str, *, name: str = "scheduler", clock=time.time, **kwargs):
@@ -129,6 +130,7 @@ class Scheduler(LeaseHandlers, OperatorHandlers, Actor):
             self.policy.loras.put(lora)
         self._restore()
         self._restore_controls()
+        self._start_events()
 
     def _restore(self) -> None:
         """Takes back what the journal holds: the last ended jobs, to answer for them, then every job
@@ -350,7 +352,7 @@ class Scheduler(LeaseHandlers, OperatorHandlers, Actor):
         runners = [RunnerStatus(name=r.name, job=r.job, capabilities=r.capabilities) for r in status.runners]
         return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=status.counts,
                              queued=status.queued,
-                             stats=status.stats.model_copy(update=self._store_stats),
+                             stats=status.stats.model_copy(update={**self._store_stats, **self.webhooks.stats()}),
                              leases=[lease for lease in self.policy.leases.listing() if lease.state != "ended"])
 
     @handles(ListJobs)
@@ -580,6 +582,7 @@ class Scheduler(LeaseHandlers, OperatorHandlers, Actor):
                 await self.send(effect.runner, StopJob(job_id=effect.job_id, reason=effect.reason, pause=effect.pause))
             elif isinstance(effect, PreloadModels):
                 await self.send(loader_name(effect.node), Preload(models=list(effect.models)))
+        await self._note_activity()
 
     def _write(self, effects: list[Effect], records: list[JobRecord | None]) -> None:
         """Journals the transitions among ``effects`` before any of them is sent: what a frontend or
@@ -627,8 +630,11 @@ class Scheduler(LeaseHandlers, OperatorHandlers, Actor):
         await self._schedule()
 
     async def tell_cluster(self, event: ClusterEventKind, **detail: str | int | float | bool | None) -> None:
-        """Publishes a cluster event (``cluster/<event>``) for other programs on the box."""
-        await self.publish(ClusterEvent(event=event, at=self.clock(), detail=detail))
+        """Publishes a cluster event (``cluster/<event>``) for other programs on the box, and hands it to
+        the configured webhooks."""
+        message = ClusterEvent(event=event, at=self.clock(), detail=detail)
+        await self.publish(message)
+        self._hand_to_webhooks(message)
 
     async def _announce(self, r: JobRecord) -> None:
         await self.publish(JobEvent(job_id=r.spec.id, state=r.state, reason=r.reason, position=r.position,

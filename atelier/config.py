@@ -398,6 +398,27 @@ class DiscordConfig(Strict):
     upscale_steps: int | None = Field(default=None, ge=1, le=500)  # default: the upscaler's own
 
 
+class Webhook(Strict):
+    """One program told of cluster events (``[[events.webhooks]]``): a POST of the event's JSON to ``url``."""
+
+    url: str = Field(pattern=r"^https?://[^\s/?#]+[^\s]*$", max_length=2000)
+    # Signs each body (HMAC-SHA256, the X-Atelier-Signature header) so the hook can tell atelier's POSTs
+    # from anyone else's. SecretStr: it never shows in a log line or a repr of the config.
+    secret: SecretStr | None = None
+    # The ClusterEvent kinds it wants (queue_idle, lease_granted, ...; `python -m actors.messages` and the
+    # README list them); empty: all. Checked against the kinds when the scheduler starts.
+    events: list[str] = Field(default_factory=list, max_length=64)
+    timeout_s: float = Field(default=5.0, gt=0, le=60)  # each POST; a slower hook counts as failed
+    retries: int = Field(default=3, ge=0, le=10)  # after a failed POST, with backoff (0.5 s, 1 s, 2 s, ...)
+
+
+class EventsConfig(Strict):
+    webhooks: list[Webhook] = Field(default_factory=list, max_length=32)
+    # Events waiting per hook: a slow or dead hook loses its oldest beyond this (a log line and the
+    # atelier_webhook_dropped counter say so), and never holds up the scheduler or the other hooks.
+    queue: int = Field(default=256, ge=1, le=100_000)
+
+
 class Config(Strict):
     home: Path = Field(default_factory=default_home)
     artifacts: Path | None = None  # defaults to <home>/artifacts
@@ -413,6 +434,7 @@ class Config(Strict):
     node: NodeConfig = Field(default_factory=NodeConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     discord: DiscordConfig = Field(default_factory=DiscordConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @model_validator(mode="after")

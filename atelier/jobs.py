@@ -418,6 +418,11 @@ class SchedulerStats(Wire):
     store_failing: bool = False
     store_error: str | None = None
     store_swept: int = 0  # outputs retention deleted since start
+    # Webhooks ([events] webhooks): events POSTed, given up after every retry, and dropped unsent from a
+    # full queue (a slow or dead hook's oldest), since start.
+    webhook_sent: int = 0
+    webhook_failed: int = 0
+    webhook_dropped: int = 0
 
 
 class JobDone(Wire):

@@ -5,6 +5,7 @@
     atelier status [--user NAME | --all] | models | cancel JOB
     atelier lease cuda:0 8GiB --for 10m   hold GPU memory for another program until Ctrl-C or the time is up
     atelier pause | resume | drain | undrain | front | priority | reload   an operator's controls
+    atelier events [--json]         the cluster's events (queue busy/idle, leases, operator actions)
     atelier broker | scheduler | node --router tcp://HOST:5555   each part on its own
 """
 
@@ -26,7 +27,7 @@ from atelier.config import Config
 from atelier.public import scrub
 from atelier.runtime import INTERRUPTED, READY_PREFIX, Failure, add_common_options, process_main
 from atelier.supervisor import Supervisor
-from frontends import cli_operator
+from frontends import cli_events, cli_operator
 
 if TYPE_CHECKING:  # the wire types load with the commands that use them
     from atelier.jobs import JobInputs
@@ -643,6 +644,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel a job")
     cancel.add_argument("job")
     cli_operator.add_commands(command)
+    cli_events.add_arguments(command("events", cli_events.HELP))
 
     for name, help_text in (("broker", "run the broker"), ("scheduler", "run the scheduler"),
                             ("node", "run a node (its loader and runners)"),
@@ -701,7 +703,7 @@ async def _command(args: argparse.Namespace, config: Config, stop: asyncio.Event
 
 
 COMMANDS = {"generate": _generate, "train": _train, "status": _status, "cancel": _cancel, "models": _models,
-            "keys": _keys, "lease": _lease, **cli_operator.COMMANDS}
+            "keys": _keys, "lease": _lease, "events": cli_events.events, **cli_operator.COMMANDS}
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from frontends import api, metrics
 from frontends.a1111 import A1111Surface
 from frontends.catalog_follow import follow_catalog
 from frontends.client import AtelierClient
+from frontends.cluster_events import EventsSurface
 from frontends.comfy import ComfySurface
 from frontends.httpbase import (
     Caller,
@@ -298,7 +299,8 @@ class HttpServer:
         self._status_at = 0.0
         # The compatible APIs, each over this server's submit path (frontends/httpbase.py Surface).
         self.surfaces: list[Surface] = [OpenAISurface(self), A1111Surface(self), ComfySurface(self),
-                                        TrainingSurface(self), LeaseSurface(self), OperatorSurface(self)]
+                                        TrainingSurface(self), LeaseSurface(self), OperatorSurface(self),
+                                        EventsSurface(self)]
         # Outputs in S3 are fetched from S3 itself, by pre-signed GET URLs (signed here: no request).
         self.signer: S3Store | None = S3Store(config.store) if config.store.kind == "s3" else None
         self._image_routes = {"/v1/jobs"}.union(*(s.image_routes for s in self.surfaces))
@@ -321,6 +323,7 @@ class HttpServer:
             app.add_routes(surface.routes())
         if WEB_ROOT.is_dir():
             app.router.add_static("/static/", WEB_ROOT, show_index=False)
+        app.on_shutdown.append(lambda _: asyncio.gather(*(surface.close() for surface in self.surfaces)))
         app.on_cleanup.append(lambda _: self.streams.close())
         return app
 

@@ -136,6 +136,9 @@ class Surface:
         """The error as this API's clients read one: its body and status."""
         raise NotImplementedError
 
+    async def close(self) -> None:
+        """At shutdown, before the server waits for its requests: end what this API holds open for ever."""
+
 
 async def read_json(request: web.Request) -> Any:
     too_deep = Problem(400, "bad_request", f"the body nests deeper than {MAX_JSON_DEPTH} levels; no field of "

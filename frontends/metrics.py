@@ -46,6 +46,11 @@ class _Cluster:
                                 value=int(stats.store_failing))
         yield CounterMetricFamily("atelier_store_swept", "Job outputs deleted by the store's retention.",
                                   value=stats.store_swept)
+        for name, value, text in (("sent", stats.webhook_sent, "Cluster events a webhook took."),
+                                  ("failed", stats.webhook_failed, "Cluster events no webhook retry got through."),
+                                  ("dropped", stats.webhook_dropped, "Cluster events dropped unsent from a slow or "
+                                                                     "dead webhook's full queue.")):
+            yield CounterMetricFamily(f"atelier_webhook_{name}", text, value=value)
         yield from self._models()
         yield from self._memory()
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from atelier.jobs import JobId, Lease
-from frontends import a1111, api, leases, openai_images, operator, trainings
+from frontends import a1111, api, cluster_events, leases, openai_images, operator, trainings
 
 _REF = "#/components/schemas/{model}"
 
@@ -61,7 +61,8 @@ def _schemas() -> dict[str, Any]:
               a1111.A1111Img2Img, a1111.A1111Images, a1111.A1111Model, a1111.A1111Progress, a1111.A1111Error,
               trainings.TrainingRequest, trainings.LoraShare, trainings.LoraListing, leases.LeaseRequest,
               leases.LeaseListing, Lease, operator.ModelChoice, operator.PriorityChoice, operator.ControlsView,
-              operator.CatalogChangesView]
+              operator.CatalogChangesView, cluster_events.Me,
+              cluster_events.ClusterEventView]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     return top["$defs"]
 

@@ -142,6 +142,11 @@ async function follow(job) {
 async function readEvents(job) {
   const response = await api(`v1/jobs/${job.id}/events`, { signal: job.abort.signal });
   if (!response.ok) throw await problem(response);
+  await readStream(response, (name, data) => onEvent(job, name, data));
+}
+
+// Hands each event of a text/event-stream response to `onEvent(name, data)` until the stream ends.
+async function readStream(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = '', name = 'message', data = '';
@@ -154,7 +159,7 @@ async function readEvents(job) {
       const line = buffer.slice(0, end).replace(/\r$/, '');
       buffer = buffer.slice(end + 1);
       if (line === '') {
-        if (data) onEvent(job, name, JSON.parse(data));
+        if (data) onEvent(name, JSON.parse(data));
         name = 'message';
         data = '';
       } else if (line.startsWith('event:')) {
@@ -570,6 +575,288 @@ $('#live').addEventListener('change', () => {
   submitLive();
 });
 
+// -- the admin view ------------------------------------------------------------------ //
+// For an admin only (GET /v1/me says so): the whole queue, the runners, the leases and the operator's
+// controls. Drawn from the endpoints (GET /v1/jobs?all=1, /v1/nodes, /v1/admin/controls, /v1/leases)
+// whenever a cluster event comes on GET /v1/events, after each action, and every ADMIN_POLL_MS while the
+// tab is shown: a job's own transitions are not cluster events. A server without the operator's or the
+// leases' routes (404) shows the rest.
+
+const ADMIN_POLL_MS = 3000;
+const ADMIN_EVENTS_KEPT = 20;
+const LEASES_ENDED_SHOWN = 5;
+const PRIORITIES = ['live', 'interactive', 'batch'];
+const adminView = { on: false, abort: null, timer: 0, busy: null, again: false, rows: new Map() };
+
+function mib(size) {
+  if (size == null) return '';
+  return size >= 1 << 30 ? `${(size / (1 << 30)).toFixed(1)} GiB` : `${(size / (1 << 20)).toFixed(1)} MiB`;
+}
+
+// A JSON answer, or null where the server has no such route (404).
+async function optional(path) {
+  const response = await api(path);
+  if (response.status === 404) return null;
+  if (!response.ok) throw await problem(response);
+  return response.json();
+}
+
+async function startAdmin() {
+  const me = await json('v1/me').catch(() => null);
+  const on = !!(me && me.admin);
+  $('#admin').hidden = !on;
+  if (on === adminView.on) { if (on) refreshAdmin(); return; }
+  adminView.on = on;
+  if (on) {
+    followCluster();
+    refreshAdmin();
+  } else {
+    clearTimeout(adminView.timer);
+    if (adminView.abort) adminView.abort.abort();
+  }
+}
+
+// One refresh at a time; one asked for meanwhile runs once this one ends.
+function refreshAdmin() {
+  if (!adminView.on) return;
+  if (adminView.busy) { adminView.again = true; return; }
+  clearTimeout(adminView.timer);
+  adminView.busy = (async () => {
+    try {
+      if (!document.hidden) {
+        const [queue, nodes, controls, leases] = await Promise.all([
+          json('v1/jobs?all=1&limit=100'), json('v1/nodes'), optional('v1/admin/controls'), optional('v1/leases')]);
+        renderControls(controls);
+        renderQueue(queue.jobs);
+        renderRunners(nodes.runners, controls);
+        renderCatalog(controls);
+        renderLeases(leases);
+      }
+    } catch (error) {
+      $('#admin-error').textContent = error.message;
+    } finally {
+      adminView.busy = null;
+      if (adminView.on) adminView.timer = setTimeout(refreshAdmin, ADMIN_POLL_MS);
+      if (adminView.again) { adminView.again = false; refreshAdmin(); }
+    }
+  })();
+}
+
+// An operator's action: its refusal is shown (the API's message says what to do), and the view redrawn.
+async function act(path, method = 'POST', body = {}) {
+  try {
+    const init = method === 'DELETE' ? { method }
+      : { method, headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) };
+    const answer = await json(path, init);
+    $('#admin-error').textContent = '';
+    return answer;
+  } catch (error) {
+    $('#admin-error').textContent = error.message;
+    return null;
+  } finally {
+    refreshAdmin();
+  }
+}
+
+function button(text, onClick, label) {
+  const element = document.createElement('button');
+  Object.assign(element, { type: 'button', className: 'ghost', textContent: text });
+  if (label) element.setAttribute('aria-label', label);
+  element.addEventListener('click', onClick);
+  return element;
+}
+
+function renderControls(controls) {
+  const toggle = $('#queue-toggle');
+  $('#catalog-reload').hidden = !controls;
+  toggle.hidden = !controls;
+  if (!controls) {
+    $('#queue-state').textContent = 'Operator controls are not on this server';
+    return;
+  }
+  $('#queue-state').textContent = controls.paused ? 'Queue paused' : 'Queue running';
+  $('#queue-state').dataset.state = controls.paused ? 'paused' : 'running';
+  toggle.textContent = controls.paused ? 'Resume queue' : 'Pause queue';
+  toggle.dataset.paused = controls.paused ? 'true' : 'false';
+}
+
+$('#queue-toggle').addEventListener('click', (event) => {
+  act(event.target.dataset.paused === 'true' ? 'v1/admin/resume' : 'v1/admin/pause');
+});
+$('#catalog-reload').addEventListener('click', async () => {
+  const changes = await act('v1/admin/catalog/reload');
+  if (!changes) return;
+  const said = ['added', 'changed', 'removed'].filter((k) => changes[k] && changes[k].length)
+    .map((k) => `${k} ${changes[k].join(', ')}`);
+  $('#admin-live').textContent = `Catalog reloaded: ${said.join('; ') || 'nothing changed'}`;
+  models = new Map((await json('v1/models')).data.map((model) => [model.id, model]));
+});
+
+// The jobs on the runners, then the queue in the order it would start: each row kept across redraws
+// (a priority being chosen is not closed under the admin's hand).
+function renderQueue(views) {
+  const list = $('#admin-queue');
+  const live = views.filter((view) => !TERMINAL.has(view.state));
+  $('#queue-count').textContent = live.length ? `(${live.length})` : '';
+  const seen = new Set();
+  for (const view of live) {
+    const id = view.spec.id;
+    seen.add(id);
+    let li = adminView.rows.get(id);
+    if (!li) {
+      li = document.createElement('li');
+      li.dataset.job = id;
+      li.innerHTML = '<div class="text"><span class="prompt"></span><span class="meta"></span></div>' +
+                     '<div class="row-actions"></div>';
+      const priority = document.createElement('select');
+      priority.setAttribute('aria-label', `Priority of job ${id}`);
+      priority.append(...PRIORITIES.map((p) => new Option(p, p)));
+      priority.addEventListener('change', () => act(`v1/jobs/${id}/priority`, 'POST', { priority: priority.value }));
+      li.querySelector('.row-actions').append(priority,
+        button('To front', () => act(`v1/jobs/${id}/front`), `Move job ${id} to the front`),
+        button('Cancel', () => act(`v1/jobs/${id}`, 'DELETE'), `Cancel job ${id}`));
+      adminView.rows.set(id, li);
+    }
+    li.dataset.state = view.state;
+    li.querySelector('.prompt').textContent = view.spec.prompt;
+    const where = view.state === 'queued' ? (view.position != null ? `#${view.position + 1}` : 'queued')
+      : `${view.state}${view.runner ? ` on ${view.runner}` : ''}`;
+    li.querySelector('.meta').textContent = [id, view.spec.user, view.spec.model, where].join(' · ');
+    const priority = li.querySelector('select');
+    if (document.activeElement !== priority) priority.value = view.spec.priority;
+    priority.hidden = view.state !== 'queued';
+    li.querySelector('[aria-label^="Move job"]').hidden = view.state !== 'queued';
+    list.append(li);  // in the order given: a row that moved goes to its new place
+  }
+  for (const [id, li] of adminView.rows) {
+    if (!seen.has(id)) { li.remove(); adminView.rows.delete(id); }
+  }
+}
+
+// The runners by node, each node with its state and drain or resume (operator controls).
+function renderRunners(runners, controls) {
+  const nodes = new Map();
+  for (const runner of runners) {
+    const node = runner.capabilities.node || '-';
+    if (!nodes.has(node)) nodes.set(node, []);
+    nodes.get(node).push(runner);
+  }
+  const items = [];
+  for (const [node, members] of [...nodes].sort(([a], [b]) => a.localeCompare(b))) {
+    const head = document.createElement('li');
+    head.className = 'node';
+    head.dataset.node = node;
+    const state = controls && controls.nodes ? controls.nodes[node] || 'serving' : null;
+    const title = document.createElement('span');
+    title.className = 'prompt';
+    title.textContent = state ? `${node} · ${state}` : node;
+    head.append(title);
+    if (state && node !== '-') {
+      const draining = state !== 'serving';
+      head.append(button(draining ? 'Resume node' : 'Drain node',
+                         () => act(`v1/admin/nodes/${encodeURIComponent(node)}/${draining ? 'resume' : 'drain'}`),
+                         `${draining ? 'Resume' : 'Drain'} node ${node}`));
+    }
+    items.push(head);
+    for (const runner of members.sort((a, b) => a.name.localeCompare(b.name))) {
+      const caps = runner.capabilities;
+      const li = document.createElement('li');
+      li.className = 'runner';
+      li.dataset.runner = runner.name;
+      const busy = runner.job || (caps.active_jobs && caps.active_jobs[0]);
+      li.dataset.state = busy ? 'busy' : 'idle';
+      const resident = Object.entries(caps.resident || {}).map(([model, size]) => `${model} (${mib(size)})`);
+      // Budget and leased bytes, where the runner reports them (a VRAM lease makes the budget smaller).
+      // 0 (or absent): not reported.
+      const memory = [caps.budget_bytes && `budget ${mib(caps.budget_bytes)}`
+                        + (caps.full_budget_bytes > caps.budget_bytes ? ` of ${mib(caps.full_budget_bytes)}` : ''),
+                      caps.leased_bytes && `leased ${mib(caps.leased_bytes)}`].filter(Boolean);
+      li.innerHTML = '<div class="text"><span class="prompt"></span><span class="meta"></span></div>';
+      li.querySelector('.prompt').textContent =
+        `${runner.name} · ${caps.device_name || caps.device || '-'} · ${busy ? `running ${busy}` : 'idle'}`;
+      li.querySelector('.meta').textContent = [resident.join(', ') || 'nothing resident', ...memory].join(' · ');
+      items.push(li);
+    }
+  }
+  $('#admin-runners').replaceChildren(...items);
+}
+
+// The catalog's models, each with pause or resume (operator controls).
+function renderCatalog(controls) {
+  $('#admin-models-block').hidden = !controls;
+  if (!controls) return;
+  const paused = new Set(controls.paused_models || []);
+  $('#admin-models').replaceChildren(...[...models.keys()].map((name) => {
+    const li = document.createElement('li');
+    li.dataset.model = name;
+    li.dataset.state = paused.has(name) ? 'paused' : 'serving';
+    const text = document.createElement('span');
+    text.className = 'prompt';
+    text.textContent = paused.has(name) ? `${name} · paused` : name;
+    li.append(text, button(paused.has(name) ? 'Resume' : 'Pause',
+                           () => act(paused.has(name) ? 'v1/admin/resume' : 'v1/admin/pause', 'POST', { model: name }),
+                           `${paused.has(name) ? 'Resume' : 'Pause'} ${name}`));
+    return li;
+  }));
+}
+
+function renderLeases(answer) {
+  $('#admin-leases-block').hidden = !answer;
+  if (!answer) return;
+  const now = Date.now() / 1000;
+  // Those held or waiting, then the few that ended last (with why): the list does not grow for ever.
+  const ended = answer.leases.filter((lease) => lease.state === 'ended').slice(-LEASES_ENDED_SHOWN);
+  const shown = [...answer.leases.filter((lease) => lease.state !== 'ended'), ...ended.reverse()];
+  $('#admin-leases').replaceChildren(...shown.map((lease) => {
+    const li = document.createElement('li');
+    li.dataset.lease = lease.id;
+    li.dataset.state = lease.state;
+    li.innerHTML = '<div class="text"><span class="prompt"></span><span class="meta"></span></div>';
+    li.querySelector('.prompt').textContent =
+      `${lease.holder} · ${mib(lease.bytes)} on ${lease.node ? `${lease.node} ` : ''}${lease.device} · ${lease.state}`;
+    li.querySelector('.meta').textContent = [
+      lease.id, lease.urgent && 'urgent', lease.freed_bytes && `freed ${mib(lease.freed_bytes)}`,
+      lease.expires_at && lease.state !== 'ended' && `ends in ${seconds(lease.expires_at - now)}`,
+      lease.ended_reason].filter(Boolean).join(' · ');
+    if (lease.state !== 'ended') {
+      li.append(button('End lease', () => act(`v1/leases/${encodeURIComponent(lease.id)}`, 'DELETE'),
+                       `End lease ${lease.id}`));
+    }
+    return li;
+  }));
+}
+
+// GET /v1/events for as long as the admin view is on: each event is listed and redraws the view.
+async function followCluster() {
+  const abort = adminView.abort = new AbortController();
+  for (let attempt = 0; adminView.on && !abort.signal.aborted; attempt++) {
+    try {
+      const response = await api('v1/events', { signal: abort.signal });
+      if (!response.ok) throw await problem(response);
+      attempt = 0;
+      await readStream(response, (_, event) => onClusterEvent(event));
+    } catch (error) {
+      if (abort.signal.aborted || error.status === 403 || error.status === 404) return;
+    }
+    await sleep(Math.min(10000, 500 * 2 ** attempt));
+  }
+}
+
+function onClusterEvent(event) {
+  const li = document.createElement('li');
+  li.dataset.event = event.event;
+  const detail = Object.entries(event.detail || {}).map(([k, v]) => `${k}=${v}`).join(' ');
+  const when = new Date(event.at * 1000).toLocaleTimeString();
+  li.textContent = `${when} ${event.event.replaceAll('_', ' ')}${detail ? ` · ${detail}` : ''}`;
+  const list = $('#admin-events');
+  list.prepend(li);
+  while (list.children.length > ADMIN_EVENTS_KEPT) list.lastElementChild.remove();
+  $('#admin-live').textContent = `Last event: ${event.event.replaceAll('_', ' ')}`;
+  refreshAdmin();
+}
+
+document.addEventListener('visibilitychange', () => { if (!document.hidden) refreshAdmin(); });
+
 // -- the token button, the viewer, start ------------------------------------------ //
 
 $('#token-button').addEventListener('click', () => askToken('The token this server gave you, if it needs one.')
@@ -581,6 +868,7 @@ async function start() {
     await loadModels();
     await restore();
     showError(null);
+    await startAdmin();
   } catch (error) {
     showError(error);
   }

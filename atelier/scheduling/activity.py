@@ -1,0 +1,48 @@
+"""Whether the queue is busy (a job waits or runs) or idle, and when that changes.
+
+Another program on the box (a chat bot sharing the GPU) wants one word when atelier starts needing the
+device and one when it stops: not every job's transitions. ``QueueActivity`` turns the counts the
+scheduler sees after each round of effects into those two words, once per change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atelier.scheduling.state import State
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What the queue holds now: jobs waiting to start, and jobs on the runners."""
+
+    queued: int
+    running: int
+
+    @property
+    def busy(self) -> bool:
+        return self.queued > 0 or self.running > 0
+
+
+def activity(state: State) -> Activity:
+    """The queue's jobs now; cheap (the queue's length, and the few batches on the runners), since the
+    scheduler asks after every message. A job of a running batch counts until it ends, so a batch whose
+    last job was cancelled still holds the device until its runner says it stopped."""
+    running = sum(1 for batch in state.batches.values() for job_id in batch.jobs
+                  if (job := state.jobs.get(job_id)) is not None and job.live)
+    return Activity(queued=len(state.queue), running=running)
+
+
+class QueueActivity:
+    """Busy or idle, as last said. A restarted scheduler starts from what it restored (jobs queued again:
+    busy), so it says nothing new until the queue actually changes."""
+
+    def __init__(self, now: Activity):
+        self.busy = now.busy
+
+    def observe(self, now: Activity) -> bool | None:
+        """True where the queue just went busy, False where it just went idle, None where nothing changed."""
+        if now.busy == self.busy:
+            return None
+        self.busy = now.busy
+        return self.busy
