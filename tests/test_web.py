@@ -312,6 +312,8 @@ def test_each_model_gets_its_own_fields_and_its_output_plays(page, atelier, tmp_
     page.get_by_label("Prompt", exact=True).fill("a spinning top")
     set_parameters(page, frames=3, steps=2)
     page.get_by_role("button", name="Generate").click()
+    # The status still says "Done" of the sound until this job's first event: its own tile says it ended.
+    expect(page.locator('#gallery .tile[data-prompt="a spinning top"]')).to_have_count(1, timeout=JOB_MS)
     expect(page.locator("#status")).to_have_text("Done", timeout=JOB_MS)
     expect(page.locator("#video")).to_be_visible()
     expect(page.locator("#preview")).to_be_hidden()
@@ -328,6 +330,7 @@ def test_each_model_gets_its_own_fields_and_its_output_plays(page, atelier, tmp_
     page.get_by_label("Prompt", exact=True).fill("sharper")
     set_parameters(page, steps=2)
     page.get_by_role("button", name="Generate").click()
+    expect(page.locator('#gallery .tile[data-prompt="sharper"]')).to_have_count(1, timeout=JOB_MS)
     expect(page.locator("#status")).to_have_text("Done", timeout=JOB_MS)
     expect(page.locator("#video")).to_be_hidden()
     expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^blob:"))
