@@ -93,14 +93,19 @@ def encode(env: Envelope) -> list[Any]:
     return [MAGIC, head, *blobs]
 
 
-def read_head(frames: Sequence[Any]) -> tuple[Head, list]:
-    """Check the framing and unpack the head. Returns the head and the unvalidated body."""
+def _check_framing(frames: Sequence[Any]) -> None:
+    """The magic frame, a head, and no more blob frames than a message may carry."""
     if len(frames) < 2:
         raise DecodeError(f"expected at least 2 frames, got {len(frames)}")
     if len(frames) > 2 + MAX_FRAMES:
         raise DecodeError(f"too many frames: {len(frames)} (at most {2 + MAX_FRAMES})", too_large=True)
     if _bytes(frames[0]) != MAGIC:
         raise DecodeError("not an atelier frame (bad magic)")
+
+
+def read_head(frames: Sequence[Any]) -> tuple[Head, list]:
+    """Check the framing and unpack the head. Returns the head and the unvalidated body."""
+    _check_framing(frames)
     raw_head = frames[1]
     if len(_buffer(raw_head)) > MAX_HEAD_BYTES:
         raise DecodeError(f"head larger than {MAX_HEAD_BYTES} bytes", too_large=True)
@@ -140,12 +145,7 @@ def read_route(frames: Sequence[Any]) -> Head:
     Trust: the broker vouches for ``src`` (it is the sender's registered name) and, for topics, for the
     publisher's role; never for the body. A body that is not a valid message is refused by the receiver
     (``decode``), which answers the sender with the field that is wrong."""
-    if len(frames) < 2:
-        raise DecodeError(f"expected at least 2 frames, got {len(frames)}")
-    if len(frames) > 2 + MAX_FRAMES:
-        raise DecodeError(f"too many frames: {len(frames)} (at most {2 + MAX_FRAMES})", too_large=True)
-    if _bytes(frames[0]) != MAGIC:
-        raise DecodeError("not an atelier frame (bad magic)")
+    _check_framing(frames)
     raw_head = _buffer(frames[1])
     size = len(raw_head)
     if size > MAX_HEAD_BYTES:
