@@ -16,11 +16,9 @@ from actors.codec import DecodeError, Envelope
 from actors.messages import JobEvent, Progress, Submit
 from atelier.jobs import JobKind, JobRecord, JobSpec, JobState, TrainSpec
 from frontends.jobcache import JobCache
-from tests.conftest import Cluster, run
+from tests.conftest import run
 
 pytestmark = pytest.mark.timeout(180)
-
-TOKEN = "poll-token-0123456789abcdef"
 
 
 class Clock:
@@ -140,35 +138,26 @@ def test_the_routing_reader_refuses_what_the_full_reader_refuses_in_the_framing(
 # through the real gateway
 
 
-@pytest.fixture(scope="module")
-def web(atelier_home, tmp_path_factory):
-    config = tmp_path_factory.mktemp("poll") / "atelier.toml"
-    config.write_text(f'[[http.tokens]]\ntoken = "{TOKEN}"\nuser = "ana"\n')
-    cluster = Cluster(atelier_home, config).start()
-    yield cluster
-    cluster.stop()
-
-
 ORDER = ["queued", "assigned", "loading", "running", "done"]
 
 
-def test_polls_follow_the_job_and_end_on_the_schedulers_record(web):
+def test_polls_follow_the_job_and_end_on_the_schedulers_record(shared_cluster, compat_http):
     """Polled as a script would: the states only move forward, and once done every field is the scheduler's;
     a job the gateway never saw (submitted by another client) is answered with the scheduler's record too."""
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers, user, url = compat_http.auth("ana"), "compat-ana", compat_http.url
 
     async def go():
-        async with aiohttp.ClientSession() as http, web.client() as client:
+        async with aiohttp.ClientSession() as http, shared_cluster.client() as client:
             # The runner's first job waits for its worker's start-up imports: not what is polled here.
-            await client.generate(JobSpec(model="noop", prompt="warm up", steps=1, user="ana"), timeout=90)
+            await client.generate(JobSpec(model="noop", prompt="warm up", steps=1, user=user), timeout=90)
             body = {"model": "noop", "prompt": "polled", "steps": 3, "width": 64, "height": 64}
-            async with http.post(f"{web.http}/v1/jobs", json=body, headers=headers) as response:
+            async with http.post(f"{url}/v1/jobs", json=body, headers=headers) as response:
                 assert response.status == 202
                 job_id = (await response.json())["spec"]["id"]
             seen = []
             deadline = asyncio.get_running_loop().time() + 60
             while asyncio.get_running_loop().time() < deadline:
-                async with http.get(f"{web.http}/v1/jobs/{job_id}", headers=headers) as response:
+                async with http.get(f"{url}/v1/jobs/{job_id}", headers=headers) as response:
                     view = await response.json()
                 seen.append(view["state"])
                 if view["state"] == "done":
@@ -177,12 +166,12 @@ def test_polls_follow_the_job_and_end_on_the_schedulers_record(web):
             final = view
             again = []
             for _ in range(3):  # after the result: the same answer every time
-                async with http.get(f"{web.http}/v1/jobs/{job_id}", headers=headers) as response:
+                async with http.get(f"{url}/v1/jobs/{job_id}", headers=headers) as response:
                     again.append(await response.json())
             truth = await client.job(job_id)
-            other = JobSpec(model="noop", prompt="elsewhere", steps=1, user="ana")
+            other = JobSpec(model="noop", prompt="elsewhere", steps=1, user=user)
             result = await client.generate(other, timeout=60)
-            async with http.get(f"{web.http}/v1/jobs/{other.id}", headers=headers) as response:
+            async with http.get(f"{url}/v1/jobs/{other.id}", headers=headers) as response:
                 foreign = await response.json()
             return seen, final, again, truth, result.job, foreign
 
