@@ -202,7 +202,7 @@ LONGEST_FIRST = ("test_gpu_check.py", "test_gang.py", "test_training_system.py",
                  "test_leases_system.py", "test_hosts.py", "test_web.py", "test_security_http.py",
                  "test_security_wire.py", "test_journal.py", "test_lifecycle.py", "test_parallel.py",
                  "test_operator_system.py", "test_a1111.py", "test_fuzz_wire.py", "test_fuzz_http.py",
-                 "test_curve.py", "test_watchdog.py", "test_training.py", "test_video.py", "test_orchestration.py",
+                 "test_curve.py", "test_watchdog.py", "test_training.py", "test_video.py",
                  "test_admin_web.py", "test_events.py")
 
 
