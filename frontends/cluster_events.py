@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from actors.webhooks import body_of
 from frontends import api
-from frontends.httpbase import Caller, Problem, Surface, json_response
+from frontends.httpbase import Caller, Problem, Surface, admin_only, json_response
 
 log = logging.getLogger("atelier.http")
 
@@ -73,10 +73,7 @@ class EventsSurface(Surface):
         return json_response(Me(user=caller.user, admin=caller.admin))
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        caller: Caller = request["caller"]
-        if not caller.admin:
-            raise Problem(403, "forbidden", f"only an admin may read the cluster's events; your token acts for "
-                                            f"{caller.user}, a user")
+        caller = admin_only(request, "read the cluster's events")
         with self.gateway.hold(caller):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                    "X-Accel-Buffering": "no"})

@@ -39,14 +39,13 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from pydantic import TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
 from actors.keys import for_peer
 from actors.messages import ClusterStatus, JobEvent, JobResult, Preview, Progress
 from atelier.artifacts import S3Store, StoreError, media_type_for
 from atelier.config import Config, HttpConfig
-from atelier.jobs import ErrorCode, JobId, JobInputs, JobRecord, JobSpec, Priority
+from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec, Priority
 from atelier.runtime import READY_PREFIX, Failure, TaskSet, process_main, process_parser
 from frontends import api, metrics
 from frontends.a1111 import A1111Surface
@@ -59,6 +58,7 @@ from frontends.httpbase import (
     Problem,
     Surface,
     from_remote,
+    job_id_of,
     json_response,
     parse,
     query_flag,
@@ -84,7 +84,6 @@ IMAGE_BODY_BYTES = 64 << 20  # a body that carries input images in base64
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 ARTIFACT_NAME = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-(?P<index>\d{1,6})\.[a-z0-9]{1,8}$")
-JOB_IDS = TypeAdapter(JobId)
 
 
 class RateLimiter:
@@ -467,7 +466,7 @@ class HttpServer:
             raise Problem(422, "bad_request", "Idempotency-Key: 1 to 200 visible ASCII characters",
                           field="Idempotency-Key")
         record = await self.submit(spec, request["caller"], inputs, idempotency_key=key)
-        return json_response(self._view(record), status=202)
+        return json_response(self.view(record), status=202)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """The caller's jobs; an admin's ``?user=NAME``, someone else's, and ``?all=1``, the whole queue."""
@@ -481,7 +480,7 @@ class HttpServer:
         if not 0 < len(user) <= 128:
             raise Problem(422, "bad_request", "user: 1 to 128 characters", field="user")
         records = await (self._queue(limit) if everyone else self.client.jobs_of(user, limit=limit))
-        return web.json_response({"jobs": [json.loads(self._view(r).model_dump_json()) for r in records]})
+        return web.json_response({"jobs": [json.loads(self.view(r).model_dump_json()) for r in records]})
 
     async def _queue(self, limit: int) -> list[JobRecord]:
         """The jobs on the runners, then those queued in their order: the whole queue, as an admin sees it."""
@@ -496,11 +495,11 @@ class HttpServer:
         return [record for record in found if isinstance(record, JobRecord)]
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return json_response(self._view(await self._mine(request)))
+        return json_response(self.view(await self._mine(request)))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         record = await self._mine(request)
-        return json_response(self._view(await self.client.cancel(record.spec.id)))
+        return json_response(self.view(await self.client.cancel(record.spec.id)))
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``state``, ``progress``, ``preview`` (a data URL), then ``result``."""
@@ -538,7 +537,7 @@ class HttpServer:
             finally:
                 self.streams.unsubscribe(job_id, queue)
             record = await self.client.job(job_id)
-        await _sse(response, "result", json.loads(self._view(record).model_dump_json()))
+        await _sse(response, "result", json.loads(self.view(record).model_dump_json()))
 
     @contextmanager
     def _hold(self, caller: Caller) -> Iterator[None]:
@@ -725,13 +724,7 @@ class HttpServer:
         return result
 
     async def _mine(self, request: web.Request) -> JobRecord:
-        job_id = request.match_info["job_id"]
-        try:
-            JOB_IDS.validate_python(job_id)
-        except ValidationError:  # else building the GetJob message fails, and that was a 500
-            raise Problem(404, "unknown_job", f"no job {job_id!r}: a job id is 1 to 64 letters, digits, _ and -",
-                          field="job_id") from None
-        record = await self._record(job_id)
+        record = await self._record(job_id_of(request))
         caller: Caller = request["caller"]
         if not caller.admin and record.spec.user != caller.user:
             raise Problem(403, "forbidden", f"job {record.spec.id} is not {caller.user}'s")
@@ -751,7 +744,7 @@ class HttpServer:
             self.streams.records.learned(record, asked_at)
         return record
 
-    def _view(self, record: JobRecord) -> api.JobView:
+    def view(self, record: JobRecord) -> api.JobView:
         # Built, not validated again: the record is the scheduler's, validated in full when the client decoded
         # it, and dumping it to validate it anew was a tenth of a poll's CPU.
         return api.JobView.model_construct(**{name: getattr(record, name) for name in JobRecord.model_fields},

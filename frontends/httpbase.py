@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.actor import RemoteError
 from actors.messages import JobResult
 from atelier.config import Config
-from atelier.jobs import ErrorCode, JobInputs, JobRecord, JobSpec
+from atelier.jobs import ErrorCode, JobId, JobInputs, JobRecord, JobSpec
 from frontends import api
 
 if TYPE_CHECKING:
@@ -98,6 +98,9 @@ class Gateway(Protocol):
     def url(self, record: JobRecord, index: int) -> str:
         """Where output ``index`` of a job can be fetched (the native artifact route)."""
 
+    def view(self, record: JobRecord) -> api.JobView:
+        """The job as the native API shows it: its record and its outputs' URLs."""
+
     async def output_file(self, name: str, caller: Caller, *, owner: str | None = None) -> web.StreamResponse:
         """A job's output by its artifact name, to its user or an admin (the native artifact route's
         answer: 403 for another user's, 404 for one that is gone)."""
@@ -171,6 +174,27 @@ def query_flag(request: web.Request, name: str) -> bool:
     if value not in ("1", "true", "0", "false"):
         raise Problem(422, "bad_request", f"{name} must be true or false", field=name)
     return value in ("1", "true")
+
+
+def admin_only(request: web.Request, what: str) -> Caller:
+    """The caller, if an admin; else a 403 that says what only an admin may do."""
+    caller: Caller = request["caller"]
+    if not caller.admin:
+        raise Problem(403, "forbidden", f"only an admin may {what}; your token acts for {caller.user}, a user")
+    return caller
+
+
+_JOB_IDS = TypeAdapter(JobId)
+
+
+def job_id_of(request: web.Request) -> str:
+    """The route's ``{job_id}``; one no job can have is a 404 here (building a message of it would fail)."""
+    job_id = request.match_info["job_id"]
+    try:
+        return _JOB_IDS.validate_python(job_id)
+    except ValidationError:
+        raise Problem(404, "unknown_job", f"no job {job_id[:64]!r}: a job id is 1 to 64 letters, digits, _ and -",
+                      field="job_id") from None
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:

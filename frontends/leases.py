@@ -20,7 +20,7 @@ from actors.messages import MAX_LEASE_S, MAX_LEASE_WAIT_S
 from atelier.jobs import ErrorCode, Lease
 from atelier.vram import parse_size
 from frontends import api
-from frontends.httpbase import Problem, Surface, from_remote, json_response, parse, read_json
+from frontends.httpbase import Problem, Surface, admin_only, from_remote, json_response, parse, read_json
 
 LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -64,29 +64,22 @@ class LeaseSurface(Surface):
             problem.status
 
     async def listing(self, request: web.Request) -> web.Response:
-        self._admin(request)
+        admin_only(request, "lend GPU memory")
         return json_response(LeaseListing(leases=await self._ask("leases")))
 
     async def create(self, request: web.Request) -> web.Response:
-        caller = self._admin(request)
+        caller = admin_only(request, "lend GPU memory")
         body = parse(LeaseRequest, await read_json(request))
         lease = await self._ask("take_lease", body.device, body.bytes, body.for_s, node=body.node, urgent=body.urgent,
                                 holder=body.holder or caller.user, wait_s=body.wait_s)
         return json_response(lease, status=201)
 
     async def delete(self, request: web.Request) -> web.Response:
-        self._admin(request)
+        admin_only(request, "lend GPU memory")
         lease_id = request.match_info["lease_id"]
         if not LEASE_ID.fullmatch(lease_id):
             raise Problem(404, "not_found", f"no lease {lease_id[:64]!r}; GET /v1/leases lists them", field="id")
         return json_response(await self._ask("end_lease", lease_id))
-
-    @staticmethod
-    def _admin(request: web.Request) -> Any:
-        caller = request["caller"]
-        if not caller.admin:
-            raise Problem(403, "forbidden", f"only an admin may lend GPU memory; your token acts for {caller.user}")
-        return caller
 
     async def _ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -35,11 +35,10 @@ from actors.messages import (
     ResumeQueue,
     SetPriority,
 )
-from atelier.jobs import JobId, JobRecord, Name, Priority
+from atelier.jobs import Name, Priority
 from frontends import api
-from frontends.httpbase import Problem, Surface, from_remote, json_response, parse, read_json
+from frontends.httpbase import Problem, Surface, admin_only, from_remote, job_id_of, json_response, parse, read_json
 
-JOB_IDS = TypeAdapter(JobId)
 NODE_NAME = TypeAdapter(DrainNode.model_fields["node"].annotation)
 
 
@@ -87,47 +86,45 @@ class OperatorSurface(Surface):
             problem.status
 
     async def controls(self, request: web.Request) -> web.Response:
-        _admin(request, "see the operator's controls")
+        admin_only(request, "see the operator's controls")
         return _controls(await self._ask(GetControls()))
 
     async def pause(self, request: web.Request) -> web.Response:
-        _admin(request, "pause the queue")
+        admin_only(request, "pause the queue")
         choice = await _optional(request, ModelChoice)
         return _controls(await self._ask(PauseQueue(model=choice.model)))
 
     async def resume(self, request: web.Request) -> web.Response:
-        _admin(request, "resume the queue")
+        admin_only(request, "resume the queue")
         choice = await _optional(request, ModelChoice)
         return _controls(await self._ask(ResumeQueue(model=choice.model)))
 
     async def drain_node(self, request: web.Request) -> web.Response:
-        _admin(request, "drain a node")
+        admin_only(request, "drain a node")
         return _controls(await self._ask(DrainNode(node=_node(request))))
 
     async def resume_node(self, request: web.Request) -> web.Response:
-        _admin(request, "resume a node")
+        admin_only(request, "resume a node")
         return _controls(await self._ask(ResumeNode(node=_node(request))))
 
     async def front(self, request: web.Request) -> web.Response:
-        _admin(request, "move a job to the front")
-        return self._job(await self._ask(MoveToFront(job_id=_job_id(request))))
+        admin_only(request, "move a job to the front")
+        return self._job(await self._ask(MoveToFront(job_id=job_id_of(request))))
 
     async def priority(self, request: web.Request) -> web.Response:
-        _admin(request, "change a job's priority")
-        job_id = _job_id(request)
+        admin_only(request, "change a job's priority")
+        job_id = job_id_of(request)
         choice = parse(PriorityChoice, await read_json(request))
         return self._job(await self._ask(SetPriority(job_id=job_id, priority=choice.priority)))
 
     async def reload(self, request: web.Request) -> web.Response:
-        _admin(request, "reload the catalog")
+        admin_only(request, "reload the catalog")
         changes = await self._ask(ReloadCatalog(), timeout=30.0)  # the file is read and checked: a moment
         return json_response(CatalogChangesView(added=changes.added, changed=changes.changed,
                                                 removed=changes.removed))
 
     def _job(self, info) -> web.Response:
-        record: JobRecord = info.job
-        return json_response(api.JobView(**record.model_dump(),
-                                         urls=[self.gateway.url(record, i) for i in range(len(record.artifacts))]))
+        return json_response(self.gateway.view(info.job))
 
     async def _ask(self, msg, timeout: float = 10.0):
         try:
@@ -136,26 +133,11 @@ class OperatorSurface(Surface):
             raise from_remote(exc) from None
 
 
-def _admin(request: web.Request, what: str) -> None:
-    caller = request["caller"]
-    if not caller.admin:
-        raise Problem(403, "forbidden", f"only an admin may {what}; your token acts for {caller.user}, a user")
-
-
 async def _optional(request: web.Request, model: type[ModelChoice]) -> ModelChoice:
     """A body that may be left out (the whole queue)."""
     if not request.body_exists:
         return model()
     return parse(model, await read_json(request))
-
-
-def _job_id(request: web.Request) -> str:
-    job_id = request.match_info["job_id"]
-    try:
-        return JOB_IDS.validate_python(job_id)
-    except ValidationError:
-        raise Problem(404, "unknown_job", f"no job {job_id[:64]!r}: a job id is 1 to 64 letters, digits, _ and -",
-                      field="job_id") from None
 
 
 def _node(request: web.Request) -> str:
