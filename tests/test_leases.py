@@ -178,7 +178,7 @@ def test_a_lease_not_freed_in_its_wait_is_refused_and_its_runner_works_again(tmp
     policy.schedule(5.0)
     (refused,) = lease_effects(policy, NotGranted)
     assert refused.lease is lease and refused.code is ErrorCode.busy and "r1" in refused.message
-    assert not policy.leases.blocks(policy.state.runners["r1"])
+    assert "r1" not in policy.leases.blocked()
 
 
 def test_a_lease_on_a_device_covers_the_gang_that_spans_it(tmp_path):

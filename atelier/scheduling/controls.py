@@ -85,11 +85,9 @@ class Controls:
         """Whether any control holds a job back (else the plan need not ask about each job)."""
         return self.paused or bool(self.paused_models) or bool(self.draining) or bool(self.removed)
 
-    def usable(self, runners: Iterable[Runner]) -> list[Runner]:
-        """Of ``runners``, those that may take a batch: none while the queue is paused, none of a drained node."""
-        if self.paused:
-            return []
-        return [r for r in runners if r.node not in self.draining]
+    def allows(self, runner: Runner) -> bool:
+        """Whether the runner may take a batch: not while the queue is paused, nor on a drained node."""
+        return not self.paused and runner.node not in self.draining
 
     def held_models(self) -> frozenset[str]:
         """Models whose jobs may not start now."""
@@ -252,8 +250,10 @@ class Controls:
         for model in changed + removed:
             for runner in state.runners.values():  # their copies go once idle: plan as if gone already
                 runner.resident.pop(model, None)
-            for staged in state.staged.values():
+                state.touch(runner)
+            for node, staged in state.staged.items():
                 staged.pop(model, None)
+                state.restage(node)
         failed = []
         for entry in state.queue.order():
             job = state.jobs[entry.id]

@@ -14,6 +14,13 @@ quantum to tune.
 
 The queue is pure bookkeeping: no clock, no sockets. ``order`` says in what order the jobs
 would start if nothing else arrived, without changing anything; ``take`` is the start.
+
+It is built to stay cheap with a thousand users and a hundred thousand jobs: each class keeps a
+heap of its users by (virtual time, head's arrival), so finding who goes next, or where a
+returning user starts, never looks at every user. The heap is lazy: a user whose key changes
+gets a new entry and the old one is skipped when met (and dropped when the heap is rebuilt, once
+stale entries outnumber the live ones). ``order`` walks the heap without popping it, so the
+first ``limit`` jobs cost about ``limit`` heap steps, however many users wait.
 """
 
 from __future__ import annotations
@@ -39,12 +46,37 @@ class Entry:
 class _User:
     jobs: deque[Entry] = field(default_factory=deque)
     vtime: float = 0.0
+    key: tuple[float, int, str] | None = None  # its live entry in the class's heap; None: nothing queued
 
 
 @dataclass
 class _Class:
     users: dict[str, _User] = field(default_factory=dict)
     clock: float = 0.0  # the virtual time at which the last job of this class started
+    # (virtual time, head's seq, user) of every user with jobs queued, and stale entries: see the module's docstring.
+    heap: list[tuple[float, int, str]] = field(default_factory=list)
+
+    def rekey(self, name: str, user: _User) -> None:
+        """The user's jobs or virtual time changed: its heap entry follows."""
+        key = (user.vtime, user.jobs[0].seq, name) if user.jobs else None
+        if key != user.key:
+            user.key = key
+            if key is not None:
+                heapq.heappush(self.heap, key)
+                if len(self.heap) > 2 * len(self.users) + 64:
+                    self.heap = [u.key for u in self.users.values() if u.key is not None]
+                    heapq.heapify(self.heap)
+
+    def live(self, key: tuple[float, int, str]) -> bool:
+        user = self.users.get(key[2])
+        return user is not None and user.key == key
+
+    def least_vtime(self) -> float | None:
+        """The least virtual time of the users with jobs queued (stale entries at the top are dropped)."""
+        heap = self.heap
+        while heap and not self.live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
 
 class FairQueue:
@@ -78,12 +110,13 @@ class FairQueue:
             user = cls.users[self._user_of(entry)] = _User()
         if not user.jobs:
             # Back from having nothing queued: start where the others are, not where it left off.
-            backlogged = [u.vtime for u in cls.users.values() if u.jobs]
-            user.vtime = max(user.vtime, min(backlogged) if backlogged else cls.clock)
+            least = cls.least_vtime()
+            user.vtime = max(user.vtime, least if least is not None else cls.clock)
         if front:
             user.jobs.appendleft(entry)
         else:
             user.jobs.append(entry)
+        cls.rekey(self._user_of(entry), user)
         self._entries[entry.id] = entry
         self._per_user[entry.user] += 1
 
@@ -91,8 +124,11 @@ class FairQueue:
         """Takes a job out without starting it (cancelled, superseded): nobody is charged."""
         entry = self._entries.pop(job_id)
         cls = self._classes[self._class_of(entry)]
-        cls.users[self._user_of(entry)].jobs.remove(entry)
-        self._forget_idle(cls, self._user_of(entry))
+        name = self._user_of(entry)
+        user = cls.users[name]
+        user.jobs.remove(entry)
+        cls.rekey(name, user)
+        self._forget_idle(cls, name)
         self._per_user[entry.user] -= 1
         if not self._per_user[entry.user]:
             del self._per_user[entry.user]
@@ -104,7 +140,7 @@ class FairQueue:
         cls = self._classes[self._class_of(entry)]
         user = cls.users[self._user_of(entry)]
         cls.clock = max(cls.clock, user.vtime)
-        user.vtime += entry.cost
+        user.vtime += entry.cost  # remove() re-keys the user
         return self.remove(job_id)
 
     def refund(self, entry: Entry) -> None:
@@ -113,6 +149,7 @@ class FairQueue:
         if cls is not None and self._user_of(entry) in cls.users:
             user = cls.users[self._user_of(entry)]
             user.vtime = max(0.0, user.vtime - entry.cost)
+            cls.rekey(self._user_of(entry), user)
 
     def order(self, limit: int | None = None) -> list[Entry]:
         """The jobs in the order they would start if each started in turn, as ``take`` charges them."""
@@ -122,21 +159,30 @@ class FairQueue:
         emitted = 0
         for priority in sorted(self._classes):
             cls = self._classes[priority]
-            heap = []
-            for name, user in cls.users.items():
-                if user.jobs:
-                    heap.append((user.vtime, user.jobs[0].seq, name, 0))
-            heapq.heapify(heap)
-            while heap:
+            # The frontier of a walk down the class's heap (node ``at``: its children come next) and of each
+            # user's later jobs (``at`` < 0: the user's job -at): (vtime, seq, user, at).
+            tree, met = cls.heap, set()
+            frontier = [(*tree[0], 0)] if tree else []
+            while frontier:
                 if limit is not None and emitted >= limit:
                     return
-                vtime, _, name, index = heapq.heappop(heap)
+                vtime, seq, name, at = heapq.heappop(frontier)
+                if at >= 0:
+                    for child in (2 * at + 1, 2 * at + 2):
+                        if child < len(tree):
+                            heapq.heappush(frontier, (*tree[child], child))
+                    if name in met or not cls.live(tree[at]):
+                        continue  # stale, or a second entry of the same key
+                    met.add(name)
+                    index = 0
+                else:
+                    index = -at
                 jobs = cls.users[name].jobs
                 entry = jobs[index]
                 yield entry
                 emitted += 1
                 if index + 1 < len(jobs):
-                    heapq.heappush(heap, (vtime + entry.cost, jobs[index + 1].seq, name, index + 1))
+                    heapq.heappush(frontier, (vtime + entry.cost, jobs[index + 1].seq, name, -(index + 1)))
 
     # The FIFO baseline is one class and one "user": arrival order and nothing else.
 

@@ -104,6 +104,7 @@ class Leases:
         self.ended: deque[LeaseEntry] = deque(maxlen=KEEP_ENDED)
         self.effects: list[LeaseEffect] = []
         self._refused: dict[str, set[str]] = {}  # runner -> models it handed back for want of memory
+        self._limited: set[str] = set()  # runners given a ``cannot_hold`` by ``_fit_models``
 
     def drain(self) -> list[LeaseEffect]:
         effects, self.effects = self.effects, []
@@ -121,9 +122,9 @@ class Leases:
                 f"no lease {lease_id!r} (never taken, or ended long ago); `atelier status` lists them"))
         return lease
 
-    def blocks(self, runner: Runner) -> bool:
-        """Whether a pending lease keeps the runner from taking a new batch."""
-        return any(lease.state == "pending" and runner.name in lease.runners for lease in self.active.values())
+    def blocked(self) -> set[str]:
+        """The runners a pending lease keeps from taking a new batch."""
+        return {name for lease in self.active.values() if lease.state == "pending" for name in lease.runners}
 
     @property
     def wake_at(self) -> float | None:
@@ -223,18 +224,24 @@ class Leases:
     def _fit_models(self) -> None:
         """Which models each runner cannot hold in its budget now: those known to be bigger, and those it
         handed back for want of memory, until its budget is whole again."""
+        # Only runners whose budget is short (``State.short``) hold anything back: a fleet at its full budgets
+        # costs nothing here.
+        for name in [n for n in self._limited if n not in self.state.short]:
+            self._limited.discard(name)
+            self._refused.pop(name, None)
+            if name in self.state.runners:
+                self.state.runners[name].cannot_hold = set()
+        if not self.state.short:
+            return
         sizes: dict[str, int] = {}
         for report in [*(r.resident for r in self.state.runners.values()), *self.state.staged.values()]:
             for model, size in report.items():
                 sizes[model] = max(size, sizes.get(model, 0))
-        for runner in self.state.runners.values():
-            caps = runner.capabilities
-            if not caps.full_budget_bytes or caps.budget_bytes >= caps.full_budget_bytes:
-                self._refused.pop(runner.name, None)
-                runner.cannot_hold = set()
-                continue
-            runner.cannot_hold = {m for m, size in sizes.items() if size > caps.budget_bytes} | \
-                self._refused.get(runner.name, set())
+        for name in self.state.short:
+            runner = self.state.runners[name]
+            runner.cannot_hold = {m for m, size in sizes.items() if size > runner.capabilities.budget_bytes} | \
+                self._refused.get(name, set())
+            self._limited.add(name)
 
     # -- what runners say ----------------------------------------------------- #
 
@@ -244,14 +251,14 @@ class Leases:
         lease = self.active.get(lease_id)
         r = self.state.runners.get(runner)
         if r is not None and r.batch is None and resident is not None:
-            r.resident = dict(resident)
+            self.state.set_resident(r, resident)
         if lease is None or lease.state == "ended":  # it ended while the runner took it: give it back
             self.effects.append(AskReclaim(runner, lease_id))
             return
         if r is not None:
             caps = r.capabilities
-            r.capabilities = caps.model_copy(update={"budget_bytes": budget,
-                                                     "leased_bytes": caps.leased_bytes + lease.bytes})
+            self.state.set_capabilities(r, caps.model_copy(update={"budget_bytes": budget,
+                                                                   "leased_bytes": caps.leased_bytes + lease.bytes}))
         lease.asked.discard(runner)
         lease.taken[runner] = freed
         if lease.state == "pending":
@@ -290,9 +297,9 @@ class Leases:
         if runner is None:
             return
         if runner.batch is None and resident is not None:
-            runner.resident = dict(resident)
-        runner.capabilities = runner.capabilities.model_copy(update={
-            "budget_bytes": budget, "leased_bytes": leased, "full_budget_bytes": full, "leases": list(leases)})
+            self.state.set_resident(runner, resident)
+        self.state.set_capabilities(runner, runner.capabilities.model_copy(update={
+            "budget_bytes": budget, "leased_bytes": leased, "full_budget_bytes": full, "leases": list(leases)}))
         self._refused.pop(name, None)  # what did not fit may now: the next refusal says again
         held = {lease.id for lease in leases}
         for lease in list(self.active.values()):
@@ -325,10 +332,10 @@ class Leases:
             runner = self.state.runners.get(name)
             if runner is not None and name in lease.taken:
                 caps = runner.capabilities
-                runner.capabilities = caps.model_copy(update={
+                self.state.set_capabilities(runner, caps.model_copy(update={
                     "budget_bytes": min(caps.full_budget_bytes or caps.budget_bytes + lease.bytes,
                                         caps.budget_bytes + lease.bytes),
-                    "leased_bytes": max(0, caps.leased_bytes - lease.bytes)})
+                    "leased_bytes": max(0, caps.leased_bytes - lease.bytes)}))
         self.active.pop(lease.id, None)
         self.ended.appendleft(lease)
         if announce and was_granted:

@@ -42,6 +42,7 @@ expected to end, and what to preload; the policy carries it out. The rules it ap
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import Counter, defaultdict
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 from atelier.config import Config
 from atelier.registry import FAMILY_LIMITS
 from atelier.scheduling.estimates import Estimates
-from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State
+from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State, staying
 
 # One message carries at most this many blob frames and this big a head (actors/codec.py's
 # MAX_FRAMES and MAX_HEAD_BYTES; a test checks they agree): a batch must fit both in its RunBatch
@@ -63,6 +64,10 @@ MAX_HEAD_BYTES = (1 << 20) // 2
 # of the singles (one job per single a round): past a few rounds the answer no longer changes (the
 # gang is then worth it only if it is as efficient per device as they are), and a plan's cost stays bounded.
 GANG_ROUNDS = 4
+# Of runners free at the same moment in one of the index's lists (those past their batch's expected end are
+# all "free now"), this many are weighed: they finish the job alike, and the tie-break among more of them
+# (fewest models held, the name) is not worth weighing hundreds.
+TIES_WEIGHED = 8
 
 
 @dataclass(frozen=True)
@@ -95,33 +100,188 @@ class Plan:
     free_at: dict[str, float]  # by runner: when it is expected to be free, once the window has run
 
 
-def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner], now: float, *,
-         held: frozenset[str] = frozenset()) -> Plan:
-    """Plans the first ``plan_window`` queued jobs on the ``usable`` runners; jobs of the ``held`` models
-    (paused by an operator) start nowhere."""
+class _Board:
+    """One plan's view of the runners, made as the plan first looks at each (with a thousand runners a
+    plan looks at few): when each is free, the models sure to be on it, whether it may take work, and
+    the plain runners the plan has given a batch, listed as the index lists them (index.py)."""
+
+    def __init__(self, state: State, usable: Callable[[Runner], bool], now: float):
+        self.state, self.now, self._usable = state, now, usable
+        self.free_at: dict[str, float] = {}
+        self.holds: dict[str, set[str]] = {}
+        self.usable_: dict[str, bool] = {}
+        self.moved: set[str] = set()  # plain runners given a batch in this plan: the index's entry is stale
+        self.moved_by_kind: dict[object, list[tuple[float, str]]] = {}
+        self.moved_holders: dict[tuple[object, str], list[tuple[float, str]]] = {}
+        self.moved_staged: dict[tuple[object, str], list[tuple[float, str]]] = {}
+        self.moved_cold: dict[tuple[object, str], list[tuple[float, str]]] = {}
+        self._staged_of: dict[str, set[str]] = {}  # by moved runner: the models it is listed in moved_staged for
+        self._cold_of: dict[str, set[str]] = {}  # and in moved_cold for
+        self._cold_models: set[str] = set()  # the models moved_cold is kept for (those the plan asked for)
+        self.skip_from: dict[int, int] = {}  # by index list: the start past its moved runners
+
+    def free(self, r: Runner) -> float:
+        at = self.free_at.get(r.name)
+        if at is None:
+            # Free once it and every runner sharing a device with it (usable or not) are.
+            at = self.free_at[r.name] = max([self.now, *(_busy_until(x) for x in (r, *self.state.sharing(r))
+                                                         if x.batch is not None)])
+        return at
+
+    def held(self, r: Runner) -> set[str]:
+        held = self.holds.get(r.name)
+        if held is None:
+            held = self.holds[r.name] = staying(r)
+        return held
+
+    def usable(self, r: Runner) -> bool:
+        ok = self.usable_.get(r.name)
+        if ok is None:
+            ok = self.usable_[r.name] = self._usable(r)
+        return ok
+
+    def assign(self, r: Runner, model: str, finish: float) -> None:
+        """The plan gives the runner a batch of ``model`` ending at ``finish``."""
+        self.free(r)
+        held = self.held(r)
+        if r.name in self.state.index.special:
+            self.free_at[r.name] = finish
+            held.add(model)
+            return
+        kind = r.kind
+        old = (self.free_at[r.name], r.name)
+        if r.name in self.moved:
+            _unlist(self.moved_by_kind[kind], old)
+            for m in held:
+                _unlist(self.moved_holders[(kind, m)], old)
+            for m in self._staged_of[r.name]:
+                _unlist(self.moved_staged[(kind, m)], old)
+            for m in self._cold_of[r.name]:
+                _unlist(self.moved_cold[(kind, m)], old)
+        self.moved.add(r.name)
+        self.free_at[r.name] = finish
+        held.add(model)
+        new = (finish, r.name)
+        bisect.insort(self.moved_by_kind.setdefault(kind, []), new)
+        for m in held:
+            bisect.insort(self.moved_holders.setdefault((kind, m), []), new)
+        on_node = self.state.staged_on(r.node)
+        staged = self._staged_of[r.name] = on_node - held
+        for m in staged:
+            bisect.insort(self.moved_staged.setdefault((kind, m), []), new)
+        cold = self._cold_of[r.name] = self._cold_models - held - on_node
+        for m in cold:
+            bisect.insort(self.moved_cold.setdefault((kind, m), []), new)
+
+    def moved_cold_of(self, kind: object, model: str) -> list[tuple[float, str]]:
+        """The moved runners of the kind that neither hold the model nor have it staged, free first."""
+        if model not in self._cold_models:
+            self._cold_models.add(model)
+            for name in self.moved:
+                r = self.state.runners[name]
+                if model not in self.held(r) and model not in self.state.staged_on(r.node):
+                    self._cold_of[name].add(model)
+                    bisect.insort(self.moved_cold.setdefault((r.kind, model), []), (self.free_at[name], name))
+        return self.moved_cold.get((kind, model), [])
+
+    def in_order(self, listed: list[tuple[float, str]], moved: list[tuple[float, str]]):
+        """The runners of an index list and of the plan's moved ones, free first: (free at, name)."""
+        runners, now, skip = self.state.runners, self.now, self.moved
+        start = self.skip_from.get(id(listed), 0)
+        while start < len(listed) and listed[start][1] in skip:
+            start += 1  # moved runners stay moved for the rest of the plan
+        self.skip_from[id(listed)] = start
+        i, j = start, 0
+        while i < len(listed) or j < len(moved):
+            if j >= len(moved) or (i < len(listed) and max(now, listed[i][0]) <= moved[j][0]):
+                busy, name = listed[i]
+                i += 1
+                if name in skip:
+                    continue
+                yield max(now, busy), runners[name]
+            else:
+                yield moved[j][0], runners[moved[j][1]]
+                j += 1
+
+
+def _unlist(entries: list[tuple[float, str]], key: tuple[float, str]) -> None:
+    del entries[bisect.bisect_left(entries, key)]
+
+
+def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[Runner], bool], now: float, *,
+         held: frozenset[str] = frozenset(), full: bool = True, exhaustive: bool = False) -> Plan:
+    """Plans the first ``plan_window`` queued jobs on the runners ``usable`` says may take work; jobs of the
+    ``held`` models (paused by an operator) start nowhere. ``full=False`` stops once every idle runner has
+    its batch (what is to start now is then known; the places and preloads of the rest wait for a full
+    plan). ``exhaustive``: weigh every runner for every job instead of the index's few (the tests' check
+    that both choose alike)."""
     settings = config.scheduler
     fair = settings.policy == "fair"
     order = [state.jobs[e.id] for e in state.queue.order(settings.plan_window)]
-    free_at: dict[str, float] = {}
-    holds: dict[str, set[str]] = {}
-    sharing = {r.name: state.sharing(r) for r in usable}
-    for r in usable:
-        # Free once it and every runner sharing a device with it (usable or not) are.
-        free_at[r.name] = max([now, *(_busy_until(x) for x in (r, *sharing[r.name]) if x.batch is not None)])
-        holds[r.name] = _staying(r)
-    idle = {r.name for r in usable if r.batch is None and all(x.batch is None for x in sharing[r.name])}
-    proxies = {r.name: _proxy(r, sharing[r.name]) for r in usable}
+    board = _Board(state, usable, now)
+    idle = {name for name in state.idle if board.usable(state.runners[name])}
+    if not full and not idle:
+        return Plan([], [], {}, None, [], 0, {})
+    free_at = board.free_at
     runs: dict[tuple, float] = {}  # the gang choice's estimates, once per plan
     able_for: dict[str, list[Runner]] = {}
+    specials_for: dict[str, list[Runner]] = {}
+    kinds_for: dict[str, list] = {}
+
+    def takes(r: Runner, model: str) -> bool:
+        return r.takes(config.models[model]) and model not in r.cannot_hold and board.usable(r)
 
     def able_of(model: str) -> list[Runner]:
-        """The usable runners that take the model's batches (once per plan)."""
+        """Every usable runner that takes the model's batches (once per plan; the gang choice and ``exhaustive``)."""
         able = able_for.get(model)
         if able is None:
-            entry = config.models[model]
-            able = able_for[model] = [] if model in held else [r for r in usable if r.takes(entry)
-                                                               and model not in r.cannot_hold]
+            able = able_for[model] = [] if model in held else [r for r in state.runners.values() if takes(r, model)]
         return able
+
+    def candidates(job: Job) -> list[tuple[tuple, Runner]]:
+        """The runners among which the job's best one is sure to be (index.py), each usable and taking it,
+        with its placement key."""
+        model = job.spec.model
+        if model in held:
+            return []
+        if exhaustive:
+            return [(_placement(job, r, board, state, estimates, fair, now), r) for r in able_of(model)]
+        specials = specials_for.get(model)
+        if specials is None:
+            specials = specials_for[model] = [r for name in sorted(state.index.special)
+                                              if takes(r := state.runners[name], model)]
+        kinds = kinds_for.get(model)
+        if kinds is None:
+            family = config.models[model].family
+            kinds = kinds_for[model] = [k for k in state.index.kinds if not k[2] or family in k[2]]
+        found = [(_placement(job, r, board, state, estimates, fair, now), r) for r in specials]
+        spec = job.spec
+        staged_load, disk_load = estimates.load_s(model, "staged"), estimates.load_s(model, "disk")
+        best: tuple | None = None  # of the plain runners so far: a gang passed over falls back to them
+        for kind in kinds:
+            run = estimates.run_s(model, kind[0], width=spec.width, height=spec.height, images=spec.count,
+                                  steps=spec.work_steps)
+            at_kind = (kind, model)
+            # Each list's runners cost the same but for when they are free (index.py): its first usable one
+            # and those tied with it are all that can be best.
+            for listed, moved, load in (
+                    (state.index.holders.get(at_kind, ()), board.moved_holders.get(at_kind, ()), 0.0),
+                    (state.index.staged.get(at_kind, ()), board.moved_staged.get(at_kind, ()), staged_load),
+                    (state.index.cold_of(kind, model), board.moved_cold_of(kind, model), disk_load)):
+                first, weighed = None, 0
+                for at, r in board.in_order(listed, moved):
+                    if first is not None and (at > first or weighed >= TIES_WEIGHED):
+                        break
+                    if best is not None and (round(at + load + run, 6) if fair else at) > best[0]:
+                        break  # nothing further on can finish first (nor tie)
+                    if model in r.cannot_hold or not board.usable(r):
+                        continue
+                    key = _placement(job, r, board, state, estimates, fair, now)
+                    if best is None or key < best:
+                        best = key
+                    found.append((key, r))
+                    first, weighed = at, weighed + 1
+        return found
 
     limit_per_user = settings.max_running_per_user
     running = _running_by_user(state) if limit_per_user else Counter()
@@ -135,34 +295,35 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
     wake_at: float | None = None
     position = 0
     for index, job in enumerate(order):
+        if not full and not idle:
+            break  # every idle runner has its batch: the rest can start nowhere now
         if job.id in taken:
             continue
         spec = job.spec
-        able = able_of(spec.model)
-        if not able or (limit_per_user is not None and running[spec.user] >= limit_per_user):
+        found = candidates(job)
+        if not found or (limit_per_user is not None and running[spec.user] >= limit_per_user):
             # Nowhere to run, or its owner has all the jobs running they may: it waits, and
             # holds no runner in the plan; the next event that changes that replans it.
             places.append(Place(job, position, None))
             position += 1
             continue
-        candidates = list(able)
         while True:
-            runner = min(candidates, key=lambda r: _placement(job, r, free_at, holds, state, estimates, proxies,
-                                                                fair, now))
-            if runner.gang == 1 or len(candidates) == 1 or _gang_pays(
-                    job, runner, order, index + 1, taken, sharing[runner.name], free_at, holds, proxies, runs,
-                    able_of, state, config, estimates):
+            pick = min(found, key=lambda kr: kr[0])
+            runner = pick[1]
+            if runner.gang == 1 or len(found) == 1 or _gang_pays(
+                    job, runner, order, index + 1, taken, state.sharing(runner), board, runs, able_of, state,
+                    config, estimates):
                 break
-            candidates.remove(runner)  # the work waiting for its devices is done sooner one job per device
+            found.remove(pick)  # the work waiting for its devices is done sooner one job per device
         immediate = runner.name in idle
         peers = compatible[job.key] if fair else order[index:]
         members = _fill(job, runner, peers, taken, running if immediate else None, config, estimates)
         taken.update(m.id for m in members)
         images = sum(m.spec.count for m in members)
-        load = _load_s(spec.model, runner, holds[runner.name], state, estimates)
-        finish = free_at[runner.name] + load + run_s(estimates, spec.model, runner, proxies[runner.name],
-                                                     width=spec.width, height=spec.height, images=images,
-                                                     steps=spec.work_steps)
+        load = _load_s(spec.model, runner, board.held(runner), state, estimates)
+        finish = board.free(runner) + load + run_s(estimates, spec.model, runner, _proxy(runner, state.sharing(runner)),
+                                                   width=spec.width, height=spec.height, images=images,
+                                                   steps=spec.work_steps)
         until = _waits_until(members, images, runner, config, estimates, now) if immediate else None
         if until is not None:
             # Waiting for company: the runner stays free for other work meanwhile.
@@ -180,14 +341,12 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
             for member in members:
                 places.append(Place(member, position, finish))
                 position += 1
-            if spec.model not in holds[runner.name] and runner.node is not None:
+            if spec.model not in board.held(runner) and runner.node is not None:
                 wanted[runner.node].append(spec.model)
-        free_at[runner.name] = finish
-        holds[runner.name].add(spec.model)
-        for other in sharing[runner.name]:
+        board.assign(runner, spec.model, finish)
+        for other in state.sharing(runner):
             # Its devices are taken until the batch ends: those sharing them wait as long.
-            if other.name in free_at:
-                free_at[other.name] = max(free_at[other.name], finish)
+            free_at[other.name] = max(board.free(other), finish)
             idle.discard(other.name)
     preloads = _preloads(state, wanted) if settings.preload else {}
     return Plan(starts, places, preloads, wake_at, order, position, free_at)
@@ -195,11 +354,13 @@ def plan(state: State, config: Config, estimates: Estimates, usable: list[Runner
 
 def place_rest(state: State, estimates: Estimates, planned: Plan, usable: list[Runner]) -> list[Place]:
     """Jobs past the plan window, once its starts have left the queue: their place in line, and an
-    ETA from the mean rate of the runners."""
+    ETA from the mean rate of the runners (``usable``: those that may take work, none empty)."""
     if len(state.queue) <= len(planned.planned):
         return []
     seen = {j.id for j in planned.planned}
-    start = max(planned.free_at.values())
+    # When the window has run: the last of the runners to be free, as the plan left them.
+    start = max(planned.free_at.get(r.name, _busy_until(r) if r.batch is not None else 0.0) for r in usable)
+    start = max(start, *planned.free_at.values())
     # A gang's devices are the singles' too: the singles alone say how many batches run at once.
     spread = [r for r in usable if r.gang == 1] or usable
     runner = spread[0]
@@ -239,26 +400,26 @@ def run_s(estimates: Estimates, model: str, runner: Runner, proxy: str | None, *
     return estimates.run_s(model, runner.device_name, width=width, height=height, images=images, steps=steps)
 
 
-def _placement(job: Job, runner: Runner, free_at: dict[str, float], holds: dict[str, set[str]], state: State,
-               estimates: Estimates, proxies: dict[str, str | None], fair: bool, now: float) -> tuple:
+def _placement(job: Job, runner: Runner, board: _Board, state: State, estimates: Estimates, fair: bool,
+               now: float) -> tuple:
     """Sort key of a runner for a job: the runner free first (FIFO), or where it finishes first (fair)."""
     spec = job.spec
-    has_model = spec.model in holds[runner.name]
+    proxy = _proxy(runner, state.sharing(runner)) if runner.gang > 1 else None
+    held, free = board.held(runner), board.free(runner)
+    has_model = spec.model in held
     if not fair:
-        return (free_at[runner.name], not has_model, -runner.gang, runner.name)
-    finish = free_at[runner.name] + _load_s(spec.model, runner, holds[runner.name], state, estimates) + run_s(
-        estimates, spec.model, runner, proxies[runner.name], width=spec.width, height=spec.height,
+        return (free, not has_model, -runner.gang, runner.name)
+    finish = free + _load_s(spec.model, runner, held, state, estimates) + run_s(
+        estimates, spec.model, runner, proxy, width=spec.width, height=spec.height,
         images=spec.count, steps=spec.work_steps)
     # Ties: the runner that has the model, then an idle one, then a gang over a single (nothing measured
     # yet says which is faster; the gang's devices are the singles' too), then the one holding fewest
     # models (loading there evicts least, and models spread over the devices).
-    return (round(finish, 6), not has_model, free_at[runner.name] > now, -runner.gang, len(holds[runner.name]),
-            runner.name)
+    return (round(finish, 6), not has_model, free > now, -runner.gang, len(held), runner.name)
 
 
 def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[str], sharing: list[Runner],
-               free_at: dict[str, float], holds: dict[str, set[str]], proxies: dict[str, str | None],
-               runs: dict[tuple, float], able_of: Callable[[str], list[Runner]], state: State,
+               board: _Board, runs: dict[tuple, float], able_of: Callable[[str], list[Runner]], state: State,
                config: Config, estimates: Estimates) -> bool:
     """Whether ``job`` is to take the gang (the rule in the module's docstring): the work waiting for
     the gang's devices (the job and the unplanned jobs from ``order[after]`` on that the gang takes, in
@@ -283,17 +444,18 @@ def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[
         key = (spec.model, spec.width, spec.height, spec.count, spec.steps, runner.name)
         run = runs.get(key)
         if run is None:
-            run = runs[key] = run_s(estimates, spec.model, runner, proxies[runner.name], width=spec.width,
+            run = runs[key] = run_s(estimates, spec.model, runner, _proxy(runner, state.sharing(runner)),
+                                    width=spec.width,
                                     height=spec.height, images=spec.count, steps=spec.work_steps)
         seconds = _load_s(spec.model, runner, held, state, estimates) + run
         held.add(spec.model)
         return seconds
 
-    on_gang, held = free_at[gang.name], set(holds[gang.name])
+    on_gang, held = board.free(gang), set(board.held(gang))
     for q in waiting:
         on_gang += cost(q, gang, held)
     # Each job to the single free first: a list schedule, as the plan would place them.
-    free = [(free_at[r.name], i, set(holds[r.name])) for i, r in enumerate(singles)]
+    free = [(board.free(r), i, set(board.held(r))) for i, r in enumerate(singles)]
     heapq.heapify(free)
     on_singles = 0.0
     for q in waiting:
@@ -404,14 +566,6 @@ def _preloads(state: State, wanted: dict[str, list[str]]) -> dict[str, tuple[str
         if fresh:
             preloads[node] = tuple(fresh)
     return preloads
-
-
-def _staying(runner: Runner) -> set[str]:
-    """Models sure to be on the runner when it is next free. A busy runner loading another
-    model may evict what it holds; the one it runs now stays."""
-    if runner.batch is None or runner.batch.model in runner.resident:
-        return set(runner.resident)
-    return {runner.batch.model}
 
 
 def _load_s(model: str, runner: Runner, held: set[str], state: State, estimates: Estimates) -> float:

@@ -126,6 +126,7 @@ class Policy:
         self._new_id = new_id
         self._rng = rng or random.Random()
         self.leases = Leases(self.state, new_id)  # VRAM leases: their runners take no batch until granted
+        self._costed_at, self._cost_device = -1, {}  # _cost's device by family, as of State.joined
 
     def drain(self) -> list[Effect]:
         effects, self.state.effects = self.state.effects, []
@@ -346,10 +347,12 @@ class Policy:
     def loader_state(self, node: str, staged: dict[str, int]) -> None:
         self.state.staged[node] = dict(staged)
         self.state.asked.pop(node, None)
+        self.state.restage(node)
 
     def loader_down(self, node: str) -> None:
         self.state.staged.pop(node, None)
         self.state.asked.pop(node, None)
+        self.state.restage(node)
 
     # -- batches ---------------------------------------------------------------- #
 
@@ -372,6 +375,8 @@ class Policy:
         if job_state is JobState.running and run_s is not None:
             # The load is behind it: when the runner is free again is now the run alone.
             batch.started, batch.expected_s = now, run_s
+            if r is not None:
+                self.state.touch(r)
 
     def batch_done(self, runner: str, batch_id: str, outcomes: Iterable[JobDone | JobFailed],
                    resident: dict[str, int], timing: RunTiming, now: float, *, refused: bool = False,
@@ -418,15 +423,21 @@ class Policy:
         self.wake_at = None
         self.leases.update(now)
         self.controls.explain(state, self.config, self._fresh, now)
-        usable = self.controls.usable(r for r in state.runners.values()
-                                      if not r.draining and now >= r.unreachable_until and not self.leases.blocks(r))
-        if state.queue and usable:
-            if not whole_queue and now < self._next_plan and all(state.occupied(r) for r in usable):
-                self.wake_at = self._next_plan  # nothing can start now: plan (and announce) a little later
+        usable = self._usable(now)
+        if state.queue and any(usable(r) for r in state.runners.values()):
+            due = whole_queue or now >= self._next_plan
+            if due or state.idle:
+                # Due: the whole window is placed (ETAs, preloads) and new jobs are announced with their place.
+                # Otherwise, within REPLAN_BUSY_S of the last such plan, only what starts now is decided (the
+                # plan stops once each idle runner has its batch): so a burst of events costs little each.
+                self._carry_out(planner.plan(state, self.config, self.estimates, usable, now, full=due,
+                                             held=self.controls.held_models()), usable, whole_queue, now)
+                self._make_way(usable)
+            if not due:
+                self._fresh = [job for job in self._fresh if job.state is JobState.queued]
+                if self._fresh:  # placed and announced by the plan that is due then
+                    self.wake_at = min(self.wake_at or self._next_plan, self._next_plan)
                 return
-            self._carry_out(planner.plan(state, self.config, self.estimates, usable, now,
-                                         held=self.controls.held_models()), usable, whole_queue, now)
-            self._make_way(usable)
             self._next_plan = now + REPLAN_BUSY_S
         elif state.queue:
             for entry in state.queue.order(self.settings.plan_window):
@@ -436,6 +447,14 @@ class Policy:
                 job.announced_position = job.position
                 state.effects.append(Announce(job))
         self._fresh.clear()
+
+    def _usable(self, now: float) -> Callable[[Runner], bool]:
+        """Whether a runner may take a batch now: not shutting down nor unreachable, held by no pending lease,
+        and allowed by the operator's controls."""
+        blocked = self.leases.blocked()
+        controls = self.controls
+        return lambda r: (not r.draining and now >= r.unreachable_until and r.name not in blocked
+                          and controls.allows(r))
 
     def refresh(self, now: float) -> None:
         """Replans as time passes and publishes the new position of queued jobs that moved."""
@@ -450,7 +469,7 @@ class Policy:
                 self.state.effects.append(Announce(job))
                 moved += 1
 
-    def _carry_out(self, plan: planner.Plan, usable: list[Runner], whole_queue: bool, now: float) -> None:
+    def _carry_out(self, plan: planner.Plan, usable: Callable[[Runner], bool], whole_queue: bool, now: float) -> None:
         for place in plan.places:
             place.job.position, place.job.finish_at = place.position, place.finish_at
         for start in plan.starts:
@@ -458,16 +477,20 @@ class Policy:
         self.wake_at = plan.wake_at
         if whole_queue:
             # Placed once the starts have left the queue: the order of the rest depends on them.
-            for place in planner.place_rest(self.state, self.estimates, plan, usable):
+            runners = [r for r in self.state.runners.values() if usable(r)]
+            for place in planner.place_rest(self.state, self.estimates, plan, runners):
                 place.job.position, place.job.finish_at = place.position, place.finish_at
         for node, models in plan.preloads.items():
             self.state.asked.setdefault(node, set()).update(models)
+            self.state.restage(node)
             self.state.effects.append(PreloadModels(node, models))
 
-    def _make_way(self, usable: list[Runner]) -> None:
+    def _make_way(self, usable: Callable[[Runner], bool]) -> None:
         """Trainings yield: each live or interactive job left waiting by the plan asks one runner that is
         training (and could run it) to checkpoint at its next step and make way. The training is queued
         again at batch priority, so the waiting job takes the device, and the training resumes after it."""
+        if not self.state.training:
+            return
         batch_class = PRIORITY_CLASS[Priority.batch]
         held = self.controls.held_models()
         waiting = [job for entry in self.state.queue.order(self.settings.plan_window)
@@ -475,7 +498,9 @@ class Policy:
         if not waiting:
             return
         training = {}  # runner name -> its training job
-        for runner in usable:
+        for runner in (self.state.runners[name] for name in sorted(self.state.training)):
+            if not usable(runner):
+                continue
             job = self.state.jobs.get(runner.batch.jobs[0]) if runner.batch and runner.batch.jobs else None
             if job is not None and job.live and job.spec.kind is JobKind.train:
                 training[runner.name] = (runner, job)
@@ -496,7 +521,7 @@ class Policy:
         batch = Batch(self._new_id(), runner.name, start.jobs[0].spec.model, [j.id for j in start.jobs], start.images,
                       started=now, expected_s=start.finish - now)
         state.batches[batch.id] = batch
-        runner.batch = batch
+        state.set_batch(runner, batch)
         items = []
         for job in start.jobs:
             state.queue.take(job.id)
@@ -530,9 +555,15 @@ class Policy:
         if entry is None:  # an ended job of a model since removed: it will never be charged
             return 0.0
         family = entry.family
-        # A single device's time: a gang's would charge a job less for taking more devices.
-        runner = min((r for r in self.state.runners.values() if r.accepts(family)), key=lambda r: r.gang, default=None)
-        return self.estimates.run_s(spec.model, runner.device_name if runner else "", width=spec.width,
+        if self._costed_at != self.state.joined:
+            self._costed_at, self._cost_device = self.state.joined, {}
+        device = self._cost_device.get(family)
+        if device is None:
+            # A single device's time: a gang's would charge a job less for taking more devices.
+            runner = min((r for r in self.state.runners.values() if r.accepts(family)), key=lambda r: r.gang,
+                         default=None)
+            device = self._cost_device[family] = runner.device_name if runner else ""
+        return self.estimates.run_s(spec.model, device, width=spec.width,
                                     height=spec.height, images=spec.count, steps=spec.work_steps)
 
     def _check_input_budget(self, user: str, size: int, now: float) -> None:

@@ -35,7 +35,7 @@ def runner_up(state: State, name: str, caps: Capabilities, now: float, new_id: C
         _reconcile(state, known, caps, now, new_id)
         return
     runner = Runner(name, caps, dict(caps.resident))
-    state.runners[name] = runner
+    state.add_runner(runner)
     if caps.active_jobs:
         reclaim(state, runner, caps.active_batch or new_id(), caps.active_jobs, now)
 
@@ -50,7 +50,7 @@ def runner_state(state: State, name: str, caps: Capabilities, asked_during: str 
 
 
 def runner_down(state: State, name: str, reason: str, now: float) -> None:
-    runner = state.runners.pop(name, None)
+    runner = state.remove_runner(name)
     if runner is None or runner.batch is None:
         return
     batch = state.batches.pop(runner.batch.id, None)
@@ -67,7 +67,7 @@ def dispatch_refused(state: State, runner: str, batch_id: str, reason: str, now:
     batch = state.batches.pop(batch_id, None)
     r = state.runners.get(runner)
     if r is not None and r.batch is not None and r.batch.id == batch_id:
-        r.batch = None
+        state.set_batch(r, None)
     if unreachable and r is not None:
         r.unreachable_until = now + UNREACHABLE_PAUSE_S
     _give_back(state, batch, runner, f"the batch could not be sent to {runner}: {reason}", now,
@@ -98,9 +98,9 @@ def batch_done(state: State, runner: str, batch_id: str, outcomes: Iterable[JobD
     r = state.runners.get(runner)
     batch = state.batches.pop(batch_id, None)
     if r is not None:
-        r.resident = dict(resident)
         if r.batch is not None and r.batch.id == batch_id:
             r.batch = None
+        state.set_resident(r, resident)
     done: list[tuple[Job, JobDone]] = []
     reported = set()
     for outcome in outcomes:
@@ -146,16 +146,16 @@ def reclaim(state: State, runner: Runner, batch_id: str, job_ids: list[str], now
     batch = Batch(batch_id, runner.name, mine[0].spec.model if mine else "", [j.id for j in mine],
                   sum(j.spec.count for j in mine), now, 0.0)
     state.batches[batch_id] = batch
-    runner.batch = batch
     for job in mine:
         if job.state is JobState.queued:
             state.queue.take(job.id)
         state.set_running(job, runner.name, batch_id, JobState.running)
         state.effects.append(Announce(job))
+    state.set_batch(runner, batch)
 
 
 def _reconcile(state: State, runner: Runner, caps: Capabilities, now: float, new_id: Callable[[], str]) -> None:
-    runner.capabilities = caps
+    state.set_capabilities(runner, caps)
     if runner.batch is not None and runner.batch.id != caps.active_batch:
         _lost_batch(state, runner, caps, now)
     elif runner.batch is None and caps.active_jobs:
@@ -167,7 +167,7 @@ def _lost_batch(state: State, runner: Runner, caps: Capabilities, now: float) ->
     died, or the batch ended and its report is still on its way (a done outcome is then taken
     by ``_adopt``). Its jobs go back to the queue, no attempt counted: none was started here."""
     batch = state.batches.pop(runner.batch.id, None) if runner.batch else None
-    runner.batch = None
+    state.set_batch(runner, None)
     for job_id in batch.jobs if batch else ():
         job = state.job_on(job_id, runner.name)
         if job is None:

@@ -19,6 +19,7 @@ from atelier.config import ModelEntry, SchedulerConfig
 from atelier.jobs import (
     Capabilities,
     JobInputs,
+    JobKind,
     JobRecord,
     JobSpec,
     JobState,
@@ -28,6 +29,7 @@ from atelier.jobs import (
     SchedulerStats,
 )
 from atelier.scheduling.fairqueue import Entry, FairQueue
+from atelier.scheduling.index import IDLE, Kind, RunnerIndex
 
 PRIORITY_CLASS = {Priority.live: 0, Priority.interactive: 1, Priority.batch: 2}
 # What may differ between the jobs of one pipeline call: everything per image or about the job.
@@ -181,6 +183,11 @@ class Runner:
             return True
         return entry.parallel is not None and entry.parallel.size == self.gang
 
+    @property
+    def kind(self) -> Kind:
+        """What makes it interchangeable with others for the planner (index.py)."""
+        return (self.device_name, self.on_gpu, tuple(sorted(self.capabilities.families)))
+
     def shares_device(self, other: Runner) -> bool:
         """Whether the two are different runners of one node over at least one same device (a gang
         and a single on one of its devices, two gangs that overlap): they never run at once."""
@@ -289,6 +296,14 @@ class Counters:
 # --------------------------------------------------------------------------- #
 
 
+def staying(runner: Runner) -> set[str]:
+    """Models sure to be on the runner when it is next free. A busy runner loading another
+    model may evict what it holds; the one it runs now stays."""
+    if runner.batch is None or runner.batch.model in runner.resident:
+        return set(runner.resident)
+    return {runner.batch.model}
+
+
 class State:
     """The jobs, the runners, their batches and what each node's loader has staged, with the
     transitions a job goes through whichever rule moves it."""
@@ -307,16 +322,129 @@ class State:
         self.effects: list[Effect] = []
         self.counters = Counters()
         self.finished: deque[str] = deque()  # ended jobs still held, oldest first
+        # Kept by ``touch``, so that a plan looks only at the runners that can matter (index.py):
+        self.index = RunnerIndex()
+        self.idle: set[str] = set()  # runners that could take a batch now: none of theirs or of those sharing a device
+        self.training: set[str] = set()  # runners whose batch is a training
+        self._sharing: dict[str, list[Runner]] = {}  # by runner: ``sharing``, until a runner joins or leaves
+        self.short: set[str] = set()  # runners whose device budget is below their full one (leases.py)
+        self.joined = 0  # counts runners joining, leaving and changing what they are: a cache of them asks it
+
+    # -- runners: every change to one goes through here, so the index and idle set follow ------------- #
+
+    def add_runner(self, runner: Runner) -> None:
+        self.joined += 1
+        self.runners[runner.name] = runner
+        self._regroup(runner.node)
+        self.set_capabilities(runner, runner.capabilities)
+
+    def remove_runner(self, name: str) -> Runner | None:
+        runner = self.runners.pop(name, None)
+        if runner is not None:
+            self.joined += 1
+            self.index.drop(name)
+            self.idle.discard(name)
+            self.training.discard(name)
+            self.short.discard(name)
+            self._regroup(runner.node)
+        return runner
+
+    def set_batch(self, runner: Runner, batch: Batch | None) -> None:
+        runner.batch = batch
+        self.touch(runner)
+
+    def set_resident(self, runner: Runner, resident: dict[str, int]) -> None:
+        runner.resident = dict(resident)
+        self.touch(runner)
+
+    def set_capabilities(self, runner: Runner, caps: Capabilities) -> None:
+        devices, kind = runner.devices, runner.kind
+        runner.capabilities = caps
+        if runner.kind != kind:
+            self.joined += 1
+        if caps.full_budget_bytes and caps.budget_bytes < caps.full_budget_bytes:
+            self.short.add(runner.name)
+        else:
+            self.short.discard(runner.name)
+        if runner.devices != devices:
+            self._regroup(runner.node)
+        self.touch(runner)
+
+    def restage(self, node: str) -> None:
+        """What the node's loader has staged, or was asked to stage, changed."""
+        for r in self.runners.values():
+            if r.node == node:
+                self._place(r)
+
+    def staged_on(self, node: str | None) -> set[str]:
+        """The models a runner of the node would load from its loader's memory (staged or being staged)."""
+        if node is None:
+            return set()
+        return set(self.staged.get(node, ())) | self.asked.get(node, set())
+
+    def touch(self, runner: Runner) -> None:
+        """Its batch, models or capabilities changed (or a batch's expected end): the index and the idle set
+        follow, for it and for the runners sharing a device with it."""
+        if runner.name not in self.runners:
+            return
+        for r in (runner, *self.sharing(runner)):
+            self._place(r)
+
+    def _place(self, r: Runner) -> None:
+        if r.batch is None and not any(o.batch is not None for o in self.sharing(r)):
+            self.idle.add(r.name)
+        else:
+            self.idle.discard(r.name)
+        first = self.jobs.get(r.batch.jobs[0]) if r.batch is not None and r.batch.jobs else None
+        if first is not None and first.spec.kind is JobKind.train:
+            self.training.add(r.name)
+        else:
+            self.training.discard(r.name)
+        if r.gang > 1 or self.sharing(r):
+            self.index.put_special(r.name)
+        else:
+            busy = IDLE if r.batch is None else r.batch.started + r.batch.expected_s
+            self.index.put(r.name, r.kind, busy, staying(r), self.staged_on(r.node))
+
+    def _regroup(self, node: str | None) -> None:
+        """A runner of ``node`` joined, left or changed devices: who shares a device with whom is asked again."""
+        for name in [n for n, r in self.runners.items() if r.node == node] + [n for n in self._sharing
+                                                                              if n not in self.runners]:
+            self._sharing.pop(name, None)
+        for r in self.runners.values():
+            if r.node == node:
+                self._place(r)
 
     def sharing(self, runner: Runner) -> list[Runner]:
         """The other runners of its node that share a device with it (``Runner.shares_device``)."""
         if not runner.devices:
             return []
-        return [other for other in self.runners.values() if runner.shares_device(other)]
+        known = self._sharing.get(runner.name)
+        if known is None:
+            known = self._sharing[runner.name] = [other for other in self.runners.values()
+                                                  if runner.shares_device(other)]
+        return known
 
     def occupied(self, runner: Runner) -> bool:
         """Busy, or one that shares a device with it is: it may take a batch only when neither holds one."""
-        return runner.batch is not None or any(other.batch is not None for other in self.sharing(runner))
+        return runner.name not in self.idle
+
+    def check_index(self) -> list[str]:
+        """Where the index or the idle set disagree with the runners (for the tests): empty when they agree."""
+        wrong = []
+        for r in self.runners.values():
+            idle = r.batch is None and not any(o.batch is not None for o in self.sharing(r))
+            if idle != (r.name in self.idle):
+                wrong.append(f"{r.name}: idle is {r.name in self.idle}, should be {idle}")
+            if r.gang > 1 or self.sharing(r):
+                if r.name not in self.index.special:
+                    wrong.append(f"{r.name}: not special")
+                continue
+            busy = IDLE if r.batch is None else r.batch.started + r.batch.expected_s
+            held = frozenset(staying(r))
+            if self.index.listed(r.name) != (r.kind, (busy, r.name), held, frozenset(self.staged_on(r.node)) - held):
+                wrong.append(f"{r.name}: listed {self.index.listed(r.name)}, is {(r.kind, busy, staying(r))}")
+        return wrong
 
     def job_on(self, job_id: str, runner: str) -> Job | None:
         """The job, if ``runner`` is (still) the one running it; late words from an old runner are ignored."""

@@ -1,0 +1,174 @@
+"""The structures that keep the policy cheap at fleet scale choose exactly what the plain rules choose.
+
+The fair queue's lazy heaps give the order a from-scratch reading of its rules gives; the planner's
+runner index (atelier/scheduling/index.py) places every job where weighing every runner places it;
+and the index and idle set follow every change to the runners. Each checked over many seeded,
+random sequences of the events a fleet sends (bench/fleet_pure.py measures what they save).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+
+from atelier.config import Config
+from atelier.jobs import Capabilities, JobDone, JobFailed, JobSpec, Priority, RunTiming
+from atelier.scheduling import planner
+from atelier.scheduling.fairqueue import Entry, FairQueue
+from atelier.scheduling.policy import Dispatch, Policy
+
+MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd2", "noop")
+
+
+class NaiveFairQueue:
+    """The fair queue's rules read literally: every decision looks at every user."""
+
+    def __init__(self):
+        self.users: dict[tuple[int, str], deque[Entry]] = {}
+        self.vtime: dict[tuple[int, str], float] = {}
+        self.clock: dict[int, float] = {}
+
+    def push(self, e: Entry, front: bool = False) -> None:
+        key = (e.priority, e.user)
+        jobs = self.users.setdefault(key, deque())
+        if not jobs:
+            waiting = [self.vtime[k] for k, q in self.users.items() if q and k[0] == e.priority]
+            least = min(waiting) if waiting else self.clock.get(e.priority, 0.0)
+            self.vtime[key] = max(self.vtime.get(key, 0.0), least)
+        jobs.appendleft(e) if front else jobs.append(e)
+
+    def remove(self, e: Entry) -> None:
+        key = (e.priority, e.user)
+        self.users[key].remove(e)
+        if not self.users[key] and self.vtime[key] <= self.clock.get(e.priority, 0.0):
+            del self.users[key], self.vtime[key]
+
+    def take(self, e: Entry) -> None:
+        key = (e.priority, e.user)
+        self.clock[e.priority] = max(self.clock.get(e.priority, 0.0), self.vtime[key])
+        self.vtime[key] += e.cost
+        self.remove(e)
+
+    def refund(self, e: Entry) -> None:
+        key = (e.priority, e.user)
+        if key in self.vtime:
+            self.vtime[key] = max(0.0, self.vtime[key] - e.cost)
+
+    def order(self) -> list[str]:
+        vtime = dict(self.vtime)
+        at = {k: 0 for k in self.users}
+        out = []
+        for priority in sorted({k[0] for k in self.users}):
+            while True:
+                ready = [(vtime[k], q[at[k]].seq, k) for k, q in self.users.items()
+                         if k[0] == priority and at[k] < len(q)]
+                if not ready:
+                    break
+                _, _, k = min(ready)
+                e = self.users[k][at[k]]
+                out.append(e.id)
+                vtime[k] += e.cost
+                at[k] += 1
+        return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_fair_queues_heaps_give_the_order_its_rules_give(seed):
+    rng = random.Random(seed)
+    fast, naive = FairQueue(), NaiveFairQueue()
+    queued: list[Entry] = []
+    seq = 0
+    for _ in range(400):
+        action = rng.random()
+        if action < 0.5 or not queued:
+            seq += 1
+            e = Entry(f"j{seq}", f"u{rng.randrange(6)}", rng.choice([0, 1, 1, 2]), rng.choice([0.5, 1.0, 3.0]), seq)
+            front = rng.random() < 0.1
+            fast.push(e, front=front)
+            naive.push(e, front)
+            queued.append(e)
+        elif action < 0.8:
+            e = queued.pop(rng.randrange(len(queued)))
+            fast.take(e.id)
+            naive.take(e)
+            if rng.random() < 0.2:  # run and handed back: requeued at the front, refunded
+                fast.refund(e)
+                naive.refund(e)
+                fast.push(e, front=True)
+                naive.push(e, True)
+                queued.append(e)
+        else:
+            e = queued.pop(rng.randrange(len(queued)))
+            fast.remove(e.id)
+            naive.remove(e)
+        assert [e.id for e in fast.order()] == naive.order()
+        assert [e.id for e in fast.order(5)] == naive.order()[:5]
+
+
+def _fleet(tmp_path, rng: random.Random, policy: str) -> Policy:
+    config = Config.model_validate({"home": str(tmp_path), "scheduler": {"policy": policy, "plan_window": 24}})
+    p = Policy(config, new_id=iter(f"b{i}" for i in range(10**6)).__next__, rng=random.Random(1))
+    for model in MODELS:
+        for name in ("H100", "A10"):
+            p.estimates.observe_step(model, name, 64 * 64, 1, rng.uniform(0.01, 0.1))
+        p.estimates.observe_load(model, "disk", rng.uniform(1, 5))
+        p.estimates.observe_load(model, "staged", rng.uniform(0.1, 1))
+    for i in range(10):  # two device kinds over three nodes
+        node = f"n{i % 3}"
+        p.runner_up(f"r{i}", Capabilities(pid=i + 1, node=node, device=f"cuda:{i}", devices=[f"cuda:{i}"],
+                                          device_name="H100" if i % 2 else "A10",
+                                          resident={m: 1 for m in rng.sample(MODELS, rng.randrange(3))}), 0.0)
+    p.loader_state("n0", {"tiny-sdxl": 1})
+    return p
+
+
+@pytest.mark.parametrize("policy", ["fair", "fifo"])
+@pytest.mark.parametrize("seed", range(12))
+def test_the_runner_index_places_every_job_where_weighing_every_runner_does(tmp_path, seed, policy):
+    rng = random.Random(seed)
+    p = _fleet(tmp_path, rng, policy)
+    running: dict[str, Dispatch] = {}
+    now = 0.0
+    for step in range(120):
+        now += rng.uniform(0, 0.4)
+        roll = rng.random()
+        if roll < 0.45:
+            p.submit(JobSpec(model=rng.choice(MODELS), prompt=f"p{step}", user=f"u{rng.randrange(5)}", width=64,
+                             height=64, steps=4, count=rng.choice([1, 1, 2]),
+                             priority=rng.choice(list(Priority))), "c", now)
+        elif roll < 0.8 and running:
+            d = running.pop(rng.choice(sorted(running)))
+            failed = rng.random() < 0.1
+            outcomes = [JobFailed(job_id=s.id, reason="oom", retryable=True) if failed
+                        else JobDone(job_id=s.id, outputs=[], elapsed_s=1.0) for s, *_ in d.items]
+            resident = {d.batch.model: 1, **({rng.choice(MODELS): 1} if rng.random() < 0.3 else {})}
+            for job, _ in p.batch_done(d.batch.runner, d.batch.id, outcomes, resident,
+                                       RunTiming(images=d.batch.images, steps=4), now):
+                p.complete(job, [], (), now)
+        elif roll < 0.85:
+            name = f"r{rng.randrange(10)}"
+            if p.has_runner(name):
+                running.pop(name, None)
+                p.runner_down(name, "gone", now)
+            else:
+                i = int(name[1:])
+                p.runner_up(name, Capabilities(pid=100 + step, node=f"n{i % 3}", device=f"cuda:{i}",
+                                               devices=[f"cuda:{i}"], device_name="H100"), now)
+        elif roll < 0.9:
+            p.loader_state(f"n{rng.randrange(3)}", {m: 1 for m in rng.sample(MODELS, 2)})
+        assert p.state.check_index() == []
+        usable = p._usable(now)
+        fast = planner.plan(p.state, p.config, p.estimates, usable, now)
+        slow = planner.plan(p.state, p.config, p.estimates, usable, now, exhaustive=True)
+        assert [(s.runner.name, [j.id for j in s.jobs], s.finish) for s in fast.starts] == \
+            [(s.runner.name, [j.id for j in s.jobs], s.finish) for s in slow.starts]
+        assert [(pl.job.id, pl.position, pl.finish_at) for pl in fast.places] == \
+            [(pl.job.id, pl.position, pl.finish_at) for pl in slow.places]
+        assert fast.preloads == slow.preloads
+        p.schedule(now)
+        for effect in p.drain():
+            if isinstance(effect, Dispatch):
+                running[effect.batch.runner] = effect
+        assert p.state.check_index() == []
