@@ -79,6 +79,7 @@ ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a ref
 # enough, and a burst of submits then costs one plan, not one each.
 REPLAN_BUSY_S = 0.05
 MIB = 1 << 20
+PLACED_PER_S = 10_000  # queued jobs placed a second, at most, by refresh (past the window; see refresh)
 
 
 def _cannot_run(spec: JobSpec, inputs: JobInputs | None, config: Config, loras: LoraBook) -> str | None:
@@ -122,6 +123,7 @@ class Policy:
         self._fresh: list[Job] = []  # submitted, not yet announced
         self._held: set[str] = set()  # submitted with hold: not queued until admitted
         self._next_plan = float("-inf")  # while all runners are busy, no new plan before this
+        self._next_whole = float("-inf")  # no placing of the whole queue (refresh) before this
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
@@ -457,8 +459,15 @@ class Policy:
                           and controls.allows(r))
 
     def refresh(self, now: float) -> None:
-        """Replans as time passes and publishes the new position of queued jobs that moved."""
-        self.schedule(now, whole_queue=True)
+        """Replans as time passes and publishes the new position of queued jobs that moved. The jobs past
+        the plan window are placed at most ``PLACED_PER_S`` a second: with a hundred thousand queued, every
+        ten seconds (placing them all takes most of a second of CPU), with a few thousand, every second."""
+        whole = now >= self._next_whole
+        if whole:
+            self._next_whole = now + len(self.state.queue) / PLACED_PER_S
+        self.schedule(now, whole_queue=whole)
+        if not whole:
+            return
         moved = 0
         for entry in self.state.queue.order():
             job = self.state.jobs[entry.id]
