@@ -124,6 +124,8 @@ class Policy:
         self._held: set[str] = set()  # submitted with hold: not queued until admitted
         self._next_plan = float("-inf")  # while all runners are busy, no new plan before this
         self._next_whole = float("-inf")  # no placing of the whole queue (refresh) before this
+        self._idle_left: set[str] = set()  # the runners the last plan left idle
+        self._queue_left = False  # and whether it left jobs queued
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
@@ -428,13 +430,14 @@ class Policy:
         usable = self._usable(now)
         if state.queue and any(usable(r) for r in state.runners.values()):
             due = whole_queue or now >= self._next_plan
-            if due or state.idle:
+            if due or (state.idle and not self._idle_in_vain()):
                 # Due: the whole window is placed (ETAs, preloads) and new jobs are announced with their place.
                 # Otherwise, within REPLAN_BUSY_S of the last such plan, only what starts now is decided (the
                 # plan stops once each idle runner has its batch): so a burst of events costs little each.
                 self._carry_out(planner.plan(state, self.config, self.estimates, usable, now, full=due,
                                              held=self.controls.held_models()), usable, whole_queue, now)
                 self._make_way(usable)
+                self._idle_left, self._queue_left = set(state.idle), bool(state.queue)
             if not due:
                 self._fresh = [job for job in self._fresh if job.state is JobState.queued]
                 if self._fresh:  # placed and announced by the plan that is due then
@@ -449,6 +452,13 @@ class Policy:
                 job.announced_position = job.position
                 state.effects.append(Announce(job))
         self._fresh.clear()
+
+    def _idle_in_vain(self) -> bool:
+        """Whether a plan now would most likely leave the idle runners idle as the last one did: that plan
+        left jobs queued and these runners idle (their work lay past the plan window, or nowhere), and no
+        runner has become idle since. Only submits came since, then: they wait for the plan that is due next
+        (within REPLAN_BUSY_S) rather than each paying a plan, in a fleet bigger than the window."""
+        return self._queue_left and self.state.idle <= self._idle_left
 
     def _usable(self, now: float) -> Callable[[Runner], bool]:
         """Whether a runner may take a batch now: not shutting down nor unreachable, held by no pending lease,
