@@ -531,3 +531,25 @@ def test_a_record_is_a_snapshot_that_later_transitions_leave_alone(tmp_path):
     assert before.state is JobState.queued and queued.record(0.5).state is JobState.assigned
     with pytest.raises(ValidationError):
         before.state = JobState.done  # wire records are frozen
+
+
+def test_an_idle_runner_takes_the_next_job_rather_than_leave_it_to_a_busy_one_past_its_estimate(tmp_path):
+    # A busy runner whose batch overran its estimate looks free now to the plan, like an idle one. On a tie
+    # the idle one must win: else, once the overrunning runners outnumber the plan window's batches of its
+    # model (1,000 runners, a window of 256 jobs), every one of them was placed on a runner still busy,
+    # and the idle one (later in name order) got nothing until the queue ran dry. A window of one job
+    # here stands for that.
+    for policy_name in ("fair", "fifo"):
+        policy = make_policy(tmp_path, policy=policy_name, max_batch=1, plan_window=1)
+        policy.runner_up("r1", gpu("r1", resident={"tiny-sd": 1}), 0.0)
+        policy.runner_up("r2", gpu("r2", resident={"tiny-sd": 1}), 0.0)
+        for i in range(6):
+            policy.submit(job(prompt=f"p{i}", seed=i), "c", 0.0)
+        policy.schedule(0.0)
+        policy.schedule(0.0)  # the window takes one job a plan
+        started = {d.batch.runner: d for d in dispatches(policy)}
+        assert set(started) == {"r1", "r2"}
+        finish(policy, started["r2"], 100.0, step_s=0.01)  # r1's batch runs far past what was expected of it
+        policy.schedule(100.0)
+        (next_batch,) = dispatches(policy)
+        assert next_batch.batch.runner == "r2", policy_name

@@ -245,7 +245,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
         if model in held:
             return []
         if exhaustive:
-            return [(_placement(job, r, board, state, estimates, fair, now), r) for r in able_of(model)]
+            return [(_placement(job, r, board, state, estimates, fair, now, idle), r) for r in able_of(model)]
         specials = specials_for.get(model)
         if specials is None:
             specials = specials_for[model] = [r for name in sorted(state.index.special)
@@ -254,7 +254,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
         if kinds is None:
             family = config.models[model].family
             kinds = kinds_for[model] = [k for k in state.index.kinds if not k[2] or family in k[2]]
-        found = [(_placement(job, r, board, state, estimates, fair, now), r) for r in specials]
+        found = [(_placement(job, r, board, state, estimates, fair, now, idle), r) for r in specials]
         spec = job.spec
         staged_load, disk_load = estimates.load_s(model, "staged"), estimates.load_s(model, "disk")
         best: tuple | None = None  # of the plain runners so far: a gang passed over falls back to them
@@ -276,7 +276,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
                         break  # nothing further on can finish first (nor tie)
                     if model in r.cannot_hold or not board.usable(r):
                         continue
-                    key = _placement(job, r, board, state, estimates, fair, now)
+                    key = _placement(job, r, board, state, estimates, fair, now, idle)
                     if best is None or key < best:
                         best = key
                     found.append((key, r))
@@ -401,21 +401,24 @@ def run_s(estimates: Estimates, model: str, runner: Runner, proxy: str | None, *
 
 
 def _placement(job: Job, runner: Runner, board: _Board, state: State, estimates: Estimates, fair: bool,
-               now: float) -> tuple:
-    """Sort key of a runner for a job: the runner free first (FIFO), or where it finishes first (fair)."""
+               now: float, idle: set[str]) -> tuple:
+    """Sort key of a runner for a job: the runner free first (FIFO), or where it finishes first (fair).
+    A busy runner past its batch's expected end counts as free now, like an idle one: on a tie the idle one
+    wins, or a deep queue's jobs all wait for overrunning runners while it stays idle."""
     spec = job.spec
     proxy = _proxy(runner, state.sharing(runner)) if runner.gang > 1 else None
     held, free = board.held(runner), board.free(runner)
     has_model = spec.model in held
+    waits = runner.name not in idle or free > now  # not an idle runner taking it now
     if not fair:
-        return (free, not has_model, -runner.gang, runner.name)
+        return (free, not has_model, waits, -runner.gang, runner.name)
     finish = free + _load_s(spec.model, runner, held, state, estimates) + run_s(
         estimates, spec.model, runner, proxy, width=spec.width, height=spec.height,
         images=spec.count, steps=spec.work_steps)
     # Ties: the runner that has the model, then an idle one, then a gang over a single (nothing measured
     # yet says which is faster; the gang's devices are the singles' too), then the one holding fewest
     # models (loading there evicts least, and models spread over the devices).
-    return (round(finish, 6), not has_model, free > now, -runner.gang, len(held), runner.name)
+    return (round(finish, 6), not has_model, waits, -runner.gang, len(held), runner.name)
 
 
 def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[str], sharing: list[Runner],

@@ -434,10 +434,13 @@ class Policy:
                 # Due: the whole window is placed (ETAs, preloads) and new jobs are announced with their place.
                 # Otherwise, within REPLAN_BUSY_S of the last such plan, only what starts now is decided (the
                 # plan stops once each idle runner has its batch): so a burst of events costs little each.
-                self._carry_out(planner.plan(state, self.config, self.estimates, usable, now, full=due,
-                                             held=self.controls.held_models()), usable, whole_queue, now)
+                made = planner.plan(state, self.config, self.estimates, usable, now, full=due,
+                                    held=self.controls.held_models())
+                self._carry_out(made, usable, whole_queue, now)
                 self._make_way(usable)
-                self._idle_left, self._queue_left = set(state.idle), bool(state.queue)
+                # A plan that started something changed the window: the next one may find the idle runners work.
+                self._idle_left = set() if made.starts else set(state.idle)
+                self._queue_left = bool(state.queue)
             if not due:
                 self._fresh = [job for job in self._fresh if job.state is JobState.queued]
                 if self._fresh:  # placed and announced by the plan that is due then
@@ -455,9 +458,10 @@ class Policy:
 
     def _idle_in_vain(self) -> bool:
         """Whether a plan now would most likely leave the idle runners idle as the last one did: that plan
-        left jobs queued and these runners idle (their work lay past the plan window, or nowhere), and no
-        runner has become idle since. Only submits came since, then: they wait for the plan that is due next
-        (within REPLAN_BUSY_S) rather than each paying a plan, in a fleet bigger than the window."""
+        started nothing and left jobs queued and these runners idle (their work lay past the plan window,
+        or nowhere), and no runner has become idle since. Only submits came since, then: they wait for the
+        plan due next (within REPLAN_BUSY_S) rather than each paying a plan, in a fleet bigger than the
+        window."""
         return self._queue_left and self.state.idle <= self._idle_left
 
     def _usable(self, now: float) -> Callable[[Runner], bool]:
