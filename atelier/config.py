@@ -7,6 +7,7 @@ the embedded default a new user starts with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -92,6 +93,16 @@ class ParallelLayout(Strict):
 
 def _gang_offer() -> str:
     return "; ".join(f"{backend}: {', '.join(sorted(gang_families(backend)))}" for backend in ("xfuser", "diffusers"))
+
+
+_LIMIT_FIELDS = ("max_width", "max_height", "default_width", "default_height", "default_steps", "max_steps",
+                 "default_guidance", "default_duration_s", "max_duration_s", "default_frames", "max_frames",
+                 "default_fps")
+
+
+@functools.lru_cache(maxsize=1024)
+def _limits(family: str, overrides: tuple[tuple[str, Any], ...]) -> FamilyLimits:
+    return dataclasses.replace(FAMILIES[family].limits, **dict(overrides))
 
 
 class ModelEntry(Strict):
@@ -185,13 +196,8 @@ class ModelEntry(Strict):
 
     @property
     def limits(self) -> FamilyLimits:
-        base = FAMILIES[self.family].limits
-        overrides = {k: getattr(self, k) for k in ("max_width", "max_height", "default_width",
-                                                   "default_height", "default_steps", "max_steps",
-                                                   "default_guidance", "default_duration_s", "max_duration_s",
-                                                   "default_frames", "max_frames", "default_fps")
-                     if getattr(self, k) is not None}
-        return dataclasses.replace(base, **overrides)
+        """The family's limits with this entry's overrides (asked at every submit: made once per set of them)."""
+        return _limits(self.family, tuple((k, getattr(self, k)) for k in _LIMIT_FIELDS if getattr(self, k) is not None))
 
 
 def builtin_models() -> dict[str, ModelEntry]:

@@ -6,7 +6,8 @@ users submitting a mix of them at two sizes, runners of one GPU each spread over
 (ten per node past that), each holding one or two models. Measured:
 
 - a *dispatch cycle*: every runner busy and the queue deep, the batch due first ends
-  (``batch_done``) and the next one is placed (``schedule``): the CPU time of both, per cycle;
+  (``batch_done``) and the next one is placed (``schedule``): the CPU time of both, per cycle (the
+  mean counts the full plans that come due now and then; it is the figure in the RESULT line);
 - a *submit*: one job queued into a deep queue while every runner is busy (``submit`` and the
   ``schedule`` the actor calls after it), with the plans the submits' announcements need
   amortised over them;
@@ -132,14 +133,15 @@ class Fleet:
         self.p.submit(_spec(self.rng, 10**7 + self.submitted, self.users), "c", self.now)
 
 
-def cycles(p: Policy, count: int, users: int) -> tuple[float, float, Fleet]:
+def cycles(p: Policy, count: int, users: int) -> tuple[tuple[float, float, float], Fleet]:
     """Dispatch cycles at a steady state (after as many cycles as there are runners, up to 500, have mixed
-    their ends). Returns the median and p95 CPU seconds per cycle, and the fleet."""
+    their ends). Returns the mean (the full plans that come due now and then included), median and p95 CPU
+    seconds per cycle, and the fleet."""
     fleet = Fleet(p, users)
     for _ in range(min(500, len(p.state.runners))):
         fleet.cycle()
     samples = sorted(fleet.cycle() for _ in range(count))
-    return statistics.median(samples), samples[int(len(samples) * 0.95)], fleet
+    return (statistics.fmean(samples), statistics.median(samples), samples[int(len(samples) * 0.95)]), fleet
 
 
 def submits(fleet: Fleet, count: int) -> float:
@@ -185,27 +187,27 @@ def main(argv: list[str] | None = None) -> int:
     depths = [int(n) for n in args.queued.split(",")]
     gc.freeze()  # the setup's objects are not what a cycle costs
     home = Path(tempfile.mkdtemp(prefix="atelier-fleet-"))
-    print(f"dispatch cycle, {depths[-1]} queued from {args.users} users, CPU ms per cycle (median / p95):")
-    print(f"{'runners':>8} {'fair':>16} {'fifo':>16} {'raw heap':>10} {'refresh ms':>11}")
+    print(f"dispatch cycle, {depths[-1]} queued from {args.users} users, CPU ms per cycle (mean / median / p95):")
+    print(f"{'runners':>8} {'fair':>24} {'fifo':>24} {'raw heap':>10} {'refresh ms':>11}")
     dispatch = {}
     for runners in fleet:
         row = {}
         for policy in ("fair", "fifo"):
             p = make_policy(home, runners, depths[-1], args.users, policy)
-            row[policy] = cycles(p, args.cycles, args.users)[:2]
+            row[policy] = cycles(p, args.cycles, args.users)[0]
             if policy == "fair":
                 refresh = refresh_s(p)
             del p
             gc.collect()
         dispatch[runners] = row["fair"][0]
         raw = raw_limit(runners, 10_000)
-        print(f"{runners:>8} {row['fair'][0] * 1e3:>7.3f} / {row['fair'][1] * 1e3:<6.3f} "
-              f"{row['fifo'][0] * 1e3:>7.3f} / {row['fifo'][1] * 1e3:<6.3f} {raw * 1e3:>10.4f} {refresh * 1e3:>11.1f}")
+        fair, fifo = (" / ".join(f"{x * 1e3:.3f}" for x in row[k]) for k in ("fair", "fifo"))
+        print(f"{runners:>8} {fair:>24} {fifo:>24} {raw * 1e3:>10.4f} {refresh * 1e3:>11.1f}")
     print(f"\nsubmit, {fleet[-1]} runners busy, CPU µs per submit:")
     submit = {}
     for queued in depths:
         p = make_policy(home, fleet[-1], queued, args.users, "fair")
-        submit[queued] = submits(cycles(p, 10, args.users)[2], args.submits)
+        submit[queued] = submits(cycles(p, 10, args.users)[1], args.submits)
         print(f"{queued:>8} queued {submit[queued] * 1e6:>9.1f}")
         del p
         gc.collect()

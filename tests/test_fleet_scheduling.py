@@ -172,3 +172,50 @@ def test_the_runner_index_places_every_job_where_weighing_every_runner_does(tmp_
             if isinstance(effect, Dispatch):
                 running[effect.batch.runner] = effect
         assert p.state.check_index() == []
+
+
+def test_between_full_plans_a_free_runner_takes_the_batch_planned_for_it_unless_it_no_longer_holds(tmp_path):
+    """Between full plans (at fleet scale, most dispatches), a runner that frees takes the batch the last
+    full plan had next for it; a job cancelled since is not started, and a live job submitted since goes
+    first all the same."""
+    config = Config.model_validate({"home": str(tmp_path), "scheduler": {"max_batch": 1}})
+    p = Policy(config, new_id=iter(f"b{i}" for i in range(100)).__next__, cpu_clock=lambda: 0.0)
+    for name in ("r1", "r2"):
+        p.runner_up(name, Capabilities(pid=1, node="n1", device="cuda:0", device_name="H100",
+                                       resident={"tiny-sd": 1}), 0.0)
+    p.estimates.observe_step("tiny-sd", "H100", 64 * 64, 1, 0.25)  # a job: 1 s
+    jobs = [p.submit(JobSpec(model="tiny-sd", prompt=f"p{i}", user="ann", width=64, height=64, steps=4), "c", 0.0)
+            for i in range(5)]
+    p.schedule(0.0)
+    first = {d.batch.runner: d for d in p.drain() if isinstance(d, Dispatch)}
+    assert sorted(first) == ["r1", "r2"]
+    p.schedule(1.0)  # a full plan (due): jobs 2 and 3 are planned next on the runners, as each frees
+    p.drain()
+    ahead = {name: [j.id for j in batch] for name, batch in p._ahead.items()}
+    assert sorted(id_ for ids in ahead.values() for id_ in ids) == sorted(j.id for j in jobs[2:4])
+
+    def done(d: Dispatch, now: float) -> None:
+        outcomes = [JobDone(job_id=s.id, outputs=[], elapsed_s=1.0) for s, *_ in d.items]
+        p.batch_done(d.batch.runner, d.batch.id, outcomes, {"tiny-sd": 1}, RunTiming(images=1, steps=4), now)
+
+    p.cancel(ahead["r2"][0], 1.01)  # what was planned for r2 is gone by the time it is free
+    done(first["r1"], 1.02)  # within REPLAN_BUSY_S of the full plan: no new plan is due
+    p.schedule(1.02)
+    (took,) = [d for d in p.drain() if isinstance(d, Dispatch)]
+    assert (took.batch.runner, [s.id for s, *_ in took.items]) == ("r1", ahead["r1"])
+    done(first["r2"], 1.03)
+    p.schedule(1.03)
+    (fell_back,) = [d for d in p.drain() if isinstance(d, Dispatch)]  # its planned job was cancelled: a plan
+    assert (fell_back.batch.runner, [s.id for s, *_ in fell_back.items]) == ("r2", [jobs[4].id])
+
+    queued = [p.submit(JobSpec(model="tiny-sd", prompt=f"q{i}", user="ann", width=64, height=64, steps=4), "c", 1.9)
+              for i in range(3)]
+    p.schedule(2.0)  # due: r1 and r2 have their next batches planned again
+    p.drain()
+    assert queued[0].id in {j.id for batch in p._ahead.values() for j in batch}
+    live = p.submit(JobSpec(model="tiny-sd", prompt="now", user="bob", width=64, height=64, steps=4,
+                            priority=Priority.live), "c", 2.01)
+    done(took, 2.02)
+    p.schedule(2.02)
+    (first_free,) = [d for d in p.drain() if isinstance(d, Dispatch)]
+    assert [s.id for s, *_ in first_free.items] == [live.id]

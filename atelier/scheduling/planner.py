@@ -47,7 +47,7 @@ import heapq
 import itertools
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atelier.config import Config
 from atelier.registry import FAMILY_LIMITS
@@ -64,6 +64,8 @@ MAX_HEAD_BYTES = (1 << 20) // 2
 # of the singles (one job per single a round): past a few rounds the answer no longer changes (the
 # gang is then worth it only if it is as efficient per device as they are), and a plan's cost stays bounded.
 GANG_ROUNDS = 4
+# A full plan covers at least this many jobs per runner of the fleet (see ``plan``).
+ROUNDS_PLANNED = 2
 # Of runners free at the same moment in one of the index's lists (those past their batch's expected end are
 # all "free now"), this many are weighed: they finish the job alike, and the tie-break among more of them
 # (fewest models held, the name) is not worth weighing hundreds.
@@ -98,6 +100,9 @@ class Plan:
     planned: list[Job]  # the plan window, in queue order
     next_position: int  # the first position after the window's jobs
     free_at: dict[str, float]  # by runner: when it is expected to be free, once the window has run
+    # By busy runner: the batch planned to be its next, which it may take when it is free if no plan is
+    # due then (``start_planned``).
+    ahead: dict[str, tuple[Job, ...]] = field(default_factory=dict)
 
 
 class _Board:
@@ -217,7 +222,10 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
     that both choose alike)."""
     settings = config.scheduler
     fair = settings.policy == "fair"
-    order = [state.jobs[e.id] for e in state.queue.order(settings.plan_window)]
+    # A full plan looks at least a few rounds of the fleet ahead: a window smaller than the fleet plans every
+    # job on a busy runner holding its model and leaves idle runners idle while the queue is deep.
+    window = max(settings.plan_window, ROUNDS_PLANNED * len(state.runners)) if full else settings.plan_window
+    order = [state.jobs[e.id] for e in state.queue.order(window)]
     board = _Board(state, usable, now)
     idle = {name for name in state.idle if board.usable(state.runners[name])}
     if not full and not idle:
@@ -291,6 +299,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
     taken: set[str] = set()
     wanted: dict[str, list[str]] = defaultdict(list)  # by node: models to preload, in plan order
     starts: list[Start] = []
+    ahead: dict[str, tuple[Job, ...]] = {}
     places: list[Place] = []
     wake_at: float | None = None
     position = 0
@@ -338,6 +347,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
             for member in members:
                 running[member.spec.user] += 1
         else:
+            ahead.setdefault(runner.name, tuple(members))
             for member in members:
                 places.append(Place(member, position, finish))
                 position += 1
@@ -349,7 +359,18 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
             free_at[other.name] = max(board.free(other), finish)
             idle.discard(other.name)
     preloads = _preloads(state, wanted) if settings.preload else {}
-    return Plan(starts, places, preloads, wake_at, order, position, free_at)
+    return Plan(starts, places, preloads, wake_at, order, position, free_at, ahead)
+
+
+def start_planned(state: State, config: Config, estimates: Estimates, runner: Runner, jobs: tuple[Job, ...],
+                  now: float) -> Start:
+    """The batch a plan had for the runner (``Plan.ahead``), to start now that it is free."""
+    spec = jobs[0].spec
+    images = sum(j.spec.count for j in jobs)
+    finish = now + _load_s(spec.model, runner, staying(runner), state, estimates) + run_s(
+        estimates, spec.model, runner, _proxy(runner, state.sharing(runner)), width=spec.width, height=spec.height,
+        images=images, steps=spec.work_steps)
+    return Start(runner, jobs, images, finish)
 
 
 def place_rest(state: State, estimates: Estimates, planned: Plan, usable: list[Runner]) -> list[Place]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -78,6 +79,7 @@ ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a ref
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
 # enough, and a burst of submits then costs one plan, not one each.
 REPLAN_BUSY_S = 0.05
+PLAN_SPACING = 20
 MIB = 1 << 20
 PLACED_PER_S = 10_000  # queued jobs placed a second, at most, by refresh (past the window; see refresh)
 
@@ -112,7 +114,7 @@ class Status:
 class Policy:
     def __init__(self, config: Config, *, estimates: Estimates | None = None,
                  new_id: Callable[[], str] = lambda: uuid.uuid4().hex[:16],
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, cpu_clock: Callable[[], float] = time.process_time):
         self.config = config
         self.settings = config.scheduler
         self.estimates = estimates or Estimates()
@@ -126,9 +128,12 @@ class Policy:
         self._next_whole = float("-inf")  # no placing of the whole queue (refresh) before this
         self._idle_left: set[str] = set()  # the runners the last plan left idle
         self._queue_left = False  # and whether it left jobs queued
+        self._ahead: dict[str, tuple[Job, ...]] = {}  # by runner: its next batch, as the last full plan had it
+        self._fresh_top = PRIORITY_CLASS[Priority.batch] + 1  # the first class of the jobs submitted since it
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
+        self._cpu_clock = cpu_clock  # what a full plan costs sets how soon the next is due (schedule)
         self.leases = Leases(self.state, new_id)  # VRAM leases: their runners take no batch until granted
         self._costed_at, self._cost_device = -1, {}  # _cost's device by family, as of State.joined
 
@@ -236,6 +241,7 @@ class Policy:
                 self._supersede(replaced, job, now)
         self.state.queue.push(job.entry)
         self._fresh.append(job)
+        self._fresh_top = min(self._fresh_top, job.entry.priority)
 
     def withdraw(self, job_id: str) -> None:
         """Takes back a submit that cannot be kept (the journal could not write it): the job is
@@ -430,23 +436,33 @@ class Policy:
         usable = self._usable(now)
         if state.queue and any(usable(r) for r in state.runners.values()):
             due = whole_queue or now >= self._next_plan
-            if due or (state.idle and not self._idle_in_vain()):
+            if not due:
+                self._start_ahead(usable, now)
+            planned = due or (state.idle and not self._idle_in_vain())
+            if planned:
                 # Due: the whole window is placed (ETAs, preloads) and new jobs are announced with their place.
                 # Otherwise, within REPLAN_BUSY_S of the last such plan, only what starts now is decided (the
                 # plan stops once each idle runner has its batch): so a burst of events costs little each.
+                spent = self._cpu_clock()
                 made = planner.plan(state, self.config, self.estimates, usable, now, full=due,
                                     held=self.controls.held_models())
+                spent = self._cpu_clock() - spent
                 self._carry_out(made, usable, whole_queue, now)
+                if due:
+                    self._ahead, self._fresh_top = made.ahead, PRIORITY_CLASS[Priority.batch] + 1
                 self._make_way(usable)
                 # A plan that started something changed the window: the next one may find the idle runners work.
                 self._idle_left = set() if made.starts else set(state.idle)
                 self._queue_left = bool(state.queue)
             if not due:
-                self._fresh = [job for job in self._fresh if job.state is JobState.queued]
+                if self._fresh and planned:  # those it started are announced already
+                    self._fresh = [job for job in self._fresh if job.state is JobState.queued]
                 if self._fresh:  # placed and announced by the plan that is due then
                     self.wake_at = min(self.wake_at or self._next_plan, self._next_plan)
                 return
-            self._next_plan = now + REPLAN_BUSY_S
+            # At fleet scale a full plan takes a while: the next waits long enough that they take at most
+            # 1 / PLAN_SPACING of the scheduler's time (in between, runners take their planned batches).
+            self._next_plan = now + max(REPLAN_BUSY_S, PLAN_SPACING * spent)
         elif state.queue:
             for entry in state.queue.order(self.settings.plan_window):
                 state.jobs[entry.id].finish_at = None
@@ -455,6 +471,26 @@ class Policy:
                 job.announced_position = job.position
                 state.effects.append(Announce(job))
         self._fresh.clear()
+
+    def _start_ahead(self, usable: Callable[[Runner], bool], now: float) -> None:
+        """Between full plans, a runner that is free again takes the batch the last one had planned for it
+        next, where that still holds (its jobs all queued, nothing keeping it or them back): at fleet scale
+        this is most of the dispatches, each costing its batch, not a plan. Jobs submitted since that plan
+        wait for the next (within REPLAN_BUSY_S, or as long as a plan takes) to be weighed, unless they are of
+        a class ahead of the planned batch's (a live job): then the runner is planned for now."""
+        if not self._ahead or self.settings.max_running_per_user is not None:
+            return
+        held = self.controls.held_models()
+        for name in sorted(self.state.idle & self._ahead.keys()):
+            jobs = self._ahead.pop(name)
+            runner = self.state.runners[name]
+            if name not in self.state.idle or not usable(runner) or jobs[0].spec.model in held \
+                    or self._fresh_top < jobs[0].entry.priority \
+                    or jobs[0].spec.model in runner.cannot_hold \
+                    or any(job.state is not JobState.queued or job.id not in self.state.queue for job in jobs):
+                continue
+            self._dispatch(planner.start_planned(self.state, self.config, self.estimates, runner, jobs, now), now)
+            self._idle_left.discard(name)
 
     def _idle_in_vain(self) -> bool:
         """Whether a plan now would most likely leave the idle runners idle as the last one did: that plan
