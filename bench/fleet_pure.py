@@ -6,8 +6,11 @@ users submitting a mix of them at two sizes, runners of one GPU each spread over
 (ten per node past that), each holding one or two models. Measured:
 
 - a *dispatch cycle*: every runner busy and the queue deep, the batch due first ends
-  (``batch_done``) and the next one is placed (``schedule``): the CPU time of both, per cycle (the
-  mean counts the full plans that come due now and then; it is the figure in the RESULT line);
+  (``batch_done``) and the next one is placed (``schedule``): the policy's CPU per dispatched batch,
+  counting all it spent (the full plans that come due now and then, the wake-ups), the figure in the
+  RESULT line; and the median and p95 of one batch end's;
+- what the placement still guarantees at that size: the share of runners idle while the queue is
+  deep, images per batch, and the share of batches whose model was already on their runner;
 - a *submit*: one job queued into a deep queue while every runner is busy (``submit`` and the
   ``schedule`` the actor calls after it), with the plans the submits' announcements need
   amortised over them;
@@ -95,7 +98,8 @@ def _finish(p: Policy, d: Dispatch, now: float) -> None:
 
 class Fleet:
     """The runners' side, simulated: each batch ends within ±20% of what the policy expected (no two runners
-    keep in step, as real ones do not), and each ended batch's jobs are replaced by as many new submits."""
+    keep in step, as real ones do not), and each ended batch's jobs are replaced by as many new submits. The
+    policy's wake-ups (``wake_at``: a plan put off) are kept as the scheduler actor keeps them."""
 
     def __init__(self, p: Policy, users: int):
         self.p, self.users, self.now = p, users, 0.0
@@ -103,6 +107,9 @@ class Fleet:
         self.ends: list[tuple[float, str]] = []  # (when it ends, runner)
         self.running: dict[str, Dispatch] = {}
         self.submitted = 0
+        self.cpu = 0.0  # the policy's CPU seconds in batch_done and schedule, wake-ups included
+        self.dispatched = self.images = self.warm = 0  # batches, their images, those whose model was resident
+        self.idle_samples: list[float] = []  # the share of runners idle, at each batch end (the queue is deep)
         p.schedule(self.now)
         self._started(p.drain())
 
@@ -110,10 +117,21 @@ class Fleet:
         for e in effects:
             if isinstance(e, Dispatch):
                 self.running[e.batch.runner] = e
+                self.dispatched += 1
+                self.images += e.batch.images
+                self.warm += e.batch.model in self.p.state.runners[e.batch.runner].resident
                 heapq.heappush(self.ends, (self.now + e.batch.expected_s * self.rng.uniform(0.8, 1.2), e.batch.runner))
 
     def cycle(self) -> float:
-        """The batch due first ends and the next one is placed: CPU seconds of ``batch_done`` and ``schedule``."""
+        """The next batch end (with any wake-up due before it): CPU seconds of ``batch_done`` and ``schedule``."""
+        spent = 0.0
+        while self.p.wake_at is not None and (not self.ends or self.p.wake_at <= self.ends[0][0]):
+            self.now = max(self.now, self.p.wake_at)
+            t0 = time.process_time()
+            self.p.schedule(self.now)
+            effects = self.p.drain()
+            spent += time.process_time() - t0
+            self._started(effects)
         end, runner = heapq.heappop(self.ends)
         self.now = max(self.now, end)
         d = self.running.pop(runner)
@@ -121,11 +139,13 @@ class Fleet:
         _finish(self.p, d, self.now)
         self.p.schedule(self.now)
         effects = self.p.drain()
-        spent = time.process_time() - t0
+        spent += time.process_time() - t0
+        self.idle_samples.append(len(self.p.state.idle) / len(self.p.state.runners))
         self._started(effects)
         for _ in d.items:
             self.submit()
         self.p.drain()
+        self.cpu += spent
         return spent
 
     def submit(self) -> None:
@@ -135,13 +155,16 @@ class Fleet:
 
 def cycles(p: Policy, count: int, users: int) -> tuple[tuple[float, float, float], Fleet]:
     """Dispatch cycles at a steady state (after as many cycles as there are runners, up to 500, have mixed
-    their ends). Returns the mean (the full plans that come due now and then included), median and p95 CPU
-    seconds per cycle, and the fleet."""
+    their ends). Returns the policy's CPU seconds per dispatched batch (everything it spent, full plans and
+    wake-ups included), the median and the p95 of a batch end's, and the fleet."""
     fleet = Fleet(p, users)
     for _ in range(min(500, len(p.state.runners))):
         fleet.cycle()
+    fleet.cpu = fleet.dispatched = fleet.images = fleet.warm = 0
+    fleet.idle_samples.clear()
     samples = sorted(fleet.cycle() for _ in range(count))
-    return (statistics.fmean(samples), statistics.median(samples), samples[int(len(samples) * 0.95)]), fleet
+    per_batch = fleet.cpu / max(1, fleet.dispatched)
+    return (per_batch, statistics.median(samples), samples[int(len(samples) * 0.95)]), fleet
 
 
 def submits(fleet: Fleet, count: int) -> float:
@@ -187,22 +210,28 @@ def main(argv: list[str] | None = None) -> int:
     depths = [int(n) for n in args.queued.split(",")]
     gc.freeze()  # the setup's objects are not what a cycle costs
     home = Path(tempfile.mkdtemp(prefix="atelier-fleet-"))
-    print(f"dispatch cycle, {depths[-1]} queued from {args.users} users, CPU ms per cycle (mean / median / p95):")
-    print(f"{'runners':>8} {'fair':>24} {'fifo':>24} {'raw heap':>10} {'refresh ms':>11}")
+    print(f"dispatch cycle, {depths[-1]} queued from {args.users} users, CPU ms per batch "
+          "(all / median / p95 of a batch end), and for fair: idle runners, images a batch, model resident:")
+    print(f"{'runners':>8} {'fair':>24} {'fifo':>24} {'raw heap':>10} {'refresh ms':>11} {'idle':>6} "
+          f"{'images':>6} {'warm':>5}")
     dispatch = {}
     for runners in fleet:
         row = {}
         for policy in ("fair", "fifo"):
             p = make_policy(home, runners, depths[-1], args.users, policy)
-            row[policy] = cycles(p, args.cycles, args.users)[0]
+            row[policy], fleet_run = cycles(p, args.cycles, args.users)
             if policy == "fair":
                 refresh = refresh_s(p)
+                idle = statistics.fmean(fleet_run.idle_samples)
+                images = fleet_run.images / max(1, fleet_run.dispatched)
+                warm = fleet_run.warm / max(1, fleet_run.dispatched)
             del p
             gc.collect()
         dispatch[runners] = row["fair"][0]
         raw = raw_limit(runners, 10_000)
         fair, fifo = (" / ".join(f"{x * 1e3:.3f}" for x in row[k]) for k in ("fair", "fifo"))
-        print(f"{runners:>8} {fair:>24} {fifo:>24} {raw * 1e3:>10.4f} {refresh * 1e3:>11.1f}")
+        print(f"{runners:>8} {fair:>24} {fifo:>24} {raw * 1e3:>10.4f} {refresh * 1e3:>11.1f} {idle:>6.1%} "
+              f"{images:>6.2f} {warm:>5.0%}")
     print(f"\nsubmit, {fleet[-1]} runners busy, CPU µs per submit:")
     submit = {}
     for queued in depths:
