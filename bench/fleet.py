@@ -912,7 +912,10 @@ def report(main: Run, baseline: Run | None, args: argparse.Namespace) -> int:
     print("growth against the logarithm ((c1/c0) / (log x1 / log x0); 1 = logarithmic, below is slower):")
     for name, value in growths.items():
         print(f"  {name:<48} {value:.2f}")
-    print(f"scheduler RSS at {deep:,} queued, {big} runners: {top.rss / 2**20:,.0f} MiB" if top else "")
+    deepest = max(main.cells, key=lambda c: (c.reached, c.runners), default=None)
+    if deepest is not None:
+        print(f"scheduler RSS at the deepest queue reached, {deepest.reached:,} queued ({deepest.runners} runners): "
+              f"{deepest.rss / 2**20:,.0f} MiB")
     print(f"runner reports sent again (no answer in {REPORT_TIMEOUT_S:.0f} s): {main.resent}; RunBatch refused by a "
           f"busy runner: {main.refused}; filling took {main.fill_s:.0f} s")
     for run in (main, baseline):
