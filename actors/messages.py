@@ -21,9 +21,9 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Final, ForwardRef, Generic, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Final, ForwardRef, Generic, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from atelier.jobs import (
     Artifact,
@@ -291,10 +291,19 @@ class ClusterStatus(Wire):
     route: ClassVar[Route] = Route(Role.scheduler, Role.frontend, Via.answer)
     runners: list[RunnerStatus]
     loaders: list[LoaderState] = Field(default_factory=list)
-    queued: list[JobId]
+    queued: list[JobId]  # the first to start, in order (the scheduler's STATUS_QUEUED): all would not fit
+    queued_total: int = Field(default=0, ge=0)  # how many are queued
     counts: dict[str, int]  # jobs by state, over the jobs the scheduler remembers
     stats: SchedulerStats = Field(default_factory=SchedulerStats)
     leases: list[Lease] = Field(default_factory=list)  # VRAM leases pending and granted
+
+    @model_validator(mode="before")
+    @classmethod
+    def _total_counts_the_listed(cls, data: Any) -> Any:
+        """A status without ``queued_total`` (an older scheduler's) lists every queued job."""
+        if isinstance(data, dict) and "queued_total" not in data and isinstance(data.get("queued"), list):
+            data = {**data, "queued_total": len(data["queued"])}
+        return data
 
 
 class ListJobs(Wire, AnsweredBy["JobList"]):

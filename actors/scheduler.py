@@ -108,6 +108,9 @@ RUNNER_STATE_TIMEOUT_S = 10.0  # a starting runner (importing torch) may take se
 PRUNE_S = 3600.0  # how often ended jobs older than journal_keep_days leave the journal
 JOURNAL_OFF_LOOP_BYTES = 1 << 20  # inputs this big are written from a thread (1 MiB: ~20 ms)
 DISPATCH_WATCH_S = 10.0  # a refusal of a RunBatch comes back within this (the broker's at once)
+# ClusterStatus lists this many queued jobs, the first to start (an id is 16 bytes: a 100,000-deep queue would
+# not fit in one message); queued_total says how many there are.
+STATUS_QUEUED = 1000
 
 
 class Scheduler(LeaseHandlers, OperatorHandlers, EventsHandlers, Actor):
@@ -348,10 +351,10 @@ class Scheduler(LeaseHandlers, OperatorHandlers, EventsHandlers, Actor):
 
     @handles(GetStatus)
     async def on_status(self, msg: GetStatus, env: Envelope) -> ClusterStatus:
-        status = self.policy.status()
+        status = self.policy.status(STATUS_QUEUED)
         runners = [RunnerStatus(name=r.name, job=r.job, capabilities=r.capabilities) for r in status.runners]
         return ClusterStatus(runners=runners, loaders=list(self.loaders.values()), counts=status.counts,
-                             queued=status.queued,
+                             queued=status.queued, queued_total=status.queued_total,
                              stats=status.stats.model_copy(update={**self._store_stats, **self.webhooks.stats()}),
                              leases=[lease for lease in self.policy.leases.listing() if lease.state != "ended"])
 

@@ -407,7 +407,7 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
                       f"for {lease.holder or '?'}, {lease.state}"
                       + (f" until {_clock(lease.expires_at)}" if lease.expires_at else "")
                       + f" ({', '.join(lease.runners)})")
-    console.print(f"queue: {len(status.queued)} job(s)"
+    console.print(f"queue: {status.queued_total} job(s)"
                   + (f" — next: {', '.join(status.queued[:5])}" if args.all and status.queued else ""))
     if controls is not None:
         console.print(f"operator: {cli_operator.describe(controls)}", highlight=False)

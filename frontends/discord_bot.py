@@ -1135,7 +1135,7 @@ class AtelierBot(discord.Client):
         await interaction.response.defer(ephemeral=True, thinking=True)
         status = await self.atelier.status()
         running = sum(status.counts.get(s, 0) for s in ("assigned", "loading", "running"))
-        lines = [f"**Queue:** {len(status.queued)} waiting, {running} running."]
+        lines = [f"**Queue:** {status.queued_total} waiting, {running} running."]
         mine = self._visible(interaction)  # counts are everyone's; job ids and prompts only one's own
         admin = self.admin(interaction)
         now = self.clock()

@@ -583,7 +583,7 @@ class HttpServer:
                    for r in status.runners]
         return web.json_response({
             "runners": runners, "loaders": [json.loads(s.model_dump_json()) for s in status.loaders],
-            "queued": len(status.queued), "jobs": status.counts})
+            "queued": status.queued_total, "jobs": status.counts})
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         return await self.output_file(request.match_info["name"], request["caller"])

@@ -26,7 +26,7 @@ class _Cluster:
 
     def collect(self) -> Iterator[Metric]:
         status, stats = self.status, self.status.stats
-        yield GaugeMetricFamily("atelier_queue_depth", "Jobs waiting to start.", value=len(status.queued))
+        yield GaugeMetricFamily("atelier_queue_depth", "Jobs waiting to start.", value=status.queued_total)
         jobs = GaugeMetricFamily("atelier_jobs", "Jobs the scheduler remembers, by state.", labels=["state"])
         for state, count in sorted(status.counts.items()):
             jobs.add_metric([state], count)

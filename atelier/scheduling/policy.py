@@ -107,7 +107,8 @@ class RunnerView:
 class Status:
     counts: dict[str, int]  # jobs held, by state
     runners: list[RunnerView]
-    queued: list[str]  # job ids, in the order they would start
+    queued: list[str]  # job ids, in the order they would start (the first ``limit``)
+    queued_total: int
     stats: SchedulerStats
 
 
@@ -174,12 +175,15 @@ class Policy:
         runner = self.state.runners.get(name)
         return runner.batch.id if runner is not None and runner.batch is not None else None
 
-    def status(self) -> Status:
+    def status(self, limit: int | None = None) -> Status:
+        """The jobs by state, the runners, and the first ``limit`` queued jobs (None: all) in the order they
+        would start."""
         counts = Counter(job.state.value for job in self.state.jobs.values())
         runners = [RunnerView(r.name, r.batch.jobs[0] if r.batch and r.batch.jobs else None,
                               r.capabilities.model_copy(update={"resident": dict(r.resident)}))
                    for r in self.state.runners.values()]
-        return Status(dict(counts), runners, self.queued(), self.state.counters.stats())
+        queued = [entry.id for entry in self.state.queue.order(limit)]
+        return Status(dict(counts), runners, queued, len(self.state.queue), self.state.counters.stats())
 
     # -- frontends ------------------------------------------------------------- #
 
