@@ -77,6 +77,7 @@ class Controls:
     removed: set[str] = field(default_factory=set)  # models taken out by a reload: their returning jobs fail
     explained: dict[str, str] = field(default_factory=dict)  # job id -> the reason it was given here
     _moves: itertools.count = field(default_factory=itertools.count)
+    _explained_for: tuple | None = None  # the controls and runners the whole queue was last explained for
 
     # -- what the plan asks --------------------------------------------------- #
 
@@ -107,17 +108,28 @@ class Controls:
                 return node_drained({r.node or "" for r in takers}, model)
         return None
 
-    def explain(self, state: State, config: Config, fresh: Iterable[Job], now: float) -> None:
+    def explain(self, state: State, config: Config, fresh: list[Job], now: float, *, whole: bool = False) -> None:
         """Gives every queued job the reason a control holds it back (and takes it back once none does),
         announcing the jobs whose reason changed; fails the queued jobs of models a reload removed (one
-        requeued after a runner died, say). ``fresh`` jobs are announced by the policy anyway."""
+        requeued after a runner died, say). ``fresh`` jobs are announced by the policy anyway.
+
+        The whole queue is gone through when a control or the runners changed, and when ``whole`` (once a
+        second); otherwise only the ``fresh`` jobs are: with a deep queue paused, each submit would else
+        walk all of it."""
         if not self.active and not self.explained:
             return
+        seen = (self.paused, frozenset(self.paused_models), frozenset(self.draining), frozenset(self.removed),
+                state.joined, tuple(config.models))
+        fresh_only = not whole and seen == self._explained_for
+        if fresh_only:  # their places in line are the next whole walk's
+            jobs: Iterable[Job] = [job for job in fresh if job.state is JobState.queued]
+        else:
+            self._explained_for = seen
+            jobs = (state.jobs[entry.id] for entry in state.queue.order())
         quiet = {job.id for job in fresh}
         reasons: dict[str, str | None] = {}  # by model: the same for each of its jobs
-        for place, entry in enumerate(state.queue.order()):
-            job = state.jobs[entry.id]
-            if self.paused:  # nothing is planned while paused: the place in line is the queue's order
+        for place, job in enumerate(jobs):
+            if self.paused and not fresh_only:  # nothing is planned while paused: the place in line is the queue's
                 job.position = place
             model = job.spec.model
             if model in self.removed and model not in config.models:
@@ -216,6 +228,7 @@ class Controls:
         state.queue.remove(job.id)
         job.entry.priority = FRONT_CLASS + next(self._moves)
         state.queue.push(job.entry)
+        self._explained_for = None  # the order changed: places in line are said again
         if announce:
             state.effects.append(Announce(job))
 
@@ -226,6 +239,7 @@ class Controls:
         job.spec = job.spec.model_copy(update={"priority": priority})
         job.entry.priority = PRIORITY_CLASS[priority]
         state.queue.push(job.entry)
+        self._explained_for = None
         state.effects.append(Announce(job))
 
     def front(self, state: State) -> list[str]:

@@ -436,7 +436,7 @@ class Policy:
         state = self.state
         self.wake_at = None
         self.leases.update(now)
-        self.controls.explain(state, self.config, self._fresh, now)
+        self.controls.explain(state, self.config, self._fresh, now, whole=whole_queue)
         usable = self._usable(now)
         if state.queue and any(usable(r) for r in state.runners.values()):
             due = whole_queue or now >= self._next_plan
