@@ -38,6 +38,13 @@ expected to end, and what to preload; the policy carries it out. The rules it ap
   waiting for the devices send this one to a single.
 - The FIFO baseline (``policy = "fifo"``): the head goes to the runner free first, and a batch
   takes only the consecutive compatible jobs at the head.
+
+At fleet scale (a thousand runners, a hundred thousand queued), a plan does not weigh every runner for
+every job: the runner index (index.py) names the few that can be best, and ``exhaustive=True`` weighs
+them all (tests/test_fleet_scheduling.py checks both choose alike). A *full* plan covers the window,
+at least ``ROUNDS_PLANNED`` jobs per runner, for places, ETAs, preloads and each busy runner's next
+batch (``Plan.ahead``); a plan with ``full=False`` stops once every idle runner has its batch. The
+policy says when each is due.
 """
 
 from __future__ import annotations
@@ -215,8 +222,9 @@ def _unlist(entries: list[tuple[float, str]], key: tuple[float, str]) -> None:
 
 def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[Runner], bool], now: float, *,
          held: frozenset[str] = frozenset(), full: bool = True, exhaustive: bool = False) -> Plan:
-    """Plans the first ``plan_window`` queued jobs on the runners ``usable`` says may take work; jobs of the
-    ``held`` models (paused by an operator) start nowhere. ``full=False`` stops once every idle runner has
+    """Plans the first queued jobs (``plan_window`` of them, and a full plan at least ``ROUNDS_PLANNED`` per
+    runner) on the runners ``usable`` says may take work; jobs of the ``held`` models (paused by an operator)
+    start nowhere. ``full=False`` stops once every idle runner has
     its batch (what is to start now is then known; the places and preloads of the rest wait for a full
     plan). ``exhaustive``: weigh every runner for every job instead of the index's few (the tests' check
     that both choose alike)."""

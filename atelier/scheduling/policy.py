@@ -22,6 +22,13 @@ The rules, in the order they apply, and where each lives:
 6. Every queued job's position and ETA come from the same plan.
 7. An operator's controls (``controls.py``): a paused queue or model, a drained node, the front lane
    (a class ahead of ``live``), a reloaded catalog; the plan asks them which runners and models may start work.
+
+When plans run (``schedule``), so that a fleet's thousands of events a second cost little each: a *full*
+plan (every place, ETA and preload, and each busy runner's next batch) when one is due, that is
+REPLAN_BUSY_S after the last, or PLAN_SPACING times as long as the last took if that is longer; in
+between, a runner that frees takes the batch planned for it next, and only runners left idle get a
+plan, one that stops once each has a batch. Jobs submitted in between are announced, with their place,
+by the next full plan; one of a class ahead of the planned batches is weighed at once.
 """
 
 from __future__ import annotations
