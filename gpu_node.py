@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 
@@ -22,7 +23,15 @@ from atelier.supervisor import Supervisor
 log = logging.getLogger("atelier.node")
 
 
+# What a GPU driver leaves on a host (NVIDIA's; AMD's ROCm, which torch.cuda also serves; WSL2's GPU
+# bridge). Where none is there, torch.cuda finds no device either, and importing torch only to learn that
+# costs a node seconds of its start (more on a busy CPU) before its runners start.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
 def detect_devices() -> list[str]:
+    if not any(os.path.exists(path) for path in GPU_DRIVER_PATHS):
+        return ["cpu"]
     try:
         import torch
     except ImportError:

@@ -250,7 +250,8 @@ class Actor:
             self._reregister()
             assert self.registered is not None
             await asyncio.wait_for(self.registered.wait(), timeout)
-            reply = await self._ask_once(dst, message, timeout)
+            # A restarted broker: ``dst`` may register with it after us (a scheduler whose Hello is jittered).
+            reply = await self._resend(dst, message, timeout)
         if isinstance(reply, Error):
             raise RemoteError(reply)
         if not isinstance(reply, reply_types(type(message))):

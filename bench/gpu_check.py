@@ -785,7 +785,9 @@ def check_runner_end_to_end(ctx: Context, out: Outcome) -> None:
     from atelier.tiny.previews import build_tiny_taesd
     from frontends.client import AtelierClient
 
-    size, steps, rounds = (64, 2, 2) if ctx.dry else (256, 20, 4)
+    # --dry: 8 steps, not 2: a warm 2-step job could end while the preview thread rested after the last
+    # job's TAESD decode (it keeps to its share of a core), and so show no preview at all.
+    size, steps, rounds = (64, 8, 2) if ctx.dry else (256, 20, 4)
     taesd = build_tiny_taesd(ctx.work / "taesd", full_size=not ctx.dry)
     home = ctx.work / "home"
     config = ctx.work / "atelier.toml"
@@ -796,6 +798,14 @@ def check_runner_end_to_end(ctx: Context, out: Outcome) -> None:
 
     async def jobs() -> list[tuple[Any, int]]:
         async with AtelierClient(system.router, system.pub) as client:
+            # Up is ready once its runner joins; its loader may join a moment later, and a job before that
+            # loads from disk (as it should), which is not the path this check is for. The broker's log says
+            # when it has joined (the status's loaders do not: a loader's first report, made before the
+            # scheduler joined, is lost until it stages something).
+            started = time.monotonic()
+            while (" joined as loader" not in system.log_path.read_text(errors="replace")
+                   and time.monotonic() - started < 60):
+                await asyncio.sleep(0.1)
             done = []
             for i in range(rounds):  # the first loads the model and warms it; not counted
                 spec = JobSpec(model="check-sd", prompt="a red cube", width=size, height=size, steps=steps,
@@ -1018,11 +1028,14 @@ def check_pytest_gpu_marked(ctx: Context, out: Outcome) -> None:
         # test_gang.py imports no torch at its top: its collection is the cheapest of them.
         files = [name for name in files if name.endswith("test_gang.py")] or files[:1]
     out.figures["files"] = files
-    argv = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=",
-            "--timeout", str(timeout), *files]
+    # No plugin but pytest-timeout: the gpu tests need no other, and one installed beside them (a fuzzer's, a
+    # browser's) costs seconds of start or breaks the collection.
+    argv = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-p", "pytest_timeout",
+            "-o", "addopts=", "--timeout", str(timeout), *files]
     try:
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout + 10,
-                              env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))})
+                              env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)),
+                                   "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     except subprocess.TimeoutExpired:
         out.status, out.reason = "FAIL", f"pytest -m gpu did not end within {timeout}s"
         return

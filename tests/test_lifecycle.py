@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, descendants
+from gpu_node import GPU_DRIVER_PATHS
+from tests.conftest import ROOT, Cluster, descendants
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")]
@@ -82,3 +85,14 @@ def test_killed_supervisor_takes_its_children_along(atelier_home):
     cluster.process.wait(10)
     # No one is left to stop them cleanly: the kernel's parent-death signal must.
     assert wait_gone(tree, 30) == set()
+
+
+@pytest.mark.skipif(any(os.path.exists(path) for path in GPU_DRIVER_PATHS),
+                    reason="a GPU driver is here: the node asks torch for its devices")
+def test_a_node_on_a_host_without_a_gpu_serves_the_cpu_without_importing_torch():
+    """Where no GPU driver is, a node starts its CPU runner at once: importing torch only to count no GPUs
+    cost each ``atelier up`` seconds before its runner started."""
+    said = subprocess.run([sys.executable, "-c", "import sys, gpu_node; print(gpu_node.detect_devices(), "
+                           "'torch' in sys.modules)"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert said.stdout.split() == ["['cpu']", "False"], said.stderr

@@ -7,18 +7,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    AutoPipelineForText2Image,
-    ControlNetModel,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.utils import logging as diffusers_logging
 
@@ -32,6 +25,11 @@ from atelier.staging import CHECKPOINT, build_from_checkpoint
 
 # A server loads models all day; diffusers' per-load progress bars would bury its logs.
 diffusers_logging.disable_progress_bar()
+
+# diffusers.AutoPipelineFor* and diffusers.ControlNetModel are named through the module where they are used,
+# not imported here: diffusers imports them on first use, and the auto pipelines import every pipeline
+# they map to (a second or so of a runner's first job, which a plain text-to-image never needs).
+
 
 class _StableDiffusionFamily(Family):
     pipeline_class: type[DiffusionPipeline]
@@ -146,15 +144,15 @@ class _StableDiffusionFamily(Family):
         if req.controlnet is not None:  # the control image per output image, and how much it counts
             control = dict(control_image=list(req.control_images), controlnet_conditioning_scale=req.controlnet_scale)
         if req.masks:  # inpainting: the image, repainted where the mask is white
-            call = _variant(model, AutoPipelineForInpainting, req.controlnet)
+            call = _variant(model, diffusers.AutoPipelineForInpainting, req.controlnet)
             arguments = dict(image=list(req.images), mask_image=list(req.masks), strength=req.strength,
                              width=req.width, height=req.height, **control)
         elif req.images:  # img2img: the image's size is the output's (the runner resized it to the job's)
-            call = _variant(model, AutoPipelineForImage2Image, req.controlnet)
+            call = _variant(model, diffusers.AutoPipelineForImage2Image, req.controlnet)
             arguments = dict(image=list(req.images), strength=req.strength, **control)
         elif control:  # text to image, its ControlNet pipeline calling the control image its image
             control["image"] = control.pop("control_image")
-            call = _variant(model, AutoPipelineForText2Image, req.controlnet)
+            call = _variant(model, diffusers.AutoPipelineForText2Image, req.controlnet)
             arguments = dict(width=req.width, height=req.height, **control)
         else:
             call, arguments = pipe, dict(width=req.width, height=req.height)
@@ -214,12 +212,12 @@ class _IPAdapter:
 _PER_IMAGE = ("prompts", "negative_prompts", "seeds", "images", "masks", "control_images", "ip_adapter_images")
 
 
-def _load_controlnet(pipe: DiffusionPipeline, name: str, folder: Path) -> ControlNetModel:
+def _load_controlnet(pipe: DiffusionPipeline, name: str, folder: Path) -> diffusers.ControlNetModel:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"controlnet {name}: {folder} is not a ControlNet folder (no config.json)")
     # use_safetensors: a folder of pickled .bin weights is refused, never unpickled.
-    controlnet = ControlNetModel.from_pretrained(folder, dtype=pipe.unet.dtype, use_safetensors=True,
-                                                 local_files_only=True)
+    controlnet = diffusers.ControlNetModel.from_pretrained(folder, dtype=pipe.unet.dtype, use_safetensors=True,
+                                                           local_files_only=True)
     # What tells an SD 1.5, SD 2 and SDXL ControlNet apart; a mismatch would fail deep in the first job.
     for key in ("cross_attention_dim", "addition_embed_type", "block_out_channels"):
         if controlnet.config[key] != pipe.unet.config[key]:

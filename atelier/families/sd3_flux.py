@@ -5,16 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import diffusers
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    DiffusionPipeline,
-    FluxPipeline,
-    StableDiffusion3Pipeline,
-)
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline  # the auto pipelines: see sd.py
 
 from atelier.families import gguf
 from atelier.families.base import Family, GenerateRequest, StepCallback
@@ -79,11 +74,11 @@ class _FlowFamily(Family):
                       callback_on_step_end_tensor_inputs=["latents"], **self._prompt_extras(req),
                       **(model.settings or {}))  # a model of a pipeline alone has none
         if req.masks:  # inpainting: the image, repainted where the mask is white
-            result = _variant(model, AutoPipelineForInpainting)(
+            result = _variant(model, diffusers.AutoPipelineForInpainting)(
                 image=list(req.images), mask_image=list(req.masks), strength=req.strength, **common)
         elif req.images:
-            result = _variant(model, AutoPipelineForImage2Image)(image=list(req.images), strength=req.strength,
-                                                                  **common)
+            result = _variant(model, diffusers.AutoPipelineForImage2Image)(
+                image=list(req.images), strength=req.strength, **common)
         else:
             result = pipe(**common)
         return list(result.images)
