@@ -149,7 +149,8 @@ def test_each_family_trains_and_writes_a_loadable_file(load, name: str, tmp_path
         with pytest.raises(NotImplementedError):
             trainer.kohya_file()
     trainer.close()
-    assert np.array_equal(_image(pipe), base)
+    # As it was, to float rounding: taking the adapters out again may differ in the last bit on some CPUs.
+    assert np.allclose(_image(pipe), base, atol=1e-5)
     fresh = DiffusionPipeline.from_pretrained(path)
     _load_file(fresh, tmp_path, data, "sks")
     assert not np.array_equal(_image(fresh), base)
