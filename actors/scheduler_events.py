@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from actors.messages import ClusterEvent, ClusterEventKind
 from actors.webhooks import WebhookConfigError, Webhooks
 from atelier.runtime import Failure
-from atelier.scheduling.activity import QueueActivity, activity
+from atelier.scheduling.activity import QueueActivity, activity, busy
 
 if TYPE_CHECKING:
     from atelier.config import Config
@@ -35,16 +35,16 @@ class EventsHandlers:
             self.webhooks = Webhooks(self.config.events)
         except WebhookConfigError as exc:
             raise Failure(str(exc), 2) from None
-        self.activity = QueueActivity(activity(self.policy.state))
+        self.activity = QueueActivity(busy(self.policy.state))
 
     async def _note_activity(self) -> None:
         """Says queue_busy or queue_idle where the queue has just become so."""
-        now = activity(self.policy.state)
-        busy = self.activity.observe(now)
-        if busy is None:
+        changed = self.activity.observe(busy(self.policy.state))
+        if changed is None:
             return
-        kind = ClusterEventKind.queue_busy if busy else ClusterEventKind.queue_idle
-        log.info("queue %s (%d queued, %d running)", "busy" if busy else "idle", now.queued, now.running)
+        now = activity(self.policy.state)
+        kind = ClusterEventKind.queue_busy if changed else ClusterEventKind.queue_idle
+        log.info("queue %s (%d queued, %d running)", "busy" if changed else "idle", now.queued, now.running)
         await self.tell_cluster(kind, queued=now.queued, running=now.running)  # type: ignore[attr-defined]
 
     def _hand_to_webhooks(self, event: ClusterEvent) -> None:

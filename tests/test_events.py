@@ -25,7 +25,7 @@ from aiohttp import web
 from actors.messages import ClusterEventKind
 from atelier.config import Config
 from atelier.jobs import JobSpec, JobState
-from atelier.scheduling.activity import QueueActivity, activity
+from atelier.scheduling.activity import QueueActivity, busy
 from atelier.scheduling.policy import Policy
 from tests.conftest import ROOT, Cluster, broker_thread, run
 
@@ -276,11 +276,11 @@ def test_a_restored_queue_starts_busy_and_says_nothing_until_it_changes():
     before = Policy(policy.config)
     job = before.submit(noop(), "http-1", 0.0)
     policy.restore(job.record(0.0), "http-1", None, None, 1.0)  # as the scheduler reads back its journal
-    restored = QueueActivity(activity(policy.state))
-    assert restored.busy and restored.observe(activity(policy.state)) is None
+    restored = QueueActivity(busy(policy.state))
+    assert restored.busy and restored.observe(busy(policy.state)) is None
     policy.cancel(job.id, 2.0)
-    assert restored.observe(activity(policy.state)) is False  # idle: said once
-    assert restored.observe(activity(policy.state)) is None
+    assert restored.observe(busy(policy.state)) is False  # idle: said once
+    assert restored.observe(busy(policy.state)) is None
 
 
 def test_a_webhook_asking_for_an_unknown_event_stops_the_scheduler_in_one_line(tmp_path):

@@ -19,10 +19,6 @@ class Activity:
     queued: int
     running: int
 
-    @property
-    def busy(self) -> bool:
-        return self.queued > 0 or self.running > 0
-
 
 def activity(state: State) -> Activity:
     """The queue's jobs now; cheap (the queue's length, and the few batches on the runners), since the
@@ -33,16 +29,23 @@ def activity(state: State) -> Activity:
     return Activity(queued=len(state.queue), running=running)
 
 
+def busy(state: State) -> bool:
+    """Whether a job waits or runs: what the scheduler asks after every round of effects, so it stops at
+    the first it finds (``activity``'s counts, a walk of every batch, only where the answer changed)."""
+    return bool(state.queue) or any((job := state.jobs.get(job_id)) is not None and job.live
+                                    for batch in state.batches.values() for job_id in batch.jobs)
+
+
 class QueueActivity:
     """Busy or idle, as last said. A restarted scheduler starts from what it restored (jobs queued again:
     busy), so it says nothing new until the queue actually changes."""
 
-    def __init__(self, now: Activity):
-        self.busy = now.busy
+    def __init__(self, busy: bool):
+        self.busy = busy
 
-    def observe(self, now: Activity) -> bool | None:
+    def observe(self, busy: bool) -> bool | None:
         """True where the queue just went busy, False where it just went idle, None where nothing changed."""
-        if now.busy == self.busy:
+        if busy == self.busy:
             return None
-        self.busy = now.busy
+        self.busy = busy
         return self.busy
