@@ -327,6 +327,7 @@ class State:
         self.idle: set[str] = set()  # runners that could take a batch now: none of theirs or of those sharing a device
         self.training: set[str] = set()  # runners whose batch is a training
         self._sharing: dict[str, list[Runner]] = {}  # by runner: ``sharing``, until a runner joins or leaves
+        self._on_node: dict[str | None, dict[str, Runner]] = {}  # the runners of each node
         self.short: set[str] = set()  # runners whose device budget is below their full one (leases.py)
         self.joined = 0  # counts runners joining, leaving and changing what they are: a cache of them asks it
 
@@ -335,6 +336,7 @@ class State:
     def add_runner(self, runner: Runner) -> None:
         self.joined += 1
         self.runners[runner.name] = runner
+        self._on_node.setdefault(runner.node, {})[runner.name] = runner
         self._regroup(runner.node)
         self.set_capabilities(runner, runner.capabilities)
 
@@ -346,8 +348,16 @@ class State:
             self.idle.discard(name)
             self.training.discard(name)
             self.short.discard(name)
+            self._sharing.pop(name, None)
+            self._leave_node(runner)
             self._regroup(runner.node)
         return runner
+
+    def _leave_node(self, runner: Runner) -> None:
+        mates = self._on_node.get(runner.node, {})
+        mates.pop(runner.name, None)
+        if not mates:
+            self._on_node.pop(runner.node, None)
 
     def set_batch(self, runner: Runner, batch: Batch | None) -> None:
         runner.batch = batch
@@ -358,7 +368,12 @@ class State:
         self.touch(runner)
 
     def set_capabilities(self, runner: Runner, caps: Capabilities) -> None:
-        devices, kind = runner.devices, runner.kind
+        devices, kind, node = runner.devices, runner.kind, runner.node
+        if caps.node != node and runner.name in self.runners:  # it came back as part of another node
+            self._leave_node(runner)
+            runner.capabilities = caps
+            self._on_node.setdefault(caps.node, {})[runner.name] = runner
+            self._regroup(node)
         runner.capabilities = caps
         if runner.kind != kind:
             self.joined += 1
@@ -366,15 +381,14 @@ class State:
             self.short.add(runner.name)
         else:
             self.short.discard(runner.name)
-        if runner.devices != devices:
+        if runner.devices != devices or runner.node != node:
             self._regroup(runner.node)
         self.touch(runner)
 
     def restage(self, node: str) -> None:
         """What the node's loader has staged, or was asked to stage, changed."""
-        for r in self.runners.values():
-            if r.node == node:
-                self._place(r)
+        for r in list(self._on_node.get(node, {}).values()):
+            self._place(r)
 
     def staged_on(self, node: str | None) -> set[str]:
         """The models a runner of the node would load from its loader's memory (staged or being staged)."""
@@ -408,12 +422,11 @@ class State:
 
     def _regroup(self, node: str | None) -> None:
         """A runner of ``node`` joined, left or changed devices: who shares a device with whom is asked again."""
-        for name in [n for n, r in self.runners.items() if r.node == node] + [n for n in self._sharing
-                                                                              if n not in self.runners]:
-            self._sharing.pop(name, None)
-        for r in self.runners.values():
-            if r.node == node:
-                self._place(r)
+        mates = list(self._on_node.get(node, {}).values())
+        for r in mates:
+            self._sharing.pop(r.name, None)
+        for r in mates:
+            self._place(r)
 
     def sharing(self, runner: Runner) -> list[Runner]:
         """The other runners of its node that share a device with it (``Runner.shares_device``)."""
@@ -421,7 +434,7 @@ class State:
             return []
         known = self._sharing.get(runner.name)
         if known is None:
-            known = self._sharing[runner.name] = [other for other in self.runners.values()
+            known = self._sharing[runner.name] = [other for other in self._on_node.get(runner.node, {}).values()
                                                   if runner.shares_device(other)]
         return known
 
