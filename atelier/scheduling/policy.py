@@ -522,8 +522,9 @@ class Policy:
     def refresh(self, now: float) -> None:
         """Replans as time passes and publishes the new position of queued jobs that moved. The jobs past
         the plan window are placed at most ``PLACED_PER_S`` a second: with a hundred thousand queued, every
-        ten seconds (placing them all takes most of a second of CPU), with a few thousand, every second."""
-        whole = now >= self._next_whole
+        ten seconds (placing them all takes most of a second of CPU), with a few thousand, every second; and
+        not before the next full plan is due (``schedule``)."""
+        whole = now >= self._next_whole and now >= self._next_plan  # a full plan's spacing holds here too
         if whole:
             self._next_whole = now + len(self.state.queue) / PLACED_PER_S
         self.schedule(now, whole_queue=whole)
