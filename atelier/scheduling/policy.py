@@ -88,7 +88,7 @@ ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a ref
 REPLAN_BUSY_S = 0.05
 PLAN_SPACING = 20
 MIB = 1 << 20
-PLACED_PER_S = 10_000  # queued jobs placed a second, at most, by refresh (past the window; see refresh)
+PLACED_PER_S = 5_000  # queued jobs placed a second, at most, by refresh (past the window; see refresh)
 
 
 def _cannot_run(spec: JobSpec, inputs: JobInputs | None, config: Config, loras: LoraBook) -> str | None:
@@ -522,7 +522,7 @@ class Policy:
     def refresh(self, now: float) -> None:
         """Replans as time passes and publishes the new position of queued jobs that moved. The jobs past
         the plan window are placed at most ``PLACED_PER_S`` a second: with a hundred thousand queued, every
-        ten seconds (placing them all takes most of a second of CPU), with a few thousand, every second; and
+        twenty seconds (placing them all takes most of a second of CPU), with a few thousand, every second; and
         not before the next full plan is due (``schedule``)."""
         whole = now >= self._next_whole and now >= self._next_plan  # a full plan's spacing holds here too
         if whole:
