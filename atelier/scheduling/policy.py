@@ -86,7 +86,7 @@ ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a ref
 # While every runner is busy, a new plan only refreshes ETAs and preloads: once in this long is
 # enough, and a burst of submits then costs one plan, not one each.
 REPLAN_BUSY_S = 0.05
-PLAN_SPACING = 20
+PLAN_SPACING = 20  # a full plan is due no sooner than this many times its own CPU time after it (see schedule)
 MIB = 1 << 20
 PLACED_PER_S = 5_000  # queued jobs placed a second, at most, by refresh (past the window; see refresh)
 
