@@ -198,12 +198,12 @@ SHARED_START_S = 300
 
 # The files that take longest, started first: `make test` runs the suite on two workers (pytest-xdist,
 # whole files each), and a long file left for last would run alone at the end.
-LONGEST_FIRST = ("test_gang.py", "test_gpu_check.py", "test_hosts.py", "test_discord.py", "test_system.py",
-                 "test_training_system.py", "test_security_wire.py", "test_web.py", "test_security_clients.py",
-                 "test_fuzz_http.py", "test_admin_web.py", "test_fuzz_wire.py", "test_leases_system.py",
-                 "test_operator_system.py", "test_store.py", "test_cli_errors.py", "test_lifecycle.py",
-                 "test_parallel.py", "test_curve.py", "test_http.py", "test_security_http.py", "test_watchdog.py",
-                 "test_journal.py", "test_events.py", "test_video.py", "test_training.py")
+LONGEST_FIRST = ("test_gang.py", "test_gpu_check.py", "test_hosts.py", "test_fleet_bench.py", "test_discord.py",
+                 "test_system.py", "test_training_system.py", "test_security_wire.py", "test_web.py",
+                 "test_security_clients.py", "test_fuzz_http.py", "test_admin_web.py", "test_fuzz_wire.py",
+                 "test_leases_system.py", "test_operator_system.py", "test_store.py", "test_cli_errors.py",
+                 "test_lifecycle.py", "test_parallel.py", "test_curve.py", "test_http.py", "test_security_http.py",
+                 "test_watchdog.py", "test_journal.py", "test_events.py", "test_video.py", "test_training.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
