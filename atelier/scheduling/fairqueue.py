@@ -104,7 +104,9 @@ class FairQueue:
         """Queues a job; ``front`` puts it before its user's other jobs (it waited its turn already)."""
         if entry.id in self._entries:
             raise ValueError(f"job {entry.id} is queued already")
-        cls = self._classes.setdefault(self._class_of(entry), _Class())
+        cls = self._classes.get(self._class_of(entry))
+        if cls is None:
+            cls = self._classes[self._class_of(entry)] = _Class()
         user = cls.users.get(self._user_of(entry))
         if user is None:
             user = cls.users[self._user_of(entry)] = _User()
