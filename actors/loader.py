@@ -31,7 +31,7 @@ from pathlib import Path
 from actors import catalog, keys
 from actors.actor import Actor, handles, internal_error
 from actors.codec import SCHEDULER, Envelope
-from actors.messages import CatalogUpdate, Error, LoaderState, Preload, Release, Role, Stage, Staged
+from actors.messages import CatalogUpdate, Error, LoaderState, Preload, Release, ReportStaged, Role, Stage, Staged
 from atelier import sources, staging
 from atelier.config import Config
 from atelier.jobs import Capabilities, ErrorCode
@@ -177,6 +177,13 @@ class Loader(Actor):
         self.held.release(msg.model)
         if msg.model in self._stale and self._drop_stale():
             await self._report()
+        return None
+
+    @handles(ReportStaged)
+    async def on_report_staged(self, msg: ReportStaged, env: Envelope) -> Error | None:
+        if refusal := self._refuse(env, env.src == SCHEDULER, SCHEDULER):
+            return refusal
+        await self._report()
         return None
 
     @handles(Preload)

@@ -278,6 +278,14 @@ class LoaderState(Wire):
     staged: dict[str, int]  # model -> bytes
 
 
+class ReportStaged(Wire):
+    """Say what is staged here (scheduler -> loader, when the loader or the scheduler joins): a LoaderState
+    the loader sent before the scheduler was there, or to one that restarted since, reached nobody."""
+
+    kind: Literal["report_staged"] = "report_staged"
+    route: ClassVar[Route] = Route(Role.scheduler, Role.loader)
+
+
 class Preload(Wire):
     """Stage these models now: jobs for them are coming to this node (scheduler -> loader)."""
 
@@ -801,6 +809,7 @@ Message = Annotated[
         ListJobs,
         JobList,
         LoaderState,
+        ReportStaged,
         Preload,
         Release,
         GetModels,

@@ -62,6 +62,7 @@ from actors.messages import (
     PeerDown,
     PeerUp,
     Preload,
+    ReportStaged,
     Role,
     RunBatch,
     RunnerStatus,
@@ -183,6 +184,8 @@ class Scheduler(LeaseHandlers, OperatorHandlers, EventsHandlers, Actor):
         if env.src != BROKER:  # only the broker knows who joined (it also refuses to route these)
             return
         await self._operator_peer_up(msg)
+        if msg.role is Role.loader:
+            await self.send(msg.name, ReportStaged())  # what it said before this scheduler was here is lost
         if msg.role is Role.runner:
             if not self.policy.has_runner(msg.name):
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -67,6 +68,33 @@ def test_peers_register_again_after_the_broker_restarts(served_cluster):
     assert before.job.state is JobState.done
     assert after.job.state is JobState.done, after.job.reason
     assert status.runners
+
+
+def test_a_restarted_scheduler_learns_what_each_loader_has_staged(served_cluster):
+    """A loader says what it has staged when that changes; a scheduler that was not there to hear it (it
+    restarted, or came up after the node) asks, so placement and `atelier status` know the staged models."""
+    from tests.conftest import run
+
+    cluster = served_cluster
+
+    async def staged_after_restart() -> dict[str, int]:
+        async with cluster.client() as client:
+            before = await client.status()
+            assert before.loaders and "tiny-sd" in before.loaders[0].staged  # the first test's job staged it
+            os.kill(cluster.pid_of(b"actors.scheduler"), signal.SIGKILL)  # `up` starts another
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    status = await asyncio.wait_for(client.status(), 5)
+                except Exception:  # not back yet
+                    await asyncio.sleep(0.5)
+                    continue
+                if status.loaders:
+                    return status.loaders[0].staged
+                await asyncio.sleep(0.5)
+            return {}
+
+    assert "tiny-sd" in run(staged_after_restart(), timeout=90)
 
 
 def test_ctrl_c_stops_every_process(served_cluster):
