@@ -15,7 +15,7 @@ a gang's devices, are *special*: their time depends on each other's batches and 
 batch takes, so the planner weighs each of them for every job, as before; a fleet has few.
 
 The lists are kept up to date by ``State.touch``, which every change to a runner's batch, models or
-capabilities goes through; ``check`` says whether they agree with the runners (for the tests).
+capabilities goes through; ``State.check_index`` says whether they agree with the runners (for the tests).
 """
 
 from __future__ import annotations
