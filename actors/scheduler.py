@@ -186,7 +186,7 @@ class Scheduler(LeaseHandlers, OperatorHandlers, EventsHandlers, Actor):
         await self._operator_peer_up(msg)
         if msg.role is Role.loader:
             await self.send(msg.name, ReportStaged())  # what it said before this scheduler was here is lost
-        if msg.role is Role.runner:
+        elif msg.role is Role.runner:
             if not self.policy.has_runner(msg.name):
                 log.info("runner %s joined (%s)", msg.name, msg.capabilities.device)
             self.policy.runner_up(msg.name, msg.capabilities, self.clock())

@@ -7,6 +7,7 @@ scheduler sees after each round of effects into those two words, once per change
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from atelier.scheduling.state import State
@@ -21,19 +22,22 @@ class Activity:
 
 
 def activity(state: State) -> Activity:
-    """The queue's jobs now; cheap (the queue's length, and the few batches on the runners), since the
-    scheduler asks after every message. A job of a running batch counts until it ends, so a batch whose
-    last job was cancelled still holds the device until its runner says it stopped."""
-    running = sum(1 for batch in state.batches.values() for job_id in batch.jobs
-                  if (job := state.jobs.get(job_id)) is not None and job.live)
-    return Activity(queued=len(state.queue), running=running)
+    """The queue's jobs now: its length, and the jobs of the batches on the runners (the words said when the
+    queue goes busy or idle carry them)."""
+    return Activity(queued=len(state.queue), running=sum(1 for _ in _running(state)))
 
 
 def busy(state: State) -> bool:
     """Whether a job waits or runs: what the scheduler asks after every round of effects, so it stops at
     the first it finds (``activity``'s counts, a walk of every batch, only where the answer changed)."""
-    return bool(state.queue) or any((job := state.jobs.get(job_id)) is not None and job.live
-                                    for batch in state.batches.values() for job_id in batch.jobs)
+    return bool(state.queue) or next(_running(state), None) is not None
+
+
+def _running(state: State) -> Iterator[str]:
+    """The live jobs of the batches on the runners. A job of a running batch counts until it ends, so a
+    batch whose last job was cancelled still holds the device until its runner says it stopped."""
+    return (job_id for batch in state.batches.values() for job_id in batch.jobs
+            if (job := state.jobs.get(job_id)) is not None and job.live)
 
 
 class QueueActivity:

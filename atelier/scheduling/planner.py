@@ -57,9 +57,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from atelier.config import Config
+from atelier.jobs import JobSpec
 from atelier.registry import FAMILY_LIMITS
 from atelier.scheduling.estimates import Estimates
-from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State, staying
+from atelier.scheduling.state import Batch, BatchKey, Job, Runner, State, busy_until, staying
 
 # One message carries at most this many blob frames and this big a head (actors/codec.py's
 # MAX_FRAMES and MAX_HEAD_BYTES; a test checks they agree): a batch must fit both in its RunBatch
@@ -136,8 +137,7 @@ class _Board:
         at = self.free_at.get(r.name)
         if at is None:
             # Free once it and every runner sharing a device with it (usable or not) are.
-            at = self.free_at[r.name] = max([self.now, *(_busy_until(x) for x in (r, *self.state.sharing(r))
-                                                         if x.batch is not None)])
+            at = self.free_at[r.name] = max(self.now, *(busy_until(x) for x in (r, *self.state.sharing(r))))
         return at
 
     def held(self, r: Runner) -> set[str]:
@@ -337,10 +337,7 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
         members = _fill(job, runner, peers, taken, running if immediate else None, config, estimates)
         taken.update(m.id for m in members)
         images = sum(m.spec.count for m in members)
-        load = _load_s(spec.model, runner, board.held(runner), state, estimates)
-        finish = board.free(runner) + load + run_s(estimates, spec.model, runner, _proxy(runner, state.sharing(runner)),
-                                                   width=spec.width, height=spec.height, images=images,
-                                                   steps=spec.work_steps)
+        finish = _batch_ends(state, estimates, runner, spec, images, board.free(runner), board.held(runner))
         until = _waits_until(members, images, runner, config, estimates, now) if immediate else None
         if until is not None:
             # Waiting for company: the runner stays free for other work meanwhile.
@@ -373,12 +370,17 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
 def start_planned(state: State, config: Config, estimates: Estimates, runner: Runner, jobs: tuple[Job, ...],
                   now: float) -> Start:
     """The batch a plan had for the runner (``Plan.ahead``), to start now that it is free."""
-    spec = jobs[0].spec
     images = sum(j.spec.count for j in jobs)
-    finish = now + _load_s(spec.model, runner, staying(runner), state, estimates) + run_s(
+    finish = _batch_ends(state, estimates, runner, jobs[0].spec, images, now, staying(runner))
+    return Start(runner, jobs, images, finish)
+
+
+def _batch_ends(state: State, estimates: Estimates, runner: Runner, spec: JobSpec, images: int, free: float,
+                held: set[str]) -> float:
+    """When a batch of ``images`` like ``spec`` ends on the runner, started when it is ``free`` holding ``held``."""
+    return free + _load_s(spec.model, runner, held, state, estimates) + run_s(
         estimates, spec.model, runner, _proxy(runner, state.sharing(runner)), width=spec.width, height=spec.height,
         images=images, steps=spec.work_steps)
-    return Start(runner, jobs, images, finish)
 
 
 def place_rest(state: State, estimates: Estimates, planned: Plan, usable: list[Runner]) -> list[Place]:
@@ -388,7 +390,7 @@ def place_rest(state: State, estimates: Estimates, planned: Plan, usable: list[R
         return []
     seen = {j.id for j in planned.planned}
     # When the window has run: the last of the runners to be free, as the plan left them.
-    start = max(planned.free_at.get(r.name, _busy_until(r) if r.batch is not None else 0.0) for r in usable)
+    start = max(planned.free_at.get(r.name, max(0.0, busy_until(r))) for r in usable)
     start = max(start, *planned.free_at.values())
     # A gang's devices are the singles' too: the singles alone say how many batches run at once.
     spread = [r for r in usable if r.gang == 1] or usable
@@ -477,8 +479,7 @@ def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[
         run = runs.get(key)
         if run is None:
             run = runs[key] = run_s(estimates, spec.model, runner, _proxy(runner, state.sharing(runner)),
-                                    width=spec.width,
-                                    height=spec.height, images=spec.count, steps=spec.work_steps)
+                                    width=spec.width, height=spec.height, images=spec.count, steps=spec.work_steps)
         seconds = _load_s(spec.model, runner, held, state, estimates) + run
         held.add(spec.model)
         return seconds
@@ -496,12 +497,6 @@ def _gang_pays(job: Job, gang: Runner, order: list[Job], after: int, taken: set[
         on_singles = max(on_singles, end)
         heapq.heappush(free, (end, i, held))
     return on_gang <= on_singles + 1e-9
-
-
-def _busy_until(runner: Runner) -> float:
-    """When the batch it has is expected to end."""
-    assert runner.batch is not None
-    return runner.batch.started + runner.batch.expected_s
 
 
 def _proxy(runner: Runner, sharing: list[Runner]) -> str | None:

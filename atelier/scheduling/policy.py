@@ -88,6 +88,7 @@ ANNOUNCE_POSITIONS = 100  # queued jobs whose new position is published on a ref
 REPLAN_BUSY_S = 0.05
 PLAN_SPACING = 20  # a full plan is due no sooner than this many times its own CPU time after it (see schedule)
 MIB = 1 << 20
+NO_CLASS = PRIORITY_CLASS[Priority.batch] + 1  # after every priority class: "no job submitted since"
 PLACED_PER_S = 5_000  # queued jobs placed a second, at most, by refresh (past the window; see refresh)
 
 
@@ -137,7 +138,7 @@ class Policy:
         self._idle_left: set[str] = set()  # the runners the last plan left idle
         self._queue_left = False  # and whether it left jobs queued
         self._ahead: dict[str, tuple[Job, ...]] = {}  # by runner: its next batch, as the last full plan had it
-        self._fresh_top = PRIORITY_CLASS[Priority.batch] + 1  # the first class of the jobs submitted since it
+        self._fresh_top = NO_CLASS  # the first class of the jobs submitted since it
         self._seq = itertools.count()
         self._new_id = new_id
         self._rng = rng or random.Random()
@@ -170,9 +171,9 @@ class Policy:
         mine = [job for job in self.state.jobs.values() if job.spec.user == user]
         return sorted(mine, key=lambda job: job.submitted_at, reverse=True)[:limit]
 
-    def queued(self) -> list[str]:
-        """The queued jobs' ids, in the order they would start."""
-        return [entry.id for entry in self.state.queue.order()]
+    def queued(self, limit: int | None = None) -> list[str]:
+        """The queued jobs' ids, in the order they would start (the first ``limit``; None: all)."""
+        return [entry.id for entry in self.state.queue.order(limit)]
 
     def has_runner(self, name: str) -> bool:
         return name in self.state.runners
@@ -189,8 +190,7 @@ class Policy:
         runners = [RunnerView(r.name, r.batch.jobs[0] if r.batch and r.batch.jobs else None,
                               r.capabilities.model_copy(update={"resident": dict(r.resident)}))
                    for r in self.state.runners.values()]
-        queued = [entry.id for entry in self.state.queue.order(limit)]
-        return Status(dict(counts), runners, queued, len(self.state.queue), self.state.counters.stats())
+        return Status(dict(counts), runners, self.queued(limit), len(self.state.queue), self.state.counters.stats())
 
     # -- frontends ------------------------------------------------------------- #
 
@@ -460,7 +460,7 @@ class Policy:
                 spent = self._cpu_clock() - spent
                 self._carry_out(made, usable, whole_queue, now)
                 if due:
-                    self._ahead, self._fresh_top = made.ahead, PRIORITY_CLASS[Priority.batch] + 1
+                    self._ahead, self._fresh_top = made.ahead, NO_CLASS
                 self._make_way(usable)
                 # A plan that started something changed the window: the next one may find the idle runners work.
                 self._idle_left = set() if made.starts else set(state.idle)

@@ -296,6 +296,11 @@ class Counters:
 # --------------------------------------------------------------------------- #
 
 
+def busy_until(runner: Runner) -> float:
+    """When the batch it has is expected to end; ``IDLE`` when it has none."""
+    return IDLE if runner.batch is None else runner.batch.started + runner.batch.expected_s
+
+
 def staying(runner: Runner) -> set[str]:
     """Models sure to be on the runner when it is next free. A busy runner loading another
     model may evict what it holds; the one it runs now stays."""
@@ -371,10 +376,10 @@ class State:
         devices, kind, node = runner.devices, runner.kind, runner.node
         if caps.node != node and runner.name in self.runners:  # it came back as part of another node
             self._leave_node(runner)
-            runner.capabilities = caps
             self._on_node.setdefault(caps.node, {})[runner.name] = runner
-            self._regroup(node)
         runner.capabilities = caps
+        if runner.node != node:
+            self._regroup(node)
         if runner.kind != kind:
             self.joined += 1
         if caps.full_budget_bytes and caps.budget_bytes < caps.full_budget_bytes:
@@ -404,8 +409,15 @@ class State:
         for r in (runner, *self.sharing(runner)):
             self._place(r)
 
+    def _idle_now(self, r: Runner) -> bool:
+        return r.batch is None and not any(o.batch is not None for o in self.sharing(r))
+
+    def _special(self, r: Runner) -> bool:
+        """A gang, or a runner sharing a device with another: not listed in the index (index.py)."""
+        return r.gang > 1 or bool(self.sharing(r))
+
     def _place(self, r: Runner) -> None:
-        if r.batch is None and not any(o.batch is not None for o in self.sharing(r)):
+        if self._idle_now(r):
             self.idle.add(r.name)
         else:
             self.idle.discard(r.name)
@@ -414,11 +426,10 @@ class State:
             self.training.add(r.name)
         else:
             self.training.discard(r.name)
-        if r.gang > 1 or self.sharing(r):
+        if self._special(r):
             self.index.put_special(r.name)
         else:
-            busy = IDLE if r.batch is None else r.batch.started + r.batch.expected_s
-            self.index.put(r.name, r.kind, busy, staying(r), self.staged_on(r.node))
+            self.index.put(r.name, r.kind, busy_until(r), staying(r), self.staged_on(r.node))
 
     def _regroup(self, node: str | None) -> None:
         """A runner of ``node`` joined, left or changed devices: who shares a device with whom is asked again."""
@@ -438,22 +449,18 @@ class State:
                                                   if runner.shares_device(other)]
         return known
 
-    def occupied(self, runner: Runner) -> bool:
-        """Busy, or one that shares a device with it is: it may take a batch only when neither holds one."""
-        return runner.name not in self.idle
-
     def check_index(self) -> list[str]:
         """Where the index or the idle set disagree with the runners (for the tests): empty when they agree."""
         wrong = []
         for r in self.runners.values():
-            idle = r.batch is None and not any(o.batch is not None for o in self.sharing(r))
+            idle = self._idle_now(r)
             if idle != (r.name in self.idle):
                 wrong.append(f"{r.name}: idle is {r.name in self.idle}, should be {idle}")
-            if r.gang > 1 or self.sharing(r):
+            if self._special(r):
                 if r.name not in self.index.special:
                     wrong.append(f"{r.name}: not special")
                 continue
-            busy = IDLE if r.batch is None else r.batch.started + r.batch.expected_s
+            busy = busy_until(r)
             held = frozenset(staying(r))
             if self.index.listed(r.name) != (r.kind, (busy, r.name), held, frozenset(self.staged_on(r.node)) - held):
                 wrong.append(f"{r.name}: listed {self.index.listed(r.name)}, is {(r.kind, busy, staying(r))}")
