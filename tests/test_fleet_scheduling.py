@@ -219,3 +219,34 @@ def test_between_full_plans_a_free_runner_takes_the_batch_planned_for_it_unless_
     p.schedule(2.02)
     (first_free,) = [d for d in p.drain() if isinstance(d, Dispatch)]
     assert [s.id for s, *_ in first_free.items] == [live.id]
+
+
+def test_a_planned_batch_that_could_now_take_more_is_filled_anew(tmp_path):
+    """The batch a full plan had for a runner was sized by what was measured then; the runner's own batch end
+    measures a bigger batch's worth, so the planned one (two of three jobs) is not started as it was."""
+    config = Config.model_validate({"home": str(tmp_path)})
+    p = Policy(config, new_id=iter(f"b{i}" for i in range(100)).__next__, cpu_clock=lambda: 0.0)
+    for name, model in (("r1", "tiny-sd"), ("r2", "tiny-sdxl")):
+        p.runner_up(name, Capabilities(pid=1, node="n1", device="cuda:0", device_name="H100",
+                                       resident={model: 1}), 0.0)
+    longs = [p.submit(JobSpec(model=m, prompt="long", user="ann", width=64, height=64, steps=4, count=2), "c", 0.0)
+             for m in ("tiny-sd", "tiny-sdxl")]
+    p.schedule(0.0)
+    first = {d.batch.runner: d for d in p.drain() if isinstance(d, Dispatch)}
+    assert set(first) == {"r1", "r2"} and all(j.runner for j in longs)
+    queued = [p.submit(JobSpec(model="tiny-sd", prompt=f"a{i}", user="cy", width=64, height=64, steps=4), "c", 0.5)
+              for i in range(3)]
+
+    def done(d: Dispatch, now: float) -> None:
+        outcomes = [JobDone(job_id=s.id, outputs=[], elapsed_s=1.0) for s, *_ in d.items]
+        p.batch_done(d.batch.runner, d.batch.id, outcomes, {d.batch.model: 1},
+                     RunTiming(images=2, steps=4, step_s=0.1), now)
+
+    done(first["r2"], 2.0)
+    p.schedule(2.0)  # a full plan: r1's next batch planned as two images, all that was worth it so far
+    p.drain()
+    assert [len(batch) for batch in p._ahead.values()] == [2]
+    done(first["r1"], 2.01)  # r1 measures two images: four may pay now
+    p.schedule(2.01)
+    (batch,) = [d for d in p.drain() if isinstance(d, Dispatch)]
+    assert sorted(s.id for s, *_ in batch.items) == sorted(j.id for j in queued)

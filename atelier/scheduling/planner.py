@@ -368,8 +368,12 @@ def plan(state: State, config: Config, estimates: Estimates, usable: Callable[[R
 
 
 def start_planned(state: State, config: Config, estimates: Estimates, runner: Runner, jobs: tuple[Job, ...],
-                  now: float) -> Start:
-    """The batch a plan had for the runner (``Plan.ahead``), to start now that it is free."""
+                  now: float) -> Start | None:
+    """The batch a plan had for the runner (``Plan.ahead``), to start now that it is free; None where it
+    could take more images than it has (measurements since may have made a bigger batch pay, or jobs that
+    could join it have come): a plan then fills it anew."""
+    if sum(j.spec.count for j in jobs) < max(_useful_batch(jobs[0], runner, config, estimates), jobs[0].spec.count):
+        return None
     images = sum(j.spec.count for j in jobs)
     finish = _batch_ends(state, estimates, runner, jobs[0].spec, images, now, staying(runner))
     return Start(runner, jobs, images, finish)

@@ -500,8 +500,10 @@ class Policy:
                     or jobs[0].spec.model in runner.cannot_hold \
                     or any(job.state is not JobState.queued or job.id not in self.state.queue for job in jobs):
                 continue
-            self._dispatch(planner.start_planned(self.state, self.config, self.estimates, runner, jobs, now), now)
-            self._idle_left.discard(name)
+            start = planner.start_planned(self.state, self.config, self.estimates, runner, jobs, now)
+            if start is not None:
+                self._dispatch(start, now)
+                self._idle_left.discard(name)
 
     def _idle_in_vain(self) -> bool:
         """Whether a plan now would most likely leave the idle runners idle as the last one did: that plan
